@@ -1,0 +1,130 @@
+"""Analytic gradients of the losses with respect to the logits, for code without autograd
+(NumPy training loops, teaching) and as the reference the fused kernels are tested against.
+
+The article's result: for ``l = cross_entropy(softmax(a), b)`` the gradient is
+``dl/da = softmax(a) - b``, linear in the softmax output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _checks
+from ._array import Array, arrays, move_last_to_axis, restore_dtype, to_float
+from .activations import sigmoid
+from .losses import softmax_cross_entropy_parts
+
+
+def softmax_cross_entropy_grad(
+    logits: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Gradient of :func:`crossent.softmax_cross_entropy` with respect to ``logits``.
+
+    With ``p = softmax(z)`` and ``T`` the effective (smoothed, weighted, masked) target:
+    ``dl_n/dz_n = p_n * sum_c T_nc - T_n + 2 * z_loss * lse_n * p_n``. For a plain
+    distribution target this is the article's ``softmax(a) - b``; for a target row that
+    does not sum to 1 (``validate=False``) the ``sum_c T_nc`` factor keeps it exact
+    (PITFALLS 9). ``"mean"`` divides by the loss's denominator; ``softcap`` multiplies by
+    ``1 - tanh(z / c)^2``; ignored rows get 0. With ``reduction="none"`` row n holds
+    ``dl_n / dz_n`` (the gradient of the sum of the per-row losses).
+
+    Same arguments and shapes as the loss; returns an array shaped like ``logits`` in its
+    dtype. Reference: ``torch.autograd`` through ``torch.nn.functional.cross_entropy``;
+    finite differences.
+
+    >>> [round(float(g), 4) for g in softmax_cross_entropy_grad([[0.0, 0.0]], [0])[0]]
+    [-0.5, 0.5]
+    """
+    parts = softmax_cross_entropy_parts(
+        logits, target, axis=axis, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        reduction=reduction, validate=validate,
+    )
+    xp = parts.xp
+    probs = xp.exp(parts.log_probs)
+    grad = probs * xp.sum(parts.target, axis=-1, keepdims=True) - parts.target
+    if parts.z_loss:
+        scale = 2.0 * parts.z_loss * parts.lse
+        if parts.row_mask is not None:
+            scale = scale * parts.row_mask
+        grad = grad + xp.expand_dims(scale, axis=-1) * probs
+    if parts.reduction == "mean":
+        grad = grad / parts.denominator
+    if parts.softcap is not None:
+        grad = grad * (1.0 - xp.tanh(parts.raw / parts.softcap) ** 2)
+    return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
+
+
+def sigmoid_binary_cross_entropy_grad(
+    logits: Any,
+    target: Any,
+    *,
+    weight: Any = None,
+    pos_weight: Any = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Gradient of :func:`crossent.sigmoid_binary_cross_entropy` with respect to ``logits``.
+
+    ``dl/dx = w * ((1 - t) * sigmoid(x) - pos_weight * t * sigmoid(-x))``, which is
+    ``w * (sigmoid(x) - t)`` without ``pos_weight``: the binary ``softmax(a) - b``.
+    ``"mean"`` divides by the element count. Reference: torch autograd through
+    ``binary_cross_entropy_with_logits``.
+
+    >>> float(sigmoid_binary_cross_entropy_grad([0.0], [1.0], reduction="sum")[0])
+    -0.5
+    """
+    return _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, False)
+
+
+def multilabel_cross_entropy_grad(
+    logits: Any,
+    targets: Any,
+    *,
+    weight: Any = None,
+    pos_weight: Any = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Gradient of :func:`crossent.multilabel_cross_entropy` with respect to ``logits``.
+
+    Each label's binary gradient ``w * ((1 - t) sigmoid(x) - pos_weight t sigmoid(-x))``;
+    ``"mean"`` divides by the number of samples (not labels), because the loss sums over
+    labels. Reference: torch autograd.
+
+    >>> [float(g) for g in multilabel_cross_entropy_grad([[0.0, 0.0]], [[1.0, 0.0]])[0]]
+    [-0.5, 0.5]
+    """
+    return _sigmoid_grad(logits, targets, weight, pos_weight, reduction, validate, True)
+
+
+def _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, per_sample):
+    _checks.check_reduction(reduction)
+    xp, (logits, target, weight, pos_weight) = arrays(logits, target, weight, pos_weight)
+    _checks.check_floating(xp, logits, "logits")
+    _checks.check_same_shape(logits, target, "logits", "target")
+    dtype = logits.dtype
+    x = to_float(xp, logits)
+    t = xp.astype(target, x.dtype)
+    if validate:
+        _checks.check_in_unit_interval(xp, t, "target")
+    neg = sigmoid(-x)
+    pos = t * neg if pos_weight is None else t * neg * xp.astype(pos_weight, x.dtype)
+    grad = (1.0 - t) * sigmoid(x) - pos
+    if weight is not None:
+        _checks.check_broadcastable(weight, tuple(x.shape), "weight", "logits")
+        grad = grad * xp.astype(weight, x.dtype)
+    if reduction == "mean":
+        count = x.size if not per_sample else x.size // max(x.shape[-1], 1) if x.ndim else 1
+        grad = grad / count
+    return restore_dtype(xp, grad, dtype)

@@ -1,0 +1,77 @@
+"""One parametrized fixture runs every core test on every array library.
+
+``backend`` yields a :class:`Backend` for NumPy, PyTorch (CPU, and CUDA when a device is
+present), JAX (CPU, with float64 enabled) and array-api-strict. Tests build their data
+in NumPy, move it with ``backend.asarray`` and compare ``backend.to_numpy(result)`` with
+an independent reference (SciPy, PyTorch, scikit-learn, optax, finite differences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+import array_api_strict  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+_STRICT_ARRAY = type(array_api_strict.asarray(0.0))
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: Any
+    device: Any = None
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        a = np.asarray(a)
+        if dtype is not None:
+            a = a.astype(dtype)
+        if self.name.startswith("torch"):
+            return torch.as_tensor(a, device=self.device)
+        return self.module.asarray(a)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+            return x.numpy()
+        if isinstance(x, _STRICT_ARRAY):
+            return np.from_dlpack(x)
+        return np.asarray(x)
+
+
+def _backends() -> list[Any]:
+    cuda = torch.cuda.is_available()
+    return [
+        pytest.param(Backend("numpy", np), id="numpy"),
+        pytest.param(Backend("torch", torch, "cpu"), id="torch"),
+        pytest.param(
+            Backend("torch-cuda", torch, "cuda"),
+            id="torch-cuda",
+            marks=pytest.mark.skipif(not cuda, reason="no CUDA device on this machine"),
+        ),
+        pytest.param(Backend("jax", jnp), id="jax"),
+        pytest.param(Backend("array_api_strict", array_api_strict), id="array_api_strict"),
+    ]
+
+
+@pytest.fixture(params=_backends())
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261125)
