@@ -132,6 +132,21 @@ def log_base_divisor(base: float | None) -> float | None:
     return math.log(base)
 
 
+def numel(x: Array) -> int:
+    """Number of elements (``x.size`` is a method on torch tensors, an int elsewhere)."""
+    return math.prod(x.shape)
+
+
 def any_true(xp: Any, mask: Array) -> bool:
-    """Python bool of ``any(mask)``; a device sync on accelerators (skip with validate=False)."""
-    return bool(xp.any(mask))
+    """Python bool of ``any(mask)``; a device sync on accelerators (skip with validate=False).
+
+    Traced values (``jax.jit``) have no concrete value to check: the library's own
+    TypeError is replaced by one that says how to call crossent there.
+    """
+    try:
+        return bool(xp.any(mask))
+    except TypeError as err:
+        raise TypeError(
+            "crossent's value checks need concrete arrays; inside jax.jit or another tracing "
+            "transform pass validate=False"
+        ) from err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._array import Array, any_true, is_floating
+from ._array import Array, any_true, is_floating, numel
 
 REDUCTIONS = ("mean", "sum", "none")
 SUM_TOLERANCE = 1e-4
@@ -64,7 +64,7 @@ def check_floating(xp: Any, x: Array, name: str) -> None:
 
 def check_in_unit_interval(xp: Any, p: Array, name: str) -> None:
     """Every entry of ``p`` in [0, 1] (NaN passes: it propagates instead)."""
-    if p.size == 0:
+    if numel(p) == 0:
         return
     if any_true(xp, (p < 0) | (p > 1)):
         bad = xp.min(p) if any_true(xp, p < 0) else xp.max(p)
@@ -74,7 +74,7 @@ def check_in_unit_interval(xp: Any, p: Array, name: str) -> None:
 def check_distribution(xp: Any, p: Array, name: str, axis: int = -1) -> None:
     """``p`` holds probability distributions along ``axis``: entries in [0, 1], sums 1 +- 1e-4."""
     check_in_unit_interval(xp, p, name)
-    if p.size == 0:
+    if numel(p) == 0:
         return
     total = xp.sum(p, axis=axis)
     off = xp.abs(total - 1)
@@ -84,6 +84,14 @@ def check_distribution(xp: Any, p: Array, name: str, axis: int = -1) -> None:
             f"{name} must sum to 1 along axis {axis} (tolerance {SUM_TOLERANCE:g}); "
             f"a row is off by {worst:.6g}. Normalise it, or pass validate=False"
         )
+
+
+def check_axis(axis: int | tuple[int, ...] | None, ndim: int) -> None:
+    """``axis`` (an int, a tuple of ints, or None) names existing dimensions of an ndim array."""
+    axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
+    for a in axes:
+        if not isinstance(a, int) or isinstance(a, bool) or not -ndim <= a < max(ndim, 1):
+            raise ValueError(f"axis={axis!r} is out of range for an array with {ndim} dimensions")
 
 
 def check_same_shape(a: Array, b: Array, name_a: str, name_b: str) -> None:

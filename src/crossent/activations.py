@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._array import Array, as_array, namespace, restore_dtype, to_float
+from ._checks import check_axis
 
 Axis = int | tuple[int, ...] | None
 
@@ -21,6 +22,7 @@ def _shift(xp: Any, x: Array, axis: Axis) -> Array:
 
     Subtracting a ``-inf`` max (all-masked row) or ``+inf`` max would give ``inf - inf``.
     """
+    check_axis(axis, x.ndim)
     m = xp.max(x, axis=axis, keepdims=True)
     return xp.where(xp.isfinite(m), m, 0.0)
 

@@ -7,10 +7,11 @@ The article's result: for ``l = cross_entropy(softmax(a), b)`` the gradient is
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import _checks
-from ._array import Array, arrays, move_last_to_axis, restore_dtype, to_float
+from ._array import Array, arrays, move_last_to_axis, numel, restore_dtype, to_float
 from .activations import sigmoid
 from .losses import softmax_cross_entropy_parts
 
@@ -35,8 +36,9 @@ def softmax_cross_entropy_grad(
     distribution target this is the article's ``softmax(a) - b``; for a target row that
     does not sum to 1 (``validate=False``) the ``sum_c T_nc`` factor keeps it exact
     (PITFALLS 9). ``"mean"`` divides by the loss's denominator; ``softcap`` multiplies by
-    ``1 - tanh(z / c)^2``; ignored rows get 0. With ``reduction="none"`` row n holds
-    ``dl_n / dz_n`` (the gradient of the sum of the per-row losses).
+    ``1 - tanh(z / c)^2``; ignored rows get 0, also when every row is ignored and the
+    ``"mean"`` loss is NaN (torch's autograd gives 0 there too). With ``reduction="none"``
+    row n holds ``dl_n / dz_n`` (the gradient of the sum of the per-row losses).
 
     Same arguments and shapes as the loss; returns an array shaped like ``logits`` in its
     dtype. Reference: ``torch.autograd`` through ``torch.nn.functional.cross_entropy``;
@@ -60,6 +62,8 @@ def softmax_cross_entropy_grad(
         grad = grad + xp.expand_dims(scale, axis=-1) * probs
     if parts.reduction == "mean":
         grad = grad / parts.denominator
+        if parts.row_mask is not None:  # ignored rows: exactly 0, even when all are (torch)
+            grad = xp.where(xp.expand_dims(parts.row_mask, axis=-1) > 0, grad, 0.0)
     if parts.softcap is not None:
         grad = grad * (1.0 - xp.tanh(parts.raw / parts.softcap) ** 2)
     return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
@@ -118,6 +122,8 @@ def _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, per_s
     t = xp.astype(target, x.dtype)
     if validate:
         _checks.check_in_unit_interval(xp, t, "target")
+    if pos_weight is not None:
+        _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
     neg = sigmoid(-x)
     pos = t * neg if pos_weight is None else t * neg * xp.astype(pos_weight, x.dtype)
     grad = (1.0 - t) * sigmoid(x) - pos
@@ -125,6 +131,6 @@ def _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, per_s
         _checks.check_broadcastable(weight, tuple(x.shape), "weight", "logits")
         grad = grad * xp.astype(weight, x.dtype)
     if reduction == "mean":
-        count = x.size if not per_sample else x.size // max(x.shape[-1], 1) if x.ndim else 1
+        count = numel(x) if not per_sample else math.prod(x.shape[:-1])
         grad = grad / count
     return restore_dtype(xp, grad, dtype)

@@ -10,6 +10,7 @@ which cost a device synchronisation on accelerators and cannot run under ``jax.j
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from ._array import (
     like,
     move_axis_last,
     normalize_axis,
+    numel,
     restore_dtype,
     to_float,
 )
@@ -71,7 +73,7 @@ def softmax_cross_entropy_parts(
     _checks.check_reduction(reduction)
     eps = _checks.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _checks.check_nonnegative(z_loss, "z_loss")
-    if softcap is not None and not float(softcap) > 0:
+    if softcap is not None and not _checks.check_nonnegative(softcap, "softcap") > 0:
         raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
     xp, (logits, target, weight) = arrays(logits, target, weight)
     _checks.check_floating(xp, logits, "logits")
@@ -116,7 +118,7 @@ def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axi
         )
     num_classes = z.shape[-1]
     valid = target != ignore_index
-    if validate and target.size:
+    if validate and numel(target):
         bad = valid & ((target < 0) | (target >= num_classes))
         if any_true(xp, bad):
             value = int(xp.max(xp.where(bad, target, -1)) if any_true(xp, bad & (target >= 0))
@@ -154,7 +156,14 @@ def _reduce(xp: Any, per_row: Array, reduction: str, denominator: Any) -> Array:
     if reduction == "none":
         return per_row
     total = xp.sum(per_row)
-    return total if reduction == "sum" else total / denominator
+    if reduction == "sum":
+        return total
+    if isinstance(denominator, int):  # probability targets: the row count
+        return total / denominator if denominator else total * math.nan
+    # A zero denominator is 0/0 in torch's NLL part, so its mean is NaN even where the
+    # label-smoothing part alone would be x/0 = inf (every target class weighted 0).
+    empty = denominator == 0
+    return xp.where(empty, xp.nan, total / xp.where(empty, 1.0, denominator))
 
 
 def softmax_cross_entropy(
@@ -284,8 +293,12 @@ def binary_cross_entropy(
     t = _as_target(xp, target, q, validate)
     if validate:
         _checks.check_in_unit_interval(xp, q, "probs")
-    log_q = xp.clip(xp.log(q), -100.0, None)
-    log_1mq = xp.clip(xp.log1p(-q), -100.0, None)
+    # where() keeps log(0) out of both the value and the gradient; -100 is torch's clamp.
+    # != (not > / <) so that a NaN probability takes the log branch and propagates.
+    log_q = xp.where(q != 0, xp.clip(xp.log(xp.where(q != 0, q, 1.0)), -100.0, None), -100.0)
+    log_1mq = xp.where(
+        q != 1, xp.clip(xp.log1p(-xp.where(q != 1, q, 0.0)), -100.0, None), -100.0
+    )
     loss = -(t * log_q + (1.0 - t) * log_1mq)
     if weight is not None:
         loss = loss * xp.astype(weight, loss.dtype)

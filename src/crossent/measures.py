@@ -29,12 +29,14 @@ def _in_base(xp: Any, nats: Array, base: float) -> Array:
 
 
 def _xlogy(xp: Any, x: Array, y: Array) -> Array:
-    """x * log(y) with 0 * log(anything) = 0, gradient-safe.
+    """x * log(y) with 0 * log(y) = 0 for every finite y (NaN y propagates), gradient-safe.
 
     The second ``where`` keeps autograd from seeing ``log(0)`` in the branch that is
-    thrown away, which would otherwise turn the gradient into 0 * inf = NaN.
+    thrown away, which would otherwise turn the gradient into 0 * inf = NaN. Only
+    ``x = 0`` with ``y <= 0`` is replaced: for ``y > 0`` the gradient in ``x`` is ``log y``
+    (as ``torch.xlogy``), and a NaN ``y`` propagates (as ``scipy.special.xlogy``).
     """
-    zero = x == 0
+    zero = (x == 0) & (y <= 0)
     safe_y = xp.where(zero, 1.0, y)
     return xp.where(zero, 0.0, x * xp.log(safe_y))
 
@@ -75,6 +77,7 @@ def entropy(p: Any, *, axis: int = -1, base: float = math.e, validate: bool = Tr
     xp, (p,) = arrays(p)
     dtype = p.dtype
     p = to_float(xp, p)
+    _checks.check_axis(axis, p.ndim)
     if validate:
         _checks.check_distribution(xp, p, "p", axis)
     h = -xp.sum(_xlogy(xp, p, p), axis=axis)
@@ -103,6 +106,7 @@ def cross_entropy(
     dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
     p, q = to_float(xp, p), to_float(xp, q)
     p, q = _common_float(xp, p, q)
+    _checks.check_axis(axis, max(p.ndim, q.ndim))
     if validate:
         _checks.check_distribution(xp, p, "p", axis)
         _checks.check_distribution(xp, q, "q", axis)
@@ -130,19 +134,27 @@ def kl_divergence(
     xp, (p, q) = arrays(p, q)
     dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
     p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
+    _checks.check_axis(axis, max(p.ndim, q.ndim))
     if validate:
         _checks.check_distribution(xp, p, "p", axis)
         _checks.check_distribution(xp, q, "q", axis)
-    zero = p == 0
+    zero = (p == 0) & ~xp.isnan(q)  # 0 log(0/q) = 0, but a NaN q propagates
     safe_p = xp.where(zero, 1.0, p)
     safe_q = xp.where(zero, 1.0, q)
     # log(p/q) is exact where the ratio is a normal number; log p - log q covers the
-    # ratios that overflow or underflow (p or q near the bottom of the float range).
+    # ratios that overflow or underflow (p or q near the bottom of the float range);
+    # near p = q, log1p((p - q) / q) keeps the digits log(p/q) rounds away (p - q is
+    # exact there). `ratio` only picks the branch: each branch gets masked inputs, so
+    # no 0 * inf from a discarded branch reaches the gradient.
     ratio = safe_p / safe_q
-    tiny = xp.finfo(p.dtype).smallest_normal
-    direct = (ratio > tiny) & (ratio < xp.finfo(p.dtype).max)
+    finfo = xp.finfo(p.dtype)
+    direct = (ratio > finfo.smallest_normal) & (ratio < finfo.max)
+    near = (ratio > 0.5) & (ratio < 2.0)
+    dp, dq = xp.where(direct, safe_p, 1.0), xp.where(direct, safe_q, 1.0)
+    ep, eq = xp.where(direct, 1.0, safe_p), xp.where(direct, 1.0, safe_q)
+    rel = xp.where(near, (dp - dq) / dq, 0.0)
     log_ratio = xp.where(
-        direct, xp.log(xp.where(direct, ratio, 1.0)), xp.log(safe_p) - xp.log(safe_q)
+        near, xp.log1p(rel), xp.where(direct, xp.log(dp / dq), xp.log(ep) - xp.log(eq))
     )
     terms = xp.where(zero, 0.0, p * log_ratio)
     return restore_dtype(xp, _in_base(xp, xp.sum(terms, axis=axis), base), dtype)

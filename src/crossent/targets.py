@@ -12,7 +12,17 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from ._array import Array, any_true, arrays, default_float, is_integer, like, to_float
+from ._array import (
+    Array,
+    any_true,
+    arrays,
+    compute_dtype,
+    default_float,
+    is_integer,
+    like,
+    numel,
+    to_float,
+)
 
 
 def one_hot(labels: Any, num_classes: int, *, dtype: Any = None) -> Array:
@@ -30,7 +40,7 @@ def one_hot(labels: Any, num_classes: int, *, dtype: Any = None) -> Array:
     xp, (labels,) = arrays(labels)
     if not is_integer(xp, labels):
         raise ValueError(f"labels must be integers (class indices), got dtype {labels.dtype}")
-    if labels.size and any_true(xp, (labels < 0) | (labels >= num_classes)):
+    if numel(labels) and any_true(xp, (labels < 0) | (labels >= num_classes)):
         raise ValueError(
             f"labels must lie in [0, {num_classes}); found {int(xp.min(labels))}..."
             f"{int(xp.max(labels))}"
@@ -91,7 +101,9 @@ def mixup(
     if is_integer(xp, targets):
         if num_classes is None:
             raise ValueError("num_classes is required when targets are integer labels")
-        targets = one_hot(targets, num_classes)
+        # one-hot in the dtype x is mixed in, so the labels' library default (float32
+        # for torch) does not set the precision of t_mix
+        targets = one_hot(targets, num_classes, dtype=compute_dtype(xp, x))
     if x.shape[0] != targets.shape[0]:
         raise ValueError(
             f"targets has {targets.shape[0]} rows but x has {x.shape[0]}; they must match"

@@ -1,0 +1,194 @@
+"""Shared helpers for tests/test_losses.py and tests/test_grad.py.
+
+Everything here builds *independent* references (plain PyTorch in float64) or moves data
+between NumPy and the backend under test; nothing calls crossent.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from array_api_compat import array_namespace
+
+REDUCTIONS = ("none", "sum", "mean")
+
+nan_mean = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+"""NumPy warns about the intended 0/0 NaN of "mean" over nothing; that warning is noise."""
+
+RTOL = {"float64": 1e-10, "float32": 1e-5}
+ATOL = {"float64": 1e-14, "float32": 1e-7}
+
+WORST: dict[tuple[str, str], tuple[float, float]] = {}
+"""Worst (elementwise, normwise) relative error seen per (function | reference, dtype), for a
+reporting plugin. Elementwise: max |got - want| / |want| over finite nonzero entries (large
+where a gradient entry cancels to ~0); normwise: max |got - want| / max |want|."""
+
+
+def assert_close(got: Any, want: Any, label: str, dtype: str = "float64", atol=None) -> None:
+    """``got`` matches ``want`` to the dtype's tolerance (NaN and inf must match exactly)."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    np.testing.assert_allclose(
+        got, want, rtol=RTOL[dtype], atol=ATOL[dtype] if atol is None else atol
+    )
+    _record(got, want, label, dtype)
+
+
+def _record(got: np.ndarray, want: np.ndarray, label: str, dtype: str) -> None:
+    finite = np.isfinite(want) & (want != 0)
+    if finite.any():
+        err = np.abs(got[finite] - want[finite])
+        rel = (float(np.max(err / np.abs(want[finite]))),
+               float(np.max(err) / np.max(np.abs(want[finite]))))
+        WORST[(label, dtype)] = tuple(map(max, WORST.get((label, dtype), (0.0, 0.0)), rel))
+
+
+def t64(a: Any) -> torch.Tensor | None:
+    """A NumPy array as a CPU torch tensor (float64 stays float64), None stays None."""
+    return None if a is None else torch.tensor(np.ascontiguousarray(a))
+
+
+def on(backend: Any, *arrays: Any) -> list[Any]:
+    """Move NumPy arrays to ``backend``; None entries stay None."""
+    return [None if a is None else backend.asarray(a) for a in arrays]
+
+
+def rounded_to_float32(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Floating arrays rounded to float32 and back, so that a float64 reference sees exactly
+    the inputs the float32 computation sees (integer arrays and None pass through)."""
+    return [a if a is None or a.dtype.kind != "f" else a.astype(np.float32).astype(np.float64)
+            for a in arrays]
+
+
+def on_kwargs(backend: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments with their NumPy arrays moved to ``backend``."""
+    return {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+
+# ---- softmax cross-entropy: option grid, data and the torch reference -----------------
+
+
+def ce_option_grid() -> list[Any]:
+    """Every combination of target kind, weight, ignore_index, label_smoothing, reduction.
+
+    ``ignore``: None (nothing ignored), -100 (the default sentinel) or 1 (a real class id).
+    Probability targets have no ignore_index, so only ``None`` is paired with them.
+    """
+    grid = itertools.product(("index", "prob"), (False, True), (None, -100, 1), (0.0, 0.2),
+                             REDUCTIONS)
+    return [
+        pytest.param(kind, weighted, ignore, eps, red,
+                     id=f"{kind}-{'w' if weighted else 'now'}-ign{ignore}-ls{eps}-{red}")
+        for kind, weighted, ignore, eps, red in grid
+        if not (kind == "prob" and ignore is not None)
+    ]
+
+
+def ce_data(rng, kind: str, weighted: bool, ignore: int | None, shape=(7, 5), axis=-1):
+    """Logits, target, weight and the ignore_index keyword for one grid cell (NumPy)."""
+    z = 2.0 * rng.normal(size=shape)
+    num_classes = shape[axis]
+    batch = tuple(int(d) for d in np.delete(shape, axis % len(shape)))
+    if kind == "index":
+        target = rng.integers(0, num_classes, size=batch)
+        target.flat[::2] = 1  # class 1 appears, so ignore=1 has rows to ignore
+        if ignore is not None:
+            target.flat[1::3] = ignore
+    else:
+        target = np.moveaxis(rng.dirichlet(np.ones(num_classes), size=batch), -1, axis)
+    weight = rng.uniform(0.5, 2.0, size=num_classes) if weighted else None
+    extra = {} if ignore is None else {"ignore_index": ignore}
+    return z, target, weight, extra
+
+
+def masked_data(rng, kind: str, masked: int = 2):
+    """(7, 5) logits whose class ``masked`` is -inf, and targets giving it probability 0."""
+    z = rng.normal(size=(7, 5))
+    z[:, masked] = -np.inf
+    if kind == "index":
+        return z, rng.choice(np.delete(np.arange(5), masked), size=7)
+    t = rng.dirichlet(np.ones(5), size=7)
+    t[:, masked] = 0.0
+    return z, t / t.sum(axis=1, keepdims=True)
+
+
+def torch_softmax_ce(z, target, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                     z_loss=0.0, softcap=None, reduction="mean"):
+    """Reference in plain torch, class axis 1: softcap, then F.cross_entropy + z-loss.
+
+    The z-loss term ``z_loss * logsumexp(z)^2`` is added to each counted row; "mean"
+    divides it by F.cross_entropy's own denominator (counted rows, or sum_n w[y_n]).
+    """
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ce = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, reduction=reduction)
+    if not z_loss:
+        return ce
+    zl = z_loss * torch.logsumexp(z, dim=1) ** 2
+    if target.is_floating_point():
+        denominator = zl.numel()
+    else:
+        counted = target != ignore_index
+        zl = zl * counted
+        w = torch.ones(z.shape[1], dtype=z.dtype) if weight is None else weight
+        denominator = (w[target.clamp(0, z.shape[1] - 1)] * counted).sum()
+    return ce + {"none": zl, "sum": zl.sum(), "mean": zl.sum() / denominator}[reduction]
+
+
+def torch_layout(z: np.ndarray, target: np.ndarray, axis: int):
+    """Move the class axis to 1 (torch's layout) for the reference."""
+    z = np.moveaxis(z, axis, 1) if z.ndim > 1 else z
+    if np.issubdtype(target.dtype, np.floating):
+        target = np.moveaxis(target, axis, 1)
+    return z, target
+
+
+def torch_focal(x, t, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss written out (torchvision is not installed);
+    ``alpha=None`` disables the alpha weighting (torchvision's alpha < 0)."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
+
+
+# ---- low precision ----------------------------------------------------------------------
+
+
+def low_precision(backend: Any, dtype: str, *arrays: np.ndarray):
+    """Floating ``arrays`` cast to ``dtype`` on ``backend``, and the same values upcast to
+    float32 (the computation crossent must do inside). Skips dtypes a backend lacks."""
+    if not hasattr(backend.module, dtype):
+        pytest.skip(f"{backend.name} has no {dtype}")
+    low, upcast = [], []
+    for a in arrays:
+        if not np.issubdtype(np.asarray(a).dtype, np.floating):
+            low.append(backend.asarray(a))
+            upcast.append(backend.asarray(a))
+            continue
+        x = backend.asarray(a, "float32")
+        xp = array_namespace(x)
+        x = xp.astype(x, backend.dtype(dtype))
+        low.append(x)
+        upcast.append(backend.asarray(backend.to_numpy(x).astype(np.float32)))
+    return low, upcast
+
+
+def assert_rounded_from(got: Any, want32: Any, backend: Any, dtype: str, label: str) -> None:
+    """``got`` has dtype ``dtype`` and is ``want32`` (a float32 result) rounded to it."""
+    assert got.dtype == backend.dtype(dtype) and want32.dtype == backend.dtype("float32")
+    # half an ulp relative (unit roundoff), or one smallest subnormal absolute
+    info = {"float16": (2.0**-11, 2.0**-24), "bfloat16": (2.0**-8, 2.0**-133)}[dtype]
+    got = backend.to_numpy(got).astype(np.float64)
+    want = backend.to_numpy(want32).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=info[0], atol=info[1])
+    _record(got, want, label, dtype)
