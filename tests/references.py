@@ -1,7 +1,5 @@
-"""Shared helpers for tests/test_losses.py and tests/test_grad.py.
-
-Everything here builds *independent* references (plain PyTorch in float64) or moves data
-between NumPy and the backend under test; nothing calls crossent.
+"""Independent references for tests/test_losses.py and tests/test_grad.py: PyTorch written
+out in float64, and the grids and data they are compared on. Nothing here calls crossent.
 """
 
 from __future__ import annotations
@@ -13,61 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from array_api_compat import array_namespace
 
 REDUCTIONS = ("none", "sum", "mean")
-
-nan_mean = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-"""NumPy warns about the intended 0/0 NaN of "mean" over nothing; that warning is noise."""
-
-RTOL = {"float64": 1e-10, "float32": 1e-5}
-ATOL = {"float64": 1e-14, "float32": 1e-7}
-
-WORST: dict[tuple[str, str], tuple[float, float]] = {}
-"""Worst (elementwise, normwise) relative error seen per (function | reference, dtype), for a
-reporting plugin. Elementwise: max |got - want| / |want| over finite nonzero entries (large
-where a gradient entry cancels to ~0); normwise: max |got - want| / max |want|."""
-
-
-def assert_close(got: Any, want: Any, label: str, dtype: str = "float64", atol=None) -> None:
-    """``got`` matches ``want`` to the dtype's tolerance (NaN and inf must match exactly)."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    np.testing.assert_allclose(
-        got, want, rtol=RTOL[dtype], atol=ATOL[dtype] if atol is None else atol
-    )
-    _record(got, want, label, dtype)
-
-
-def _record(got: np.ndarray, want: np.ndarray, label: str, dtype: str) -> None:
-    finite = np.isfinite(want) & (want != 0)
-    if finite.any():
-        err = np.abs(got[finite] - want[finite])
-        rel = (float(np.max(err / np.abs(want[finite]))),
-               float(np.max(err) / np.max(np.abs(want[finite]))))
-        WORST[(label, dtype)] = tuple(map(max, WORST.get((label, dtype), (0.0, 0.0)), rel))
 
 
 def t64(a: Any) -> torch.Tensor | None:
     """A NumPy array as a CPU torch tensor (float64 stays float64), None stays None."""
     return None if a is None else torch.tensor(np.ascontiguousarray(a))
-
-
-def on(backend: Any, *arrays: Any) -> list[Any]:
-    """Move NumPy arrays to ``backend``; None entries stay None."""
-    return [None if a is None else backend.asarray(a) for a in arrays]
-
-
-def rounded_to_float32(*arrays: np.ndarray) -> list[np.ndarray]:
-    """Floating arrays rounded to float32 and back, so that a float64 reference sees exactly
-    the inputs the float32 computation sees (integer arrays and None pass through)."""
-    return [a if a is None or a.dtype.kind != "f" else a.astype(np.float32).astype(np.float64)
-            for a in arrays]
-
-
-def on_kwargs(backend: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments with their NumPy arrays moved to ``backend``."""
-    return {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
 
 
 # ---- softmax cross-entropy: option grid, data and the torch reference -----------------
@@ -149,6 +99,9 @@ def torch_layout(z: np.ndarray, target: np.ndarray, axis: int):
     return z, target
 
 
+# ---- sigmoid focal loss ----------------------------------------------------------------
+
+
 def torch_focal(x, t, alpha, gamma, reduction):
     """torchvision.ops.sigmoid_focal_loss written out (torchvision is not installed);
     ``alpha=None`` disables the alpha weighting (torchvision's alpha < 0)."""
@@ -159,36 +112,3 @@ def torch_focal(x, t, alpha, gamma, reduction):
     if alpha is not None:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
-
-
-# ---- low precision ----------------------------------------------------------------------
-
-
-def low_precision(backend: Any, dtype: str, *arrays: np.ndarray):
-    """Floating ``arrays`` cast to ``dtype`` on ``backend``, and the same values upcast to
-    float32 (the computation crossent must do inside). Skips dtypes a backend lacks."""
-    if not hasattr(backend.module, dtype):
-        pytest.skip(f"{backend.name} has no {dtype}")
-    low, upcast = [], []
-    for a in arrays:
-        if not np.issubdtype(np.asarray(a).dtype, np.floating):
-            low.append(backend.asarray(a))
-            upcast.append(backend.asarray(a))
-            continue
-        x = backend.asarray(a, "float32")
-        xp = array_namespace(x)
-        x = xp.astype(x, backend.dtype(dtype))
-        low.append(x)
-        upcast.append(backend.asarray(backend.to_numpy(x).astype(np.float32)))
-    return low, upcast
-
-
-def assert_rounded_from(got: Any, want32: Any, backend: Any, dtype: str, label: str) -> None:
-    """``got`` has dtype ``dtype`` and is ``want32`` (a float32 result) rounded to it."""
-    assert got.dtype == backend.dtype(dtype) and want32.dtype == backend.dtype("float32")
-    # half an ulp relative (unit roundoff), or one smallest subnormal absolute
-    info = {"float16": (2.0**-11, 2.0**-24), "bfloat16": (2.0**-8, 2.0**-133)}[dtype]
-    got = backend.to_numpy(got).astype(np.float64)
-    want = backend.to_numpy(want32).astype(np.float64)
-    np.testing.assert_allclose(got, want, rtol=info[0], atol=info[1])
-    _record(got, want, label, dtype)

@@ -1,0 +1,213 @@
+"""The losses ``crossent train`` compares, as functions of the logits, with their analytic
+gradients with respect to the logits (no autograd).
+
+``ce`` and ``smoothed-ce`` come from the core (:func:`crossent.softmax_cross_entropy` and
+:func:`crossent.softmax_cross_entropy_grad`); squared error, plain error and the softmax
+focal loss are written here because the core has no loss of softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..activations import log_softmax
+from ..grad import softmax_cross_entropy_grad
+from ..losses import softmax_cross_entropy
+
+LOSSES = ("ce", "mse", "abs", "smoothed-ce", "focal")
+"""The losses ``crossent train`` compares, in the order it reports them."""
+LOSS_TITLES = {
+    "ce": "cross-entropy -log p_y",
+    "mse": "squared error sum_c (p_c - e_yc)^2",
+    "abs": "plain error 1 - p_y",
+    "smoothed-ce": "label-smoothed cross-entropy",
+    "focal": "focal -(1 - p_y)^gamma log p_y",
+}
+
+
+def _rows(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float64 logits (N, C), integer labels (N,), one-hot (N, C)), checked."""
+    z = np.asarray(logits, dtype=float)
+    y = np.asarray(labels)
+    if z.ndim != 2:
+        raise ValueError(f"logits must have shape (N, C); got shape {z.shape}")
+    if y.shape != (z.shape[0],) or (y.size and not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"labels must be {z.shape[0]} integer class indices; got {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
+        raise ValueError(f"labels must lie in [0, {z.shape[1]})")
+    onehot = np.zeros_like(z)
+    onehot[np.arange(y.size), y] = 1.0
+    return z, y.astype(np.intp), onehot
+
+
+def _through_softmax(p: np.ndarray, dl_dp: np.ndarray) -> np.ndarray:
+    """``J^T g`` for the softmax Jacobian ``J = diag(p) - p p^T``: ``p * (g - <p, g>)``."""
+    return p * (dl_dp - np.sum(p * dl_dp, axis=-1, keepdims=True))
+
+
+def softmax_mse_loss(logits: Any, labels: Any) -> float:
+    """Squared error between ``softmax(z)`` and the one-hot target, summed over classes and
+    averaged over rows: ``mean_n sum_c (p_nc - e_{y_n c})^2`` (the Brier score).
+
+    >>> softmax_mse_loss([[0.0, 0.0]], [0])  # (0.5 - 1)^2 + 0.5^2
+    0.5
+    """
+    z, _, onehot = _rows(logits, labels)
+    p = np.exp(np.asarray(log_softmax(z)))
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=-1)))
+
+
+def softmax_mse_grad(logits: Any, labels: Any) -> np.ndarray:
+    """Gradient of :func:`softmax_mse_loss` with respect to the logits.
+
+    ``dl_n/dz_n = (p * (g - <p, g>)) / N`` with ``g = 2 (p - e_y)``: the softmax Jacobian
+    does not cancel, so the gradient carries the factor ``p`` and fades when ``p_y -> 0``.
+
+    >>> softmax_mse_grad([[0.0, 0.0]], [0]).tolist()  # 2 * 0.5 * ([-0.5, 0.5] - 0)
+    [[-0.5, 0.5]]
+    """
+    z, _, onehot = _rows(logits, labels)
+    p = np.exp(np.asarray(log_softmax(z)))
+    return _through_softmax(p, 2.0 * (p - onehot)) / z.shape[0]
+
+
+def softmax_abs_loss(logits: Any, labels: Any) -> float:
+    """The plain error of the article's "why cross-entropy": ``mean_n (1 - p_{n y_n})``.
+
+    It lives in [0, 1], too narrow to punish confident mistakes. (For a probability vector and
+    a one-hot target, ``sum_c |p_c - e_yc| = 2 (1 - p_y)``: it is also half the L1 error.)
+
+    >>> softmax_abs_loss([[0.0, 0.0]], [1])
+    0.5
+    """
+    z, y, _ = _rows(logits, labels)
+    p_y = np.exp(np.asarray(log_softmax(z))[np.arange(y.size), y])
+    return float(np.mean(1.0 - p_y))
+
+
+def softmax_abs_grad(logits: Any, labels: Any) -> np.ndarray:
+    """Gradient of :func:`softmax_abs_loss`: ``dl_n/dz_n = p_y (p - e_y) / N``.
+
+    The cross-entropy gradient ``p - e_y`` times ``p_y``: it vanishes on confident mistakes.
+
+    >>> softmax_abs_grad([[0.0, 0.0]], [1]).tolist()
+    [[0.25, -0.25]]
+    """
+    z, y, onehot = _rows(logits, labels)
+    p = np.exp(np.asarray(log_softmax(z)))
+    p_y = p[np.arange(y.size), y][:, None]
+    return p_y * (p - onehot) / z.shape[0]
+
+
+def _check_gamma(gamma: float) -> float:
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma={gamma!r} must be a finite number >= 0")
+    return gamma
+
+
+def softmax_focal_loss(logits: Any, labels: Any, *, gamma: float = 2.0) -> float:
+    """Multi-class softmax focal loss (Lin et al. 2017, "Focal Loss for Dense Object
+    Detection", arXiv:1708.02002): ``mean_n -(1 - p_{n y_n})^gamma log p_{n y_n}``.
+
+    ``gamma = 0`` is cross-entropy; larger ``gamma`` down-weights well-classified rows.
+    ``1 - p_y`` is computed as ``-expm1(log p_y)``, exact when ``p_y`` is near 1.
+    (:func:`crossent.sigmoid_focal_loss` is the paper's per-label sigmoid version.)
+
+    >>> round(softmax_focal_loss([[0.0, 0.0]], [0], gamma=2.0), 6)  # 0.25 ln 2
+    0.173287
+    """
+    gamma = _check_gamma(gamma)
+    z, y, _ = _rows(logits, labels)
+    log_py = np.asarray(log_softmax(z))[np.arange(y.size), y]
+    return float(np.mean(-((-np.expm1(log_py)) ** gamma) * log_py))
+
+
+def softmax_focal_grad(logits: Any, labels: Any, *, gamma: float = 2.0) -> np.ndarray:
+    """Gradient of :func:`softmax_focal_loss` with respect to the logits.
+
+    With ``l = log p_y`` (so ``dl/dz = e_y - p``) and ``u = 1 - p_y``, the loss is
+    ``-u^gamma l`` and ``d/dl = gamma u^(gamma - 1) p_y l - u^gamma``, hence
+    ``dl_n/dz_n = -(gamma u^(gamma - 1) p_y log p_y - u^gamma) (p - e_y) / N``.
+    At ``p_y = 1`` the gradient is 0 (for ``gamma < 1`` the first term is taken as 0 there).
+
+    >>> g = softmax_focal_grad([[0.0, 0.0]], [0], gamma=0.0)  # gamma = 0: cross-entropy
+    >>> g.tolist()
+    [[-0.5, 0.5]]
+    """
+    gamma = _check_gamma(gamma)
+    z, y, onehot = _rows(logits, labels)
+    log_p = np.asarray(log_softmax(z))
+    p = np.exp(log_p)
+    log_py = log_p[np.arange(y.size), y]
+    p_y = np.exp(log_py)
+    u = -np.expm1(log_py)
+    if gamma == 0:
+        first = np.zeros_like(u)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            first = np.where(u > 0, gamma * u ** (gamma - 1.0) * p_y * log_py, 0.0)
+    d_dl = first - u**gamma
+    return -(d_dl[:, None] * (p - onehot)) / z.shape[0]
+
+
+def finite_difference_loss_grad(
+    loss: Callable[..., float], logits: Any, labels: Any, *, h: float = 1e-6, **kwargs: Any
+) -> np.ndarray:
+    """Central finite differences of ``loss(logits, labels, **kwargs)`` in every logit."""
+    z = np.array(logits, dtype=float)
+    out = np.empty_like(z)
+    for i in np.ndindex(z.shape):
+        old = z[i]
+        z[i] = old + h
+        up = loss(z, labels, **kwargs)
+        z[i] = old - h
+        down = loss(z, labels, **kwargs)
+        z[i] = old
+        out[i] = (up - down) / (2 * h)
+    return out
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A training loss: its name, ``value(logits, labels) -> float`` (mean over rows) and
+    ``grad(logits, labels) -> dvalue/dlogits`` (shape of the logits)."""
+
+    name: str
+    value: Callable[[np.ndarray, np.ndarray], float]
+    grad: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) -> Loss:
+    """The :class:`Loss` called ``name`` (one of :data:`LOSSES`).
+
+    ``ce`` and ``smoothed-ce`` use :func:`crossent.softmax_cross_entropy` and
+    :func:`crossent.softmax_cross_entropy_grad`; the others the functions above.
+
+    >>> make_loss("ce").grad(np.array([[0.0, 0.0]]), np.array([0])).tolist()
+    [[-0.5, 0.5]]
+    """
+    if name in ("ce", "smoothed-ce"):
+        eps = 0.0 if name == "ce" else float(label_smoothing)
+        return Loss(
+            name,
+            lambda z, y: float(softmax_cross_entropy(z, y, label_smoothing=eps)),
+            lambda z, y: np.asarray(softmax_cross_entropy_grad(z, y, label_smoothing=eps)),
+        )
+    if name == "mse":
+        return Loss(name, softmax_mse_loss, softmax_mse_grad)
+    if name == "abs":
+        return Loss(name, softmax_abs_loss, softmax_abs_grad)
+    if name == "focal":
+        _check_gamma(gamma)
+        return Loss(
+            name,
+            lambda z, y: softmax_focal_loss(z, y, gamma=gamma),
+            lambda z, y: softmax_focal_grad(z, y, gamma=gamma),
+        )
+    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")

@@ -1,0 +1,43 @@
+"""The optimizers: plain SGD and Adam, updating a :data:`~crossent.training.model.Params`
+dict in place."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import Params
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class SGD:
+    """Plain mini-batch gradient descent: ``w <- w - lr * g``."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self, params: Params, grads: Params) -> None:
+        for k, g in grads.items():
+            params[k] -= self.lr * g
+
+
+class Adam:
+    """Adam (Kingma and Ba 2015, arXiv:1412.6980): ``m <- b1 m + (1 - b1) g``,
+    ``v <- b2 v + (1 - b2) g^2``, ``w <- w - lr * m_hat / (sqrt(v_hat) + eps)`` with the
+    bias corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``."""
+
+    def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                 ) -> None:
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.t = 0
+        self.m: Params = {}
+        self.v: Params = {}
+
+    def step(self, params: Params, grads: Params) -> None:
+        self.t += 1
+        for k, g in grads.items():
+            m = self.m[k] = self.b1 * self.m.get(k, 0.0) + (1 - self.b1) * g
+            v = self.v[k] = self.b2 * self.v.get(k, 0.0) + (1 - self.b2) * g * g
+            m_hat = m / (1 - self.b1**self.t)
+            v_hat = v / (1 - self.b2**self.t)
+            params[k] -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
