@@ -1,0 +1,13 @@
+"""Fused PyTorch cross-entropy: the gradient computed in the forward pass, row block by row
+block, and a chunked linear + cross-entropy head that never holds all the logits.
+
+``import crossent.torch as xt``; ``xt.cross_entropy`` / ``xt.CrossEntropyLoss`` replace
+``torch.nn.functional.cross_entropy`` / ``torch.nn.CrossEntropyLoss`` and
+``xt.linear_cross_entropy`` / ``xt.LinearCrossEntropyLoss`` torch's linear versions.
+``python -m crossent.torch.bench`` measures them against torch.
+"""
+
+from .functional import cross_entropy, linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]

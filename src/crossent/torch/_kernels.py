@@ -1,0 +1,263 @@
+"""Row-blocked softmax cross-entropy kernels: loss and gradient in one pass over the logits.
+
+The logits ``z`` are a 2-D ``(M, C)`` tensor (class axis last, rows contiguous). They are
+processed a block of rows at a time, the block small enough to stay in cache, so every
+logit is read from memory once and every gradient entry written once:
+
+1. ``m = max(z_b)`` per row and the target logit ``z_y`` (gathered before anything is
+   overwritten),
+2. ``p = softmax(z_b)`` into the destination (the gradient buffer, or ``z`` itself),
+3. ``lse = z_y - log p_y`` (or ``m - log max p`` where ``p_y`` underflows),
+   ``loss = lse - z_y`` (+ smoothing and z-loss terms),
+4. ``g = a * p - b * w - c * onehot(y)`` with per-row float32 scalars, in place.
+
+All arithmetic is float32 (float64 for float64 input, so gradcheck works); a bfloat16 or
+float16 block is converted into a float32 work buffer first and the finished float32
+gradient (true-class ``p - 1`` included) is rounded once when copied out (PITFALLS 6).
+Semantics are ``torch.nn.functional.cross_entropy``'s plus crossent's ``z_loss`` and
+``softcap`` (see :func:`crossent.softmax_cross_entropy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_BLOCK_BYTES = 4 << 20  # float32 bytes of logits per block: 2 cores x 2 MiB L2
+_TINY = 1e-30  # p_y below this: lse from the row max instead
+
+
+def block_rows(num_classes: int) -> int:
+    """Rows per block: about 4 MiB of float32 logits, at least 16 rows (Python overhead)."""
+    return max(16, _BLOCK_BYTES // (4 * max(num_classes, 1)))
+
+
+@dataclass
+class Options:
+    weight: torch.Tensor | None  # (C,) float32
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+
+
+@dataclass
+class Rows:
+    """Per-row float32 quantities, computed once for all M rows (O(M) work)."""
+
+    index: torch.Tensor | None  # (M,) int64 target, ignored rows set to 0; None for probabilities
+    valid: torch.Tensor | None  # (M,) bool, index targets only
+    scale: torch.Tensor  # (M,) d(reduced loss)/d(row loss): 1/denominator, 1, or 0 when ignored
+    target_mass: torch.Tensor | None  # (M,) (1 - eps) * w[y], index targets only
+    denominator: torch.Tensor  # what "mean" divides the summed loss by
+
+
+def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none'")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must lie in [0, 1]")
+    if not float(z_loss) >= 0.0:
+        raise ValueError(f"z_loss={z_loss!r} must be >= 0")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Options,
+                 dtype: torch.dtype = torch.float32) -> Rows:
+    """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
+    device = target.device
+    if target.is_floating_point():
+        denominator = torch.tensor(float(num_rows), device=device, dtype=dtype)
+        scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
+        if opts.reduction == "mean":
+            scale /= denominator
+        return Rows(None, None, scale, None, denominator)
+    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+    target = target.long()
+    valid = target != opts.ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):  # a device sync, as torch's own bounds check
+        value = int(target[bad][0])
+        raise IndexError(
+            f"target holds class index {value}, outside [0, {num_classes}) and not "
+            f"ignore_index={opts.ignore_index}"
+        )
+    index = torch.where(valid, target, 0)
+    validf = valid.to(dtype)
+    w_y = validf if opts.weight is None else opts.weight[index] * validf
+    denominator = w_y.sum()
+    # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
+    # its gradient 0, as in torch)
+    scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
+    return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator)
+
+
+def _workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((rows, cols), dtype=compute_dtype(like.dtype), device=like.device)
+
+
+def _finish(m, z_y, p_y, p_max):
+    """``(lse, nll, lse - m)`` per row from the row max ``m``, the target logit ``z_y``, and
+    ``p_y``, ``max_c p_c`` of ``p = softmax(z)``, without re-reading ``z``.
+
+    ``nll = -log p_y`` (as precise as ``log_softmax``) and ``lse - m = (z_y - m) + nll``
+    where ``p_y`` is a normal float; elsewhere (an underflowed or -inf target logit)
+    ``lse - m = -log max_c p_c``, exact because ``max_c p_c >= 1/C`` never underflows.
+    """
+    nll = -p_y.log()
+    fix = ~(p_y >= _TINY)  # NaN too
+    fixed = -p_max.log()
+    shift = torch.where(fix, fixed, (z_y - m) + nll)
+    nll = torch.where(fix, (m - z_y) + fixed, nll)
+    return m + shift, nll, shift
+
+
+def cross_entropy_rows(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    rows: Rows,
+    opts: Options,
+    grad: torch.Tensor | None = None,
+    *,
+    start: int = 0,
+    row_multiplier: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Per-row losses (compute dtype, (M,)) of logits ``z`` ((M, C), contiguous rows).
+
+    ``target`` and ``rows`` describe rows ``start .. start + M`` of the whole batch (the
+    linear kernel calls this chunk by chunk). When ``grad`` ((M, C), any float dtype,
+    ``grad is z`` allowed: the logits are then overwritten) is given, it receives
+    ``d(reduced loss)/dz`` (``row_multiplier`` (M,) scales each row further: the
+    ``grad_output`` of ``reduction="none"``). Ignored rows give loss 0 and gradient 0.
+    The per-block work is a handful of tensor operations; the per-row bookkeeping is
+    done once for all rows, before and after the block loop.
+    """
+    num_rows, num_classes = z.shape
+    block = block or block_rows(num_classes)
+    eps, cap, zl = float(opts.label_smoothing), opts.softcap, float(opts.z_loss)
+    w = opts.weight
+    prob = rows.index is None
+    inplace = grad is not None and grad.data_ptr() == z.data_ptr()
+    cdtype = compute_dtype(z.dtype)
+    dev = z.device
+    convert = z.dtype != cdtype or cap is not None
+    in_work = convert and not prob  # softmax in place in the float32 work buffer
+    need_p = not in_work and (grad is None or grad.dtype != cdtype or (prob and inplace
+                                                                       and not convert))
+    size = min(block, num_rows)
+    work = _workspace(size, num_classes, z) if convert else None
+    pbuf = _workspace(size, num_classes, z) if need_p else None
+    tanh = _workspace(size, num_classes, z) if cap is not None else None
+    w_sum = float(num_classes) if w is None else float(w.sum())
+    sel = slice(start, start + num_rows)
+    m = torch.empty(num_rows, dtype=cdtype, device=dev)
+    p_max = torch.ones(num_rows, dtype=cdtype, device=dev)
+    losses = torch.empty(num_rows, dtype=cdtype, device=dev)
+    if not prob:
+        y = rows.index[sel].unsqueeze(1)
+        z_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
+        p_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
+        z_w = torch.empty(num_rows, dtype=torch.float64, device=dev) if eps else None
+        mass = rows.target_mass[sel]
+        t_sum = mass + (eps / num_classes) * w_sum
+    if grad is not None:
+        rs = rows.scale[sel] if row_multiplier is None else rows.scale[sel] * row_multiplier
+        counted = rs != 0  # ignored rows: gradient exactly 0, even if their lse is NaN
+        if not prob:
+            a = torch.where(counted, rs * t_sum, 0.0).unsqueeze(1)
+            c = (-rs * mass).unsqueeze(1)
+            d = (-eps / num_classes) * rs.unsqueeze(1)
+    for i in range(0, num_rows, block):
+        j = min(i + block, num_rows)
+        n = j - i
+        zb = z[i:j]
+        if convert:
+            if cap is not None:
+                t = tanh[:n]
+                t.copy_(zb).div_(cap).tanh_()
+                zb = torch.mul(t, cap, out=work[:n])
+            else:
+                zb = work[:n].copy_(zb)
+        torch.amax(zb, 1, out=m[i:j])
+        if not prob:
+            yb = y[i:j]
+            torch.gather(zb, 1, yb, out=z_y[i:j])
+            if eps:  # sum_c w_c z_c in float64: the smoothing term subtracts it from W m
+                z_w[i:j] = (zb.sum(1, dtype=torch.float64) if w is None
+                            else zb.double() @ w.double())
+        else:
+            tb = target[start + i : start + j].to(cdtype)
+            if eps:
+                tb = tb.mul(1.0 - eps).add_(eps / num_classes)
+            if w is not None:
+                tb = tb.mul(w)
+        dest = work[:n] if in_work else pbuf[:n] if need_p else grad[i:j]
+        torch.ops.aten._softmax.out(zb, 1, False, out=dest)
+        if prob:
+            torch.amax(dest, 1, out=p_max[i:j])
+            shift = -p_max[i:j].log()
+            logp = (zb - m[i:j].unsqueeze(1)).sub_(shift.unsqueeze(1))
+            losses[i:j] = -torch.where(tb == 0, 0.0, tb * logp).sum(1)
+            if zl:
+                losses[i:j] += zl * (m[i:j] + shift).square()
+        else:
+            torch.gather(dest, 1, yb, out=p_y[i:j])
+            if dev.type != "cpu":  # no host sync on accelerators
+                torch.amax(dest, 1, out=p_max[i:j])
+            else:
+                bad = ~(p_y[i:j, 0] >= _TINY)
+                if bool(bad.any()):
+                    idx = bad.nonzero().squeeze(1)
+                    p_max[i + idx] = dest[idx].amax(1)
+        if grad is None:
+            continue
+        g = dest
+        if prob:
+            t_sum_b = tb.sum(1)
+            if zl:
+                t_sum_b = t_sum_b + 2.0 * zl * (m[i:j] + shift)
+            a_b = torch.where(counted[i:j], rs[i:j] * t_sum_b, 0.0).unsqueeze(1)
+            g.mul_(a_b).addcmul_(tb, rs[i:j].unsqueeze(1), value=-1.0)
+        else:
+            a_b = a[i:j]
+            if zl:
+                lse, _, _ = _finish(m[i:j], z_y[i:j, 0], p_y[i:j, 0], p_max[i:j])
+                a_b = a_b + torch.where(counted[i:j], (2.0 * zl) * lse * rs[i:j], 0.0)[:, None]
+            if eps and w is not None:
+                g.mul_(a_b).addr_(rs[i:j], w, alpha=-eps / num_classes)
+            elif eps:
+                torch.addcmul(d[i:j], g, a_b, out=g)
+            else:
+                g.mul_(a_b)
+            g.scatter_add_(1, yb, c[i:j])
+        if cap is not None:  # d(c tanh(x/c))/dx = 1 - tanh^2
+            g.addcmul_(g * tanh[:n], tanh[:n], value=-1.0)
+        if g.data_ptr() != grad[i:j].data_ptr():
+            grad[i:j].copy_(g)
+    if not prob:
+        lse, nll, shift = _finish(m, z_y[:, 0], p_y[:, 0], p_max)
+        losses = mass * nll
+        if eps:  # sum_c w_c (lse - z_c) = W (lse - m) + sum_c w_c (m - z_c), W = sum_c w_c
+            smooth = w_sum * shift.double() + (w_sum * m.double() - z_w)
+            losses = losses + (eps / num_classes) * smooth.to(cdtype)
+        if zl:
+            losses = losses + zl * lse.square()
+        losses = torch.where(rows.valid[sel], losses, 0.0)
+    return losses
+
+
+def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / rows.denominator

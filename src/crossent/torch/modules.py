@@ -1,0 +1,89 @@
+"""``nn.Module`` wrappers: swap ``torch.nn.CrossEntropyLoss`` / ``LinearCrossEntropyLoss``
+for these in one line (same constructor arguments, plus crossent's extras)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import cross_entropy, linear_cross_entropy
+
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """:func:`crossent.torch.cross_entropy` as a module; a subclass of
+    ``torch.nn.CrossEntropyLoss`` with the same constructor (``weight``, ``size_average``,
+    ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing``) plus the keyword-only
+    ``z_loss``, ``softcap`` and ``inplace_backward`` (destroys the logits; see the function).
+
+    >>> import torch
+    >>> loss = CrossEntropyLoss(label_smoothing=0.1)
+    >>> round(loss(torch.zeros(2, 3), torch.tensor([0, 2])).item(), 6)  # ln 3
+    1.098612
+    """
+
+    def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: float | None = None,
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction,
+            self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+
+
+class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+    """A linear head and its cross-entropy, fused: :func:`crossent.torch.linear_cross_entropy`.
+
+    Same constructor as ``torch.nn.LinearCrossEntropyLoss`` (torch >= 2.13): the head is
+    ``self.linear = nn.Linear(in_features, num_classes, bias=bias)`` (same state-dict keys);
+    ``options`` is replaced by ``chunk_size``; ``z_loss`` and ``softcap`` are extras.
+    K-dimensional heads (``out_features != ()``) are not supported.
+
+    >>> import torch
+    >>> head = LinearCrossEntropyLoss(4, 3)
+    >>> _ = torch.nn.init.zeros_(head.linear.weight)
+    >>> round(head(torch.ones(2, 4), torch.tensor([0, 1])).item(), 6)  # ln 3
+    1.098612
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: torch.Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, chunk_size: int | None = None) -> None:
+        if tuple(out_features) != ():
+            raise NotImplementedError("out_features (K-dimensional heads) is not supported")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes, self.out_features = num_classes, tuple(out_features)
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+        self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes),
+                                bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(
+            input, self.linear.weight, target, self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}")
