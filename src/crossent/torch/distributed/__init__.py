@@ -1,0 +1,24 @@
+"""Vocab-parallel (tensor-parallel) cross-entropy on ``torch.distributed``.
+
+When the output layer's classes are split across the ranks of a tensor-parallel group,
+no rank holds a whole row of logits. :func:`vocab_parallel_cross_entropy` (logits given)
+and :func:`vocab_parallel_linear_cross_entropy` (hidden states and the local slice of the
+output weight given, chunked so no full logits exist) compute the exact single-process
+loss and gradients while communicating a few numbers per row, never anything of size
+``V``. :func:`global_num_items` counts the targets of a whole data-parallel step for
+``reduction="sum", num_items=...`` (PITFALLS 11).
+
+Runs on any initialized process group (gloo on CPU, NCCL on CUDA); crossent has no
+launcher of its own (use ``torchrun``). Without ``torch.distributed`` initialized the
+functions run single-process. See ``docs/scaling.md`` for the cost model.
+"""
+
+from .accumulate import global_num_items
+from .cross_entropy import vocab_parallel_cross_entropy
+from .linear import vocab_parallel_linear_cross_entropy
+
+__all__ = [
+    "global_num_items",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+]

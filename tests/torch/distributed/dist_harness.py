@@ -1,0 +1,85 @@
+"""Run a function on a gloo process group of ``world`` spawned CPU processes, bounded in time.
+
+``run_group(fn, world, *args)`` spawns ``world`` processes (``torch.multiprocessing``,
+start method ``spawn``) that join ``tcp://127.0.0.1:PORT`` (a free port from a socket bound
+to port 0), call ``fn(rank, world, *args)`` and destroy the group. A child's exception is
+re-raised in the parent (``torch.multiprocessing.ProcessRaisedException``, whose message
+holds the child's traceback). Past ``timeout`` seconds every child is killed and the test
+fails with ``TimeoutError``; collectives themselves time out after ``COLLECTIVE_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(fn, world: int, *args, timeout: float = 45.0) -> None:
+    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.05, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{fn.__name__} on {world} gloo processes did not finish "
+                                   f"within {timeout:.0f} s; the children were killed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+class CollectiveCounter:
+    """Wraps ``torch.distributed.all_reduce`` (inside a child) and records every call as
+    ``(op name, numel, bytes)``."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, int, int]] = []
+        self._orig = None
+
+    def __enter__(self):
+        self._orig = orig = dist.all_reduce
+
+        def counted(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            name = "MAX" if op == dist.ReduceOp.MAX else "SUM" if op == dist.ReduceOp.SUM \
+                else str(op)
+            self.calls.append((name, tensor.numel(), tensor.numel() * tensor.element_size()))
+            return orig(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+    def take(self) -> list[tuple[str, int, int]]:
+        calls, self.calls = self.calls, []
+        return calls

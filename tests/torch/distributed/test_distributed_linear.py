@@ -1,0 +1,200 @@
+"""vocab_parallel_linear_cross_entropy on 2 gloo processes against single-process
+crossent.torch.linear_cross_entropy with the full output weight; its collective count and
+bytes against the formulas of docs/scaling.md; num_items and gradient accumulation on a
+2 x 2 (tensor x data parallel) group of 4 processes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import CollectiveCounter, run_group
+
+import crossent.torch as xt
+from crossent.torch.distributed import global_num_items, vocab_parallel_linear_cross_entropy
+from crossent.torch.distributed.costs import vocab_parallel_costs
+
+pytestmark = pytest.mark.timeout(90)
+
+N, D = 10, 6
+
+
+def close(got, want, dtype):
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def expected_calls(n, chunk, k, itemsize, input_grad):
+    """docs/scaling.md: forward 2 ceil(N/B) all-reduces, MAX of B (+9 on the first chunk),
+    SUM of k B (+2); backward one SUM of N x D when the input gradient is reduced."""
+    fwd = []
+    for i in range(0, max(n, 1), chunk):
+        b = min(chunk, n - i)
+        fwd += [("MAX", b + 9 * (i == 0)), ("SUM", k * b + 2 * (i == 0))]
+    bwd = [("SUM", n * D)] if input_grad else []
+    nbytes = itemsize * (sum(c for _, c in fwd) + sum(c for _, c in bwd))
+    return fwd, bwd, nbytes
+
+
+class LogitsChunkSpy:
+    """Records the shapes of the matmul outputs with V_r columns (the logits chunk)."""
+
+    def __init__(self, cols):
+        self.cols, self.peak = cols, 0
+
+    def __enter__(self):
+        self._mm, self._addmm = torch.mm, torch.addmm
+
+        def mm(*a, out=None, **kw):
+            if out is not None and out.dim() == 2 and out.shape[1] == self.cols:
+                self.peak = max(self.peak, out.numel() * out.element_size())
+            return self._mm(*a, out=out, **kw)
+
+        def addmm(*a, out=None, **kw):
+            if out is not None and out.dim() == 2 and out.shape[1] == self.cols:
+                self.peak = max(self.peak, out.numel() * out.element_size())
+            return self._addmm(*a, out=out, **kw)
+
+        torch.mm, torch.addmm = mm, addmm
+        return self
+
+    def __exit__(self, *exc):
+        torch.mm, torch.addmm = self._mm, self._addmm
+
+
+def _check_linear(rank, world):
+    g = torch.Generator().manual_seed(99)
+    counter = CollectiveCounter()
+    for sizes, dtype, chunk, bias, eps, zeta, weighted, reduction in itertools.product(
+            ([4, 4], [3, 6]), (torch.float32, torch.float64), (3, 64), (False, True),
+            (0.0, 0.1), (0.0, 0.01), (False, True), ("none", "sum", "mean")):
+        if dtype == torch.float64 and (chunk == 64 or bias):
+            continue
+        num_classes = sum(sizes)
+        lo = sum(sizes[:rank])
+        hi = lo + sizes[rank]
+        x = torch.randn(N, D, generator=g, dtype=dtype)
+        w = torch.randn(num_classes, D, generator=g, dtype=dtype)
+        b = torch.randn(num_classes, generator=g, dtype=dtype) if bias else None
+        t = torch.randint(0, num_classes, (N,), generator=g)
+        t[::3] = -100
+        cw = torch.rand(num_classes, generator=g, dtype=dtype) + 0.5 if weighted else None
+        go = (torch.randn(N, generator=g, dtype=dtype) if reduction == "none"
+              else torch.tensor(0.6, dtype=dtype))
+        ref_p = [p.clone().requires_grad_() if p is not None else None for p in (x, w, b)]
+        ref = xt.linear_cross_entropy(ref_p[0], ref_p[1], t, ref_p[2], weight=cw,
+                                      reduction=reduction, label_smoothing=eps, z_loss=zeta)
+        ref.backward(go)
+        p = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(),
+             b[lo:hi].clone().requires_grad_() if bias else None]
+        with counter, LogitsChunkSpy(hi - lo) as spy:
+            out = vocab_parallel_linear_cross_entropy(
+                p[0], p[1], t, local_bias=p[2], vocab_start=lo, weight=None if cw is None
+                else cw[lo:hi], reduction=reduction, label_smoothing=eps, z_loss=zeta,
+                chunk_size=chunk)
+            fwd = counter.take()
+            out.backward(go)
+            bwd = counter.take()
+        k = 2 + weighted + (eps > 0)
+        want_fwd, want_bwd, nbytes = expected_calls(N, chunk, k, x.element_size(), True)
+        assert [(op, n) for op, n, _ in fwd] == want_fwd
+        assert [(op, n) for op, n, _ in bwd] == want_bwd
+        assert sum(nb for *_, nb in fwd + bwd) == nbytes
+        assert spy.peak == min(chunk, N) * (hi - lo) * x.element_size()
+        assert len(fwd) == 2 * math.ceil(N / chunk)
+        if sizes[0] == sizes[1]:  # the cost model of docs/scaling.md (even split)
+            cost = vocab_parallel_costs(N, num_classes, world, hidden=D, chunk_size=chunk,
+                                        itemsize=x.element_size(), weighted=weighted,
+                                        label_smoothing=eps > 0)
+            assert cost["all_reduces_forward"] == len(fwd)
+            assert cost["all_reduces_backward"] == len(bwd)
+            assert cost["payload_bytes"] == sum(nb for *_, nb in fwd + bwd)
+            assert cost["logits_chunk_bytes"] == spy.peak
+        close(out, ref, dtype)
+        close(p[0].grad, ref_p[0].grad, dtype)
+        close(p[1].grad, ref_p[1].grad[lo:hi], dtype)
+        if bias:
+            close(p[2].grad, ref_p[2].grad[lo:hi], dtype)
+    # reduce_input_grad=False: each rank's partial G_r W_r; their sum is the gradient
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(8, D, generator=g)
+    t = torch.randint(0, 8, (N,), generator=g)
+    ref = xt.linear_cross_entropy(x, w, t)
+    ref.backward()
+    xr = x.detach().clone().requires_grad_()
+    with counter:
+        vocab_parallel_linear_cross_entropy(xr, w[4 * rank:4 * rank + 4], t,
+                                            reduce_input_grad=False).backward()
+        assert len(counter.take()) == 2
+    partial = xr.grad.clone()
+    dist.all_reduce(partial)
+    close(partial, x.grad, torch.float32)
+
+
+def test_linear_matches_single_process():
+    """Every combination of options, chunk sizes 3 (several chunks) and 64 (one), with and
+    without bias, even and uneven splits; gradients of the input, the local weight slice and
+    the local bias; collective count, all-reduced bytes and peak logits-chunk bytes against
+    the formulas."""
+    run_group(_check_linear, 2)
+
+
+def _check_accumulation(rank, world):
+    """Tensor parallel 2 x data parallel 2; each data-parallel rank runs 2 micro-batches with
+    very different numbers of ignored targets."""
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp, dp = rank % 2, rank // 2
+    tp_group, dp_group = tp_groups[dp], dp_groups[tp]
+    g = torch.Generator().manual_seed(5)
+    num_classes, mb = 8, 6
+    w = torch.randn(num_classes, D, generator=g)
+    xs = torch.randn(2, 2, mb, D, generator=g)  # [dp rank, micro-batch]
+    ts = torch.randint(0, num_classes, (2, 2, mb), generator=g)
+    ts[0, 0, 1:] = -100  # one counted target in this micro-batch, 6 in the others
+    ts[1, 1, ::2] = -100
+    full = xt.linear_cross_entropy(xs.reshape(-1, D), w.clone().requires_grad_(),
+                                   ts.reshape(-1))
+    w_ref = w.clone().requires_grad_()
+    xt.linear_cross_entropy(xs.reshape(-1, D), w_ref, ts.reshape(-1)).backward()
+    lo, hi = 4 * tp, 4 * tp + 4
+
+    counter = CollectiveCounter()
+    with counter:
+        num_items = global_num_items(list(ts[dp]), group=dp_group)
+        assert [(op, n) for op, n, _ in counter.take()] == [("SUM", 1)]
+    assert int(num_items) == int((ts != -100).sum())
+
+    def accumulate(reduction, num_items=None):
+        local = w[lo:hi].clone().requires_grad_()
+        total = 0.0
+        for k in range(2):
+            loss = vocab_parallel_linear_cross_entropy(
+                xs[dp, k], local, ts[dp, k], group=tp_group, reduction=reduction,
+                num_items=num_items)
+            if num_items is None:
+                loss = loss / 4  # the usual mean of micro-batch means over 2 x 2
+            loss.backward()
+            total += loss.detach()
+        grad = local.grad.clone()
+        dist.all_reduce(grad, group=dp_group)  # summed over data-parallel ranks
+        total = total.clone().reshape(1)
+        dist.all_reduce(total, group=dp_group)
+        return total[0], grad
+
+    loss, grad = accumulate("sum", num_items)
+    close(grad, w_ref.grad[lo:hi], torch.float32)
+    close(loss, full.detach(), torch.float32)
+    naive_loss, naive_grad = accumulate("mean")
+    assert not torch.allclose(naive_grad, w_ref.grad[lo:hi], rtol=1e-2, atol=1e-3)
+    assert abs(float(naive_loss) - float(full)) > 1e-2
+
+
+def test_num_items_gives_the_full_batch_gradient_under_accumulation():
+    """PITFALLS 11: the mean of micro-batch means differs from the full-batch mean when
+    micro-batches hold different numbers of counted targets; reduction="sum" with
+    num_items=global_num_items(...) gives exactly the full-batch loss and gradient."""
+    run_group(_check_accumulation, 4)
