@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._kernels import check_options
+
 _BLOCK_ELEMS = 1 << 20  # logits per row block: 4 MiB of float32 temporaries
 _EXACT = 1 << 24  # integers below this are exact in float32
 _CHECKSUM_MOD = 8388593  # a prime below 2**23: target checksums stay exact in float32
@@ -83,12 +85,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
               local_classes) -> tuple[Spec, str | None]:
     """Check the options; a problem local to this rank (its weight slice) is returned as a
     message, not raised, so that every rank can raise together after the first collective."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none'")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1]")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"z_loss={z_loss!r} must be >= 0")
+    check_options(reduction, label_smoothing, z_loss, None)
     if num_items is not None and reduction != "sum":
         raise ValueError("num_items divides the summed loss: use it with reduction='sum'")
     problem = None
