@@ -54,6 +54,16 @@ def check_nonnegative(value: float, name: str) -> float:
     return v
 
 
+def check_softcap(softcap: float | None) -> float | None:
+    """None (no cap) or a finite number > 0."""
+    if softcap is None:
+        return None
+    value = check_nonnegative(softcap, "softcap")
+    if not value > 0:
+        raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+    return value
+
+
 def check_floating(xp: Any, x: Array, name: str) -> None:
     if not is_floating(xp, x):
         raise ValueError(

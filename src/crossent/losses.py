@@ -73,8 +73,7 @@ def softmax_cross_entropy_parts(
     _checks.check_reduction(reduction)
     eps = _checks.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _checks.check_nonnegative(z_loss, "z_loss")
-    if softcap is not None and not _checks.check_nonnegative(softcap, "softcap") > 0:
-        raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+    softcap = _checks.check_softcap(softcap)
     xp, (logits, target, weight) = arrays(logits, target, weight)
     _checks.check_floating(xp, logits, "logits")
     if logits.ndim == 0:

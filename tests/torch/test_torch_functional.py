@@ -8,24 +8,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_testing import DEVICES, close
 
 import crossent as xe
 import crossent.torch as xt
 
 C = 7
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="no CUDA device")),
-]
-
-
-def close(got, want, rtol=1e-5):
-    """Relative to the reference's largest magnitude (gradients hold tiny entries)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    scale = want[torch.isfinite(want)].abs().max() if torch.isfinite(want).any() else 1.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(scale) + 1e-30,
-                               equal_nan=True)
 
 
 def make(device, *, kdim=False, prob=False, ignore=False, n=13, seed=0):

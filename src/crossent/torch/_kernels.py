@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _checks
+
 _BLOCK_BYTES = 4 << 20  # float32 bytes of logits per block: 2 cores x 2 MiB L2
 _TINY = 1e-30  # p_y below this: lse from the row max instead
 
@@ -55,14 +57,11 @@ class Rows:
 
 
 def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction={reduction!r} must be 'mean', 'sum' or 'none'")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must lie in [0, 1]")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"z_loss={z_loss!r} must be >= 0")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+    """The core's argument checks, so both paths reject the same values with one message."""
+    _checks.check_reduction(reduction)
+    _checks.check_fraction(label_smoothing, "label_smoothing")
+    _checks.check_nonnegative(z_loss, "z_loss")
+    _checks.check_softcap(softcap)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
