@@ -154,6 +154,27 @@ def test_confident_true_class_gradient_survives_rounding(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_low_precision_underflowing_and_masked_targets(device, dtype, inplace):
+    # low-precision logits skip the row max; rows whose p_y underflows (or whose target
+    # logit is -inf) must still get lse from their max, z-loss included
+    z, y, _ = make(device, n=40)
+    z[2, y[2]] -= 120.0
+    z[5, y[5]] = -float("inf")
+    z = z.to(dtype).double()
+    kw = dict(reduction="none", z_loss=1e-2, softcap=None, label_smoothing=0.0)
+    ref, _ = core_ref(z, y, None, torch.ones(len(z), dtype=torch.float64, device=device), **kw)
+    go = grad_output(ref)
+    ref, ref_grad = core_ref(z, y, None, go, **kw)
+    out, grad = run_ours(z, y, None, dtype, go, inplace_backward=inplace, **kw)
+    assert out[5] == float("inf") and torch.isfinite(out[2])
+    finite = torch.isfinite(ref)
+    close(out[finite], ref[finite], rtol=1e-2)
+    close(grad, ref_grad, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction,weighted", itertools.product(["mean", "sum", "none"],
                                                                  [False, True]))
 def test_all_ignored_batch(device, reduction, weighted):

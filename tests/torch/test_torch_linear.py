@@ -108,6 +108,24 @@ def test_bfloat16_gradients_in_float32_then_rounded(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_weight_gradient_does_not_drift_over_many_chunks(device):
+    # 512 one-row chunks: a dW summed in bfloat16 would be ~10% off; in float32 it stays
+    # within the rounding of the inputs and of each chunk's partial product
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(512, D, generator=g) + 1.0).to(device, torch.bfloat16)
+    w = torch.randn(C, D, generator=g).to(device, torch.bfloat16)
+    y = torch.zeros(512, dtype=torch.long, device=device)  # every row pushes dW one way
+
+    def ref(x, w):
+        return F.cross_entropy(x.double() @ w.double().T, y, reduction="sum")
+
+    _, (want,) = grads(lambda w: ref(x, w), (w,), torch.ones(()))
+    _, (got,) = grads(lambda w: xt.linear_cross_entropy(x, w, y, reduction="sum",
+                                                        chunk_size=1), (w,), torch.ones(()))
+    close(got, want, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_float64(device, reduction):
     x, w, b, _, y = make(device, ignore=True)
@@ -161,3 +179,7 @@ def test_bad_arguments_raise():
         xt.linear_cross_entropy(x, w, y[:-1])
     with pytest.raises(NotImplementedError):
         xt.linear_cross_entropy(x, w.reshape(C, 2, 3), y)
+    with pytest.raises(ValueError, match=r"flatten \(B, T, D\)"):
+        xt.linear_cross_entropy(x.reshape(1, *x.shape), w, y.reshape(1, -1))
+    with pytest.raises(ValueError, match="chunk_size"):
+        xt.linear_cross_entropy(x, w, y, chunk_size=0)

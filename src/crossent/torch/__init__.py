@@ -4,10 +4,19 @@ block, and a chunked linear + cross-entropy head that never holds all the logits
 ``import crossent.torch as xt``; ``xt.cross_entropy`` / ``xt.CrossEntropyLoss`` replace
 ``torch.nn.functional.cross_entropy`` / ``torch.nn.CrossEntropyLoss`` and
 ``xt.linear_cross_entropy`` / ``xt.LinearCrossEntropyLoss`` torch's linear versions.
-``python -m crossent.torch.bench`` measures them against torch.
+``python -m crossent.torch.bench`` measures them against torch. On CPU the gradient
+buffers are reused from step to step (:func:`empty_cache`, :func:`set_buffer_reuse`).
 """
 
+from ._buffers import empty_cache, set_buffer_reuse
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "cross_entropy", "linear_cross_entropy"]
+__all__ = [
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "cross_entropy",
+    "empty_cache",
+    "linear_cross_entropy",
+    "set_buffer_reuse",
+]

@@ -1,0 +1,119 @@
+"""Reused CPU gradient buffers: reused when free, never while anything still holds them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fused_testing import close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crossent.torch as xt
+from crossent.torch import _buffers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool():
+    previous = xt.set_buffer_reuse(True)
+    xt.empty_cache()
+    yield
+    xt.empty_cache()
+    xt.set_buffer_reuse(previous)
+
+
+def _grad(z, y):
+    leaf = z.detach().requires_grad_()
+    (g,) = torch.autograd.grad(xt.cross_entropy(leaf, y), leaf)
+    return g
+
+
+def test_consumed_gradient_buffer_is_reused_by_the_next_call():
+    z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    first = _grad(z, y)
+    ptr = first.data_ptr()
+    del first  # the caller is done with it: the buffer is free again
+    second = _grad(z, y)
+    assert second.data_ptr() == ptr
+
+
+def test_kept_gradient_is_never_overwritten_by_a_later_call():
+    y = torch.randint(0, 7, (16,))
+    z1, z2 = torch.randn(16, 7), torch.randn(16, 7) * 3
+    kept = _grad(z1, y)
+    snapshot = kept.clone()
+    other = _grad(z2, y)
+    assert other.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)
+
+
+def test_leaf_grad_accumulates_correctly_across_steps_without_zero_grad():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 40, (32,))
+    w_ours = (torch.randn(40, 6) / 3).requires_grad_()
+    w_ref = w_ours.detach().clone().requires_grad_()
+    for scale in (1.0, 2.0, 0.5):
+        xt.linear_cross_entropy(x * scale, w_ours, y).backward()
+        F.cross_entropy((x * scale) @ w_ref.T, y).backward()
+    close(w_ours.grad, w_ref.grad)
+
+
+def test_view_of_a_gradient_keeps_its_buffer_busy():
+    z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    view = _grad(z, y)[3:]  # the full gradient tensor is gone, a view of it is not
+    snapshot = view.clone()
+    _grad(z * 3, y)
+    torch.testing.assert_close(view, snapshot, rtol=0, atol=0)
+
+
+def test_k_dimensional_gradients_stay_correct_across_steps():
+    z, y = torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3))  # (N, C, d)
+    leaves = [(z * s).detach().requires_grad_() for s in (1, 2, 3)]
+    for leaf in leaves:
+        xt.cross_entropy(leaf, y).backward()
+    for s, leaf in zip((1, 2, 3), leaves, strict=True):
+        ref = (z * s).detach().requires_grad_()
+        F.cross_entropy(ref, y).backward()
+        close(leaf.grad, ref.grad)
+
+
+def test_two_losses_in_one_step_get_separate_buffers():
+    z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    a, b = z.detach().requires_grad_(), (2 * z).detach().requires_grad_()
+    (xt.cross_entropy(a, y) + xt.cross_entropy(b, y, reduction="sum")).backward()
+    ra, rb = z.detach().requires_grad_(), (2 * z).detach().requires_grad_()
+    (F.cross_entropy(ra, y) + F.cross_entropy(rb, y, reduction="sum")).backward()
+    close(a.grad, ra.grad)
+    close(b.grad, rb.grad)
+
+
+def test_disabled_reuse_keeps_nothing_and_empty_cache_releases():
+    z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    _grad(z, y)
+    assert _buffers._pool  # CPU: kept for the next step
+    xt.empty_cache()
+    assert not _buffers._pool
+    assert xt.set_buffer_reuse(False) is True
+    close(_grad(z, y), torch.autograd.grad(
+        F.cross_entropy(leaf := z.detach().requires_grad_(), y), leaf)[0])
+    assert not _buffers._pool
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([(8, 5), (4, 5), (8, 9)]), st.booleans()),
+                min_size=1, max_size=8), st.integers(0, 2**16))
+def test_any_sequence_of_calls_and_kept_gradients_stays_correct(calls, seed):
+    """Random shapes; some gradients are kept (as a user's .grad would be), others dropped.
+    Every kept gradient must still equal torch's at the end."""
+    g = torch.Generator().manual_seed(seed)
+    kept = []
+    for (n, c), keep in calls:
+        z = torch.randn(n, c, generator=g) * 4
+        y = torch.randint(0, c, (n,), generator=g)
+        got = _grad(z, y)
+        if keep:
+            kept.append((got, z, y))
+    for got, z, y in kept:
+        leaf = z.detach().requires_grad_()
+        (want,) = torch.autograd.grad(F.cross_entropy(leaf, y), leaf)
+        close(got, want)
