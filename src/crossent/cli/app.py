@@ -1,4 +1,4 @@
-"""The ``crossent`` command: tour, explain, quiz, plot and train.
+"""The ``crossent`` command: tour, explain, quiz, plot, train and bench.
 
 Every error a user can cause (a bad option, numbers that are not probabilities, a class
 index out of range, an unknown plot) ends as ONE line on stderr and exit code 2, never a
@@ -196,6 +196,37 @@ def train(
     config = training.TrainConfig(model=model, epochs=epochs, lr=lr, optimizer=optimizer,
                                   batch_size=batch_size, hidden=hidden, seed=seed)
     train_mod.run(losses, config, out, console(), plots=not no_plots)
+
+
+@app.command()
+def bench(
+    configs: Annotated[list[str] | None, typer.Argument(
+        help="configurations, e.g. ce-f32 linear-bf16 (default: the README's set)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: "
+                                               "cuda when present)")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed runs per "
+                                         "contender (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first")] = 1,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory, one "
+                                         "fresh process per contender")] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes: a smoke test")] = False,
+    out: Annotated[Path, typer.Option("--out", help="folder for bench.json and bench.png")
+                   ] = Path("benchmarks/results"),
+) -> None:
+    """Time crossent.torch against torch (eager, compiled, unfused, chunked): a table,
+    bench.json and bench.png. Same as ``python -m crossent.torch.bench``."""
+    try:
+        from ..torch import bench as bench_mod
+    except ImportError as e:
+        raise ValueError(f"needs PyTorch ({e}); pip install 'crossent[torch]'") from None
+    unknown = [c for c in configs or [] if c not in bench_mod.CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration {unknown[0]!r}; choose from "
+                         f"{', '.join(bench_mod.CONFIGS)}")
+    argv = [*(configs or []), "--repeats", str(repeats), "--warmup", str(warmup),
+            "--out", str(out)]
+    argv += (["--device", device] if device else []) + ([] if memory else ["--no-memory"])
+    bench_mod.main(argv + (["--quick"] if quick else []))
 
 
 def main() -> None:
