@@ -87,6 +87,14 @@ def test_two_losses_in_one_step_get_separate_buffers():
     close(b.grad, rb.grad)
 
 
+def test_growing_sizes_do_not_pile_up_in_the_pool():
+    y = torch.randint(0, 7, (64,))
+    for n in (8, 16, 32, 64):
+        _grad(torch.randn(n, 7), y[:n])
+    assert len(_buffers._pool) == 1
+    assert _buffers._pool[0].nbytes() == 64 * 7 * 4
+
+
 def test_disabled_reuse_keeps_nothing_and_empty_cache_releases():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
     _grad(z, y)

@@ -13,7 +13,8 @@ never handed out; a new one is allocated instead. On CUDA the caching allocator 
 reuses memory, so buffers are only pooled on CPU.
 
 The cost: between steps the pool keeps at most :data:`_CAPACITY` buffers alive (the
-memory the next step needs anyway). :func:`empty_cache` drops them;
+memory the next step needs anyway); a free buffer smaller than a new request is dropped,
+so growing sizes do not pile up. :func:`empty_cache` drops them;
 :func:`set_buffer_reuse` turns pooling off.
 """
 
@@ -55,8 +56,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> tor
             storage = min(fits, key=lambda s: s.nbytes())
         else:
             storage = torch.UntypedStorage(nbytes, device=like.device)
-            _pool.insert(0, storage)
-            # drop the oldest buffers beyond capacity (a busy one lives on with its user)
+            # free buffers too small for this request are superseded (sizes that grow step
+            # by step must not pile up); beyond capacity the oldest go (a busy one lives on
+            # with its user)
+            _pool[:] = [storage] + [s for s in _pool if s.nbytes() >= nbytes or not _free(s)]
             del _pool[_CAPACITY:]
     return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape)
 

@@ -129,6 +129,9 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
     return logits.contiguous(), target, row_shape
 
 
+# torch.compile: the kernels are loops of tensor ops with host-side checks; traced, they
+# would unroll into one graph per shape and break at every check. Run them as they are.
+@torch.compiler.disable
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -318,6 +321,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None
 
 
+@torch.compiler.disable
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
