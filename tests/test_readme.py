@@ -30,3 +30,12 @@ def test_readme_usage_comments_state_the_numbers_the_lines_compute():
             assert math.isclose(value, float(number.group(1)), abs_tol=5e-7), line
             checked += 1
     assert checked >= 4
+
+
+def test_readme_performance_example_runs():
+    section = README.read_text(encoding="utf-8").split("## Performance", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["hidden"].grad.shape == (64, 128)
+    assert namespace["head"].weight.grad.shape == (5000, 128)

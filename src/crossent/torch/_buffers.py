@@ -61,7 +61,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> tor
             # with its user)
             _pool[:] = [storage] + [s for s in _pool if s.nbytes() >= nbytes or not _free(s)]
             del _pool[_CAPACITY:]
-    return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape)
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]  # contiguous
+    return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape, strides)
 
 
 def empty_cache() -> None:

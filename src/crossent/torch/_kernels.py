@@ -168,20 +168,24 @@ def cross_entropy_rows(
     # pass that brings the block into cache, so it costs nothing.
     lazy_max = in_work and cap is None and not eps and dev.type == "cpu"
     size = min(block, num_rows)
-    work = _workspace(size, num_classes, z) if convert else None
-    pbuf = _workspace(size, num_classes, z) if need_p else None
-    tanh = _workspace(size, num_classes, z) if cap is not None else None
+    # buffers a configuration does not use are empty (0 rows), never None
+    work = _workspace(size if convert else 0, num_classes, z)
+    pbuf = _workspace(size if need_p else 0, num_classes, z)
+    tanh = _workspace(size if cap is not None else 0, num_classes, z)
     w_sum = float(num_classes) if w is None else float(w.sum())
     sel = slice(start, start + num_rows)
     m = torch.empty(num_rows, dtype=cdtype, device=dev)
     p_max = torch.ones(num_rows, dtype=cdtype, device=dev)
     losses = torch.empty(num_rows, dtype=cdtype, device=dev)
     if not prob:
-        y = rows.index[sel].unsqueeze(1)
+        index, target_mass, valid = rows.index, rows.target_mass, rows.valid
+        assert index is not None and target_mass is not None and valid is not None
+        y = index[sel].unsqueeze(1)
         z_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
         p_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
-        z_w = torch.empty(num_rows, dtype=torch.float64, device=dev) if eps else None
-        mass = rows.target_mass[sel]
+        z_w = torch.empty(num_rows if eps else 0, dtype=torch.float64, device=dev)
+        mass = target_mass[sel]
+        counted_rows = valid[sel]
         t_sum = mass + (eps / num_classes) * w_sum
     if grad is not None:
         rs = rows.scale[sel] if row_multiplier is None else rows.scale[sel] * row_multiplier
@@ -217,7 +221,12 @@ def cross_entropy_rows(
                 tb = tb.mul(1.0 - eps).add_(eps / num_classes)
             if w is not None:
                 tb = tb.mul(w)
-        dest = work[:n] if in_work else pbuf[:n] if need_p else grad[i:j]
+        if in_work:
+            dest = work[:n]
+        elif need_p or grad is None:
+            dest = pbuf[:n]
+        else:
+            dest = grad[i:j]
         torch.ops.aten._softmax.out(zb, 1, False, out=dest)
         if prob:
             torch.amax(dest, 1, out=p_max[i:j])
@@ -270,7 +279,7 @@ def cross_entropy_rows(
             losses = losses + (eps / num_classes) * smooth.to(cdtype)
         if zl:
             losses = losses + zl * lse.square()
-        losses = torch.where(rows.valid[sel], losses, 0.0)
+        losses = torch.where(counted_rows, losses, 0.0)
     return losses
 
 

@@ -23,7 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,11 +55,12 @@ class Case:
 
     kind: str
     device: str
-    logits: torch.Tensor | None = None
-    buf: torch.Tensor | None = None
-    x: torch.Tensor | None = None
-    w: torch.Tensor | None = None
-    target: torch.Tensor | None = None
+    # Empty placeholders, not None: a "ce" case fills logits/buf, a "linear" case x/w.
+    logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    buf: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    x: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    w: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    target: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     shape: tuple = ()
 
 
@@ -79,7 +81,7 @@ def make_case(config: str, device: str, quick: bool) -> Case:
     return case
 
 
-_compiled = {}
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def step(case: Case, name: str) -> None:
@@ -192,8 +194,8 @@ def memory_child(config: str, name: str, device: str, quick: bool) -> float:
     return (_hwm_kib() - base) / 1024
 
 
-def memory_config(config: str, device: str, quick: bool) -> dict:
-    out = {}
+def memory_config(config: str, device: str, quick: bool) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
     for name in contenders(config):
         cmd = [sys.executable, "-m", "crossent.torch.bench", "--_memory-child", config, name,
                "--device", device] + (["--quick"] if quick else [])
@@ -296,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             if "exp-floor" in timing:
                 r["vs_exp"] = r["median_ms"] / timing["exp-floor"]["median_ms"]
                 r["min_vs_exp"] = r["min_ms"] / timing["exp-floor"]["min_ms"]
-            r["peak_mib"] = mem.get(name)
-            if mem.get(name) is not None and mem.get(base):
-                r["mem_vs_" + base] = mem[name] / mem[base]
+            peak, peak_base = mem.get(name), mem.get(base)
+            r["peak_mib"] = peak
+            if peak is not None and peak_base:
+                r["mem_vs_" + base] = peak / peak_base
         results["configs"][config] = {"shape": list(shape), "contenders": timing}
         print(table({"configs": {config: results["configs"][config]},
                      "repeats": args.repeats}), flush=True)

@@ -145,6 +145,7 @@ class Partials:
         idx = torch.where(own, y - lay.start, 0)
         z_y = z.gather(1, idx[:, None]).squeeze(1)
         if spec.weight is not None:
+            assert self.wy is not None  # empty() allocates wy exactly when weighted
             w_y = torch.where(own, spec.weight[idx], 0.0)
             self.wy[i:j] = w_y
             self.zy[i:j] = torch.where(w_y == 0, 0.0, w_y * z_y)
@@ -190,7 +191,7 @@ def exchange(part: Partials, valid: torch.Tensor, lay: Layout, spec: Spec,
     first = check is not None
     # ---- all-reduce MAX: row maxima (+ checks)
     extra_max = []
-    if first:
+    if check is not None:  # the first exchange of a call (same test as `first`)
         flag = float(lay.rank + 1) if problem else 0.0
         y = check
         yv = y[y != spec.ignore_index]

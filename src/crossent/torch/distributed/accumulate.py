@@ -40,7 +40,9 @@ def global_num_items(
     targets = [target] if isinstance(target, torch.Tensor) else list(target)
     if not targets:
         raise ValueError("target is an empty list")
-    count = sum((t != ignore_index).sum() for t in targets).to(torch.int64)
+    counts = [(t != ignore_index).sum() for t in targets]
+    # Start from the first count, not 0: the sum stays a tensor (typed so) on its device.
+    count = sum(counts[1:], start=counts[0]).to(torch.int64)
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size(group) > 1:
             count = count.clone()
