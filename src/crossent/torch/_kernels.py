@@ -78,6 +78,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
+    """``(target as int64, target != ignore_index)``; raises for a non-index dtype or a
+    class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
+    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+    target = target.long()
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):  # a device sync, as torch's own bounds check
+        value = int(target[bad][0])
+        raise IndexError(
+            f"target holds class index {value}, outside [0, {num_classes}) and not "
+            f"ignore_index={ignore_index}"
+        )
+    return target, valid
+
+
 def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Options,
                  dtype: torch.dtype = torch.float32) -> Rows:
     """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
@@ -88,17 +105,7 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
         if opts.reduction == "mean":
             scale /= denominator
         return Rows(None, None, scale, None, denominator)
-    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
-    target = target.long()
-    valid = target != opts.ignore_index
-    bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):  # a device sync, as torch's own bounds check
-        value = int(target[bad][0])
-        raise IndexError(
-            f"target holds class index {value}, outside [0, {num_classes}) and not "
-            f"ignore_index={opts.ignore_index}"
-        )
+    target, valid = check_index_target(target, num_classes, opts.ignore_index)
     index = torch.where(valid, target, 0)
     validf = valid.to(dtype)
     w_y = validf if opts.weight is None else opts.weight[index] * validf

@@ -39,6 +39,7 @@ CONFIGS = {
     "ce-bf16": ("ce", 4096, 32000, 0, "bfloat16"),
     "ce-v128k": ("ce", 1024, 128256, 0, "float32"),
     "ce-v128k-bf16": ("ce", 1024, 128256, 0, "bfloat16"),
+    "ce-small": ("ce", 256, 1000, 0, "float32"),  # torch's own kernel: dispatch overhead
     "linear-f32": ("linear", 2048, 32000, 512, "float32"),
     "linear-bf16": ("linear", 2048, 32000, 512, "bfloat16"),
     "linear-v128k": ("linear", 1024, 128256, 512, "float32"),

@@ -1,0 +1,95 @@
+"""Small inputs with torch's options run torch's own kernel (in float32); everything else,
+and every input past the size threshold, runs the fused kernel."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fused_testing import DEVICES, close
+
+import crossent.torch as xt
+from crossent.torch import functional
+
+pytestmark = pytest.mark.native_dispatch
+C = 7
+
+
+def fused(out: torch.Tensor) -> bool:
+    return "_CrossEntropyFunction" in type(out.grad_fn).__name__
+
+
+def test_small_index_input_runs_torchs_kernel_and_large_the_fused_one():
+    small = torch.randn(16, C, requires_grad=True)
+    assert not fused(xt.cross_entropy(small, torch.randint(0, C, (16,))))
+    rows = functional._NATIVE_MAX_LOGITS // 1000 + 1
+    large = torch.randn(rows, 1000, requires_grad=True)
+    assert fused(xt.cross_entropy(large, torch.randint(0, 1000, (rows,))))
+
+
+@pytest.mark.parametrize("kw", [dict(z_loss=1e-3), dict(softcap=5.0)])
+def test_crossent_only_options_always_run_the_fused_kernel(kw):
+    z = torch.randn(16, C, requires_grad=True)
+    assert fused(xt.cross_entropy(z, torch.randint(0, C, (16,)), **kw))
+
+
+def test_probability_targets_always_run_the_fused_kernel():
+    # torch gives NaN for a zero target probability on a -inf logit; crossent gives 0
+    z = torch.randn(4, C)
+    z[:, 0] = -float("inf")
+    t = torch.softmax(torch.randn(4, C), 1)
+    t[:, 0] = 0.0
+    t = t / t.sum(1, keepdim=True)
+    leaf = z.requires_grad_()
+    out = xt.cross_entropy(leaf, t)
+    assert fused(out) and torch.isfinite(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "reduction,weighted,smoothing,kdim",
+    list(itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])),
+)
+def test_small_inputs_match_torch(device, reduction, weighted, smoothing, kdim):
+    g = torch.Generator().manual_seed(0)
+    shape = (9, C, 3) if kdim else (9, C)
+    z = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, C, (9, 3) if kdim else (9,), generator=g).to(device)
+    y.view(-1)[::4] = -100
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device) if weighted else None
+    ref_leaf = z.clone().requires_grad_()
+    ref = F.cross_entropy(ref_leaf, y, w, reduction=reduction, label_smoothing=smoothing)
+    go = torch.rand(ref.shape, generator=g, dtype=torch.float64).to(device) + 0.5
+    ref.backward(go)
+    leaf = z.float().requires_grad_()
+    out = xt.cross_entropy(leaf, y, None if w is None else w.float(), reduction=reduction,
+                           label_smoothing=smoothing)
+    assert not fused(out) and out.shape == ref.shape
+    out.backward(go.float())
+    close(out, ref)
+    close(leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_low_precision_input_is_computed_in_float32_and_rounded_once(dtype):
+    # p_y = 1 - 1e-3: p - 1 in the input dtype would lose the gradient (PITFALLS 6)
+    z = torch.zeros(4, C)
+    z[:, 0] = torch.log(torch.tensor((1 - 1e-3) * (C - 1) / 1e-3))
+    y = torch.zeros(4, dtype=torch.long)
+    leaf = z.to(dtype).requires_grad_()
+    out = xt.cross_entropy(leaf, y, reduction="sum")
+    out.backward()
+    assert not fused(out) and out.dtype == dtype and leaf.grad.dtype == dtype
+    ref_leaf = z.to(dtype).double().requires_grad_()
+    F.cross_entropy(ref_leaf, y, reduction="sum").backward()
+    assert torch.all(leaf.grad[:, 0] != 0)
+    close(leaf.grad, ref_leaf.grad, rtol=1e-2)
+
+
+def test_small_input_bad_targets_raise():
+    with pytest.raises(ValueError, match="target"):
+        xt.cross_entropy(torch.randn(4, C), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(IndexError, match="out of bounds"):
+        xt.cross_entropy(torch.randn(4, C), torch.tensor([0, 1, 2, C]))
