@@ -93,3 +93,36 @@ def test_small_input_bad_targets_raise():
         xt.cross_entropy(torch.randn(4, C), torch.ones(4, dtype=torch.bool))
     with pytest.raises(IndexError, match="out of bounds"):
         xt.cross_entropy(torch.randn(4, C), torch.tensor([0, 1, 2, C]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_head_matches_unfused_torch(dtype, bias):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(C, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(C, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, C, (12,), generator=g)
+    y[::3] = -100
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    out = xt.linear_cross_entropy(*leaves[:2], y, leaves[2] if bias else None,
+                                  label_smoothing=0.1)
+    assert "LinearCrossEntropy" not in type(out.grad_fn).__name__ and out.dtype == dtype
+    out.backward()
+    refs = [t.to(dtype).double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    want = F.cross_entropy(F.linear(*refs[:2], refs[2] if bias else None), y,
+                           label_smoothing=0.1)
+    want.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    close(out, want, rtol=tol)
+    for got, ref in zip(leaves, refs, strict=True):
+        assert got.grad.dtype == dtype
+        close(got.grad, ref.grad, rtol=tol)
+
+
+def test_linear_head_with_chunk_size_or_z_loss_runs_the_fused_kernel():
+    x, w = torch.randn(8, 4, requires_grad=True), torch.randn(C, 4, requires_grad=True)
+    y = torch.randint(0, C, (8,))
+    for kw in (dict(chunk_size=4), dict(z_loss=1e-3)):
+        out = xt.linear_cross_entropy(x, w, y, **kw)
+        assert "LinearCrossEntropy" in type(out.grad_fn).__name__

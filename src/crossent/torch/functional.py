@@ -136,11 +136,11 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
 _NATIVE_MAX_LOGITS = 1 << 19
 
 
-def _native_is_faster(logits: torch.Tensor, target: torch.Tensor, opts: Options) -> bool:
+def _native_is_faster(num_logits: int, target: torch.Tensor, opts: Options) -> bool:
     """Small input with options torch has (index targets, no z-loss, no softcap).
     Probability targets always take the fused kernel: it keeps a zero target's term at
     exactly 0 where a logit is -inf, where torch's gives NaN."""
-    return (logits.numel() < _NATIVE_MAX_LOGITS and not target.is_floating_point()
+    return (num_logits < _NATIVE_MAX_LOGITS and not target.is_floating_point()
             and opts.z_loss == 0.0 and opts.softcap is None)
 
 
@@ -244,7 +244,7 @@ def cross_entropy(
                     label_smoothing, z_loss, softcap)
     if torch.is_grad_enabled() and target.requires_grad:
         raise NotImplementedError("crossent.torch.cross_entropy: no gradient for target")
-    if _native_is_faster(logits, flat_target, opts):
+    if _native_is_faster(logits.numel(), flat_target, opts):
         return _native_cross_entropy(input, target, opts)  # torch checks the indices
     rows = prepare_rows(flat_target, num_rows, num_classes, opts, compute_dtype(logits.dtype))
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -396,7 +396,10 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
             :func:`cross_entropy` (``ignore_index=None`` means -100, as in torch).
         chunk_size: rows per chunk. Default: logits of a quarter of the float32 dW's
-            size, at least 16 MiB (at D=512: 128 float32 rows, 256 bfloat16 rows).
+            size, at least 16 MiB (at D=512: 128 float32 rows, 256 bfloat16 rows); and
+            under ``2**19`` logits with index targets and neither ``z_loss`` nor
+            ``softcap``, no chunking at all: ``F.linear`` and torch's own kernel (in
+            float32), faster at that size (see :func:`cross_entropy`).
             Larger chunks are faster (fewer passes over ``W`` and ``dW``) and hold more
             memory.
 
@@ -428,6 +431,11 @@ def linear_cross_entropy(
         raise ValueError(f"class-index target must have shape {(x.shape[0],)}")
     opts = _options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
                     z_loss, softcap)
+    if chunk_size is None and _native_is_faster(x.shape[0] * num_classes, t, opts):
+        # small: one torch matmul (as the unfused head) and torch's kernel in float32
+        logits = F.linear(x, linear_weight, linear_bias)
+        out = _native_cross_entropy(logits, t, opts)
+        return out.reshape(()) if single and reduction == "none" else out
     rows = prepare_rows(t, x.shape[0], num_classes, opts, compute_dtype(x.dtype))
     if chunk_size is None:
         chunk = _default_chunk(num_classes, features,
