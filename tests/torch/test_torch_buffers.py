@@ -125,3 +125,47 @@ def test_any_sequence_of_calls_and_kept_gradients_stays_correct(calls, seed):
         leaf = z.detach().requires_grad_()
         (want,) = torch.autograd.grad(F.cross_entropy(leaf, y), leaf)
         close(got, want)
+
+
+def test_kept_storage_object_keeps_its_buffer_busy():
+    z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    storage = _grad(z, y).untyped_storage()  # the gradient tensor is gone, its storage not
+    snapshot = torch.frombuffer(bytearray(bytes(storage)), dtype=torch.float32).clone()
+    _grad(z * 5, y)
+    now = torch.frombuffer(bytearray(bytes(storage)), dtype=torch.float32)
+    torch.testing.assert_close(now, snapshot, rtol=0, atol=0)
+
+
+def test_small_gradient_does_not_pin_a_much_larger_buffer():
+    y = torch.randint(0, 7, (64,))
+    _grad(torch.randn(64, 7), y)  # leaves a free 64 x 7 buffer in the pool
+    small = _grad(torch.randn(8, 7), y[:8])
+    assert small.untyped_storage().nbytes() == 8 * 7 * 4
+
+
+def test_concurrent_calls_from_threads_get_their_own_buffers():
+    import threading
+
+    # large enough that the threads overlap inside empty() (smaller sizes rarely race)
+    y = torch.randint(0, 1000, (256,))
+    inputs = [torch.randn(256, 1000) * (k + 1) for k in range(4)]
+    wants = []
+    for z in inputs:
+        leaf = z.clone().requires_grad_()
+        wants.append(torch.autograd.grad(F.cross_entropy(leaf, y), leaf)[0])
+    errors = []
+    start = threading.Barrier(4)  # every call starts together: they race for the pool
+
+    def work(k):
+        for _ in range(50):
+            start.wait()
+            got = _grad(inputs[k], y)
+            if not torch.allclose(got, wants[k], rtol=1e-5, atol=1e-7):
+                errors.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -183,3 +183,28 @@ def test_bad_arguments_raise():
         xt.linear_cross_entropy(x.reshape(1, *x.shape), w, y.reshape(1, -1))
     with pytest.raises(ValueError, match="chunk_size"):
         xt.linear_cross_entropy(x, w, y, chunk_size=0)
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=4), dict(z_loss=1e-3)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_gives_zero_weight_gradient_after_earlier_calls(kw, reduction):
+    # an empty micro-batch must add nothing, whatever buffer earlier steps left behind
+    x, w, _, _, y = make("cpu")
+    xt.linear_cross_entropy(x.float().requires_grad_(), w.float().requires_grad_(), y,
+                            **kw).backward()
+    w2 = w.float().requires_grad_()
+    out = xt.linear_cross_entropy(torch.randn(0, D), w2, y[:0], reduction=reduction, **kw)
+    out.sum().backward() if reduction == "none" else out.backward()
+    assert torch.all(w2.grad == 0)
+
+
+def test_bfloat16_head_with_no_features():
+    x = torch.randn(4, 0).bfloat16()
+    w = torch.randn(C, 0).bfloat16().requires_grad_()
+    b = torch.randn(C).bfloat16().requires_grad_()
+    y = torch.randint(0, C, (4,))
+    out = xt.linear_cross_entropy(x, w, y, b, chunk_size=2)
+    out.backward()
+    want = F.cross_entropy(b.detach().double().expand(4, C), y)
+    close(out, want, rtol=1e-2)
+    assert w.grad.shape == (C, 0)

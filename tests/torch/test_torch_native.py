@@ -126,3 +126,27 @@ def test_linear_head_with_chunk_size_or_z_loss_runs_the_fused_kernel():
     for kw in (dict(chunk_size=4), dict(z_loss=1e-3)):
         out = xt.linear_cross_entropy(x, w, y, **kw)
         assert "LinearCrossEntropy" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_small_inputs_take_any_integer_target_dtype(dtype):
+    z = torch.randn(8, C, dtype=torch.float64)
+    y = torch.randint(0, C, (8,))
+    want = F.cross_entropy(z, y)
+    close(xt.cross_entropy(z.float(), y.to(dtype)), want)
+    x, w = torch.randn(8, 3, dtype=torch.float64), torch.randn(C, 3, dtype=torch.float64)
+    close(xt.linear_cross_entropy(x.float(), w.float(), y.to(dtype)),
+          F.cross_entropy(x @ w.T, y))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float64),
+                                             (torch.float32, torch.bfloat16)])
+def test_small_linear_head_with_mixed_dtypes(x_dtype, w_dtype):
+    x, w = torch.randn(8, 4).to(x_dtype), torch.randn(C, 4).to(w_dtype).requires_grad_()
+    y = torch.randint(0, C, (8,))
+    out = xt.linear_cross_entropy(x, w, y)
+    out.backward()
+    want = F.cross_entropy(x.double() @ w.detach().double().T, y)
+    close(out, want, rtol=1e-2)
+    assert out.dtype == x_dtype and w.grad.dtype == w_dtype

@@ -21,6 +21,7 @@ so growing sizes do not pile up. :func:`empty_cache` drops them;
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import torch
@@ -34,8 +35,32 @@ _enabled = True
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _holders(storage: torch.UntypedStorage) -> int:
+    return sys.getrefcount(storage)
+
+
 def _free(storage: torch.UntypedStorage) -> bool:
-    return _use_count is not None and _use_count(storage._cdata) == 1
+    """Nothing but the pool holds ``storage``: tensors and views show in its use count,
+    Python holders of the storage object itself (a kept ``x.untyped_storage()``) only in
+    its reference count."""
+    return (_use_count is not None and _use_count(storage._cdata) == 1
+            and _holders(storage) <= _POOL_HOLDERS)
+
+
+def _via_free(storage: torch.UntypedStorage) -> int:
+    return _holders(storage)  # the same frames as _free
+
+
+def _calibrate() -> int:
+    """The references :func:`_free` sees when only the pool holds a storage (the list entry,
+    the scan's loop variable, call arguments: how many count depends on the Python
+    version, so it is measured here rather than assumed)."""
+    pool = [torch.UntypedStorage(0)]
+    (holders,) = [_via_free(s) for s in pool]  # scanned as empty() scans
+    return holders
+
+
+_POOL_HOLDERS = _calibrate()
 
 
 def _poolable(like: torch.Tensor) -> bool:
@@ -46,23 +71,26 @@ def _poolable(like: torch.Tensor) -> bool:
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor on ``like``'s device, from the pool where possible."""
+    """An uninitialised tensor on ``like``'s device, from the pool where possible.
+
+    A free buffer is reused if it holds the request and at most twice it (a small
+    gradient kept as ``.grad`` must not pin a large buffer)."""
     if not _poolable(like):
         return torch.empty(shape, dtype=dtype, device=like.device)
     nbytes = math.prod(shape) * dtype.itemsize
-    with _lock:
-        fits = [s for s in _pool if s.nbytes() >= nbytes and _free(s)]
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]  # contiguous
+    with _lock:  # until the tensor exists: it is what makes the buffer busy
+        fits = [s for s in _pool if nbytes <= s.nbytes() <= 2 * nbytes and _free(s)]
         if fits:
-            storage = min(fits, key=lambda s: s.nbytes())
+            chosen = min(fits, key=lambda s: s.nbytes())
         else:
-            storage = torch.UntypedStorage(nbytes, device=like.device)
+            chosen = torch.UntypedStorage(nbytes, device=like.device)
             # free buffers too small for this request are superseded (sizes that grow step
             # by step must not pile up); beyond capacity the oldest go (a busy one lives on
             # with its user)
-            _pool[:] = [storage] + [s for s in _pool if s.nbytes() >= nbytes or not _free(s)]
+            _pool[:] = [chosen] + [s for s in _pool if s.nbytes() >= nbytes or not _free(s)]
             del _pool[_CAPACITY:]
-    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]  # contiguous
-    return torch.empty(0, dtype=dtype, device=like.device).set_(storage, 0, shape, strides)
+        return torch.empty(0, dtype=dtype, device=like.device).set_(chosen, 0, shape, strides)
 
 
 def empty_cache() -> None:

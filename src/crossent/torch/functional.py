@@ -150,7 +150,7 @@ def _native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
     stays): low-precision logits are converted first and the gradient rounded once."""
     if target.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
-    out = F.cross_entropy(input.to(compute_dtype(input.dtype)), target, opts.weight,
+    out = F.cross_entropy(input.to(compute_dtype(input.dtype)), target.long(), opts.weight,
                           ignore_index=opts.ignore_index, reduction=opts.reduction,
                           label_smoothing=opts.label_smoothing)
     return out.to(input.dtype)
@@ -276,7 +276,7 @@ def _accumulate_dw(gw, g, xc, first):
     if g.dtype == gw.dtype:
         gw.addmm_(g.t(), xc, beta=0.0 if first else 1.0)  # beta 0: no zero-filled start
         return
-    tile = max(1, _W_TILE_BYTES // (g.element_size() * gw.shape[1]))
+    tile = max(1, _W_TILE_BYTES // (g.element_size() * max(gw.shape[1], 1)))
     for v in range(0, gw.shape[0], tile):
         part = torch.mm(g[:, v : v + tile].t(), xc)
         if first:
@@ -320,6 +320,8 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None):
             _accumulate_dw(gw, lg, xc, first=i == 0)
         if need_b:
             gb += lg.sum(0, dtype=cdtype)
+    if gw is not None and num_rows == 0:  # no chunk ran: the pooled buffer is stale
+        gw.zero_()
     return losses, [gx, gw, gb]
 
 
@@ -431,7 +433,10 @@ def linear_cross_entropy(
         raise ValueError(f"class-index target must have shape {(x.shape[0],)}")
     opts = _options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
                     z_loss, softcap)
-    if chunk_size is None and _native_is_faster(x.shape[0] * num_classes, t, opts):
+    same_dtype = linear_weight.dtype == x.dtype and (linear_bias is None
+                                                     or linear_bias.dtype == x.dtype)
+    if (chunk_size is None and same_dtype
+            and _native_is_faster(x.shape[0] * num_classes, t, opts)):
         # small: one torch matmul (as the unfused head) and torch's kernel in float32
         logits = F.linear(x, linear_weight, linear_bias)
         out = _native_cross_entropy(logits, t, opts)
