@@ -316,3 +316,24 @@ def test_many_blocks_match_torch():
     ref.backward()
     close(out, ref)
     close(leaf.grad, ref_leaf.grad)
+
+
+def test_positional_signature_is_torchs():
+    import inspect
+
+    ours = list(inspect.signature(xt.cross_entropy).parameters)[:8]
+    assert ours == list(inspect.signature(F.cross_entropy).parameters)[:8]
+    z, y, w = make("cpu")
+    y[0] = 2
+    leaf = z.float().requires_grad_()
+    got = xt.cross_entropy(leaf, y, w.float(), None, 2, None, "sum", 0.1)  # ignore_index=2
+    close(got, F.cross_entropy(z, y, w, None, 2, None, "sum", 0.1))
+
+
+@pytest.mark.parametrize("size_average,reduce,reduction", [
+    (False, None, "sum"), (None, False, "none"), (True, True, "mean"), (False, False, "none")])
+def test_deprecated_size_average_and_reduce_map_as_in_torch(size_average, reduce, reduction):
+    z, y, _ = make("cpu")
+    with pytest.warns(UserWarning, match=f"reduction='{reduction}'"):
+        got = xt.cross_entropy(z.float(), y, size_average=size_average, reduce=reduce)
+    close(got, F.cross_entropy(z, y, reduction=reduction))

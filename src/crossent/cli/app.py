@@ -201,7 +201,8 @@ def train(
 @app.command()
 def bench(
     configs: Annotated[list[str] | None, typer.Argument(
-        help="configurations, e.g. ce-f32 linear-bf16 (default: the README's set)")] = None,
+        help="configurations, e.g. ce-f32 linear-bf16 (default: ce-f32 ce-bf16 ce-v128k "
+             "linear-f32)")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: "
                                                "cuda when present)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed runs per "

@@ -5,7 +5,9 @@ processed a block of rows at a time, the block small enough to stay in cache, so
 logit is read from memory once and every gradient entry written once:
 
 1. ``m = max(z_b)`` per row and the target logit ``z_y`` (gathered before anything is
-   overwritten),
+   overwritten); for a converted low-precision block on CPU without smoothing or softcap
+   the max is skipped (``lse = z_y - log p_y``) and taken only for rows whose ``p_y``
+   underflows,
 2. ``p = softmax(z_b)`` into the destination (the gradient buffer, or ``z`` itself),
 3. ``lse = z_y - log p_y`` (or ``m - log max p`` where ``p_y`` underflows),
    ``loss = lse - z_y`` (+ smoothing and z-loss terms),

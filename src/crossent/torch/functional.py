@@ -1,13 +1,16 @@
 """Fused cross-entropy for PyTorch: the gradient is computed during the forward pass.
 
 ``cross_entropy`` is a drop-in for ``torch.nn.functional.cross_entropy`` (same positional
-arguments, class dimension 1) and ``linear_cross_entropy`` for
-``torch.nn.functional.linear_cross_entropy`` (same argument order). Both accept crossent's
+signature, deprecated ``size_average``/``reduce`` included; class dimension 1) and
+``linear_cross_entropy`` for ``torch.nn.functional.linear_cross_entropy`` (same argument
+order). Both accept crossent's
 ``z_loss`` and ``softcap`` too. Device-agnostic (CPU and CUDA): plain tensor operations
 applied to blocks of rows; see :mod:`crossent.torch._kernels`.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +37,10 @@ def _default_chunk(num_classes: int, features: int, itemsize: int) -> int:
 
     Why: the extra memory stays a fixed fraction of a gradient that exists anyway, and
     the chunk matmuls get enough rows to run near full speed: with fewer rows each matmul
-    re-reads (and re-packs) all of ``W``. Measured on a 2-core CPU at D=512: 128 float32
-    rows (C=32000 or 128256) run at 0.97-1.0x the unfused time, 64 rows at 1.15-1.25x;
-    bfloat16 needs 256 rows (0.94x; 128 rows: 1.2x)."""
+    re-reads (and re-packs) all of ``W``. Measured on a 2-core CPU at D=512, C=32000:
+    128 float32 rows ran at 0.95-1.03x the unfused time over three runs, 64 rows at
+    1.15-1.25x (C=128256: 0.70-0.97x and 0.84x); bfloat16 needs 256 rows (0.87-0.94x;
+    128 rows: 1.2x)."""
     budget = max(_CHUNK_BYTES, num_classes * features)
     return max(32, budget // (itemsize * max(num_classes, 1)) // 32 * 32)
 
@@ -136,6 +140,14 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
 _NATIVE_MAX_LOGITS = 1 << 19
 
 
+def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's mapping of the deprecated ``size_average``/``reduce`` (None counts as True)."""
+    name = "none" if reduce is False else "sum" if size_average is False else "mean"
+    warnings.warn(f"size_average and reduce are deprecated (as in torch); use "
+                  f"reduction={name!r}", UserWarning, stacklevel=3)
+    return name
+
+
 def _native_is_faster(num_logits: int, target: torch.Tensor, opts: Options) -> bool:
     """Small input with options torch has (index targets, no z-loss, no softcap).
     Probability targets always take the fused kernel: it keeps a zero target's term at
@@ -163,7 +175,9 @@ def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -190,6 +204,8 @@ def cross_entropy(
         target: class indices ``()``, ``(N)`` or ``(N, d1, ...)`` (integer), or class
             probabilities shaped like ``input`` (floating; no gradient flows to them).
         weight: per-class weights ``(C)``.
+        size_average, reduce: torch's deprecated pair, mapped to ``reduction`` as torch maps
+            them (with a warning); they keep the positional order of torch's signature.
         ignore_index: index targets equal to it give loss 0, gradient 0, and are not counted.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, shape of ``target``).
         label_smoothing: eps in [0, 1].
@@ -238,6 +254,8 @@ def cross_entropy(
     >>> logits.grad[0]  # (softmax - onehot) / N
     tensor([-0.3333,  0.1667,  0.1667])
     """
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
     logits, flat_target, row_shape = _flatten(input, target)
     num_rows, num_classes = logits.shape
     opts = _options(weight, num_classes, logits, ignore_index, reduction,
@@ -399,9 +417,10 @@ def linear_cross_entropy(
             :func:`cross_entropy` (``ignore_index=None`` means -100, as in torch).
         chunk_size: rows per chunk. Default: logits of a quarter of the float32 dW's
             size, at least 16 MiB (at D=512: 128 float32 rows, 256 bfloat16 rows); and
-            under ``2**19`` logits with index targets and neither ``z_loss`` nor
-            ``softcap``, no chunking at all: ``F.linear`` and torch's own kernel (in
-            float32), faster at that size (see :func:`cross_entropy`).
+            under ``2**19`` logits with index targets, neither ``z_loss`` nor ``softcap``,
+            and input, weight and bias of one dtype, no chunking at all: ``F.linear`` and
+            torch's own kernel (in float32), faster at that size (see
+            :func:`cross_entropy`). Giving ``chunk_size`` always takes the fused path.
             Larger chunks are faster (fewer passes over ``W`` and ``dW``) and hold more
             memory.
 

@@ -34,9 +34,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction,
-            self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            inplace_backward=self.inplace_backward,
+            input, target, self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

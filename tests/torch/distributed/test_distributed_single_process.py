@@ -97,3 +97,15 @@ def test_harness_kills_a_hung_group_and_fails_clearly():
     deadline and the test fails with TimeoutError instead of hanging CI."""
     with pytest.raises(TimeoutError, match="did not finish"):
         run_group(_sleep_forever, 2, timeout=4)
+
+
+def test_scaling_doc_shows_the_cost_table_the_code_prints():
+    from pathlib import Path
+
+    from crossent.torch.distributed import costs
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "scaling.md").read_text()
+    rows = [r for r in costs.table().splitlines() if r.startswith("|")]
+    assert len(rows) > 5
+    for row in rows:
+        assert row in doc, row

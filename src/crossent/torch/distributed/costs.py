@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from ..functional import _default_chunk as fused_default_chunk
 from .linear import default_chunk
 
 __all__ = ["ring_bytes", "vocab_parallel_costs"]
@@ -104,10 +105,11 @@ def table(num_rows: int = 1 << 20, num_classes: int = 256_000, hidden: int = 819
                      f"{_fmt(6.0 * n * d * v_r + 10.0 * n * v_r, 'FLOP')} | "
                      f"{4 if t > 1 else 0} | {_fmt(comm)} | {_fmt(ring_bytes(comm, t))} |")
         # (b) crossent fused, head not vocab-split: rows split over the t ranks, full W on
-        # each, the V x D float32 weight gradient all-reduced
-        chunk_b = default_chunk(v)
+        # each, the V x D float32 weight gradient all-reduced; bf16 logits chunks of
+        # linear_cross_entropy's default size
+        chunk_b = min(fused_default_chunk(v, d, 2), math.ceil(n / t))
         gw = 4.0 * v * d if t > 1 else 0.0
-        lines.append(f"| (b) fused, rows split | {t} | {_fmt(4.0 * chunk_b * v)} | "
+        lines.append(f"| (b) fused, rows split | {t} | {_fmt(2.0 * chunk_b * v)} | "
                      f"{_fmt(6 * v * d)} | {_fmt(6.0 * (n / t) * d * v, 'FLOP')} | "
                      f"{1 if t > 1 else 0} | {_fmt(gw)} | {_fmt(ring_bytes(gw, t))} |")
         c = vocab_parallel_costs(n, v, t, hidden=d)
