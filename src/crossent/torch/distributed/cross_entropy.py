@@ -8,6 +8,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _buffers
 from ._common import (
     Layout,
     Partials,
@@ -57,7 +58,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         go = grad_output.to(cdtype)
         scale = go.reshape(-1) if ctx.spec.reduction == "none" else go * ctx.scale
         scale = scale.expand(lse.shape) if scale.dim() == 0 else scale
-        grad = torch.empty_like(logits)
+        grad = _buffers.empty(logits.shape, logits.dtype, logits)  # every row written below
         n, size = logits.shape
         step = block_rows(size)
         for i in range(0, n, step):
