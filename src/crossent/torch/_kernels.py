@@ -80,11 +80,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_index_dtype(target: torch.Tensor) -> None:
+    """Raise for a target dtype that holds neither class indices nor probabilities."""
+    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+
+
 def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
     """``(target as int64, target != ignore_index)``; raises for a non-index dtype or a
     class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
-    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+    check_index_dtype(target)
     target = target.long()
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from . import _buffers
 from ._kernels import (
     Options,
+    check_index_dtype,
     check_options,
     compute_dtype,
     cross_entropy_rows,
@@ -160,8 +161,7 @@ def _native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
                           opts: Options) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with the arithmetic in float32 (float64
     stays): low-precision logits are converted first and the gradient rounded once."""
-    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+    check_index_dtype(target)
     out = F.cross_entropy(input.to(compute_dtype(input.dtype)), target.long(), opts.weight,
                           ignore_index=opts.ignore_index, reduction=opts.reduction,
                           label_smoothing=opts.label_smoothing)
