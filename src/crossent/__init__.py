@@ -10,6 +10,7 @@ array-api-strict arrays (Python numbers and lists are taken as NumPy).
 """
 
 from .activations import log_sigmoid, log_softmax, logsumexp, sigmoid, softmax
+from .errors import InputError, UnsupportedError
 from .grad import (
     multilabel_cross_entropy_grad,
     sigmoid_binary_cross_entropy_grad,
@@ -28,6 +29,8 @@ from .targets import mixup, mixup_params, one_hot, smooth_labels
 __version__ = "0.1.0"
 
 __all__ = [
+    "InputError",
+    "UnsupportedError",
     "binary_cross_entropy",
     "binary_entropy",
     "cross_entropy",

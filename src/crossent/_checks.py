@@ -1,5 +1,5 @@
-"""Argument checks. Every failure is a ``ValueError`` that names the argument and says
-what was wrong, so that a bad call never returns a silently wrong number.
+"""Argument checks. Every failure is an ``InputError`` (a ``ValueError``) that names the
+argument and says what was wrong, so that a bad call never returns a silently wrong number.
 
 NaN is *not* an error: it propagates to the output as in every array library, so the
 value checks below are written so that a NaN never trips them.
@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from ._array import Array, any_true, is_floating, numel
+from .errors import InputError
 
 REDUCTIONS = ("mean", "sum", "none")
 SUM_TOLERANCE = 1e-4
@@ -19,7 +20,7 @@ SUM_TOLERANCE = 1e-4
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
+        raise InputError(f"reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
 
 
 def check_base(base: float | None) -> None:
@@ -28,9 +29,9 @@ def check_base(base: float | None) -> None:
     try:
         value = float(base)
     except (TypeError, ValueError):
-        raise ValueError(f"base={base!r} is not a number") from None
+        raise InputError(f"base={base!r} is not a number") from None
     if not (value > 0 and value != 1 and math.isfinite(value)):
-        raise ValueError(f"base={base!r} must be a finite number > 0 and != 1")
+        raise InputError(f"base={base!r} must be a finite number > 0 and != 1")
 
 
 def check_fraction(value: float, name: str) -> float:
@@ -38,9 +39,9 @@ def check_fraction(value: float, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number") from None
+        raise InputError(f"{name}={value!r} is not a number") from None
     if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name}={value!r} must lie in [0, 1]")
+        raise InputError(f"{name}={value!r} must lie in [0, 1]")
     return v
 
 
@@ -48,9 +49,9 @@ def check_nonnegative(value: float, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number") from None
+        raise InputError(f"{name}={value!r} is not a number") from None
     if not (v >= 0.0 and math.isfinite(v)):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        raise InputError(f"{name}={value!r} must be a finite number >= 0")
     return v
 
 
@@ -60,13 +61,13 @@ def check_softcap(softcap: float | None) -> float | None:
         return None
     value = check_nonnegative(softcap, "softcap")
     if not value > 0:
-        raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+        raise InputError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
     return value
 
 
 def check_floating(xp: Any, x: Array, name: str) -> None:
     if not is_floating(xp, x):
-        raise ValueError(
+        raise InputError(
             f"{name} must be a floating-point array, got dtype {x.dtype}; "
             f"cast it (e.g. to float32) first"
         )
@@ -78,7 +79,7 @@ def check_in_unit_interval(xp: Any, p: Array, name: str) -> None:
         return
     if any_true(xp, (p < 0) | (p > 1)):
         bad = xp.min(p) if any_true(xp, p < 0) else xp.max(p)
-        raise ValueError(f"{name} must hold probabilities in [0, 1]; found {float(bad):.6g}")
+        raise InputError(f"{name} must hold probabilities in [0, 1]; found {float(bad):.6g}")
 
 
 def check_distribution(xp: Any, p: Array, name: str, axis: int = -1) -> None:
@@ -90,7 +91,7 @@ def check_distribution(xp: Any, p: Array, name: str, axis: int = -1) -> None:
     off = xp.abs(total - 1)
     if any_true(xp, off > SUM_TOLERANCE):
         worst = float(xp.max(xp.where(off > SUM_TOLERANCE, off, 0.0)))
-        raise ValueError(
+        raise InputError(
             f"{name} must sum to 1 along axis {axis} (tolerance {SUM_TOLERANCE:g}); "
             f"a row is off by {worst:.6g}. Normalise it, or pass validate=False"
         )
@@ -101,12 +102,12 @@ def check_axis(axis: int | tuple[int, ...] | None, ndim: int) -> None:
     axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
     for a in axes:
         if not isinstance(a, int) or isinstance(a, bool) or not -ndim <= a < max(ndim, 1):
-            raise ValueError(f"axis={axis!r} is out of range for an array with {ndim} dimensions")
+            raise InputError(f"axis={axis!r} is out of range for an array with {ndim} dimensions")
 
 
 def check_same_shape(a: Array, b: Array, name_a: str, name_b: str) -> None:
     if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(
+        raise InputError(
             f"{name_b} has shape {tuple(b.shape)} but {name_a} has shape {tuple(a.shape)}; "
             f"they must match"
         )
@@ -116,9 +117,9 @@ def check_broadcastable(a: Array, shape: tuple[int, ...], name: str, to: str) ->
     """``a`` broadcasts to ``shape`` without changing it (weights onto a loss)."""
     a_shape = tuple(a.shape)
     if len(a_shape) > len(shape):
-        raise ValueError(f"{name} with shape {a_shape} does not broadcast to {to} shape {shape}")
+        raise InputError(f"{name} with shape {a_shape} does not broadcast to {to} shape {shape}")
     for da, ds in zip(reversed(a_shape), reversed(shape), strict=False):
         if da not in (1, ds):
-            raise ValueError(
+            raise InputError(
                 f"{name} with shape {a_shape} does not broadcast to {to} shape {shape}"
             )
