@@ -75,3 +75,21 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261125)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Skips summarised by reason (one line each) instead of one line per skipped test:
+    without a GPU, every CUDA parameter is skipped, and a page of identical lines would
+    hide the failures."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    counts: dict[str, int] = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    terminalreporter.section("skips by reason", sep="-")
+    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{n:6d}  {reason}")

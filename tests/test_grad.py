@@ -236,7 +236,7 @@ def test_empty_batch_grad_is_empty_with_the_logits_shape(backend, kind):
 
 @pytest.mark.parametrize(
     ("name", "weighted", "pos_weighted", "reduction"),
-    itertools.product(sorted(SIGMOID_GRADS), [False, True], [False, True], REDUCTIONS),
+    list(itertools.product(sorted(SIGMOID_GRADS), [False, True], [False, True], REDUCTIONS)),
 )
 def test_sigmoid_grads_match_torch_autograd_through_bce_with_logits(
     backend, rng, name, weighted, pos_weighted, reduction

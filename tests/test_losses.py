@@ -283,7 +283,8 @@ def test_nan_input_propagates_to_the_loss_instead_of_raising(backend, rng, name)
 # ---- binary cross-entropy on probabilities ---------------------------------------------
 
 
-@pytest.mark.parametrize(("weighted", "reduction"), itertools.product([False, True], REDUCTIONS))
+@pytest.mark.parametrize(("weighted", "reduction"),
+                         list(itertools.product([False, True], REDUCTIONS)))
 def test_binary_cross_entropy_matches_torch(backend, rng, weighted, reduction):
     q, t, w = rng.uniform(0.02, 0.98, size=(6, 4)), rng.random((6, 4)), rng.random(4)
     w = w if weighted else None
@@ -376,7 +377,7 @@ def test_multilabel_ce_of_a_3d_batch_sums_only_the_last_axis(backend, rng):
 
 @pytest.mark.parametrize(
     ("alpha", "gamma", "reduction"),
-    itertools.product([0.25, None, 0.7], [0.0, 0.5, 2.0], REDUCTIONS),
+    list(itertools.product([0.25, None, 0.7], [0.0, 0.5, 2.0], REDUCTIONS)),
 )
 def test_focal_loss_matches_torchvision_formula(backend, rng, alpha, gamma, reduction):
     x, t, _ = elementwise_data(rng, soft=False)

@@ -2,8 +2,13 @@
 whatever the caller passed (NumPy, PyTorch, JAX, array-api-strict, or plain Python
 numbers and lists) and hand back arrays of the caller's own library.
 
-Nothing here is library-specific: every call goes through the namespace returned by
-``array_api_compat.array_namespace`` (the pattern SciPy and scikit-learn use).
+Every call goes through the namespace returned by ``array_api_compat.array_namespace``
+(the pattern SciPy and scikit-learn use); the one library-specific helper is
+:func:`stop_gradient`, which the standard does not have.
+
+Every input passes through :func:`arrays` (or :func:`as_array`), which turns whatever
+the caller passed into an array or raises ``InputError`` naming the argument: None, text,
+ragged lists, objects and complex numbers are bad input here, not an obscure error later.
 """
 
 from __future__ import annotations
@@ -12,33 +17,77 @@ import math
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_jax_array,
+    is_numpy_array,
+    is_torch_array,
+)
+
+from .errors import InputError
 
 Array = Any
 """Any array of a library that implements the Python array API standard."""
 
 
-def as_array(x: Any) -> Array:
-    """Return ``x`` unchanged if it is an array, else as a NumPy array.
+def as_array(x: Any, name: str = "x") -> Array:
+    """Return ``x`` unchanged if it is an array, else as a NumPy array; ``name`` is the
+    argument named when ``x`` is not numbers.
 
     Python floats and lists are taken as NumPy so that ``xe.entropy([0.2, 0.8])``
-    works at a prompt.
+    works at a prompt. None, strings, ragged or object lists and complex numbers raise
+    ``InputError`` (crossent's functions are real-valued: a complex input would otherwise
+    be truncated to its real part).
     """
-    if is_array_api_obj(x):
-        return x
-    return np.asarray(x)
+    if x is None:
+        raise InputError(f"{name} is None; expected an array of numbers")
+    if not is_array_api_obj(x):
+        if isinstance(x, (str, bytes)):
+            raise InputError(f"{name}={x!r} is text; expected an array of numbers")
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{name} is not an array of numbers: {err}") from None
+    _check_dtype(x, name)
+    return x
 
 
-def arrays(*values: Any) -> tuple[Any, list[Array]]:
-    """The namespace of the first real array among ``values``, and all values in it.
+def _check_dtype(x: Array, name: str) -> None:
+    """Real numbers (floating, integer or boolean) only."""
+    xp = array_namespace(x)
+    if xp.isdtype(x.dtype, ("bool", "integral", "real floating")):
+        return
+    is_complex = getattr(x.dtype, "kind", "") == "c" or (
+        not isinstance(x.dtype, np.dtype) and xp.isdtype(x.dtype, "complex floating")
+    )
+    what = "complex" if is_complex else f"dtype {x.dtype}"
+    raise InputError(f"{name} holds {what} values; expected real numbers")
+
+
+def arrays(
+    *values: Any, names: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> tuple[Any, list[Array]]:
+    """The namespace of the first real array among ``values`` that is not a NumPy array
+    (else of the first), and all values in it.
 
     Lets ``cross_entropy([1, 0], q_torch)`` work: the list joins q's library and device.
-    ``None`` entries stay None.
+    ``names`` names each value in error messages; a None value raises ``InputError``
+    unless its name is in ``optional`` (weights), where it stays None.
     """
-    first = next((v for v in values if is_array_api_obj(v)), None)
-    ref = first if first is not None else as_array(next(v for v in values if v is not None))
-    xp = array_namespace(ref)
-    return xp, [None if v is None else like(xp, v, ref) for v in values]
+    checked = [
+        None if v is None and n in optional else as_array(v, n)
+        for v, n in zip(values, names, strict=True)
+    ]
+    passed = [c for c, raw in zip(checked, values, strict=True)
+              if raw is not None and is_array_api_obj(raw)]
+    # NumPy arrays join any other library's (a NumPy logit with a JAX target inside
+    # jax.jit must become JAX: the traced target cannot become NumPy)
+    first = next((c for c in passed if not is_numpy_array(c)),
+                 passed[0] if passed else checked[0])
+    xp = array_namespace(first)
+    return xp, [None if v is None else like(xp, v, first) for v in checked]
 
 
 def namespace(x: Array) -> Any:
@@ -103,9 +152,11 @@ def restore_dtype(xp: Any, y: Array, dtype: Any) -> Array:
 
 
 def normalize_axis(axis: int, ndim: int, *, name: str = "axis") -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise InputError(f"{name}={axis!r} must be an integer")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
-    return axis % ndim
+        raise InputError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    return int(axis) % ndim
 
 
 def move_axis_last(xp: Any, x: Array, axis: int) -> Array:
@@ -141,12 +192,38 @@ def any_true(xp: Any, mask: Array) -> bool:
     """Python bool of ``any(mask)``; a device sync on accelerators (skip with validate=False).
 
     Traced values (``jax.jit``) have no concrete value to check: the library's own
-    TypeError is replaced by one that says how to call crossent there.
+    TypeError is replaced by an ``InputError`` that says how to call crossent there
+    (every function that checks values has ``validate``).
     """
     try:
         return bool(xp.any(mask))
     except TypeError as err:
-        raise TypeError(
-            "crossent's value checks need concrete arrays; inside jax.jit or another tracing "
-            "transform pass validate=False"
+        raise InputError(
+            "validate=True checks values, which needs concrete arrays; inside jax.jit or "
+            "another tracing transform pass validate=False"
         ) from err
+
+
+def stop_gradient(x: Array) -> Array:
+    """``x`` with the same value and no gradient (torch ``detach``, JAX ``stop_gradient``).
+
+    Libraries without autograd (NumPy, array-api-strict) get ``x`` back. Used where a
+    loss follows PyTorch's hand-written gradient rather than the derivative of its value
+    (binary cross-entropy at probabilities 0 and 1).
+    """
+    if is_torch_array(x):
+        return x.detach()
+    if is_jax_array(x):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def wide_integer(xp: Any, ref: Array) -> Any:
+    """The widest integer dtype the namespace computes in (int64; int32 for JAX without x64).
+
+    Class indices are compared in it, so a uint8 or int16 target holds every class index
+    and ``ignore_index`` (a narrow dtype would wrap: -100 is 156 in uint8).
+    """
+    return xp.__array_namespace_info__().default_dtypes(device=device(ref))["integral"]

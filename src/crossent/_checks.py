@@ -8,50 +8,108 @@ value checks below are written so that a NaN never trips them.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
+
+import numpy as np
+from array_api_compat import is_jax_array
 
 from ._array import Array, any_true, is_floating, numel
 from .errors import InputError
 
 REDUCTIONS = ("mean", "sum", "none")
 SUM_TOLERANCE = 1e-4
-"""How far a probability row's sum may be from 1 before it is rejected."""
+"""How far a probability row's sum may be from 1 before it is rejected (at least; a
+narrower dtype widens it, see :func:`sum_tolerance`)."""
+
+
+def is_traced(value: Any) -> bool:
+    """``value`` is a JAX tracer (inside ``jax.jit``, ``grad``, ``vmap``): it has no concrete
+    value for Python to check or branch on."""
+    if not is_jax_array(value):
+        return False
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
+
+
+def is_zero(value: Any) -> bool:
+    """``value`` is a concrete number equal to 0 (a traced value never is: the general
+    formula handles it, where the Python branch for 0 would need its value)."""
+    return not is_traced(value) and bool(value == 0)
+
+
+def check_real(value: Any, name: str) -> Any:
+    """A real Python or NumPy number (not a bool, not text), as a float.
+
+    A 0-d real JAX array is taken too: a concrete one as its float; a traced one (a
+    hyperparameter passed through ``jax.jit``) as it is, unchecked, since its value is
+    not known until it runs (the range checks below skip it too).
+    """
+    if is_jax_array(value) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return value if is_traced(value) else float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name}={value!r} is not a number")
+    return float(value)
+
+
+def check_integer(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """A Python or NumPy integer (not a bool, not a float such as 1.5), optionally >= minimum."""
+    if isinstance(value, bool):
+        raise InputError(f"{name}={value!r} must be an integer, not a bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name}={value!r} must be an integer") from None
+    if minimum is not None and v < minimum:
+        raise InputError(f"{name}={value!r} must be an integer >= {minimum}")
+    return v
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A flag: True or False (a Python or NumPy bool; not 0/1, not text)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name}={value!r} must be True or False")
+    return bool(value)
 
 
 def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise InputError(f"reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
 
 
-def check_base(base: float | None) -> None:
-    if base is None:
-        return
-    try:
-        value = float(base)
-    except (TypeError, ValueError):
-        raise InputError(f"base={base!r} is not a number") from None
+def check_base(base: float) -> None:
+    """A logarithm's base: a finite number > 0 and != 1 (math.e for nats)."""
+    value = check_real(base, "base")
     if not (value > 0 and value != 1 and math.isfinite(value)):
         raise InputError(f"base={base!r} must be a finite number > 0 and != 1")
 
 
-def check_fraction(value: float, name: str) -> float:
+def check_fraction(value: Any, name: str) -> Any:
     """A scalar that must lie in [0, 1] (label_smoothing, alpha...)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}={value!r} is not a number") from None
+    v = check_real(value, name)
+    if is_traced(v):
+        return v
     if not 0.0 <= v <= 1.0:
         raise InputError(f"{name}={value!r} must lie in [0, 1]")
     return v
 
 
-def check_nonnegative(value: float, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}={value!r} is not a number") from None
+def check_nonnegative(value: Any, name: str) -> Any:
+    v = check_real(value, name)
+    if is_traced(v):
+        return v
     if not (v >= 0.0 and math.isfinite(v)):
         raise InputError(f"{name}={value!r} must be a finite number >= 0")
+    return v
+
+
+def check_positive(value: float, name: str) -> float:
+    """A finite number > 0 (a Beta distribution's parameter...)."""
+    v = check_real(value, name)
+    if not (v > 0.0 and math.isfinite(v)):
+        raise InputError(f"{name}={value!r} must be a finite number > 0")
     return v
 
 
@@ -82,26 +140,76 @@ def check_in_unit_interval(xp: Any, p: Array, name: str) -> None:
         raise InputError(f"{name} must hold probabilities in [0, 1]; found {float(bad):.6g}")
 
 
-def check_distribution(xp: Any, p: Array, name: str, axis: int = -1) -> None:
-    """``p`` holds probability distributions along ``axis``: entries in [0, 1], sums 1 +- 1e-4."""
+def sum_tolerance(xp: Any, dtype: Any) -> float:
+    """How far from 1 a row of ``dtype`` probabilities may sum: 1e-4, or 2 eps of a narrower
+    dtype (each entry rounds by at most eps/2 of itself, so a rounded distribution sums
+    to 1 within eps/2: ``[0.1, 0.2, 0.7]`` in float16 sums to 1.000122)."""
+    if not xp.isdtype(dtype, "real floating"):
+        return SUM_TOLERANCE
+    return max(SUM_TOLERANCE, 2.0 * float(xp.finfo(dtype).eps))
+
+
+def check_distribution(
+    xp: Any, p: Array, name: str, axis: int = -1, dtype: Any = None
+) -> None:
+    """``p`` holds probability distributions along ``axis``: entries in [0, 1], sums 1 within
+    :func:`sum_tolerance` of ``dtype`` (the caller's dtype, before any upcast; default
+    ``p``'s)."""
     check_in_unit_interval(xp, p, name)
     if numel(p) == 0:
         return
+    tolerance = sum_tolerance(xp, p.dtype if dtype is None else dtype)
     total = xp.sum(p, axis=axis)
     off = xp.abs(total - 1)
-    if any_true(xp, off > SUM_TOLERANCE):
-        worst = float(xp.max(xp.where(off > SUM_TOLERANCE, off, 0.0)))
+    if any_true(xp, off > tolerance):
+        worst = float(xp.max(xp.where(off > tolerance, off, 0.0)))
         raise InputError(
-            f"{name} must sum to 1 along axis {axis} (tolerance {SUM_TOLERANCE:g}); "
+            f"{name} must sum to 1 along axis {axis} (tolerance {tolerance:g}); "
             f"a row is off by {worst:.6g}. Normalise it, or pass validate=False"
         )
+
+
+def check_has_axis(x: Array, name: str, what: str = "class") -> None:
+    """``x`` is not 0-d: it has the axis (of classes, labels) a function reduces."""
+    if x.ndim == 0:
+        raise InputError(f"{name} must have a {what} axis; got a 0-d array")
+
+
+def check_classes(x: Array, axis: int, name: str) -> None:
+    """The class axis of ``x`` is not empty (a distribution over no classes is nothing)."""
+    if x.shape[axis] == 0:
+        raise InputError(f"{name} has 0 classes along axis {axis}; there is nothing to score")
+
+
+def check_matching_distributions(p: Array, q: Array, axis: int) -> tuple[int, ...]:
+    """``p`` and ``q`` broadcast to one shape without stretching the class axis ``axis``
+    (``cross_entropy([1.0], [0.3, 0.7])`` is a mistake, not a broadcast); returns that shape."""
+    ndim = max(p.ndim, q.ndim)
+    if min(p.ndim, q.ndim) == 0:
+        name = "p" if p.ndim == 0 else "q"
+        raise InputError(f"{name} must have a class axis; got a 0-d array")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise InputError(f"axis={axis!r} must be an integer")
+    check_axis(axis, ndim)
+    ps = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    qs = (1,) * (ndim - q.ndim) + tuple(q.shape)
+    a = axis % ndim
+    if ps[a] != qs[a] or any(x != y and 1 not in (x, y) for x, y in zip(ps, qs, strict=True)):
+        raise InputError(
+            f"p has shape {tuple(p.shape)} and q has shape {tuple(q.shape)}: they must "
+            f"broadcast to one shape with the same number of classes along axis {axis}"
+        )
+    if ps[a] == 0:
+        raise InputError(f"p and q have 0 classes along axis {axis}; there is nothing to score")
+    return tuple(x if y == 1 else y for x, y in zip(ps, qs, strict=True))
 
 
 def check_axis(axis: int | tuple[int, ...] | None, ndim: int) -> None:
     """``axis`` (an int, a tuple of ints, or None) names existing dimensions of an ndim array."""
     axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool) or not -ndim <= a < max(ndim, 1):
+        if (not isinstance(a, (int, numbers.Integral)) or isinstance(a, bool)
+                or not -ndim <= a < max(ndim, 1)):
             raise InputError(f"axis={axis!r} is out of range for an array with {ndim} dimensions")
 
 
@@ -123,3 +231,13 @@ def check_broadcastable(a: Array, shape: tuple[int, ...], name: str, to: str) ->
             raise InputError(
                 f"{name} with shape {a_shape} does not broadcast to {to} shape {shape}"
             )
+
+
+def check_finite(value: Any, name: str) -> Any:
+    """A finite real number, of either sign (poly-1's epsilon); a traced one unchecked."""
+    v = check_real(value, name)
+    if is_traced(v):
+        return v
+    if not math.isfinite(v):
+        raise InputError(f"{name}={value!r} must be a finite number")
+    return v

@@ -13,7 +13,7 @@ from typing import Any
 from . import _checks
 from ._array import Array, arrays, move_last_to_axis, numel, restore_dtype, to_float
 from .activations import sigmoid
-from .losses import softmax_cross_entropy_parts
+from .losses import smooth_binary, softmax_cross_entropy_parts
 
 
 def softmax_cross_entropy_grad(
@@ -37,8 +37,10 @@ def softmax_cross_entropy_grad(
     does not sum to 1 (``validate=False``) the ``sum_c T_nc`` factor keeps it exact
     (PITFALLS 9). ``"mean"`` divides by the loss's denominator; ``softcap`` multiplies by
     ``1 - tanh(z / c)^2``; ignored rows get 0, also when every row is ignored and the
-    ``"mean"`` loss is NaN (torch's autograd gives 0 there too). With ``reduction="none"``
-    row n holds ``dl_n / dz_n`` (the gradient of the sum of the per-row losses).
+    ``"mean"`` loss is NaN (torch's autograd gives 0 there too), and also when their logits
+    are NaN (they contribute nothing to the loss; torch's autograd gives NaN there). With
+    ``reduction="none"`` row n holds ``dl_n / dz_n`` (the gradient of the sum of the
+    per-row losses).
 
     Same arguments and shapes as the loss; returns an array shaped like ``logits`` in its
     dtype. Reference: ``torch.autograd`` through ``torch.nn.functional.cross_entropy``;
@@ -57,13 +59,11 @@ def softmax_cross_entropy_grad(
     grad = probs * xp.sum(parts.target, axis=-1, keepdims=True) - parts.target
     if parts.z_loss:
         scale = 2.0 * parts.z_loss * parts.lse
-        if parts.row_mask is not None:
-            scale = scale * parts.row_mask
         grad = grad + xp.expand_dims(scale, axis=-1) * probs
     if parts.reduction == "mean":
         grad = grad / parts.denominator
-        if parts.row_mask is not None:  # ignored rows: exactly 0, even when all are (torch)
-            grad = xp.where(xp.expand_dims(parts.row_mask, axis=-1) > 0, grad, 0.0)
+    if parts.row_mask is not None:  # ignored rows: exactly 0, even when all are (torch)
+        grad = xp.where(xp.expand_dims(parts.row_mask, axis=-1) > 0, grad, 0.0)
     if parts.softcap is not None:
         grad = grad * (1.0 - xp.tanh(parts.raw / parts.softcap) ** 2)
     return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
@@ -75,6 +75,7 @@ def sigmoid_binary_cross_entropy_grad(
     *,
     weight: Any = None,
     pos_weight: Any = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -82,13 +83,15 @@ def sigmoid_binary_cross_entropy_grad(
 
     ``dl/dx = w * ((1 - t) * sigmoid(x) - pos_weight * t * sigmoid(-x))``, which is
     ``w * (sigmoid(x) - t)`` without ``pos_weight``: the binary ``softmax(a) - b``.
-    ``"mean"`` divides by the element count. Reference: torch autograd through
+    ``"mean"`` divides by the element count; ``label_smoothing`` smooths ``t`` as the loss
+    does. Reference: torch autograd through
     ``binary_cross_entropy_with_logits``.
 
     >>> float(sigmoid_binary_cross_entropy_grad([0.0], [1.0], reduction="sum")[0])
     -0.5
     """
-    return _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, False)
+    return _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction,
+                         validate, False)
 
 
 def multilabel_cross_entropy_grad(
@@ -97,6 +100,7 @@ def multilabel_cross_entropy_grad(
     *,
     weight: Any = None,
     pos_weight: Any = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -104,31 +108,43 @@ def multilabel_cross_entropy_grad(
 
     Each label's binary gradient ``w * ((1 - t) sigmoid(x) - pos_weight t sigmoid(-x))``;
     ``"mean"`` divides by the number of samples (not labels), because the loss sums over
-    labels. Reference: torch autograd.
+    labels; ``label_smoothing`` smooths ``t`` as the loss does. Reference: torch autograd.
 
     >>> [float(g) for g in multilabel_cross_entropy_grad([[0.0, 0.0]], [[1.0, 0.0]])[0]]
     [-0.5, 0.5]
     """
-    return _sigmoid_grad(logits, targets, weight, pos_weight, reduction, validate, True)
+    return _sigmoid_grad(logits, targets, weight, pos_weight, label_smoothing, reduction,
+                         validate, True)
 
 
-def _sigmoid_grad(logits, target, weight, pos_weight, reduction, validate, per_sample):
+def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction, validate,
+                  per_sample):
+    target_name = "targets" if per_sample else "target"
     _checks.check_reduction(reduction)
-    xp, (logits, target, weight, pos_weight) = arrays(logits, target, weight, pos_weight)
+    validate = _checks.check_bool(validate, "validate")
+    label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
+    xp, (logits, target, weight, pos_weight) = arrays(
+        logits, target, weight, pos_weight, names=("logits", target_name, "weight", "pos_weight"),
+        optional=("weight", "pos_weight"),
+    )
     _checks.check_floating(xp, logits, "logits")
-    _checks.check_same_shape(logits, target, "logits", "target")
+    if per_sample:
+        _checks.check_has_axis(logits, "logits", "label")
+    _checks.check_same_shape(logits, target, "logits", target_name)
     dtype = logits.dtype
     x = to_float(xp, logits)
     t = xp.astype(target, x.dtype)
     if validate:
-        _checks.check_in_unit_interval(xp, t, "target")
+        _checks.check_in_unit_interval(xp, t, target_name)
+    t = smooth_binary(t, label_smoothing)
     if pos_weight is not None:
         _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
+    if weight is not None:
+        _checks.check_broadcastable(weight, tuple(x.shape), "weight", "logits")
     neg = sigmoid(-x)
     pos = t * neg if pos_weight is None else t * neg * xp.astype(pos_weight, x.dtype)
     grad = (1.0 - t) * sigmoid(x) - pos
     if weight is not None:
-        _checks.check_broadcastable(weight, tuple(x.shape), "weight", "logits")
         grad = grad * xp.astype(weight, x.dtype)
     if reduction == "mean":
         count = numel(x) if not per_sample else math.prod(x.shape[:-1])

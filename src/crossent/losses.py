@@ -11,25 +11,31 @@ which cost a device synchronisation on accelerators and cannot run under ``jax.j
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from array_api_compat import device, is_jax_array
 
 from . import _checks
 from ._array import (
     Array,
     any_true,
     arrays,
+    as_array,
     is_integer,
     like,
     move_axis_last,
     normalize_axis,
     numel,
     restore_dtype,
+    stop_gradient,
     to_float,
+    wide_integer,
 )
-from .activations import log_sigmoid, logsumexp
+from .activations import log_sigmoid, lse_parts
+from .errors import InputError
 
 
 @dataclass
@@ -51,9 +57,10 @@ class SoftmaxCEParts:
     lse: Array
     log_probs: Array
     denominator: Any  # what "mean" divides the summed loss by
-    z_loss: float
+    z_loss: Any  # a float, or a traced JAX scalar under jit
     softcap: float | None
     reduction: str
+    row_weight: Array | None = None  # each row's share of `denominator` (None: 1 per row)
 
 
 def softmax_cross_entropy_parts(
@@ -74,11 +81,15 @@ def softmax_cross_entropy_parts(
     eps = _checks.check_fraction(label_smoothing, "label_smoothing")
     z_loss = _checks.check_nonnegative(z_loss, "z_loss")
     softcap = _checks.check_softcap(softcap)
-    xp, (logits, target, weight) = arrays(logits, target, weight)
+    ignore_index = _checks.check_integer(ignore_index, "ignore_index")
+    validate = _checks.check_bool(validate, "validate")
+    xp, (logits, target, weight) = arrays(
+        logits, target, weight, names=("logits", "target", "weight"), optional=("weight",)
+    )
     _checks.check_floating(xp, logits, "logits")
-    if logits.ndim == 0:
-        raise ValueError("logits must have a class axis; got a 0-d array")
+    _checks.check_has_axis(logits, "logits")
     axis = normalize_axis(axis, logits.ndim)
+    _checks.check_classes(logits, axis, "logits")
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
     num_classes = raw.shape[-1]
@@ -86,65 +97,95 @@ def softmax_cross_entropy_parts(
     if weight is not None:
         weight = to_float(xp, weight)
         if tuple(weight.shape) != (num_classes,):
-            raise ValueError(
+            raise InputError(
                 f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
                 f"one weight per class"
             )
         weight = xp.astype(weight, z.dtype)
-    lse = logsumexp(z, axis=-1, keepdims=True)
-    log_probs = z - lse
+    # log softmax as (z - m) - log1p(rest): exact near 0 for a confident correct row
+    m, r = lse_parts(xp, z, -1)
+    log_probs = (z - m) - r
+    row_weight = None
     if is_integer(xp, target):
-        eff, row_mask, denominator = _index_target(
+        eff, row_mask, denominator, row_weight = _index_target(
             xp, z, target, weight, ignore_index, eps, validate, logits.shape, axis
         )
     elif xp.isdtype(target.dtype, "real floating"):
+        if ignore_index >= 0:  # torch raises too; a negative one is the "not used" default
+            raise InputError(
+                f"ignore_index={ignore_index} applies to class-index targets; probability "
+                f"targets have no rows to ignore (give ignored rows weight 0 instead)"
+            )
         eff, denominator = _probability_target(xp, z, target, weight, eps, validate, logits, axis)
         row_mask = None
     else:
-        raise ValueError(f"target must hold integers or probabilities, got dtype {target.dtype}")
+        raise InputError(
+            f"target must hold integer class indices or floating probabilities, got dtype "
+            f"{target.dtype}"
+        )
     return SoftmaxCEParts(
-        xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(lse, axis=-1), log_probs,
-        denominator, z_loss, None if softcap is None else float(softcap), reduction,
+        xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(m + r, axis=-1), log_probs,
+        denominator, z_loss, None if softcap is None else float(softcap), reduction, row_weight,
     )
 
 
-def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axis):
+def _index_hot(xp, z, target, ignore_index, validate, shape, axis):
+    """``(hot, valid)``: the one-hot mask of the class-index ``target`` (False on ignored
+    rows), class axis last, and the rows not equal to ``ignore_index``; checks the
+    target's shape and (with ``validate``) its range."""
     expected = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
     if tuple(target.shape) != expected:
-        raise ValueError(
+        raise InputError(
             f"target has shape {tuple(target.shape)} but logits of shape {tuple(shape)} with "
             f"class axis {axis} need class indices of shape {expected}"
         )
     num_classes = z.shape[-1]
-    valid = target != ignore_index
+    # Compare in a dtype that holds every class index and ignore_index: in uint8, -100 is
+    # 156 and class 257 is class 1.
+    wide = wide_integer(xp, target)
+    target = xp.astype(target, wide)
+    info = xp.iinfo(wide)
+    if info.min <= ignore_index <= info.max:
+        valid = target != ignore_index
+    else:  # no target value can equal it
+        valid = xp.ones(target.shape, dtype=xp.bool, device=device(target))
     if validate and numel(target):
         bad = valid & ((target < 0) | (target >= num_classes))
         if any_true(xp, bad):
-            value = int(xp.max(xp.where(bad, target, -1)) if any_true(xp, bad & (target >= 0))
-                        else xp.min(xp.where(bad, target, 0)))
-            raise ValueError(
+            high = bad & (target >= 0)
+            value = int(xp.max(xp.where(high, target, xp.zeros_like(target)))
+                        if any_true(xp, high)
+                        else xp.min(xp.where(bad, target, xp.zeros_like(target))))
+            raise InputError(
                 f"target holds class index {value}, outside [0, {num_classes}) and not "
                 f"ignore_index={ignore_index}"
             )
-    classes = like(xp, np.arange(num_classes), target, dtype=target.dtype)
+    classes = xp.arange(num_classes, dtype=wide, device=device(target))
     hot = (xp.expand_dims(target, axis=-1) == classes) & xp.expand_dims(valid, axis=-1)
+    return hot, valid
+
+
+def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axis):
+    hot, valid = _index_hot(xp, z, target, ignore_index, validate, shape, axis)
+    num_classes = z.shape[-1]
     row_mask = xp.astype(valid, z.dtype)
     w = weight if weight is not None else xp.ones_like(z[..., 0:1])
     hot_w = xp.where(hot, w, 0.0)
     eff = (1.0 - eps) * hot_w
-    if eps:
+    if not _checks.is_zero(eps):
         eff = eff + (eps / num_classes) * w * xp.expand_dims(row_mask, axis=-1)
-    denominator = xp.sum(hot_w) if weight is not None else xp.sum(row_mask)
-    return eff, row_mask, denominator
+    row_weight = xp.sum(hot_w, axis=-1) if weight is not None else row_mask
+    return eff, row_mask, xp.sum(row_weight), row_weight
 
 
 def _probability_target(xp, z, target, weight, eps, validate, logits, axis):
     _checks.check_same_shape(logits, target, "logits", "target")
+    target_dtype = target.dtype
     target = xp.astype(move_axis_last(xp, target, axis), z.dtype)
     if validate:
-        _checks.check_distribution(xp, target, "target", -1)
+        _checks.check_distribution(xp, target, "target", -1, target_dtype)
     num_classes = z.shape[-1]
-    eff = target if not eps else (1.0 - eps) * target + eps / num_classes
+    eff = target if _checks.is_zero(eps) else (1.0 - eps) * target + eps / num_classes
     if weight is not None:
         eff = eff * weight
     rows = int(np.prod(z.shape[:-1]))
@@ -165,12 +206,42 @@ def _reduce(xp: Any, per_row: Array, reduction: str, denominator: Any) -> Array:
     return xp.where(empty, xp.nan, total / xp.where(empty, 1.0, denominator))
 
 
+def _sample_weighted(
+    xp: Any, per_item: Array, sample_weight: Any, ref: Array, item_weight: Array | None,
+    denominator: Any, where: Any = None,
+) -> tuple[Array, Any]:
+    """Per-example losses times ``sample_weight`` and zeroed outside the mask ``where``
+    (both broadcast against them), and the "mean" denominator ``sum_n s_n * m_n *
+    item_weight_n`` (``item_weight``: each example's share of the unweighted denominator,
+    None for 1 each), as scikit-learn's ``log_loss`` and Keras divide by the summed sample
+    weights and optax counts only unmasked entries. Neither given: both unchanged."""
+    if sample_weight is None and where is None:
+        return per_item, denominator
+    share = xp.ones_like(per_item) if item_weight is None else item_weight
+    mask = None
+    if where is not None:
+        mask = _mask(xp, where, per_item)
+        share = xp.where(mask, share, 0.0)
+    if sample_weight is not None:
+        sw = like(xp, as_array(sample_weight, "sample_weight"), ref)
+        _checks.check_broadcastable(
+            sw, tuple(per_item.shape), "sample_weight", "the per-example loss"
+        )
+        sw = xp.astype(sw, per_item.dtype)
+        per_item, share = per_item * sw, share * sw
+    if mask is not None:  # masked entries contribute nothing, even NaN ones
+        per_item = xp.where(mask, per_item, 0.0)
+    return per_item, xp.sum(xp.broadcast_to(share, tuple(per_item.shape)))
+
+
 def softmax_cross_entropy(
     logits: Any,
     target: Any,
     *,
     axis: int = -1,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -217,6 +288,15 @@ def softmax_cross_entropy(
     PITFALLS 4). With label smoothing every class has target mass, so a ``-inf`` logit makes
     the loss +inf, as in PyTorch. Logits of 1e4 do not overflow. NaN propagates.
 
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
+
     Reference: ``torch.nn.functional.cross_entropy``; ``optax.softmax_cross_entropy`` and
     ``optax.softmax_cross_entropy_with_integer_labels`` (no weights, no ignore_index).
 
@@ -229,33 +309,66 @@ def softmax_cross_entropy(
         reduction=reduction, validate=validate,
     )
     xp = parts.xp
-    zero = parts.target == 0
-    safe_log_probs = xp.where(zero, 0.0, parts.log_probs)
-    per_row = -xp.sum(xp.where(zero, 0.0, parts.target * safe_log_probs), axis=-1)
-    if parts.z_loss:
-        z_term = parts.z_loss * parts.lse**2
-        per_row = per_row + (z_term if parts.row_mask is None else z_term * parts.row_mask)
-    out = _reduce(xp, per_row, parts.reduction, parts.denominator)
+    per_row = -xp.sum(parts.target * safe_log_probs(xp, parts), axis=-1)
+    if not _checks.is_zero(parts.z_loss):
+        per_row = per_row + parts.z_loss * parts.lse**2
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
+    )
+    if parts.row_mask is not None:  # ignored rows contribute nothing, even NaN logits
+        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
+    out = _reduce(xp, per_row, parts.reduction, denominator)
     return restore_dtype(xp, out, parts.dtype)
 
 
-def _elementwise_prep(xp, logits, target, weight, reduction, name="logits"):
+def safe_log_probs(xp: Any, parts: SoftmaxCEParts) -> Array:
+    """log softmax with ``-inf`` replaced by 0 where the target is 0 (0 log 0 = 0).
+
+    Only that case is replaced, so a zero target keeps its true gradient ``-log p_c``
+    (distillation through a trainable teacher needs it, as torch and optax give it).
+    """
+    masked = (parts.target == 0) & (parts.log_probs == -math.inf)
+    return parts.xp.where(masked, 0.0, parts.log_probs)
+
+
+def _mask(xp: Any, where: Any, loss: Array) -> Array:
+    """The boolean mask ``where`` broadcast to the loss's shape (``InputError`` otherwise)."""
+    mask = like(xp, as_array(where, "where"), loss)
+    if not xp.isdtype(mask.dtype, "bool"):
+        raise InputError(f"where must be a boolean mask, got dtype {mask.dtype}")
+    _checks.check_broadcastable(mask, tuple(loss.shape), "where", "the per-example loss")
+    return xp.broadcast_to(mask, tuple(loss.shape))
+
+
+def _elementwise_prep(xp, logits, target, weight, reduction, name="logits", target_name="target"):
     _checks.check_reduction(reduction)
     _checks.check_floating(xp, logits, name)
-    _checks.check_same_shape(logits, target, name, "target")
+    _checks.check_same_shape(logits, target, name, target_name)
     if weight is not None:
         _checks.check_broadcastable(weight, tuple(logits.shape), "weight", name)
     return to_float(xp, logits)
 
 
-def _as_target(xp, target, like_x, validate):
+def _as_target(xp, target, like_x, validate, name="target", label_smoothing=0.0):
+    if not xp.isdtype(target.dtype, ("bool", "integral", "real floating")):
+        raise InputError(f"{name} must hold numbers in [0, 1], got dtype {target.dtype}")
     target = xp.astype(target, like_x.dtype) if target.dtype != like_x.dtype else target
-    if validate:
-        _checks.check_in_unit_interval(xp, target, "target")
-    return target
+    if _checks.check_bool(validate, "validate"):
+        _checks.check_in_unit_interval(xp, target, name)
+    return smooth_binary(target, label_smoothing)
 
 
-def _elementwise_reduce(xp, loss, reduction):
+def smooth_binary(t: Array, label_smoothing: Any) -> Array:
+    """Keras' binary label smoothing ``t (1 - a) + a / 2``: both classes move towards 1/2."""
+    if _checks.is_zero(label_smoothing):
+        return t
+    return t * (1.0 - label_smoothing) + 0.5 * label_smoothing
+
+
+def _elementwise_reduce(xp, loss, reduction, sample_weight=None, where=None):
+    if sample_weight is not None or where is not None:
+        loss, denominator = _sample_weighted(xp, loss, sample_weight, loss, None, None, where)
+        return _reduce(xp, loss, reduction, denominator)
     if reduction == "none":
         return loss
     return xp.sum(loss) if reduction == "sum" else xp.mean(loss)
@@ -266,6 +379,9 @@ def binary_cross_entropy(
     target: Any,
     *,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -280,28 +396,68 @@ def binary_cross_entropy(
     :func:`sigmoid_binary_cross_entropy` on logits: it needs no clamp.
 
     Shapes: ``probs`` and ``target`` equal; ``weight`` broadcasts to them. ``"mean"``
-    averages over every element. Reference: ``torch.nn.functional.binary_cross_entropy``,
+    averages over every element.
+    ``label_smoothing`` a in [0, 1] first replaces the target by ``t (1 - a) + a / 2``
+    (Keras' ``label_smoothing`` of its binary losses).
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the elementwise loss): masked-out
+    entries contribute 0 (even a NaN) and are not counted by ``"mean"`` (optax's ``where``).
+
+    Reference: ``torch.nn.functional.binary_cross_entropy``,
     ``sklearn.metrics.log_loss``.
 
     >>> round(float(binary_cross_entropy([0.7], [1.0])), 6)  # ln(1/0.7)
     0.356675
     """
-    xp, (probs, target, weight) = arrays(probs, target, weight)
+    xp, (probs, target, weight) = arrays(
+        probs, target, weight, names=("probs", "target", "weight"), optional=("weight",)
+    )
     dtype = probs.dtype
+    label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
     q = _elementwise_prep(xp, probs, target, weight, reduction, "probs")
-    t = _as_target(xp, target, q, validate)
+    t = _as_target(xp, target, q, validate, label_smoothing=label_smoothing)
     if validate:
         _checks.check_in_unit_interval(xp, q, "probs")
-    # where() keeps log(0) out of both the value and the gradient; -100 is torch's clamp.
-    # != (not > / <) so that a NaN probability takes the log branch and propagates.
-    log_q = xp.where(q != 0, xp.clip(xp.log(xp.where(q != 0, q, 1.0)), -100.0, None), -100.0)
-    log_1mq = xp.where(
-        q != 1, xp.clip(xp.log1p(-xp.where(q != 1, q, 0.0)), -100.0, None), -100.0
-    )
-    loss = -(t * log_q + (1.0 - t) * log_1mq)
+    loss = _bce_elementwise(xp, q, t)
     if weight is not None:
         loss = loss * xp.astype(weight, loss.dtype)
-    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction), dtype)
+    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
+
+
+TORCH_BCE_EPSILON = float(np.float32(1e-12))
+"""torch's binary_cross_entropy backward divides by ``max(q (1 - q), 1e-12)``, its 1e-12
+a C++ float (9.99999996e-13) in every dtype."""
+
+
+def _bce_elementwise(xp: Any, q: Array, t: Array) -> Array:
+    """``-(t log q + (1 - t) log(1 - q))`` with PyTorch's value and PyTorch's gradient.
+
+    Where ``q (1 - q) >= 1e-12`` both are the formula's. Nearer 0 and 1 (the edge) torch
+    clamps each log at -100 for the value and, for the gradient, floors the denominator of
+    ``dl/dq = (q - t) / (q (1 - q))`` at 1e-12 (so ``q = 0, t = 1`` gives -1e12, not 0) and
+    keeps ``dl/dt = log(1 - q) - log q`` unclamped. The edge value is therefore built as
+    ``value + (q - sg(q)) dq + (t - sg(t)) dt`` with ``sg`` = stop_gradient: the same number,
+    torch's first derivatives. At q exactly 0 or 1 torch's ``dl/dt`` is infinite; here it
+    is the clamped logs' difference (+-100), docs/pitfalls.md.
+    """
+    edge = (q * (1.0 - q) < TORCH_BCE_EPSILON) & (q >= 0) & (q <= 1)
+    # away from the edge: the plain formula (exact derivatives of every order)
+    qs = xp.where(edge, 0.5, q)
+    regular = -(t * xp.log(qs) + (1.0 - t) * xp.log1p(-qs))
+    # at the edge: log(0) kept out of the value and the gradient, -100 is torch's clamp
+    qe = stop_gradient(xp.where(edge, q, 0.5))
+    te = stop_gradient(t)
+    log_q = xp.where(qe > 0, xp.log(xp.where(qe > 0, qe, 1.0)), -100.0)
+    log_1mq = xp.where(qe < 1, xp.log1p(-xp.where(qe < 1, qe, 0.0)), -100.0)
+    value = -(te * xp.clip(log_q, -100.0, None) + (1.0 - te) * xp.clip(log_1mq, -100.0, None))
+    d_q = (qe - te) / TORCH_BCE_EPSILON
+    d_t = log_1mq - log_q
+    at_edge = value + (q - qe) * d_q + (t - te) * d_t
+    return xp.where(edge, at_edge, regular)
 
 
 def _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight):
@@ -320,7 +476,10 @@ def sigmoid_binary_cross_entropy(
     target: Any,
     *,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     pos_weight: Any = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -331,6 +490,16 @@ def sigmoid_binary_cross_entropy(
     there is no clamp: a logit of -1000 with target 1 costs 1000, not 100.
     ``pos_weight`` (broadcast along the last axis: one per label) scales the positive
     term, trading recall for precision. ``"mean"`` averages over every element.
+    ``label_smoothing`` a in [0, 1] first replaces the target by ``t (1 - a) + a / 2``
+    (Keras' ``label_smoothing`` of its binary losses).
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the elementwise loss): masked-out
+    entries contribute 0 (even a NaN) and are not counted by ``"mean"`` (optax's ``where``).
 
     Reference: ``torch.nn.functional.binary_cross_entropy_with_logits``,
     ``optax.sigmoid_binary_cross_entropy``.
@@ -338,14 +507,18 @@ def sigmoid_binary_cross_entropy(
     >>> round(float(sigmoid_binary_cross_entropy([0.0], [1.0])), 6)  # ln 2
     0.693147
     """
-    xp, (logits, target, weight, pos_weight) = arrays(logits, target, weight, pos_weight)
+    xp, (logits, target, weight, pos_weight) = arrays(
+        logits, target, weight, pos_weight, names=("logits", "target", "weight", "pos_weight"),
+        optional=("weight", "pos_weight"),
+    )
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, target, weight, reduction)
     if pos_weight is not None:
         _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
-    t = _as_target(xp, target, x, validate)
+    t = _as_target(xp, target, x, validate,
+                   label_smoothing=_checks.check_fraction(label_smoothing, "label_smoothing"))
     loss = _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight)
-    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction), dtype)
+    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
 
 
 def multilabel_cross_entropy(
@@ -353,7 +526,10 @@ def multilabel_cross_entropy(
     targets: Any,
     *,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     pos_weight: Any = None,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -365,31 +541,63 @@ def multilabel_cross_entropy(
     the last axis; ``"none"`` returns shape (...). Conversions (PITFALLS 8): PyTorch's
     ``BCEWithLogitsLoss()`` (mean over every element) equals this ``"mean"`` divided by L;
     Keras' ``binary_crossentropy`` (mean over the last axis) equals ``"none"`` divided by L.
-    ``weight`` and ``pos_weight`` as in :func:`sigmoid_binary_cross_entropy`.
+    ``weight``, ``pos_weight`` and ``label_smoothing`` as in
+    :func:`sigmoid_binary_cross_entropy`.
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
 
     Reference: ``L * torch.nn.functional.binary_cross_entropy_with_logits``.
 
     >>> round(float(multilabel_cross_entropy([[0.0, 0.0]], [[1.0, 0.0]])), 6)  # 2 ln 2
     1.386294
     """
-    xp, (logits, targets, weight, pos_weight) = arrays(logits, targets, weight, pos_weight)
-    if logits.ndim == 0:
-        raise ValueError("logits must have a label axis (the last one); got a 0-d array")
+    xp, (logits, targets, weight, pos_weight) = arrays(
+        logits, targets, weight, pos_weight, names=("logits", "targets", "weight", "pos_weight"),
+        optional=("weight", "pos_weight"),
+    )
+    _checks.check_has_axis(logits, "logits", "label")
     dtype = logits.dtype
-    x = _elementwise_prep(xp, logits, targets, weight, reduction)
+    x = _elementwise_prep(xp, logits, targets, weight, reduction, target_name="targets")
     if pos_weight is not None:
         _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
-    t = _as_target(xp, targets, x, validate)
+    t = _as_target(xp, targets, x, validate, "targets",
+                   _checks.check_fraction(label_smoothing, "label_smoothing"))
     per_sample = xp.sum(_sigmoid_bce_elementwise(xp, x, t, weight, pos_weight), axis=-1)
-    return restore_dtype(xp, _elementwise_reduce(xp, per_sample, reduction), dtype)
+    return restore_dtype(xp, _elementwise_reduce(xp, per_sample, reduction, sample_weight, where),
+                         dtype)
+
+
+def _focal_factor(xp: Any, u: Array, gamma: float) -> Array:
+    """``u ** gamma`` whose gradient stays finite where ``u`` underflows.
+
+    For ``0 < gamma < 1`` the derivative ``gamma u^(gamma - 1)`` is infinite at ``u = 0``
+    (a saturated correct logit), and ``inf * 0`` made the gradient NaN where its limit is 0.
+    Below the smallest normal number the factor is taken as 0: the loss element there is
+    ``bce * u^gamma`` with ``bce`` about ``u``, itself below the smallest normal.
+    """
+    tiny = float(xp.finfo(u.dtype).smallest_normal)
+    live = u >= tiny
+    # 0 ** gamma: 0, or 1 for a traced gamma that turns out 0 (a concrete 0 never gets here)
+    dead = 0.0 if not _checks.is_traced(gamma) else xp.where(gamma == 0, 1.0, 0.0)
+    return xp.where(live, xp.where(live, u, 1.0) ** gamma, dead)
 
 
 def sigmoid_focal_loss(
     logits: Any,
     target: Any,
     *,
+    sample_weight: Any = None,
+    where: Any = None,
     alpha: float | None = 0.25,
     gamma: float = 2.0,
+    label_smoothing: float = 0.0,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Array:
@@ -404,6 +612,17 @@ def sigmoid_focal_loss(
     element, like every crossent loss. ``1 - p_t`` is computed as
     ``t sigmoid(-x) + (1 - t) sigmoid(x)``, exact for confident predictions where
     ``1 - p_t`` would round to 0.
+    ``label_smoothing`` a in [0, 1] first replaces the target by ``t (1 - a) + a / 2``
+    (Keras' ``label_smoothing`` of its binary losses).
+    ``alpha`` and ``gamma`` may be traced JAX scalars (under ``jax.jit``).
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the elementwise loss): masked-out
+    entries contribute 0 (even a NaN) and are not counted by ``"mean"`` (optax's ``where``).
 
     Reference: ``torchvision.ops.sigmoid_focal_loss``, ``optax.sigmoid_focal_loss``.
 
@@ -413,13 +632,324 @@ def sigmoid_focal_loss(
     if alpha is not None:
         alpha = _checks.check_fraction(alpha, "alpha")
     gamma = _checks.check_nonnegative(gamma, "gamma")
-    xp, (logits, target) = arrays(logits, target)
+    label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
+    xp, (logits, target) = arrays(logits, target, names=("logits", "target"))
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, target, None, reduction)
-    t = _as_target(xp, target, x, validate)
+    t = _as_target(xp, target, x, validate, label_smoothing=label_smoothing)
     bce = _sigmoid_bce_elementwise(xp, x, t, None, None)
     one_minus_pt = t * xp.exp(log_sigmoid(-x)) + (1.0 - t) * xp.exp(log_sigmoid(x))
-    loss = bce if gamma == 0 else bce * one_minus_pt**gamma
+    loss = bce if _checks.is_zero(gamma) else bce * _focal_factor(xp, one_minus_pt, gamma)
     if alpha is not None:
         loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
-    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction), dtype)
+    return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
+
+
+def nll_loss(
+    log_probs: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Negative log-likelihood of given log-probabilities: ``l_n = -w[y_n] * log_probs[n, y_n]``.
+
+    The second half of :func:`softmax_cross_entropy` for a caller who already holds
+    log-probabilities (from :func:`crossent.log_softmax`, a log-mixture, a CRF...). The
+    log-probabilities are taken as they are: nothing checks that a row's exponentials sum
+    to 1 (PyTorch checks nothing either), and only the target's entry of each row is read,
+    so a NaN elsewhere in the row does not reach the loss.
+
+    Args:
+        log_probs: floating array, class axis ``axis`` (default last; PyTorch's layout
+            ``(N, C, d1, ...)`` is ``axis=1``).
+        target: integer class indices, the shape of ``log_probs`` without the class axis.
+        weight: per-class weights, shape ``(C,)``.
+        ignore_index: targets equal to it contribute 0 and are not counted.
+        reduction: ``"none"`` (per-row losses, ignored rows 0), ``"sum"``, or ``"mean"``:
+            the sum divided by the number of non-ignored rows or, with ``weight``, by
+            ``sum_n w[y_n]`` over them (NaN when that is 0, as PyTorch).
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
+
+    Reference: ``torch.nn.functional.nll_loss`` (``NLLLoss``).
+
+    >>> round(float(nll_loss([[-0.5, -1.0], [-2.0, -0.25]], [0, 1])), 6)  # (0.5 + 0.25) / 2
+    0.375
+    """
+    _checks.check_reduction(reduction)
+    ignore_index = _checks.check_integer(ignore_index, "ignore_index")
+    validate = _checks.check_bool(validate, "validate")
+    xp, (log_probs, target, weight) = arrays(
+        log_probs, target, weight, names=("log_probs", "target", "weight"), optional=("weight",)
+    )
+    _checks.check_floating(xp, log_probs, "log_probs")
+    _checks.check_has_axis(log_probs, "log_probs")
+    axis = normalize_axis(axis, log_probs.ndim)
+    _checks.check_classes(log_probs, axis, "log_probs")
+    if not is_integer(xp, target):
+        raise InputError(f"target must hold integer class indices, got dtype {target.dtype}")
+    dtype = log_probs.dtype
+    lp = move_axis_last(xp, to_float(xp, log_probs), axis)
+    weight = _class_weight(xp, weight, lp, "weight")
+    hot, valid = _index_hot(xp, lp, target, ignore_index, validate, log_probs.shape, axis)
+    w = weight if weight is not None else xp.ones_like(lp[..., 0:1])
+    per_row = -xp.sum(xp.where(hot, w * lp, 0.0), axis=-1)
+    if weight is not None:
+        row_weight = xp.sum(xp.where(hot, w, 0.0), axis=-1)
+    else:
+        row_weight = xp.astype(valid, lp.dtype)
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, lp, row_weight, xp.sum(row_weight), where
+    )
+    per_row = xp.where(valid, per_row, 0.0)
+    return restore_dtype(xp, _reduce(xp, per_row, reduction, denominator), dtype)
+
+
+def _class_weight(xp: Any, weight: Array | None, z: Array, name: str) -> Array | None:
+    """Per-class weights of shape ``(C,)`` (C = ``z``'s last axis) in ``z``'s dtype."""
+    if weight is None:
+        return None
+    num_classes = z.shape[-1]
+    if tuple(weight.shape) != (num_classes,):
+        raise InputError(
+            f"{name} has shape {tuple(weight.shape)}; expected ({num_classes},), one per class"
+        )
+    return xp.astype(weight, z.dtype)
+
+
+def poly1_cross_entropy(
+    logits: Any,
+    target: Any,
+    *,
+    sample_weight: Any = None,
+    where: Any = None,
+    epsilon: float = 2.0,
+    axis: int = -1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Poly-1 loss (Leng et al. 2022, arXiv:2204.12511): cross-entropy plus ``epsilon``
+    times the first polynomial term, ``l_n = CE_n + epsilon * sum_c t_nc (1 - p_nc)``
+    with ``p = softmax(z)``.
+
+    For a one-hot target this is ``-log p_y + epsilon (1 - p_y)``; ``epsilon = 0`` is
+    :func:`softmax_cross_entropy`. The paper recommends epsilon = 2 (ImageNet, optax's
+    default, kept here) and -1 (detection); any finite value is accepted (a traced JAX
+    scalar too). ``1 - p`` is computed as ``-expm1(log p)``, exact for confident rows.
+
+    Targets, ``axis``, ``ignore_index``, ``label_smoothing`` (applied to the target of both
+    terms, as optax sees a smoothed label) and ``reduction`` are
+    :func:`softmax_cross_entropy`'s: ``"mean"`` divides by the number of non-ignored rows
+    (index targets) or of rows (probability targets); ignored rows contribute 0.
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
+
+    Reference: ``optax.losses.poly_loss_cross_entropy`` (probability labels, no reduction).
+
+    >>> round(float(poly1_cross_entropy([[0.0, 0.0]], [1], epsilon=1.0)), 6)  # ln 2 + 1/2
+    1.193147
+    """
+    epsilon = _checks.check_finite(epsilon, "epsilon")
+    parts = softmax_cross_entropy_parts(
+        logits, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, validate=validate,
+    )
+    xp = parts.xp
+    log_p = safe_log_probs(xp, parts)
+    ce = -xp.sum(parts.target * log_p, axis=-1)
+    one_minus_p = -xp.expm1(parts.log_probs)
+    per_row = ce + epsilon * xp.sum(parts.target * one_minus_p, axis=-1)
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
+    )
+    if parts.row_mask is not None:
+        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
+    out = _reduce(xp, per_row, parts.reduction, denominator)
+    return restore_dtype(xp, out, parts.dtype)
+
+
+def softmax_focal_loss(
+    logits: Any,
+    target: Any,
+    *,
+    sample_weight: Any = None,
+    where: Any = None,
+    alpha: Any = 0.25,
+    gamma: float = 2.0,
+    axis: int = -1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Softmax (categorical) focal loss, ``l_n = -sum_c alpha_c (1 - p_nc)^gamma t_nc log p_nc``
+    with ``p = softmax(z)`` (Lin et al. 2017, arXiv:1708.02002, for C classes).
+
+    Down-weights the classes the model already predicts well. ``gamma = 0`` and
+    ``alpha = None`` give :func:`softmax_cross_entropy`. ``alpha`` is a number (Keras'
+    default 0.25, applied to every class), per-class weights of shape ``(C,)``, or None.
+    ``1 - p`` is computed as ``-expm1(log p)``, so a confident row keeps its digits, and
+    its power is gradient-safe where ``1 - p`` underflows (see :func:`sigmoid_focal_loss`).
+    ``alpha`` and ``gamma`` may be traced JAX scalars.
+
+    Targets, ``axis``, ``ignore_index``, ``label_smoothing`` and ``reduction`` are
+    :func:`softmax_cross_entropy`'s (``"mean"``: over non-ignored rows for index targets,
+    over rows for probability targets; Keras' ``sum_over_batch_size``).
+
+    ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
+    per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample
+    weights (times each example's class weight / counted-row share), as scikit-learn's
+    ``log_loss`` and Keras do.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
+
+    Reference: Keras ``CategoricalFocalCrossentropy(from_logits=True)``, whose formula this
+    is, except that Keras clips ``p`` to ``[1e-7, 1 - 1e-7]`` before the log (crossent
+    does not clip: a probability of 1e-9 costs 20.7, not 16.1).
+
+    >>> round(float(softmax_focal_loss([[0.0, 0.0]], [1], alpha=None, gamma=0.0)), 6)  # ln 2
+    0.693147
+    """
+    gamma = _checks.check_nonnegative(gamma, "gamma")
+    parts = softmax_cross_entropy_parts(
+        logits, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, validate=validate,
+    )
+    xp = parts.xp
+    log_p = safe_log_probs(xp, parts)
+    terms = parts.target * log_p
+    if not _checks.is_zero(gamma):
+        terms = terms * _focal_factor(xp, -xp.expm1(parts.log_probs), gamma)
+    terms = terms * _focal_alpha(xp, alpha, parts.logits)
+    per_row = -xp.sum(terms, axis=-1)
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
+    )
+    if parts.row_mask is not None:
+        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
+    out = _reduce(xp, per_row, parts.reduction, denominator)
+    return restore_dtype(xp, out, parts.dtype)
+
+
+def _focal_alpha(xp: Any, alpha: Any, z: Array) -> Any:
+    """``alpha`` as a factor on the (..., C) terms: 1, a number in [0, 1] (a 0-d JAX array,
+    traced or not, counts as one), or non-negative per-class weights of shape ``(C,)``."""
+    if alpha is None:
+        return 1.0
+    if isinstance(alpha, numbers.Real) or (is_jax_array(alpha) and alpha.ndim == 0):
+        return _checks.check_fraction(alpha, "alpha")
+    _, (raw,) = arrays(alpha, names=("alpha",))
+    a: Any = _class_weight(xp, like(xp, raw, z), z, "alpha")
+    if not _checks.is_traced(a) and any_true(xp, a < 0):
+        raise InputError("alpha must hold non-negative per-class weights")
+    return a
+
+
+def categorical_focal_loss(
+    probs: Any,
+    target: Any,
+    *,
+    sample_weight: Any = None,
+    where: Any = None,
+    alpha: Any = 0.25,
+    gamma: float = 2.0,
+    axis: int = -1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> Array:
+    """Softmax focal loss from probabilities, ``l_n = -sum_c alpha_c (1 - p_nc)^gamma t_nc
+    log p_nc``: :func:`softmax_focal_loss` for a caller who holds ``p`` instead of logits.
+
+    ``probs`` must hold distributions along ``axis`` (checked with ``validate=True``, as
+    :func:`crossent.cross_entropy` checks them); each ``log p`` is clamped at -100, as
+    PyTorch's ``binary_cross_entropy`` does, so a probability of 0 costs at most 100 per
+    unit of target. ``alpha`` (a number, per-class ``(C,)``, or None), ``gamma``, targets
+    (class indices or probabilities), ``ignore_index``, ``label_smoothing`` (``(1 - eps) t +
+    eps / C``), ``sample_weight`` and ``reduction`` are :func:`softmax_focal_loss`'s.
+    Prefer :func:`softmax_focal_loss` on logits: it needs no clamp.
+
+    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
+    examples, not classes: an optax-style mask shaped like the logits raises.
+
+    Reference: Keras ``CategoricalFocalCrossentropy(from_logits=False)``, whose formula this
+    is for probabilities in ``[1e-7, 1 - 1e-7]`` summing to 1 (Keras rescales rows to sum 1
+    and clips to that interval; crossent validates and clamps the log instead).
+
+    >>> round(float(categorical_focal_loss([[0.5, 0.5]], [1], alpha=None, gamma=0.0)), 6)
+    0.693147
+    """
+    _checks.check_reduction(reduction)
+    gamma = _checks.check_nonnegative(gamma, "gamma")
+    eps = _checks.check_fraction(label_smoothing, "label_smoothing")
+    ignore_index = _checks.check_integer(ignore_index, "ignore_index")
+    validate = _checks.check_bool(validate, "validate")
+    xp, (probs, target) = arrays(probs, target, names=("probs", "target"))
+    _checks.check_floating(xp, probs, "probs")
+    _checks.check_has_axis(probs, "probs")
+    axis = normalize_axis(axis, probs.ndim)
+    _checks.check_classes(probs, axis, "probs")
+    dtype = probs.dtype
+    p = move_axis_last(xp, to_float(xp, probs), axis)
+    if validate:
+        _checks.check_distribution(xp, p, "probs", -1, dtype)
+    num_classes = p.shape[-1]
+    row_mask = None
+    if is_integer(xp, target):
+        hot, valid = _index_hot(xp, p, target, ignore_index, validate, probs.shape, axis)
+        row_mask = xp.astype(valid, p.dtype)
+        t = xp.astype(hot, p.dtype)
+        if not _checks.is_zero(eps):
+            t = (1.0 - eps) * t + (eps / num_classes) * xp.expand_dims(row_mask, axis=-1)
+        row_weight, denominator = row_mask, xp.sum(row_mask)
+    elif xp.isdtype(target.dtype, "real floating"):
+        _checks.check_same_shape(probs, target, "probs", "target")
+        t = xp.astype(move_axis_last(xp, target, axis), p.dtype)
+        if validate:
+            _checks.check_distribution(xp, t, "target", -1, target.dtype)
+        if not _checks.is_zero(eps):
+            t = (1.0 - eps) * t + eps / num_classes
+        row_weight, denominator = None, int(np.prod(p.shape[:-1]))
+    else:
+        raise InputError(
+            f"target must hold integer class indices or floating probabilities, got dtype "
+            f"{target.dtype}"
+        )
+    positive = p > 0
+    log_p = xp.where(positive, xp.clip(xp.log(xp.where(positive, p, 1.0)), -100.0, None), -100.0)
+    terms = t * log_p
+    if not _checks.is_zero(gamma):
+        terms = terms * _focal_factor(xp, 1.0 - p, gamma)
+    per_row = -xp.sum(terms * _focal_alpha(xp, alpha, p), axis=-1)
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, p, row_weight, denominator, where
+    )
+    if row_mask is not None:
+        per_row = xp.where(row_mask > 0, per_row, 0.0)
+    return restore_dtype(xp, _reduce(xp, per_row, reduction, denominator), dtype)

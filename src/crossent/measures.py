@@ -20,7 +20,16 @@ import math
 from typing import Any
 
 from . import _checks
-from ._array import Array, arrays, log_base_divisor, restore_dtype, to_float
+from ._array import (
+    Array,
+    any_true,
+    arrays,
+    log_base_divisor,
+    normalize_axis,
+    restore_dtype,
+    to_float,
+)
+from .errors import InputError
 
 
 def _in_base(xp: Any, nats: Array, base: float) -> Array:
@@ -53,7 +62,8 @@ def surprisal(p: Any, *, base: float = math.e, validate: bool = True) -> Array:
     9.965784
     """
     _checks.check_base(base)
-    xp, (p,) = arrays(p)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (p,) = arrays(p, names=("p",))
     dtype = p.dtype
     p = to_float(xp, p)
     if validate:
@@ -74,12 +84,14 @@ def entropy(p: Any, *, axis: int = -1, base: float = math.e, validate: bool = Tr
     1.4855
     """
     _checks.check_base(base)
-    xp, (p,) = arrays(p)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (p,) = arrays(p, names=("p",))
     dtype = p.dtype
+    _checks.check_has_axis(p, "p")
+    _checks.check_classes(p, normalize_axis(axis, p.ndim), "p")
     p = to_float(xp, p)
-    _checks.check_axis(axis, p.ndim)
     if validate:
-        _checks.check_distribution(xp, p, "p", axis)
+        _checks.check_distribution(xp, p, "p", axis, dtype)
     h = -xp.sum(_xlogy(xp, p, p), axis=axis)
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
@@ -92,8 +104,9 @@ def cross_entropy(
     The average surprise when outcomes happen with probabilities ``p`` but are scored with
     ``q``. Argument order: truth first (as Cover & Thomas write it; PyTorch's loss takes the
     prediction first). ``H(p, q) >= H(p)`` with equality iff ``q = p`` (Gibbs' inequality).
-    Shapes: ``p`` and ``q`` broadcast; the result drops ``axis``. ``p_i > 0`` where
-    ``q_i = 0`` gives +inf.
+    Shapes: ``p`` and ``q`` broadcast, except along ``axis``, where both must have the same
+    number of classes (``InputError`` naming p and q otherwise); the result drops ``axis``.
+    ``p_i > 0`` where ``q_i = 0`` gives +inf.
 
     Reference: ``scipy.stats.entropy(p) + scipy.stats.entropy(p, q)``;
     ``-sum(scipy.special.xlogy(p, q))``.
@@ -101,15 +114,7 @@ def cross_entropy(
     >>> round(float(cross_entropy([0, 0, 1], [0.1, 0.2, 0.7], base=2)), 6)
     0.514573
     """
-    _checks.check_base(base)
-    xp, (p, q) = arrays(p, q)
-    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
-    p, q = to_float(xp, p), to_float(xp, q)
-    p, q = _common_float(xp, p, q)
-    _checks.check_axis(axis, max(p.ndim, q.ndim))
-    if validate:
-        _checks.check_distribution(xp, p, "p", axis)
-        _checks.check_distribution(xp, q, "q", axis)
+    xp, p, q, dtype = _pair(p, q, axis, base, validate)
     h = -xp.sum(_xlogy(xp, p, q), axis=axis)
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
@@ -130,14 +135,13 @@ def kl_divergence(
     >>> round(float(kl_divergence([0.5, 0.5], [0.9, 0.1], base=2)), 4)
     0.737
     """
-    _checks.check_base(base)
-    xp, (p, q) = arrays(p, q)
-    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
-    p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
-    _checks.check_axis(axis, max(p.ndim, q.ndim))
-    if validate:
-        _checks.check_distribution(xp, p, "p", axis)
-        _checks.check_distribution(xp, q, "q", axis)
+    xp, p, q, dtype = _pair(p, q, axis, base, validate)
+    terms = _rel_entr(xp, p, q)
+    return restore_dtype(xp, _in_base(xp, xp.sum(terms, axis=axis), base), dtype)
+
+
+def _rel_entr(xp: Any, p: Array, q: Array) -> Array:
+    """``p log(p / q)`` elementwise (``scipy.special.rel_entr``), 0 where p = 0."""
     zero = (p == 0) & ~xp.isnan(q)  # 0 log(0/q) = 0, but a NaN q propagates
     safe_p = xp.where(zero, 1.0, p)
     safe_q = xp.where(zero, 1.0, q)
@@ -156,8 +160,81 @@ def kl_divergence(
     log_ratio = xp.where(
         near, xp.log1p(rel), xp.where(direct, xp.log(dp / dq), xp.log(ep) - xp.log(eq))
     )
-    terms = xp.where(zero, 0.0, p * log_ratio)
+    return xp.where(zero, 0.0, p * log_ratio)
+
+
+def _elementwise_pair(
+    p: Any, q: Any, base: float, validate: bool, check: Any
+) -> tuple[Any, Array, Array, Any]:
+    """Namespace, ``p`` and ``q`` broadcast in one floating dtype, and the dtype to return;
+    ``check(xp, array, name)`` validates each entry."""
+    _checks.check_base(base)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (p, q) = arrays(p, q, names=("p", "q"))
+    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
+    p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
+    try:
+        p, q = xp.broadcast_arrays(p, q)
+    except (ValueError, RuntimeError, TypeError):
+        raise InputError(
+            f"p has shape {tuple(p.shape)} and q has shape {tuple(q.shape)}: they must "
+            f"broadcast to one shape"
+        ) from None
+    if validate:
+        check(xp, p, "p")
+        check(xp, q, "q")
+    return xp, p, q, dtype
+
+
+def kl_divergence_terms(
+    p: Any, q: Any, *, base: float = math.e, validate: bool = True
+) -> Array:
+    """The pointwise terms of ``KL(p || q)``, elementwise: ``p log(p / q)``, not summed.
+
+    ``kl_divergence(p, q)`` is their sum along the class axis; a term may be negative
+    (where ``q > p``). ``0 log(0 / q) = 0``; ``p > 0`` with ``q = 0`` gives +inf.
+    Shapes: ``p`` and ``q`` broadcast; the output has the broadcast shape. With
+    ``validate=True`` every entry must lie in [0, 1] (no sum check: terms can belong to
+    any part of a distribution).
+
+    Reference: ``scipy.special.rel_entr(p, q)``; PyTorch's
+    ``torch.nn.functional.kl_div(log q, p, reduction="none")`` (``KLDivLoss``), which
+    takes the log-prediction first.
+
+    >>> [round(float(v), 6) for v in kl_divergence_terms([0.5, 0.5], [0.25, 0.75])]
+    [0.346574, -0.202733]
+    """
+    xp, p, q, dtype = _elementwise_pair(p, q, base, validate, _checks.check_in_unit_interval)
+    return restore_dtype(xp, _in_base(xp, _rel_entr(xp, p, q), base), dtype)
+
+
+def generalized_kl_divergence(
+    p: Any, q: Any, *, axis: int = -1, base: float = math.e, validate: bool = True
+) -> Array:
+    """Generalized KL divergence of non-negative measures (not necessarily normalised):
+    ``D(p || q) = sum_i (p_i log(p_i / q_i) - p_i + q_i)`` along ``axis``.
+
+    The Bregman divergence of ``x log x - x``: >= 0, 0 iff ``p = q``, and equal to
+    :func:`kl_divergence` when both sum to 1. Truth ``p`` first. Shapes: ``p`` and ``q``
+    broadcast; the result drops ``axis``. With ``validate=True`` every entry must be >= 0
+    (NaN propagates). ``base`` divides the whole sum by ``ln(base)``.
+
+    Reference: ``sum(scipy.special.kl_div(p, q))``; ``optax.losses.generalized_kl_divergence(
+    log q, p)`` (log-prediction first).
+
+    >>> round(float(generalized_kl_divergence([1.0, 2.0], [2.0, 2.0])), 6)  # ln(1/2) + 1
+    0.306853
+    """
+    xp, p, q, dtype = _elementwise_pair(p, q, base, validate, _check_nonnegative_entries)
+    _checks.check_has_axis(p, "p")
+    axis = normalize_axis(axis, p.ndim)
+    terms = _rel_entr(xp, p, q) - p + q
     return restore_dtype(xp, _in_base(xp, xp.sum(terms, axis=axis), base), dtype)
+
+
+def _check_nonnegative_entries(xp: Any, x: Array, name: str) -> None:
+    if any_true(xp, x < 0):
+        raise InputError(f"{name} must hold non-negative numbers; found {float(xp.min(x)):.6g}")
 
 
 def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Array:
@@ -171,7 +248,8 @@ def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Ar
     0.080793
     """
     _checks.check_base(base)
-    xp, (p,) = arrays(p)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (p,) = arrays(p, names=("p",))
     dtype = p.dtype
     p = to_float(xp, p)
     if validate:
@@ -180,6 +258,22 @@ def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Ar
     log1m = xp.log1p(-xp.where(one, 0.0, p))
     h = -_xlogy(xp, p, p) - xp.where(one, 0.0, (1.0 - p) * log1m)
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
+
+
+def _pair(p: Any, q: Any, axis: int, base: float, validate: bool) -> tuple[Any, Array, Array, Any]:
+    """The checked arguments of a two-distribution measure: namespace, p and q in one
+    floating dtype, and the dtype to return (p's if floating, else q's)."""
+    _checks.check_base(base)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (p, q) = arrays(p, q, names=("p", "q"))
+    _checks.check_matching_distributions(p, q, axis)
+    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
+    p_dtype, q_dtype = p.dtype, q.dtype
+    p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
+    if validate:
+        _checks.check_distribution(xp, p, "p", axis, p_dtype)
+        _checks.check_distribution(xp, q, "q", axis, q_dtype)
+    return xp, p, q, dtype
 
 
 def _common_float(xp: Any, a: Array, b: Array) -> tuple[Array, Array]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from array_api_compat import device
 
 from . import _checks
 from ._array import (
@@ -18,64 +19,98 @@ from ._array import (
     arrays,
     compute_dtype,
     default_float,
+    is_floating,
     is_integer,
     like,
+    normalize_axis,
     numel,
+    restore_dtype,
     to_float,
+    wide_integer,
 )
+from .errors import InputError
 
 
-def one_hot(labels: Any, num_classes: int, *, dtype: Any = None) -> Array:
+def one_hot(labels: Any, num_classes: int, *, dtype: Any = None, validate: bool = True) -> Array:
     """One-hot encode integer class labels: ``out[..., c] = 1 if labels[...] == c else 0``.
 
     Shapes: ``labels`` (...) -> (..., num_classes). ``dtype`` defaults to the namespace's
-    default floating dtype. Labels outside ``[0, num_classes)`` raise ``ValueError``.
+    default floating dtype. Labels outside ``[0, num_classes)`` raise ``InputError``;
+    ``validate=False`` skips that check (a device sync, impossible under ``jax.jit``) and
+    gives such labels an all-zero row, as ``jax.nn.one_hot`` does. Labels of any integer
+    dtype are compared exactly (a uint8 label never wraps onto class 257).
     Reference: ``torch.nn.functional.one_hot`` (which returns integers), ``jax.nn.one_hot``.
 
     >>> one_hot([2, 0], 3).tolist()
     [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
-    xp, (labels,) = arrays(labels)
+    num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (labels,) = arrays(labels, names=("labels",))
+    return _one_hot(xp, labels, num_classes, dtype, validate, "labels")
+
+
+def _one_hot(xp: Any, labels: Array, num_classes: int, dtype: Any, validate: bool,
+             name: str) -> Array:
     if not is_integer(xp, labels):
-        raise ValueError(f"labels must be integers (class indices), got dtype {labels.dtype}")
-    if numel(labels) and any_true(xp, (labels < 0) | (labels >= num_classes)):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}); found {int(xp.min(labels))}..."
+        raise InputError(f"{name} must be integers (class indices), got dtype {labels.dtype}")
+    labels = xp.astype(labels, wide_integer(xp, labels))
+    if validate and numel(labels) and any_true(xp, (labels < 0) | (labels >= num_classes)):
+        raise InputError(
+            f"{name} must lie in [0, {num_classes}); found {int(xp.min(labels))}..."
             f"{int(xp.max(labels))}"
         )
-    classes = like(xp, np.arange(num_classes), labels, dtype=labels.dtype)
+    classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
+    hot = xp.expand_dims(labels, axis=-1) == classes
     dtype = dtype if dtype is not None else default_float(xp, labels)
-    return xp.astype(xp.expand_dims(labels, axis=-1) == classes, dtype)
+    try:
+        return xp.astype(hot, dtype)
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        raise InputError(f"dtype={dtype!r} is not a dtype of {xp.__name__}") from None
 
 
-def smooth_labels(targets: Any, alpha: float, *, axis: int = -1) -> Array:
+def smooth_labels(targets: Any, alpha: float, *, axis: int = -1, validate: bool = True) -> Array:
     """Label smoothing: ``targets * (1 - alpha) + alpha / C`` along ``axis`` (C classes).
 
     Moves ``alpha`` of the probability mass from the labels to a uniform distribution, so
-    a smoothed row still sums to 1. ``alpha`` in [0, 1]. Matches the targets that
-    ``torch.nn.functional.cross_entropy(..., label_smoothing=alpha)`` uses internally, and
-    ``optax.smooth_labels``.
+    a smoothed row still sums to 1. ``alpha`` in [0, 1]. ``targets`` are probability rows
+    (floating; one-hot class indices first with :func:`one_hot`), checked to lie in [0, 1]
+    and sum to 1 unless ``validate=False``; the result has their dtype. Matches the targets
+    that ``torch.nn.functional.cross_entropy(..., label_smoothing=alpha)`` uses internally,
+    and ``optax.smooth_labels``.
 
     >>> [round(float(v), 4) for v in smooth_labels([0.0, 0.0, 1.0], 0.1)]
     [0.0333, 0.0333, 0.9333]
     """
     alpha = _checks.check_fraction(alpha, "alpha")
-    xp, (targets,) = arrays(targets)
-    targets = to_float(xp, targets)
+    validate = _checks.check_bool(validate, "validate")
+    xp, (targets,) = arrays(targets, names=("targets",))
+    if not is_floating(xp, targets):
+        raise InputError(
+            f"targets must hold probabilities (a floating dtype), got dtype {targets.dtype}; "
+            f"turn class indices into rows with one_hot() first"
+        )
+    _checks.check_has_axis(targets, "targets")
+    axis = normalize_axis(axis, targets.ndim)
+    _checks.check_classes(targets, axis, "targets")
+    dtype = targets.dtype
+    t = to_float(xp, targets)
+    if validate:
+        _checks.check_distribution(xp, t, "targets", axis, dtype)
     num_classes = targets.shape[axis]
-    return targets * (1.0 - alpha) + alpha / num_classes
+    return restore_dtype(xp, t * (1.0 - alpha) + alpha / num_classes, dtype)
 
 
 def mixup_params(batch_size: int, *, alpha: float, seed: int) -> tuple[float, np.ndarray]:
     """The Mixup draw: ``lam ~ Beta(alpha, alpha)`` and a permutation of the batch.
 
     Drawn with ``numpy.random.default_rng(seed)``, so the same seed gives the same mix in
-    every array library. Returns ``(lam, permutation)``.
+    every array library. ``batch_size`` and ``seed`` are integers >= 0, ``alpha`` a finite
+    number > 0. Returns ``(lam, permutation)``.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be > 0 (the Beta(alpha, alpha) parameter)")
+    batch_size = _checks.check_integer(batch_size, "batch_size", minimum=0)
+    alpha = _checks.check_positive(alpha, "alpha")
+    seed = _checks.check_integer(seed, "seed", minimum=0)
     rng = np.random.default_rng(seed)
     lam = float(rng.beta(alpha, alpha))
     return lam, rng.permutation(batch_size)
@@ -91,21 +126,38 @@ def mixup(
     both from :func:`mixup_params` (reproducible from ``seed``). ``targets`` are
     probability rows (N, C), or integer labels (N,) with ``num_classes`` given. Returns
     ``(x_mix, t_mix)``; ``t_mix`` rows are probability vectors, not one-hot: the soft
-    targets :func:`crossent.softmax_cross_entropy` accepts.
+    targets :func:`crossent.softmax_cross_entropy` accepts. Floating inputs keep their
+    dtype (float16 is mixed in float32 and rounded back); integer ``x`` and one-hot labels
+    come back in the floating dtype ``x`` is mixed in.
 
     >>> xm, tm = mixup([[0.0], [1.0]], [0, 1], alpha=0.4, seed=0, num_classes=2)
     >>> [round(float(v), 6) for v in tm.sum(axis=-1)]
     [1.0, 1.0]
     """
-    xp, (x, targets) = arrays(x, targets)
+    _checks.check_positive(alpha, "alpha")
+    _checks.check_integer(seed, "seed", minimum=0)
+    xp, (x, targets) = arrays(x, targets, names=("x", "targets"))
+    _checks.check_has_axis(x, "x", "batch")
+    _checks.check_has_axis(targets, "targets", "batch")
+    if xp.isdtype(x.dtype, "bool"):
+        raise InputError("x holds booleans; mix numbers (cast x to a floating dtype)")
+    x_dtype = x.dtype if is_floating(xp, x) else compute_dtype(xp, x)
     if is_integer(xp, targets):
         if num_classes is None:
-            raise ValueError("num_classes is required when targets are integer labels")
+            raise InputError("num_classes is required when targets are integer labels")
+        num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1)
         # one-hot in the dtype x is mixed in, so the labels' library default (float32
         # for torch) does not set the precision of t_mix
-        targets = one_hot(targets, num_classes, dtype=compute_dtype(xp, x))
+        targets = _one_hot(xp, targets, num_classes, compute_dtype(xp, x), True, "targets")
+        t_dtype = x_dtype
+    elif is_floating(xp, targets):
+        t_dtype = targets.dtype
+    else:
+        raise InputError(
+            f"targets must be integer labels or probability rows, got dtype {targets.dtype}"
+        )
     if x.shape[0] != targets.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"targets has {targets.shape[0]} rows but x has {x.shape[0]}; they must match"
         )
     lam, perm = mixup_params(x.shape[0], alpha=alpha, seed=seed)
@@ -114,4 +166,4 @@ def mixup(
     targets = to_float(xp, targets)
     x_mix = lam * x + (1.0 - lam) * xp.take(x, perm, axis=0)
     t_mix = lam * targets + (1.0 - lam) * xp.take(targets, perm, axis=0)
-    return x_mix, t_mix
+    return restore_dtype(xp, x_mix, x_dtype), restore_dtype(xp, t_mix, t_dtype)
