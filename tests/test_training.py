@@ -4,6 +4,7 @@ straightforward loop, reproducibility, and the article's claim on the digits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crossent import training as tr
+from crossent.errors import InputError
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
 
@@ -121,14 +123,22 @@ def test_smoothed_ce_uses_smoothed_targets():
 
 
 @pytest.mark.parametrize(("call", "needle"), [
-    (lambda: tr.make_loss("hinge"), "unknown loss 'hinge'"),
+    (lambda: tr.make_loss("hinge"), "name: unknown loss 'hinge'"),
     (lambda: tr.softmax_focal_loss([[0.0, 1.0]], [0], gamma=-1.0), "gamma"),
     (lambda: tr.softmax_mse_loss([0.0, 1.0], [0]), "shape (N, C)"),
     (lambda: tr.softmax_abs_grad([[0.0, 1.0]], [2]), "[0, 2)"),
-    (lambda: tr.check_losses([]), "no loss"),
+    (lambda: tr.check_losses([]), "losses: no loss"),
+    (lambda: tr.check_losses(["ce", "hinge"], argument="--loss"), "--loss: unknown loss"),
+    (lambda: tr.check_losses("ce"), "losses must be a sequence"),
+    (lambda: tr.softmax_mse_loss(None, [0]), "logits"),
+    (lambda: tr.softmax_mse_loss([["a", "b"]], [0]), "logits and labels"),
+    (lambda: tr.softmax_mse_loss([[0.0, 1.0]], [0.5]), "integer class indices"),
+    (lambda: tr.reliability([[0.5, 0.5]], [0], n_bins=True), "n_bins"),
+    (lambda: tr.reliability([0.5, 0.5], [0]), "probs (N, C)"),
+    (lambda: tr.init_params("cnn", 2, 2, hidden=1, rng=np.random.default_rng()), "model"),
 ])
-def test_bad_arguments_raise_value_error(call, needle):
-    with pytest.raises(ValueError) as info:
+def test_bad_arguments_raise_input_error(call, needle):
+    with pytest.raises(InputError) as info:
         call()
     assert needle in str(info.value)
 
@@ -243,16 +253,34 @@ def test_digits_split_is_fixed_and_stratified(digits):
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"lr": -0.1}, "lr must be a finite number > 0"),
     ({"lr": float("nan")}, "lr must be"),
-    ({"model": "cnn"}, "unknown model 'cnn'"),
-    ({"optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"model": "cnn"}, "model='cnn': unknown model"),
+    ({"optimizer": "rmsprop"}, "optimizer='rmsprop': unknown optimizer"),
     ({"seed": -1}, "seed must be an integer >= 0"),
     ({"batch_size": 0}, "batch_size"),
     ({"gamma": -2.0}, "gamma"),
+    ({"gamma": "2"}, "gamma"),
+    ({"lr": "0.1"}, "lr must be a number"),
+    ({"lr": True}, "lr must be a number"),
+    ({"label_smoothing": float("nan")}, "label_smoothing must lie in [0, 1]"),
+    ({"label_smoothing": None}, "label_smoothing must be a number"),
+    ({"epochs": 2.0}, "epochs must be a positive integer"),
+    ({"epochs": True}, "epochs must be a positive integer"),
+    ({"hidden": 10**20}, "hidden must be a positive integer and <= 2147483647"),
+    ({"n_bins": 0}, "n_bins"),
 ])
 def test_bad_settings(kwargs, needle):
-    with pytest.raises(ValueError) as info:
+    """Every setting is checked up front, the error an InputError naming it."""
+    with pytest.raises(InputError) as info:
         tr.TrainConfig(**kwargs)
     assert needle in str(info.value)
+
+
+def test_numpy_settings_become_python_numbers():
+    """Settings go into metrics.json: NumPy integers and floats are taken, stored as Python's."""
+    config = tr.TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), seed=np.uint8(7))
+    assert (config.epochs, config.lr, config.seed) == (3, 0.5, 7)
+    assert [type(v) for v in (config.epochs, config.lr, config.seed)] == [int, float, int]
+    json.dumps(dataclasses.asdict(config))
 
 
 def small(**kw) -> tr.TrainConfig:
@@ -314,3 +342,12 @@ def test_cross_entropy_reaches_95_percent_before_mse_at_the_default_settings(dig
     ce, mse = res["ce"].epochs_to(), res["mse"].epochs_to()
     assert ce is not None
     assert mse is None or ce < mse
+
+
+def test_a_diverged_run_reports_nan_accuracy_not_class_0(digits):
+    """NaN logits predict nothing: NumPy's argmax would call every row class 0 (10% right)."""
+    result = tr.train("ce", tr.TrainConfig(epochs=1, hidden=4, lr=1e308), digits)
+    assert math.isnan(result.final.train_loss)
+    assert math.isnan(result.final.val_accuracy)
+    assert result.epochs_to() is None
+    assert tr.metrics_json({"ce": result})["ce"]["final_accuracy"] is None

@@ -21,17 +21,42 @@ def test_help_lists_every_command(runner):
         assert command in result.stdout
 
 
-def test_no_arguments_shows_help(runner):
+def test_no_arguments_shows_help_once(runner):
     result = runner.invoke(app, [])
     assert result.exit_code == 0
-    assert "tour" in result.stdout and "Usage" in result.stdout
+    assert "tour" in result.stdout
+    assert result.stdout.count("Usage: crossent [OPTIONS] COMMAND") == 1
+    assert result.stdout == runner.invoke(app, ["--help"]).stdout
 
 
-@pytest.mark.parametrize("command", ["tour", "explain", "quiz", "plot"])
-def test_each_command_has_help(runner, command):
-    result = runner.invoke(app, [command, "--help"])
+def test_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"crossent {version('crossent')}\n"
+
+
+COMMANDS = ["tour", "explain", "quiz", "plot", "train", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_plain_help(runner, command):
+    """Flags read as flags (no "<bool>"), no reStructuredText, every line fits 80 columns."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=80)
     assert result.exit_code == 0, result.output
-    assert "Usage" in result.stdout
+    assert result.stdout.startswith(f"Usage: crossent {command} [OPTIONS]")
+    assert "<bool>" not in result.stdout and "``" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert result.stdout.isascii()
+
+
+def test_command_list_is_not_cut(runner):
+    """Each command's one-line summary is whole (click shortens long ones with "...")."""
+    out = runner.invoke(app, ["--help"], terminal_width=80).stdout
+    listed = out[out.index("Commands:"):].splitlines()[1:]
+    assert [line.split()[0] for line in listed] == COMMANDS
+    assert not any(line.endswith("...") for line in listed)
 
 
 BAD = [
@@ -85,7 +110,7 @@ def test_console_script_and_cli_extra_are_declared():
 
 
 def test_core_import_does_not_import_the_cli_extra():
-    code = ("import sys, crossent, crossent.curves; "
+    code = ("import sys, crossent, crossent.teaching.curves; "
             "print(sorted(m for m in ('typer', 'rich', 'matplotlib') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)

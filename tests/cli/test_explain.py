@@ -81,3 +81,30 @@ def test_binary_probability_zero_is_clamped_like_the_loss(runner):
     clamped = 100 / math.log(2)  # log clamped at -100 nats, as PyTorch's BCE
     assert f"loss = the term = {f6(clamped)} bits ({f6(100.0)} nats)" in result.stdout
     assert "inf" not in result.stdout
+
+
+def test_ten_thousand_classes_in_bounded_memory_and_time(runner):
+    """No C x C identity (10,000 classes: 800 MB): under 50 MB of new arrays for the numbers;
+    every row printed, quickly (a rich table took half a minute)."""
+    import time
+    import tracemalloc
+
+    from crossent.cli import explain
+
+    probs = [1e-4] * 10_000
+    tracemalloc.start()
+    try:
+        explain.compute(probs=probs, logits=None, target=3, label_smoothing=0.0, base=2.0,
+                        binary=False, multilabel=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB"
+    start = time.perf_counter()
+    result = runner.invoke(app, ["explain", "--probs", ",".join(map(str, probs)),
+                                 "--target", "3"])
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.split()[:1] == ["9999"]]
+    assert len(rows) == 1
+    assert f"loss = sum of the terms = {f6(math.log2(1e4))} bits" in result.stdout

@@ -71,17 +71,20 @@ def test_same_seed_identical_json(runner, tmp_path):
 
 
 BAD = [
-    (["--loss", "hinge"], "unknown loss 'hinge'"),
+    (["--loss", "hinge"], "--loss: unknown loss 'hinge'"),
     (["--loss", "ce,"], "unknown loss ''"),
-    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--epochs", "0"], "'--epochs'"),
     (["--epochs", "x"], "--epochs"),
     (["--lr", "-0.1"], "lr must be a finite number > 0"),
     (["--lr", "0"], "lr must be a finite number > 0"),
     (["--lr", "nan"], "lr must be"),
-    (["--model", "cnn"], "unknown model 'cnn'"),
-    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
-    (["--seed", "-1"], "seed must be an integer >= 0"),
-    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--model", "cnn"], "model='cnn': unknown model"),
+    (["--optimizer", "rmsprop"], "optimizer='rmsprop': unknown optimizer"),
+    (["--seed", "-1"], "'--seed'"),
+    (["--batch-size", "0"], "'--batch-size'"),
+    (["--hidden", "0"], "'--hidden'"),
+    (["--hidden", str(10**20)], "hidden must be a positive integer and <= 2147483647"),
+    (["--lr", "inf"], "lr must be a finite number > 0"),
     (["--bogus"], "No such option"),
 ]
 
@@ -131,3 +134,14 @@ def test_command_defaults_are_the_library_defaults():
     defaults = tr.TrainConfig()
     for name in ("model", "epochs", "seed", "lr", "optimizer", "batch_size", "hidden"):
         assert params[name].default == getattr(defaults, name), name
+
+
+def test_a_diverged_run_is_said_and_stored_as_null(runner, tmp_path):
+    """lr 1e308: NaN weights after the first step. The command says which losses diverged;
+    metrics.json (strict JSON) holds null, not the 10% NumPy's argmax of NaN would give."""
+    result, data = train(runner, tmp_path, "--no-plots", "--loss", "ce,mse", "--lr", "1e308",
+                         "--epochs", "1")
+    assert "diverged (the training loss became NaN or infinite): ce, mse; a smaller --lr" in (
+        " ".join(result.stdout.split()))
+    for entry in data.values():
+        assert entry["final_accuracy"] is None and entry["epochs_to_95"] is None

@@ -1,8 +1,13 @@
-"""The benchmark entry point runs end to end at tiny sizes (no timing assertions)."""
+"""The benchmark entry point runs end to end at tiny sizes (no timing assertions), and what a
+user sees of it: progress and the time left on stderr, a table whose columns never run
+together, a figure whose title fits, the default output folder, options checked first."""
 
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from crossent.torch import bench
 
@@ -10,37 +15,106 @@ from crossent.torch import bench
 def test_bench_quick_writes_table_json_and_plot(tmp_path, capsys):
     results = bench.main(["ce-f32", "linear-f32", "--quick", "--repeats", "1", "--warmup", "0",
                           "--no-memory", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "crossent" in printed and "eager" in printed and "unfused" in printed
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved["configs"]) == {"ce-f32", "linear-f32"}
     assert saved["configs"]["ce-f32"]["contenders"]["crossent"]["median_ms"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png"]
     assert results is not None
+    progress = captured.err.splitlines()
+    assert progress[0].startswith("crossent bench: 2 configuration(s) on ")
+    assert progress[1] == "[1/2] ce-f32: 5 contenders, timing..."
+    assert "ce-f32: timed round 1/1 took " in captured.err
+    assert re.search(r"ce-f32 done in [\d.]+ (s|min) \([\d.]+ (s|min) in all\); about "
+                     r"[\d.]+ (s|min) left", captured.err), captured.err
+    assert "[2/2] linear-f32: 6 contenders, timing..." in progress
 
 
 def test_memory_child_reports_a_number():
     assert bench.memory_child("ce-f32", "crossent", "cpu", quick=True) >= 0.0
 
 
-def test_crossent_bench_command_runs_the_benchmark(tmp_path):
+def test_crossent_bench_command_writes_to_crossent_bench_by_default(tmp_path, monkeypatch):
+    """Run from a repository root, the default output is not benchmarks/results."""
     from typer.testing import CliRunner
 
     from crossent.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "ce-f32", "--quick", "--repeats", "1",
-                                      "--warmup", "0", "--no-memory", "--out", str(tmp_path)])
+    def no_timing(config, device, repeats, warmup, quick, on_round):  # the plumbing only
+        names = bench.contenders(config)
+        return ({n: {"median_ms": 1.0, "min_ms": 1.0, "runs_ms": [1.0]} for n in names},
+                bench.CONFIGS[config])
+
+    monkeypatch.setattr(bench, "time_config", no_timing)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "ce-small", "--repeats", "1", "--no-memory"])
     assert result.exit_code == 0, result.output
     assert "crossent-inplace" in result.stdout
-    assert json.loads((tmp_path / "bench.json").read_text())["repeats"] == 1
+    assert json.loads((tmp_path / "crossent-bench" / "bench.json").read_text())["repeats"] == 1
+    assert not any((tmp_path / "benchmarks" / "results").iterdir())
+    assert bench.DEFAULT_OUT.as_posix() == "crossent-bench"
 
 
-def test_crossent_bench_unknown_configuration_is_one_line_exit_2(tmp_path):
-    import subprocess
-    import sys
+def fake_results(configs: dict[str, float], memory: bool, device_name: str) -> dict:
+    """Results as ``run`` makes them, with chosen medians (ms) for every contender."""
+    out: dict = {"torch": "2.13.0", "device_name": device_name, "repeats": 5, "configs": {}}
+    for config, ms in configs.items():
+        kind, n, v, d, dtype = bench.CONFIGS[config]
+        base = "eager" if kind == "ce" else "unfused"
+        contenders = {}
+        for i, name in enumerate(bench.contenders(config)):
+            r = {"median_ms": ms * (i + 1), "min_ms": ms * (i + 1) * 0.9,
+                 "vs_" + base: float(i + 1), "min_vs_" + base: float(i + 1),
+                 "peak_mib": 123456.7 * (i + 1) if memory else None}
+            if kind == "ce":
+                r.update(vs_exp=12345.678 * (i + 1), min_vs_exp=12345.678)
+            if memory:
+                r["mem_vs_" + base] = float(i + 1)
+            contenders[name] = r
+        out["configs"][config] = {"shape": [kind, n, v, d, dtype], "contenders": contenders}
+    return out
 
-    done = subprocess.run([sys.executable, "-m", "crossent.cli", "bench", "ce-f64"],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "ce-f64" in done.stderr and "ce-f32" in done.stderr
-    assert "Traceback" not in done.stderr
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_table_columns_never_run_together(memory):
+    text = bench.table(fake_results({"ce-f32": 98765432.1, "linear-f32": 1.0}, memory, "cpu"))
+    blocks = [b.splitlines() for b in text.strip().split("\n\n")]
+    for block in blocks:
+        header, *rows = block[1:]
+        n = len(re.split(r"\s{2,}", header.strip()))
+        assert n == (7 if memory else 5) - ("linear" in block[0] and 1)
+        for row in rows:
+            cells = re.split(r"\s{2,}", row.strip())
+            assert len(cells) == n, row
+    assert "98765432.1" in text and ("123456.7" in text) == memory
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_figure_title_fits_and_no_empty_memory_panel(memory):
+    long_name = "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz 208 CPUs"
+    fig = bench.figure(fake_results({"ce-f32": 5.0}, memory, long_name))
+    assert len(fig.axes) == (2 if memory else 1)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert "208 CPUs" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--out", ""], "--out"),
+    (["ce-f64"], "unknown configuration 'ce-f64'"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_python_m_bench_bad_options_one_line_exit_2(argv, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--no-memory", "--out", str(tmp_path / "b"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m crossent.torch.bench: error: ")
+    assert needle in err
+    assert not (tmp_path / "b").exists()

@@ -1,6 +1,6 @@
 """``python -m crossent.cli``: the same as the ``crossent`` command."""
 
-from .app import main
+from . import main
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,23 @@
-"""Shared pieces of the command line: units, parsing of number lists, number formatting.
+"""Shared pieces of the command line: units, parsing of number lists, number formatting,
+and the standard streams (plain ASCII where they cannot encode Unicode).
 
 Parsing and formatting only: every number the CLI shows is computed by the library.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import math
+import os
+import re
+import sys
 from dataclasses import dataclass
 from enum import Enum
 
 from rich.console import Console
+
+from ..errors import InputError
 
 
 class Base(str, Enum):
@@ -43,33 +51,43 @@ def units(base: Base) -> tuple[Unit, Unit]:
 
 
 def parse_numbers(text: str, option: str) -> list[float]:
-    """``"0.1, 0.2,0.7"`` -> ``[0.1, 0.2, 0.7]``; a ``ValueError`` naming ``option`` otherwise."""
+    """``"0.1, 0.2,0.7"`` -> ``[0.1, 0.2, 0.7]``; an :class:`InputError` naming ``option``
+    for an empty list, an entry that is not a number, or one that is not finite."""
     items = [item.strip() for item in text.split(",")]
     if not any(items):
-        raise ValueError(f"{option} is empty; give comma-separated numbers such as 0.1,0.2,0.7")
+        raise InputError(f"{option} is empty; give comma-separated numbers such as 0.1,0.2,0.7")
     out = []
     for item in items:
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not a number") from None
-        if math.isnan(value):
-            raise ValueError(f"{option}: {item!r} is not a number")
+        if not _NUMBER.fullmatch(item):  # float() also takes "1_0", "１" and "٣"
+            raise InputError(f"{option}: {item!r} is not a number")
+        value = float(item)
+        if not math.isfinite(value):
+            raise InputError(f"{option}: {item!r} is not a finite number")
         out.append(value)
     return out
+
+
+_INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
+_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)",
+                     re.IGNORECASE)
+"""A number as written in ASCII: ``0.5``, ``-1e3``, ``.5``, ``inf`` (rejected as not finite)."""
 
 
 def parse_target(text: str) -> int | list[float]:
     """A class index (``"2"``) or a comma-separated probability vector (``"0,0,1"``)."""
     stripped = text.strip()
-    if "," not in stripped and stripped.lstrip("-").isdigit():
+    if _INDEX.fullmatch(stripped):
         return int(stripped)
     return parse_numbers(text, "--target")
 
 
 def fmt(x: float) -> str:
-    """A number as the CLI prints it: 6 decimals (the article's precision)."""
-    return f"{float(x):.6f}"
+    """A number as the CLI prints it: 6 decimals (the article's precision); from 1e15 on in
+    scientific notation (a logit of 1e308 is not 309 digits wide). ``-0.0`` prints as 0."""
+    value = float(x) + 0.0  # -0.0 + 0.0 is 0.0
+    if math.isfinite(value) and abs(value) >= 1e15:
+        return f"{value:.6e}"
+    return f"{value:.6f}"
 
 
 def short(x: float) -> str:
@@ -82,6 +100,83 @@ def vector(values: object) -> str:
     return "[" + ", ".join(short(v) for v in values) + "]"  # type: ignore[attr-defined]
 
 
+def columns(rows: list[list[str]], *, left: int | None = 0) -> list[str]:
+    """Rows of cells as lines: column ``left`` left-aligned (None: none), the others
+    right-aligned, two spaces between columns however wide the cells are."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i == left else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in rows]
+
+
 def console() -> Console:
     """A console on the current stdout (so test runners can capture it)."""
     return Console(highlight=False, soft_wrap=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The standard streams
+# --------------------------------------------------------------------------------------------
+
+ASCII = {
+    "\u00b7": "*", "\u2265": ">=", "\u2264": "<=", "\u2260": "!=", "\u2248": "~",
+    "\u00b2": "^2", "\u00d7": "x", "\u2212": "-", "\u2013": "-", "\u2014": "--",
+    "\u2192": "->", "\u2026": "...", "\u2018": "'", "\u2019": "'", "\u201c": '"',
+    "\u201d": '"', "\u221e": "inf", "\u03b1": "alpha", "\u03a3": "sum", "\u2211": "sum",
+}
+"""Plain-ASCII stand-ins for the characters the CLI's own text uses. Any other character comes
+from the user (a path, an option's value) and is shown escaped, ``\\xe9`` for ``é``: folded to
+``e`` it would name another file, or quote a value the user did not type."""
+
+
+def _to_ascii(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    chunk = err.object[err.start:err.end]
+    return "".join(ASCII.get(c) or _escape(c) for c in chunk), err.end
+
+
+def _escape(c: str) -> str:
+    return c.encode("ascii", "backslashreplace").decode("ascii")
+
+
+codecs.register_error("crossent-ascii", _to_ascii)
+
+
+def plain_text_streams() -> None:
+    """Make stdout and stderr write plain ASCII stand-ins (``·`` -> ``*``, ``≥`` -> ``>=``)
+    for what their encoding cannot hold (a C locale, ``PYTHONIOENCODING=ascii``, latin-1)
+    instead of failing with ``UnicodeEncodeError``. UTF-8 streams are left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        with contextlib.suppress(LookupError):
+            if codecs.lookup(encoding).name.startswith("utf"):
+                continue
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="crossent-ascii")  # type: ignore[union-attr]
+
+
+def open_closed_streams() -> bool:
+    """Give a standard stream that was closed when the command started (``<&-``, ``2>&-``,
+    which Python shows as ``sys.stdin = None``) an ``os.devnull`` in its place: a closed stdin
+    reads as empty, a closed stderr swallows the error lines (the exit code still tells).
+    Returns False when stdout is closed: nothing can be printed, a failure to report."""
+    for name, mode in (("stdin", "r"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            with contextlib.suppress(OSError):
+                setattr(sys, name, open(os.devnull, mode))  # open until the process ends
+    return sys.stdout is not None
+
+
+def silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null: after a write to it failed (a closed pipe, a
+    full disk), the interpreter's last flush must not fail again with a second message."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test runner's buffer)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

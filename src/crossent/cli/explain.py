@@ -1,19 +1,19 @@
 """``crossent explain``: one loss, every intermediate in a table.
 
 Softmax (or sigmoid) of the logits, the target after label smoothing, each class's (label's)
-term, their sum and the gradient, all from :mod:`crossent.curves` (which calls the library).
+term, their sum and the gradient, all from :mod:`crossent.teaching.curves` (which calls
+the library).
 """
 
 from __future__ import annotations
 
-from rich import box
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
-from rich.measure import Measurement
-from rich.table import Table
 
-from .. import curves
-from .common import Base, fmt, units
+from ..errors import InputError
+from ..teaching import curves
+from .common import Base, columns, fmt, units
 
 
 def compute(
@@ -26,18 +26,21 @@ def compute(
     binary: bool,
     multilabel: bool,
 ) -> curves.Breakdown:
-    """The breakdown the options ask for; a ``ValueError`` naming the problem otherwise."""
+    """The breakdown the options ask for; an :class:`InputError` naming the problem otherwise."""
     if (probs is None) == (logits is None):
-        raise ValueError("give exactly one of --probs and --logits")
+        raise InputError("give exactly one of --probs and --logits")
     if binary and multilabel:
-        raise ValueError("--binary and --multilabel exclude each other")
-    if binary or multilabel:
-        t = [float(target)] if isinstance(target, int) else target
-        return curves.label_breakdown(probs=probs, logits=logits, target=t,
-                                      label_smoothing=label_smoothing, base=base,
-                                      multilabel=multilabel)
-    return curves.multiclass_breakdown(probs=probs, logits=logits, target=target,
-                                       label_smoothing=label_smoothing, base=base)
+        raise InputError("--binary and --multilabel exclude each other")
+    # logits 1e308 apart overflow float64 on the way (max - min is inf): the loss shown is
+    # then inf, which is the float64 value; NumPy's overflow warnings would be noise on stderr
+    with np.errstate(over="ignore"):
+        if binary or multilabel:
+            t = [float(target)] if isinstance(target, int) else target
+            return curves.label_breakdown(probs=probs, logits=logits, target=t,
+                                          label_smoothing=label_smoothing, base=base,
+                                          multilabel=multilabel)
+        return curves.multiclass_breakdown(probs=probs, logits=logits, target=target,
+                                           label_smoothing=label_smoothing, base=base)
 
 
 def render(b: curves.Breakdown, beside_loss: float, base: Base, con: Console) -> None:
@@ -52,10 +55,7 @@ def render(b: curves.Breakdown, beside_loss: float, base: Base, con: Console) ->
     cols += ["q", "target t"] + (["smoothed t"] if smoothing else [])
     cols += ["term"] if multiclass else ["pos", "neg", "term"]
     cols += ["gradient"]
-    table = Table(title=f"{b.kind} cross-entropy, term by term ({unit.name})",
-                  box=box.SIMPLE_HEAD, padding=(0, 1))
-    for c in cols:
-        table.add_column(c, justify="right", no_wrap=True)
+    rows = [cols]
     for i in range(b.probs.size):
         row = [str(i)]
         row += [fmt(b.logits[i])] if b.logits is not None else []
@@ -64,12 +64,12 @@ def render(b: curves.Breakdown, beside_loss: float, base: Base, con: Console) ->
         if not multiclass:
             row += [fmt(b.pos_terms[i]), fmt(b.neg_terms[i])]  # type: ignore[index]
         row += [fmt(b.terms[i]), fmt(b.grad[i])]
-        table.add_row(*row)
-    # never cut a number: print at the table's natural width (a narrow terminal wraps it)
-    need = Measurement.get(con, con.options.update_width(500), table).maximum
-    wide = Console(width=max(con.width, need), file=con.file, highlight=False,
-                   force_terminal=con.is_terminal, no_color=con.no_color)
-    wide.print(table)
+        rows.append(row)
+    lines = columns(rows, left=0)
+    # plain lines, never wrapped or cut (a narrow terminal wraps them), written as they are: a
+    # rich Table takes half a minute for 10,000 classes, rich's line wrapping a second
+    title = f"{b.kind} cross-entropy, term by term ({unit.name})"
+    con.file.write("\n".join([title, lines[0], "-" * len(lines[0]), *lines[1:], ""]))
     t = "smoothed t" if smoothing else "t"
     legend = [f"q = {act}" if b.logits is not None else "q: as given"]
     if smoothing:
@@ -79,11 +79,14 @@ def render(b: curves.Breakdown, beside_loss: float, base: Base, con: Console) ->
         legend.append(f"term = {t}·{L}(1/q)")
     else:
         legend += [f"pos = {t}·{L}(1/q)", f"neg = (1 - {t})·{L}(1/(1 - q))", "term = pos + neg"]
+        if b.logits is None and bool(((b.probs == 0) | (b.probs == 1)).any()):
+            legend.append("each ln is clamped at -100, as torch's binary_cross_entropy does: "
+                          "q = 0 or 1 costs at most 100 nats per label")
     logit = ("" if b.logits is not None else
              ", logits taken as log q" if multiclass else ", logit taken as log(q / (1 - q))")
     legend.append(f"gradient = {act} - {t}: d loss (in nats) / d logit{logit}")
     for line in legend:
-        con.print(escape(line))
+        con.print(escape(line), soft_wrap=True)  # a formula is not cut in two at 80 columns
     what = "sum of the terms" if b.probs.size > 1 else "the term"
     con.print(f"loss = {what} = [bold]{fmt(b.loss)} {unit.name}[/] "
               f"({fmt(beside_loss)} {beside.name})")

@@ -11,17 +11,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from .. import article as art
-from .. import curves
+from ..errors import InputError
+from ..teaching import article as art
+from ..teaching import curves
 from .common import BITS, NATS, fmt, short, vector
 
 TOLERANCE = 0.005
 """How far a numeric answer may be from the exact value (in the unit it was given in)."""
+
+MAX_ANSWERS_BYTES = 1 << 20
+"""The most an answers file may hold (1 MiB): ``--answers /dev/zero`` must not read forever."""
 
 
 @dataclass(frozen=True)
@@ -159,11 +164,47 @@ def file_reader(lines: Iterator[str], con: Console) -> Callable[[str], str]:
     return read
 
 
+MAX_ANSWER_CHARS = 10_000
+"""The longest answer read from a pipe: ``crossent quiz < /dev/zero`` must not read forever."""
+
+
 def stdin_reader(con: Console) -> Callable[[str], str]:
-    """``input()``, echoing the answer when it comes from a pipe (a terminal echoes it)."""
+    """``input()`` on a terminal; from a pipe, one line of at most :data:`MAX_ANSWER_CHARS`
+    characters, echoed after the prompt (a terminal echoes it)."""
     def read(prompt: str) -> str:
-        line = input(prompt)
-        if not sys.stdin.isatty():
-            con.print(escape(line))
+        if sys.stdin.isatty():
+            return input(prompt)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        line = sys.stdin.readline(MAX_ANSWER_CHARS + 1)
+        if not line:
+            raise EOFError
+        if len(line) > MAX_ANSWER_CHARS:
+            raise InputError(f"standard input: an answer longer than {MAX_ANSWER_CHARS} "
+                             "characters; give one short answer per line")
+        line = line.rstrip("\n")
+        con.print(escape(line))
         return line
     return read
+
+
+def read_answers(path: Path | str, option: str) -> list[str]:
+    """The lines of the answers file ``path`` (UTF-8, at most :data:`MAX_ANSWERS_BYTES`);
+    an :class:`InputError` naming ``option`` when it is empty, cannot be read, is larger, or
+    is not UTF-8 text."""
+    if not str(path):
+        raise InputError(f"{option}: the path is empty")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ANSWERS_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"{option}: cannot read {str(path)!r}: {e.strerror or e}") from None
+    if len(data) > MAX_ANSWERS_BYTES:
+        raise InputError(f"{option}: {str(path)!r} holds more than {MAX_ANSWERS_BYTES >> 20} "
+                         "MiB; give one short answer per line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{option}: {str(path)!r} is not UTF-8 text (byte "
+                         f"0x{data[e.start]:02x} at offset {e.start})") from None
+    return text.splitlines()

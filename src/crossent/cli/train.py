@@ -2,14 +2,13 @@
 
 All the numbers come from :mod:`crossent.training`; this module shows the progress, prints
 the tables, writes ``metrics.json`` and draws the figures (accuracy against epoch for every
-loss on one plot, and one reliability diagram per loss). It also builds the tour's last
-chapter, a quick run of the same experiment.
+loss on one plot, and one reliability diagram per loss).
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,11 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table as RichTable
 
 from .. import training as tr
+from .files import save_figure, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .tour import Section
 
 
 def _epochs(value: int | None) -> str:
@@ -31,18 +29,17 @@ def _epochs(value: int | None) -> str:
 
 
 def _dataset() -> tr.Dataset:
-    try:
-        return tr.load_digits_split()
-    except ImportError:
-        raise ValueError("the digits data set needs scikit-learn: pip install "
-                         "'crossent[cli]' (or scikit-learn)") from None
+    # without scikit-learn: ModuleNotFoundError 'sklearn', which the command reports in one
+    # line with the extra to install
+    return tr.load_digits_split()
 
 
 def parse_losses(values: list[str] | None) -> list[str]:
     """``--loss ce --loss mse`` or ``--loss ce,mse``; every loss when none is given."""
     if not values:
         return list(tr.LOSSES)
-    return tr.check_losses([v.strip() for value in values for v in value.split(",")])
+    return tr.check_losses([v.strip() for value in values for v in value.split(",")],
+                           argument="--loss")
 
 
 def summary_rows(results: dict[str, tr.RunResult]) -> list[list[str]]:
@@ -65,7 +62,11 @@ def _epoch_line(name: str, m: tr.EpochMetrics, epochs: int, width: int) -> str:
 
 def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
         plots: bool = True) -> dict[str, tr.RunResult]:
-    """Train, report each epoch, print the summary, write metrics.json and the figures."""
+    """Train, report each epoch, print the summary, write metrics.json and the figures.
+
+    ``out`` is created (with its parents) after the training, so a failed or interrupted run
+    leaves nothing behind; the caller checks beforehand that it can be written
+    (:func:`crossent.cli.files.check_output_path`). Every file is written atomically."""
     data = _dataset()
     con.print(f"[bold]crossent train[/]: {config.model} on the digits "
               f"({data.x_train.shape[0]} training / {data.x_val.shape[0]} validation images, "
@@ -89,10 +90,13 @@ def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
     for row in summary_rows(results):
         table.add_row(*row)
     con.print(table)
+    diverged = [n for n, r in results.items() if not math.isfinite(r.final.train_loss)]
+    if diverged:
+        con.print(f"diverged (the training loss became NaN or infinite): "
+                  f"{', '.join(diverged)}; a smaller --lr may help")
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.json"
-    metrics.write_text(json.dumps(tr.metrics_json(results), indent=2, allow_nan=False) + "\n",
-                       encoding="utf-8")
+    write_atomic(metrics, json.dumps(tr.metrics_json(results), indent=2, allow_nan=False) + "\n")
     con.print(f"metrics written: {escape(str(metrics))}")
     if plots:
         for path in save_figures(results, out):
@@ -155,49 +159,10 @@ def save_figures(results: dict[str, tr.RunResult], out: Path) -> list[Path]:
     fig = _new_figure()
     draw_accuracy(fig, results)
     paths = [out / "accuracy.png"]
-    fig.savefig(paths[0], dpi=100)
+    save_figure(fig, paths[0], dpi=100)
     for name, r in results.items():
         fig = _new_figure()
         draw_reliability(fig, r)
         paths.append(out / f"reliability-{name}.png")
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1], dpi=100)
     return paths
-
-
-# --------------------------------------------------------------------------------------------
-# The tour's last chapter
-# --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def tour_results() -> dict[str, tr.RunResult]:
-    """Every loss trained with :data:`crossent.training.TOUR_CONFIG` (cached: the tour's
-    table and figure share one run)."""
-    return tr.compare(tr.LOSSES, tr.TOUR_CONFIG, _dataset())
-
-
-def draw_tour_figure(fig: Figure, base: float, unit: str) -> None:
-    draw_accuracy(fig, tour_results())
-
-
-def tour_section() -> Section:
-    from .tour import Section, Table
-
-    results = tour_results()
-    c = tr.TOUR_CONFIG
-    ce, mse = results["ce"].epochs_to(), results["mse"].epochs_to()
-    rows = [[name, _epochs(r.epochs_to()), f"{r.final.val_accuracy:.4f}",
-             f"{r.final.val_ece:.4f}"] for name, r in results.items()]
-    return Section("9. Training with each loss", [
-        f"The same {c.model} ({c.hidden} hidden units) trained on scikit-learn's digits for "
-        f"{c.epochs} epochs ({c.optimizer} lr {c.lr:g}, seed {c.seed}) once per loss, in "
-        "NumPy with crossent's analytic gradients. Through the softmax, the gradients of the "
-        "squared error (mse) and of 1 - q_true (abs) carry factors of the predicted "
-        "probabilities that fade on confident mistakes; cross-entropy's softmax(a) - b does "
-        "not. Here ce "
-        f"reaches 95% validation accuracy after {_epochs(ce)} epochs, mse after "
-        f"{_epochs(mse)}. The command crossent train runs the full experiment.",
-    ], tables=[Table(f"validation after {c.epochs} epochs (ECE: 15 bins)",
-                     ["loss", "epochs to 95%", "accuracy", "ECE"], rows)],
-        figures=["training"])
-

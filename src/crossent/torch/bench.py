@@ -9,8 +9,11 @@ warm-up step; ``getrusage`` where ``/proc`` is missing) minus the RSS
 once the inputs exist (crossent's reused CPU gradient buffers are released after the
 warm-up, so the measured step allocates and counts them); on CUDA
 ``torch.cuda.max_memory_allocated`` minus the inputs.
-Prints a table, writes ``<out>/bench.json`` and ``<out>/bench.png`` (time and memory per
-contender). ``--quick`` shrinks every size (a smoke test).
+Prints progress and the estimated time left on stderr, a table per configuration on stdout,
+and writes ``<out>/bench.json`` and ``<out>/bench.png`` (time and memory per contender;
+default ``--out crossent-bench``, so that a run from the repository root does not replace
+the committed ``benchmarks/results``). ``--out`` and ``--device`` are checked before the
+first step. ``--quick`` shrinks every size (a smoke test, seconds).
 """
 
 from __future__ import annotations
@@ -23,16 +26,23 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from .._files import check_output_path, save_figure, write_atomic
+from ..errors import InputError
 from . import functional as xf
 from ._buffers import empty_cache
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # name: (kind, N, V, D, dtype)
 CONFIGS = {
@@ -46,6 +56,7 @@ CONFIGS = {
     "linear-v128k": ("linear", 1024, 128256, 512, "float32"),
 }
 DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
+DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]
 LINEAR_CONTENDERS = ["unfused", "torch-lce", "torch-lce-chunk256", "crossent", "crossent-chunk64",
                      "crossent-chunk256"]
@@ -134,7 +145,10 @@ def _refill(case: Case) -> None:
         case.buf.copy_(case.logits)
 
 
-def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool):
+def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool,
+                on_round: Callable[[int, float], None] | None = None):
+    """Median and min of ``repeats`` timed steps per contender, after ``warmup`` untimed ones;
+    ``on_round(i, seconds)`` is called after round ``i`` (one step of every contender)."""
     case = make_case(config, device, quick)
     names = contenders(config)
     runs: dict[str, list[float]] = {n: [] for n in names}
@@ -142,7 +156,8 @@ def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool
         for _ in range(warmup):
             _refill(case)
             step(case, name)
-    for _ in range(repeats):
+    for i in range(1, repeats + 1):
+        started = time.perf_counter()
         for name in names:  # round-robin: noise hits every contender alike
             _refill(case)
             _sync(device)
@@ -150,6 +165,8 @@ def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool
             step(case, name)
             _sync(device)
             runs[name].append((time.perf_counter() - t0) * 1e3)
+        if on_round is not None:
+            on_round(i, time.perf_counter() - started)
     timing = {n: {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r}
               for n, r in runs.items()}
     return timing, case.shape
@@ -196,9 +213,14 @@ def memory_child(config: str, name: str, device: str, quick: bool) -> float:
     return (_hwm_kib() - base) / 1024
 
 
-def memory_config(config: str, device: str, quick: bool) -> dict[str, float | None]:
+def memory_config(config: str, device: str, quick: bool,
+                  on_start: Callable[[str, int], None] | None = None) -> dict[str, float | None]:
+    """Peak MiB of each contender, each in a fresh process; ``on_start(name, i)`` is called
+    before the ``i``-th (from 1)."""
     out: dict[str, float | None] = {}
-    for name in contenders(config):
+    for i, name in enumerate(contenders(config), 1):
+        if on_start is not None:
+            on_start(name, i)
         cmd = [sys.executable, "-m", "crossent.torch.bench", "--_memory-child", config, name,
                "--device", device] + (["--quick"] if quick else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -210,7 +232,23 @@ def memory_config(config: str, device: str, quick: bool) -> dict[str, float | No
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Report: the table, the figure
+# --------------------------------------------------------------------------------------------
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned, two
+    spaces between columns however wide the numbers get."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in rows]
+
+
 def table(results: dict) -> str:
+    """One block per configuration: medians, minima, ratios to the baseline (and to the
+    exp-floor for ``ce``), peak memory."""
     lines = []
     for config, res in results["configs"].items():
         kind, n, v, d, dtype = res["shape"]
@@ -219,80 +257,187 @@ def table(results: dict) -> str:
                      f" {dtype}, forward+backward, {results['repeats']} runs; ratios of medians"
                      f" (min-based in brackets) to {base}" + (" and to exp-floor" if
                                                               kind == "ce" else ""))
-        lines.append(f"{'contender':<20}{'median ms':>10}{'min ms':>9}{'x ' + base:>17}"
-                     f"{'x exp':>15}{'peak MiB':>10}{'x mem':>8}")
+        entries = res["contenders"].values()
+        with_exp = any("vs_exp" in r for r in entries)
+        with_mem = any(r.get("peak_mib") is not None for r in entries)
+        rows = [["contender", "median ms", "min ms", f"x {base} [min]"]
+                + (["x exp [min]"] if with_exp else [])
+                + (["peak MiB", "x mem"] if with_mem else [])]
         for name, r in res["contenders"].items():
-            mem = r.get("peak_mib")
-            mem_ratio = r.get("mem_vs_" + base)
-            vs_exp = (f"{r['vs_exp']:>7.2f} [{r['min_vs_exp']:.2f}]" if "vs_exp" in r
-                      else f"{'':>15}")
-            lines.append(
-                f"{name:<20}{r['median_ms']:>10.1f}{r['min_ms']:>9.1f}"
-                f"{r['vs_' + base]:>8.3f} [{r['min_vs_' + base]:.3f}]{vs_exp}"
-                + (f"{mem:>10.1f}" if mem is not None else f"{'-':>10}")
-                + (f"{mem_ratio:>8.3f}" if mem_ratio is not None else f"{'':>8}")
-            )
+            row = [name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
+                   f"{r['vs_' + base]:.3f} [{r['min_vs_' + base]:.3f}]"]
+            if with_exp:
+                row.append(f"{r['vs_exp']:.2f} [{r['min_vs_exp']:.2f}]" if "vs_exp" in r else "")
+            if with_mem:
+                mem, ratio = r.get("peak_mib"), r.get("mem_vs_" + base)
+                row += [f"{mem:.1f}" if mem is not None else "-",
+                        f"{ratio:.3f}" if ratio is not None else ""]
+            rows.append(row)
+        lines += _columns(rows)
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(results: dict) -> Figure:
+    """Median time per contender, one column per configuration, and below it the peak memory
+    (a row left out when no memory was measured, ``--no-memory``)."""
+    from matplotlib.figure import Figure
 
     configs = list(results["configs"])
-    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 6.5), squeeze=False)
+    with_mem = any(r.get("peak_mib") is not None for c in configs
+                   for r in results["configs"][c]["contenders"].values())
+    rows = 2 if with_mem else 1
+    width = max(4.2 * len(configs), 6.4)
+    fig = Figure(figsize=(width, 3.4 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, len(configs), squeeze=False)
     for col, config in enumerate(configs):
         res = results["configs"][config]["contenders"]
         names = list(res)
         axes[0, col].bar(names, [res[n]["median_ms"] for n in names], color="tab:blue")
         axes[0, col].set_title(config)
         axes[0, col].set_ylabel("forward+backward, ms (median)")
-        mems = [res[n].get("peak_mib") or 0.0 for n in names]
-        axes[1, col].bar(names, mems, color="tab:orange")
-        axes[1, col].set_ylabel("peak MiB above inputs")
+        if with_mem:
+            axes[1, col].bar(names, [res[n].get("peak_mib") or 0.0 for n in names],
+                             color="tab:orange")
+            axes[1, col].set_ylabel("peak MiB above inputs")
         for ax in axes[:, col]:
             ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.suptitle(f"crossent.torch vs torch {torch.__version__} on {results['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"crossent.torch vs torch {results['torch']} on {results['device_name']}"
+    fig.suptitle(textwrap.fill(title, width=int(width * 9)))  # ~9 characters per inch at 12 pt
+    return fig
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    p = argparse.ArgumentParser(prog="python -m crossent.torch.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="*", default=DEFAULT,
-                   help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-memory", dest="memory", action="store_false")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    unknown = [c for c in args.configs if c not in CONFIGS]
-    if unknown:
-        p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-    if args._memory_child:
-        config, name = args._memory_child
-        print(memory_child(config, name, args.device, args.quick))
-        return None
-    results = {
+def plot(results: dict, path: Path) -> None:
+    """:func:`figure`, written to ``path`` atomically."""
+    save_figure(figure(results), path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def check_device(device: str | None) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` present on this machine (default: cuda
+    when present); an :class:`~crossent.errors.InputError` naming ``--device`` otherwise."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {device!r} is not a device; use cpu or cuda") from None
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type != "cuda":
+        raise InputError(f"--device {device!r}: the benchmark runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device!r}: no CUDA device here (torch {torch.__version__}"
+                         ", torch.cuda.is_available() is False); use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device!r}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return str(parsed)
+
+
+def _work(config: str) -> float:
+    """A size to scale measured durations by: N x V logits (x D for the linear head)."""
+    kind, n, v, d, _ = CONFIGS[config]
+    return float(n * v * (d if kind == "linear" else 1))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class _Progress:
+    """Progress lines and the estimated time left, on stderr (stdout keeps the tables)."""
+
+    def __init__(self, configs: list[str], say: Callable[[str], None]) -> None:
+        self.configs, self.say = configs, say
+        self.spent: dict[str, float] = {}  # seconds per finished configuration
+        self.started = time.perf_counter()
+
+    def left(self, after: str) -> float:
+        """Seconds for the configurations after ``after``: each scaled by :func:`_work` from
+        the finished ones of its kind, or the mean of all finished ones when none of its kind
+        has run (``ce`` and ``linear`` steps do not scale alike)."""
+        rest = self.configs[self.configs.index(after) + 1:]
+        mean = sum(self.spent.values()) / len(self.spent)
+        total = 0.0
+        for c in rest:
+            same = [f for f in self.spent if CONFIGS[f][0] == CONFIGS[c][0]]
+            total += (sum(self.spent[f] / _work(f) for f in same) / len(same) * _work(c)
+                      if same else mean)
+        return total
+
+    def finished(self, config: str, seconds: float) -> None:
+        self.spent[config] = seconds
+        left = self.left(config)
+        elapsed = time.perf_counter() - self.started
+        more = (f"; about {_duration(left)} left (estimated from the finished ones)"
+                if config != self.configs[-1] else "")
+        self.say(f"  {config} done in {_duration(seconds)} ({_duration(elapsed)} in all){more}")
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(configs: list[str] | None = None, *, device: str | None = None, repeats: int = 5,
+        warmup: int = 1, memory: bool = True, quick: bool = False,
+        out: Path | str = DEFAULT_OUT, say: Callable[[str], None] | None = None) -> dict:
+    """Benchmark ``configs`` (default :data:`DEFAULT`); print a table per configuration, write
+    ``out/bench.json`` and ``out/bench.png`` and return the results.
+
+    The options are checked before the first step (an :class:`~crossent.errors.InputError`
+    naming the option); progress goes to ``say`` (default: a line on stderr)."""
+    configs = list(DEFAULT if configs is None else configs)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        what = f"unknown configuration {unknown[0]!r}" if unknown else "no configuration"
+        raise InputError(f"{what}; choose from {', '.join(CONFIGS)}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InputError(f"--repeats must be an integer >= 1 (got {repeats!r})")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise InputError(f"--warmup must be an integer >= 0 (got {warmup!r})")
+    device = check_device(device)
+    out = check_output_path(out, "--out", directory=True)
+    say = say or _to_stderr
+    results: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(),
-        "device": args.device, "threads": torch.get_num_threads(),
-        "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+        "device": device, "threads": torch.get_num_threads(),
+        "device_name": (torch.cuda.get_device_name(device) if device.startswith("cuda")
                         else f"{platform.processor() or platform.machine()} "
                              f"{os.cpu_count()} CPUs"),
-        "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+        "repeats": repeats, "warmup": warmup, "quick": quick,
         "loadavg_before": os.getloadavg(), "configs": {},
     }
-    for config in args.configs:
+    memory_note = (", peak memory in one fresh process per contender" if memory else "")
+    say(f"crossent bench: {len(configs)} configuration(s) on {results['device_name']}: "
+        f"{warmup} warm-up and {repeats} timed step(s) per contender{memory_note}. "
+        "torch.compile compiles on its first step (seconds to a minute); the time left is "
+        "estimated after each configuration (--quick: a smoke test).")
+    progress = _Progress(configs, say)
+    for i, config in enumerate(configs, 1):
         kind = CONFIGS[config][0]
-        timing, shape = time_config(config, args.device, args.repeats, args.warmup, args.quick)
-        mem = memory_config(config, args.device, args.quick) if args.memory else {}
+        started = time.perf_counter()
+        names = contenders(config)
+        say(f"[{i}/{len(configs)}] {config}: {len(names)} contenders, "
+            f"{'warm-up, then ' if warmup else ''}timing...")
+
+        def on_round(r: int, seconds: float, config: str = config) -> None:
+            if r == 1 or r == repeats:
+                left = (repeats - r) * seconds
+                say(f"  {config}: timed round {r}/{repeats} took {_duration(seconds)}"
+                    + (f"; about {_duration(left)} more of timing" if r < repeats else ""))
+
+        timing, shape = time_config(config, device, repeats, warmup, quick, on_round)
+
+        def on_start(name: str, j: int, config: str = config, k: int = len(names)) -> None:
+            say(f"  {config}: peak memory {j}/{k} ({name}, a fresh process)")
+
+        mem = memory_config(config, device, quick, on_start) if memory else {}
         base = "eager" if kind == "ce" else "unfused"
         for name, r in timing.items():
             r["vs_" + base] = r["median_ms"] / timing[base]["median_ms"]
@@ -305,16 +450,44 @@ def main(argv: list[str] | None = None) -> dict | None:
             if peak is not None and peak_base:
                 r["mem_vs_" + base] = peak / peak_base
         results["configs"][config] = {"shape": list(shape), "contenders": timing}
-        print(table({"configs": {config: results["configs"][config]},
-                     "repeats": args.repeats}), flush=True)
+        print(table({"configs": {config: results["configs"][config]}, "repeats": repeats}),
+              flush=True)
+        progress.finished(config, time.perf_counter() - started)
     results["loadavg_after"] = os.getloadavg()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    write_atomic(out / "bench.json", json.dumps(results, indent=1) + "\n")
     plot(results, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}; load average "
-          f"{results['loadavg_before']} -> {results['loadavg_after']}")
+          f"{results['loadavg_before']} -> {results['loadavg_after']}", flush=True)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """``python -m crossent.torch.bench``: the same options as ``crossent bench``."""
+    p = argparse.ArgumentParser(prog="python -m crossent.torch.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="*", default=DEFAULT,
+                   help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)}")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"folder for bench.json and bench.png (default: {DEFAULT_OUT})")
+    p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._memory_child:
+        config, name = args._memory_child
+        print(memory_child(config, name, check_device(args.device), args.quick))
+        return None
+    try:
+        return run(args.configs, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                   memory=args.memory, quick=args.quick, out=args.out)
+    except InputError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        p.exit(130, f"{p.prog}: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ every epoch, and write the results as JSON."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..activations import log_softmax
+from ..errors import InputError
 from ..losses import softmax_cross_entropy
 from .data import Dataset, load_digits_split
 from .losses import LOSSES, Loss, _check_gamma, make_loss
@@ -37,22 +39,51 @@ class TrainConfig:
     n_bins: int = N_BINS
 
     def __post_init__(self) -> None:
+        """Every setting checked (an :class:`~crossent.errors.InputError` naming it); NumPy
+        numbers become Python ones (the settings go into ``metrics.json``)."""
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+            raise InputError(f"model={self.model!r}: unknown model; choose from "
+                             f"{', '.join(MODELS)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "hidden", "n_bins"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer (got {value!r})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0 (got {self.seed!r})")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0 (got {self.lr!r})")
-        if not 0 <= self.label_smoothing <= 1:
-            raise ValueError(f"label_smoothing must lie in [0, 1] (got {self.label_smoothing!r})")
-        _check_gamma(self.gamma)
+            raise InputError(f"optimizer={self.optimizer!r}: unknown optimizer; choose from "
+                             f"{', '.join(OPTIMIZERS)}")
+        for name, low, high in (("epochs", 1, None), ("batch_size", 1, None),
+                                ("hidden", 1, MAX_HIDDEN), ("n_bins", 1, None),
+                                ("seed", 0, None)):
+            object.__setattr__(self, name, _integer(name, getattr(self, name), low, high))
+        lr = _real("lr", self.lr)
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"lr must be a finite number > 0 (got {self.lr!r})")
+        smoothing = _real("label_smoothing", self.label_smoothing)
+        if not 0 <= smoothing <= 1:
+            raise InputError(f"label_smoothing must lie in [0, 1] (got {self.label_smoothing!r})")
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "label_smoothing", smoothing)
+        object.__setattr__(self, "gamma", _check_gamma(self.gamma))
+
+
+MAX_HIDDEN = 2**31 - 1
+"""The most hidden units :class:`TrainConfig` takes: more would not fit NumPy's array sizes
+(and no memory: the first layer alone holds 64 x hidden float64 numbers)."""
+
+
+def _integer(name: str, value: Any, low: int, high: int | None) -> int:
+    """``value`` as an ``int`` in [low, high]; an :class:`InputError` naming ``name`` otherwise
+    (a bool is not an integer here)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if not ok or value < low or (high is not None and value > high):
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        limit = f" and <= {high}" if high is not None else ""
+        raise InputError(f"{name} must be {what}{limit} (got {value!r})")
+    return int(value)
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a ``float``; an :class:`InputError` naming ``name`` when it is not a real
+    number (a bool or a string is not)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+        raise InputError(f"{name} must be a number (got {value!r})")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -115,11 +146,19 @@ def evaluate(params: Params, loss: Loss, data: Dataset, n_bins: int = N_BINS
     metrics = EpochMetrics(
         0,
         loss.value(z_train, data.y_train),
-        float(np.mean(np.argmax(z_val, axis=-1) == data.y_val)),
+        _accuracy(z_val, data.y_val),
         float(softmax_cross_entropy(z_val, data.y_val)),
         rel.ece,
     )
     return metrics, rel
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of rows whose largest logit is the label's; NaN when a row's logits hold a
+    NaN (a diverged model predicts nothing: NumPy's argmax would say class 0)."""
+    if np.isnan(logits).any():
+        return math.nan
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 EpochCallback = Callable[[str, EpochMetrics], None]
@@ -159,16 +198,22 @@ def train(loss_name: str, config: TrainConfig = TrainConfig(), data: Dataset | N
     return result
 
 
-def check_losses(losses: Sequence[str]) -> list[str]:
-    """``losses`` with duplicates dropped, in the given order; ValueError for unknown names."""
+def check_losses(losses: Sequence[str], *, argument: str = "losses") -> list[str]:
+    """``losses`` with duplicates dropped, in the given order; an
+    :class:`~crossent.errors.InputError` naming ``argument`` (``crossent train`` passes
+    ``--loss``) for an unknown name or none."""
+    if isinstance(losses, str):  # "ce" would be read as the losses "c" and "e"
+        raise InputError(f"{argument} must be a sequence of names such as ['ce'] "
+                         f"(got {losses!r})")
     out: list[str] = []
     for name in losses:
         if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+            raise InputError(f"{argument}: unknown loss {name!r}; choose from "
+                             f"{', '.join(LOSSES)}")
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError(f"no loss given; choose from {', '.join(LOSSES)}")
+        raise InputError(f"{argument}: no loss given; choose from {', '.join(LOSSES)}")
     return out
 
 

@@ -9,6 +9,7 @@ focal loss are written here because the core has no loss of softmax probabilitie
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..activations import log_softmax
+from ..errors import InputError
 from ..grad import softmax_cross_entropy_grad
 from ..losses import softmax_cross_entropy
 
@@ -32,14 +34,18 @@ LOSS_TITLES = {
 
 def _rows(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float64 logits (N, C), integer labels (N,), one-hot (N, C)), checked."""
-    z = np.asarray(logits, dtype=float)
-    y = np.asarray(labels)
+    try:
+        z = np.asarray(logits, dtype=float)
+        y = np.asarray(labels)
+    except (TypeError, ValueError) as err:  # None, strings, ragged lists
+        raise InputError(f"logits and labels must be arrays of numbers ({err})") from None
     if z.ndim != 2:
-        raise ValueError(f"logits must have shape (N, C); got shape {z.shape}")
+        raise InputError(f"logits must have shape (N, C); got shape {z.shape}")
     if y.shape != (z.shape[0],) or (y.size and not np.issubdtype(y.dtype, np.integer)):
-        raise ValueError(f"labels must be {z.shape[0]} integer class indices; got {y.shape}")
+        raise InputError(f"labels must be {z.shape[0]} integer class indices; got shape "
+                         f"{y.shape}, dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
-        raise ValueError(f"labels must lie in [0, {z.shape[1]})")
+        raise InputError(f"labels must lie in [0, {z.shape[1]})")
     onehot = np.zeros_like(z)
     onehot[np.arange(y.size), y] = 1.0
     return z, y.astype(np.intp), onehot
@@ -105,10 +111,12 @@ def softmax_abs_grad(logits: Any, labels: Any) -> np.ndarray:
 
 
 def _check_gamma(gamma: float) -> float:
-    gamma = float(gamma)
-    if not (math.isfinite(gamma) and gamma >= 0):
-        raise ValueError(f"gamma={gamma!r} must be a finite number >= 0")
-    return gamma
+    """``gamma`` as a float; an :class:`~crossent.errors.InputError` naming it unless it is a
+    finite number >= 0."""
+    ok = isinstance(gamma, numbers.Real) and not isinstance(gamma, bool | np.bool_)
+    if not (ok and math.isfinite(gamma) and gamma >= 0):
+        raise InputError(f"gamma={gamma!r} must be a finite number >= 0")
+    return float(gamma)
 
 
 def softmax_focal_loss(logits: Any, labels: Any, *, gamma: float = 2.0) -> float:
@@ -210,4 +218,4 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
             lambda z, y: softmax_focal_loss(z, y, gamma=gamma),
             lambda z, y: softmax_focal_grad(z, y, gamma=gamma),
         )
-    raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    raise InputError(f"name: unknown loss {name!r}; choose from {', '.join(LOSSES)}")

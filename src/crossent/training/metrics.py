@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 N_BINS = 15
 """Bins of the expected calibration error (Guo et al. 2017 use 15)."""
 
@@ -33,12 +35,16 @@ def reliability(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> Reliability
     Bin b holds the confidences in ``(b / n_bins, (b + 1) / n_bins]`` (a confidence of exactly
     0 goes to the first bin), as in Guo et al.'s reference code.
     """
-    p = np.asarray(probs, dtype=float)
-    y = np.asarray(labels)
+    try:
+        p = np.asarray(probs, dtype=float)
+        y = np.asarray(labels)
+    except (TypeError, ValueError) as err:  # None, strings, ragged lists
+        raise InputError(f"probs and labels must be arrays of numbers ({err})") from None
     if p.ndim != 2 or y.shape != (p.shape[0],):
-        raise ValueError(f"probs (N, C) and labels (N,) expected; got {p.shape} and {y.shape}")
-    if not (isinstance(n_bins, int) and n_bins >= 1):
-        raise ValueError(f"n_bins={n_bins!r} must be a positive integer")
+        raise InputError(f"probs (N, C) and labels (N,) expected; got shapes {p.shape} and "
+                         f"{y.shape}")
+    if isinstance(n_bins, bool) or not (isinstance(n_bins, int) and n_bins >= 1):
+        raise InputError(f"n_bins={n_bins!r} must be a positive integer")
     conf = np.max(p, axis=-1)
     correct = (np.argmax(p, axis=-1) == y).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

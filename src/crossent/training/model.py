@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from ..errors import InputError
+
 MODELS = ("softmax", "mlp")
 
 Params = dict[str, np.ndarray]
@@ -25,7 +27,7 @@ def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.r
             "W2": rng.normal(0.0, math.sqrt(2.0 / hidden), (hidden, n_classes)),
             "b2": np.zeros(n_classes),
         }
-    raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    raise InputError(f"model={model!r}: unknown model; choose from {', '.join(MODELS)}")
 
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

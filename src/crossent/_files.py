@@ -1,0 +1,165 @@
+"""Output files: checked before the work starts, written atomically.
+
+Used by the ``crossent`` command and by :mod:`crossent.torch.bench`, so it imports nothing
+from :mod:`crossent.cli`. Every file they write goes through :func:`write_atomic` (or
+:func:`save_figure`): the bytes go to a temporary file in the same directory, which then
+replaces the target in one ``os.replace``, so a failed write never leaves a truncated file in
+place of a good one. :func:`check_output_path` runs before any long computation, so that
+``train``, ``bench`` and ``tour`` fail in their first second, not at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+def check_output_path(path: Path | str, option: str, *, directory: bool = False) -> Path:
+    """``path`` can be written (a file, or with ``directory=True`` a directory to create files
+    in); raises :class:`~crossent.errors.InputError` naming ``option`` otherwise.
+
+    The test is real: a file (or, where folders are missing, a folder) is created and removed
+    in the nearest existing directory. Directories that do not exist are not created here:
+    the caller decides (and documents) whether it creates them. Symbolic links are followed
+    (:func:`write_atomic` writes through them); a broken one, or a loop, is an error.
+    """
+    text = os.fspath(path)
+    if not text:
+        raise InputError(f"{option}: the path is empty")
+    if "\0" in text:  # from Python callers (argv has none); pathlib answers "does not exist"
+        raise InputError(f"{option} {text!r}: a path cannot hold a NUL character")
+    p = Path(text)
+    try:
+        _no_broken_link(p, option, text)
+        if directory:
+            if p.exists() and not p.is_dir():
+                raise InputError(f"{option} {text}: exists and is not a directory")
+            probe = p if p.exists() else _existing_parent(p, option)
+            folders_to_make = probe != p
+        else:
+            if p.is_dir():
+                raise InputError(f"{option} {text}: is a directory, expected a file")
+            if _is_special(p):  # /dev/null, /dev/stdout: written in place, nothing beside
+                return p
+            real = Path(os.path.realpath(p)) if p.is_symlink() else p  # written through
+            probe = _existing_parent(real, option)
+            folders_to_make = probe != real.parent
+        try:
+            _probe(probe, make_directory=folders_to_make)
+        except OSError as err:
+            raise InputError(f"{option} {text}: cannot write in {probe} "
+                             f"({err.strerror or err})") from None
+    except OSError as err:  # name too long, permission denied, read-only file system...
+        raise InputError(f"{option} {text}: {err.strerror or err}") from None
+    return p
+
+
+def _no_broken_link(p: Path, option: str, text: str) -> None:
+    """``p`` and the ancestors up to the first that exists are no broken symbolic link (or
+    loop of links): ``mkdir`` and ``open`` would fail on them after the work is done."""
+    for x in (p, *p.parents):
+        if x.exists():
+            return
+        if x.is_symlink():
+            try:
+                os.stat(x)
+            except OSError as err:
+                why = "a loop of symbolic links" if err.errno == errno.ELOOP else (
+                    f"a symbolic link to {os.readlink(x)}, which does not exist")
+                raise InputError(f"{option} {text}: {x} is {why}") from None
+
+
+def _probe(directory: Path, *, make_directory: bool) -> None:
+    """Create (and remove) a file, or a directory, in ``directory``: the only sure test that
+    it can be written (``os.access`` says yes to root on ``/proc`` or a read-only mount)."""
+    if make_directory:
+        os.rmdir(tempfile.mkdtemp(prefix=".crossent-probe.", dir=directory))
+    else:
+        fd, name = tempfile.mkstemp(prefix=".crossent-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+
+
+def _existing_parent(p: Path, option: str) -> Path:
+    """The nearest existing ancestor directory of ``p`` (a file in the way is an error)."""
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:  # "." or "/" ends the walk
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{option} {p}: {parent} is a file, not a directory")
+    return parent
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    Text is written as UTF-8. A symbolic link is written through (the file it points to is
+    replaced, the link stays), as the shell's ``>`` does. The temporary file is removed if
+    anything fails, Ctrl-C included. A device or a FIFO (``/dev/null``, ``/dev/stdout``) is
+    written in place.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if _is_special(Path(path)):  # /dev/null, /dev/stdout, a FIFO: never replaced by a file
+        try:
+            with open(path, "wb") as f:
+                f.write(payload)
+        except OSError as err:
+            if err.filename is None:
+                err.filename = os.fspath(path)
+            raise
+        return
+    target = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode(target))
+        os.replace(tmp, target)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = os.fspath(path)  # a failed write() names no file: say which
+        raise
+
+
+def _is_special(target: Path) -> bool:
+    """``target`` exists and is neither a regular file nor a directory: a device, a FIFO, a
+    socket. Written in place: ``os.replace`` would put a regular file where ``/dev/null`` was
+    (as root, for the whole machine)."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _mode(target: Path) -> int:
+    """The permissions of the file written: those of the file replaced, else the usual
+    ``0o666`` less the umask (mkstemp's ``0o600`` would hide the file from other users)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def save_figure(fig: Any, path: Path | str, **savefig_kwargs: Any) -> None:
+    """``fig.savefig`` to ``path`` atomically (format from the suffix, as matplotlib does)."""
+    import io
+
+    target = Path(path)
+    buf = io.BytesIO()
+    fmt = target.suffix.lstrip(".").lower() or None
+    fig.savefig(buf, format=fmt, **savefig_kwargs)
+    write_atomic(target, buf.getvalue())
