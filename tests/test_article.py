@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from crossent.article import EXAMPLES, binary_example, loss_from_logits_example
+from crossent.teaching.article import EXAMPLES, binary_example, loss_from_logits_example
 
 LOGS = {"bits": math.log2, "nats": math.log, "hartleys": math.log10}
 

@@ -1,4 +1,4 @@
-"""crossent.curves: the data behind the figures and ``explain``, checked against math."""
+"""crossent.teaching.curves: the data behind the figures and ``explain``, checked against math."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossent import curves
+from crossent import InputError
+from crossent.teaching import curves
 
 
 def at(c: curves.Curves, series: str, x: float) -> float:
@@ -97,7 +98,7 @@ def test_label_breakdown_binary_and_multilabel():
     ({"probs": [0.5, 0.5], "target": [0.5, 0.6]}, "target must sum to 1"),
 ])
 def test_breakdown_errors_name_the_problem(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         curves.multiclass_breakdown(**kwargs)
 
 
@@ -110,3 +111,12 @@ def test_breakdown_terms_sum_to_loss(logits, data):
                                     base=2)
     assert float(b.terms.sum()) == pytest.approx(b.loss, rel=1e-9, abs=1e-12)
     np.testing.assert_allclose(b.grad, b.probs - b.used_target, atol=1e-12)
+
+
+def test_teaching_modules_have_one_home():
+    """The article and the figures' data live in crossent.teaching only (no second copy)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("crossent.article") is None
+    assert importlib.util.find_spec("crossent.curves") is None
+    assert curves.__name__ == "crossent.teaching.curves"

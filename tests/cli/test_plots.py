@@ -84,3 +84,30 @@ def test_plot_command_writes_png_and_svg(runner, tmp_path, name):
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")
     assert root.find(".//{http://www.w3.org/2000/svg}g[@id='axes_1']") is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_figures_in_a_unit_change_with_the_base_and_the_others_do_not(name):
+    from crossent.cli.plots import FIGURES
+
+    def data(base, unit):
+        ax = make_figure(name, base, unit).axes[0]
+        return [np.asarray(v, float).tolist() for v in [ln.get_ydata() for ln in ax.lines]
+                + [[r.get_height() for r in c] for c in ax.containers]]
+
+    if name == "training":  # the tour's training run: unitless accuracies
+        assert not FIGURES[name].in_unit
+        return
+    same = data(2.0, "bits") == data(10.0, "hartleys")
+    assert same != FIGURES[name].in_unit
+
+
+def test_save_checks_the_suffix_before_writing(tmp_path):
+    from crossent import InputError
+    from crossent.cli.plots import save
+
+    with pytest.raises(InputError, match=r"must end in \.png or \.svg"):
+        save("log-loss", tmp_path / "sub" / "figure.jpg")
+    assert list(tmp_path.iterdir()) == []
+    path = save("log-loss", tmp_path / "sub" / "figure.svg")
+    assert [p.name for p in path.parent.iterdir()] == ["figure.svg"]  # no temporary left

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
+import crossent
 from crossent.cli import app
 from crossent.cli.plots import NAMES
 
@@ -72,3 +74,80 @@ def test_html_without_plots_has_no_images(runner, tmp_path):
     html = page.read_text()
     assert "<img" not in html and f6(math.log2(1 / 0.001)) in html
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_long_lines_wrap_under_their_value():
+    """A numbers: line longer than the terminal continues under its value (hanging indent)."""
+    import io
+
+    from rich.console import Console
+
+    from crossent.cli.tour import build_tour, render
+
+    buf = io.StringIO()
+    render(build_tour(), Console(file=buf, width=60, highlight=False))
+    lines = buf.getvalue().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  numbers: e = 0.2·log2"))
+    indent = len("  numbers: ")
+    follow = lines[start + 1:lines.index("  result:  1.485475 bits   (1.029653 nats)", start)]
+    assert follow and all(ln[:indent] == " " * indent and ln[indent] != " " for ln in follow)
+    text = "".join(ln[indent:].strip() + " " for ln in [lines[start], *follow])
+    assert text.replace("  ", " ").strip().endswith("0.464386 + 0.521090 + 0.500000")
+    assert max(len(ln.rstrip()) for ln in lines) <= 60
+
+
+def test_formulas_use_the_same_letters_and_quiz_4_shows_its_formula(runner):
+    out = runner.invoke(app, ["tour", "--no-plots"]).stdout
+    assert "y_i" not in out and "formula: e = sum_i p_i log(1/p_i)" in out
+    after = out[out.index("quiz 4: prediction [0.7, 0.2, 0.1], target [1, 0, 0]"):]
+    formula, numbers = after.splitlines()[1:3]
+    assert formula.strip() == "formula: c = sum_i p_i log(1/q_i)"
+    assert numbers.strip() == "numbers: c = 1·log2(1/0.7) + 0·log2(1/0.2) + 0·log2(1/0.1) = " \
+        "log2(1/0.7)"
+
+
+def _imports(path, package: str) -> set[str]:
+    """The crossent modules ``path`` imports (at the top or inside functions)."""
+    import ast
+
+    src = Path(crossent.__file__).parent
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            parts = package.split(".")  # the package ``path`` is in
+            base = parts[:len(parts) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{mod}.{alias.name}"
+                rel = Path(*sub.split(".")[1:])
+                is_module = (src / rel).with_suffix(".py").exists() or (src / rel).is_dir()
+                out.add(sub if is_module else mod)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("crossent")}
+
+
+def test_no_import_circle_between_the_cli_and_the_teaching_modules():
+    """tour -> plots -> train -> tour was a circle; the content model lives in teaching."""
+    src = Path(crossent.__file__).parent
+    graph = {}
+    for folder in ("cli", "teaching"):
+        for path in (src / folder).glob("*.py"):
+            name = f"crossent.{folder}" + ("" if path.stem == "__init__" else f".{path.stem}")
+            graph[name] = _imports(path, f"crossent.{folder}")
+    assert "crossent.teaching.content" in graph["crossent.cli.tour"]
+
+    def reach(start: str, seen: set[str]) -> None:
+        for nxt in graph.get(start, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+
+    for name in ("crossent.cli.tour", "crossent.cli.plots", "crossent.cli.html",
+                 "crossent.teaching.tour", "crossent.teaching.content"):
+        seen: set[str] = set()
+        reach(name, seen)
+        assert name not in seen, f"{name} imports itself through {sorted(seen)}"
+    for name, deps in graph.items():  # the teaching code never reaches the command line
+        if name.startswith("crossent.teaching"):
+            assert not any(d.startswith("crossent.cli") for d in deps), name

@@ -1,4 +1,4 @@
-"""The tour's figures, drawn with matplotlib (Agg, no display) from :mod:`crossent.curves`.
+"""The tour's figures, drawn with matplotlib (Agg, no display) from :mod:`crossent.teaching.curves`.
 
 ``make_figure(name)`` returns a :class:`matplotlib.figure.Figure` whose lines and bars hold
 exactly the library's numbers; ``render`` and ``save`` write it as PNG or SVG.
@@ -6,20 +6,24 @@ exactly the library's numbers; ``render`` and ``save`` write it as PNG or SVG.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import curves
-from ..article import COIN_BELIEF, COIN_TRUTH
+from ..errors import InputError
+from ..teaching import curves
+from ..teaching.article import COIN_BELIEF, COIN_TRUTH
+from ..teaching.tour import GRADIENT_LOGITS, GRADIENT_TARGET, training_results
+from .files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-GRADIENT_LOGITS = (2.0, 1.0, 0.1)
-GRADIENT_TARGET = (1.0, 0.0, 0.0)
+__all__ = ["FIGURES", "GRADIENT_LOGITS", "GRADIENT_TARGET", "NAMES", "FigureSpec",
+           "make_figure", "render", "save"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class FigureSpec:
     title: str
     alt: str  # what the figure shows, for the HTML page's alt text
     draw: Callable[[Figure, float, str], None]  # (figure, base, unit name)
+    in_unit: bool = True  # False: drawn in nats (or unitless) whatever the base
 
 
 def _axes(fig: Figure, title: str, xlabel: str, ylabel: str) -> Any:
@@ -90,9 +95,9 @@ def _gradient(fig: Figure, base: float, unit: str) -> None:
 
 
 def _training(fig: Figure, base: float, unit: str) -> None:
-    from .train import draw_tour_figure  # runs the tour's quick experiment (cached)
+    from .train import draw_accuracy
 
-    draw_tour_figure(fig, base, unit)
+    draw_accuracy(fig, training_results())  # the tour's quick experiment (cached)
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -106,17 +111,18 @@ FIGURES: dict[str, FigureSpec] = {
                    "at a fair coin", _coin_entropy),
         FigureSpec("log-loss", "Log loss for true label 1",
                    "Log-loss curve for true label 1: -ln q grows without bound as q goes "
-                   "to 0, while 1 - q and (1 - q)^2 stay in [0, 1]", _log_loss),
+                   "to 0, while 1 - q and (1 - q)^2 stay in [0, 1]", _log_loss, in_unit=False),
         FigureSpec("cross-entropy-vs-entropy", "Cross-entropy is at least entropy",
                    "Cross-entropy of every belief about the loaded coin stays above its "
                    "entropy and touches it only at the true bias 0.99", _cross_vs_entropy),
         FigureSpec("gradient", "Softmax cross-entropy gradient",
                    "Gradient per class of softmax cross-entropy for logits [2, 1, 0.1], "
-                   "true class 0: softmax(a) - b next to a finite difference", _gradient),
+                   "true class 0: softmax(a) - b next to a finite difference", _gradient,
+                   in_unit=False),
         FigureSpec("training", "Validation accuracy per epoch, one line per loss",
                    "Validation accuracy against epoch on the digits for cross-entropy, "
                    "squared error, plain error, label-smoothed cross-entropy and focal loss",
-                   _training),
+                   _training, in_unit=False),
     )
 }
 NAMES = tuple(FIGURES)
@@ -127,16 +133,18 @@ def make_figure(name: str, base: float = 2.0, unit: str = "bits") -> Figure:
     from matplotlib.figure import Figure
 
     if name not in FIGURES:
-        raise ValueError(f"unknown plot {name!r}; choose one of {', '.join(NAMES)}")
+        raise InputError(f"unknown plot {name!r}; choose one of {', '.join(NAMES)}")
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     FIGURES[name].draw(fig, base, unit)
     return fig
 
 
+@functools.lru_cache(maxsize=32)
 def render(name: str, fmt: str = "png", base: float = 2.0, unit: str = "bits") -> bytes:
-    """Figure ``name`` as PNG or SVG bytes."""
+    """Figure ``name`` as PNG or SVG bytes (cached: the tour's files and its web page share
+    each drawing)."""
     if fmt not in ("png", "svg"):
-        raise ValueError(f"unknown figure format {fmt!r}; use png or svg")
+        raise InputError(f"unknown figure format {fmt!r}; use png or svg")
     buf = io.BytesIO()
     make_figure(name, base, unit).savefig(buf, format=fmt, dpi=100)
     return buf.getvalue()
@@ -146,7 +154,8 @@ def save(name: str, path: Path, base: float = 2.0, unit: str = "bits") -> Path:
     """Write figure ``name`` to ``path``; its suffix (.png or .svg) picks the format."""
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
-        raise ValueError(f"--out {str(path)!r} must end in .png or .svg")
+        raise InputError(f"--out {str(path)!r} must end in .png or .svg")
+    data = render(name, fmt, base, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(render(name, fmt, base, unit))
+    write_atomic(path, data)
     return path

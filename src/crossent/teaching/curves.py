@@ -1,0 +1,334 @@
+"""The numbers behind the command line's figures and explanations, computed by the library.
+
+Each function returns NumPy arrays built by calling crossent's own functions (``surprisal``,
+``binary_entropy``, ``cross_entropy``, ``softmax_cross_entropy`` and its gradient...), so
+that what a figure shows is exactly what the library computes. Nothing here imports a
+plotting or terminal library: ``crossent.cli`` draws and prints what these return.
+
+>>> c = log_loss_curves()
+>>> i = int(np.flatnonzero(c.x == 0.5)[0])
+>>> round(float(c.series["-ln q"][i]), 6)  # ln 2
+0.693147
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _checks
+from ..activations import log_sigmoid, log_softmax, sigmoid, softmax
+from ..errors import InputError
+from ..grad import sigmoid_binary_cross_entropy_grad, softmax_cross_entropy_grad
+from ..losses import (
+    binary_cross_entropy,
+    multilabel_cross_entropy,
+    softmax_cross_entropy,
+)
+from ..measures import binary_entropy, cross_entropy, entropy, surprisal
+from ..targets import smooth_labels
+
+SUM_TOLERANCE = _checks.SUM_TOLERANCE
+Numbers = Sequence[float] | np.ndarray
+"""A 1-d list of numbers or a NumPy vector."""
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Named y-series over one x grid (all 1-d NumPy arrays of the same length)."""
+
+    x: np.ndarray
+    series: dict[str, np.ndarray]
+
+
+def grid(lo: float, hi: float, n: int, include: Sequence[float] = ()) -> np.ndarray:
+    """``n`` evenly spaced points in [lo, hi] plus the points in ``include``, sorted, unique.
+
+    >>> grid(0.0, 1.0, 3, include=[0.25]).tolist()
+    [0.0, 0.25, 0.5, 1.0]
+    """
+    return np.unique(np.concatenate([np.linspace(lo, hi, n), np.asarray(include, float)]))
+
+
+def surprisal_curve(*, base: float = 2.0, lo: float = 1e-3, n: int = 400) -> Curves:
+    """Surprise ``log(1/p)`` against p in [lo, 1] (the panda p = 0.001, the bird p = 0.5).
+
+    >>> c = surprisal_curve()
+    >>> float(c.series["surprisal"][c.x == 0.5][0])  # a bird: 1 bit
+    1.0
+    """
+    p = grid(lo, 1.0, n, include=[0.001, 0.5])
+    return Curves(p, {"surprisal": np.asarray(surprisal(p, base=base))})
+
+
+def coin_entropy_curve(*, base: float = 2.0, n: int = 401) -> Curves:
+    """Entropy of a coin against its bias (probability of heads), maximal at 0.5.
+
+    >>> c = coin_entropy_curve()
+    >>> float(c.series["entropy"].max())  # a fair coin: 1 bit
+    1.0
+    """
+    p = grid(0.0, 1.0, n, include=[0.5, 0.99])
+    return Curves(p, {"entropy": np.asarray(binary_entropy(p, base=base))})
+
+
+def log_loss_curves(*, lo: float = 1e-4, n: int = 400) -> Curves:
+    """The log loss ``-ln q`` for true label 1 next to ``1 - q`` and ``(1 - q)^2``.
+
+    x: the predicted probability q of the true class in [lo, 1] (the article's plot starts
+    at 1e-4, where ``-ln q`` is about 9.2). ``-ln q`` grows without bound as q -> 0 while
+    ``1 - q`` and ``(1 - q)^2`` never leave [0, 1]: too narrow to punish a confident mistake.
+    In nats (the article's plot uses the natural log).
+    """
+    return loss_comparison(grid(lo, 1.0, n, include=[0.5]))
+
+
+def coin_cross_entropy_curve(
+    truth: Sequence[float] = (0.99, 0.01), *, base: float = 2.0, lo: float = 1e-3, n: int = 400
+) -> Curves:
+    """Cross-entropy ``H(p, [b, 1 - b])`` of every belief b about a coin whose truth is p.
+
+    ``series["cross-entropy"]`` never drops below ``series["entropy"]`` (the constant
+    ``H(p)``) and touches it only at b = p[0] (Gibbs' inequality). The article's loaded coin:
+    p = [0.99, 0.01], believed to be [0.01, 0.99].
+    """
+    truth_arr = np.asarray(truth, float)
+    b = grid(lo, 1.0 - lo, n, include=[truth_arr[0], truth_arr[1], 0.5])
+    beliefs = np.stack([b, 1.0 - b], axis=-1)
+    ce = np.asarray(cross_entropy(truth_arr, beliefs, base=base))
+    h = float(entropy(truth_arr, base=base))
+    return Curves(b, {"cross-entropy": ce, "entropy": np.full_like(b, h)})
+
+
+def finite_difference_grad(
+    f: Callable[[np.ndarray], float], x: Numbers, *, h: float = 1e-6
+) -> np.ndarray:
+    """Central differences ``(f(x + h e_i) - f(x - h e_i)) / 2h`` for every coordinate i.
+
+    >>> finite_difference_grad(lambda v: float((v**2).sum()), [1.0, -2.0]).round(6).tolist()
+    [2.0, -4.0]
+    """
+    x0 = np.asarray(x, float)
+    out = np.empty_like(x0)
+    for i in range(x0.size):
+        step = np.zeros_like(x0)
+        step[i] = h
+        out[i] = (f(x0 + step) - f(x0 - step)) / (2 * h)
+    return out
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """The article's gradient ``softmax(a) - b`` next to a finite difference of the loss."""
+
+    logits: np.ndarray
+    probs: np.ndarray  # softmax(a)
+    target: np.ndarray  # b, one-hot or soft
+    analytic: np.ndarray  # softmax_cross_entropy_grad, i.e. softmax(a) - b
+    numeric: np.ndarray  # central finite difference of softmax_cross_entropy
+    max_abs_diff: float
+
+
+def softmax_gradient_check(
+    logits: Sequence[float], target: Sequence[float], *, h: float = 1e-6
+) -> GradientCheck:
+    """Check ``d/da cross_entropy(softmax(a), b) = softmax(a) - b`` on one row of logits.
+
+    >>> g = softmax_gradient_check([2.0, 1.0, 0.1], [1.0, 0.0, 0.0])
+    >>> g.max_abs_diff < 1e-8
+    True
+    """
+    a = np.asarray(logits, float)
+    b = np.asarray(target, float)
+
+    def loss(z: np.ndarray) -> float:
+        return float(softmax_cross_entropy(z[None], b[None], reduction="sum"))
+
+    analytic = np.asarray(softmax_cross_entropy_grad(a[None], b[None], reduction="sum"))[0]
+    numeric = finite_difference_grad(loss, a, h=h)
+    return GradientCheck(
+        a, np.asarray(softmax(a)), b, analytic, numeric, float(np.max(np.abs(analytic - numeric)))
+    )
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Every intermediate of one cross-entropy loss, for ``crossent explain``.
+
+    ``kind`` is ``"multiclass"`` (softmax over classes), ``"binary"`` (one probability of
+    the positive class) or ``"multilabel"`` (independent labels, losses summed). ``terms``
+    holds each class's (label's) contribution in ``base`` and sums to ``loss``; for binary
+    and multi-label, ``pos_terms`` (``t log(1/q)``) and ``neg_terms``
+    (``(1 - t) log(1/(1 - q))``) add up to ``terms``. ``grad`` is the gradient of the loss
+    in nats with respect to the logits (``log q`` for multiclass probabilities, ``log(q / (1
+    - q))`` for binary ones): ``softmax(a) - b`` or ``sigmoid(x) - t``.
+    """
+
+    kind: str
+    base: float
+    logits: np.ndarray | None
+    probs: np.ndarray
+    target: np.ndarray  # as given (a class index becomes its one-hot row)
+    used_target: np.ndarray  # after label smoothing
+    terms: np.ndarray
+    pos_terms: np.ndarray | None
+    neg_terms: np.ndarray | None
+    loss: float  # in base, as the library's loss reports it
+    loss_nats: float
+    grad: np.ndarray
+
+
+def _vector(values: Numbers, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=float).reshape(-1)
+    if arr.size == 0:
+        raise InputError(f"{name} is empty; give at least one number")
+    return arr
+
+
+def _check_sums_to_one(v: np.ndarray, name: str) -> None:
+    total = float(v.sum())
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        raise InputError(f"{name} must sum to 1 (they sum to {total:.6g})")
+
+
+def _multiclass_target(target: int | Numbers, num_classes: int) -> np.ndarray:
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if not 0 <= int(target) < num_classes:
+            raise InputError(
+                f"target class index {int(target)} is out of range for {num_classes} classes "
+                f"(valid: 0..{num_classes - 1})"
+            )
+        row = np.zeros(num_classes)  # not np.eye(C)[k]: C x C floats for 10^5 classes
+        row[int(target)] = 1.0
+        return row
+    t = _vector(target, "target")  # type: ignore[arg-type]
+    if t.size != num_classes:
+        raise InputError(
+            f"target has {t.size} {'entry' if t.size == 1 else 'entries'} but there are "
+            f"{num_classes} classes; give a class index (an integer) or one probability per class"
+        )
+    _checks.check_in_unit_interval(np, t, "target")
+    _check_sums_to_one(t, "target")
+    return t
+
+
+def _log_in(base: float, label_smoothing: float) -> float:
+    _checks.check_fraction(label_smoothing, "label_smoothing")
+    _checks.check_base(base)
+    return math.log(base)
+
+
+def multiclass_breakdown(
+    *,
+    target: int | Sequence[float],
+    probs: Sequence[float] | None = None,
+    logits: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    base: float = 2.0,
+) -> Breakdown:
+    """Softmax cross-entropy of one example, term by term (give ``probs`` or ``logits``).
+
+    ``target`` is a class index or a probability vector. Label smoothing turns it into
+    ``(1 - alpha) t + alpha / C``.
+
+    >>> b = multiclass_breakdown(probs=[0.1, 0.2, 0.7], target=2)
+    >>> round(b.loss, 6), [round(float(g), 2) for g in b.grad]  # log2(1/0.7); q - t
+    (0.514573, [0.1, 0.2, -0.3])
+    """
+    if (probs is None) == (logits is None):
+        raise InputError("give exactly one of probs and logits")
+    ln_base = _log_in(base, label_smoothing)
+    if logits is not None:
+        z = _vector(logits, "logits")
+        q = np.asarray(softmax(z))
+        log_q = np.asarray(log_softmax(z))
+    else:
+        q = _vector(probs, "probs")  # type: ignore[arg-type]
+        _checks.check_in_unit_interval(np, q, "probs")
+        _check_sums_to_one(q, "probs")
+        with np.errstate(divide="ignore"):
+            log_q = np.log(q)
+        z = log_q
+    t = _multiclass_target(target, q.size)
+    used = np.asarray(smooth_labels(t, label_smoothing))
+    terms = np.where(used == 0, 0.0, -used * np.where(used == 0, 0.0, log_q)) / ln_base
+    loss_nats = float(softmax_cross_entropy(z[None], t[None], label_smoothing=label_smoothing,
+                                            reduction="sum", validate=False))
+    grad = np.asarray(softmax_cross_entropy_grad(
+        z[None], t[None], label_smoothing=label_smoothing, reduction="sum", validate=False
+    ))[0]
+    return Breakdown("multiclass", base, None if logits is None else z, q, t, used, terms,
+                     None, None, loss_nats / ln_base, loss_nats, grad)
+
+
+def label_breakdown(
+    *,
+    target: Sequence[float],
+    probs: Sequence[float] | None = None,
+    logits: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    base: float = 2.0,
+    multilabel: bool = False,
+) -> Breakdown:
+    """Binary (one label) or multi-label (several labels, losses summed) cross-entropy.
+
+    Each label j has a probability ``q_j`` of being present (``sigmoid`` of a logit) and a
+    target ``t_j`` in [0, 1]; its loss is ``t_j log(1/q_j) + (1 - t_j) log(1/(1 - q_j))``.
+    Label smoothing makes ``t_j (1 - alpha) + alpha / 2`` (two outcomes per label). With
+    probabilities, each log is clamped at -100 as :func:`crossent.binary_cross_entropy` does
+    (PITFALLS 5), so a probability of exactly 0 or 1 costs at most 100 nats per label.
+
+    >>> b = label_breakdown(probs=[0.7], target=[1.0], base=math.e)  # the article's cat
+    >>> round(b.loss, 6)
+    0.356675
+    """
+    if (probs is None) == (logits is None):
+        raise InputError("give exactly one of probs and logits")
+    ln_base = _log_in(base, label_smoothing)
+    name = "logits" if logits is not None else "probs"
+    values = _vector(logits if logits is not None else probs, name)  # type: ignore[arg-type]
+    if not multilabel and values.size != 1:
+        what = "logit" if logits is not None else "probability"
+        raise InputError(
+            f"binary cross-entropy takes one {what} (of the positive class), got "
+            f"{values.size}; several labels are multi-label"
+        )
+    t = _vector(target, "target")
+    if t.size != values.size:
+        raise InputError(f"target has {t.size} entries but {name} has {values.size}")
+    _checks.check_in_unit_interval(np, t, "target")
+    pair = np.asarray(smooth_labels(np.stack([t, 1.0 - t], axis=-1), label_smoothing))
+    used = pair[:, 0]
+    if logits is not None:
+        x = values
+        q = np.asarray(sigmoid(x))
+        log_q, log_1mq = np.asarray(log_sigmoid(x)), np.asarray(log_sigmoid(-x))
+        loss_nats = float(multilabel_cross_entropy(x[None], used[None], reduction="sum"))
+    else:
+        q = values
+        _checks.check_in_unit_interval(np, q, "probs")
+        with np.errstate(divide="ignore"):
+            x = np.log(q) - np.log1p(-q)
+            # clamped at -100 as binary_cross_entropy (and PyTorch) does, so terms sum to loss
+            log_q, log_1mq = np.maximum(np.log(q), -100.0), np.maximum(np.log1p(-q), -100.0)
+        loss_nats = float(binary_cross_entropy(q, used, reduction="sum"))
+    pos = np.where(used == 0, 0.0, -used * np.where(used == 0, 0.0, log_q)) / ln_base
+    neg = np.where(used == 1, 0.0, -(1 - used) * np.where(used == 1, 0.0, log_1mq)) / ln_base
+    grad = np.asarray(sigmoid_binary_cross_entropy_grad(x, used, reduction="sum"))
+    return Breakdown("multilabel" if multilabel else "binary", base,
+                     None if logits is None else x, q, t, used, pos + neg, pos, neg,
+                     loss_nats / ln_base, loss_nats, grad)
+
+
+def loss_comparison(q_true: Numbers) -> Curves:
+    """``-ln q``, ``1 - q`` and ``(1 - q)^2`` at chosen probabilities of the true class.
+
+    >>> round(float(loss_comparison([0.5]).series["-ln q"][0]), 6)
+    0.693147
+    """
+    q = np.asarray(q_true, float)
+    series = {"-ln q": np.asarray(surprisal(q)), "1 - q": 1.0 - q, "(1 - q)^2": (1.0 - q) ** 2}
+    return Curves(q, series)
