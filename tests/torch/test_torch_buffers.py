@@ -92,7 +92,7 @@ def test_growing_sizes_do_not_pile_up_in_the_pool():
     for n in (8, 16, 32, 64):
         _grad(torch.randn(n, 7), y[:n])
     assert len(_buffers._pool) == 1
-    assert _buffers._pool[0].nbytes() == 64 * 7 * 4
+    assert _buffers._pool[0].nbytes == 64 * 7 * 4
 
 
 def test_disabled_reuse_keeps_nothing_and_empty_cache_releases():

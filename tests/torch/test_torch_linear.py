@@ -11,6 +11,7 @@ from fused_testing import DEVICES, close
 
 import crossent as xe
 import crossent.torch as xt
+from crossent.errors import InputError
 
 N, D, C = 19, 6, 11
 
@@ -178,12 +179,16 @@ def test_bad_arguments_raise():
         xt.linear_cross_entropy(x, w, y, b[:-1])
     with pytest.raises(ValueError, match="target"):
         xt.linear_cross_entropy(x, w, y[:-1])
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(InputError, match="features"):  # (C, 2, 3): 3 features, not 6
         xt.linear_cross_entropy(x, w.reshape(C, 2, 3), y)
     with pytest.raises(ValueError, match=r"flatten \(B, T, D\)"):
         xt.linear_cross_entropy(x.reshape(1, *x.shape), w, y.reshape(1, -1))
     with pytest.raises(ValueError, match="chunk_size"):
         xt.linear_cross_entropy(x, w, y, chunk_size=0)
+    with pytest.raises(InputError, match="dtype"):
+        xt.linear_cross_entropy(x, w, y, b.float())
+    with pytest.raises(InputError, match="ignore_index"):
+        xt.linear_cross_entropy(x, w, torch.softmax(x @ w.T, 1), ignore_index=-100)
 
 
 @pytest.mark.parametrize("kw", [dict(chunk_size=4), dict(z_loss=1e-3)])

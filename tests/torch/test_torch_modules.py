@@ -80,9 +80,20 @@ def test_linear_training_loop_matches_torch():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_module_rejects_k_dimensional_heads():
-    with pytest.raises(NotImplementedError):
-        xt.LinearCrossEntropyLoss(4, 3, out_features=(2,))
+@pytest.mark.parametrize("kw", [dict(out_features=(2, 3), bias=True),
+                                dict(options=nn.LinearCrossEntropyOptions(batch_chunk_size=4))])
+def test_linear_module_k_dimensional_heads_and_options_match_torch(kw):
+    torch.manual_seed(0)
+    theirs = nn.LinearCrossEntropyLoss(4, 5, **kw).double()
+    ours = xt.LinearCrossEntropyLoss(4, 5, **kw).double()
+    ours.load_state_dict(theirs.state_dict())  # same keys, same shapes
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 5, (8, *kw.get("out_features", ())))
+    want, got = theirs(x, y), ours(x, y)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
 
 
 @pytest.mark.parametrize("fused", ["cross_entropy", "linear_cross_entropy"])

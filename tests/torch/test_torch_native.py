@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fused_testing import DEVICES, close
 
 import crossent.torch as xt
+from crossent.errors import InputError
 from crossent.torch import functional
 
 pytestmark = pytest.mark.native_dispatch
@@ -142,11 +143,14 @@ def test_small_inputs_take_any_integer_target_dtype(dtype):
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32),
                                              (torch.float32, torch.float64),
                                              (torch.float32, torch.bfloat16)])
-def test_small_linear_head_with_mixed_dtypes(x_dtype, w_dtype):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_linear_head_with_mixed_dtypes_raises_as_torch(x_dtype, w_dtype, chunk_size):
     x, w = torch.randn(8, 4).to(x_dtype), torch.randn(C, 4).to(w_dtype).requires_grad_()
     y = torch.randint(0, C, (8,))
-    out = xt.linear_cross_entropy(x, w, y)
-    out.backward()
-    want = F.cross_entropy(x.double() @ w.detach().double().T, y)
-    close(out, want, rtol=1e-2)
-    assert out.dtype == x_dtype and w.grad.dtype == w_dtype
+    with pytest.raises(RuntimeError):  # torch's own verdict
+        F.linear_cross_entropy(x, w, y)
+    with pytest.raises(InputError, match="one dtype"):
+        xt.linear_cross_entropy(x, w, y, chunk_size=chunk_size)
+    with pytest.raises(InputError, match="one dtype"):
+        xt.linear_cross_entropy(x, w.detach().to(x_dtype), y, w[:, 0].detach(),
+                                chunk_size=chunk_size)

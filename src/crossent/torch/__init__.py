@@ -5,7 +5,14 @@ block, and a chunked linear + cross-entropy head that never holds all the logits
 ``torch.nn.functional.cross_entropy`` / ``torch.nn.CrossEntropyLoss`` and
 ``xt.linear_cross_entropy`` / ``xt.LinearCrossEntropyLoss`` torch's linear versions.
 ``python -m crossent.torch.bench`` measures them against torch. On CPU the gradient
-buffers are reused from step to step (:func:`empty_cache`, :func:`set_buffer_reuse`).
+buffers are reused from step to step (:func:`empty_cache`, :func:`set_buffer_reuse`),
+never while anything (a tensor, a view, another process through shared memory) can
+still see them.
+
+The contract: torch's numbers or an error naming what is unsupported. Double backward,
+``torch.func`` transforms, forward-mode AD and ``jit.trace`` work (through a composable
+path in plain torch ops, :mod:`crossent.torch._composite`); bad input raises
+:class:`crossent.InputError`; see docs/guarantees.md.
 """
 
 from ._buffers import empty_cache, set_buffer_reuse

@@ -16,17 +16,23 @@ logit is read from memory once and every gradient entry written once:
 All arithmetic is float32 (float64 for float64 input, so gradcheck works); a bfloat16 or
 float16 block is converted into a float32 work buffer first and the finished float32
 gradient (true-class ``p - 1`` included) is rounded once when copied out (PITFALLS 6).
+That is the whole gradient for ``grad_output == 1`` (``loss.backward()``); any other
+``grad_output`` multiplies the stored low-precision gradient in backward, a second
+rounding (``reduction="none"`` in the linear head scales in float32 instead: one).
 Semantics are ``torch.nn.functional.cross_entropy``'s plus crossent's ``z_loss`` and
 ``softcap`` (see :func:`crossent.softmax_cross_entropy`).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .. import _checks
+from ..errors import InputError, UnsupportedError
 
 # float32 bytes of logits per block. CPU: measured best at 8 MiB on a 2-core EPYC (2 MiB
 # L2 per core, 32 MiB L3): smaller blocks pay more Python overhead per row, larger ones
@@ -54,6 +60,9 @@ class Options:
     z_loss: float
     softcap: float | None
     reduction: str
+    # the "mean" denominator given by the caller (``num_items=``), or None for torch's;
+    # with one, ``reduction`` is "mean" (sum / num_items) whether the caller said so or "sum"
+    num_items: float | None = None
 
 
 @dataclass
@@ -75,6 +84,50 @@ def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap
     _checks.check_softcap(softcap)
 
 
+def check_num_items(num_items, reduction: str) -> float | None:
+    """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None.
+
+    It replaces the ``"mean"`` denominator: the loss is ``sum / num_items`` (for
+    ``"mean"`` and ``"sum"`` alike), so gradient-accumulation micro-batches divided by the
+    whole batch's count add up to the full batch's mean. A tensor costs one host
+    synchronisation (the check); it is a constant (one that requires grad raises)."""
+    if num_items is None:
+        return None
+    if reduction == "none":
+        raise InputError(f"num_items={num_items!r} with reduction='none': it divides the "
+                         f"summed loss; use reduction='mean' or 'sum' (or leave it None)")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise InputError(f"num_items must be a positive number or a 0-d real tensor; got "
+                             f"a {num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+        if num_items.requires_grad:
+            raise UnsupportedError("num_items that requires grad: crossent treats it as a "
+                                   "constant count; detach it")
+        value = float(num_items.detach())
+    elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
+        value = float(num_items)
+    else:
+        raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
+                         f"0-d tensor) or None")
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
+                         f"summed loss is divided by)")
+    return value
+
+
+def kernel_reduction(opts: Options) -> str:
+    """The reduction a kernel that knows nothing of ``num_items`` is asked for: ``"sum"``
+    when the caller's count divides it afterwards (:func:`divide_by_num_items`)."""
+    return "sum" if opts.num_items is not None else opts.reduction
+
+
+def divide_by_num_items(total: torch.Tensor, opts: Options) -> torch.Tensor:
+    """``total / num_items`` in the compute dtype (``total`` unchanged without one)."""
+    if opts.num_items is None:
+        return total
+    return total.to(compute_dtype(total.dtype)) / opts.num_items
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (gradcheck); everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -83,7 +136,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_index_dtype(target: torch.Tensor) -> None:
     """Raise for a target dtype that holds neither class indices nor probabilities."""
     if target.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise ValueError(f"target must hold class indices or probabilities, got {target.dtype}")
+        raise InputError(f"target must hold class indices or probabilities, got {target.dtype}")
 
 
 def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
@@ -106,8 +159,11 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
                  dtype: torch.dtype = torch.float32) -> Rows:
     """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
     device = target.device
+    given = (None if opts.num_items is None
+             else torch.tensor(opts.num_items, device=device, dtype=dtype))
     if target.is_floating_point():
-        denominator = torch.tensor(float(num_rows), device=device, dtype=dtype)
+        denominator = (torch.tensor(float(num_rows), device=device, dtype=dtype)
+                       if given is None else given)
         scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
         if opts.reduction == "mean":
             scale /= denominator
@@ -116,7 +172,7 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
     index = torch.where(valid, target, 0)
     validf = valid.to(dtype)
     w_y = validf if opts.weight is None else opts.weight[index] * validf
-    denominator = w_y.sum()
+    denominator = w_y.sum() if given is None else given
     # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
     # its gradient 0, as in torch)
     scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf

@@ -4,25 +4,35 @@
 signature, deprecated ``size_average``/``reduce`` included; class dimension 1) and
 ``linear_cross_entropy`` for ``torch.nn.functional.linear_cross_entropy`` (same argument
 order). Both accept crossent's
-``z_loss`` and ``softcap`` too. Device-agnostic (CPU and CUDA): plain tensor operations
-applied to blocks of rows; see :mod:`crossent.torch._kernels`.
+``z_loss`` and ``softcap`` too, and ``num_items`` (the summed loss over a caller's count,
+for gradient accumulation), ``backend`` and, on the linear head, ``shift`` (the causal-LM
+label shift). Device-agnostic (CPU and CUDA): plain tensor operations applied to blocks
+of rows (:mod:`crossent.torch._kernels`), torch's own kernel for small inputs, the Triton
+kernels on GPUs; :func:`crossent.torch._backends.choose_backend` decides which, per call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from . import _buffers
+from ..errors import InputError, UnsupportedError
+from . import _backends, _buffers, _composite
 from ._kernels import (
     Options,
+    block_rows,
     check_index_dtype,
+    check_num_items,
     check_options,
     compute_dtype,
     cross_entropy_rows,
+    divide_by_num_items,
+    kernel_reduction,
     prepare_rows,
     reduce_losses,
 )
@@ -71,46 +81,206 @@ def _take(ctx, name: str):
     return value
 
 
+def _check_intact(ctx, name: str) -> None:
+    """The inputs saved for a double backward are what forward saw."""
+    for t, version in zip(ctx.inputs, ctx.versions, strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"crossent.torch.{name}: an input was modified in place after the forward "
+                f"pass; backward with create_graph=True recomputes from it"
+            )
+
+
+def _double_backward(ctx, grad_output, name: str, loss_fn):
+    """Backward with ``create_graph=True`` (grad mode on inside backward): the fused
+    kernel's stored gradient is a constant to autograd, so the gradient is recomputed
+    from the saved inputs with differentiable torch ops (:mod:`._composite`) and returned
+    with its graph: Hessians, gradient penalties and MAML get torch's numbers."""
+    if getattr(ctx, "inplace", False):
+        raise UnsupportedError(
+            f"crossent.torch.{name}: double backward (backward with create_graph=True, "
+            f"torch.autograd.grad(..., create_graph=True)) is not supported with "
+            f"inplace_backward=True: the logits were overwritten by their gradient"
+        )
+    _check_intact(ctx, name)
+    wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)
+              if need and t is not None]
+    with torch.enable_grad(), _no_autocast(ctx.device_type):
+        loss = loss_fn(*ctx.inputs).to(grad_output.dtype)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True,
+                                         allow_unused=True))
+    return [next(grads) if need and t is not None else None
+            for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]
+
+
+def _no_autocast(device_type: str):
+    """The fused kernels choose their own dtypes; autocast must not re-cast their ops."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _save_inputs(ctx, *inputs) -> None:
+    """Keep the inputs (with their autograd history) for a double backward. A reference,
+    not a copy: the inputs of a loss are alive until backward in a training step anyway."""
+    ctx.inputs = inputs
+    ctx.versions = [None if t is None else t._version for t in inputs]
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, rows, opts, inplace):
-        grad = logits if inplace else _buffers.empty(logits.shape, logits.dtype, logits)
+    def forward(ctx, logits, target, weight, rows, opts, inplace, out_dtype):
+        need_logits = ctx.needs_input_grad[0]
+        grad = None
+        if need_logits:
+            grad = logits if inplace else _buffers.empty(logits.shape, logits.dtype, logits)
         losses = cross_entropy_rows(logits, target, rows, opts, grad)
-        ctx.grad, ctx.reduction = grad, opts.reduction
+        ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
         ctx.keep = logits.dtype == torch.float64
-        return reduce_losses(losses, rows, opts.reduction).to(logits.dtype)
+        ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
+        _save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        grad = _take(ctx, "grad")
-        grad = grad.clone() if ctx.keep else grad
-        _scale_stored(grad, grad_output, ctx.reduction)
-        return grad, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _double_backward(
+                ctx, grad_output, "cross_entropy",
+                lambda z, t, w: _composite.cross_entropy(z, t, w, ctx.opts))
+            return (*grads, None, None, None, None)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = _take(ctx, "grad")
+            grad = grad.clone() if ctx.keep else grad
+            _scale_stored(grad, grad_output, ctx.reduction)
+        dt, dw = None, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dt, dw = _target_weight_grads(ctx, grad_output)
+        return grad, dt, dw, None, None, None, None
+
+
+def _target_weight_grads(ctx, grad_output):
+    """Closed forms for probability targets, from the saved logits, block by block:
+    with ``T = ((1 - eps) t + eps / C) w`` and row scale ``r_n`` (the reduction's
+    ``1/N`` or 1, times ``grad_output``), ``dL/dt_nc = -(1 - eps) w_c r_n log p_nc`` and
+    ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, where a ``T_nc = 0``
+    facing ``log p_nc = -inf`` counts 0 (the loss's own rule)."""
+    z, t, weight = ctx.inputs
+    _check_intact(ctx, "cross_entropy")
+    opts, (num_rows, num_classes) = ctx.opts, z.shape
+    cdtype = compute_dtype(z.dtype)
+    eps, w = opts.label_smoothing, opts.weight
+    scale = ctx.rows.scale * (grad_output.to(cdtype).reshape(-1) if ctx.reduction == "none"
+                              else grad_output.to(cdtype))
+    need_t, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    dw = torch.zeros(num_classes, dtype=cdtype, device=z.device) if need_w else None
+    block = block_rows(num_classes, z.device)
+    for i in range(0, num_rows, block):
+        j = min(i + block, num_rows)
+        zb = z[i:j].detach().to(cdtype)
+        if opts.softcap is not None:
+            zb = opts.softcap * torch.tanh(zb / opts.softcap)
+        logp = torch.log_softmax(zb, 1)
+        mix = t[i:j].detach().to(cdtype) * (1.0 - eps) + eps / num_classes
+        big_t = mix if w is None else mix * w
+        logp = torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
+        logp.mul_(scale[i:j].unsqueeze(1))
+        if dt is not None:
+            dt[i:j] = logp * (-(1.0 - eps) if w is None else -(1.0 - eps) * w)
+        if dw is not None:
+            dw -= (mix * logp).sum(0)
+    return dt, None if dw is None else dw.to(weight.dtype)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    """An integer (Python int, NumPy integer, integer 0-d tensor). torch raises
+    ``TypeError`` for a float, even 3.0; crossent raises :class:`InputError`, never
+    truncates (3.7 is not 3)."""
+    if isinstance(ignore_index, bool):
+        raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise InputError(f"ignore_index={ignore_index!r} must be an integer (torch raises "
+                         f"TypeError for a float, even an integral one)") from None
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise InputError(f"{name}={value!r} must be an integer >= 1 (or None)")
+    return n
 
 
 def _options(weight, num_classes, like, ignore_index, reduction, label_smoothing, z_loss,
-             softcap) -> Options:
+             softcap, input_dtype=None, num_items=None) -> Options:
+    """Checked options; ``opts.weight`` is a detached copy in the compute dtype (the
+    fused kernels' constant). ``input_dtype``: the dtype torch would compare ``weight``
+    with (the logits' dtype, float32 for low-precision logits under autocast). With
+    ``num_items`` the reduction is ``"mean"`` over that count (see
+    :func:`~crossent.torch._kernels.check_num_items`)."""
     check_options(reduction, label_smoothing, z_loss, softcap)
+    count = check_num_items(num_items, reduction)
+    ignore = -100 if ignore_index is None else _check_ignore_index(ignore_index)
     if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
+                             f"{type(weight).__name__}")
         if tuple(weight.shape) != (num_classes,):
-            raise ValueError(
+            raise InputError(
                 f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
                 f"one weight per class"
             )
+        want = like.dtype if input_dtype is None else input_dtype
+        if _autocast_dtype(weight, like.device.type) != want:
+            raise InputError(
+                f"weight has dtype {weight.dtype}; expected the input's {want} (as "
+                f"torch.nn.functional.cross_entropy, which raises too)"
+            )
         weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
     return Options(
-        weight, -100 if ignore_index is None else int(ignore_index), float(label_smoothing),
-        float(z_loss), None if softcap is None else float(softcap), reduction,
+        weight, ignore, float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap),
+        reduction if count is None else "mean", count,
     )
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
+    """The dtype a cross-entropy argument has after autocast's float32 policy (torch lists
+    cross_entropy among the ops autocast runs in float32: float16/bfloat16 become
+    float32)."""
+    if t.dtype in _LOW and torch.is_autocast_enabled(device_type):
+        return torch.float32
+    return t.dtype
+
+
+def _loss_dtype(loss_dtype, logits: torch.Tensor) -> torch.dtype:
+    """``loss_dtype`` if given, else torch's: the logits' dtype, float32 under autocast."""
+    if loss_dtype is None:
+        return _autocast_dtype(logits, logits.device.type)
+    if not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
+            and not loss_dtype.is_complex):
+        raise InputError(f"loss_dtype={loss_dtype!r} must be a floating torch.dtype "
+                         f"(e.g. torch.float32) or None")
+    return loss_dtype
 
 
 def _flatten(input: torch.Tensor, target: torch.Tensor):
     """(N, C, d1, ...) -> (M, C) logits, (M,) or (M, C) target, and the per-row shape."""
-    if not input.is_floating_point():
-        raise ValueError(f"input must be a floating tensor of logits, got {input.dtype}")
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise InputError(f"input must be a floating tensor of logits, got "
+                         f"{getattr(input, 'dtype', type(input).__name__)}")
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be a tensor, got {type(target).__name__}")
     if input.dim() == 0:
-        raise ValueError("input must have a class dimension; got a 0-d tensor")
+        raise InputError("input must have a class dimension; got a 0-d tensor")
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -119,25 +289,27 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
         row_shape = (input.shape[0], *input.shape[2:])
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise ValueError(
+            raise InputError(
                 f"probability target has shape {tuple(target.shape)}; expected the input's "
                 f"{tuple(input.shape)}"
             )
-        target = target.movedim(1, -1).reshape(-1, num_classes)
+        target = target.movedim(1, -1).reshape(math.prod(row_shape), num_classes)
     else:
         if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
-            raise ValueError(
+            raise InputError(
                 f"class-index target has shape {tuple(target.shape)}; expected "
                 f"{(input.shape[0], *input.shape[2:])} for input of shape {tuple(input.shape)}"
             )
         target = target.reshape(-1)
-    logits = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, num_classes)
+    logits = (input if input.dim() == 2
+              else input.movedim(1, -1).reshape(math.prod(row_shape), num_classes))
     return logits.contiguous(), target, row_shape
 
 
 # Below this many logits torch's own C++ kernel wins: the fused kernel's ~60 tensor
 # operations of Python dispatch cost ~0.3 ms, torch eager takes 0.04 ms at 64 x 10 and
 # 0.2 ms at 256 x 1000; the two cross between 0.5 and 1.5 M logits on a 2-core CPU.
+# (Read at every call: the tests lower it to send small inputs through the fused kernel.)
 _NATIVE_MAX_LOGITS = 1 << 19
 
 
@@ -149,23 +321,57 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
     return name
 
 
-def _native_is_faster(num_logits: int, target: torch.Tensor, opts: Options) -> bool:
-    """Small input with options torch has (index targets, no z-loss, no softcap).
-    Probability targets always take the fused kernel: it keeps a zero target's term at
-    exactly 0 where a logit is -inf, where torch's gives NaN."""
-    return (num_logits < _NATIVE_MAX_LOGITS and not target.is_floating_point()
-            and opts.z_loss == 0.0 and opts.softcap is None)
-
-
 def _native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
-                          opts: Options) -> torch.Tensor:
+                          weight: torch.Tensor | None, opts: Options,
+                          out_dtype: torch.dtype) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with the arithmetic in float32 (float64
-    stays): low-precision logits are converted first and the gradient rounded once."""
-    check_index_dtype(target)
-    out = F.cross_entropy(input.to(compute_dtype(input.dtype)), target.long(), opts.weight,
-                          ignore_index=opts.ignore_index, reduction=opts.reduction,
+    stays): low-precision logits are converted first and the gradient rounded once.
+    Every cast is differentiable, so torch computes the target's and the weight's
+    gradients itself (and double backward, transforms); ``num_items`` divides the sum."""
+    cdtype = compute_dtype(input.dtype)
+    if target.is_floating_point():
+        target = target.to(cdtype)
+    else:
+        check_index_dtype(target)
+        target = target.long()
+    if weight is not None:
+        weight = weight.to(device=input.device, dtype=cdtype)
+    out = F.cross_entropy(input.to(cdtype), target, weight, ignore_index=opts.ignore_index,
+                          reduction=kernel_reduction(opts),
                           label_smoothing=opts.label_smoothing)
-    return out.to(input.dtype)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _composite_reason(num_classes: int, inplace_grads: bool, *tensors) -> str | None:
+    """What needs the composable path (plain torch ops), in words, or None."""
+    if num_classes == 0:
+        return "C = 0 (no classes)"
+    if inplace_grads:
+        return "target or weight gradients with inplace_backward=True"
+    if _composite.composable_required(*tensors):
+        return "torch.func transforms, forward-mode AD or torch.jit.trace"
+    return None
+
+
+def _triton_refusal(input_dtype: torch.dtype, out_dtype: torch.dtype, *, target_grad: bool,
+                    weight_grad: bool, retain: bool = False) -> str | None:
+    """What of this call the Triton kernels do not support, in words, or None."""
+    if target_grad:
+        return "a gradient for the target (probability targets that require grad)"
+    if weight_grad:
+        return "a gradient for the class weight"
+    if retain:
+        return "options.allow_retain_graph=True (backward twice)"
+    if input_dtype in _LOW and out_dtype != input_dtype:
+        return (f"a {out_dtype} loss from {input_dtype} input (loss_dtype, or autocast's "
+                f"float32 loss): the Triton kernels return the loss in the input's dtype")
+    return None
+
+
+def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
+    if prob and opts.ignore_index >= 0:
+        raise InputError(f"ignore_index={opts.ignore_index} with probability targets: it "
+                         f"applies to class indices only (torch raises too)")
 
 
 # torch.compile: the kernels are loops of tensor ops with host-side checks; traced, they
@@ -184,6 +390,9 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Fused softmax cross-entropy: ``torch.nn.functional.cross_entropy`` with the gradient
     computed in the forward pass, block of rows by block of rows.
@@ -201,12 +410,21 @@ def cross_entropy(
     Args:
         input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; float32, bfloat16 or
             float16 (all arithmetic in float32 inside; loss and gradient in the input dtype).
+            ``C = 0`` follows torch: all targets ignored gives NaN (``"mean"``) or 0,
+            any other index raises ``IndexError``.
         target: class indices ``()``, ``(N)`` or ``(N, d1, ...)`` (integer), or class
-            probabilities shaped like ``input`` (floating; no gradient flows to them).
-        weight: per-class weights ``(C)``.
+            probabilities shaped like ``input`` (floating; a target that requires grad
+            gets torch's gradient, in closed form from the saved logits).
+        weight: per-class weights ``(C)``, of the input's dtype (torch raises for another
+            dtype; so does crossent, :class:`crossent.InputError`). With probability
+            targets a weight that requires grad gets torch's gradient (closed form);
+            with index targets torch raises ("not differentiable with respect to
+            weight"), and so does crossent (:class:`crossent.UnsupportedError`).
         size_average, reduce: torch's deprecated pair, mapped to ``reduction`` as torch maps
             them (with a warning); they keep the positional order of torch's signature.
         ignore_index: index targets equal to it give loss 0, gradient 0, and are not counted.
+            An integer: a float (3.7, even 3.0) raises :class:`crossent.InputError` (torch
+            raises ``TypeError``), never truncated.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, shape of ``target``).
         label_smoothing: eps in [0, 1].
         z_loss: coefficient of ``lse^2`` added per counted row; not class-weighted.
@@ -216,6 +434,35 @@ def cross_entropy(
             after the call). Only use it when nothing else reads the logits afterwards;
             autograd raises if an op that saved them for its own backward needs them.
             For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
+            Double backward then raises :class:`crossent.UnsupportedError`.
+        loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32
+            loss from bfloat16 logits outside autocast (the arithmetic is float32 either
+            way; only the final rounding changes). Default ``None``: torch's, the input's
+            dtype, or float32 for float16/bfloat16 logits under ``torch.autocast`` (torch
+            runs cross_entropy in float32 there). The gradient keeps the input's dtype.
+        num_items: the count the summed loss is divided by, instead of ``"mean"``'s own
+            denominator: the loss is ``sum_n l_n / num_items`` (``"mean"`` and ``"sum"``
+            alike; ``"none"`` raises :class:`crossent.InputError`). For gradient
+            accumulation and data parallelism: give every micro-batch (every rank) the
+            whole batch's count of non-ignored targets (``sum_n w[y_n]`` with class
+            weights) and the summed micro-batch losses (and gradients) equal the full
+            batch's mean, where the mean of micro-batch means does not (the Hugging Face
+            Trainer's ``num_items_in_batch``). A positive int, float or 0-d tensor
+            (one host synchronisation to check it; a constant: one that requires grad
+            raises :class:`crossent.UnsupportedError`); 0, negative, NaN or inf raise
+            :class:`crossent.InputError`. Every rows' gradient is scaled by
+            ``1 / num_items``, on every backend and autograd path.
+        backend: which kernel computes the loss (:mod:`crossent.torch._backends`):
+            ``"auto"`` (default: torch's own kernel for small inputs with torch's
+            options, the Triton kernels for CUDA/ROCm tensors when triton is installed
+            and the call needs nothing they lack, else crossent's row-block kernel);
+            ``"native"`` (``torch.nn.functional.cross_entropy`` in float32: torch's
+            numbers, torch's probability-target NaN included; ``z_loss``/``softcap``
+            raise :class:`crossent.UnsupportedError`); ``"rowblock"`` (crossent's
+            row-block kernel at every size); ``"triton"`` (the Triton kernels, on CPU
+            tensors only under ``TRITON_INTERPRET=1``; a target or weight gradient, a
+            transform, ``C = 0`` or a loss dtype other than low-precision input's raise
+            :class:`crossent.UnsupportedError` naming it).
 
     Reduction rules (PyTorch's): ``"mean"`` divides the summed row losses (and z-loss
     terms) by the number of non-ignored rows, or by ``sum_n w[y_n]`` with class weights;
@@ -239,7 +486,24 @@ def cross_entropy(
     Under ``torch.no_grad()`` or for logits that need no gradient, only the loss is
     computed. The stored gradient is consumed by the first backward: backward twice
     (``retain_graph=True``) raises, except for float64 input (kept, scaled out of place,
-    so ``torch.autograd.gradcheck`` works); double backward is not supported.
+    so ``torch.autograd.gradcheck`` works).
+
+    Autograd contract (torch's numbers or an error, never a constant gradient):
+    double backward (``create_graph=True``: Hessians, gradient penalties, MAML) recomputes
+    the gradient in backward with differentiable torch ops from the saved logits (which
+    therefore stay alive until backward; an in-place change of them raises).
+    ``torch.func.grad``/``vmap``/``jvp``/``jacrev``/``jacfwd``, forward-mode AD
+    (``torch.autograd.forward_ad``), ``torch.jit.trace`` and ``C = 0`` take the composable
+    path: the same loss in plain torch ops (torch's memory: ``N x C`` intermediates), see
+    :mod:`crossent.torch._composite`; so do target/weight gradients with
+    ``inplace_backward=True`` (which then leaves the logits intact). Otherwise the
+    gradients of a probability target and of class weights are closed forms computed in
+    backward, block by block, from the saved logits
+    (``dL/dt_nc = -(1 - eps) w_c r_n log p_nc``,
+    ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, ``r_n`` the row's
+    ``grad_output`` times ``1/N`` or 1). Low-precision gradients: formed in float32 and
+    rounded once in forward; a ``grad_output`` other than 1 multiplies the rounded
+    gradient (a second rounding, as torch's own bf16 backward rounds more than once).
 
     Reference: ``torch.nn.functional.cross_entropy``; :func:`crossent.softmax_cross_entropy`
     for ``z_loss`` and ``softcap``; the fused-kernel idea of Liger-Kernel (Hsu et al. 2024,
@@ -253,25 +517,73 @@ def cross_entropy(
     >>> loss.backward()
     >>> logits.grad[0]  # (softmax - onehot) / N
     tensor([-0.3333,  0.1667,  0.1667])
+    >>> half = cross_entropy(torch.zeros(2, 3), torch.tensor([0, 2]), num_items=4)
+    >>> round(half.item(), 6)  # 2 ln 3 / 4: one of two equal micro-batches of 4 rows
+    0.549306
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
+    backend = _backends.check_backend(backend)
     logits, flat_target, row_shape = _flatten(input, target)
-    num_rows, num_classes = logits.shape
-    opts = _options(weight, num_classes, logits, ignore_index, reduction,
-                    label_smoothing, z_loss, softcap)
-    if torch.is_grad_enabled() and target.requires_grad:
-        raise NotImplementedError("crossent.torch.cross_entropy: no gradient for target")
-    if _native_is_faster(logits.numel(), flat_target, opts):
-        return _native_cross_entropy(input, target, opts)  # torch checks the indices
-    rows = prepare_rows(flat_target, num_rows, num_classes, opts, compute_dtype(logits.dtype))
-    if torch.is_grad_enabled() and logits.requires_grad:
-        out = _CrossEntropyFunction.apply(logits, flat_target, rows, opts, inplace_backward)
-    else:
-        with torch.no_grad():
-            losses = cross_entropy_rows(logits, flat_target, rows, opts)
-            out = reduce_losses(losses, rows, reduction).to(logits.dtype)
+    num_classes = logits.shape[1]
+    out_dtype = _loss_dtype(loss_dtype, logits)
+    opts = _options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
+                    z_loss, softcap, _autocast_dtype(logits, logits.device.type), num_items)
+    grad_on = torch.is_grad_enabled()
+    prob = flat_target.is_floating_point()
+    _check_probability_ignore_index(prob, opts)
+    weight_grad = grad_on and weight is not None and weight.requires_grad
+    if weight_grad and not prob:
+        raise UnsupportedError(
+            "crossent.torch.cross_entropy: no gradient for weight with class-index targets "
+            "(torch.nn.functional.cross_entropy raises too: nll_loss is not differentiable "
+            "with respect to weight); detach it or use probability targets"
+        )
+    target_grad = grad_on and prob and flat_target.requires_grad
+    call = _backends.Call(
+        "cross_entropy", logits.device, logits.numel(), not prob, opts.z_loss, opts.softcap,
+        _composite_reason(num_classes, inplace_backward and (weight_grad or target_grad),
+                          logits, flat_target, weight),
+        _triton_refusal(logits.dtype, out_dtype, target_grad=target_grad,
+                        weight_grad=weight_grad))
+    route = _backends.choose_backend(backend, call, _NATIVE_MAX_LOGITS)
+    if route == "native":  # torch checks the indices
+        return _native_cross_entropy(input, target, weight, opts, out_dtype)
+    with _no_autocast(logits.device.type):
+        if route == "composite":
+            out = _composite.cross_entropy(logits, flat_target, weight, opts).to(out_dtype)
+        elif route == "triton":
+            out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace_backward,
+                                        out_dtype)
+        else:
+            out = _fused_cross_entropy(logits, flat_target, weight, opts, inplace_backward,
+                                       out_dtype)
     return out.reshape(row_shape) if reduction == "none" else out
+
+
+def _triton_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype):
+    """The Triton kernel (:mod:`._triton`), options already checked; ``num_items``
+    divides its sum."""
+    from ._triton import triton_cross_entropy
+
+    out = triton_cross_entropy(
+        logits, flat_target, None if weight is None else weight.detach(),
+        ignore_index=opts.ignore_index, reduction=kernel_reduction(opts),
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+        inplace_backward=inplace)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _fused_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype):
+    num_rows, num_classes = logits.shape
+    rows = prepare_rows(flat_target, num_rows, num_classes, opts, compute_dtype(logits.dtype))
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad
+                                       for v in (logits, flat_target, weight)):
+        return _CrossEntropyFunction.apply(logits, flat_target, weight, rows, opts, inplace,
+                                           out_dtype)
+    with torch.no_grad():
+        losses = cross_entropy_rows(logits, flat_target, rows, opts)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
 
 _W_TILE_BYTES = 4 << 20  # low-precision dW: partial products per vocabulary tile
@@ -345,26 +657,37 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None):
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, rows, opts, chunk):
+    def forward(ctx, x, w, b, target, rows, opts, chunk, keep, out_dtype):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need = opts.reduction, chunk, need
-        ctx.keep = x.dtype == torch.float64
+        ctx.keep = keep or x.dtype == torch.float64
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
+        ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, _matmul_dtype(x, w)
+        _save_inputs(ctx, x, w, b, target)
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _ = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3)
             ctx.save_for_backward(x, w, b, target)
-            ctx.rows, ctx.opts = rows, opts
+            ctx.rows = rows
         else:
             losses, ctx.grads = _linear_pass(x, w, b, target, rows, opts, chunk, need)
-        return reduce_losses(losses, rows, opts.reduction).to(x.dtype)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        nothing = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True
+            def loss(x, w, b, t):
+                logits = _composite.linear_logits(x, w, b, ctx.mdtype)
+                return _composite.cross_entropy(logits, t, ctx.opts.weight, ctx.opts)
+
+            grads = _double_backward(ctx, grad_output, "linear_cross_entropy", loss)
+            return (*grads[:3], *nothing)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors
-            _, grads = _linear_pass(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk, ctx.need,
-                                    row_multiplier=grad_output.to(compute_dtype(x.dtype)))
+            with _no_autocast(ctx.device_type):
+                _, grads = _linear_pass(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk,
+                                        ctx.need,
+                                        row_multiplier=grad_output.to(compute_dtype(x.dtype)))
         else:
             grads = _take(ctx, "grads")
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
@@ -373,7 +696,106 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                     _scale_stored(g, grad_output.to(g.dtype), ctx.reduction)
         out = [None if g is None else g.to(d)
                for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None
+        return (*out, *nothing)
+
+
+def _autocast_linear(x, w, b):
+    """torch.autocast runs ``linear`` in the autocast dtype (float64 stays): cast the
+    floating arguments as it would, differentiably."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(x), cast(w), cast(b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _chunk_from_options(options, chunk_size, num_rows, num_classes, features, dtype):
+    """``chunk_size`` and torch's ``LinearCrossEntropyOptions`` -> (rows per chunk or None
+    for crossent's default, keep the gradients for ``retain_graph``).
+
+    ``batch_chunk_size`` is the chunk; ``chunking_method="aspect_ratio[:k]"`` is torch's
+    rule (``next_pow2(ceil(N / ceil(C / D))) / k`` rows); ``"auto"``/``None`` without a
+    size: crossent's default. ``allow_retain_graph=True`` keeps the stored gradients so
+    backward may run twice. ``acc_policy``: crossent always accumulates in float32 (float64
+    for float64), at least every policy's precision, so any policy is accepted;
+    ``acc_dtype`` other than that raises :class:`UnsupportedError`."""
+    if options is None:
+        return chunk_size, False
+    fields = ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype",
+              "allow_retain_graph")
+    if not all(hasattr(options, f) for f in fields):
+        raise InputError(f"options must be a torch.nn.LinearCrossEntropyOptions, got "
+                         f"{type(options).__name__}")
+    if options.acc_dtype not in (None, compute_dtype(dtype)):
+        raise UnsupportedError(
+            f"options.acc_dtype={options.acc_dtype}: crossent accumulates in "
+            f"{compute_dtype(dtype)} for {dtype} input (use acc_dtype=None)"
+        )
+    chunk = options.batch_chunk_size
+    method = options.chunking_method
+    if chunk is None and method not in (None, "auto"):
+        _, _, factor = method.partition(":")
+        ratio = -(-num_classes // max(features, 1))
+        chunk = max(1, _next_pow2(-(-num_rows // max(ratio, 1))) // int(factor or 1))
+    if chunk_size is not None and chunk is not None and chunk_size != chunk:
+        raise InputError(f"chunk_size={chunk_size!r} disagrees with options "
+                         f"(batch_chunk_size={chunk}); give one of them")
+    return (chunk_size if chunk is None else chunk), bool(options.allow_retain_graph)
+
+
+def _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype, chunked, backend):
+    """``linear_weight`` ``(C, d1, ..., dK, D)``: logits ``(N, C, d1, ..., dK)``, as torch
+    forms them, then the fused :func:`cross_entropy`. The logits are materialised."""
+    if x.dim() != 2:
+        raise InputError(f"input must be (N, D) for a K-dimensional linear_weight of shape "
+                         f"{tuple(w.shape)}; got shape {tuple(x.shape)}")
+    if chunked:
+        warnings.warn("linear_cross_entropy: chunk_size/options ignored for a K-dimensional "
+                      "linear_weight (its logits are formed whole, as torch does)",
+                      UserWarning, stacklevel=3)
+    num_classes, features = w.shape[0], w.shape[-1]
+    out_features = tuple(w.shape[1:-1])
+    flat = math.prod(out_features, start=num_classes)
+    logits = F.linear(x, w.reshape(flat, features), None if b is None else b.reshape(flat))
+    return cross_entropy(logits.reshape(x.shape[0], num_classes, *out_features), target,
+                         weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                         softcap=opts.softcap, loss_dtype=loss_dtype,
+                         num_items=opts.num_items, backend=backend)
+
+
+def _check_linear(x, w, b, t) -> None:
+    """torch's argument checks of linear_cross_entropy, as :class:`InputError`."""
+    for name, v in (("input", x), ("linear_weight", w), ("target", t)):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(v).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"input must be a floating tensor, got {x.dtype}")
+    if x.dim() not in (1, 2):
+        raise InputError(f"input must be (N, D) or (D); got shape {tuple(x.shape)} "
+                         f"(flatten (B, T, D) hidden states to (B*T, D), target to (B*T))")
+    if w.dim() < 2:
+        raise InputError(f"linear_weight must be (C, D) (or (C, d1, ..., dK, D)); got shape "
+                         f"{tuple(w.shape)}")
+    if x.shape[-1] != w.shape[-1]:
+        raise InputError(f"input has {x.shape[-1]} features, linear_weight expects "
+                         f"{w.shape[-1]}")
+    if b is not None and tuple(b.shape) != tuple(w.shape[:-1]):
+        raise InputError(f"linear_bias must have shape {tuple(w.shape[:-1])}, got "
+                         f"{tuple(b.shape)}")
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        raise InputError(
+            f"input, linear_weight and linear_bias must share one dtype (torch raises "
+            f"too); got {x.dtype}, {w.dtype}, {None if b is None else b.dtype}"
+        )
 
 
 @torch.compiler.disable
@@ -385,11 +807,16 @@ def linear_cross_entropy(
     *,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    options=None,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+    shift: bool = False,
 ) -> torch.Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever
     holding more than one chunk of logits.
@@ -404,79 +831,180 @@ def linear_cross_entropy(
     sums over chunks never run in low precision (bf16 accumulation drifts).
     Peak extra memory: one ``chunk_size x C`` logits buffer plus the gradients (dW in
     float32).
-    For ``"mean"`` and ``"sum"`` the gradients are computed in the forward pass; for
-    ``"none"`` the backward recomputes the logits chunk by chunk, scaling each row by its
-    ``grad_output`` (so any ``grad_output`` is right).
+    For ``"mean"`` and ``"sum"`` the gradients are computed in the forward pass (a
+    ``grad_output`` other than 1 then scales the stored low-precision ``dx``: a second
+    rounding); for ``"none"`` the backward recomputes the logits chunk by chunk, scaling
+    each row by its ``grad_output`` in float32 (so any ``grad_output`` is right).
 
     Args:
         input: ``(N, D)`` or ``(D)`` features.
-        linear_weight: ``(C, D)``, as ``torch.nn.Linear(D, C).weight``.
+        linear_weight: ``(C, D)``, as ``torch.nn.Linear(D, C).weight``; or ``(C, d1, ...,
+            dK, D)`` for a K-dimensional loss (as torch: logits ``(N, C, d1, ..., dK)``,
+            formed whole, then the fused :func:`cross_entropy`; not chunked).
         target: ``(N)``/``()`` class indices or ``(N, C)``/``(C)`` probabilities.
-        linear_bias: ``(C)`` or ``None``. Positional here, keyword in torch; both work.
-        weight, reduction, ignore_index, label_smoothing, z_loss, softcap: as in
-            :func:`cross_entropy` (``ignore_index=None`` means -100, as in torch).
+        linear_bias: ``(C)`` (``(C, d1, ..., dK)``) or ``None``. Positional here, keyword
+            in torch; both work. ``input``, ``linear_weight`` and ``linear_bias`` must
+            share one dtype (torch raises otherwise; so does crossent, InputError).
+        weight, reduction, label_smoothing, z_loss, softcap, loss_dtype, num_items: as in
+            :func:`cross_entropy` (``num_items``: the loss is the sum over rows divided
+            by it; the gradients likewise).
+        backend: as in :func:`cross_entropy`: ``"native"`` is ``F.linear`` then torch's
+            kernel (the whole logits), ``"rowblock"`` the chunked head below at every
+            size, ``"triton"`` the chunked head with the Triton kernel on each chunk
+            (it also refuses ``options.allow_retain_graph=True``).
+        shift: the causal-LM label shift, done inside: ``input`` is ``(B, T, D)`` (or
+            ``(T, D)``) hidden states and ``target`` ``(B, T)`` (``(T)``) class indices,
+            and position ``t`` is scored against ``target[..., t + 1]``: the loss of
+            ``input[:, :-1]`` against ``target[:, 1:]``. The hidden states are not copied
+            (a view of all ``B T`` rows; the last position of each sequence counts as
+            ignored: no loss, no gradient, not in ``"mean"``'s denominator); only the
+            small target is. ``reduction="none"`` returns ``(B, T - 1)``. Class-index
+            targets only (probability targets raise :class:`crossent.UnsupportedError`).
+        ignore_index: as in :func:`cross_entropy`; ``None`` (the default) means -100 for
+            index targets. With probability targets it must be ``None`` (torch raises).
         chunk_size: rows per chunk. Default: logits of a quarter of the float32 dW's
             size, at least 16 MiB (at D=512: 128 float32 rows, 256 bfloat16 rows); and
             under ``2**19`` logits with index targets, neither ``z_loss`` nor ``softcap``,
-            and input, weight and bias of one dtype, no chunking at all: ``F.linear`` and
-            torch's own kernel (in float32), faster at that size (see
-            :func:`cross_entropy`). Giving ``chunk_size`` always takes the fused path.
-            Larger chunks are faster (fewer passes over ``W`` and ``dW``) and hold more
-            memory.
+            no chunking at all: ``F.linear`` and torch's own kernel (in float32), faster
+            at that size (see :func:`cross_entropy`). Giving ``chunk_size`` (or
+            ``options``) always takes the fused path. Larger chunks are faster (fewer
+            passes over ``W`` and ``dW``) and hold more memory.
+        options: torch's ``torch.nn.LinearCrossEntropyOptions``: ``batch_chunk_size`` is
+            ``chunk_size``; ``chunking_method="aspect_ratio[:k]"`` sizes it by torch's
+            rule, ``"auto"`` by crossent's default; ``allow_retain_graph=True`` keeps the
+            gradients so backward may run twice; any ``acc_policy`` is accepted (crossent
+            always accumulates in float32, float64 for float64); an ``acc_dtype`` other
+            than that raises :class:`crossent.UnsupportedError`.
 
-    Same argument order as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13),
-    whose ``options`` (chunking strategy) this replaces with ``chunk_size``.
+    Under ``torch.autocast`` the head follows torch: ``input``, ``linear_weight`` and
+    ``linear_bias`` are cast to the autocast dtype (float64 stays) and the loss is
+    float32. Double backward, ``torch.func`` transforms, forward-mode AD, ``jit.trace``,
+    ``C = 0`` and gradients for probability targets or class weights: as in
+    :func:`cross_entropy`, through the composable path, which forms the whole ``N x C``
+    logits (torch's memory).
+
+    Same argument order as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13).
     Reference: the unfused ``torch.nn.functional.cross_entropy(input @ W.T + b, target)``.
 
     >>> import torch
     >>> x, w = torch.ones(2, 4), torch.zeros(3, 4, requires_grad=True)
     >>> round(linear_cross_entropy(x, w, torch.tensor([0, 1])).item(), 6)  # ln 3
     1.098612
+    >>> hidden, tokens = torch.ones(1, 5, 4), torch.tensor([[7, 0, 1, 2, -100]])
+    >>> round(linear_cross_entropy(hidden, w, tokens, shift=True).item(), 6)  # 3 targets
+    1.098612
     """
-    if linear_weight.dim() != 2:
-        raise NotImplementedError("linear_weight must be (C, D); K-dimensional heads unsupported")
-    if input.dim() not in (1, 2):
-        raise ValueError(f"input must be (N, D) or (D); got shape {tuple(input.shape)} "
-                         f"(flatten (B, T, D) hidden states to (B*T, D), target to (B*T))")
-    single = input.dim() == 1
-    x = input.unsqueeze(0) if single else input
-    t = target.unsqueeze(0) if single else target
-    num_classes, features = linear_weight.shape
-    if x.shape[1] != features:
-        raise ValueError(f"input has {x.shape[1]} features, linear_weight expects {features}")
-    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes,):
-        raise ValueError(f"linear_bias must have shape ({num_classes},)")
-    if t.is_floating_point() and tuple(t.shape) != (x.shape[0], num_classes):
-        raise ValueError(f"probability target must have shape {(x.shape[0], num_classes)}")
-    if not t.is_floating_point() and tuple(t.shape) != (x.shape[0],):
-        raise ValueError(f"class-index target must have shape {(x.shape[0],)}")
+    row_shape = None
+    if shift is not False:
+        input, target, row_shape = _shift_labels(input, target, ignore_index, shift)
+    _check_linear(input, linear_weight, linear_bias, target)
+    if row_shape is not None and linear_weight.dim() > 2:
+        raise UnsupportedError("crossent.torch.linear_cross_entropy: shift=True with a "
+                               "K-dimensional linear_weight")
+    backend = _backends.check_backend(backend)
+    x, w, b = _autocast_linear(input, linear_weight, linear_bias)
+    if target.is_floating_point() and ignore_index is not None:
+        raise InputError(f"ignore_index={ignore_index!r} with probability targets: it only "
+                         f"applies to class indices (torch raises too); leave it None")
+    num_classes, features = w.shape[0], w.shape[-1]
+    if chunk_size is not None:
+        chunk_size = _positive_int(chunk_size, "chunk_size")
+    chunk_size, keep = _chunk_from_options(options, chunk_size, x.shape[0] if x.dim() == 2
+                                           else 1, num_classes, features, x.dtype)
+    out_dtype = _loss_dtype(loss_dtype, x)
     opts = _options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
-                    z_loss, softcap)
-    same_dtype = linear_weight.dtype == x.dtype and (linear_bias is None
-                                                     or linear_bias.dtype == x.dtype)
-    if (chunk_size is None and same_dtype
-            and _native_is_faster(x.shape[0] * num_classes, t, opts)):
-        # small: one torch matmul (as the unfused head) and torch's kernel in float32
-        logits = F.linear(x, linear_weight, linear_bias)
-        out = _native_cross_entropy(logits, t, opts)
-        return out.reshape(()) if single and reduction == "none" else out
-    rows = prepare_rows(t, x.shape[0], num_classes, opts, compute_dtype(x.dtype))
-    if chunk_size is None:
-        chunk = _default_chunk(num_classes, features,
-                               _matmul_dtype(x, linear_weight).itemsize)
-    else:
-        chunk = int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be >= 1")
-    x = x.contiguous()
-    params = (x, linear_weight, linear_bias)
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        out = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, rows, opts,
-                                                chunk)
-    else:
-        with torch.no_grad():
-            losses, _ = _linear_pass(x, linear_weight, linear_bias, t, rows, opts, chunk,
-                                     (False,) * 3)
-            out = reduce_losses(losses, rows, reduction).to(x.dtype)
+                    z_loss, softcap, _autocast_dtype(x, x.device.type), num_items)
+    if w.dim() > 2:
+        return _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype,
+                                     chunk_size is not None, backend)
+    single = x.dim() == 1
+    x = x.unsqueeze(0) if single else x
+    t = target.unsqueeze(0) if single else target
+    if t.is_floating_point() and tuple(t.shape) != (x.shape[0], num_classes):
+        raise InputError(f"probability target must have shape {(x.shape[0], num_classes)}")
+    if not t.is_floating_point() and tuple(t.shape) != (x.shape[0],):
+        raise InputError(f"class-index target must have shape {(x.shape[0],)}")
+    grad_on = torch.is_grad_enabled()
+    prob = t.is_floating_point()
+    weight_grad = grad_on and weight is not None and weight.requires_grad
+    if weight_grad and not prob:
+        raise UnsupportedError(
+            "crossent.torch.linear_cross_entropy: no gradient for weight with class-index "
+            "targets (torch raises too: nll_loss is not differentiable with respect to "
+            "weight); detach it or use probability targets"
+        )
+    target_grad = grad_on and prob and t.requires_grad
+    composite = ("a gradient for the class weight" if weight_grad else
+                 "a gradient for the target (probability targets that require grad)"
+                 if target_grad else _composite_reason(num_classes, False, x, w, b, t, weight))
+    call = _backends.Call(
+        "linear_cross_entropy", x.device, x.shape[0] * num_classes, not prob, opts.z_loss,
+        opts.softcap, composite,
+        _triton_refusal(x.dtype, out_dtype, target_grad=target_grad, weight_grad=weight_grad,
+                        retain=keep),
+        sized=chunk_size is not None)
+    route = _backends.choose_backend(backend, call, _NATIVE_MAX_LOGITS)
+    with _no_autocast(x.device.type):
+        if route == "composite":
+            logits = _composite.linear_logits(x, w, b, _matmul_dtype(x, w))
+            out = _composite.cross_entropy(logits, t, weight, opts).to(out_dtype)
+        elif route == "native":  # one torch matmul (as the unfused head), torch's kernel
+            out = _native_cross_entropy(F.linear(x, w, b), t, weight, opts, out_dtype)
+        elif route == "triton":
+            out = _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype)
+        else:
+            out = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype)
+    if row_shape is not None and reduction == "none":  # drop the last positions
+        return out.reshape(row_shape)[..., :-1]
     return out.reshape(()) if single and reduction == "none" else out
 
+
+def _shift_labels(input, target, ignore_index, shift):
+    """``shift=True``: the ``(B T, D)`` view of ``(B, T, D)`` hidden states, the int64
+    targets ``target[..., 1:]`` with ``ignore_index`` at each last position, and the
+    target's shape (to cut ``reduction="none"`` back to ``(B, T - 1)``)."""
+    if not isinstance(shift, bool):
+        raise InputError(f"shift={shift!r} must be True or False")
+    for name, v in (("input", input), ("target", target)):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(v).__name__}")
+    if target.is_floating_point():
+        raise UnsupportedError("crossent.torch.linear_cross_entropy: shift=True with "
+                               "probability targets (class indices only)")
+    check_index_dtype(target)
+    if input.dim() not in (2, 3) or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise InputError(
+            f"shift=True takes (B, T, D) or (T, D) hidden states and (B, T) or (T) "
+            f"targets; got input {tuple(input.shape)} and target {tuple(target.shape)}")
+    ignore = -100 if ignore_index is None else _check_ignore_index(ignore_index)
+    shifted = torch.full(target.shape, ignore, dtype=torch.long, device=target.device)
+    shifted[..., :-1] = target[..., 1:]
+    return (input.reshape(-1, input.shape[-1]), shifted.reshape(-1),
+            tuple(target.shape))
+
+
+def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype):
+    """The Triton-backed chunked head (:mod:`._triton`), options already checked."""
+    from ._triton import triton_linear_cross_entropy
+
+    out = triton_linear_cross_entropy(
+        x, w, t, b, weight=None if weight is None else weight.detach(),
+        reduction=kernel_reduction(opts),
+        ignore_index=None if t.is_floating_point() else opts.ignore_index,
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+        chunk_size=chunk_size)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype):
+    num_classes, features = w.shape
+    rows = prepare_rows(t, x.shape[0], num_classes, opts, compute_dtype(x.dtype))
+    chunk = (_default_chunk(num_classes, features, _matmul_dtype(x, w).itemsize)
+             if chunk_size is None else int(chunk_size))
+    x = x.contiguous()
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b)):
+        return _LinearCrossEntropyFunction.apply(x, w, b, t, rows, opts, chunk, keep,
+                                                 out_dtype)
+    with torch.no_grad():
+        losses, _ = _linear_pass(x, w, b, t, rows, opts, chunk, (False,) * 3)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)

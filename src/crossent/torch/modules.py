@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ._backends import check_backend
 from .functional import cross_entropy, linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
@@ -17,7 +18,11 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     """:func:`crossent.torch.cross_entropy` as a module; a subclass of
     ``torch.nn.CrossEntropyLoss`` with the same constructor (``weight``, ``size_average``,
     ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing``) plus the keyword-only
-    ``z_loss``, ``softcap`` and ``inplace_backward`` (destroys the logits; see the function).
+    ``z_loss``, ``softcap``, ``inplace_backward`` (destroys the logits; see the function),
+    ``loss_dtype`` (e.g. ``torch.float32`` for a float32 loss from bfloat16 logits) and
+    ``backend`` (``"auto"``, ``"native"``, ``"rowblock"`` or ``"triton"``). ``forward``
+    takes the keyword ``num_items`` (per batch: the count the summed loss is divided by,
+    for gradient accumulation; see :func:`crossent.torch.cross_entropy`).
 
     >>> import torch
     >>> loss = CrossEntropyLoss(label_smoothing=0.1)
@@ -28,30 +33,40 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  z_loss: float = 0.0, softcap: float | None = None,
-                 inplace_backward: bool = False) -> None:
+                 inplace_backward: bool = False, loss_dtype: torch.dtype | None = None,
+                 backend: str = "auto") -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+        self.loss_dtype, self.backend = loss_dtype, check_backend(backend)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *,
+                num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward,
+            loss_dtype=self.loss_dtype, num_items=num_items, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}")
+                f"softcap={self.softcap}, inplace_backward={self.inplace_backward}, "
+                f"backend={self.backend!r}")
 
 
 class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     """A linear head and its cross-entropy, fused: :func:`crossent.torch.linear_cross_entropy`.
 
     Same constructor as ``torch.nn.LinearCrossEntropyLoss`` (torch >= 2.13): the head is
-    ``self.linear = nn.Linear(in_features, num_classes, bias=bias)`` (same state-dict keys);
-    ``options`` is replaced by ``chunk_size``; ``z_loss`` and ``softcap`` are extras.
-    K-dimensional heads (``out_features != ()``) are not supported.
+    ``self.linear = nn.Linear(in_features, num_classes * prod(out_features), bias=bias)``
+    (same state-dict keys); ``options`` (``torch.nn.LinearCrossEntropyOptions``) is
+    honoured as in :func:`crossent.torch.linear_cross_entropy`, ``chunk_size`` is its
+    shorthand; ``z_loss``, ``softcap``, ``loss_dtype``, ``backend`` and ``shift`` (the
+    causal-LM label shift: ``(B, T, D)`` input, ``(B, T)`` target) are extras, and
+    ``forward`` takes the keyword ``num_items`` (see
+    :func:`crossent.torch.linear_cross_entropy`). K-dimensional heads
+    (``out_features != ()``) form their logits whole, as torch does.
 
     >>> import torch
     >>> head = LinearCrossEntropyLoss(4, 3)
@@ -63,27 +78,37 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: torch.Tensor | None = None, ignore_index: int | None = None,
-                 label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, chunk_size: int | None = None) -> None:
-        if tuple(out_features) != ():
-            raise NotImplementedError("out_features (K-dimensional heads) is not supported")
+                 label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                 softcap: float | None = None, chunk_size: int | None = None,
+                 loss_dtype: torch.dtype | None = None, backend: str = "auto",
+                 shift: bool = False) -> None:
         super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
         self.num_classes, self.out_features = num_classes, tuple(out_features)
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+        self.options, self.loss_dtype = options, loss_dtype
+        self.backend, self.shift = check_backend(backend), shift
         self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes),
                                 bias=bias, device=device, dtype=dtype)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *,
+                num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
+        w: torch.Tensor = self.linear.weight
+        b: torch.Tensor | None = self.linear.bias
+        if self.out_features:  # stored 2-D, as torch's module stores it
+            w = w.reshape(self.num_classes, *self.out_features, self.linear.in_features)
+            b = None if b is None else b.reshape(self.num_classes, *self.out_features)
         return linear_cross_entropy(
-            input, self.linear.weight, target, self.linear.bias, weight=self.weight,
+            input, w, target, b, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, options=self.options, loss_dtype=self.loss_dtype,
+            num_items=num_items, backend=self.backend, shift=self.shift,
         )
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
                 f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
                 f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-                f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}")
+                f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}, "
+                f"backend={self.backend!r}, shift={self.shift}")

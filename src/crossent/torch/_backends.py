@@ -1,0 +1,124 @@
+"""Which kernel serves a ``crossent.torch`` call: the one place that decides.
+
+Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`,
+:func:`crossent.torch.linear_cross_entropy` and their modules):
+
+``"auto"`` (default)
+    torch's own kernel for small inputs with torch's options (index targets, neither
+    ``z_loss`` nor ``softcap``, under ``2**19`` logits, no ``chunk_size``); on CUDA/ROCm
+    tensors the Triton kernels when triton imports and the call needs nothing they refuse;
+    otherwise crossent's row-block kernel. Where autograd needs what a fused kernel cannot
+    give (a ``torch.func`` transform, forward-mode AD, ``jit.trace``, ``C = 0``, ...), the
+    composable path (plain torch ops, :mod:`._composite`).
+``"native"``
+    ``torch.nn.functional.cross_entropy`` itself (arithmetic in float32, float64 stays):
+    torch's numbers, torch's memory. ``z_loss``/``softcap`` raise
+    :class:`~crossent.UnsupportedError` (torch has neither).
+``"rowblock"``
+    crossent's row-block kernel (:mod:`._kernels`) at every size, with its composable
+    form where autograd needs it (the same formulas in differentiable torch ops).
+``"triton"``
+    the Triton kernels (:mod:`._triton`): CUDA/ROCm tensors, or CPU tensors when
+    ``TRITON_INTERPRET=1`` was set before triton was imported (the interpreter). A call
+    that needs what they do not support raises :class:`~crossent.UnsupportedError`
+    naming it, never a different computation.
+
+Routes (what :func:`choose_backend` returns): the three kernels plus ``"composite"``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError, UnsupportedError
+
+__all__ = ["BACKENDS", "Call", "check_backend", "choose_backend", "triton_importable"]
+
+BACKENDS = ("auto", "native", "rowblock", "triton")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the choice depends on, gathered by the entry point.
+
+    ``composite``: the autograd feature that needs the composable path (None: none).
+    ``triton_refusal``: a feature of this call the Triton kernels do not support.
+    ``sized``: the linear head got ``chunk_size``/``options`` (always a chunked kernel)."""
+
+    function: str
+    device: torch.device
+    num_logits: int
+    index_target: bool
+    z_loss: float
+    softcap: float | None
+    composite: str | None = None
+    triton_refusal: str | None = None
+    sized: bool = False
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else :class:`InputError`."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} must be one of "
+                         f"{', '.join(repr(b) for b in BACKENDS)}")
+    return backend
+
+
+def triton_importable() -> bool:
+    """triton imports (without importing crossent's kernels)."""
+    from . import _triton
+
+    return _triton.available()
+
+
+def _triton_unusable(call: Call) -> str | None:
+    """Why the Triton kernels cannot run this call at all, or None."""
+    if not triton_importable():
+        return "this machine: triton is not installed (pip install triton)"
+    if call.device.type == "cuda":  # ROCm tensors are "cuda" too
+        return None
+    if call.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"{call.device.type} tensors (CUDA/ROCm tensors, or CPU tensors with "
+            f"TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def _native_is_faster(call: Call, native_max_logits: int) -> bool:
+    """Small input with options torch has. Probability targets always take a fused kernel:
+    it keeps a zero target's term at exactly 0 where a logit is -inf (torch: NaN)."""
+    return (not call.sized and call.num_logits < native_max_logits and call.index_target
+            and call.z_loss == 0.0 and call.softcap is None)
+
+
+def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
+    """The route of one call: ``"native"``, ``"rowblock"``, ``"triton"`` or
+    ``"composite"``; raises :class:`UnsupportedError` for a forced backend that cannot
+    serve the call. ``native_max_logits``: below this many logits torch's C++ kernel beats
+    the row-block kernel's Python dispatch (see ``functional._NATIVE_MAX_LOGITS``)."""
+    name = f"crossent.torch.{call.function}"
+    if backend == "native":
+        for feature, value in (("z_loss", call.z_loss != 0.0), ("softcap",
+                                                               call.softcap is not None)):
+            if value:
+                raise UnsupportedError(f"{name}: backend='native' (torch's kernel) has no "
+                                       f"{feature}; use backend='auto' or 'rowblock'")
+        return "native"
+    if backend == "triton":
+        problem = _triton_unusable(call) or call.composite or call.triton_refusal
+        if problem is not None:
+            raise UnsupportedError(f"{name}: backend='triton' does not support {problem}; "
+                                   f"use backend='auto' (or 'rowblock')")
+        return "triton"
+    if call.composite is not None:
+        return "composite"
+    if backend == "rowblock":
+        return "rowblock"
+    if _native_is_faster(call, native_max_logits):
+        return "native"
+    if (call.device.type == "cuda" and call.triton_refusal is None
+            and triton_importable()):
+        return "triton"
+    return "rowblock"

@@ -1,0 +1,121 @@
+"""The composable path: crossent.torch's losses written in plain differentiable torch ops.
+
+The fused kernels compute the gradient inside forward with ``out=`` and in-place ops, so
+autograd sees one opaque node. That node cannot be differentiated again, batched by
+``vmap``, pushed forward by ``jvp`` or recorded by ``torch.jit.trace``. Where one of those
+is asked for (and for a gradient the fused linear head does not form: a probability
+``target`` or a class ``weight`` that requires grad), the loss is computed here instead:
+ordinary torch ops, so every autograd mode works, at torch's memory cost (``N x C``
+intermediates; for the linear head the full logits). The fused Functions' backward
+also calls :func:`cross_entropy` here, with its graph, under ``create_graph=True``.
+
+The formulas are the fused kernel's (:mod:`crossent.torch._kernels`): arithmetic in
+float32 (float64 stays), optional ``softcap`` then ``lse``; index targets
+``l = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) + z_loss lse^2``,
+ignored rows 0; probability targets ``l = -sum_c T_c log p_c + z_loss lse^2`` with
+``T = ((1 - eps) t + eps / C) w`` and a zero ``T_c`` contributing exactly 0 where
+``log p_c = -inf``. ``"mean"`` divides by ``sum_n w[y_n]`` over counted rows (index
+targets) or by the number of rows (probabilities), as torch does, or by the caller's
+``num_items``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ._kernels import Options, check_index_target, compute_dtype
+
+__all__ = ["composable_required", "cross_entropy", "linear_logits", "transforms_active"]
+
+
+def transforms_active() -> bool:
+    """A ``torch.func`` transform (grad, vmap, jvp, jacrev...) or ``torch.jit.trace`` is
+    running: data-dependent checks (``bool(tensor)``) are not allowed here."""
+    return bool(torch._C._are_functorch_transforms_active()) or torch.jit.is_tracing()
+
+
+def _has_tangent(t: torch.Tensor | None) -> bool:
+    return t is not None and fwAD.unpack_dual(t).tangent is not None
+
+
+def composable_required(*tensors: torch.Tensor | None) -> bool:
+    """The fused kernels cannot serve this call: a functorch transform, tracing, or
+    forward-mode AD (a dual tensor among ``tensors``) is active."""
+    if transforms_active():
+        return True
+    if getattr(fwAD, "_current_level", -1) >= 0:  # inside a dual_level
+        return any(_has_tangent(t) for t in tensors)
+    return False
+
+
+def _capped(z: torch.Tensor, opts: Options) -> torch.Tensor:
+    return z if opts.softcap is None else opts.softcap * torch.tanh(z / opts.softcap)
+
+
+def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+               opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses of ``(M, C)`` logits and the ``"mean"`` denominator, both in the
+    compute dtype and differentiable w.r.t. ``z``, a probability ``target`` and
+    ``weight``."""
+    cdtype = compute_dtype(z.dtype)
+    z = _capped(z.to(cdtype), opts)
+    num_classes = z.shape[1]
+    eps, zl = opts.label_smoothing, opts.z_loss
+    w = None if weight is None else weight.to(cdtype)
+    lse = torch.logsumexp(z, 1)
+    logp = z - lse.unsqueeze(1)
+    if target.is_floating_point():
+        t = target.to(cdtype)
+        big_t = (1.0 - eps) * t + eps / num_classes if eps else t
+        if w is not None:
+            big_t = big_t * w
+        # 0 * (-inf) is 0 here (the fused kernel's rule), not NaN
+        safe = torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
+        losses = -(big_t * safe).sum(1)
+        if zl:
+            losses = losses + zl * lse.square()
+        # torch divides by numel / C: NaN for C = 0, as there
+        rows = float(z.shape[0]) if num_classes else math.nan
+        denominator = torch.full((), rows, dtype=cdtype, device=z.device)
+        return losses, denominator
+    if transforms_active():
+        index = target.long()  # no data-dependent check here; gather checks the bounds
+        valid = index != opts.ignore_index
+    else:
+        index, valid = check_index_target(target, num_classes, opts.ignore_index)
+    index = torch.where(valid, index, 0)
+    validf = valid.to(cdtype)
+    if num_classes:
+        nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
+    else:  # C = 0: every row is ignored (anything else raised above)
+        nll = torch.zeros_like(lse)
+    w_y = validf if w is None else w[index] * validf
+    losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
+    if eps:
+        smooth = -(logp.sum(1) if w is None else logp @ w)
+        losses = losses + (eps / num_classes) * smooth
+    if zl:
+        losses = losses + zl * lse.square()
+    return torch.where(valid, losses, 0.0), w_y.sum()
+
+
+def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                  opts: Options) -> torch.Tensor:
+    """The reduced loss (or per-row losses for ``"none"``) in the compute dtype."""
+    losses, denominator = row_losses(z, target, weight, opts)
+    if opts.reduction == "none":
+        return losses
+    total = losses.sum()
+    if opts.num_items is not None:  # the caller's count (``num_items=``)
+        return total / opts.num_items
+    return total if opts.reduction == "sum" else total / denominator
+
+
+def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  mdtype: torch.dtype) -> torch.Tensor:
+    """``x W^T + b`` in the matmul dtype of the fused head (all of it at once)."""
+    return torch.nn.functional.linear(x.to(mdtype), w.to(mdtype),
+                                      None if b is None else b.to(mdtype))
