@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COLLECTIVE_TIMEOUT = 20.0
+COLLECTIVE_TIMEOUT = 30.0
 
 
 def free_port() -> int:
@@ -41,7 +41,7 @@ def _entry(rank, world, port, fn, args):
         dist.destroy_process_group()
 
 
-def run_group(fn, world: int, *args, timeout: float = 45.0) -> None:
+def run_group(fn, world: int, *args, timeout: float = 120.0) -> None:
     ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ import torch
 from dist_harness import run_group
 
 import crossent.torch as xt
+from crossent.errors import InputError, UnsupportedError
 from crossent.torch.distributed import (
     global_num_items,
     vocab_parallel_cross_entropy,
@@ -44,32 +45,124 @@ def test_no_grad_and_options_single_process():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_argument_errors():
-    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    with pytest.raises(ValueError, match="reduction"):
-        vocab_parallel_cross_entropy(x, t, reduction="avg")
-    with pytest.raises(ValueError, match="num_items"):
-        vocab_parallel_cross_entropy(x, t, reduction="mean", num_items=3)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        vocab_parallel_cross_entropy(x, t, label_smoothing=1.5)
-    with pytest.raises(ValueError, match=r"class index 5, outside \[0, 5\)"):
-        vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 2, 5]))
-    with pytest.raises(ValueError, match="class index -3"):
-        vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 2, -3]))
-    with pytest.raises(ValueError, match="weight has shape"):
-        vocab_parallel_cross_entropy(x, t, weight=torch.ones(4))
-    with pytest.raises(ValueError, match="target has 3 entries"):
-        vocab_parallel_cross_entropy(x, t[:3])
-    with pytest.raises(ValueError, match="target has shape"):
-        vocab_parallel_cross_entropy(x, t.reshape(2, 2))
-    with pytest.raises(ValueError, match="integer class ids"):
-        vocab_parallel_cross_entropy(x, t.float())
-    with pytest.raises(ValueError, match="start at 0"):
-        vocab_parallel_cross_entropy(x, t, vocab_start=2)
-    with pytest.raises(ValueError, match="chunk_size"):
-        vocab_parallel_linear_cross_entropy(x, torch.randn(6, 5), t, chunk_size=0)
-    with pytest.raises(ValueError, match="not initialized"):
-        global_num_items(t, group=object())
+BAD_ARGUMENTS = [  # (keyword arguments, what the message must say)
+    (dict(reduction="avg"), "reduction"),
+    (dict(reduction="mean", num_items=3), "num_items"),
+    (dict(reduction="sum", num_items=0), "num_items"),
+    (dict(reduction="sum", num_items=-2.0), "num_items"),
+    (dict(reduction="sum", num_items=float("nan")), "num_items"),
+    (dict(reduction="sum", num_items=torch.tensor(0)), r"num_items=0\.0 must be"),
+    (dict(reduction="sum", num_items=torch.tensor([1, 2])), "num_items"),
+    (dict(reduction="sum", num_items="3"), "num_items"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(label_smoothing=None), "label_smoothing"),
+    (dict(z_loss=-1.0), "z_loss"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(softcap=-2.0), "softcap"),
+    (dict(ignore_index=3.7), "ignore_index"),
+    (dict(ignore_index=None), "ignore_index"),
+    (dict(ignore_index=2 ** 70), "ignore_index"),
+    (dict(target=torch.tensor([0, 1, 2, 5])), r"class index 5, outside \[0, 5\)"),
+    (dict(target=torch.tensor([0, 1, 2, -3])), "class index -3"),
+    (dict(target=torch.tensor([0, 1, 2, 2 ** 40])), f"class index {2 ** 40},"),
+    (dict(weight=torch.ones(4)), "weight has shape"),
+    (dict(weight=torch.ones(5, dtype=torch.float64)), "weight has dtype"),
+    (dict(weight=[1.0] * 5), "weight must be a floating tensor"),
+    (dict(target=torch.tensor([0, 1, 2])), r"target has shape \(3,\); expected \(4,\)"),
+    (dict(target=torch.tensor([[0, 1], [2, 3]])), "target has shape"),
+    (dict(target=torch.tensor([0.0, 1, 2, 3])), "integer class ids"),
+    (dict(target=[0, 1, 2, 3]), "target must be a tensor"),
+    (dict(vocab_start=2), r"gap: classes \[0, 2\)"),
+    (dict(vocab_start=-1), "vocab_start=-1 must be >= 0"),
+    (dict(vocab_start=1.0), "vocab_start=1.0 must be an integer"),
+    (dict(logits=torch.zeros(4, 5, dtype=torch.int64)), "local_logits must be floating"),
+    (dict(logits=torch.tensor(1.0)), "0-d"),
+    (dict(logits=None), "local_logits must be a tensor"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_ARGUMENTS,
+                         ids=[f"{i}-{next(iter(k))}" for i, (k, _) in enumerate(BAD_ARGUMENTS)])
+def test_argument_errors(kwargs, message):
+    """Each bad argument raises crossent.InputError (a ValueError) naming it."""
+    kwargs = dict(kwargs)
+    x = kwargs.pop("logits", torch.randn(4, 5))
+    t = kwargs.pop("target", torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(InputError, match=message):
+        vocab_parallel_cross_entropy(x, t, **kwargs)
+
+
+LINEAR_BAD = [
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=2.5), "chunk_size"),
+    (dict(reduce_input_grad="yes"), "reduce_input_grad"),
+    (dict(w=torch.randn(6, 5, dtype=torch.float64)), "local_weight has dtype"),
+    (dict(local_bias=torch.zeros(6, dtype=torch.float64)), "local_bias has dtype"),
+    (dict(local_bias=torch.zeros(5)), "local_bias has shape"),
+    (dict(w=torch.randn(6, 4)), "does not match local_weight"),
+    (dict(w=torch.randn(6)), r"local_weight must be \(V_r, D\)"),
+    (dict(x=torch.zeros(4, 5, dtype=torch.int32)), "input must be a floating tensor"),
+    (dict(reduction="sum", num_items=-1), "num_items"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", LINEAR_BAD,
+                         ids=[f"{i}-{next(iter(k))}" for i, (k, _) in enumerate(LINEAR_BAD)])
+def test_linear_argument_errors(kwargs, message):
+    kwargs = dict(kwargs)
+    x = kwargs.pop("x", torch.randn(4, 5))
+    w = kwargs.pop("w", torch.randn(6, 5))
+    with pytest.raises(InputError, match=message):
+        vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3]), **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_matches_crossent_torch(reduction):
+    """softcap caps each logit (each rank its own slice); float64 against crossent.torch,
+    loss and every gradient; the caller's logits are left intact."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 9, generator=g, dtype=torch.float64) * 5
+    t = torch.randint(0, 9, (7,), generator=g)
+    t[2] = -100
+    opts = dict(softcap=3.0, z_loss=0.01, label_smoothing=0.1, reduction=reduction)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = vocab_parallel_cross_entropy(a, t, **opts), xt.cross_entropy(b, t, **opts)
+    go = torch.rand(want.shape, generator=g, dtype=torch.float64)
+    got.backward(go)
+    want.backward(go)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a.detach(), x)
+    h = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 4, generator=g, dtype=torch.float64) * 3
+    p = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    q = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    got = vocab_parallel_linear_cross_entropy(*p, t, chunk_size=3, **opts)
+    want = xt.linear_cross_entropy(*q, t, **opts)
+    got.backward(go)
+    want.backward(go)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for u, v in zip(p, q, strict=True):
+        torch.testing.assert_close(u.grad, v.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_class_weight_requiring_grad_is_refused_loudly():
+    """torch computes d loss / d weight; the vocab-parallel functions do not, so they refuse
+    (after the agreement collective, so the other ranks raise too) instead of detaching."""
+    w = torch.ones(5, requires_grad=True)
+    with pytest.raises(UnsupportedError, match="class weight"):
+        vocab_parallel_cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), weight=w)
+    with torch.no_grad():
+        vocab_parallel_cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), weight=w)
+
+
+def test_group_errors():
+    with pytest.raises(InputError, match="not initialized"):
+        global_num_items(torch.tensor([1]), group=object())
+    with pytest.raises(InputError, match="not initialized"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), group=object())
+    with pytest.raises(InputError, match="empty list"):
+        global_num_items([])
 
 
 def test_linear_backward_twice_raises():
@@ -109,3 +202,17 @@ def test_scaling_doc_shows_the_cost_table_the_code_prints():
     assert len(rows) > 5
     for row in rows:
         assert row in doc, row
+
+
+def test_class_ids_above_2_to_the_24_are_exact():
+    """The checks are int64: a class id above 2^24 (not exact in float32) is accepted when
+    in range and reported exactly when not (issue 11 item 9)."""
+    num_classes = (1 << 24) + 8
+    logits = torch.zeros(1, num_classes)
+    logits[0, -3] = 2.0
+    t = torch.tensor([num_classes - 3])
+    got = vocab_parallel_cross_entropy(logits, t)
+    want = torch.logsumexp(logits.double(), 1)[0] - 2.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match=f"class index {num_classes + 1},"):
+        vocab_parallel_cross_entropy(logits, torch.tensor([num_classes + 1]))

@@ -1,4 +1,5 @@
-"""Shared pieces of the vocab-parallel losses: the group layout, the per-row partial
+"""Shared pieces of the vocab-parallel losses: the argument checks, the cross-rank agreement
+(one fixed-size all-reduce that every rank makes before anything else), the per-row partial
 statistics of one rank's class slice, their exchange (one all-reduce MAX, one all-reduce
 SUM), the global per-row loss and the gradient of a block of local logits.
 
@@ -14,35 +15,147 @@ Row loss (counted rows; PyTorch's formula, see :func:`crossent.softmax_cross_ent
 and its gradient ``dl_n/dz_nc = p_nc (A_n + 2 zeta lse_n) - (eps / V) w_c
 - (1 - eps) w_y [c = y_n]`` with ``p_nc = exp(z_nc - lse_n)``: every term is either local
 to the slice or a per-row scalar, so backward needs no communication.
+
+Why a separate agreement collective: the row collectives have ``N`` (per chunk ``B``)
+entries, so ranks that disagree on ``N``, the chunk size or an option that changes a buffer
+would call collectives of different sizes, which aborts (gloo) or hangs (NCCL). The
+agreement buffer has the same size on every rank whatever the arguments: ``world x F``
+int64 (:data:`FIELDS`), rank ``r`` writing row ``r`` and zeros elsewhere, so one all-reduce
+SUM is an all-gather. Every rank then runs the same checks on the same gathered table and
+raises the same :class:`~crossent.errors.InputError`, or none.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import struct
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .._kernels import check_options
+from ...errors import InputError, UnsupportedError
+from .._kernels import check_options, compute_dtype
+
+__all__ = ["FIELDS", "compute_dtype"]
 
 _BLOCK_ELEMS = 1 << 20  # logits per row block: 4 MiB of float32 temporaries
-_EXACT = 1 << 24  # integers below this are exact in float32
-_CHECKSUM_MOD = 8388593  # a prime below 2**23: target checksums stay exact in float32
 
+# The agreement table's columns (int64; floats travel as their IEEE-754 float64 bits, so
+# equality is exact). Order matters only for the message order of the checks.
+FIELDS = (
+    "problem",  # 1 if this rank's own arguments are bad (it raises its own message)
+    "function",  # which public function this rank called
+    "rows",  # N
+    "dtype",  # the logits' (input's) dtype
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "softcap",  # 0 for None (a cap is > 0)
+    "reduction",
+    "weighted",  # class weights given
+    "num_items_given",
+    "num_items",
+    "features",  # D (linear only)
+    "chunk_size",  # the explicit chunk size, 0 for the default (linear only)
+    "reduce_input_grad",  # linear only
+    "input_grad",  # the input gradient will be all-reduced in backward (linear only)
+    "vocab_start_given",
+    "start",  # per rank: checked as a partition of [0, V), not for equality
+    "size",
+    "weight_sum",  # per rank: sum of its weight slice (float64 bits), summed
+    "target_hash0",
+    "target_hash1",
+    "target_hash2",
+)
+_COL = {name: i for i, name in enumerate(FIELDS)}
+_LABELS = {  # how a disagreement is named in the error (the argument it comes from)
+    "function": "the function called",
+    "rows": "the number of rows N (of local_logits / input and target)",
+    "dtype": "the dtype of local_logits / input",
+    "weighted": "weight given (not None)",
+    "num_items_given": "num_items given (not None)",
+    "features": "D (the last dimension of input)",
+    "chunk_size": "chunk_size (0: None)",
+    "input_grad": "input.requires_grad (its gradient is all-reduced in backward)",
+    "softcap": "softcap (0: None)",
+}
+_FUNCTIONS = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+_PER_RANK = ("start", "size", "weight_sum", "problem", "vocab_start_given")
+_FLOATS = ("label_smoothing", "z_loss", "softcap", "num_items")
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (reference checks, gradcheck); everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Target hashes: three independent position-keyed nonlinear hashes modulo the Mersenne
+# prime 2^31 - 1 of the full 64-bit class ids (a sum, a permutation or a shift by 2^31 of
+# the targets changes them). Every product stays below 2^62: exact in int64 on any device.
+_P = (1 << 31) - 1
+_HASH_KEYS = ((1103515245, 12345, 1664525, 22695477),
+              (214013, 2531011, 134775813, 1140671485),
+              (69069, 1013904223, 1597334677, 747796405))
 
 
 def block_rows(cols: int) -> int:
     return max(1, _BLOCK_ELEMS // max(cols, 1))
 
 
+def float_bits(x: float) -> int:
+    """The IEEE-754 float64 bits of ``x`` as an int (``-0.0`` as ``0.0``)."""
+    return struct.unpack("<q", struct.pack("<d", float(x) + 0.0))[0]
+
+
+def bits_float(b: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(b)))[0]
+
+
+def tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor's value as the int64 bits of its float64 value, on its device (no sync)."""
+    return (t.detach().reshape(()).to(torch.float64) + 0.0).view(torch.int64)
+
+
+def target_hashes(y: torch.Tensor) -> torch.Tensor:
+    """Three hashes ``(3,)`` int64 in ``[0, 2^31 - 1)`` of the int64 vector ``y`` (position
+    included): equal targets give equal hashes on every rank and device."""
+    pos = torch.arange(1, y.numel() + 1, dtype=torch.int64, device=y.device) % _P
+    lo, hi, top = y & _P, (y >> 31) & _P, (y >> 62) + 2
+    out = []
+    for a, b, c, d in _HASH_KEYS:
+        u = (lo * a + pos * b) % _P
+        u = (u * u) % _P
+        u = (u * c + hi) % _P
+        u = (u * u) % _P
+        u = (u * d + top) % _P
+        out.append(u.sum() % _P)  # N < 2^32 terms below 2^31: no overflow
+    return torch.stack(out)
+
+
+class Problems:
+    """The first bad-argument message of this rank. Checks on one rank must not raise
+    before the agreement collective (the other ranks would wait in it): they are noted
+    here and raised after it, on every rank together."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+        self.kind: type[Exception] = InputError
+
+    def note(self, message: str, kind: type[Exception] = InputError) -> None:
+        if self.message is None:
+            self.message, self.kind = message, kind
+
+    def check(self, fn, *args):
+        """``fn(*args)``; an :class:`InputError` it raises is noted and ``None`` returned."""
+        try:
+            return fn(*args)
+        except InputError as e:
+            self.note(str(e))
+            return None
+
+
 @dataclass
 class Spec:
-    """The loss options; they must be the same on every rank of the group."""
+    """The loss options; they must be (and are checked to be) the same on every rank."""
 
     ignore_index: int
     label_smoothing: float
@@ -50,8 +163,9 @@ class Spec:
     weight: torch.Tensor | None  # (V_r,) compute dtype: this rank's slice of the class weights
     reduction: str
     num_items: torch.Tensor | float | None
-    weight_total: float = 0.0  # sum_c w_c over all V classes, set by the first exchange
-    num_classes: int = 0  # V, set by the first exchange
+    softcap: float | None = None
+    weight_total: float = 0.0  # sum_c w_c over all V classes, set by agree()
+    num_classes: int = 0  # V, set by agree()
 
 
 @dataclass
@@ -62,62 +176,302 @@ class Layout:
     start: int  # first global class id of this rank's slice
     size: int  # V_r, classes on this rank
     even: bool  # vocab_start was None: slices assumed equal, checked
+    max_size: int = 0  # max_r V_r, set by agree() (the default chunk depends on it)
 
     @property
     def communicate(self) -> bool:
         return self.world > 1
 
 
-def make_layout(group, local_classes: int, vocab_start: int | None) -> Layout:
+def group_rank_world(group) -> tuple[int, int]:
+    """``(rank, world)`` in ``group``; ``(0, 1)`` without an initialized torch.distributed.
+    Raised at once: a process outside the group cannot take part in its collectives."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         if rank < 0:
-            raise ValueError("this process is not a member of the given process group")
-    elif group is not None:
-        raise ValueError("a group was given but torch.distributed is not initialized")
+            raise InputError("group: this process is not a member of the given process group")
+        return rank, world
+    if group is not None:
+        raise InputError("group was given but torch.distributed is not initialized")
+    return 0, 1
+
+
+def make_layout(group, local_classes: int, vocab_start, problems: Problems) -> Layout:
+    rank, world = group_rank_world(group)
+    if vocab_start is None:
+        start = rank * local_classes
     else:
-        rank, world = 0, 1
-    start = rank * local_classes if vocab_start is None else int(vocab_start)
+        start = problems.check(_index, vocab_start, "vocab_start")
+        if start is None:
+            start = 0
+        elif start < 0:
+            problems.note(f"vocab_start={vocab_start!r} must be >= 0")
+            start = 0
     return Layout(group, rank, world, start, int(local_classes), vocab_start is None)
 
 
+def _index(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise InputError(f"{name}={value!r} must be an integer")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name}={value!r} must be an integer") from None
+    if not -(1 << 63) <= index < 1 << 63:
+        raise InputError(f"{name}={value!r} does not fit in int64")
+    return index
+
+
 def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_items, like,
-              local_classes) -> tuple[Spec, str | None]:
-    """Check the options; a problem local to this rank (its weight slice) is returned as a
-    message, not raised, so that every rank can raise together after the first collective."""
-    check_options(reduction, label_smoothing, z_loss, None)
-    if num_items is not None and reduction != "sum":
-        raise ValueError("num_items divides the summed loss: use it with reduction='sum'")
-    problem = None
+              local_classes: int, problems: Problems, softcap=None) -> Spec:
+    """Check the options; problems are noted (raised after the agreement collective)."""
+    try:
+        check_options(reduction, label_smoothing, z_loss, softcap)
+        eps, zeta = float(label_smoothing), float(z_loss)
+        cap = None if softcap is None else float(softcap)
+    except InputError as e:
+        problems.note(str(e))
+        eps = zeta = 0.0
+        cap = None
+    if reduction not in _REDUCTIONS:
+        reduction = "mean"
+    index = problems.check(_index, ignore_index, "ignore_index")
+    cdtype = compute_dtype(like.dtype) if like is not None else torch.float32
+    device = like.device if like is not None else None
     if weight is not None:
-        if tuple(weight.shape) != (local_classes,):
-            problem = (f"weight has shape {tuple(weight.shape)}; expected ({local_classes},), "
-                       f"this rank's slice of the per-class weights")
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            problems.note(f"weight must be a floating tensor, this rank's slice of the "
+                          f"per-class weights; got {_describe(weight)}")
+            weight = None
+        elif tuple(weight.shape) != (local_classes,):
+            problems.note(f"weight has shape {tuple(weight.shape)}; expected "
+                          f"({local_classes},), this rank's slice of the per-class weights")
+            weight = None
+        elif like is not None and weight.dtype != like.dtype:
+            problems.note(f"weight has dtype {weight.dtype}; expected {like.dtype}, the "
+                          f"logits' dtype (as torch.nn.functional.cross_entropy)")
+            weight = None
+        elif torch.is_grad_enabled() and weight.requires_grad:
+            problems.note("crossent.torch.distributed: no gradient for the class weight "
+                          "(it requires grad); detach it, or use crossent.torch.cross_entropy",
+                          UnsupportedError)
             weight = None
         else:
-            weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
+            weight = weight.detach().to(device=device, dtype=cdtype)
+    items = _num_items(num_items, reduction, problems)
+    if isinstance(items, torch.Tensor):
+        items = items.detach().reshape(()).to(device=device, dtype=cdtype)
+    return Spec(-100 if index is None else index, eps, zeta, weight, reduction, items, cap)
+
+
+def _num_items(num_items, reduction: str, problems: Problems):
+    if num_items is None:
+        return None
+    if reduction != "sum":
+        problems.note("num_items divides the summed loss: use it with reduction='sum'")
+        return None
     if isinstance(num_items, torch.Tensor):
-        num_items = num_items.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
-    elif num_items is not None:
-        num_items = float(num_items)
-    spec = Spec(int(ignore_index), float(label_smoothing), float(z_loss), weight, reduction,
-                num_items)
-    return spec, problem
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            problems.note(f"num_items must be a number or a one-element real tensor; got a "
+                          f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+            return None
+        return num_items  # its value is checked after the agreement collective
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
+        problems.note(f"num_items={num_items!r} must be a number > 0 or a tensor")
+        return None
+    value = float(num_items)
+    if not (value > 0 and math.isfinite(value)):
+        problems.note(f"num_items={num_items!r} must be a finite number > 0")
+        return None
+    return value
 
 
-def check_target(target: torch.Tensor, rows: int) -> str | None:
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        return f"target must hold integer class ids, got {target.dtype}"
-    if target.numel() != rows:
-        return f"target has {target.numel()} entries but the logits have {rows} rows"
-    return None
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__}"
+
+
+def check_target(target, row_shape: tuple[int, ...], problems: Problems, device):
+    """The flat int64 target (``(N,)``), or ignored placeholders after noting a problem."""
+    rows = math.prod(row_shape)
+    if not isinstance(target, torch.Tensor):
+        problems.note(f"target must be a tensor of class ids; got {_describe(target)}")
+    elif target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        problems.note(f"target must hold integer class ids, got {target.dtype}")
+    elif tuple(target.shape) != tuple(row_shape):
+        problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
+                      f"({rows} rows)")
+    else:
+        return target.reshape(-1).to(device=device, dtype=torch.int64)
+    return torch.zeros(rows, dtype=torch.int64, device=device)
+
+
+def header_device(group, *tensors) -> torch.device:
+    """Where the agreement buffer lives: the first tensor argument's device, else the
+    backend's (CUDA for NCCL)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
+          function: int, rows: int, dtype, device, features: int = 0, chunk_size: int = 0,
+          reduce_input_grad: bool = False, input_grad: bool = False) -> None:
+    """The first collective of a call: one all-reduce SUM of a ``world x F`` int64 table
+    (each rank's arguments in its row), then the same checks on every rank. Raises
+    :class:`InputError` on every rank together, or sets ``spec.num_classes``,
+    ``spec.weight_total`` and ``lay.max_size``."""
+    ok = problems.message is None
+    values = {
+        "problem": 0 if ok else 1,
+        "function": function,
+        "rows": rows,
+        "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
+        "ignore_index": spec.ignore_index,
+        "label_smoothing": float_bits(spec.label_smoothing),
+        "z_loss": float_bits(spec.z_loss),
+        "softcap": float_bits(spec.softcap or 0.0),
+        "reduction": _REDUCTIONS.index(spec.reduction),
+        "weighted": int(spec.weight is not None),
+        "num_items_given": int(spec.num_items is not None),
+        "num_items": float_bits(spec.num_items) if isinstance(spec.num_items, float) else 0,
+        "features": features,
+        "chunk_size": chunk_size,
+        "reduce_input_grad": int(reduce_input_grad),
+        "input_grad": int(input_grad and reduce_input_grad),
+        "vocab_start_given": int(not lay.even),
+        "start": lay.start,
+        "size": lay.size,
+    }
+    row = torch.tensor([values.get(name, 0) for name in FIELDS], dtype=torch.int64,
+                       device=device)
+    if ok:
+        if isinstance(spec.num_items, torch.Tensor):
+            row[_COL["num_items"]] = tensor_bits(spec.num_items)
+        if spec.weight is not None:
+            row[_COL["weight_sum"]] = tensor_bits(spec.weight.to(torch.float64).sum())
+        row[_COL["target_hash0"]:] = target_hashes(target)
+    table = torch.zeros((lay.world, len(FIELDS)), dtype=torch.int64, device=device)
+    table[lay.rank] = row
+    if lay.communicate:
+        _all_reduce(table, dist.ReduceOp.SUM, lay)
+    got = table.tolist()  # the one host sync of the checks
+    _check_table(got, lay, spec, problems)
+    _check_values(target, lay, spec)
+
+
+def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Problems) -> None:
+    def col(name):
+        return [r[_COL[name]] for r in rows]
+
+    bad = [r for r, flag in enumerate(col("problem")) if flag]
+    if bad:
+        if problems.message is not None:
+            raise problems.kind(problems.message)
+        raise InputError(f"rank {bad[0]} of the group reported invalid input (its error says "
+                         f"which); every rank stops")
+    for name in FIELDS:
+        if name in _PER_RANK or name.startswith("target_hash"):
+            continue
+        values = col(name)
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(values))
+            what = _LABELS.get(name, name)
+            raise InputError(f"{what} differs across the ranks of the group ({shown}); every "
+                             f"rank must pass the same value")
+    given = col("vocab_start_given")
+    if len(set(given)) > 1:
+        raise InputError(f"vocab_start is None on ranks {[r for r, g in enumerate(given) if not g]}"
+                         f" and given on ranks {[r for r, g in enumerate(given) if g]}: pass "
+                         f"it on every rank (uneven split) or on none (even split)")
+    starts, sizes = col("start"), col("size")
+    if lay.even and len(set(sizes)) > 1:
+        raise InputError(f"the ranks hold different numbers of classes ({min(sizes)} to "
+                         f"{max(sizes)}): pass vocab_start for an uneven split")
+    num_classes = _check_partition(starts, sizes)
+    if any(len(set(col(h))) > 1 for h in ("target_hash0", "target_hash1", "target_hash2")):
+        raise InputError("target differs across the ranks of the group; every rank must "
+                         "pass the same global class ids")
+    items = bits_float(rows[0][_COL["num_items"]])
+    if spec.num_items is not None and not (items > 0 and math.isfinite(items)):
+        raise InputError(f"num_items={items!r} must be a finite number > 0")
+    spec.num_classes = num_classes
+    spec.weight_total = math.fsum(bits_float(b) for b in col("weight_sum"))
+    lay.max_size = max(sizes)
+
+
+def _show(name: str, value: int):
+    if name in _FLOATS:
+        return bits_float(value)
+    if name == "reduction":
+        return repr(_REDUCTIONS[value])
+    if name == "dtype":
+        return str(_DTYPES[value]) if value < len(_DTYPES) else "not floating"
+    if name == "function":
+        return _FUNCTIONS[value]
+    if name in ("weighted", "num_items_given", "reduce_input_grad", "input_grad"):
+        return bool(value)
+    return value
+
+
+def _check_partition(starts: list[int], sizes: list[int]) -> int:
+    """The slices ``[start_r, start_r + size_r)`` must tile ``[0, V)`` exactly (no overlap,
+    no gap; empty slices anywhere in ``[0, V]``). Returns ``V``."""
+    held = sorted((s, n, r) for r, (s, n) in enumerate(zip(starts, sizes, strict=True)) if n)
+    end = 0
+    for s, n, r in held:
+        if s != end:
+            if s < end:
+                raise InputError(f"the class slices overlap: rank {r} holds [{s}, {s + n}) "
+                                 f"but classes up to {end} are already held by lower slices "
+                                 f"(vocab_start per rank: {starts}; sizes: {sizes})")
+            raise InputError(f"the class slices leave a gap: classes [{end}, {s}) belong to "
+                             f"no rank (vocab_start per rank: {starts}; sizes: {sizes}); "
+                             f"the slices must start at 0 and tile [0, V)")
+        end = s + n
+    for r, (s, n) in enumerate(zip(starts, sizes, strict=True)):
+        if not n and not 0 <= s <= end:
+            raise InputError(f"rank {r} holds no classes at vocab_start={s}, outside [0, {end}]")
+    return end
+
+
+def _check_values(target: torch.Tensor, lay: Layout, spec: Spec) -> None:
+    """Target ids in ``[0, V)`` or ``ignore_index``. Run after the hashes agreed, so every
+    rank finds the same first bad id."""
+    valid = target != spec.ignore_index
+    bad = valid & ((target < 0) | (target >= spec.num_classes))
+    if target.numel() and bool(bad.any()):
+        value = int(target[bad][0])
+        raise InputError(f"target holds class index {value}, outside [0, {spec.num_classes}) "
+                         f"and not ignore_index={spec.ignore_index}")
+
+
+def cap_logits(z: torch.Tensor, spec: Spec) -> torch.Tensor | None:
+    """With ``softcap = c``: ``z <- c tanh(z / c)`` in place, returning ``tanh(z / c)`` (for
+    the derivative ``1 - tanh^2`` in backward); ``None`` without a cap."""
+    if spec.softcap is None:
+        return None
+    t = torch.tanh(z.div_(spec.softcap))
+    z.copy_(t).mul_(spec.softcap)
+    return t
+
+
+def uncap_grad(g: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """``d loss / d z = d loss / d(c tanh(z / c)) (1 - tanh^2(z / c))``, in place."""
+    if t is None:
+        return g
+    return g.mul_(t.mul_(t).neg_().add_(1.0))
 
 
 @dataclass
 class Partials:
     """One rank's per-row partial statistics over its class slice (compute dtype, (n,))."""
 
-    m: torch.Tensor  # local row max
+    m: torch.Tensor  # local row max (NaN if the row's slice holds a NaN)
     s: torch.Tensor  # sum_c exp(z_c - m_safe) over the slice
     zy: torch.Tensor  # w_y z_y if this rank owns y_n, else 0
     wy: torch.Tensor | None  # w_y if this rank owns y_n, else 0 (weighted only)
@@ -137,7 +491,7 @@ class Partials:
         j = i + z.shape[0]
         if z.shape[1] == 0:
             return
-        m = z.amax(dim=1)
+        m = z.amax(dim=1)  # NaN if the row holds a NaN
         m_safe = torch.where(m == -math.inf, 0.0, m)
         self.m[i:j] = m
         self.s[i:j] = torch.exp(z - m_safe[:, None]).sum(dim=1)
@@ -175,91 +529,36 @@ def _all_reduce(buf: torch.Tensor, op, lay: Layout) -> None:
     dist.all_reduce(buf, op=op, group=lay.group)
 
 
-def exchange(part: Partials, valid: torch.Tensor, lay: Layout, spec: Spec,
-             problem: str | None, check: torch.Tensor | None) -> RowStats:
-    """Two all-reduces: MAX of ``[m_n..., checks]``, then SUM of ``[S_n..., (w_y z_y)_n...,
-    (w_y)_n... if weighted, (sum_c w_c z_c)_n... if smoothing, checks]``.
+def exchange(part: Partials, valid: torch.Tensor, lay: Layout, spec: Spec) -> RowStats:
+    """Two all-reduces: MAX of the row maxima ``[m_n...]``, then SUM of ``[S_n...,
+    (w_y z_y)_n..., (w_y)_n... if weighted, (sum_c w_c z_c)_n... if smoothing]``.
 
-    ``valid`` marks the counted rows of this block. ``check`` (the whole flat target, given
-    on the first exchange of a call) adds the consistency scalars (an error flag, the slice
-    layout, the target range and a checksum of the target), checked identically on every
-    rank after each collective, so a bad input raises on all ranks together instead of
-    hanging the others.
-    """
-    dtype, device = part.m.dtype, part.m.device
+    NaN: a MAX all-reduce need not propagate NaN (gloo's keeps whichever operand its
+    comparison picks), so a NaN row maximum is sent as ``-inf`` and the NaN travels in the
+    SUM instead, where it propagates on every rank: the rank whose slice holds a NaN sends
+    NaN as its exp-sum, so ``S_n``, ``lse_n``, the row's loss and its gradient are NaN on
+    every rank, as single-process (an ignored row's loss stays 0, its gradient NaN, as
+    ``torch.nn.functional.cross_entropy``'s)."""
     n = part.m.shape[0]
-    first = check is not None
-    # ---- all-reduce MAX: row maxima (+ checks)
-    extra_max = []
-    if check is not None:  # the first exchange of a call (same test as `first`)
-        flag = float(lay.rank + 1) if problem else 0.0
-        y = check
-        yv = y[y != spec.ignore_index]
-        if yv.numel():
-            tmax = yv.max().clamp(max=_EXACT).to(dtype)
-            tmin = yv.min().clamp(min=-_EXACT).to(dtype)
-        else:
-            tmax = torch.tensor(-1.0, dtype=dtype, device=device)
-            tmin = torch.tensor(0.0, dtype=dtype, device=device)
-        check = (y.sum() % _CHECKSUM_MOD).to(dtype) if y.numel() else tmin * 0
-        end = float(lay.start + lay.size)
-        consts = torch.tensor([flag, end, -float(lay.start), float(lay.size), -float(lay.size)],
-                              dtype=dtype, device=device)
-        extra_max = [consts, torch.stack([tmax, -tmin, check, -check])]
-    buf = torch.cat([part.m, *extra_max]) if extra_max else part.m.clone()
+    nan = torch.isnan(part.m)
+    m_local = torch.where(nan, -math.inf, part.m)
+    m_global = m_local.clone()
     if lay.communicate:
-        _all_reduce(buf, dist.ReduceOp.MAX, lay)
-    m_global = buf[:n]
-    num_classes = spec.num_classes
-    if first:
-        flag, end, neg_start, vmax, neg_vmin, tmax, neg_tmin, check, neg_check = (
-            buf[n:].tolist())
-        if flag:
-            if problem:
-                raise ValueError(problem)
-            raise ValueError(f"rank {int(flag) - 1} of the group reported invalid input "
-                             f"(its error says which); every rank stops")
-        num_classes = spec.num_classes = int(end)
-        if neg_start != 0:
-            raise ValueError(f"the class slices must start at 0; the smallest vocab_start "
-                             f"is {int(-neg_start)}")
-        if lay.even and vmax != -neg_vmin:
-            raise ValueError(f"the ranks hold different numbers of classes ({int(-neg_vmin)} "
-                             f"to {int(vmax)}): pass vocab_start for an uneven split")
-        if tmax >= num_classes or neg_tmin > 0:
-            bad = int(tmax) if tmax >= num_classes else int(-neg_tmin)
-            raise ValueError(f"target holds class index {bad}, outside [0, {num_classes}) "
-                             f"and not ignore_index={spec.ignore_index}")
-        if check != -neg_check:
-            raise ValueError("target differs across the ranks of the group; every rank must "
-                             "pass the same global class ids")
-    # ---- all-reduce SUM: rescaled exp-sums, target logits, weights, smoothing sums
-    m_safe = torch.where(part.m == -math.inf, 0.0, part.m)
+        _all_reduce(m_global, dist.ReduceOp.MAX, lay)
+    m_safe = torch.where(m_local == -math.inf, 0.0, m_local)
     g_safe = torch.where(m_global == -math.inf, 0.0, m_global)
-    s = torch.where(part.s > 0, part.s * torch.exp(m_safe - g_safe), 0.0)
+    s = torch.where(part.s == 0, 0.0, part.s * torch.exp(m_safe - g_safe))
+    s = torch.where(nan, math.nan, s)  # the explicit NaN flag of this rank's slice
     cols = [s, part.zy]
     if part.wy is not None:
         cols.append(part.wy)
     if part.smooth is not None:
         cols.append(part.smooth)
-    extra_sum = []
-    if first:
-        wsum = spec.weight.sum() if spec.weight is not None else torch.zeros((), dtype=dtype,
-                                                                            device=device)
-        extra_sum = [torch.stack([torch.tensor(float(lay.size), dtype=dtype, device=device),
-                                  wsum.to(dtype)])]
-    buf = torch.cat([*cols, *extra_sum])
+    buf = torch.cat(cols)
     if lay.communicate:
         _all_reduce(buf, dist.ReduceOp.SUM, lay)
-    k = len(cols)
-    got = buf[: k * n].view(k, n)
-    if first:
-        total, wsum = buf[k * n:].tolist()
-        if int(total) != num_classes:
-            raise ValueError(f"the class slices hold {int(total)} classes in all but the "
-                             f"largest ends at {num_classes}: they overlap or leave a gap")
-        spec.weight_total = wsum
-    return _finish(m_global, got, part, valid, num_classes, spec)
+    got = buf.view(len(cols), n)
+    return _finish(m_global, got, part, valid, spec.num_classes, spec)
 
 
 def _finish(m, got, part, valid, num_classes, spec) -> RowStats:
@@ -285,7 +584,7 @@ def _finish(m, got, part, valid, num_classes, spec) -> RowStats:
     if zeta:
         loss = loss + zeta * lse * lse
         coef = a + (2.0 * zeta) * lse
-    loss = torch.where(valid, loss, 0.0)
+    loss = torch.where(valid, loss, 0.0)  # an ignored row contributes nothing, even NaN
     return RowStats(loss, lse, coef, torch.where(valid, wy, 0.0), num_classes)
 
 

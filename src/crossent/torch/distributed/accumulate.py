@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ...errors import InputError
+
 __all__ = ["global_num_items"]
 
 
@@ -39,7 +41,7 @@ def global_num_items(
     """
     targets = [target] if isinstance(target, torch.Tensor) else list(target)
     if not targets:
-        raise ValueError("target is an empty list")
+        raise InputError("target is an empty list")
     counts = [(t != ignore_index).sum() for t in targets]
     # Start from the first count, not 0: the sum stays a tensor (typed so) on its device.
     count = sum(counts[1:], start=counts[0]).to(torch.int64)
@@ -48,5 +50,5 @@ def global_num_items(
             count = count.clone()
             dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     elif group is not None:
-        raise ValueError("a group was given but torch.distributed is not initialized")
+        raise InputError("a group was given but torch.distributed is not initialized")
     return count

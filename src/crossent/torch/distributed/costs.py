@@ -14,11 +14,15 @@ from __future__ import annotations
 import math
 
 from ..functional import _default_chunk as fused_default_chunk
+from ._common import FIELDS
 from .linear import default_chunk
 
-__all__ = ["ring_bytes", "vocab_parallel_costs"]
+__all__ = ["agreement_bytes", "ring_bytes", "vocab_parallel_costs"]
 
-_MAX_EXTRA, _SUM_EXTRA = 9, 2  # check scalars on the first exchange of a call
+
+def agreement_bytes(world: int) -> int:
+    """Bytes of the agreement all-reduce that opens every call: ``world x F`` int64."""
+    return 8 * len(FIELDS) * world
 
 
 def ring_bytes(payload: float, world: int) -> float:
@@ -41,20 +45,24 @@ def vocab_parallel_costs(
 ) -> dict[str, float]:
     """Per-rank costs of one forward + backward (even split, ``V_r = V / world``).
 
-    ``k = 2 + [weighted] + [label_smoothing]`` values per row go into the SUM buffer, one
-    into the MAX buffer; ``itemsize`` is the compute dtype's (4: float32).
+    Every call opens with the agreement all-reduce (SUM of ``world x F`` int64,
+    :func:`agreement_bytes`). Then ``k = 2 + [weighted] + [label_smoothing]`` values per
+    row go into the SUM buffer, one into the MAX buffer; ``itemsize`` is the compute
+    dtype's (4: float32).
 
-    Logits given (``hidden=None``): 2 all-reduces, ``itemsize ((k + 1) N + 11)`` bytes.
-    Linear (``hidden=D``, chunk ``B``): ``2 ceil(N / B)`` all-reduces in forward with the
-    same per-row payload, plus one ``N D`` all-reduce of the input gradient in backward.
+    Logits given (``hidden=None``): 3 all-reduces, ``8 F t + itemsize (k + 1) N`` bytes.
+    Linear (``hidden=D``, chunk ``B``): ``1 + 2 ceil(N / B)`` all-reduces in forward with
+    the same payload, plus one ``N D`` all-reduce of the input gradient in backward.
     FLOPs: ``6 N D V_r`` (logits, ``dX``, ``dW``) plus about ``8 N V_r`` elementwise.
     """
     n, v_r = num_rows, -(-num_classes // world)
     k = 2 + int(weighted) + int(label_smoothing)
-    stats = itemsize * ((k + 1) * n + _MAX_EXTRA + _SUM_EXTRA)
+    stats = itemsize * (k + 1) * n + agreement_bytes(world)
     out: dict[str, float] = {"local_classes": v_r, "values_per_row": k + 1}
     if hidden is None:
-        out.update(all_reduces_forward=2, all_reduces_backward=0, payload_bytes=stats,
+        calls = 3 if world > 1 else 0
+        stats = stats if world > 1 else 0
+        out.update(all_reduces_forward=calls, all_reduces_backward=0, payload_bytes=stats,
                    logits_chunk_bytes=0, flops=8.0 * n * v_r)
         out["wire_bytes"] = ring_bytes(stats, world) if world > 1 else 0.0
         return out
@@ -64,7 +72,7 @@ def vocab_parallel_costs(
     grad_x = itemsize * n * d if reduce_input_grad and world > 1 else 0
     out.update(
         chunk_rows=min(chunk, n),
-        all_reduces_forward=2 * chunks if world > 1 else 0,
+        all_reduces_forward=1 + 2 * chunks if world > 1 else 0,
         all_reduces_backward=1 if grad_x else 0,
         payload_bytes=(stats if world > 1 else 0) + grad_x,
         stats_payload_bytes=stats if world > 1 else 0,

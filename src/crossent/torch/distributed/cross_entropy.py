@@ -12,39 +12,44 @@ from .. import _buffers
 from ._common import (
     Layout,
     Partials,
+    Problems,
     Spec,
+    agree,
     block_rows,
+    cap_logits,
     check_target,
     compute_dtype,
     exchange,
     grad_block,
+    header_device,
     make_layout,
     make_spec,
     reduce_loss,
+    uncap_grad,
 )
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
 
-def _forward(logits: torch.Tensor, target: torch.Tensor, lay: Layout, spec: Spec,
-             problem: str | None):
+def _forward(logits: torch.Tensor, target: torch.Tensor, lay: Layout, spec: Spec):
     n, size = logits.shape
     cdtype = compute_dtype(logits.dtype)
     valid = target != spec.ignore_index
     part = Partials.empty(n, spec, cdtype, logits.device)
-    if problem is None:
-        step = block_rows(size)
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            part.fill(i, logits[i:j].to(cdtype), target[i:j], valid[i:j], lay, spec)
-    stats = exchange(part, valid, lay, spec, problem, check=target)
+    step = block_rows(size)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        z = logits[i:j].to(cdtype, copy=spec.softcap is not None)
+        cap_logits(z, spec)
+        part.fill(i, z, target[i:j], valid[i:j], lay, spec)
+    stats = exchange(part, valid, lay, spec)
     return stats, valid
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, lay, spec, problem):
-        stats, valid = _forward(logits, target, lay, spec, problem)
+    def forward(ctx, logits, target, lay, spec):
+        stats, valid = _forward(logits, target, lay, spec)
         out, scale = reduce_loss(stats.loss, stats.wy, valid, spec)
         ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef)
         ctx.lay, ctx.spec, ctx.scale, ctx.num_classes = lay, spec, scale, stats.num_classes
@@ -64,9 +69,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         for i in range(0, n, step):
             j = min(i + step, n)
             z = logits[i:j].to(cdtype, copy=True)
-            grad[i:j] = grad_block(z, target[i:j], valid[i:j], lse[i:j], coef[i:j],
-                                   scale[i:j], ctx.lay, ctx.spec, ctx.num_classes)
-        return grad, None, None, None, None
+            t = cap_logits(z, ctx.spec)
+            g = grad_block(z, target[i:j], valid[i:j], lse[i:j], coef[i:j], scale[i:j],
+                           ctx.lay, ctx.spec, ctx.num_classes)
+            grad[i:j] = uncap_grad(g, t)
+        return grad, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -81,6 +88,7 @@ def vocab_parallel_cross_entropy(
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: torch.Tensor | float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy over logits whose classes are split across the ranks of
     ``group``: the result (and each rank's logit gradient) equals single-process
@@ -90,8 +98,8 @@ def vocab_parallel_cross_entropy(
     ``[vocab_start, vocab_start + V_r)`` in ``local_logits`` of shape ``(..., V_r)``
     (class dimension **last**, Megatron's ``[s, b, V/p]``; ``(N, V_r)`` is the common case).
     ``vocab_start=None`` means an even split, ``vocab_start = r * V_r``; an uneven split
-    needs an explicit ``vocab_start`` on every rank. ``V = max_r(vocab_start + V_r)``; the
-    slices must tile ``[0, V)`` (checked: they start at 0 and ``sum_r V_r = V``).
+    needs an explicit ``vocab_start`` on every rank. ``V = sum_r V_r``; the slices must
+    tile ``[0, V)`` exactly (checked: sorted by start, each begins where the last ended).
     ``target`` ``(...)`` holds **global** class ids and must be the same on every rank.
 
     Loss of a counted row (``lse_n = log sum_c exp z_nc`` over all ``V`` classes, ``w_y``
@@ -104,12 +112,15 @@ def vocab_parallel_cross_entropy(
     ``sum exp(z - m_r)``, ``w_y z_y`` (only the rank owning ``y``), ``w_y`` (with weights)
     and ``sum_c w_c z_c`` (with smoothing) over its slice. Communication per call:
 
-    * ONE ``all_reduce(MAX)`` of ``N + 9`` values (the row maxima; 9 check scalars), then
-    * ONE ``all_reduce(SUM)`` of ``k N + 2`` values, ``k = 2 + [weight] + [eps > 0]``
+    * ONE ``all_reduce(SUM)`` of ``world x F`` int64 (``F = 23``): every rank's arguments
+      (the agreement, below), then
+    * ONE ``all_reduce(MAX)`` of the ``N`` row maxima, then
+    * ONE ``all_reduce(SUM)`` of ``k N`` values, ``k = 2 + [weight] + [eps > 0]``
       (the rescaled exp-sums ``sum_r S_r exp(m_r - M)``, the target terms, ...),
 
-    in the logits' compute dtype (float32, or float64 for float64 input): ``4 (k + 1) N``
-    bytes, nothing proportional to ``V``. Backward makes **no** collective: the gradient
+    the row buffers in the logits' compute dtype (float32, or float64 for float64 input):
+    ``4 (k + 1) N + 8 F world`` bytes, nothing proportional to ``V``. Backward makes
+    **no** collective: the gradient
     ``p (A_n + 2 zeta lse_n) - (eps / V) w_c - (1 - eps) w_y [c = y]``,
     ``A_n = (1 - eps) w_y + (eps / V) sum_c w_c``, needs only the saved per-row ``lse_n``
     and ``A_n`` and the local slice. All arithmetic is float32 for bfloat16/float16 input
@@ -128,7 +139,9 @@ def vocab_parallel_cross_entropy(
             (``V / p``) and no weights; this function gives the single-process answer.
         z_loss: ``zeta >= 0``, adds ``zeta lse_n^2`` per counted row (not class-weighted).
         weight: ``(V_r,)`` **this rank's slice** of the per-class weights (the entries for
-            classes ``[vocab_start, vocab_start + V_r)``), not the full ``(V,)`` vector.
+            classes ``[vocab_start, vocab_start + V_r)``), not the full ``(V,)`` vector;
+            same dtype as the logits. No gradient flows to it: one that requires grad
+            raises :class:`crossent.UnsupportedError` (detach it).
         reduction: ``"none"`` (per-row losses, shape of ``target``, ignored rows 0),
             ``"sum"``, or ``"mean"``: the sum divided by the number of counted rows, or by
             ``sum_n w[y_n]`` over them with weights; NaN when nothing is counted, with a
@@ -137,12 +150,27 @@ def vocab_parallel_cross_entropy(
             count of counted targets over all data-parallel ranks and gradient-accumulation
             micro-batches of the step (:func:`global_num_items`) so the accumulated
             gradient is the full-batch mean (PITFALLS 11).
+        softcap: ``c > 0`` replaces every logit by ``c tanh(z / c)`` first (elementwise,
+            so each rank caps its own slice), as :func:`crossent.torch.cross_entropy`;
+            ``None`` for no cap.
 
-    Errors: bad input on any rank (a target outside ``[0, V)``, targets that differ across
-    ranks, a wrong weight shape, slices that do not tile ``[0, V)``) raises ``ValueError``
-    on **every** rank after the first collective (an error flag and check scalars ride in
-    the MAX buffer), so no rank is left waiting in a collective. The options other than
-    ``local_logits``, ``weight`` and ``vocab_start`` must be the same on every rank.
+    Agreement (checked before any row collective, the same way on every rank): the first
+    collective gathers every rank's options (``ignore_index``, ``label_smoothing``,
+    ``z_loss``, ``softcap``, ``reduction``, weight presence, ``num_items``, ``N``, the
+    logits' dtype, whether ``vocab_start`` was given), its slice ``(vocab_start, V_r)``, the
+    sum of its weight slice and three independent 31-bit hashes of the whole target. Every
+    rank then raises the same :class:`crossent.InputError` (a ``ValueError``) if an option
+    differs across ranks, the slices do not tile ``[0, V)`` exactly (overlap, gap, unequal
+    slices without ``vocab_start``), the targets differ (position-keyed hashes: equal sums
+    or permutations do not pass), a target lies outside ``[0, V)``, or ``num_items`` is not
+    ``> 0``. A bad argument on one rank (a wrong shape or dtype, an invalid option) is
+    raised there with its own message after that collective, and as "rank r of the group
+    reported invalid input" on the others: no rank is left waiting in a collective, and the
+    group stays usable.
+
+    NaN: a NaN logit on any rank makes its row's loss (and ``"mean"``/``"sum"``) NaN on
+    every rank, as single-process; an ignored row contributes 0 to the loss even if it
+    holds NaN, and its gradient row is NaN, as ``torch.nn.functional.cross_entropy``'s.
 
     References: Megatron-LM ``tensor_parallel.vocab_parallel_cross_entropy``; Shoeybi et
     al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
@@ -154,32 +182,37 @@ def vocab_parallel_cross_entropy(
     >>> round(vocab_parallel_cross_entropy(logits, torch.tensor([0, 2])).item(), 6)  # ln 3
     1.098612
     """
-    if not local_logits.is_floating_point():
-        raise ValueError(f"local_logits must be floating, got {local_logits.dtype}")
-    if local_logits.dim() == 0:
-        raise ValueError("local_logits must have a class dimension; got a 0-d tensor")
-    size = local_logits.shape[-1]
-    row_shape = local_logits.shape[:-1]
-    logits = local_logits.reshape(math.prod(row_shape), size)
-    lay = make_layout(group, size, vocab_start)
-    spec, problem = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction,
-                              num_items, logits, size)
-    problem = problem or check_target(target, logits.shape[0])
-    if problem is None and lay.start < 0:
-        problem = f"vocab_start={vocab_start!r} must be >= 0"
-    if problem is None and tuple(target.shape) != tuple(row_shape):
-        problem = (f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
-                   f"for local_logits of shape {tuple(local_logits.shape)}")
-    if problem is None:
-        flat = target.reshape(-1).to(device=logits.device, dtype=torch.int64)
-    else:  # keep the buffer sizes of the other ranks: the error is raised after the MAX
-        flat = torch.full((logits.shape[0],), spec.ignore_index, dtype=torch.int64,
-                          device=logits.device)
+    problems = Problems()
+    logits = _check_logits(local_logits, problems)
+    row_shape = tuple(logits.shape[:-1]) if logits is not None else ()
+    size = logits.shape[-1] if logits is not None else 0
+    lay = make_layout(group, size, vocab_start, problems)
+    device = header_device(group, local_logits, target)
+    spec = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_items,
+                     logits, size, problems, softcap)
+    flat = check_target(target, row_shape, problems, device)
+    rows = math.prod(row_shape)
+    agree(lay, spec, problems, flat, function=0, rows=rows,
+          dtype=logits.dtype if logits is not None else None, device=device)
+    assert logits is not None  # agree() raised otherwise
+    logits = logits.reshape(rows, size)
     if torch.is_grad_enabled() and logits.requires_grad:
-        out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, problem)
+        out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec)
     else:
         with torch.no_grad():
-            stats, valid = _forward(logits, flat, lay, spec, problem)
+            stats, valid = _forward(logits, flat, lay, spec)
             out, _ = reduce_loss(stats.loss, stats.wy, valid, spec)
             out = out.to(logits.dtype)
-    return out.reshape(row_shape) if reduction == "none" else out
+    return out.reshape(row_shape) if spec.reduction == "none" else out
+
+
+def _check_logits(local_logits, problems: Problems) -> torch.Tensor | None:
+    if not isinstance(local_logits, torch.Tensor):
+        problems.note(f"local_logits must be a tensor; got {type(local_logits).__name__}")
+    elif not local_logits.is_floating_point():
+        problems.note(f"local_logits must be floating, got {local_logits.dtype}")
+    elif local_logits.dim() == 0:
+        problems.note("local_logits must have a class dimension; got a 0-d tensor")
+    else:
+        return local_logits
+    return None

@@ -3,19 +3,26 @@ cross-entropy fused and chunked over rows, so no rank ever holds the full logits
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._common import (
     Partials,
+    Problems,
+    agree,
+    cap_logits,
     check_target,
     compute_dtype,
     exchange,
     grad_block,
+    header_device,
     make_layout,
     make_spec,
     reduce_loss,
+    uncap_grad,
 )
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
@@ -28,7 +35,7 @@ def default_chunk(local_classes: int) -> int:
     return max(32, _CHUNK_BYTES // (4 * max(local_classes, 1)) // 32 * 32)
 
 
-def _run(x, w, b, target, valid, lay, spec, problem, chunk, need, scale=None, saved=None):
+def _run(x, w, b, target, valid, lay, spec, chunk, need, scale=None, saved=None):
     """One pass over row chunks. Forward (``saved is None``): two all-reduces per chunk,
     per-row loss statistics, and (if ``need``) the gradients with ``d reduced/d l_n = 1``
     on counted rows. Backward recompute (``saved = (lse, coef)``): gradients scaled by
@@ -49,24 +56,22 @@ def _run(x, w, b, target, valid, lay, spec, problem, chunk, need, scale=None, sa
         j = min(i + chunk, n)
         xc = x[i:j].to(cdtype)
         lg = buf[: j - i]
-        if problem is None:
-            if b32 is None:
-                torch.mm(xc, w32.t(), out=lg)
-            else:
-                torch.addmm(b32, xc, w32.t(), out=lg)
+        if b32 is None:
+            torch.mm(xc, w32.t(), out=lg)
+        else:
+            torch.addmm(b32, xc, w32.t(), out=lg)
+        tanh = cap_logits(lg, spec)
         if saved is None:
             part = Partials.empty(j - i, spec, cdtype, x.device)
-            if problem is None:
-                part.fill(0, lg, target[i:j], valid[i:j], lay, spec)
-            st = exchange(part, valid[i:j], lay, spec, problem,
-                          check=target if i == 0 else None)
+            part.fill(0, lg, target[i:j], valid[i:j], lay, spec)
+            st = exchange(part, valid[i:j], lay, spec)
             loss[i:j], lse[i:j], coef[i:j], wy[i:j] = st.loss, st.lse, st.coef, st.wy
             sc = ones[i:j]
         else:
             sc = scale[i:j]
         if any(need):
-            g = grad_block(lg, target[i:j], valid[i:j], lse[i:j], coef[i:j], sc, lay, spec,
-                           spec.num_classes)
+            g = uncap_grad(grad_block(lg, target[i:j], valid[i:j], lse[i:j], coef[i:j], sc,
+                                      lay, spec, spec.num_classes), tanh)
             if need_x:
                 torch.mm(g, w32, out=gx[i:j])
             if need_w:
@@ -78,13 +83,13 @@ def _run(x, w, b, target, valid, lay, spec, problem, chunk, need, scale=None, sa
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, valid, lay, spec, problem, chunk, reduce_input_grad):
+    def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.lay, ctx.spec, ctx.chunk, ctx.need = lay, spec, chunk, need
         ctx.reduce_input_grad = reduce_input_grad
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         none = spec.reduction == "none"
-        (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, problem, chunk,
+        (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
                                             (False,) * 3 if none else need)
         out, ctx.scale = reduce_loss(loss, wy, valid, spec)
         if none:  # the gradient depends on grad_output row by row: recompute in backward
@@ -100,7 +105,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if spec.reduction == "none":
             x, w, b, target, valid, lse, coef = ctx.saved_tensors
             go = grad_output.reshape(-1).to(lse.dtype)
-            _, grads = _run(x, w, b, target, valid, ctx.lay, spec, None, ctx.chunk, ctx.need,
+            _, grads = _run(x, w, b, target, valid, ctx.lay, spec, ctx.chunk, ctx.need,
                             scale=go, saved=(lse, coef))
         else:
             grads, ctx.grads = ctx.grads, None
@@ -115,7 +120,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if gx is not None and ctx.reduce_input_grad and ctx.lay.communicate:
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -134,6 +139,7 @@ def vocab_parallel_linear_cross_entropy(
     num_items: torch.Tensor | float | None = None,
     chunk_size: int | None = None,
     reduce_input_grad: bool = True,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``vocab_parallel_cross_entropy(input @ local_weight.T + local_bias, target, ...)``
     computed ``chunk_size`` rows at a time: neither the full logits ``(N, V)`` nor the local
@@ -146,12 +152,14 @@ def vocab_parallel_linear_cross_entropy(
     options and reduction rules are those of :func:`vocab_parallel_cross_entropy` (whose
     docstring has the formulas).
 
-    Per chunk of ``B`` rows: local logits ``Z = X_c W_r^T + b_r`` (``B x V_r`` float32, the
-    only logits buffer, reused), their per-row statistics, **one all_reduce(MAX) of
-    B + 9 and one all_reduce(SUM) of k B + 2 values** (``k = 2 + [weight] + [eps > 0]``;
-    the 9 + 2 check scalars ride on the first chunk only, later chunks send ``B`` and
-    ``k B``), then ``G = dloss/dZ`` in place and ``dX_c = G W_r``, ``dW_r += G^T X_c``,
-    ``db_r += sum G`` (float32). Forward: ``2 ceil(N / B)`` all-reduces (2 for ``N = 0``).
+    First, once per call, the agreement all-reduce of :func:`vocab_parallel_cross_entropy`
+    (``world x F`` int64), which here also checks that ``D``, ``chunk_size``,
+    ``reduce_input_grad`` and whether ``input`` needs a gradient agree. Then per chunk of
+    ``B`` rows: local logits ``Z = X_c W_r^T + b_r`` (``B x V_r`` float32, the only logits
+    buffer, reused), their per-row statistics, **one all_reduce(MAX) of B and one
+    all_reduce(SUM) of k B values** (``k = 2 + [weight] + [eps > 0]``), then
+    ``G = dloss/dZ`` in place and ``dX_c = G W_r``, ``dW_r += G^T X_c``, ``db_r += sum G``
+    (float32). Forward: ``1 + 2 ceil(N / B)`` all-reduces (3 for ``N = 0``).
     Backward: one all_reduce(SUM) of the ``N x D`` input gradient when ``input`` needs a
     gradient and ``reduce_input_grad`` (the column-parallel layer's backward all-reduce:
     ``dX = sum_r G_r W_r``), otherwise none. With ``reduce_input_grad=False`` each rank
@@ -161,11 +169,14 @@ def vocab_parallel_linear_cross_entropy(
     For ``"mean"``/``"sum"`` the gradients are computed in the forward pass (backward scales
     them by ``grad_output``); for ``"none"`` backward recomputes the chunk logits from the
     saved per-row ``lse`` and ``A_n`` (no statistics collective) so any ``grad_output`` is
-    right. Peak extra memory per rank: ``B V_r`` float32 logits + ``N x D`` and
-    ``V_r x D`` float32 gradients + ``O(N)`` row statistics.
+    right. Peak extra memory per rank: ``B V_r`` float32 logits (twice with ``softcap``:
+    the ``tanh`` is kept for the derivative) + ``N x D`` and ``V_r x D`` float32 gradients
+    + ``O(N)`` row statistics.
 
     Args:
-        chunk_size: rows per chunk ``B``; default about 16 MiB of float32 local logits.
+        chunk_size: rows per chunk ``B`` (the same on every rank); default about 16 MiB of
+            float32 logits of the **largest** slice ``max_r V_r`` (gathered by the
+            agreement), so an uneven split chunks the same on every rank.
         reduce_input_grad: all-reduce the input gradient over ``group`` in backward.
         Others: as in :func:`vocab_parallel_cross_entropy` (``weight``: this rank's
         ``(V_r,)`` slice of the class weights).
@@ -178,40 +189,78 @@ def vocab_parallel_linear_cross_entropy(
     >>> round(vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 1])).item(), 6)
     1.098612
     """
-    if local_weight.dim() != 2:
-        raise ValueError(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != local_weight.shape[1]:
-        raise ValueError(f"input of shape {tuple(input.shape)} does not match local_weight "
-                         f"{tuple(local_weight.shape)} (features last)")
-    size = local_weight.shape[0]
-    row_shape = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1]).contiguous()
-    n = x.shape[0]
-    lay = make_layout(group, size, vocab_start)
-    spec, problem = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction,
-                              num_items, x, size)
-    problem = problem or check_target(target, n)
-    if problem is None and tuple(target.shape) != tuple(row_shape):
-        problem = f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)}"
-    if problem is None and local_bias is not None and tuple(local_bias.shape) != (size,):
-        problem = f"local_bias has shape {tuple(local_bias.shape)}; expected ({size},)"
-    if problem is None and lay.start < 0:
-        problem = f"vocab_start={vocab_start!r} must be >= 0"
-    if problem is None:
-        flat = target.reshape(-1).to(device=x.device, dtype=torch.int64)
-    else:
-        flat = torch.full((n,), spec.ignore_index, dtype=torch.int64, device=x.device)
-    valid = flat != spec.ignore_index
-    chunk = default_chunk(size) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be >= 1")
+    problems = Problems()
+    x, size, features = _check_inputs(input, local_weight, local_bias, problems)
+    row_shape = tuple(input.shape[:-1]) if x is not None else ()
+    rows = math.prod(row_shape)
+    lay = make_layout(group, size, vocab_start, problems)
+    device = header_device(group, input, local_weight, target)
+    spec = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_items,
+                     x, size, problems, softcap)
+    flat = check_target(target, row_shape, problems, device)
+    chunk = _check_chunk(chunk_size, problems)
+    if not isinstance(reduce_input_grad, bool):
+        problems.note(f"reduce_input_grad={reduce_input_grad!r} must be True or False")
+        reduce_input_grad = False
     params = (x, local_weight, local_bias)
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+    grad = torch.is_grad_enabled() and any(isinstance(p, torch.Tensor) and p.requires_grad
+                                           for p in params)
+    input_grad = grad and x is not None and x.requires_grad
+    agree(lay, spec, problems, flat, function=1, rows=rows,
+          dtype=x.dtype if x is not None else None, device=device, features=features,
+          chunk_size=chunk, reduce_input_grad=reduce_input_grad, input_grad=input_grad)
+    assert x is not None  # agree() raised otherwise
+    x = x.reshape(rows, features).contiguous()
+    # identical on every rank: from the largest slice, which agree() gathered
+    chunk = chunk or default_chunk(lay.max_size)
+    valid = flat != spec.ignore_index
+    if grad:
         out = _VocabParallelLinearCE.apply(x, local_weight, local_bias, flat, valid, lay, spec,
-                                           problem, chunk, bool(reduce_input_grad))
+                                           chunk, reduce_input_grad)
     else:
         with torch.no_grad():
             (loss, _, _, wy), _ = _run(x, local_weight, local_bias, flat, valid, lay, spec,
-                                       problem, chunk, (False,) * 3)
+                                       chunk, (False,) * 3)
             out = reduce_loss(loss, wy, valid, spec)[0].to(x.dtype)
-    return out.reshape(row_shape) if reduction == "none" else out
+    return out.reshape(row_shape) if spec.reduction == "none" else out
+
+
+def _check_inputs(input, local_weight, local_bias, problems: Problems):
+    """``(input or None, V_r, D)``; a problem is noted (raised after the agreement)."""
+    tensors = {"input": input, "local_weight": local_weight}
+    if local_bias is not None:
+        tensors["local_bias"] = local_bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            problems.note(f"{name} must be a floating tensor, got {what}")
+            return None, 0, 0
+    size = local_weight.shape[0] if local_weight.dim() else 0
+    if local_weight.dim() != 2:
+        problems.note(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
+        return None, 0, 0
+    size, features = local_weight.shape
+    if input.dim() == 0 or input.shape[-1] != features:
+        problems.note(f"input of shape {tuple(input.shape)} does not match local_weight "
+                      f"{tuple(local_weight.shape)} (features last)")
+        return None, size, 0
+    for name, t in tensors.items():
+        if t.dtype != input.dtype:  # torch.nn.functional.linear's rule
+            problems.note(f"{name} has dtype {t.dtype}; expected {input.dtype}, the dtype of "
+                          f"input (as torch.nn.functional.linear)")
+            return None, size, features
+    if local_bias is not None and tuple(local_bias.shape) != (size,):
+        problems.note(f"local_bias has shape {tuple(local_bias.shape)}; expected ({size},)")
+        return None, size, features
+    return input, size, features
+
+
+def _check_chunk(chunk_size, problems: Problems) -> int:
+    """The explicit chunk size, or 0 for the default (chosen after the agreement)."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or \
+            not 1 <= chunk_size < 1 << 62:
+        problems.note(f"chunk_size={chunk_size!r} must be an integer >= 1 (or None)")
+        return 0
+    return chunk_size
