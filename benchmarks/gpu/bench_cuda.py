@@ -1,0 +1,464 @@
+"""crossent's Triton cross-entropy and linear head against torch, torch.compile, Liger Kernel
+and Cut Cross-Entropy on one CUDA GPU: time (median), peak extra memory, HBM floor.
+
+    python benchmarks/gpu/bench_cuda.py                      # check + benchmark, H200
+    python benchmarks/gpu/bench_cuda.py --bandwidth 3.35e12  # H100 SXM
+    python benchmarks/gpu/bench_cuda.py --check-only         # correctness on the GPU only
+    python benchmarks/gpu/bench_cuda.py --tiny --interpret   # smoke test on a CPU
+
+Every contender runs in this one process on the same tensors, forward + backward
+(``loss.backward()``, ``grad_output`` 1), ``--repeats`` timed runs after ``--warmup``
+untimed ones (``torch.compile``'s compilation happens in the warm-up), timed with CUDA
+events; the table gives the median, its ratio to crossent, the peak memory allocated
+during the run beyond what existed before it (``torch.cuda.max_memory_allocated``; inputs
+and, for in-place kernels, their fresh copy of the logits excluded), and, for the
+cross-entropy configurations, the HBM floor: one read of the logits plus one write of the
+gradient, ``2 N V itemsize / bandwidth``. Liger Kernel and Cut Cross-Entropy are optional
+imports (skipped with a note if missing or failing). ``--json PATH`` writes everything.
+The check mode compares crossent with torch in float64 on large shapes (including one
+with more than 2**31 logits: 64-bit offsets) before any timing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--interpret" in sys.argv:  # before triton is imported (torch._dynamo imports it)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse
+import json
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from crossent.torch._triton import (
+    triton_cross_entropy,
+    triton_linear_cross_entropy,
+)
+from crossent.torch._triton.fused_linear import fused_linear_cross_entropy
+
+CE_CONFIGS = [  # (N, V, dtype)
+    (16384, 128256, torch.bfloat16),
+    (16384, 128256, torch.float32),
+    (8192, 256000, torch.bfloat16),
+    (8192, 256000, torch.float32),
+]
+LINEAR_CONFIGS = [(16384, 4096, 128256, torch.bfloat16)]  # (N, D, V, dtype)
+TINY_CE = [(24, 300, torch.bfloat16), (16, 500, torch.float32)]
+TINY_LINEAR = [(24, 32, 300, torch.bfloat16)]
+
+
+DEADLINE = [math.inf]  # perf_counter() after which contenders are skipped
+
+
+@dataclass
+class Result:
+    config: str
+    contender: str
+    times_ms: list[float] = field(default_factory=list)
+    peak_extra_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms) if self.times_ms else math.nan
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+# ---------------------------------------------------------------- contenders (CE)
+# each: prepare() -> state (untimed: fresh copies of in-place inputs), run(state) timed
+
+
+def _ce_contenders(z0: torch.Tensor, y: torch.Tensor, compile_ok: bool):
+    def leaf():
+        z = z0.detach().clone().requires_grad_()  # the copy is outside the timed region
+        return z
+
+    def plain(fn):
+        def run(z):
+            fn(z, y).backward()
+        return run
+
+    # torch.compile last: its compilation is the slowest part of the run (--max-minutes)
+    yield "torch", leaf, plain(F.cross_entropy)
+    yield "crossent-triton", leaf, plain(triton_cross_entropy)
+    yield "crossent-triton-inplace", leaf, _inplace_run(y)
+    try:
+        import crossent.torch as xt
+        yield "crossent-torchops", leaf, plain(xt.cross_entropy)
+    except Exception as exc:  # pragma: no cover - the package is importable here
+        yield "crossent-torchops", None, f"unavailable: {exc!r}"
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        yield "liger", leaf, plain(lambda z, t: liger_cross_entropy(z, t))
+    except Exception as exc:
+        yield "liger", None, f"not installed: {type(exc).__name__}"
+    if compile_ok:
+        compiled = torch.compile(lambda z, t: F.cross_entropy(z, t), dynamic=False)
+        yield "torch.compile", leaf, plain(compiled)
+
+
+def _inplace_run(y):
+    def run(z):
+        # the gradient overwrites the logits (as Liger's kernel does): a fresh leaf on the
+        # copy's storage stands for the activation whose memory is reused
+        alias = z.detach().requires_grad_()
+        loss = triton_cross_entropy(alias, y, inplace_backward=True)
+        loss.backward()
+    return run
+
+
+# ------------------------------------------------------------ contenders (linear head)
+
+
+def _linear_contenders(x0, w0, y, compile_ok: bool):
+    def prep():
+        return (x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_())
+
+    def unfused(state):
+        x, w = state
+        F.cross_entropy(F.linear(x, w), y).backward()
+
+    yield "torch", prep, unfused
+    if hasattr(F, "linear_cross_entropy"):
+        yield "torch.linear_cross_entropy", prep, \
+            lambda s: F.linear_cross_entropy(s[0], s[1], y).backward()
+    yield "crossent-triton", prep, \
+        lambda s: triton_linear_cross_entropy(s[0], s[1], y).backward()
+    from crossent.torch._triton.fused_linear import fused_linear_cross_entropy
+
+    yield "crossent-fused (no NxV chunk)", prep, \
+        lambda s: fused_linear_cross_entropy(s[0], s[1], y).backward()
+    try:
+        import crossent.torch as xt
+        yield "crossent-torchops", prep, \
+            lambda s: xt.linear_cross_entropy(s[0], s[1], y).backward()
+    except Exception as exc:  # pragma: no cover
+        yield "crossent-torchops", None, f"unavailable: {exc!r}"
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        yield "liger", prep, lambda s: liger(s[1], s[0], y).backward()
+    except Exception as exc:
+        yield "liger", None, f"not installed: {type(exc).__name__}"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        yield "cce", prep, lambda s: cce(s[0], s[1], y).backward()
+    except Exception as exc:
+        yield "cce", None, f"not installed: {type(exc).__name__}"
+    if compile_ok:
+        compiled = torch.compile(lambda x, w, t: F.cross_entropy(F.linear(x, w), t),
+                                 dynamic=False)
+        yield "torch.compile", prep, lambda s: compiled(s[0], s[1], y).backward()
+
+
+# ----------------------------------------------------------------------- measurement
+
+
+def measure(config: str, name: str, prepare, run, timer: Timer, device, warmup: int,
+            repeats: int) -> Result:
+    res = Result(config, name)
+    if prepare is None:
+        res.note = run
+        return res
+    if time.perf_counter() > DEADLINE[0]:
+        res.note = "skipped: --max-minutes reached"
+        return res
+    try:
+        for _ in range(warmup):
+            state = prepare()
+            run(state)
+            del state
+        for _ in range(repeats):
+            state = prepare()
+            timer.sync()
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            res.times_ms.append(timer.measure(lambda s=state: run(s)))
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated() - base
+                res.peak_extra_bytes = max(res.peak_extra_bytes or 0, peak)
+            del state
+    except Exception as exc:  # a contender failing must not end the run
+        res.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        res.times_ms.clear()
+        traceback.print_exc(limit=2)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def ce_floor_ms(n: int, v: int, dtype: torch.dtype, bandwidth: float) -> float:
+    """One read of the logits plus one write of the gradient at ``bandwidth`` bytes/s."""
+    return 2 * n * v * dtype.itemsize / bandwidth * 1e3
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_benchmarks(args, device) -> list[dict]:
+    timer = Timer(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows: list[dict] = []
+    compile_ok = device.type == "cuda" and not args.no_compile
+    ce_configs = TINY_CE if args.tiny else CE_CONFIGS
+    lin_configs = TINY_LINEAR if args.tiny else LINEAR_CONFIGS
+    if args.only in (None, "ce"):
+        for n, v, dtype in ce_configs:
+            config = f"ce {n}x{v} {_name(dtype)}"
+            z0 = torch.randn(n, v, device=device, generator=gen, dtype=torch.float32)
+            z0 = z0.mul_(2.0).to(dtype)
+            y = torch.randint(0, v, (n,), device=device, generator=gen)
+            floor = ce_floor_ms(n, v, dtype, args.bandwidth)
+            results = [measure(config, name, prep, run, timer, device, args.warmup,
+                               args.repeats)
+                       for name, prep, run in _ce_contenders(z0, y, compile_ok)]
+            rows += report(config, results, floor, args)
+            del z0, y
+    if args.only in (None, "linear"):
+        for n, d, v, dtype in lin_configs:
+            config = f"linear {n}x{d}->{v} {_name(dtype)}"
+            x0 = torch.randn(n, d, device=device, generator=gen, dtype=torch.float32)
+            w0 = torch.randn(v, d, device=device, generator=gen, dtype=torch.float32)
+            x0, w0 = x0.to(dtype), w0.div_(math.sqrt(d)).to(dtype)
+            y = torch.randint(0, v, (n,), device=device, generator=gen)
+            results = [measure(config, name, prep, run, timer, device, args.warmup,
+                               args.repeats)
+                       for name, prep, run in _linear_contenders(x0, w0, y, compile_ok)]
+            rows += report(config, results, None, args)
+            del x0, w0, y
+    return rows
+
+
+def report(config: str, results: list[Result], floor: float | None, args) -> list[dict]:
+    ours = next((r.median_ms for r in results if r.contender == "crossent-triton"), math.nan)
+    print(f"\n== {config}" + (f"   HBM floor {floor:.3f} ms at {args.bandwidth / 1e12:.2f} TB/s"
+                            if floor else ""))
+    print(f"{'contender':28s} {'median ms':>10s} {'vs crossent':>11s} {'x floor':>8s} "
+          f"{'peak extra GB':>13s}  note")
+    out = []
+    for r in results:
+        med = r.median_ms
+        mem = "" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 1e9:.2f}"
+        ratio = med / ours if ours == ours and med == med else math.nan
+        xf = med / floor if floor else math.nan
+        print(f"{r.contender:28s} {med:10.3f} {ratio:11.2f} {xf:8.2f} {mem:>13s}  {r.note}")
+        out.append({"config": config, "contender": r.contender, "median_ms": med,
+                    "times_ms": r.times_ms, "ratio_to_crossent": ratio,
+                    "hbm_floor_ms": floor, "peak_extra_bytes": r.peak_extra_bytes,
+                    "note": r.note})
+    sys.stdout.flush()
+    return out
+
+
+# ------------------------------------------------------------------------- checks
+
+
+def _close(name, got, want, rtol) -> str:
+    got, want = got.detach().double(), want.detach().double()
+    scale = float(want[torch.isfinite(want)].abs().max())
+    err = float((got - want).abs().max()) / scale
+    status = "ok" if err <= rtol else "FAIL"
+    return f"{status} {name}: max error {err:.2e} of max |ref| (tolerance {rtol:.0e})"
+
+
+def run_checks(args, device) -> list[str]:
+    """crossent vs torch in float64 on large shapes, every option on; returns lines."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    lines: list[str] = []
+    shapes = [(40, 3000, torch.bfloat16), (33, 1000, torch.float32)] if args.tiny else [
+        (4096, 128256, torch.bfloat16), (2048, 32000, torch.float32),
+        (1024, 50000, torch.float16), (17000, 128256, torch.bfloat16)]  # > 2**31 logits
+    tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+    for n, v, dtype in shapes:
+        z = (torch.randn(n, v, device=device, generator=gen) * 3).to(dtype)
+        y = torch.randint(0, v, (n,), device=device, generator=gen)
+        y[::9] = -100
+        w = (torch.rand(v, device=device, generator=gen) + 0.5).to(dtype)  # torch: same dtype
+        big = n * v > 2**31
+        opts = ({} if big else
+                dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=30.0))
+        leaf = z.clone().requires_grad_()
+        loss = triton_cross_entropy(leaf, y, **opts)
+        loss.backward()
+        if big:  # float64 reference row chunks (memory)
+            want_rows, grads = [], []
+            for i in range(0, n, 2048):
+                zz = z[i:i + 2048].double().requires_grad_()
+                r = F.cross_entropy(zz, y[i:i + 2048], reduction="sum")
+                r.backward()
+                want_rows.append(r.detach())
+                grads.append(zz.grad.to(dtype))
+            cnt = (y != -100).sum().double()
+            want = torch.stack(want_rows).sum() / cnt
+            gmax = max(float(g.double().abs().max()) for g in grads) / float(cnt)
+            err = max(float((leaf.grad[i:i + 2048].double() - g.double() / cnt).abs().max())
+                      for i, g in zip(range(0, n, 2048), grads, strict=True))
+            lines.append(_close(f"ce {n}x{v} {_name(dtype)} (>2^31) loss", loss, want, 1e-4))
+            lines.append(f"{'ok' if err <= tol[dtype] * gmax else 'FAIL'} ce {n}x{v} grad: "
+                         f"max error {err / gmax:.2e} of max |ref|")
+            del grads
+        else:
+            zz = z.double().requires_grad_()
+            zc = 30.0 * torch.tanh(zz / 30.0)
+            rows = F.cross_entropy(zc, y, weight=w.double(), label_smoothing=0.1,
+                                   reduction="none")
+            counted = (y != -100).double()
+            rows = rows + 1e-3 * torch.logsumexp(zc, 1).square() * counted
+            safe = torch.where(y != -100, y, 0)
+            want = rows.sum() / (w.double()[safe] * counted).sum()
+            want.backward()
+            lines.append(_close(f"ce {n}x{v} {_name(dtype)} all options loss", loss, want,
+                                max(1e-4, tol[dtype] / 4)))
+            lines.append(_close(f"ce {n}x{v} {_name(dtype)} all options grad", leaf.grad,
+                                zz.grad, tol[dtype]))
+        del z, leaf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # linear head against the unfused float64 head (every gradient)
+    n, d, v = (24, 32, 300) if args.tiny else (1024, 1024, 32000)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        wt = (torch.randn(v, d, device=device, generator=gen) / math.sqrt(d)).to(dtype)
+        b = (torch.randn(v, device=device, generator=gen) * 0.1).to(dtype)
+        y = torch.randint(0, v, (n,), device=device, generator=gen)
+        y[::5] = -100
+        # the experimental fused head (no logits buffer): index targets, no smoothing
+        fs = [t.clone().requires_grad_() for t in (x, wt, b)]
+        fused = fused_linear_cross_entropy(fs[0], fs[1], y, fs[2], z_loss=1e-3)
+        fused.backward()
+        ps = [t.clone().requires_grad_() for t in (x, wt, b)]
+        loss = triton_linear_cross_entropy(ps[0], ps[1], y, ps[2], label_smoothing=0.1,
+                                           chunk_size=max(8, n // 3))
+        loss.backward()
+        ds = [t.double().requires_grad_() for t in (x, wt, b)]
+        want = F.cross_entropy(F.linear(*ds[:2], ds[2]), y, label_smoothing=0.1)
+        want.backward()
+        t = 3e-2 if dtype == torch.bfloat16 else 1e-4
+        lines.append(_close(f"linear {n}x{d}->{v} {_name(dtype)} loss", loss, want, t))
+        for name, p, q in zip(("dx", "dW", "db"), ps, ds, strict=True):
+            lines.append(_close(f"linear {_name(dtype)} {name}", p.grad, q.grad, t))
+        ds = [t.double().requires_grad_() for t in (x, wt, b)]
+        z = F.linear(*ds[:2], ds[2])
+        want = (F.cross_entropy(z, y, reduction="sum") + 1e-3 * (
+            torch.logsumexp(z, 1).square() * (y != -100)).sum()) / (y != -100).sum()
+        want.backward()
+        lines.append(_close(f"fused linear {_name(dtype)} loss", fused, want, t))
+        for name, p, q in zip(("dx", "dW", "db"), fs, ds, strict=True):
+            lines.append(_close(f"fused linear {_name(dtype)} {name}", p.grad, q.grad, t))
+    return lines
+
+
+def sweep(args, device) -> None:
+    """Tile width x warps for the bf16 128k configuration (crossent kernel only)."""
+    from crossent.torch._triton import ops
+
+    n, v, dtype = (24, 300, torch.bfloat16) if args.tiny else (16384, 128256, torch.bfloat16)
+    z0 = torch.randn(n, v, device=device).to(dtype)
+    y = torch.randint(0, v, (n,), device=device)
+    timer = Timer(device)
+    original = ops.kernel_config
+    print(f"\n== sweep ce {n}x{v} {_name(dtype)} (forward+backward, median ms)")
+    try:
+        for block in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16, 32):
+                ops.kernel_config = lambda *a, b=block, w=warps, **k: (b, w)  # type: ignore
+                r = measure("sweep", f"BLOCK={block} warps={warps}",
+                            lambda: z0.detach().clone().requires_grad_(),
+                            lambda z: triton_cross_entropy(z, y).backward(), timer, device,
+                            1, max(3, args.repeats // 2))
+                print(f"BLOCK={block:6d} warps={warps:3d} {r.median_ms:9.3f} {r.note}",
+                      flush=True)
+    finally:
+        ops.kernel_config = original
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bandwidth", type=float, default=4.8e12,
+                   help="HBM bytes/s for the floor (H200 4.8e12, H100 SXM 3.35e12)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", choices=["ce", "linear"], default=None)
+    p.add_argument("--check-only", action="store_true", help="correctness checks, no timing")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--sweep", action="store_true", help="also sweep tile width and warps")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
+    p.add_argument("--interpret", action="store_true",
+                   help="run the Triton kernels in triton's CPU interpreter")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--max-minutes", type=float, default=6.5,
+                   help="skip the remaining contenders after this long (default 6.5)")
+    args = p.parse_args(argv)
+    DEADLINE[0] = time.perf_counter() + 60 * args.max_minutes
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.interpret:
+        p.error("no CUDA device: use --tiny --interpret for a CPU smoke test")
+    header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "bandwidth": args.bandwidth,
+              "load": os.getloadavg()}
+    try:
+        import triton
+        header["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(header))
+    out: dict[str, Any] = {"header": header}
+    failed = False
+    if not args.no_check:
+        t0 = time.perf_counter()
+        lines = run_checks(args, device)
+        print("\n== checks (crossent Triton vs torch float64)\n" + "\n".join(lines))
+        print(f"checks took {time.perf_counter() - t0:.1f} s", flush=True)
+        out["checks"] = lines
+        failed = any(line.startswith("FAIL") for line in lines)
+    if not args.check_only:
+        out["results"] = run_benchmarks(args, device)
+        if args.sweep:
+            sweep(args, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

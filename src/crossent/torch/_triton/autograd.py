@@ -1,0 +1,523 @@
+"""``torch.autograd.Function`` wrappers of the Triton kernels with
+``torch.nn.functional.cross_entropy`` semantics (see the package docstring)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.autograd.graph import increment_version
+
+from ... import _checks
+from ...errors import InputError, UnsupportedError
+from .._kernels import Options, check_index_target
+from . import ops
+
+__all__ = ["triton_cross_entropy", "triton_linear_cross_entropy"]
+
+_CHUNK_BYTES = 16 << 20  # smallest logits chunk of the linear head
+_W_TILE_BYTES = 64 << 20  # low-precision dW partial products per vocabulary tile
+
+
+def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, like, target):
+    _checks.check_reduction(reduction)
+    _checks.check_fraction(label_smoothing, "label_smoothing")
+    _checks.check_nonnegative(z_loss, "z_loss")
+    _checks.check_softcap(softcap)
+    if torch.is_grad_enabled() and target.requires_grad:
+        raise UnsupportedError("crossent Triton cross-entropy: no gradient for target")
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
+                         f"{type(weight).__name__}")
+    # torch wants the input's dtype; float32 with bf16/fp16 input is what torch computes
+    # in under autocast (and what crossent.torch's checked entry points may pass on)
+    if weight.dtype not in (like.dtype, ops.accumulate_dtype(like.dtype)):
+        raise InputError(f"weight has dtype {weight.dtype}; expected the input's {like.dtype} "
+                         f"(torch.nn.functional.cross_entropy raises too)")
+    if tuple(weight.shape) != (num_classes,):
+        raise InputError(f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
+                         f"one weight per class")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise UnsupportedError("crossent Triton cross-entropy: no gradient for weight")
+    return weight.detach().to(device=like.device, dtype=ops.accumulate_dtype(like.dtype))
+
+
+def _check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """torch's IndexError for a class index outside ``[0, V)`` (one host synchronisation;
+    the kernel alone would give that row a NaN loss and gradient instead): the CPU
+    kernel's rule (:func:`crossent.torch._kernels.check_index_target`), any integer dtype,
+    compared in int64."""
+    check_index_target(target, num_classes, ignore_index)
+
+
+def _check_ignore_index(ignore_index, target: torch.Tensor) -> int:
+    """``ignore_index`` as an int (None: -100). torch refuses a non-negative one with
+    probability targets ("ignore_index is not supported for floating point target")."""
+    if ignore_index is None:
+        return -100
+    try:
+        value = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        value = None
+    if value is None:
+        raise InputError(f"ignore_index={ignore_index!r} must be an integer")
+    if target.is_floating_point() and value >= 0:
+        raise InputError(f"ignore_index={value} with probability targets: it applies to "
+                         f"class indices only (torch raises too)")
+    return value
+
+
+def _shapes(input: torch.Tensor, target: torch.Tensor):
+    """Checks the shapes of ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)`` logits and their
+    target; returns ``(C, target rows as an (M,) view, or None for probabilities,
+    the per-row shape)``. Nothing the size of the logits is copied."""
+    if not input.is_floating_point():
+        raise InputError(f"input must be a floating tensor of logits, got {input.dtype}")
+    if input.dim() == 0:
+        raise InputError("input must have a class dimension; got a 0-d tensor")
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    row_shape: tuple[int, ...] = () if input.dim() == 1 else (input.shape[0],
+                                                             *input.shape[2:])
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise InputError(f"probability target has shape {tuple(target.shape)}; expected "
+                             f"the input's {tuple(input.shape)}")
+        return num_classes, None, row_shape
+    if tuple(target.shape) != row_shape:
+        raise InputError(f"class-index target has shape {tuple(target.shape)}; expected "
+                         f"{row_shape} for input of shape {tuple(input.shape)}")
+    return num_classes, target.reshape(-1), row_shape
+
+
+def _flatten(input: torch.Tensor, target: torch.Tensor):
+    """(N, C, d1, ...) -> (M, C) contiguous logits, (M,) or (M, C) target, and the
+    per-row shape (the checks of :func:`_shapes`)."""
+    num_classes, _, row_shape = _shapes(input, target)
+    if input.dim() == 1:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    if target.is_floating_point():
+        target = target.movedim(1, -1).reshape(-1, num_classes)
+    else:
+        target = target.reshape(-1)
+    logits = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, num_classes)
+    return logits.contiguous(), target.contiguous(), row_shape
+
+
+def _take(ctx, name: str):
+    """The stored gradient(s), released so autograd adopts them without a copy; float64
+    keeps them (backward scales a copy: gradcheck's repeated backward works)."""
+    value = getattr(ctx, name)
+    if ctx.keep:
+        return value
+    if value is None:
+        raise RuntimeError(
+            "crossent Triton cross-entropy: backward ran twice; the gradient is computed in "
+            "forward and consumed by the first backward (retain_graph is not supported)")
+    setattr(ctx, name, None)
+    return value
+
+
+def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """(M,) bool: rows whose class index is ``ignore_index`` (int64 compare); None for
+    probability targets."""
+    return None if target.is_floating_point() else target.reshape(-1).long() == ignore_index
+
+
+def _row_factors(grad_output: torch.Tensor, ignored: torch.Tensor | None) -> torch.Tensor:
+    """``grad_output`` per row, 1 on ignored rows: their gradient is exactly 0 and stays
+    0 (torch's too, even for a NaN or inf ``grad_output``), and a factor of 1 is skipped
+    by the scaling kernel."""
+    go = grad_output.reshape(-1)
+    if ignored is None:
+        return go
+    return torch.where(ignored, torch.ones((), dtype=go.dtype, device=go.device), go)
+
+
+def _scale_grad(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    if (g.dim() == 2 and g.stride(1) == 1) or (g.dim() == 1 and g.stride(0) == 1):
+        return ops.scale_(g, grad_output, per_row=per_row)
+    return g.mul_(grad_output.reshape(-1, 1) if per_row else grad_output)
+
+
+def _save_inputs(ctx, inputs, opts, inplace: bool) -> None:
+    """References to the inputs (with their history) for a double backward, and their
+    version counters, so a later in-place change raises instead of misleading."""
+    ctx.inputs = None if inplace else inputs
+    ctx.versions = None if inplace else [None if t is None else t._version for t in inputs]
+    ctx.opts, ctx.inplace = opts, inplace
+
+
+def _double_backward(ctx, grad_output, loss_fn) -> list:
+    """Backward with ``create_graph=True``: the kernel's gradient is a constant to
+    autograd (pitfall 18: Hessians would come out 0 without an error), so it is recomputed
+    from the saved inputs with differentiable torch ops (:mod:`crossent.torch._composite`,
+    the CPU path's formulas) and returned with its graph."""
+    if ctx.inplace:
+        raise UnsupportedError(
+            "crossent Triton cross-entropy: double backward (create_graph=True) with "
+            "inplace_backward=True: the logits were overwritten by their gradient")
+    for t, version in zip(ctx.inputs, ctx.versions, strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError("crossent Triton cross-entropy: an input was modified in place "
+                               "after the forward pass; create_graph=True recomputes from it")
+    o = ctx.opts
+    opts = Options(o["weight"], o["ignore_index"], o["label_smoothing"], o["z_loss"],
+                   o["softcap"], o["reduction"])
+    wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)
+              if need and t is not None]
+    with torch.enable_grad():
+        loss = loss_fn(opts, *ctx.inputs).to(grad_output.dtype)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True,
+                                         allow_unused=True))
+    return [next(grads) if need and t is not None else None
+            for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]
+
+
+def _composite_loss(opts, input, target):
+    from .. import _composite  # the CPU path's differentiable formulas
+
+    logits, flat_target, row_shape = _flatten(input, target)
+    out = _composite.cross_entropy(logits, flat_target, opts.weight, opts)
+    return out.reshape(row_shape) if opts.reduction == "none" else out
+
+
+def _unflatten(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The ``(M, C)`` gradient in the input's ``shape`` (a view: no copy)."""
+    if len(shape) == 1:
+        return grad[0]
+    if len(shape) == 2:
+        return grad
+    return grad.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Takes the caller's ``input`` itself (``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``),
+    flattened inside: a double backward recomputes from it without a flattened copy being
+    kept alive from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, input, target, opts, inplace):
+        logits, flat_target, row_shape = _flatten(input, target)
+        grad = None if inplace else torch.empty_like(logits)
+        res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, **opts)
+        if inplace and logits.untyped_storage().data_ptr() == \
+                input.untyped_storage().data_ptr():
+            # the kernel wrote into the input behind autograd's back: say so, so that
+            increment_version(input)  # an op that saved it raises instead of misleading
+        ctx.grad, ctx.reduction = res.grad, opts["reduction"]
+        ctx.keep = logits.dtype == torch.float64
+        ctx.input_shape = input.shape
+        ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
+        _save_inputs(ctx, (input, target), opts, inplace)
+        out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"]).to(logits.dtype)
+        return out.reshape(row_shape) if opts["reduction"] == "none" else out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            g, _ = _double_backward(ctx, grad_output, _composite_loss)
+            return g, None, None, None
+        grad = _take(ctx, "grad")
+        grad = grad.clone() if ctx.keep else grad
+        if ctx.ignored is None:
+            _scale_grad(grad, grad_output.reshape(-1).contiguous(), ctx.reduction == "none")
+        else:
+            _scale_grad(grad, _row_factors(grad_output, ctx.ignored).contiguous(), True)
+        return _unflatten(grad, ctx.input_shape), None, None, None
+
+
+def triton_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    check_targets: bool = True,
+    block: int | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` (plus ``z_loss``, ``softcap``) on the Triton
+    kernel: loss and gradient in one launch during forward; backward scales the stored
+    gradient by ``grad_output`` on the device. ``check_targets`` raises torch's
+    ``IndexError`` for an out-of-range class index (one host synchronisation); without it
+    such a row gets a NaN loss. See the package docstring for everything else."""
+    num_classes, index_target, row_shape = _shapes(input, target)
+    w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, input,
+               target)
+    ignore_index = _check_ignore_index(ignore_index, target)
+    if index_target is not None and check_targets:
+        _check_index_target(index_target, num_classes, ignore_index)
+    opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
+                reduction=reduction, block=block)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _CrossEntropy.apply(input, target, opts, bool(inplace_backward))
+    with torch.no_grad():
+        logits, flat_target, _ = _flatten(input, target)
+        res = ops.cross_entropy_forward(logits, flat_target, compute_grad=False, **opts)
+        out = ops.reduce_rows(res.loss, res.denominator, reduction).to(logits.dtype)
+    return out.reshape(row_shape) if reduction == "none" else out
+
+
+# --------------------------------------------------------------------------- linear head
+
+
+def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """bfloat16 (and float16 off the CPU) multiply in their own dtype, as the unfused
+    ``x @ W.T`` does (float32 accumulation inside the matmul, logits rounded once);
+    everything else in float32 (float64 stays)."""
+    low = x.dtype == w.dtype and (
+        x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type != "cpu"))
+    return x.dtype if low else ops.accumulate_dtype(x.dtype)
+
+
+def default_chunk(num_classes: int, features: int, itemsize: int) -> int:
+    """Rows per chunk: logits of a quarter of a float32 dW's bytes (at least 16 MiB), a
+    multiple of 32 rows (the CPU head's rule; at V=128256, D=4096, bf16: 2048 rows)."""
+    budget = max(_CHUNK_BYTES, num_classes * features)
+    return max(32, budget // (itemsize * max(num_classes, 1)) // 32 * 32)
+
+
+_dtype_out_mm = True  # CUDA's addmm with a float32 output for bf16/fp16 operands
+
+
+def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
+    """``gw (float32) += g^T xc`` with ``g``, ``xc`` in the matmul dtype; never a
+    low-precision running sum (bf16 accumulation drifts)."""
+    global _dtype_out_mm
+    beta = 0.0 if first else 1.0
+    if g.dtype == gw.dtype:
+        gw.addmm_(g.t(), xc, beta=beta)
+        return
+    if _dtype_out_mm and g.device.type == "cuda":
+        try:  # float32 accumulation and output straight from the matmul
+            torch.ops.aten.addmm.dtype_out(gw, g.t(), xc, gw.dtype, beta=beta, alpha=1.0,
+                                           out=gw)
+            return
+        except (RuntimeError, NotImplementedError):
+            _dtype_out_mm = False  # this build lacks it: tiles below
+    tile = max(1, _W_TILE_BYTES // (g.element_size() * max(gw.shape[1], 1)))
+    for v in range(0, gw.shape[0], tile):
+        part = torch.mm(g[:, v : v + tile].t(), xc)  # rounded once per chunk and tile
+        if first:
+            gw[v : v + tile].copy_(part)
+        else:
+            gw[v : v + tile] += part
+
+
+def _linear_pass(x, w, b, target, opts, scale, chunk, need, row_multiplier=None):
+    """Row chunks: logits = x W^T + b, the kernel in place on them (loss rows, and the
+    gradient if any of ``need`` = (dx, dW, db)), then dx = G W, dW += G^T x, db += sum G
+    (dW, db in float32). ``target`` holds the rows of ``x`` (already compacted)."""
+    n = x.shape[0]
+    acc = ops.accumulate_dtype(x.dtype)
+    mdtype = _matmul_dtype(x, w)
+    wm = w.to(mdtype)
+    bm = None if b is None else b.to(mdtype)
+    need_x, need_w, need_b = need
+    want = any(need)
+    gx = torch.empty(x.shape, dtype=mdtype, device=x.device) if need_x else None
+    gw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_w else None
+    gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if need_b and b is not None \
+        else None
+    buf = torch.empty((min(chunk, n), w.shape[0]), dtype=mdtype, device=x.device)
+    losses = torch.empty(n, dtype=acc, device=x.device)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        xc = x[i:j].to(mdtype)
+        lg = buf[: j - i]
+        if bm is None:
+            torch.mm(xc, wm.t(), out=lg)
+        else:
+            torch.addmm(bm, xc, wm.t(), out=lg)
+        rm = None if row_multiplier is None else row_multiplier[i:j]
+        res = ops.cross_entropy_forward(lg, target[i:j], compute_grad=want, grad_out=None,
+                                        row_multiplier=rm, scale=scale, **opts)
+        losses[i:j] = res.loss
+        if need_x:
+            torch.mm(lg, wm, out=gx[i:j])
+        if need_w:
+            _accumulate_dw(gw, lg, xc, first=i == 0)
+        if gb is not None:
+            gb += lg.sum(0, dtype=acc)
+    return losses, [gx, gw, gb]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, target, rows, opts, chunk):
+        need = tuple(ctx.needs_input_grad[:3])
+        ctx.reduction, ctx.chunk, ctx.need, ctx.opts = opts["reduction"], chunk, need, opts
+        ctx.keep = x.dtype == torch.float64
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
+        ctx.shape, ctx.rows = x.shape, rows
+        ctx.ignored = _ignored_rows(target, opts["ignore_index"])
+        loss = _head(x, w, b, target, rows, opts, chunk, need if opts["reduction"] != "none"
+                     else (False,) * 3, ctx)
+        if opts["reduction"] == "none":  # the gradient depends on grad_output row by row
+            ctx.save_for_backward(x, w, b, target)
+        _save_inputs(ctx, (x, w, b, target), opts, False)
+        return loss.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            return (*_double_backward(ctx, grad_output, _composite_linear_loss)[:3],
+                    None, None, None, None)
+        if ctx.reduction == "none":
+            x, w, b, target = ctx.saved_tensors
+            grads = _head_grads(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk, ctx.need,
+                                grad_output.reshape(-1))
+        else:
+            grads = _take(ctx, "grads")
+            grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
+            go = grad_output.reshape(1)
+            if grads[0] is not None:  # dx: ignored rows stay exactly 0
+                _scale_grad(grads[0], _row_factors(go, ctx.ignored).contiguous(),
+                            ctx.ignored is not None)
+            for g in grads[1:]:
+                if g is not None:
+                    _scale_grad(g, go, False)
+        out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
+        return out[0], out[1], out[2], None, None, None, None
+
+
+def _composite_linear_loss(opts, x, w, b, target):
+    from .. import _composite  # the CPU path's differentiable formulas
+
+    logits = _composite.linear_logits(x, w, b, _matmul_dtype(x, w))
+    return _composite.cross_entropy(logits, target, opts.weight, opts)
+
+
+def _compact(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows to compute (index targets with ignored rows), else None.
+    One host synchronisation (the count), once per call."""
+    if target.is_floating_point():
+        return None
+    keep = (target.long() != ignore_index).nonzero().squeeze(1)  # int64: pitfall 14
+    return None if keep.numel() == target.shape[0] else keep
+
+
+def _head(x, w, b, target, rows, opts, chunk, need, ctx=None):
+    """Forward of the head: the reduced loss; with ``ctx`` and ``need``, the gradients
+    (for "mean"/"sum") stored on it as ``ctx.grads``."""
+    acc = ops.accumulate_dtype(x.dtype)
+    denom = ops.denominator(target, w.shape[0], opts["weight"], opts["ignore_index"], acc)
+    scale = 1.0 / denom if opts["reduction"] == "mean" else torch.ones((), dtype=acc,
+                                                                       device=x.device)
+    kern = {k: v for k, v in opts.items() if k != "reduction"}
+    xs, ts = (x, target) if rows is None else (x[rows], target[rows])
+    losses, grads = _linear_pass(xs, w, b, ts, kern, scale, chunk, need)
+    if rows is not None:
+        losses = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_copy_(0, rows,
+                                                                                 losses)
+        grads[0] = _expand_rows(grads[0], rows, x.shape[0])
+    if ctx is not None:
+        ctx.grads = grads
+    return ops.reduce_rows(losses, denom, opts["reduction"])
+
+
+def _head_grads(x, w, b, target, rows, opts, chunk, need, grad_output):
+    """Gradients for reduction "none": the chunks again, each row scaled by its
+    ``grad_output``."""
+    acc = ops.accumulate_dtype(x.dtype)
+    one = torch.ones((), dtype=acc, device=x.device)
+    kern = {k: v for k, v in opts.items() if k != "reduction"}
+    go = grad_output.to(acc)
+    if rows is not None:
+        x, target, go = x[rows], target[rows], go[rows]
+    _, grads = _linear_pass(x, w, b, target, kern, one, chunk, need, row_multiplier=go)
+    if rows is not None:
+        grads[0] = _expand_rows(grads[0], rows, grad_output.shape[0])
+    return grads
+
+
+def _expand_rows(gx, rows, n):
+    if gx is None:
+        return None
+    return torch.zeros((n, gx.shape[1]), dtype=gx.dtype, device=gx.device).index_copy_(
+        0, rows, gx)
+
+
+def _check_linear_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """One floating dtype for input, linear_weight and linear_bias: ``F.linear`` raises
+    for a mismatch, so crossent does not multiply them in some dtype of its own."""
+    if not x.is_floating_point():
+        raise InputError(f"input must be a floating tensor, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise InputError(f"linear_weight has dtype {w.dtype}; expected the input's {x.dtype} "
+                         f"(torch.nn.functional.linear raises too)")
+    if b is not None and b.dtype != x.dtype:
+        raise InputError(f"linear_bias has dtype {b.dtype}; expected the input's {x.dtype} "
+                         f"(torch.nn.functional.linear raises too)")
+
+
+def triton_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    skip_ignored: bool = True,
+    check_targets: bool = True,
+    block: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` through row
+    chunks: matmul, the Triton kernel in place on the chunk's logits, then dx, dW, db
+    (dW and db summed in float32). See the package docstring."""
+    if linear_weight.dim() != 2:
+        raise UnsupportedError("linear_weight must be (C, D); K-dimensional heads unsupported")
+    if input.dim() not in (1, 2):
+        raise InputError(f"input must be (N, D) or (D); got shape {tuple(input.shape)}")
+    single = input.dim() == 1
+    x = input.unsqueeze(0) if single else input
+    t = target.unsqueeze(0) if single else target
+    num_classes, features = linear_weight.shape
+    if x.shape[1] != features:
+        raise InputError(f"input has {x.shape[1]} features, linear_weight expects {features}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes,):
+        raise InputError(f"linear_bias must have shape ({num_classes},)")
+    _check_linear_dtypes(x, linear_weight, linear_bias)
+    if t.is_floating_point() and tuple(t.shape) != (x.shape[0], num_classes):
+        raise InputError(f"probability target must have shape {(x.shape[0], num_classes)}")
+    if not t.is_floating_point() and tuple(t.shape) != (x.shape[0],):
+        raise InputError(f"class-index target must have shape {(x.shape[0],)}")
+    w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, x, t)
+    ignore_index = _check_ignore_index(ignore_index, t)
+    if not t.is_floating_point() and check_targets:
+        _check_index_target(t, num_classes, ignore_index)
+    try:
+        chunk = (default_chunk(num_classes, features,
+                               _matmul_dtype(x, linear_weight).itemsize)
+                 if chunk_size is None else
+                 -1 if isinstance(chunk_size, bool) else operator.index(chunk_size))
+    except TypeError:
+        chunk = -1  # 2.5 is not 2 rows
+    if chunk < 1:
+        raise InputError(f"chunk_size={chunk_size!r} must be an integer >= 1 (or None)")
+    opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
+                reduction=reduction, block=block)
+    x, t = x.contiguous(), t.contiguous()
+    rows = _compact(t, ignore_index) if skip_ignored else None
+    params = (x, linear_weight, linear_bias)
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, rows, opts, chunk)
+    else:
+        with torch.no_grad():
+            out = _head(x, linear_weight, linear_bias, t, rows, opts, chunk,
+                        (False,) * 3).to(x.dtype)
+    return out.reshape(()) if single and reduction == "none" else out

@@ -1,0 +1,209 @@
+"""Host side of the Triton kernels: argument preparation and launches, no autograd.
+
+Nothing here synchronises the host with the device: the "mean" denominator, the row
+scale and the reduced loss stay device tensors, and the backward scaling kernel finds
+out on the device whether ``grad_output`` is 1 (see :mod:`.kernels`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "CrossEntropyRows",
+    "cross_entropy_forward",
+    "denominator",
+    "kernel_config",
+    "reduce_rows",
+    "scale_",
+]
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _kernels():
+    # looked up on every launch: a test may re-import triton in interpreter mode
+    from . import kernels
+
+    return kernels.compiled()
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def kernel_config(num_classes: int, itemsize: int, block: int | None = None) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for a row of ``num_classes`` logits.
+
+    Tiles of 8192 classes (4096 for 8-byte input) with 16 warps: 16 logits per thread per
+    tile, enough loads in flight to stream a 128k-class row; small vocabularies take one
+    tile of the next power of two. Not yet tuned on a GPU: ``benchmarks/gpu/bench_cuda.py
+    --sweep`` measures the alternatives. ``block`` overrides the tile (tests use small
+    tiles to get ragged last tiles)."""
+    npow2 = _kernels()["next_power_of_2"]
+    if block is None:
+        block = min(npow2(max(num_classes, 16)), 4096 if itemsize >= 8 else 8192)
+    else:
+        block = npow2(max(int(block), 16))
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, warps
+
+
+def _to_device(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a device tensor without a host synchronisation: a blocking copy
+    from pageable memory would wait for the stream; a pinned buffer copies asynchronously
+    (the caching host allocator keeps it until the copy is done). Passing them as kernel
+    arguments instead would round them to float32 for float64 input."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class CrossEntropyRows(NamedTuple):
+    """What :func:`cross_entropy_forward` returns (all on the logits' device)."""
+
+    loss: torch.Tensor  # (N,) row losses, float32 (float64 for float64 input); 0 if ignored
+    lse: torch.Tensor  # (N,) log-sum-exp of the (softcapped) logits; 0 if ignored
+    grad: torch.Tensor | None  # (N, V) d(loss)/d(logits), or None
+    denominator: torch.Tensor  # 0-d: what reduction="mean" divides the summed loss by
+
+
+def denominator(target: torch.Tensor, num_classes: int, weight: torch.Tensor | None,
+                ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch's "mean" denominator as a 0-d device tensor (no host synchronisation):
+    the number of rows for probability targets; ``sum_n w[y_n]`` over non-ignored rows
+    (their count without weights) for class indices. Out-of-range indices count 0."""
+    if target.is_floating_point():
+        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
+    target = target.long()  # compared in int64: -100 as uint8 would be class 156
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    safe = torch.where(valid & (target >= 0) & (target < num_classes), target, 0).long()
+    return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
+
+
+def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"none"``: the rows; ``"sum"``: their sum; ``"mean"``: the sum over ``denom``,
+    NaN where ``denom`` is 0 (all rows ignored, or every target's class weight 0), as in
+    torch, which divides its unsmoothed part 0/0 even when a smoothing term is not 0."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return torch.where(denom != 0, total / denom, float("nan"))
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    compute_grad: bool = True,
+    grad_out: torch.Tensor | None = None,
+    row_multiplier: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    block: int | None = None,
+) -> CrossEntropyRows:
+    """Row losses, lse and (optionally) the gradient of ``(N, V)`` logits in one launch.
+
+    ``target``: ``(N,)`` class indices (any integer dtype) or ``(N, V)`` probabilities
+    (class axis contiguous). ``weight``: ``(V,)`` class weights. The gradient is
+    ``d(reduced loss)/d(logits)`` for ``reduction`` (``"mean"``: rows scaled by
+    ``1/denominator``; ``"sum"``/``"none"``: unscaled), times ``row_multiplier[n]`` if
+    given (the ``grad_output`` of ``"none"``), times ``scale`` (a 0-d device tensor) if
+    given in place of the reduction's own. It is written into ``grad_out`` ((N, V), any
+    float dtype, class axis contiguous) or, with ``grad_out=None``, into ``logits``
+    themselves (which are then destroyed). No argument checks here beyond shapes the
+    kernel needs: callers validate options (and index bounds, if they want an exception
+    rather than the kernel's NaN for an out-of-range class index).
+    """
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be 2-D with a contiguous class axis")
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(f"logits dtype {logits.dtype} is not supported by the Triton kernel")
+    n, v = logits.shape
+    dev = logits.device
+    acc = accumulate_dtype(logits.dtype)
+    prob = target.is_floating_point()
+    if prob and (target.shape != logits.shape or target.stride(1) != 1):
+        target = target.reshape(n, v).contiguous()
+    w = None if weight is None else weight.to(device=dev, dtype=acc).contiguous()
+    denom = denominator(target, v, w, ignore_index, acc)
+    if scale is None:
+        scale = (1.0 / denom) if reduction == "mean" else torch.ones((), dtype=acc, device=dev)
+    scale = scale.to(device=dev, dtype=acc).reshape(1)
+    wsum = w.sum().reshape(1) if w is not None else torch.full((1,), float(v), dtype=acc,
+                                                                 device=dev)
+    params = torch.cat([
+        _to_device([float(label_smoothing), float(z_loss),
+                    1.0 if softcap is None else float(softcap)], acc, dev),
+        wsum,
+    ])
+    grad: torch.Tensor | None = None
+    if compute_grad:
+        grad = logits if grad_out is None else grad_out
+        if grad.shape != logits.shape or grad.stride(1) != 1:
+            raise ValueError("grad_out must have the logits' shape and a contiguous class axis")
+    loss = torch.empty(n, dtype=acc, device=dev)
+    lse = torch.empty(n, dtype=acc, device=dev)
+    if n == 0:
+        return CrossEntropyRows(loss, lse, grad, denom)
+    if row_multiplier is not None:
+        row_multiplier = row_multiplier.reshape(n).to(device=dev, dtype=acc).contiguous()
+    y = target if not prob else loss  # placeholder pointers keep the signature fixed
+    if not prob:
+        y = target.contiguous()
+    blk, warps = kernel_config(v, logits.element_size(), block)
+    _kernels()["ce"][(n,)](
+        logits, logits.stride(0),
+        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+        y, target if prob else logits, target.stride(0) if prob else 0,
+        w if w is not None else params, params, scale,
+        row_multiplier if row_multiplier is not None else scale,
+        loss, lse, v, int(ignore_index),
+        PROB=prob, HAS_WEIGHT=w is not None, HAS_ROWMULT=row_multiplier is not None,
+        HAS_CAP=softcap is not None, SMOOTH=float(label_smoothing) != 0.0,
+        ZLOSS=float(z_loss) != 0.0, GRAD=compute_grad, ACC=_tl_dtype(logits.dtype),
+        BLOCK=blk, num_warps=warps,
+    )
+    return CrossEntropyRows(loss, lse, grad, denom)
+
+
+def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
+    """``x *= factor`` in place, on the device, one rounding; returns ``x``.
+
+    ``factor``: a one-element tensor (scalar) or, with ``per_row``, one value per row of
+    ``x`` (``x`` 1-D counts as one row; 2-D needs a contiguous last axis). Where the
+    factor is exactly 1 nothing is read or written, without the host ever asking."""
+    if x.numel() == 0:
+        return x
+    x2 = x.reshape(1, -1) if x.dim() == 1 else x
+    if x2.dim() != 2 or x2.stride(1) != 1 or (x.dim() == 1 and x.stride(0) != 1):
+        raise ValueError("scale_ needs a 1-D or 2-D tensor with a contiguous last axis")
+    rows, cols = x2.shape
+    factor = factor.to(device=x.device).reshape(-1).contiguous()
+    if per_row and factor.numel() != rows:
+        raise ValueError(f"per-row factor has {factor.numel()} values for {rows} rows")
+    npow2 = _kernels()["next_power_of_2"]
+    blk = min(npow2(max(cols, 16)), 4096)
+    tiles = (cols + blk - 1) // blk
+    _kernels()["scale"][(rows * tiles,)](x2, x2.stride(0), factor, cols, tiles, PER_ROW=per_row,
+                              ACC=_tl_dtype(x.dtype), BLOCK=blk, num_warps=4)
+    return x
