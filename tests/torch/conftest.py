@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import crossent.torch as xt
 from crossent.torch import functional
 
 
@@ -13,3 +14,14 @@ from crossent.torch import functional
 def _fused_kernel_at_every_size(request, monkeypatch):
     if request.node.get_closest_marker("native_dispatch") is None:
         monkeypatch.setattr(functional, "_NATIVE_MAX_LOGITS", 0)
+
+
+@pytest.fixture
+def fresh_pool():
+    """For the buffer-pool tests: buffer reuse on and an empty pool for one test; the
+    previous setting restored after."""
+    previous = xt.set_buffer_reuse(True)
+    xt.empty_cache()
+    yield
+    xt.empty_cache()
+    xt.set_buffer_reuse(previous)

@@ -15,29 +15,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from fused_testing import close
+from fused_testing import close, pooled_grad
 
 import crossent.torch as xt
 from crossent.torch import _buffers
 
 TIMEOUT = 20  # seconds for any child process
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("fresh_pool")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_pool():
-    previous = xt.set_buffer_reuse(True)
-    xt.empty_cache()
-    yield
-    xt.empty_cache()
-    xt.set_buffer_reuse(previous)
-
-
-def _grad(z, y):
-    leaf = z.detach().requires_grad_()
-    (g,) = torch.autograd.grad(xt.cross_entropy(leaf, y), leaf)
-    return g
 
 
 def _torch_grad(z, y):
@@ -52,13 +39,13 @@ def _pooled_ptrs():
 
 def test_shared_gradient_is_never_reused_in_process():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    g = _grad(z, y)
+    g = pooled_grad(z, y)
     g.share_memory_()  # what mp pickling and Module.share_memory() do, in place
     ptr = g.data_ptr()
     snapshot = g.clone()
     shared = g.untyped_storage()  # as a peer process would still map it
     del g
-    other = _grad(z * 3, y)
+    other = pooled_grad(z * 3, y)
     assert other.data_ptr() != ptr
     now = torch.empty(0).set_(shared, 0, snapshot.shape, snapshot.stride())
     torch.testing.assert_close(now, snapshot, rtol=0, atol=0)
@@ -67,32 +54,32 @@ def test_shared_gradient_is_never_reused_in_process():
 
 def test_resized_storage_is_never_reused():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    g = _grad(z, y)
+    g = pooled_grad(z, y)
     storage = g.untyped_storage()
     storage.resize_(storage.nbytes() * 2)  # no longer the buffer the pool allocated
     del g, storage
     before = len(_buffers._pool)
-    _grad(z, y)
+    pooled_grad(z, y)
     assert all(e.storage.nbytes() == e.nbytes for e in _buffers._pool)
     assert len(_buffers._pool) <= before
 
 
 def test_pool_still_reuses_private_buffers_after_dropping_shared_ones():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    shared = _grad(z, y).share_memory_()
-    first = _grad(z, y)
+    shared = pooled_grad(z, y).share_memory_()
+    first = pooled_grad(z, y)
     ptr = first.data_ptr()
     del first
-    assert _grad(z, y).data_ptr() == ptr  # the private one is reused as before
+    assert pooled_grad(z, y).data_ptr() == ptr  # the private one is reused as before
     del shared
 
 
 def test_torch_save_of_a_gradient_loads_torchs_values_after_later_steps():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
     file = io.BytesIO()
-    torch.save(_grad(z, y), file)
+    torch.save(pooled_grad(z, y), file)
     for k in range(3):  # later steps reuse the buffer the saved gradient came from
-        _grad(z * (k + 2), y)
+        pooled_grad(z * (k + 2), y)
     file.seek(0)
     close(torch.load(file), _torch_grad(z, y))
 
@@ -113,12 +100,12 @@ def test_gradient_sent_through_mp_queue_is_not_changed_by_the_senders_next_steps
     child.start()
     try:
         z, y = torch.randn(32, 9), torch.randint(0, 9, (32,))
-        g = _grad(z, y)
+        g = pooled_grad(z, y)
         queue.put(g)
         assert ack.get(timeout=TIMEOUT)
         del g  # the sender is done with it: the use count is 1 again
         for k in range(3):
-            _grad(z * (k + 2), y)
+            pooled_grad(z * (k + 2), y)
         go.put(True)
         assert result.get(timeout=TIMEOUT) == 0.0
     finally:

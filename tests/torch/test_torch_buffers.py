@@ -5,44 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fused_testing import close
+from fused_testing import close, pooled_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent.torch as xt
 from crossent.torch import _buffers
 
-
-@pytest.fixture(autouse=True)
-def _fresh_pool():
-    previous = xt.set_buffer_reuse(True)
-    xt.empty_cache()
-    yield
-    xt.empty_cache()
-    xt.set_buffer_reuse(previous)
-
-
-def _grad(z, y):
-    leaf = z.detach().requires_grad_()
-    (g,) = torch.autograd.grad(xt.cross_entropy(leaf, y), leaf)
-    return g
+pytestmark = pytest.mark.usefixtures("fresh_pool")
 
 
 def test_consumed_gradient_buffer_is_reused_by_the_next_call():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    first = _grad(z, y)
+    first = pooled_grad(z, y)
     ptr = first.data_ptr()
     del first  # the caller is done with it: the buffer is free again
-    second = _grad(z, y)
+    second = pooled_grad(z, y)
     assert second.data_ptr() == ptr
 
 
 def test_kept_gradient_is_never_overwritten_by_a_later_call():
     y = torch.randint(0, 7, (16,))
     z1, z2 = torch.randn(16, 7), torch.randn(16, 7) * 3
-    kept = _grad(z1, y)
+    kept = pooled_grad(z1, y)
     snapshot = kept.clone()
-    other = _grad(z2, y)
+    other = pooled_grad(z2, y)
     assert other.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)
 
@@ -60,9 +47,9 @@ def test_leaf_grad_accumulates_correctly_across_steps_without_zero_grad():
 
 def test_view_of_a_gradient_keeps_its_buffer_busy():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    view = _grad(z, y)[3:]  # the full gradient tensor is gone, a view of it is not
+    view = pooled_grad(z, y)[3:]  # the full gradient tensor is gone, a view of it is not
     snapshot = view.clone()
-    _grad(z * 3, y)
+    pooled_grad(z * 3, y)
     torch.testing.assert_close(view, snapshot, rtol=0, atol=0)
 
 
@@ -90,19 +77,19 @@ def test_two_losses_in_one_step_get_separate_buffers():
 def test_growing_sizes_do_not_pile_up_in_the_pool():
     y = torch.randint(0, 7, (64,))
     for n in (8, 16, 32, 64):
-        _grad(torch.randn(n, 7), y[:n])
+        pooled_grad(torch.randn(n, 7), y[:n])
     assert len(_buffers._pool) == 1
     assert _buffers._pool[0].nbytes == 64 * 7 * 4
 
 
 def test_disabled_reuse_keeps_nothing_and_empty_cache_releases():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    _grad(z, y)
+    pooled_grad(z, y)
     assert _buffers._pool  # CPU: kept for the next step
     xt.empty_cache()
     assert not _buffers._pool
     assert xt.set_buffer_reuse(False) is True
-    close(_grad(z, y), torch.autograd.grad(
+    close(pooled_grad(z, y), torch.autograd.grad(
         F.cross_entropy(leaf := z.detach().requires_grad_(), y), leaf)[0])
     assert not _buffers._pool
 
@@ -118,7 +105,7 @@ def test_any_sequence_of_calls_and_kept_gradients_stays_correct(calls, seed):
     for (n, c), keep in calls:
         z = torch.randn(n, c, generator=g) * 4
         y = torch.randint(0, c, (n,), generator=g)
-        got = _grad(z, y)
+        got = pooled_grad(z, y)
         if keep:
             kept.append((got, z, y))
     for got, z, y in kept:
@@ -129,17 +116,17 @@ def test_any_sequence_of_calls_and_kept_gradients_stays_correct(calls, seed):
 
 def test_kept_storage_object_keeps_its_buffer_busy():
     z, y = torch.randn(16, 7), torch.randint(0, 7, (16,))
-    storage = _grad(z, y).untyped_storage()  # the gradient tensor is gone, its storage not
+    storage = pooled_grad(z, y).untyped_storage()  # the gradient tensor is gone, its storage not
     snapshot = torch.frombuffer(bytearray(bytes(storage)), dtype=torch.float32).clone()
-    _grad(z * 5, y)
+    pooled_grad(z * 5, y)
     now = torch.frombuffer(bytearray(bytes(storage)), dtype=torch.float32)
     torch.testing.assert_close(now, snapshot, rtol=0, atol=0)
 
 
 def test_small_gradient_does_not_pin_a_much_larger_buffer():
     y = torch.randint(0, 7, (64,))
-    _grad(torch.randn(64, 7), y)  # leaves a free 64 x 7 buffer in the pool
-    small = _grad(torch.randn(8, 7), y[:8])
+    pooled_grad(torch.randn(64, 7), y)  # leaves a free 64 x 7 buffer in the pool
+    small = pooled_grad(torch.randn(8, 7), y[:8])
     assert small.untyped_storage().nbytes() == 8 * 7 * 4
 
 
@@ -159,7 +146,7 @@ def test_concurrent_calls_from_threads_get_their_own_buffers():
     def work(k):
         for _ in range(50):
             start.wait()
-            got = _grad(inputs[k], y)
+            got = pooled_grad(inputs[k], y)
             if not torch.allclose(got, wants[k], rtol=1e-5, atol=1e-7):
                 errors.append(k)
 

@@ -173,6 +173,26 @@ def test_linear_backward_twice_raises():
         loss.backward()
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_double_backward_is_refused_not_a_constant(linear):
+    """create_graph=True would otherwise return a gradient without grad_fn: a Hessian of 0
+    or a gradient penalty missing its logits term, silently."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, generator=g)
+    t = torch.randint(0, 7, (6,), generator=g)
+    loss = (vocab_parallel_linear_cross_entropy(x, w, t) if linear
+            else vocab_parallel_cross_entropy(x @ w.T, t))
+    with pytest.raises(UnsupportedError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # a plain backward still works
+    loss = (vocab_parallel_linear_cross_entropy(x, w, t) if linear
+            else vocab_parallel_cross_entropy(x @ w.T, t))
+    (gx,) = torch.autograd.grad(loss, x)
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w.T, t), x)[0]
+    torch.testing.assert_close(gx, ref)
+
+
 def test_global_num_items_local():
     assert int(global_num_items(torch.tensor([[1, -100], [2, 3]]))) == 3
     assert int(global_num_items([torch.tensor([-1, 0]), torch.tensor([4])],

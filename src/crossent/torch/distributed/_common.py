@@ -97,6 +97,26 @@ _HASH_KEYS = ((1103515245, 12345, 1664525, 22695477),
               (69069, 1013904223, 1597334677, 747796405))
 
 
+def refuse_double_backward(name: str):
+    """Decorates a Function's (``once_differentiable``) backward so that a backward that
+    records a graph (``create_graph=True``) raises instead of returning a gradient with no
+    ``grad_fn``: ``once_differentiable`` alone only guards when the incoming gradient requires
+    grad, and a Hessian or gradient penalty would otherwise see a constant (PITFALLS 18)."""
+
+    def decorate(backward):
+        def guarded(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise UnsupportedError(
+                    f"{name}: double backward (create_graph=True) is not supported by the "
+                    f"vocab-parallel functions; use crossent.torch on the gathered logits"
+                )
+            return backward(ctx, *grads)
+
+        return guarded
+
+    return decorate
+
+
 def block_rows(cols: int) -> int:
     return max(1, _BLOCK_ELEMS // max(cols, 1))
 

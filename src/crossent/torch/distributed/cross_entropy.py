@@ -25,6 +25,7 @@ from ._common import (
     make_layout,
     make_spec,
     reduce_loss,
+    refuse_double_backward,
     uncap_grad,
 )
 
@@ -56,6 +57,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
+    @refuse_double_backward("vocab_parallel_cross_entropy")
     @once_differentiable
     def backward(ctx, grad_output):
         logits, target, valid, lse, coef = ctx.saved_tensors

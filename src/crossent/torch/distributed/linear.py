@@ -22,6 +22,7 @@ from ._common import (
     make_layout,
     make_spec,
     reduce_loss,
+    refuse_double_backward,
     uncap_grad,
 )
 
@@ -99,6 +100,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @refuse_double_backward("vocab_parallel_linear_cross_entropy")
     @once_differentiable
     def backward(ctx, grad_output):
         spec = ctx.spec
