@@ -206,6 +206,19 @@ def _reduce(xp: Any, per_row: Array, reduction: str, denominator: Any) -> Array:
     return xp.where(empty, xp.nan, total / xp.where(empty, 1.0, denominator))
 
 
+def _reduce_softmax_rows(per_row: Array, parts: Any, sample_weight: Any, where: Any) -> Array:
+    """The end every softmax-family loss shares: sample weights and the ``where`` mask,
+    ignored rows set to exactly 0 (even NaN logits), the reduction, the caller's dtype."""
+    xp = parts.xp
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
+    )
+    if parts.row_mask is not None:  # ignored rows contribute nothing, even NaN logits
+        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
+    out = _reduce(xp, per_row, parts.reduction, denominator)
+    return restore_dtype(xp, out, parts.dtype)
+
+
 def _sample_weighted(
     xp: Any, per_item: Array, sample_weight: Any, ref: Array, item_weight: Array | None,
     denominator: Any, where: Any = None,
@@ -312,13 +325,7 @@ def softmax_cross_entropy(
     per_row = -xp.sum(parts.target * safe_log_probs(xp, parts), axis=-1)
     if not _checks.is_zero(parts.z_loss):
         per_row = per_row + parts.z_loss * parts.lse**2
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
-    )
-    if parts.row_mask is not None:  # ignored rows contribute nothing, even NaN logits
-        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
-    out = _reduce(xp, per_row, parts.reduction, denominator)
-    return restore_dtype(xp, out, parts.dtype)
+    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
 
 
 def safe_log_probs(xp: Any, parts: SoftmaxCEParts) -> Array:
@@ -781,13 +788,7 @@ def poly1_cross_entropy(
     ce = -xp.sum(parts.target * log_p, axis=-1)
     one_minus_p = -xp.expm1(parts.log_probs)
     per_row = ce + epsilon * xp.sum(parts.target * one_minus_p, axis=-1)
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
-    )
-    if parts.row_mask is not None:
-        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
-    out = _reduce(xp, per_row, parts.reduction, denominator)
-    return restore_dtype(xp, out, parts.dtype)
+    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
 
 
 def softmax_focal_loss(
@@ -846,13 +847,7 @@ def softmax_focal_loss(
         terms = terms * _focal_factor(xp, -xp.expm1(parts.log_probs), gamma)
     terms = terms * _focal_alpha(xp, alpha, parts.logits)
     per_row = -xp.sum(terms, axis=-1)
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
-    )
-    if parts.row_mask is not None:
-        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
-    out = _reduce(xp, per_row, parts.reduction, denominator)
-    return restore_dtype(xp, out, parts.dtype)
+    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
 
 
 def _focal_alpha(xp: Any, alpha: Any, z: Array) -> Any:
