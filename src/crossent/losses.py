@@ -92,16 +92,9 @@ def softmax_cross_entropy_parts(
     _checks.check_classes(logits, axis, "logits")
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
-    num_classes = raw.shape[-1]
     z = raw if softcap is None else float(softcap) * xp.tanh(raw / float(softcap))
     if weight is not None:
-        weight = to_float(xp, weight)
-        if tuple(weight.shape) != (num_classes,):
-            raise InputError(
-                f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
-                f"one weight per class"
-            )
-        weight = xp.astype(weight, z.dtype)
+        weight = _class_weight(xp, to_float(xp, weight), z, "weight")
     # log softmax as (z - m) - log1p(rest): exact near 0 for a confident correct row
     m, r = lse_parts(xp, z, -1)
     log_probs = (z - m) - r
@@ -178,8 +171,8 @@ def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axi
     return eff, row_mask, xp.sum(row_weight), row_weight
 
 
-def _probability_target(xp, z, target, weight, eps, validate, logits, axis):
-    _checks.check_same_shape(logits, target, "logits", "target")
+def _probability_target(xp, z, target, weight, eps, validate, logits, axis, name="logits"):
+    _checks.check_same_shape(logits, target, name, "target")
     target_dtype = target.dtype
     target = xp.astype(move_axis_last(xp, target, axis), z.dtype)
     if validate:
@@ -207,16 +200,28 @@ def _reduce(xp: Any, per_row: Array, reduction: str, denominator: Any) -> Array:
 
 
 def _reduce_softmax_rows(per_row: Array, parts: Any, sample_weight: Any, where: Any) -> Array:
-    """The end every softmax-family loss shares: sample weights and the ``where`` mask,
-    ignored rows set to exactly 0 (even NaN logits), the reduction, the caller's dtype."""
-    xp = parts.xp
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, parts.raw, parts.row_weight, parts.denominator, where
+    """:func:`_reduce_rows` with the rows, weights and reduction of ``parts``."""
+    counted = None if parts.row_mask is None else parts.row_mask > 0
+    return _reduce_rows(
+        parts.xp, per_row, sample_weight, where, parts.raw, parts.row_weight,
+        parts.denominator, counted, parts.reduction, parts.dtype,
     )
-    if parts.row_mask is not None:  # ignored rows contribute nothing, even NaN logits
-        per_row = xp.where(parts.row_mask > 0, per_row, 0.0)
-    out = _reduce(xp, per_row, parts.reduction, denominator)
-    return restore_dtype(xp, out, parts.dtype)
+
+
+def _reduce_rows(
+    xp: Any, per_row: Array, sample_weight: Any, where: Any, ref: Array,
+    row_weight: Array | None, denominator: Any, counted: Array | None, reduction: str,
+    dtype: Any,
+) -> Array:
+    """The end every class-axis loss shares: sample weights and the ``where`` mask (see
+    :func:`_sample_weighted`), rows outside the boolean ``counted`` (ignored targets; None:
+    none) set to exactly 0 (even NaN logits), the reduction, the caller's ``dtype``."""
+    per_row, denominator = _sample_weighted(
+        xp, per_row, sample_weight, ref, row_weight, denominator, where
+    )
+    if counted is not None:  # ignored rows contribute nothing, even NaN logits
+        per_row = xp.where(counted, per_row, 0.0)
+    return restore_dtype(xp, _reduce(xp, per_row, reduction, denominator), dtype)
 
 
 def _sample_weighted(
@@ -718,11 +723,10 @@ def nll_loss(
         row_weight = xp.sum(xp.where(hot, w, 0.0), axis=-1)
     else:
         row_weight = xp.astype(valid, lp.dtype)
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, lp, row_weight, xp.sum(row_weight), where
+    return _reduce_rows(
+        xp, per_row, sample_weight, where, lp, row_weight, xp.sum(row_weight), valid,
+        reduction, dtype,
     )
-    per_row = xp.where(valid, per_row, 0.0)
-    return restore_dtype(xp, _reduce(xp, per_row, reduction, denominator), dtype)
 
 
 def _class_weight(xp: Any, weight: Array | None, z: Array, name: str) -> Array | None:
@@ -732,7 +736,8 @@ def _class_weight(xp: Any, weight: Array | None, z: Array, name: str) -> Array |
     num_classes = z.shape[-1]
     if tuple(weight.shape) != (num_classes,):
         raise InputError(
-            f"{name} has shape {tuple(weight.shape)}; expected ({num_classes},), one per class"
+            f"{name} has shape {tuple(weight.shape)}; expected ({num_classes},), "
+            f"one weight per class"
         )
     return xp.astype(weight, z.dtype)
 
@@ -914,23 +919,15 @@ def categorical_focal_loss(
     p = move_axis_last(xp, to_float(xp, probs), axis)
     if validate:
         _checks.check_distribution(xp, p, "probs", -1, dtype)
-    num_classes = p.shape[-1]
-    row_mask = None
     if is_integer(xp, target):
-        hot, valid = _index_hot(xp, p, target, ignore_index, validate, probs.shape, axis)
-        row_mask = xp.astype(valid, p.dtype)
-        t = xp.astype(hot, p.dtype)
-        if not _checks.is_zero(eps):
-            t = (1.0 - eps) * t + (eps / num_classes) * xp.expand_dims(row_mask, axis=-1)
-        row_weight, denominator = row_mask, xp.sum(row_mask)
+        t, row_mask, denominator, row_weight = _index_target(
+            xp, p, target, None, ignore_index, eps, validate, probs.shape, axis
+        )
     elif xp.isdtype(target.dtype, "real floating"):
-        _checks.check_same_shape(probs, target, "probs", "target")
-        t = xp.astype(move_axis_last(xp, target, axis), p.dtype)
-        if validate:
-            _checks.check_distribution(xp, t, "target", -1, target.dtype)
-        if not _checks.is_zero(eps):
-            t = (1.0 - eps) * t + eps / num_classes
-        row_weight, denominator = None, int(np.prod(p.shape[:-1]))
+        t, denominator = _probability_target(
+            xp, p, target, None, eps, validate, probs, axis, "probs"
+        )
+        row_mask = row_weight = None
     else:
         raise InputError(
             f"target must hold integer class indices or floating probabilities, got dtype "
@@ -942,9 +939,7 @@ def categorical_focal_loss(
     if not _checks.is_zero(gamma):
         terms = terms * _focal_factor(xp, 1.0 - p, gamma)
     per_row = -xp.sum(terms * _focal_alpha(xp, alpha, p), axis=-1)
-    per_row, denominator = _sample_weighted(
-        xp, per_row, sample_weight, p, row_weight, denominator, where
+    counted = None if row_mask is None else row_mask > 0
+    return _reduce_rows(
+        xp, per_row, sample_weight, where, p, row_weight, denominator, counted, reduction, dtype
     )
-    if row_mask is not None:
-        per_row = xp.where(row_mask > 0, per_row, 0.0)
-    return restore_dtype(xp, _reduce(xp, per_row, reduction, denominator), dtype)
