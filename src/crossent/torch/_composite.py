@@ -28,7 +28,8 @@ import torch.autograd.forward_ad as fwAD
 
 from ._kernels import Options, check_index_target, compute_dtype
 
-__all__ = ["composable_required", "cross_entropy", "linear_logits", "transforms_active"]
+__all__ = ["capped", "composable_required", "cross_entropy", "linear_logits", "transforms_active",
+           "zero_unused"]
 
 
 def transforms_active() -> bool:
@@ -51,8 +52,15 @@ def composable_required(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
-def _capped(z: torch.Tensor, opts: Options) -> torch.Tensor:
+def capped(z: torch.Tensor, opts: Options) -> torch.Tensor:
+    """``softcap * tanh(z / softcap)``, or ``z`` without a cap."""
     return z if opts.softcap is None else opts.softcap * torch.tanh(z / opts.softcap)
+
+
+def zero_unused(big_t: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``logp`` with 0 where a zero ``T_c`` faces ``log p_c = -inf``, so that term is 0
+    (the fused kernel's rule), not NaN."""
+    return torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
 
 
 def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
@@ -61,7 +69,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     compute dtype and differentiable w.r.t. ``z``, a probability ``target`` and
     ``weight``."""
     cdtype = compute_dtype(z.dtype)
-    z = _capped(z.to(cdtype), opts)
+    z = capped(z.to(cdtype), opts)
     num_classes = z.shape[1]
     eps, zl = opts.label_smoothing, opts.z_loss
     w = None if weight is None else weight.to(cdtype)
@@ -72,9 +80,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         big_t = (1.0 - eps) * t + eps / num_classes if eps else t
         if w is not None:
             big_t = big_t * w
-        # 0 * (-inf) is 0 here (the fused kernel's rule), not NaN
-        safe = torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
-        losses = -(big_t * safe).sum(1)
+        losses = -(big_t * zero_unused(big_t, logp)).sum(1)
         if zl:
             losses = losses + zl * lse.square()
         # torch divides by numel / C: NaN for C = 0, as there

@@ -178,13 +178,9 @@ def _target_weight_grads(ctx, grad_output):
     block = block_rows(num_classes, z.device)
     for i in range(0, num_rows, block):
         j = min(i + block, num_rows)
-        zb = z[i:j].detach().to(cdtype)
-        if opts.softcap is not None:
-            zb = opts.softcap * torch.tanh(zb / opts.softcap)
-        logp = torch.log_softmax(zb, 1)
+        logp = torch.log_softmax(_composite.capped(z[i:j].detach().to(cdtype), opts), 1)
         mix = t[i:j].detach().to(cdtype) * (1.0 - eps) + eps / num_classes
-        big_t = mix if w is None else mix * w
-        logp = torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
+        logp = _composite.zero_unused(mix if w is None else mix * w, logp)
         logp.mul_(scale[i:j].unsqueeze(1))
         if dt is not None:
             dt[i:j] = logp * (-(1.0 - eps) if w is None else -(1.0 - eps) * w)
