@@ -155,8 +155,6 @@ def _linear_contenders(x0, w0, y, compile_ok: bool):
             lambda s: F.linear_cross_entropy(s[0], s[1], y).backward()
     yield "crossent-triton", prep, \
         lambda s: triton_linear_cross_entropy(s[0], s[1], y).backward()
-    from crossent.torch._triton.fused_linear import fused_linear_cross_entropy
-
     yield "crossent-fused (no NxV chunk)", prep, \
         lambda s: fused_linear_cross_entropy(s[0], s[1], y).backward()
     try:

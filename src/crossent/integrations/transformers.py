@@ -157,8 +157,8 @@ def causal_lm_loss(
     if num_items_in_batch is None:
         return linear_cross_entropy(x, lm_head_weight, target, lm_head_bias,
                                     reduction="mean", **common)
-    # The one place where the Trainer's denominator is applied (crossent.torch's future
-    # ``num_items=`` keyword computes exactly this).
+    # The one place where the Trainer's denominator is applied; not crossent.torch's
+    # ``num_items=``, which refuses a count of 0 (transformers gives 0 / 0 = NaN).
     total = linear_cross_entropy(x, lm_head_weight, target, lm_head_bias,
                                  reduction="sum", **common)
     if torch.is_tensor(num_items_in_batch):

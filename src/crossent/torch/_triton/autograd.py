@@ -8,22 +8,18 @@ import operator
 import torch
 from torch.autograd.graph import increment_version
 
-from ... import _checks
 from ...errors import InputError, UnsupportedError
-from .._kernels import Options, check_index_target
+from .._kernels import Options, check_index_target, check_options
+from ..functional import _default_chunk, _matmul_dtype, _positive_int  # the CPU head's rules
 from . import ops
 
 __all__ = ["triton_cross_entropy", "triton_linear_cross_entropy"]
 
-_CHUNK_BYTES = 16 << 20  # smallest logits chunk of the linear head
 _W_TILE_BYTES = 64 << 20  # low-precision dW partial products per vocabulary tile
 
 
 def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, like, target):
-    _checks.check_reduction(reduction)
-    _checks.check_fraction(label_smoothing, "label_smoothing")
-    _checks.check_nonnegative(z_loss, "z_loss")
-    _checks.check_softcap(softcap)
+    check_options(reduction, label_smoothing, z_loss, softcap)
     if torch.is_grad_enabled() and target.requires_grad:
         raise UnsupportedError("crossent Triton cross-entropy: no gradient for target")
     if weight is None:
@@ -42,14 +38,6 @@ def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, lik
     if torch.is_grad_enabled() and weight.requires_grad:
         raise UnsupportedError("crossent Triton cross-entropy: no gradient for weight")
     return weight.detach().to(device=like.device, dtype=ops.accumulate_dtype(like.dtype))
-
-
-def _check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """torch's IndexError for a class index outside ``[0, V)`` (one host synchronisation;
-    the kernel alone would give that row a NaN loss and gradient instead): the CPU
-    kernel's rule (:func:`crossent.torch._kernels.check_index_target`), any integer dtype,
-    compared in int64."""
-    check_index_target(target, num_classes, ignore_index)
 
 
 def _check_ignore_index(ignore_index, target: torch.Tensor) -> int:
@@ -252,7 +240,7 @@ def triton_cross_entropy(
                target)
     ignore_index = _check_ignore_index(ignore_index, target)
     if index_target is not None and check_targets:
-        _check_index_target(index_target, num_classes, ignore_index)
+        check_index_target(index_target, num_classes, ignore_index)
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
@@ -266,22 +254,6 @@ def triton_cross_entropy(
 
 
 # --------------------------------------------------------------------------- linear head
-
-
-def _matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """bfloat16 (and float16 off the CPU) multiply in their own dtype, as the unfused
-    ``x @ W.T`` does (float32 accumulation inside the matmul, logits rounded once);
-    everything else in float32 (float64 stays)."""
-    low = x.dtype == w.dtype and (
-        x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type != "cpu"))
-    return x.dtype if low else ops.accumulate_dtype(x.dtype)
-
-
-def default_chunk(num_classes: int, features: int, itemsize: int) -> int:
-    """Rows per chunk: logits of a quarter of a float32 dW's bytes (at least 16 MiB), a
-    multiple of 32 rows (the CPU head's rule; at V=128256, D=4096, bf16: 2048 rows)."""
-    budget = max(_CHUNK_BYTES, num_classes * features)
-    return max(32, budget // (itemsize * max(num_classes, 1)) // 32 * 32)
 
 
 _dtype_out_mm = True  # CUDA's addmm with a float32 output for bf16/fp16 operands
@@ -498,16 +470,9 @@ def triton_linear_cross_entropy(
     w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, x, t)
     ignore_index = _check_ignore_index(ignore_index, t)
     if not t.is_floating_point() and check_targets:
-        _check_index_target(t, num_classes, ignore_index)
-    try:
-        chunk = (default_chunk(num_classes, features,
-                               _matmul_dtype(x, linear_weight).itemsize)
-                 if chunk_size is None else
-                 -1 if isinstance(chunk_size, bool) else operator.index(chunk_size))
-    except TypeError:
-        chunk = -1  # 2.5 is not 2 rows
-    if chunk < 1:
-        raise InputError(f"chunk_size={chunk_size!r} must be an integer >= 1 (or None)")
+        check_index_target(t, num_classes, ignore_index)
+    chunk = (_default_chunk(num_classes, features, _matmul_dtype(x, linear_weight).itemsize)
+             if chunk_size is None else _positive_int(chunk_size, "chunk_size"))
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError, UnsupportedError
+from .._kernels import check_index_target
 from . import ops
-from .autograd import _check, _check_ignore_index, _check_index_target, _check_linear_dtypes
+from .autograd import _check, _check_ignore_index, _check_linear_dtypes
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -156,7 +157,7 @@ def fused_linear_cross_entropy(
     w = _check(reduction, 0.0, z_loss, None, weight, num_classes, input, target)
     ignore_index = _check_ignore_index(ignore_index, target)
     if check_targets:
-        _check_index_target(target, num_classes, ignore_index)
+        check_index_target(target, num_classes, ignore_index)
     x = input.contiguous()
     wt = linear_weight.contiguous()
     b = None if linear_bias is None else linear_bias.contiguous()

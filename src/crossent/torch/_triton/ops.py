@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._kernels import compute_dtype as accumulate_dtype  # the CPU kernels' rule
+
 __all__ = [
     "CrossEntropyRows",
     "cross_entropy_forward",
@@ -28,11 +30,6 @@ def _kernels():
     from . import kernels
 
     return kernels.compiled()
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (gradcheck); everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_dtype(dtype: torch.dtype):
