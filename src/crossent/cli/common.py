@@ -12,12 +12,15 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 from enum import Enum
 
 from rich.console import Console
 
 from ..errors import InputError
+from ..teaching.content import UNITS as TEACHING_UNITS
+from ..teaching.content import Unit, unit_beside
+from ..teaching.formula import short as short  # re-exported: the CLI formats as the tour does
+from ..teaching.formula import vector as vector
 
 
 class Base(str, Enum):
@@ -28,17 +31,10 @@ class Base(str, Enum):
     ten = "10"
 
 
-@dataclass(frozen=True)
-class Unit:
-    name: str  # bits, nats, hartleys
-    base: float
-    log: str  # how the log is written in a formula: log2, ln, log10
-
-
 UNITS = {
-    Base.two: Unit("bits", 2.0, "log2"),
-    Base.e: Unit("nats", math.e, "ln"),
-    Base.ten: Unit("hartleys", 10.0, "log10"),
+    Base.two: TEACHING_UNITS["bits"],
+    Base.e: TEACHING_UNITS["nats"],
+    Base.ten: TEACHING_UNITS["hartleys"],
 }
 BITS, NATS = UNITS[Base.two], UNITS[Base.e]
 
@@ -47,7 +43,7 @@ def units(base: Base) -> tuple[Unit, Unit]:
     """The chosen unit and the one shown beside it (nats beside bits and hartleys, bits
     beside nats)."""
     primary = UNITS[Base(base)]
-    return primary, (BITS if primary is NATS else NATS)
+    return primary, unit_beside(primary)
 
 
 def parse_numbers(text: str, option: str) -> list[float]:
@@ -83,21 +79,12 @@ def parse_target(text: str) -> int | list[float]:
 
 def fmt(x: float) -> str:
     """A number as the CLI prints it: 6 decimals (the article's precision); from 1e15 on in
-    scientific notation (a logit of 1e308 is not 309 digits wide). ``-0.0`` prints as 0."""
+    scientific notation (a logit of 1e308 is not 309 digits wide). ``-0.0`` prints as 0.
+    (:func:`crossent.teaching.formula.fmt` prints the tour's own numbers, none of them huge.)"""
     value = float(x) + 0.0  # -0.0 + 0.0 is 0.0
     if math.isfinite(value) and abs(value) >= 1e15:
         return f"{value:.6e}"
     return f"{value:.6f}"
-
-
-def short(x: float) -> str:
-    """A number as typed in a formula: 0.7, 0.001, 1."""
-    return f"{float(x):g}"
-
-
-def vector(values: object) -> str:
-    """``[0.1, 0.2, 0.7]``, each entry with :func:`short`."""
-    return "[" + ", ".join(short(v) for v in values) + "]"  # type: ignore[attr-defined]
 
 
 def columns(rows: list[list[str]], *, left: int | None = 0) -> list[str]:

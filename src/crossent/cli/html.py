@@ -220,6 +220,15 @@ def _cross_entropy_widget() -> str:
         "bars of the truth p and the prediction q for each class")
 
 
+def _per_class_outs(key: str, label: str, term: str, grad: str) -> list[str]:
+    """The readout of a widget over the 3 classes: for each class ``key{i}`` (no unit), its
+    term of the loss and its gradient (no unit), then the loss. Labels have ``{i}`` in them."""
+    return ([_out(f"{key}{i}", label.format(i=i), in_unit=False) for i in range(3)]
+            + [_out(f"term{i}", term.format(i=i)) for i in range(3)]
+            + [_out(f"grad{i}", grad.format(i=i), in_unit=False) for i in range(3)]
+            + [_out("loss", "loss", total=True)])
+
+
 def _logits_widget() -> str:
     radios = "".join(
         f'<label><input type="radio" name="w-logits-class" data-in="class" value="{i}"'
@@ -229,11 +238,8 @@ def _logits_widget() -> str:
         [_slider("logits", f"a{i}", f"logit a{i}", -5.0, 5.0, 0.1, v)
          for i, v in enumerate((2.0, 1.0, 0.1))]
         + [f'<fieldset class="choices"><legend>true class</legend>{radios}</fieldset>'],
-        [_out(f"q{i}", f"softmax(a){i}", in_unit=False) for i in range(3)]
-        + [_out(f"term{i}", f"term {i}: b{i}·log(1/q{i})") for i in range(3)]
-        + [_out(f"grad{i}", f"gradient {i}: softmax(a){i} − b{i}", in_unit=False)
-           for i in range(3)]
-        + [_out("loss", "loss", total=True)],
+        _per_class_outs("q", "softmax(a){i}", "term {i}: b{i}·log(1/q{i})",
+                        "gradient {i}: softmax(a){i} − b{i}"),
         "bars of softmax(a) and of the gradient softmax(a) − b for each class")
 
 
@@ -241,11 +247,8 @@ def _smoothing_widget() -> str:
     return _widget(
         "smoothing", "label smoothing of the target [0, 0, 1], prediction [0.1, 0.2, 0.7]",
         [_slider("smoothing", "alpha", "smoothing alpha", 0.0, 1.0, 0.01, 0.1)],
-        [_out(f"t{i}", f"smoothed target {i}", in_unit=False) for i in range(3)]
-        + [_out(f"term{i}", f"term {i}") for i in range(3)]
-        + [_out(f"grad{i}", f"gradient {i}: q{i} − t{i} (per nat)", in_unit=False)
-           for i in range(3)]
-        + [_out("loss", "loss", total=True)],
+        _per_class_outs("t", "smoothed target {i}", "term {i}",
+                        "gradient {i}: q{i} − t{i} (per nat)"),
         "bars of the smoothed target and each class's term of the loss")
 
 

@@ -16,17 +16,16 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from ..teaching import tour as content
-from ..teaching.content import UNITS, Section, Table, Tour, Worked
+from ..teaching.content import Section, Table, Tour, Worked
 from ..teaching.formula import fmt, plain
-from .common import Base
+from .common import UNITS, Base
 
 __all__ = ["Section", "Table", "Tour", "Worked", "build_tour", "render"]
 
 
 def build_tour(base: Base = Base.two) -> Tour:
     """The tour's content in the unit of ``base`` (bits by default) with a second unit beside."""
-    name = {Base.two: "bits", Base.e: "nats", Base.ten: "hartleys"}[Base(base)]
-    return content.build_tour(UNITS[name])
+    return content.build_tour(UNITS[Base(base)])
 
 
 def _rich_table(t: Table) -> RichTable:

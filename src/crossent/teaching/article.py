@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from ..losses import binary_cross_entropy, softmax_cross_entropy
 from ..measures import cross_entropy, entropy, surprisal
+from .content import UNITS as _UNITS
 
-UNITS = {"bits": 2.0, "nats": math.e, "hartleys": 10.0}
+UNITS = {name: unit.base for name, unit in _UNITS.items()}
+"""The log base of each unit: bits, nats, hartleys."""
 
 
 @dataclass(frozen=True)
