@@ -1,5 +1,5 @@
 """crossent.torch tests exercise the fused kernel at every size: small inputs would
-otherwise go to torch's own kernel (see ``functional._NATIVE_MAX_LOGITS``), and the tests
+otherwise go to torch's own kernel (see ``_backends.NATIVE_MAX_LOGITS``), and the tests
 would compare torch with itself. Tests marked ``native_dispatch`` keep the dispatch."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 import crossent.torch as xt
-from crossent.torch import functional
+from crossent.torch import _backends
 
 
 @pytest.fixture(autouse=True)
 def _fused_kernel_at_every_size(request, monkeypatch):
     if request.node.get_closest_marker("native_dispatch") is None:
-        monkeypatch.setattr(functional, "_NATIVE_MAX_LOGITS", 0)
+        monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from fused_testing import close
 
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
-from crossent.torch import _backends, functional
+from crossent.torch import _backends
 
 pytestmark = pytest.mark.native_dispatch  # the real small-input threshold
 C = 7
@@ -68,7 +68,7 @@ def test_every_backend_gives_torchs_numbers(backend, kw):
 
 
 def test_native_is_torch_above_the_small_input_threshold_too():
-    rows = functional._NATIVE_MAX_LOGITS // 1000 + 1
+    rows = _backends.NATIVE_MAX_LOGITS // 1000 + 1
     g = torch.Generator().manual_seed(1)
     z = torch.randn(rows, 1000, generator=g)
     y = torch.randint(0, 1000, (rows,), generator=g)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossent.torch as xt
-from crossent.torch import _kernels
+from crossent.torch import _rules
 
 options = st.fixed_dictionaries({
     "reduction": st.sampled_from(["mean", "sum", "none"]),
@@ -71,7 +71,7 @@ def test_fused_cross_entropy_matches_torch(seed, n, c, scale, opts):
     ref = F.cross_entropy(ref_leaf, y, w, **kw)
     ref.backward(go)
     # 16-row blocks (the minimum): several blocks and a ragged last one
-    with mock.patch.object(_kernels, "_BLOCK_BYTES", 1):
+    with mock.patch.object(_rules, "_BLOCK_BYTES", 1):
         leaf = z.float().requires_grad_()
         inp = leaf * 1 if opts["inplace"] else leaf
         out = xt.cross_entropy(inp, y.float() if y.is_floating_point() else y,

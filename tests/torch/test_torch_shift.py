@@ -11,7 +11,7 @@ from fused_testing import close
 
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
-from crossent.torch import functional
+from crossent.torch import _linear
 
 B, T, D, C = 3, 7, 5, 13
 
@@ -76,13 +76,13 @@ def test_one_sequence_and_the_module():
 def test_hidden_states_are_not_copied(monkeypatch):
     x, w, _, y, _ = data(2)
     seen = []
-    real = functional._fused_linear
+    real = _linear._fused_linear
 
     def spy(x2, *args):
         seen.append(x2.data_ptr())
         return real(x2, *args)
 
-    monkeypatch.setattr(functional, "_fused_linear", spy)
+    monkeypatch.setattr(_linear, "_fused_linear", spy)
     leaf = x.clone().requires_grad_()
     xt.linear_cross_entropy(leaf, w.requires_grad_(), y, shift=True, chunk_size=4).backward()
     assert seen == [leaf.data_ptr()]

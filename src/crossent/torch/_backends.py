@@ -15,7 +15,7 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     torch's numbers, torch's memory. ``z_loss``/``softcap`` raise
     :class:`~crossent.UnsupportedError` (torch has neither).
 ``"rowblock"``
-    crossent's row-block kernel (:mod:`._kernels`) at every size, with its composable
+    crossent's row-block kernel (:mod:`._rowblock`) at every size, with its composable
     form where autograd needs it (the same formulas in differentiable torch ops).
 ``"triton"``
     the Triton kernels (:mod:`._triton`): CUDA/ROCm tensors, or CPU tensors when
@@ -34,10 +34,20 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, UnsupportedError
+from . import _composite
+from ._rules import LOW_PRECISION
 
-__all__ = ["BACKENDS", "Call", "check_backend", "choose_backend", "triton_importable"]
+__all__ = ["BACKENDS", "NATIVE_MAX_LOGITS", "Call", "check_backend", "choose_backend",
+           "composite_reason", "triton_importable", "triton_refusal"]
 
 BACKENDS = ("auto", "native", "rowblock", "triton")
+
+# Below this many logits torch's own C++ kernel wins: the fused kernel's ~60 tensor
+# operations of Python dispatch cost ~0.3 ms, torch eager takes 0.04 ms at 64 x 10 and
+# 0.2 ms at 256 x 1000; the two cross between 0.5 and 1.5 M logits on a 2-core CPU.
+# (Read at every call by the entry points, as ``_backends.NATIVE_MAX_LOGITS``: the tests
+# lower it to send small inputs through the fused kernel.)
+NATIVE_MAX_LOGITS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,32 @@ class Call:
     composite: str | None = None
     triton_refusal: str | None = None
     sized: bool = False
+
+
+def composite_reason(num_classes: int, inplace_grads: bool, *tensors) -> str | None:
+    """What needs the composable path (plain torch ops), in words, or None."""
+    if num_classes == 0:
+        return "C = 0 (no classes)"
+    if inplace_grads:
+        return "target or weight gradients with inplace_backward=True"
+    if _composite.composable_required(*tensors):
+        return "torch.func transforms, forward-mode AD or torch.jit.trace"
+    return None
+
+
+def triton_refusal(input_dtype: torch.dtype, out_dtype: torch.dtype, *, target_grad: bool,
+                   weight_grad: bool, retain: bool = False) -> str | None:
+    """What of this call the Triton kernels do not support, in words, or None."""
+    if target_grad:
+        return "a gradient for the target (probability targets that require grad)"
+    if weight_grad:
+        return "a gradient for the class weight"
+    if retain:
+        return "options.allow_retain_graph=True (backward twice)"
+    if input_dtype in LOW_PRECISION and out_dtype != input_dtype:
+        return (f"a {out_dtype} loss from {input_dtype} input (loss_dtype, or autocast's "
+                f"float32 loss): the Triton kernels return the loss in the input's dtype")
+    return None
 
 
 def check_backend(backend) -> str:
@@ -97,7 +133,7 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
     """The route of one call: ``"native"``, ``"rowblock"``, ``"triton"`` or
     ``"composite"``; raises :class:`UnsupportedError` for a forced backend that cannot
     serve the call. ``native_max_logits``: below this many logits torch's C++ kernel beats
-    the row-block kernel's Python dispatch (see ``functional._NATIVE_MAX_LOGITS``)."""
+    the row-block kernel's Python dispatch (see :data:`NATIVE_MAX_LOGITS`)."""
     name = f"crossent.torch.{call.function}"
     if backend == "native":
         for feature, value in (("z_loss", call.z_loss != 0.0), ("softcap",

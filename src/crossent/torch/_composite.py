@@ -9,7 +9,7 @@ ordinary torch ops, so every autograd mode works, at torch's memory cost (``N x 
 intermediates; for the linear head the full logits). The fused Functions' backward
 also calls :func:`cross_entropy` here, with its graph, under ``create_graph=True``.
 
-The formulas are the fused kernel's (:mod:`crossent.torch._kernels`): arithmetic in
+The formulas are the fused kernel's (:mod:`crossent.torch._rowblock`): arithmetic in
 float32 (float64 stays), optional ``softcap`` then ``lse``; index targets
 ``l = (1 - eps) w_y (lse - z_y) + (eps / C) sum_c w_c (lse - z_c) + z_loss lse^2``,
 ignored rows 0; probability targets ``l = -sum_c T_c log p_c + z_loss lse^2`` with
@@ -26,7 +26,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._kernels import Options, check_index_target, compute_dtype
+from ._rules import Options, check_index_target, compute_dtype
 
 __all__ = ["capped", "composable_required", "cross_entropy", "linear_logits", "transforms_active",
            "zero_unused"]

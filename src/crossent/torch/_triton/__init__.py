@@ -56,7 +56,7 @@ softcap=None, chunk_size=None, skip_ignored=True, check_targets=True, block=None
     ``grad_output``. Default chunk: logits of a quarter of the float32 dW's bytes
     (2048 rows at V=128256, D=4096, bf16).
 
-Semantics (same contract as the CPU kernel, :mod:`crossent.torch._kernels`)
+Semantics (same contract as the CPU kernel, :mod:`crossent.torch._rowblock`)
 -------------------------------------------------------------------------
 Row loss, index target ``y``, smoothing ``eps``, class weights ``w`` (1 if none), ``V``
 classes, ``z`` the logits after ``softcap`` (``c tanh(z / c)``):

@@ -9,12 +9,20 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ...errors import InputError, UnsupportedError
-from .._kernels import Options, check_index_target, check_options
-from ..functional import _default_chunk, _matmul_dtype, _positive_int  # the CPU head's rules
+from .._rules import (  # the CPU head's rules
+    Options,
+    check_index_target,
+    check_options,
+    default_chunk,
+    matmul_dtype,
+    positive_int,
+    take_stored,
+)
 from . import ops
 
 __all__ = ["triton_cross_entropy", "triton_linear_cross_entropy"]
 
+_TRITON = "the Triton cross-entropy"  # what backward twice names (take_stored)
 _W_TILE_BYTES = 64 << 20  # low-precision dW partial products per vocabulary tile
 
 
@@ -91,20 +99,6 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
         target = target.reshape(-1)
     logits = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, num_classes)
     return logits.contiguous(), target.contiguous(), row_shape
-
-
-def _take(ctx, name: str):
-    """The stored gradient(s), released so autograd adopts them without a copy; float64
-    keeps them (backward scales a copy: gradcheck's repeated backward works)."""
-    value = getattr(ctx, name)
-    if ctx.keep:
-        return value
-    if value is None:
-        raise RuntimeError(
-            "crossent Triton cross-entropy: backward ran twice; the gradient is computed in "
-            "forward and consumed by the first backward (retain_graph is not supported)")
-    setattr(ctx, name, None)
-    return value
 
 
 def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -207,7 +201,7 @@ class _CrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             g, _ = _double_backward(ctx, grad_output, _composite_loss)
             return g, None, None, None
-        grad = _take(ctx, "grad")
+        grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
         if ctx.ignored is None:
             _scale_grad(grad, grad_output.reshape(-1).contiguous(), ctx.reduction == "none")
@@ -289,7 +283,7 @@ def _linear_pass(x, w, b, target, opts, scale, chunk, need, row_multiplier=None)
     (dW, db in float32). ``target`` holds the rows of ``x`` (already compacted)."""
     n = x.shape[0]
     acc = ops.accumulate_dtype(x.dtype)
-    mdtype = _matmul_dtype(x, w)
+    mdtype = matmul_dtype(x, w)
     wm = w.to(mdtype)
     bm = None if b is None else b.to(mdtype)
     need_x, need_w, need_b = need
@@ -347,7 +341,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = _head_grads(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk, ctx.need,
                                 grad_output.reshape(-1))
         else:
-            grads = _take(ctx, "grads")
+            grads = take_stored(ctx, "grads", _TRITON)
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
             go = grad_output.reshape(1)
             if grads[0] is not None:  # dx: ignored rows stay exactly 0
@@ -363,7 +357,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _composite_linear_loss(opts, x, w, b, target):
     from .. import _composite  # the CPU path's differentiable formulas
 
-    logits = _composite.linear_logits(x, w, b, _matmul_dtype(x, w))
+    logits = _composite.linear_logits(x, w, b, matmul_dtype(x, w))
     return _composite.cross_entropy(logits, target, opts.weight, opts)
 
 
@@ -471,8 +465,8 @@ def triton_linear_cross_entropy(
     ignore_index = _check_ignore_index(ignore_index, t)
     if not t.is_floating_point() and check_targets:
         check_index_target(t, num_classes, ignore_index)
-    chunk = (_default_chunk(num_classes, features, _matmul_dtype(x, linear_weight).itemsize)
-             if chunk_size is None else _positive_int(chunk_size, "chunk_size"))
+    chunk = (default_chunk(num_classes, features, matmul_dtype(x, linear_weight).itemsize)
+             if chunk_size is None else positive_int(chunk_size, "chunk_size"))
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError, UnsupportedError
-from .._kernels import check_index_target
+from .._rules import check_index_target
 from . import ops
 from .autograd import _check, _check_ignore_index, _check_linear_dtypes
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._kernels import compute_dtype as accumulate_dtype  # the CPU kernels' rule
+from .._rules import compute_dtype as accumulate_dtype  # the CPU kernels' rule
 
 __all__ = [
     "CrossEntropyRows",

@@ -37,11 +37,16 @@ import torch
 import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
-from .._kernels import check_options, compute_dtype
+from .._rules import check_options, compute_dtype
 
 __all__ = ["FIELDS", "compute_dtype"]
 
-_BLOCK_ELEMS = 1 << 20  # logits per row block: 4 MiB of float32 temporaries
+# Logits per row block: 4 MiB of float32 temporaries. A rule of its own, kept on purpose:
+# :func:`crossent.torch._rules.block_rows` (8 MiB of logits on CPU, 32 MiB elsewhere, at
+# least 16 rows) is sized for the row-block kernel's reused buffers, while these blocks
+# allocate fresh full-size temporaries per operation (the converted block, ``z - m``,
+# ``exp``, the weighted logits); taking that rule would change this code's peak memory.
+_BLOCK_ELEMS = 1 << 20
 
 # The agreement table's columns (int64; floats travel as their IEEE-754 float64 bits, so
 # equality is exact). Order matters only for the message order of the checks.
@@ -230,6 +235,8 @@ def make_layout(group, local_classes: int, vocab_start, problems: Problems) -> L
     return Layout(group, rank, world, start, int(local_classes), vocab_start is None)
 
 
+# Not crossent.torch._rules.check_ignore_index: this one also checks vocab_start, and the
+# value must fit the int64 agreement table; its problems are noted, not raised (below).
 def _index(value, name: str) -> int:
     if isinstance(value, bool):
         raise InputError(f"{name}={value!r} must be an integer")
@@ -284,6 +291,9 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
     return Spec(-100 if index is None else index, eps, zeta, weight, reduction, items, cap)
 
 
+# Not crossent.torch._rules.check_num_items, on purpose: a rank must not raise before the
+# agreement collective (problems are noted), a tensor's value is checked after it (no host
+# sync on one rank alone), and here num_items goes with reduction="sum" only.
 def _num_items(num_items, reduction: str, problems: Problems):
     if num_items is None:
         return None
@@ -461,7 +471,9 @@ def _check_partition(starts: list[int], sizes: list[int]) -> int:
 
 def _check_values(target: torch.Tensor, lay: Layout, spec: Spec) -> None:
     """Target ids in ``[0, V)`` or ``ignore_index``. Run after the hashes agreed, so every
-    rank finds the same first bad id."""
+    rank finds the same first bad id. (crossent.torch._rules.check_index_target raises
+    torch's IndexError; the vocab-parallel functions raise InputError for every bad
+    argument, on every rank together.)"""
     valid = target != spec.ignore_index
     bad = valid & ((target < 0) | (target >= spec.num_classes))
     if target.numel() and bool(bad.any()):
@@ -629,7 +641,12 @@ def grad_block(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: torch
 
 
 def reduce_loss(loss: torch.Tensor, wy: torch.Tensor, valid: torch.Tensor, spec: Spec):
-    """The reduced loss and ``d reduced / d l_n`` per row (before grad_output)."""
+    """The reduced loss and ``d reduced / d l_n`` per row (before grad_output).
+
+    The single-process denominators (:func:`crossent.torch._rules.prepare_rows`: ``sum
+    w_y`` over counted rows, NaN when none counts) on this code's global row statistics
+    (:class:`RowStats`, known only after the exchange), and a scalar scale that backward
+    applies (the stored gradients are unscaled sums here)."""
     if spec.reduction == "none":
         return loss, None
     total = loss.sum()

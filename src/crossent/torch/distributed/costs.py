@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from ..functional import _default_chunk as fused_default_chunk
+from .._rules import default_chunk as fused_default_chunk
 from ._common import FIELDS
 from .linear import default_chunk
 

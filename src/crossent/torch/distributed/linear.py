@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .._rules import CHUNK_BYTES, chunk_rows, take_stored
 from ._common import (
     Partials,
     Problems,
@@ -28,12 +29,14 @@ from ._common import (
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
-_CHUNK_BYTES = 16 << 20  # float32 local logits per chunk
-
-
 def default_chunk(local_classes: int) -> int:
-    """About 16 MiB of float32 local logits, a multiple of 32 rows (at least 32)."""
-    return max(32, _CHUNK_BYTES // (4 * max(local_classes, 1)) // 32 * 32)
+    """About 16 MiB of float32 local logits, a multiple of 32 rows (at least 32).
+
+    crossent.torch's chunk rule (:func:`~crossent.torch._rules.chunk_rows` with its 16 MiB
+    floor) without the single-process head's growth with ``C D`` and its dtype's item size
+    (:func:`~crossent.torch._rules.default_chunk`), on purpose: kept as it was, the size
+    that ``docs/scaling.md``'s figures (:mod:`.costs`) and the tests assume."""
+    return chunk_rows(CHUNK_BYTES, local_classes, 4)
 
 
 def _run(x, w, b, target, valid, lay, spec, chunk, need, scale=None, saved=None):
@@ -96,7 +99,9 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if none:  # the gradient depends on grad_output row by row: recompute in backward
             ctx.save_for_backward(x, w, b, target, valid, lse, coef)
         else:
-            ctx.grads = grads
+            # backward scales the stored gradients in place, so none is kept for a second
+            # backward (float64 included, unlike the single-process head: no gradcheck here)
+            ctx.grads, ctx.keep = grads, False
         return out.to(x.dtype)
 
     @staticmethod
@@ -110,11 +115,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             _, grads = _run(x, w, b, target, valid, ctx.lay, spec, ctx.chunk, ctx.need,
                             scale=go, saved=(lse, coef))
         else:
-            grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                raise RuntimeError("crossent: backward ran twice through "
-                                   "vocab_parallel_linear_cross_entropy (retain_graph is not "
-                                   "supported)")
+            grads = take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")
             factor = grad_output.to(grads[0].dtype if grads[0] is not None else
                                     next(g for g in grads if g is not None).dtype) * ctx.scale
             grads = [None if g is None else g.mul_(factor) for g in grads]

@@ -20,163 +20,18 @@ That is the whole gradient for ``grad_output == 1`` (``loss.backward()``); any o
 ``grad_output`` multiplies the stored low-precision gradient in backward, a second
 rounding (``reduction="none"`` in the linear head scales in float32 instead: one).
 Semantics are ``torch.nn.functional.cross_entropy``'s plus crossent's ``z_loss`` and
-``softcap`` (see :func:`crossent.softmax_cross_entropy`).
+``softcap`` (see :func:`crossent.softmax_cross_entropy`). Block size, compute dtype,
+:class:`~._rules.Options` and :class:`~._rules.Rows` follow :mod:`._rules`;
+:mod:`._cross_entropy` and :mod:`._linear` call :func:`cross_entropy_rows`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-
 import torch
 
-from .. import _checks
-from ..errors import InputError, UnsupportedError
+from ._rules import Options, Rows, block_rows, compute_dtype
 
-# float32 bytes of logits per block. CPU: measured best at 8 MiB on a 2-core EPYC (2 MiB
-# L2 per core, 32 MiB L3): smaller blocks pay more Python overhead per row, larger ones
-# fall out of cache. On accelerators the block bounds the float32 work buffers of
-# low-precision input (a block's worth, next to the gradient) while keeping kernel
-# launches few: 32 MiB is 256 rows at C=32000, 16 blocks for N=4096 (not yet measured on
-# a GPU).
-_BLOCK_BYTES = 8 << 20
-_ACCELERATOR_BLOCK_BYTES = 32 << 20
 _TINY = 1e-30  # p_y below this: lse from the row max instead
-
-
-def block_rows(num_classes: int, device: torch.device | str = "cpu") -> int:
-    """Rows per block: about :data:`_BLOCK_BYTES` of float32 logits on CPU
-    (:data:`_ACCELERATOR_BLOCK_BYTES` elsewhere), at least 16 rows (Python overhead)."""
-    budget = _BLOCK_BYTES if torch.device(device).type == "cpu" else _ACCELERATOR_BLOCK_BYTES
-    return max(16, budget // (4 * max(num_classes, 1)))
-
-
-@dataclass
-class Options:
-    weight: torch.Tensor | None  # (C,) float32
-    ignore_index: int
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    reduction: str
-    # the "mean" denominator given by the caller (``num_items=``), or None for torch's;
-    # with one, ``reduction`` is "mean" (sum / num_items) whether the caller said so or "sum"
-    num_items: float | None = None
-
-
-@dataclass
-class Rows:
-    """Per-row float32 quantities, computed once for all M rows (O(M) work)."""
-
-    index: torch.Tensor | None  # (M,) int64 target, ignored rows set to 0; None for probabilities
-    valid: torch.Tensor | None  # (M,) bool, index targets only
-    scale: torch.Tensor  # (M,) d(reduced loss)/d(row loss): 1/denominator, 1, or 0 when ignored
-    target_mass: torch.Tensor | None  # (M,) (1 - eps) * w[y], index targets only
-    denominator: torch.Tensor  # what "mean" divides the summed loss by
-
-
-def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
-    """The core's argument checks, so both paths reject the same values with one message."""
-    _checks.check_reduction(reduction)
-    _checks.check_fraction(label_smoothing, "label_smoothing")
-    _checks.check_nonnegative(z_loss, "z_loss")
-    _checks.check_softcap(softcap)
-
-
-def check_num_items(num_items, reduction: str) -> float | None:
-    """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None.
-
-    It replaces the ``"mean"`` denominator: the loss is ``sum / num_items`` (for
-    ``"mean"`` and ``"sum"`` alike), so gradient-accumulation micro-batches divided by the
-    whole batch's count add up to the full batch's mean. A tensor costs one host
-    synchronisation (the check); it is a constant (one that requires grad raises)."""
-    if num_items is None:
-        return None
-    if reduction == "none":
-        raise InputError(f"num_items={num_items!r} with reduction='none': it divides the "
-                         f"summed loss; use reduction='mean' or 'sum' (or leave it None)")
-    if isinstance(num_items, torch.Tensor):
-        if num_items.dim() != 0 or num_items.dtype == torch.bool or num_items.is_complex():
-            raise InputError(f"num_items must be a positive number or a 0-d real tensor; got "
-                             f"a {num_items.dtype} tensor of shape {tuple(num_items.shape)}")
-        if num_items.requires_grad:
-            raise UnsupportedError("num_items that requires grad: crossent treats it as a "
-                                   "constant count; detach it")
-        value = float(num_items.detach())
-    elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
-        value = float(num_items)
-    else:
-        raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
-                         f"0-d tensor) or None")
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
-                         f"summed loss is divided by)")
-    return value
-
-
-def kernel_reduction(opts: Options) -> str:
-    """The reduction a kernel that knows nothing of ``num_items`` is asked for: ``"sum"``
-    when the caller's count divides it afterwards (:func:`divide_by_num_items`)."""
-    return "sum" if opts.num_items is not None else opts.reduction
-
-
-def divide_by_num_items(total: torch.Tensor, opts: Options) -> torch.Tensor:
-    """``total / num_items`` in the compute dtype (``total`` unchanged without one)."""
-    if opts.num_items is None:
-        return total
-    return total.to(compute_dtype(total.dtype)) / opts.num_items
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (gradcheck); everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_index_dtype(target: torch.Tensor) -> None:
-    """Raise for a target dtype that holds neither class indices nor probabilities."""
-    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise InputError(f"target must hold class indices or probabilities, got {target.dtype}")
-
-
-def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
-    """``(target as int64, target != ignore_index)``; raises for a non-index dtype or a
-    class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
-    check_index_dtype(target)
-    target = target.long()
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):  # a device sync, as torch's own bounds check
-        value = int(target[bad][0])
-        raise IndexError(
-            f"target holds class index {value}, outside [0, {num_classes}) and not "
-            f"ignore_index={ignore_index}"
-        )
-    return target, valid
-
-
-def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Options,
-                 dtype: torch.dtype = torch.float32) -> Rows:
-    """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
-    device = target.device
-    given = (None if opts.num_items is None
-             else torch.tensor(opts.num_items, device=device, dtype=dtype))
-    if target.is_floating_point():
-        denominator = (torch.tensor(float(num_rows), device=device, dtype=dtype)
-                       if given is None else given)
-        scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
-        if opts.reduction == "mean":
-            scale /= denominator
-        return Rows(None, None, scale, None, denominator)
-    target, valid = check_index_target(target, num_classes, opts.ignore_index)
-    index = torch.where(valid, target, 0)
-    validf = valid.to(dtype)
-    w_y = validf if opts.weight is None else opts.weight[index] * validf
-    denominator = w_y.sum() if given is None else given
-    # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
-    # its gradient 0, as in torch)
-    scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
-    return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator)
 
 
 def _workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -351,10 +206,3 @@ def cross_entropy_rows(
             losses = losses + zl * lse.square()
         losses = torch.where(counted_rows, losses, 0.0)
     return losses
-
-
-def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    return total if reduction == "sum" else total / rows.denominator

@@ -1,0 +1,386 @@
+"""``cross_entropy``: the public entry point of the fused loss and its autograd Function.
+
+It checks the arguments (:mod:`._rules`), asks :func:`._backends.choose_backend` for the
+route of the call and runs it: torch's own kernel (:func:`native_cross_entropy`), the
+row-block kernel (:func:`._rowblock.cross_entropy_rows` inside
+:class:`_CrossEntropyFunction`), the Triton kernels (:mod:`._triton`) or the composable
+path (:mod:`._composite`). Public as :func:`crossent.torch.cross_entropy`
+(:mod:`crossent.torch.functional`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, UnsupportedError
+from . import _backends, _buffers, _composite
+from ._rowblock import cross_entropy_rows
+from ._rules import (
+    Options,
+    autocast_dtype,
+    block_rows,
+    check_index_dtype,
+    check_intact,
+    choose_loss_dtype,
+    compute_dtype,
+    divide_by_num_items,
+    double_backward,
+    kernel_reduction,
+    make_options,
+    no_autocast,
+    prepare_rows,
+    reduce_losses,
+    save_inputs,
+    scale_stored,
+    take_stored,
+)
+
+__all__ = ["cross_entropy", "native_cross_entropy"]
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, rows, opts, inplace, out_dtype):
+        need_logits = ctx.needs_input_grad[0]
+        grad = None
+        if need_logits:
+            grad = logits if inplace else _buffers.empty(logits.shape, logits.dtype, logits)
+        losses = cross_entropy_rows(logits, target, rows, opts, grad)
+        ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
+        ctx.keep = logits.dtype == torch.float64
+        ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
+        save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = double_backward(
+                ctx, grad_output, "cross_entropy",
+                lambda z, t, w: _composite.cross_entropy(z, t, w, ctx.opts))
+            return (*grads, None, None, None, None)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = take_stored(ctx, "grad")
+            grad = grad.clone() if ctx.keep else grad
+            scale_stored(grad, grad_output, ctx.reduction)
+        dt, dw = None, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dt, dw = _target_weight_grads(ctx, grad_output)
+        return grad, dt, dw, None, None, None, None
+
+
+def _target_weight_grads(ctx, grad_output):
+    """Closed forms for probability targets, from the saved logits, block by block:
+    with ``T = ((1 - eps) t + eps / C) w`` and row scale ``r_n`` (the reduction's
+    ``1/N`` or 1, times ``grad_output``), ``dL/dt_nc = -(1 - eps) w_c r_n log p_nc`` and
+    ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, where a ``T_nc = 0``
+    facing ``log p_nc = -inf`` counts 0 (the loss's own rule)."""
+    z, t, weight = ctx.inputs
+    check_intact(ctx, "cross_entropy")
+    opts, (num_rows, num_classes) = ctx.opts, z.shape
+    cdtype = compute_dtype(z.dtype)
+    eps, w = opts.label_smoothing, opts.weight
+    scale = ctx.rows.scale * (grad_output.to(cdtype).reshape(-1) if ctx.reduction == "none"
+                              else grad_output.to(cdtype))
+    need_t, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    dw = torch.zeros(num_classes, dtype=cdtype, device=z.device) if need_w else None
+    block = block_rows(num_classes, z.device)
+    for i in range(0, num_rows, block):
+        j = min(i + block, num_rows)
+        logp = torch.log_softmax(_composite.capped(z[i:j].detach().to(cdtype), opts), 1)
+        mix = t[i:j].detach().to(cdtype) * (1.0 - eps) + eps / num_classes
+        logp = _composite.zero_unused(mix if w is None else mix * w, logp)
+        logp.mul_(scale[i:j].unsqueeze(1))
+        if dt is not None:
+            dt[i:j] = logp * (-(1.0 - eps) if w is None else -(1.0 - eps) * w)
+        if dw is not None:
+            dw -= (mix * logp).sum(0)
+    return dt, None if dw is None else dw.to(weight.dtype)
+
+
+def _flatten(input: torch.Tensor, target: torch.Tensor):
+    """(N, C, d1, ...) -> (M, C) logits, (M,) or (M, C) target, and the per-row shape."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise InputError(f"input must be a floating tensor of logits, got "
+                         f"{getattr(input, 'dtype', type(input).__name__)}")
+    if not isinstance(target, torch.Tensor):
+        raise InputError(f"target must be a tensor, got {type(target).__name__}")
+    if input.dim() == 0:
+        raise InputError("input must have a class dimension; got a 0-d tensor")
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    if input.dim() == 1:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+        row_shape: tuple[int, ...] = ()
+    else:
+        row_shape = (input.shape[0], *input.shape[2:])
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise InputError(
+                f"probability target has shape {tuple(target.shape)}; expected the input's "
+                f"{tuple(input.shape)}"
+            )
+        target = target.movedim(1, -1).reshape(math.prod(row_shape), num_classes)
+    else:
+        if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
+            raise InputError(
+                f"class-index target has shape {tuple(target.shape)}; expected "
+                f"{(input.shape[0], *input.shape[2:])} for input of shape {tuple(input.shape)}"
+            )
+        target = target.reshape(-1)
+    logits = (input if input.dim() == 2
+              else input.movedim(1, -1).reshape(math.prod(row_shape), num_classes))
+    return logits.contiguous(), target, row_shape
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's mapping of the deprecated ``size_average``/``reduce`` (None counts as True)."""
+    name = "none" if reduce is False else "sum" if size_average is False else "mean"
+    warnings.warn(f"size_average and reduce are deprecated (as in torch); use "
+                  f"reduction={name!r}", UserWarning, stacklevel=3)
+    return name
+
+
+def native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
+                          weight: torch.Tensor | None, opts: Options,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` with the arithmetic in float32 (float64
+    stays): low-precision logits are converted first and the gradient rounded once.
+    Every cast is differentiable, so torch computes the target's and the weight's
+    gradients itself (and double backward, transforms); ``num_items`` divides the sum."""
+    cdtype = compute_dtype(input.dtype)
+    if target.is_floating_point():
+        target = target.to(cdtype)
+    else:
+        check_index_dtype(target)
+        target = target.long()
+    if weight is not None:
+        weight = weight.to(device=input.device, dtype=cdtype)
+    out = F.cross_entropy(input.to(cdtype), target, weight, ignore_index=opts.ignore_index,
+                          reduction=kernel_reduction(opts),
+                          label_smoothing=opts.label_smoothing)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
+    if prob and opts.ignore_index >= 0:
+        raise InputError(f"ignore_index={opts.ignore_index} with probability targets: it "
+                         f"applies to class indices only (torch raises too)")
+
+
+# torch.compile: the kernels are loops of tensor ops with host-side checks; traced, they
+# would unroll into one graph per shape and break at every check. Run them as they are.
+@torch.compiler.disable
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused softmax cross-entropy: ``torch.nn.functional.cross_entropy`` with the gradient
+    computed in the forward pass, block of rows by block of rows.
+
+    Row loss (index target ``y``, smoothing ``eps``, class weights ``w``, ``C`` classes):
+    ``l_n = (1 - eps) w_y (lse_n - z_ny) + (eps / C) sum_c w_c (lse_n - z_nc)
+    + z_loss * lse_n^2`` with ``lse_n = log sum_c exp(z_nc)``; with a probability target
+    ``t``: ``l_n = -sum_c T_c log softmax(z_n)_c (+ z_loss term)``, ``T = ((1 - eps) t +
+    eps / C) * w``, and a zero ``T_c`` contributes exactly 0 even where ``z_nc = -inf``.
+    ``softcap=c`` replaces the logits by ``c * tanh(z / c)`` first. The gradient
+    ``p * sum_c T_c - T + 2 z_loss lse p`` (times the softcap derivative) is written while
+    the block is in cache, so the logits are read once and the gradient written once;
+    backward only multiplies the stored gradient by ``grad_output``.
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; float32, bfloat16 or
+            float16 (all arithmetic in float32 inside; loss and gradient in the input dtype).
+            ``C = 0`` follows torch: all targets ignored gives NaN (``"mean"``) or 0,
+            any other index raises ``IndexError``.
+        target: class indices ``()``, ``(N)`` or ``(N, d1, ...)`` (integer), or class
+            probabilities shaped like ``input`` (floating; a target that requires grad
+            gets torch's gradient, in closed form from the saved logits).
+        weight: per-class weights ``(C)``, of the input's dtype (torch raises for another
+            dtype; so does crossent, :class:`crossent.InputError`). With probability
+            targets a weight that requires grad gets torch's gradient (closed form);
+            with index targets torch raises ("not differentiable with respect to
+            weight"), and so does crossent (:class:`crossent.UnsupportedError`).
+        size_average, reduce: torch's deprecated pair, mapped to ``reduction`` as torch maps
+            them (with a warning); they keep the positional order of torch's signature.
+        ignore_index: index targets equal to it give loss 0, gradient 0, and are not counted.
+            An integer: a float (3.7, even 3.0) raises :class:`crossent.InputError` (torch
+            raises ``TypeError``), never truncated.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, shape of ``target``).
+        label_smoothing: eps in [0, 1].
+        z_loss: coefficient of ``lse^2`` added per counted row; not class-weighted.
+        softcap: c > 0 to cap the logits at ``c * tanh(z / c)``; ``None`` for no cap.
+        inplace_backward: write the gradient into the logits' own storage: no extra
+            ``N x C`` memory, but **the logits tensor is destroyed** (it holds the gradient
+            after the call). Only use it when nothing else reads the logits afterwards;
+            autograd raises if an op that saved them for its own backward needs them.
+            For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
+            Double backward then raises :class:`crossent.UnsupportedError`.
+        loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32
+            loss from bfloat16 logits outside autocast (the arithmetic is float32 either
+            way; only the final rounding changes). Default ``None``: torch's, the input's
+            dtype, or float32 for float16/bfloat16 logits under ``torch.autocast`` (torch
+            runs cross_entropy in float32 there). The gradient keeps the input's dtype.
+        num_items: the count the summed loss is divided by, instead of ``"mean"``'s own
+            denominator: the loss is ``sum_n l_n / num_items`` (``"mean"`` and ``"sum"``
+            alike; ``"none"`` raises :class:`crossent.InputError`). For gradient
+            accumulation and data parallelism: give every micro-batch (every rank) the
+            whole batch's count of non-ignored targets (``sum_n w[y_n]`` with class
+            weights) and the summed micro-batch losses (and gradients) equal the full
+            batch's mean, where the mean of micro-batch means does not (the Hugging Face
+            Trainer's ``num_items_in_batch``). A positive int, float or 0-d tensor
+            (one host synchronisation to check it; a constant: one that requires grad
+            raises :class:`crossent.UnsupportedError`); 0, negative, NaN or inf raise
+            :class:`crossent.InputError`. Every rows' gradient is scaled by
+            ``1 / num_items``, on every backend and autograd path.
+        backend: which kernel computes the loss (:mod:`crossent.torch._backends`):
+            ``"auto"`` (default: torch's own kernel for small inputs with torch's
+            options, the Triton kernels for CUDA/ROCm tensors when triton is installed
+            and the call needs nothing they lack, else crossent's row-block kernel);
+            ``"native"`` (``torch.nn.functional.cross_entropy`` in float32: torch's
+            numbers, torch's probability-target NaN included; ``z_loss``/``softcap``
+            raise :class:`crossent.UnsupportedError`); ``"rowblock"`` (crossent's
+            row-block kernel at every size); ``"triton"`` (the Triton kernels, on CPU
+            tensors only under ``TRITON_INTERPRET=1``; a target or weight gradient, a
+            transform, ``C = 0`` or a loss dtype other than low-precision input's raise
+            :class:`crossent.UnsupportedError` naming it).
+
+    Reduction rules (PyTorch's): ``"mean"`` divides the summed row losses (and z-loss
+    terms) by the number of non-ignored rows, or by ``sum_n w[y_n]`` with class weights;
+    with probability targets by the number of rows (weights not in the denominator). All
+    rows ignored with ``"mean"``: NaN (0/0), as in PyTorch; ``"sum"``: 0. ``reduction="none"``
+    gives correct gradients for any ``grad_output``.
+
+    Memory: one ``N x C`` gradient buffer in the input dtype (none with
+    ``inplace_backward``). On CPU that buffer is kept after autograd has consumed it and
+    handed to the next call of the same size, which skips the page faults of a fresh
+    500 MiB allocation (about 2/3 of the time at N=4096, C=32000); a buffer anything still
+    references (a kept ``.grad``, a view) is never reused. :func:`crossent.torch.empty_cache`
+    releases the kept buffers, ``crossent.torch.set_buffer_reuse(False)`` turns reuse off.
+
+    Small inputs (under ``2**19`` logits) with index targets and neither ``z_loss`` nor
+    ``softcap`` run ``torch.nn.functional.cross_entropy`` itself, in float32 (gradient
+    rounded once for low precision): there torch's C++ kernel beats the fused kernel's
+    Python dispatch (about 0.06 ms against 0.35 ms at 64 x 10). ``inplace_backward`` then
+    leaves the logits intact.
+
+    Under ``torch.no_grad()`` or for logits that need no gradient, only the loss is
+    computed. The stored gradient is consumed by the first backward: backward twice
+    (``retain_graph=True``) raises, except for float64 input (kept, scaled out of place,
+    so ``torch.autograd.gradcheck`` works).
+
+    Autograd contract (torch's numbers or an error, never a constant gradient):
+    double backward (``create_graph=True``: Hessians, gradient penalties, MAML) recomputes
+    the gradient in backward with differentiable torch ops from the saved logits (which
+    therefore stay alive until backward; an in-place change of them raises).
+    ``torch.func.grad``/``vmap``/``jvp``/``jacrev``/``jacfwd``, forward-mode AD
+    (``torch.autograd.forward_ad``), ``torch.jit.trace`` and ``C = 0`` take the composable
+    path: the same loss in plain torch ops (torch's memory: ``N x C`` intermediates), see
+    :mod:`crossent.torch._composite`; so do target/weight gradients with
+    ``inplace_backward=True`` (which then leaves the logits intact). Otherwise the
+    gradients of a probability target and of class weights are closed forms computed in
+    backward, block by block, from the saved logits
+    (``dL/dt_nc = -(1 - eps) w_c r_n log p_nc``,
+    ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, ``r_n`` the row's
+    ``grad_output`` times ``1/N`` or 1). Low-precision gradients: formed in float32 and
+    rounded once in forward; a ``grad_output`` other than 1 multiplies the rounded
+    gradient (a second rounding, as torch's own bf16 backward rounds more than once).
+
+    Reference: ``torch.nn.functional.cross_entropy``; :func:`crossent.softmax_cross_entropy`
+    for ``z_loss`` and ``softcap``; the fused-kernel idea of Liger-Kernel (Hsu et al. 2024,
+    arXiv:2410.10989) and of Apple's Cut Cross-Entropy (Wijmans et al. 2024, arXiv:2411.09009).
+
+    >>> import torch
+    >>> logits = torch.zeros(2, 3, requires_grad=True)
+    >>> loss = cross_entropy(logits, torch.tensor([0, 2]))
+    >>> round(loss.item(), 6)  # ln 3
+    1.098612
+    >>> loss.backward()
+    >>> logits.grad[0]  # (softmax - onehot) / N
+    tensor([-0.3333,  0.1667,  0.1667])
+    >>> half = cross_entropy(torch.zeros(2, 3), torch.tensor([0, 2]), num_items=4)
+    >>> round(half.item(), 6)  # 2 ln 3 / 4: one of two equal micro-batches of 4 rows
+    0.549306
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    backend = _backends.check_backend(backend)
+    logits, flat_target, row_shape = _flatten(input, target)
+    num_classes = logits.shape[1]
+    out_dtype = choose_loss_dtype(loss_dtype, logits)
+    opts = make_options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
+                    z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items)
+    grad_on = torch.is_grad_enabled()
+    prob = flat_target.is_floating_point()
+    _check_probability_ignore_index(prob, opts)
+    weight_grad = grad_on and weight is not None and weight.requires_grad
+    if weight_grad and not prob:
+        raise UnsupportedError(
+            "crossent.torch.cross_entropy: no gradient for weight with class-index targets "
+            "(torch.nn.functional.cross_entropy raises too: nll_loss is not differentiable "
+            "with respect to weight); detach it or use probability targets"
+        )
+    target_grad = grad_on and prob and flat_target.requires_grad
+    call = _backends.Call(
+        "cross_entropy", logits.device, logits.numel(), not prob, opts.z_loss, opts.softcap,
+        _backends.composite_reason(num_classes,
+                                   inplace_backward and (weight_grad or target_grad),
+                                   logits, flat_target, weight),
+        _backends.triton_refusal(logits.dtype, out_dtype, target_grad=target_grad,
+                                 weight_grad=weight_grad))
+    route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
+    if route == "native":  # torch checks the indices
+        return native_cross_entropy(input, target, weight, opts, out_dtype)
+    with no_autocast(logits.device.type):
+        if route == "composite":
+            out = _composite.cross_entropy(logits, flat_target, weight, opts).to(out_dtype)
+        elif route == "triton":
+            out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace_backward,
+                                        out_dtype)
+        else:
+            out = _fused_cross_entropy(logits, flat_target, weight, opts, inplace_backward,
+                                       out_dtype)
+    return out.reshape(row_shape) if reduction == "none" else out
+
+
+def _triton_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype):
+    """The Triton kernel (:mod:`._triton`), options already checked; ``num_items``
+    divides its sum."""
+    from ._triton import triton_cross_entropy
+
+    out = triton_cross_entropy(
+        logits, flat_target, None if weight is None else weight.detach(),
+        ignore_index=opts.ignore_index, reduction=kernel_reduction(opts),
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+        inplace_backward=inplace)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _fused_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype):
+    num_rows, num_classes = logits.shape
+    rows = prepare_rows(flat_target, num_rows, num_classes, opts, compute_dtype(logits.dtype))
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad
+                                       for v in (logits, flat_target, weight)):
+        return _CrossEntropyFunction.apply(logits, flat_target, weight, rows, opts, inplace,
+                                           out_dtype)
+    with torch.no_grad():
+        losses = cross_entropy_rows(logits, flat_target, rows, opts)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)

@@ -1,0 +1,457 @@
+"""``linear_cross_entropy``: the chunked linear head (``input @ W.T + b`` and the fused
+loss, never more than one chunk of logits), its autograd Function and chunk loop.
+
+Each chunk's logits go through the row-block kernel (:func:`._rowblock.cross_entropy_rows`)
+in place; the routes, option checks and sizing are those of :func:`._cross_entropy
+.cross_entropy` (:mod:`._backends`, :mod:`._rules`). Public as
+:func:`crossent.torch.linear_cross_entropy` (:mod:`crossent.torch.functional`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, UnsupportedError
+from . import _backends, _buffers, _composite
+from ._cross_entropy import cross_entropy, native_cross_entropy
+from ._rowblock import cross_entropy_rows
+from ._rules import (
+    autocast_dtype,
+    check_ignore_index,
+    check_index_dtype,
+    choose_loss_dtype,
+    compute_dtype,
+    default_chunk,
+    divide_by_num_items,
+    double_backward,
+    kernel_reduction,
+    make_options,
+    matmul_dtype,
+    no_autocast,
+    positive_int,
+    prepare_rows,
+    reduce_losses,
+    save_inputs,
+    scale_stored,
+    take_stored,
+)
+
+__all__ = ["linear_cross_entropy"]
+
+_W_TILE_BYTES = 4 << 20  # low-precision dW: partial products per vocabulary tile
+
+
+def _accumulate_dw(gw, g, xc, first):
+    """``gw (float32) += g^T xc``. Low-precision ``g`` has no mixed-dtype addmm: each
+    vocabulary tile's partial product is rounded once and summed in float32, so the sum
+    over chunks never runs in low precision (the training drift of bf16 accumulation)."""
+    if g.dtype == gw.dtype:
+        gw.addmm_(g.t(), xc, beta=0.0 if first else 1.0)  # beta 0: no zero-filled start
+        return
+    tile = max(1, _W_TILE_BYTES // (g.element_size() * max(gw.shape[1], 1)))
+    for v in range(0, gw.shape[0], tile):
+        part = torch.mm(g[:, v : v + tile].t(), xc)
+        if first:
+            gw[v : v + tile].copy_(part)
+        else:
+            gw[v : v + tile] += part
+
+
+def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None):
+    """Chunk over rows: logits = x W^T + b (see :func:`matmul_dtype`), loss in float32 and,
+    if asked, the gradients: dW and db summed over chunks in float32, dx per chunk."""
+    num_rows = x.shape[0]
+    cdtype = compute_dtype(x.dtype)
+    mdtype = matmul_dtype(x, w)
+    wm = w.to(mdtype)
+    bm = None if b is None else b.to(mdtype)
+    need_x, need_w, need_b = need
+    want = any(need)
+    gx = _buffers.empty(x.shape, mdtype, x) if need_x else None
+    gw = _buffers.empty(w.shape, cdtype, x) if need_w else None
+    gb = torch.zeros(w.shape[0], dtype=cdtype, device=x.device) if need_b and b is not None \
+        else None
+    buf = _buffers.empty((min(chunk, num_rows), w.shape[0]), mdtype, x)
+    losses = torch.empty(num_rows, dtype=cdtype, device=x.device)
+    for i in range(0, num_rows, chunk):
+        j = min(i + chunk, num_rows)
+        xc = x[i:j].to(mdtype)
+        lg = buf[: j - i]
+        if bm is None:
+            torch.mm(xc, wm.t(), out=lg)
+        else:
+            torch.addmm(bm, xc, wm.t(), out=lg)
+        rm = None if row_multiplier is None else row_multiplier[i:j]
+        # the gradient overwrites the chunk's logits; for bf16 it is formed in float32
+        # (p - 1 included) and rounded once
+        losses[i:j] = cross_entropy_rows(lg, target, rows, opts, lg if want else None,
+                                         start=i, row_multiplier=rm)
+        if need_x:
+            torch.mm(lg, wm, out=gx[i:j])
+        if need_w:
+            _accumulate_dw(gw, lg, xc, first=i == 0)
+        if need_b:
+            gb += lg.sum(0, dtype=cdtype)
+    if gw is not None and num_rows == 0:  # no chunk ran: the pooled buffer is stale
+        gw.zero_()
+    return losses, [gx, gw, gb]
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, target, rows, opts, chunk, keep, out_dtype):
+        need = tuple(ctx.needs_input_grad[:3])
+        ctx.reduction, ctx.chunk, ctx.need = opts.reduction, chunk, need
+        ctx.keep = keep or x.dtype == torch.float64
+        ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
+        ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
+        save_inputs(ctx, x, w, b, target)
+        if opts.reduction == "none":  # the gradient depends on grad_output row by row
+            losses, _ = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3)
+            ctx.save_for_backward(x, w, b, target)
+            ctx.rows = rows
+        else:
+            losses, ctx.grads = _linear_pass(x, w, b, target, rows, opts, chunk, need)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        nothing = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True
+            def loss(x, w, b, t):
+                logits = _composite.linear_logits(x, w, b, ctx.mdtype)
+                return _composite.cross_entropy(logits, t, ctx.opts.weight, ctx.opts)
+
+            grads = double_backward(ctx, grad_output, "linear_cross_entropy", loss)
+            return (*grads[:3], *nothing)
+        if ctx.reduction == "none":
+            x, w, b, target = ctx.saved_tensors
+            with no_autocast(ctx.device_type):
+                _, grads = _linear_pass(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk,
+                                        ctx.need,
+                                        row_multiplier=grad_output.to(compute_dtype(x.dtype)))
+        else:
+            grads = take_stored(ctx, "grads")
+            grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
+            for g in grads:
+                if g is not None:
+                    scale_stored(g, grad_output.to(g.dtype), ctx.reduction)
+        out = [None if g is None else g.to(d)
+               for g, d in zip(grads, ctx.dtypes, strict=True)]
+        return (*out, *nothing)
+
+
+def _autocast_linear(x, w, b):
+    """torch.autocast runs ``linear`` in the autocast dtype (float64 stays): cast the
+    floating arguments as it would, differentiably."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(x), cast(w), cast(b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _chunk_from_options(options, chunk_size, num_rows, num_classes, features, dtype):
+    """``chunk_size`` and torch's ``LinearCrossEntropyOptions`` -> (rows per chunk or None
+    for crossent's default, keep the gradients for ``retain_graph``).
+
+    ``batch_chunk_size`` is the chunk; ``chunking_method="aspect_ratio[:k]"`` is torch's
+    rule (``next_pow2(ceil(N / ceil(C / D))) / k`` rows); ``"auto"``/``None`` without a
+    size: crossent's default. ``allow_retain_graph=True`` keeps the stored gradients so
+    backward may run twice. ``acc_policy``: crossent always accumulates in float32 (float64
+    for float64), at least every policy's precision, so any policy is accepted;
+    ``acc_dtype`` other than that raises :class:`UnsupportedError`."""
+    if options is None:
+        return chunk_size, False
+    fields = ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype",
+              "allow_retain_graph")
+    if not all(hasattr(options, f) for f in fields):
+        raise InputError(f"options must be a torch.nn.LinearCrossEntropyOptions, got "
+                         f"{type(options).__name__}")
+    if options.acc_dtype not in (None, compute_dtype(dtype)):
+        raise UnsupportedError(
+            f"options.acc_dtype={options.acc_dtype}: crossent accumulates in "
+            f"{compute_dtype(dtype)} for {dtype} input (use acc_dtype=None)"
+        )
+    chunk = options.batch_chunk_size
+    method = options.chunking_method
+    if chunk is None and method not in (None, "auto"):
+        _, _, factor = method.partition(":")
+        ratio = -(-num_classes // max(features, 1))
+        chunk = max(1, _next_pow2(-(-num_rows // max(ratio, 1))) // int(factor or 1))
+    if chunk_size is not None and chunk is not None and chunk_size != chunk:
+        raise InputError(f"chunk_size={chunk_size!r} disagrees with options "
+                         f"(batch_chunk_size={chunk}); give one of them")
+    return (chunk_size if chunk is None else chunk), bool(options.allow_retain_graph)
+
+
+def _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype, chunked, backend):
+    """``linear_weight`` ``(C, d1, ..., dK, D)``: logits ``(N, C, d1, ..., dK)``, as torch
+    forms them, then the fused :func:`cross_entropy`. The logits are materialised."""
+    if x.dim() != 2:
+        raise InputError(f"input must be (N, D) for a K-dimensional linear_weight of shape "
+                         f"{tuple(w.shape)}; got shape {tuple(x.shape)}")
+    if chunked:
+        warnings.warn("linear_cross_entropy: chunk_size/options ignored for a K-dimensional "
+                      "linear_weight (its logits are formed whole, as torch does)",
+                      UserWarning, stacklevel=3)
+    num_classes, features = w.shape[0], w.shape[-1]
+    out_features = tuple(w.shape[1:-1])
+    flat = math.prod(out_features, start=num_classes)
+    logits = F.linear(x, w.reshape(flat, features), None if b is None else b.reshape(flat))
+    return cross_entropy(logits.reshape(x.shape[0], num_classes, *out_features), target,
+                         weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                         softcap=opts.softcap, loss_dtype=loss_dtype,
+                         num_items=opts.num_items, backend=backend)
+
+
+def _check_linear(x, w, b, t) -> None:
+    """torch's argument checks of linear_cross_entropy, as :class:`InputError`."""
+    for name, v in (("input", x), ("linear_weight", w), ("target", t)):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(v).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"input must be a floating tensor, got {x.dtype}")
+    if x.dim() not in (1, 2):
+        raise InputError(f"input must be (N, D) or (D); got shape {tuple(x.shape)} "
+                         f"(flatten (B, T, D) hidden states to (B*T, D), target to (B*T))")
+    if w.dim() < 2:
+        raise InputError(f"linear_weight must be (C, D) (or (C, d1, ..., dK, D)); got shape "
+                         f"{tuple(w.shape)}")
+    if x.shape[-1] != w.shape[-1]:
+        raise InputError(f"input has {x.shape[-1]} features, linear_weight expects "
+                         f"{w.shape[-1]}")
+    if b is not None and tuple(b.shape) != tuple(w.shape[:-1]):
+        raise InputError(f"linear_bias must have shape {tuple(w.shape[:-1])}, got "
+                         f"{tuple(b.shape)}")
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        raise InputError(
+            f"input, linear_weight and linear_bias must share one dtype (torch raises "
+            f"too); got {x.dtype}, {w.dtype}, {None if b is None else b.dtype}"
+        )
+
+
+@torch.compiler.disable
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    options=None,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+    shift: bool = False,
+) -> torch.Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever
+    holding more than one chunk of logits.
+
+    The rows of ``input`` are processed ``chunk_size`` at a time: the chunk's logits are
+    formed, the fused :func:`cross_entropy` kernel turns them into the loss and
+    ``G = dloss/dlogits`` in place (all its arithmetic in float32), then ``dx = G W`` is
+    written for the chunk and ``dW += G^T x``, ``db += sum G`` are summed over chunks in
+    float32 (cast to the parameters' dtypes at the end). float32 inputs multiply in float32.
+    bfloat16 inputs (and float16 ones on accelerators) multiply in their own dtype, as the
+    unfused ``x @ W.T`` does: the logits and each chunk's products are rounded once, but the
+    sums over chunks never run in low precision (bf16 accumulation drifts).
+    Peak extra memory: one ``chunk_size x C`` logits buffer plus the gradients (dW in
+    float32).
+    For ``"mean"`` and ``"sum"`` the gradients are computed in the forward pass (a
+    ``grad_output`` other than 1 then scales the stored low-precision ``dx``: a second
+    rounding); for ``"none"`` the backward recomputes the logits chunk by chunk, scaling
+    each row by its ``grad_output`` in float32 (so any ``grad_output`` is right).
+
+    Args:
+        input: ``(N, D)`` or ``(D)`` features.
+        linear_weight: ``(C, D)``, as ``torch.nn.Linear(D, C).weight``; or ``(C, d1, ...,
+            dK, D)`` for a K-dimensional loss (as torch: logits ``(N, C, d1, ..., dK)``,
+            formed whole, then the fused :func:`cross_entropy`; not chunked).
+        target: ``(N)``/``()`` class indices or ``(N, C)``/``(C)`` probabilities.
+        linear_bias: ``(C)`` (``(C, d1, ..., dK)``) or ``None``. Positional here, keyword
+            in torch; both work. ``input``, ``linear_weight`` and ``linear_bias`` must
+            share one dtype (torch raises otherwise; so does crossent, InputError).
+        weight, reduction, label_smoothing, z_loss, softcap, loss_dtype, num_items: as in
+            :func:`cross_entropy` (``num_items``: the loss is the sum over rows divided
+            by it; the gradients likewise).
+        backend: as in :func:`cross_entropy`: ``"native"`` is ``F.linear`` then torch's
+            kernel (the whole logits), ``"rowblock"`` the chunked head below at every
+            size, ``"triton"`` the chunked head with the Triton kernel on each chunk
+            (it also refuses ``options.allow_retain_graph=True``).
+        shift: the causal-LM label shift, done inside: ``input`` is ``(B, T, D)`` (or
+            ``(T, D)``) hidden states and ``target`` ``(B, T)`` (``(T)``) class indices,
+            and position ``t`` is scored against ``target[..., t + 1]``: the loss of
+            ``input[:, :-1]`` against ``target[:, 1:]``. The hidden states are not copied
+            (a view of all ``B T`` rows; the last position of each sequence counts as
+            ignored: no loss, no gradient, not in ``"mean"``'s denominator); only the
+            small target is. ``reduction="none"`` returns ``(B, T - 1)``. Class-index
+            targets only (probability targets raise :class:`crossent.UnsupportedError`).
+        ignore_index: as in :func:`cross_entropy`; ``None`` (the default) means -100 for
+            index targets. With probability targets it must be ``None`` (torch raises).
+        chunk_size: rows per chunk. Default: logits of a quarter of the float32 dW's
+            size, at least 16 MiB (at D=512: 128 float32 rows, 256 bfloat16 rows); and
+            under ``2**19`` logits with index targets, neither ``z_loss`` nor ``softcap``,
+            no chunking at all: ``F.linear`` and torch's own kernel (in float32), faster
+            at that size (see :func:`cross_entropy`). Giving ``chunk_size`` (or
+            ``options``) always takes the fused path. Larger chunks are faster (fewer
+            passes over ``W`` and ``dW``) and hold more memory.
+        options: torch's ``torch.nn.LinearCrossEntropyOptions``: ``batch_chunk_size`` is
+            ``chunk_size``; ``chunking_method="aspect_ratio[:k]"`` sizes it by torch's
+            rule, ``"auto"`` by crossent's default; ``allow_retain_graph=True`` keeps the
+            gradients so backward may run twice; any ``acc_policy`` is accepted (crossent
+            always accumulates in float32, float64 for float64); an ``acc_dtype`` other
+            than that raises :class:`crossent.UnsupportedError`.
+
+    Under ``torch.autocast`` the head follows torch: ``input``, ``linear_weight`` and
+    ``linear_bias`` are cast to the autocast dtype (float64 stays) and the loss is
+    float32. Double backward, ``torch.func`` transforms, forward-mode AD, ``jit.trace``,
+    ``C = 0`` and gradients for probability targets or class weights: as in
+    :func:`cross_entropy`, through the composable path, which forms the whole ``N x C``
+    logits (torch's memory).
+
+    Same argument order as ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13).
+    Reference: the unfused ``torch.nn.functional.cross_entropy(input @ W.T + b, target)``.
+
+    >>> import torch
+    >>> x, w = torch.ones(2, 4), torch.zeros(3, 4, requires_grad=True)
+    >>> round(linear_cross_entropy(x, w, torch.tensor([0, 1])).item(), 6)  # ln 3
+    1.098612
+    >>> hidden, tokens = torch.ones(1, 5, 4), torch.tensor([[7, 0, 1, 2, -100]])
+    >>> round(linear_cross_entropy(hidden, w, tokens, shift=True).item(), 6)  # 3 targets
+    1.098612
+    """
+    row_shape = None
+    if shift is not False:
+        input, target, row_shape = _shift_labels(input, target, ignore_index, shift)
+    _check_linear(input, linear_weight, linear_bias, target)
+    if row_shape is not None and linear_weight.dim() > 2:
+        raise UnsupportedError("crossent.torch.linear_cross_entropy: shift=True with a "
+                               "K-dimensional linear_weight")
+    backend = _backends.check_backend(backend)
+    x, w, b = _autocast_linear(input, linear_weight, linear_bias)
+    if target.is_floating_point() and ignore_index is not None:
+        raise InputError(f"ignore_index={ignore_index!r} with probability targets: it only "
+                         f"applies to class indices (torch raises too); leave it None")
+    num_classes, features = w.shape[0], w.shape[-1]
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
+    chunk_size, keep = _chunk_from_options(options, chunk_size, x.shape[0] if x.dim() == 2
+                                           else 1, num_classes, features, x.dtype)
+    out_dtype = choose_loss_dtype(loss_dtype, x)
+    opts = make_options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
+                    z_loss, softcap, autocast_dtype(x, x.device.type), num_items)
+    if w.dim() > 2:
+        return _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype,
+                                     chunk_size is not None, backend)
+    single = x.dim() == 1
+    x = x.unsqueeze(0) if single else x
+    t = target.unsqueeze(0) if single else target
+    if t.is_floating_point() and tuple(t.shape) != (x.shape[0], num_classes):
+        raise InputError(f"probability target must have shape {(x.shape[0], num_classes)}")
+    if not t.is_floating_point() and tuple(t.shape) != (x.shape[0],):
+        raise InputError(f"class-index target must have shape {(x.shape[0],)}")
+    grad_on = torch.is_grad_enabled()
+    prob = t.is_floating_point()
+    weight_grad = grad_on and weight is not None and weight.requires_grad
+    if weight_grad and not prob:
+        raise UnsupportedError(
+            "crossent.torch.linear_cross_entropy: no gradient for weight with class-index "
+            "targets (torch raises too: nll_loss is not differentiable with respect to "
+            "weight); detach it or use probability targets"
+        )
+    target_grad = grad_on and prob and t.requires_grad
+    composite = ("a gradient for the class weight" if weight_grad else
+                 "a gradient for the target (probability targets that require grad)"
+                 if target_grad else
+                 _backends.composite_reason(num_classes, False, x, w, b, t, weight))
+    call = _backends.Call(
+        "linear_cross_entropy", x.device, x.shape[0] * num_classes, not prob, opts.z_loss,
+        opts.softcap, composite,
+        _backends.triton_refusal(x.dtype, out_dtype, target_grad=target_grad,
+                                 weight_grad=weight_grad, retain=keep),
+        sized=chunk_size is not None)
+    route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
+    with no_autocast(x.device.type):
+        if route == "composite":
+            logits = _composite.linear_logits(x, w, b, matmul_dtype(x, w))
+            out = _composite.cross_entropy(logits, t, weight, opts).to(out_dtype)
+        elif route == "native":  # one torch matmul (as the unfused head), torch's kernel
+            out = native_cross_entropy(F.linear(x, w, b), t, weight, opts, out_dtype)
+        elif route == "triton":
+            out = _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype)
+        else:
+            out = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype)
+    if row_shape is not None and reduction == "none":  # drop the last positions
+        return out.reshape(row_shape)[..., :-1]
+    return out.reshape(()) if single and reduction == "none" else out
+
+
+def _shift_labels(input, target, ignore_index, shift):
+    """``shift=True``: the ``(B T, D)`` view of ``(B, T, D)`` hidden states, the int64
+    targets ``target[..., 1:]`` with ``ignore_index`` at each last position, and the
+    target's shape (to cut ``reduction="none"`` back to ``(B, T - 1)``)."""
+    if not isinstance(shift, bool):
+        raise InputError(f"shift={shift!r} must be True or False")
+    for name, v in (("input", input), ("target", target)):
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(v).__name__}")
+    if target.is_floating_point():
+        raise UnsupportedError("crossent.torch.linear_cross_entropy: shift=True with "
+                               "probability targets (class indices only)")
+    check_index_dtype(target)
+    if input.dim() not in (2, 3) or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise InputError(
+            f"shift=True takes (B, T, D) or (T, D) hidden states and (B, T) or (T) "
+            f"targets; got input {tuple(input.shape)} and target {tuple(target.shape)}")
+    ignore = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    shifted = torch.full(target.shape, ignore, dtype=torch.long, device=target.device)
+    shifted[..., :-1] = target[..., 1:]
+    return (input.reshape(-1, input.shape[-1]), shifted.reshape(-1),
+            tuple(target.shape))
+
+
+def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype):
+    """The Triton-backed chunked head (:mod:`._triton`), options already checked."""
+    from ._triton import triton_linear_cross_entropy
+
+    out = triton_linear_cross_entropy(
+        x, w, t, b, weight=None if weight is None else weight.detach(),
+        reduction=kernel_reduction(opts),
+        ignore_index=None if t.is_floating_point() else opts.ignore_index,
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+        chunk_size=chunk_size)
+    return divide_by_num_items(out, opts).to(out_dtype)
+
+
+def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype):
+    num_classes, features = w.shape
+    rows = prepare_rows(t, x.shape[0], num_classes, opts, compute_dtype(x.dtype))
+    chunk = (default_chunk(num_classes, features, matmul_dtype(x, w).itemsize)
+             if chunk_size is None else int(chunk_size))
+    x = x.contiguous()
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b)):
+        return _LinearCrossEntropyFunction.apply(x, w, b, t, rows, opts, chunk, keep,
+                                                 out_dtype)
+    with torch.no_grad():
+        losses, _ = _linear_pass(x, w, b, t, rows, opts, chunk, (False,) * 3)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)

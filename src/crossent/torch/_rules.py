@@ -1,0 +1,383 @@
+"""The rules every ``crossent.torch`` kernel follows, written once: the row-block kernel
+(:mod:`._rowblock`), the entry points (:mod:`._cross_entropy`, :mod:`._linear`), the
+composable path (:mod:`._composite`), the Triton kernels (:mod:`._triton`) and the
+vocab-parallel functions (:mod:`.distributed`) all take them from here.
+
+* dtypes: the compute dtype (float32; float64 stays), the loss dtype (torch's, autocast
+  included), the dtype of the linear head's matmuls;
+* sizing: rows per kernel block (:func:`block_rows`), rows per linear-head chunk
+  (:func:`default_chunk`, :func:`chunk_rows`);
+* options: their checks (the core's messages), :class:`Options`, ``ignore_index``,
+  ``num_items``, class-index targets;
+* denominators: ``"mean"``'s (torch's, or ``num_items``), per-row backward scales
+  (:class:`Rows`), the reduction of row losses;
+* backward: the gradient computed in forward is stored, consumed by the first backward
+  (backward twice raises, float64 excepted), scaled by ``grad_output``; double backward
+  recomputes it with differentiable torch ops from the saved, unmodified inputs.
+
+Imports nothing of ``crossent.torch`` (no import circles: everything else imports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks
+from ..errors import InputError, UnsupportedError
+
+# ---- dtypes
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
+    """The dtype a cross-entropy argument has after autocast's float32 policy (torch lists
+    cross_entropy among the ops autocast runs in float32: float16/bfloat16 become
+    float32)."""
+    if t.dtype in LOW_PRECISION and torch.is_autocast_enabled(device_type):
+        return torch.float32
+    return t.dtype
+
+
+def choose_loss_dtype(loss_dtype, logits: torch.Tensor) -> torch.dtype:
+    """``loss_dtype`` if given, else torch's: the logits' dtype, float32 under autocast."""
+    if loss_dtype is None:
+        return autocast_dtype(logits, logits.device.type)
+    if not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
+            and not loss_dtype.is_complex):
+        raise InputError(f"loss_dtype={loss_dtype!r} must be a floating torch.dtype "
+                         f"(e.g. torch.float32) or None")
+    return loss_dtype
+
+
+def matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype the chunk matmuls run in: bfloat16 stays bfloat16 (and float16 on
+    accelerators), as in the unfused ``x @ W.T`` (the hardware accumulates in float32 and
+    rounds the logits once, about twice as fast as float32 on an AVX512-BF16 CPU);
+    everything else runs in the compute dtype (float32, or float64)."""
+    low = x.dtype == w.dtype and (
+        x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type != "cpu"))
+    return x.dtype if low else compute_dtype(x.dtype)
+
+
+# ---- sizing: row blocks of the kernels, row chunks of the linear heads
+
+
+# float32 bytes of logits per block. CPU: measured best at 8 MiB on a 2-core EPYC (2 MiB
+# L2 per core, 32 MiB L3): smaller blocks pay more Python overhead per row, larger ones
+# fall out of cache. On accelerators the block bounds the float32 work buffers of
+# low-precision input (a block's worth, next to the gradient) while keeping kernel
+# launches few: 32 MiB is 256 rows at C=32000, 16 blocks for N=4096 (not yet measured on
+# a GPU).
+_BLOCK_BYTES = 8 << 20
+_ACCELERATOR_BLOCK_BYTES = 32 << 20
+
+
+def block_rows(num_classes: int, device: torch.device | str = "cpu") -> int:
+    """Rows per block: about :data:`_BLOCK_BYTES` of float32 logits on CPU
+    (:data:`_ACCELERATOR_BLOCK_BYTES` elsewhere), at least 16 rows (Python overhead)."""
+    budget = _BLOCK_BYTES if torch.device(device).type == "cpu" else _ACCELERATOR_BLOCK_BYTES
+    return max(16, budget // (4 * max(num_classes, 1)))
+
+
+CHUNK_BYTES = 16 << 20  # smallest logits chunk of a linear head
+
+
+def chunk_rows(budget_bytes: int, num_classes: int, itemsize: int) -> int:
+    """Rows of ``num_classes`` logits of ``itemsize`` bytes that fit in ``budget_bytes``,
+    rounded down to a multiple of 32 rows, at least 32 (matmul-friendly row counts)."""
+    return max(32, budget_bytes // (itemsize * max(num_classes, 1)) // 32 * 32)
+
+
+def default_chunk(num_classes: int, features: int, itemsize: int) -> int:
+    """Rows per linear chunk: logits of a quarter of the float32 dW's bytes (``C D``
+    bytes), at least 16 MiB, in a multiple of 32 rows (at least 32).
+
+    Why: the extra memory stays a fixed fraction of a gradient that exists anyway, and
+    the chunk matmuls get enough rows to run near full speed: with fewer rows each matmul
+    re-reads (and re-packs) all of ``W``. Measured on a 2-core CPU at D=512, C=32000:
+    128 float32 rows ran at 0.95-1.03x the unfused time over three runs, 64 rows at
+    1.15-1.25x (C=128256: 0.70-0.97x and 0.84x); bfloat16 needs 256 rows (0.87-0.94x;
+    128 rows: 1.2x)."""
+    return chunk_rows(max(CHUNK_BYTES, num_classes * features), num_classes, itemsize)
+
+
+# ---- options and their checks
+
+
+@dataclass
+class Options:
+    weight: torch.Tensor | None  # (C,) float32
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    # the "mean" denominator given by the caller (``num_items=``), or None for torch's;
+    # with one, ``reduction`` is "mean" (sum / num_items) whether the caller said so or "sum"
+    num_items: float | None = None
+
+
+@dataclass
+class Rows:
+    """Per-row float32 quantities, computed once for all M rows (O(M) work)."""
+
+    index: torch.Tensor | None  # (M,) int64 target, ignored rows set to 0; None for probabilities
+    valid: torch.Tensor | None  # (M,) bool, index targets only
+    scale: torch.Tensor  # (M,) d(reduced loss)/d(row loss): 1/denominator, 1, or 0 when ignored
+    target_mass: torch.Tensor | None  # (M,) (1 - eps) * w[y], index targets only
+    denominator: torch.Tensor  # what "mean" divides the summed loss by
+
+
+def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
+    """The core's argument checks, so both paths reject the same values with one message."""
+    _checks.check_reduction(reduction)
+    _checks.check_fraction(label_smoothing, "label_smoothing")
+    _checks.check_nonnegative(z_loss, "z_loss")
+    _checks.check_softcap(softcap)
+
+
+def check_num_items(num_items, reduction: str) -> float | None:
+    """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None.
+
+    It replaces the ``"mean"`` denominator: the loss is ``sum / num_items`` (for
+    ``"mean"`` and ``"sum"`` alike), so gradient-accumulation micro-batches divided by the
+    whole batch's count add up to the full batch's mean. A tensor costs one host
+    synchronisation (the check); it is a constant (one that requires grad raises)."""
+    if num_items is None:
+        return None
+    if reduction == "none":
+        raise InputError(f"num_items={num_items!r} with reduction='none': it divides the "
+                         f"summed loss; use reduction='mean' or 'sum' (or leave it None)")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.dim() != 0 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise InputError(f"num_items must be a positive number or a 0-d real tensor; got "
+                             f"a {num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+        if num_items.requires_grad:
+            raise UnsupportedError("num_items that requires grad: crossent treats it as a "
+                                   "constant count; detach it")
+        value = float(num_items.detach())
+    elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
+        value = float(num_items)
+    else:
+        raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
+                         f"0-d tensor) or None")
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
+                         f"summed loss is divided by)")
+    return value
+
+
+def check_ignore_index(ignore_index) -> int:
+    """An integer (Python int, NumPy integer, integer 0-d tensor). torch raises
+    ``TypeError`` for a float, even 3.0; crossent raises :class:`InputError`, never
+    truncates (3.7 is not 3)."""
+    if isinstance(ignore_index, bool):
+        raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise InputError(f"ignore_index={ignore_index!r} must be an integer (torch raises "
+                         f"TypeError for a float, even an integral one)") from None
+
+
+def positive_int(value, name: str) -> int:
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise InputError(f"{name}={value!r} must be an integer >= 1 (or None)")
+    return n
+
+
+def make_options(weight, num_classes, like, ignore_index, reduction, label_smoothing, z_loss,
+             softcap, input_dtype=None, num_items=None) -> Options:
+    """Checked options; ``opts.weight`` is a detached copy in the compute dtype (the
+    fused kernels' constant). ``input_dtype``: the dtype torch would compare ``weight``
+    with (the logits' dtype, float32 for low-precision logits under autocast). With
+    ``num_items`` the reduction is ``"mean"`` over that count (see
+    :func:`check_num_items`)."""
+    check_options(reduction, label_smoothing, z_loss, softcap)
+    count = check_num_items(num_items, reduction)
+    ignore = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
+                             f"{type(weight).__name__}")
+        if tuple(weight.shape) != (num_classes,):
+            raise InputError(
+                f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
+                f"one weight per class"
+            )
+        want = like.dtype if input_dtype is None else input_dtype
+        if autocast_dtype(weight, like.device.type) != want:
+            raise InputError(
+                f"weight has dtype {weight.dtype}; expected the input's {want} (as "
+                f"torch.nn.functional.cross_entropy, which raises too)"
+            )
+        weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
+    return Options(
+        weight, ignore, float(label_smoothing),
+        float(z_loss), None if softcap is None else float(softcap),
+        reduction if count is None else "mean", count,
+    )
+
+
+def check_index_dtype(target: torch.Tensor) -> None:
+    """Raise for a target dtype that holds neither class indices nor probabilities."""
+    if target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise InputError(f"target must hold class indices or probabilities, got {target.dtype}")
+
+
+def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
+    """``(target as int64, target != ignore_index)``; raises for a non-index dtype or a
+    class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
+    check_index_dtype(target)
+    target = target.long()
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):  # a device sync, as torch's own bounds check
+        value = int(target[bad][0])
+        raise IndexError(
+            f"target holds class index {value}, outside [0, {num_classes}) and not "
+            f"ignore_index={ignore_index}"
+        )
+    return target, valid
+
+
+# ---- denominators and reductions
+
+
+def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Options,
+                 dtype: torch.dtype = torch.float32) -> Rows:
+    """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
+    device = target.device
+    given = (None if opts.num_items is None
+             else torch.tensor(opts.num_items, device=device, dtype=dtype))
+    if target.is_floating_point():
+        denominator = (torch.tensor(float(num_rows), device=device, dtype=dtype)
+                       if given is None else given)
+        scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
+        if opts.reduction == "mean":
+            scale /= denominator
+        return Rows(None, None, scale, None, denominator)
+    target, valid = check_index_target(target, num_classes, opts.ignore_index)
+    index = torch.where(valid, target, 0)
+    validf = valid.to(dtype)
+    w_y = validf if opts.weight is None else opts.weight[index] * validf
+    denominator = w_y.sum() if given is None else given
+    # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
+    # its gradient 0, as in torch)
+    scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
+    return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator)
+
+
+def kernel_reduction(opts: Options) -> str:
+    """The reduction a kernel that knows nothing of ``num_items`` is asked for: ``"sum"``
+    when the caller's count divides it afterwards (:func:`divide_by_num_items`)."""
+    return "sum" if opts.num_items is not None else opts.reduction
+
+
+def divide_by_num_items(total: torch.Tensor, opts: Options) -> torch.Tensor:
+    """``total / num_items`` in the compute dtype (``total`` unchanged without one)."""
+    if opts.num_items is None:
+        return total
+    return total.to(compute_dtype(total.dtype)) / opts.num_items
+
+
+def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Tensor:
+    """Row losses reduced: as they are, their sum, or the sum over ``rows.denominator``."""
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / rows.denominator
+
+
+# ---- backward: the stored gradient, backward twice, double backward
+
+
+def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> None:
+    """The stored gradient times ``grad_output`` (per row for ``"none"``), in place."""
+    if reduction == "none":
+        grad.mul_(grad_output.reshape(-1, 1))
+    elif not bool(grad_output == 1):  # the common loss.backward(): skip a pass over N x C
+        grad.mul_(grad_output)
+
+
+def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):
+    """The stored gradient ``ctx.<name>``, released from ``ctx`` so autograd can adopt it
+    without a copy: backward twice (``retain_graph=True``) raises, naming ``function``.
+
+    ``ctx.keep`` (float64, the dtype of gradcheck and reference checks, or
+    ``allow_retain_graph``) keeps it instead: backward then scales a copy, so repeated
+    backward through the graph works."""
+    value = getattr(ctx, name)
+    if ctx.keep:
+        return value
+    if value is None:
+        raise RuntimeError(
+            f"crossent.torch: backward ran twice through {function}; its gradient "
+            f"is computed in forward and consumed by the first backward (retain_graph is "
+            f"not supported)"
+        )
+    setattr(ctx, name, None)
+    return value
+
+
+def check_intact(ctx, name: str) -> None:
+    """The inputs saved for a double backward are what forward saw."""
+    for t, version in zip(ctx.inputs, ctx.versions, strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"crossent.torch.{name}: an input was modified in place after the forward "
+                f"pass; backward with create_graph=True recomputes from it"
+            )
+
+
+def save_inputs(ctx, *inputs) -> None:
+    """Keep the inputs (with their autograd history) for a double backward. A reference,
+    not a copy: the inputs of a loss are alive until backward in a training step anyway."""
+    ctx.inputs = inputs
+    ctx.versions = [None if t is None else t._version for t in inputs]
+
+
+def no_autocast(device_type: str):
+    """The fused kernels choose their own dtypes; autocast must not re-cast their ops."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def double_backward(ctx, grad_output, name: str, loss_fn):
+    """Backward with ``create_graph=True`` (grad mode on inside backward): the fused
+    kernel's stored gradient is a constant to autograd, so the gradient is recomputed
+    from the saved inputs with differentiable torch ops (:mod:`._composite`) and returned
+    with its graph: Hessians, gradient penalties and MAML get torch's numbers."""
+    if getattr(ctx, "inplace", False):
+        raise UnsupportedError(
+            f"crossent.torch.{name}: double backward (backward with create_graph=True, "
+            f"torch.autograd.grad(..., create_graph=True)) is not supported with "
+            f"inplace_backward=True: the logits were overwritten by their gradient"
+        )
+    check_intact(ctx, name)
+    wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)
+              if need and t is not None]
+    with torch.enable_grad(), no_autocast(ctx.device_type):
+        loss = loss_fn(*ctx.inputs).to(grad_output.dtype)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True,
+                                         allow_unused=True))
+    return [next(grads) if need and t is not None else None
+            for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]
