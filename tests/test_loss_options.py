@@ -582,7 +582,5 @@ def test_where_on_every_loss_drops_masked_examples(backend, data, name):
     close(ones, run(backend, lambda z, y, s: fn(z, y, s, None), z, y, s))
 
 
-def test_where_masks_examples_not_classes(data):
-    z, y, _, _ = data
-    with pytest.raises(xe.InputError, match="where"):
-        xe.softmax_cross_entropy(z, y, where=np.ones((N, C), dtype=bool))
+# A where shaped like the logits is a class mask on the softmax losses (optax's rule):
+# tests/test_core_where_class_axis.py.

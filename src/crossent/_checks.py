@@ -233,6 +233,12 @@ def check_broadcastable(a: Array, shape: tuple[int, ...], name: str, to: str) ->
             )
 
 
+def check_mask(xp: Any, mask: Array, name: str = "where") -> None:
+    """``mask`` is boolean (a 0/1 float array is a mistake, not a mask)."""
+    if not xp.isdtype(mask.dtype, "bool"):
+        raise InputError(f"{name} must be a boolean mask, got dtype {mask.dtype}")
+
+
 def check_finite(value: Any, name: str) -> Any:
     """A finite real number, of either sign (poly-1's epsilon); a traced one unchecked."""
     v = check_real(value, name)

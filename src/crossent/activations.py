@@ -7,6 +7,12 @@ has no distribution: softmax and log_softmax give NaN there, as PyTorch and SciP
 logsumexp gives ``-inf``; so does an empty axis (softmax of an empty axis is empty).
 NaN propagates. logsumexp is ``m + log1p(sum of the other terms)``, as SciPy computes it,
 so ``logsumexp([0, -40])`` is 4.25e-18, not 0, and a log-softmax near 0 keeps its digits.
+
+``where`` (softmax, log_softmax, logsumexp; a boolean mask broadcast against ``x``) is
+``jax.nn``'s and the softmax losses' class mask: the masked-out entries are left out of
+the normaliser (taken as ``-inf``, whatever they hold, NaN included), softmax gives exactly
+0 and log_softmax exactly ``-inf`` there, even in a row with nothing kept, whose
+logsumexp is ``-inf``. Their gradient is exactly 0.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ from typing import Any
 from array_api_compat import device
 
 from ._array import Array, arrays, as_array, like, namespace, restore_dtype, to_float
-from ._checks import check_axis, check_bool, check_broadcastable, check_in_unit_interval
+from ._checks import (
+    check_axis,
+    check_bool,
+    check_broadcastable,
+    check_in_unit_interval,
+    check_mask,
+)
 from .errors import InputError
 
 Axis = int | tuple[int, ...] | None
@@ -64,16 +76,31 @@ def lse_parts(xp: Any, x: Array, axis: Axis) -> tuple[Array, Array]:
     return m, r
 
 
-def _masked(xp: Any, x: Array, where: Any) -> Array:
-    """``x`` with the entries outside the boolean mask ``where`` set to ``-inf``: excluded
-    from every sum (as ``jax.nn``'s ``where``); None keeps ``x``."""
+def where_mask(xp: Any, where: Any, x: Array, name: str = "x") -> Array | None:
+    """The boolean mask ``where`` broadcast to ``x``'s shape (None stays None); an
+    ``InputError`` naming ``where`` if it is not boolean or does not broadcast."""
     if where is None:
-        return x
+        return None
     mask = like(xp, as_array(where, "where"), x)
-    if not xp.isdtype(mask.dtype, "bool"):
-        raise InputError(f"where must be a boolean mask, got dtype {mask.dtype}")
-    check_broadcastable(mask, tuple(x.shape), "where", "x")
-    return xp.where(mask, x, -math.inf)
+    check_mask(xp, mask)
+    check_broadcastable(mask, tuple(x.shape), "where", name)
+    return xp.broadcast_to(mask, tuple(x.shape))
+
+
+def _masked(xp: Any, x: Array, mask: Array | None) -> Array:
+    """``x`` with the entries outside the boolean ``mask`` set to ``-inf``: excluded from
+    every sum (as ``jax.nn``'s ``where``); None keeps ``x``."""
+    return x if mask is None else xp.where(mask, x, -math.inf)
+
+
+def _masked_rows(xp: Any, x: Array, mask: Array | None, axis: Axis) -> Array:
+    """:func:`_masked`, except that a row (along ``axis``) with nothing kept is all 0: a
+    finite stand-in, so that no 0/0 (value or gradient) arises where the caller then writes
+    its fill value."""
+    if mask is None:
+        return x
+    live = xp.any(mask, axis=axis, keepdims=True)
+    return xp.where(live, _masked(xp, x, mask), 0.0)
 
 
 def _flatten_0d(xp: Any, x: Array, axis: Axis) -> tuple[Array, Axis, bool]:
@@ -130,7 +157,8 @@ def logsumexp(
     return_sign = check_bool(return_sign, "return_sign")
     xp, (x, b) = arrays(x, b, names=("x", "b"), optional=("b",))
     dtype = x.dtype
-    x = _masked(xp, to_float(xp, x), where)
+    x = to_float(xp, x)
+    x = _masked(xp, x, where_mask(xp, where, x))
     if b is not None:
         x, b = _broadcast_b(xp, x, b)
     x, axis, was_0d = _flatten_0d(xp, x, axis)
@@ -193,8 +221,8 @@ def softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     ``axis`` may be an int, a tuple of ints or None (normalise over every element jointly,
     SciPy's default). Shapes: output has the shape of ``x`` (a 0-d ``x`` gives 1). Computed
     as ``exp(x - max(x))`` normalised, so logits of 1e4 do not overflow. ``where`` (a boolean
-    mask broadcast against ``x``) normalises over the kept entries only and gives 0 at the
-    others, as ``jax.nn.softmax``'s. Reference:
+    mask broadcast against ``x``) normalises over the kept entries only and gives exactly 0 at
+    the others (every entry of a row with nothing kept), as ``jax.nn.softmax``'s. Reference:
     ``torch.softmax``, ``scipy.special.softmax`` (whose default axis is None; ours is -1,
     PITFALLS 7).
 
@@ -205,19 +233,26 @@ def softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     xp = namespace(x)
     dtype = x.dtype
     shape = tuple(x.shape)
-    x, axis, _ = _normalise_axes(xp, _masked(xp, to_float(xp, x), where), axis)
+    x = to_float(xp, x)
+    mask = where_mask(xp, where, x)
+    x, axis, _ = _normalise_axes(xp, x, axis)
+    x = _masked_rows(xp, x, None if mask is None else xp.reshape(mask, x.shape), axis)
     _, m = _row_max(xp, x, axis)
     e = xp.exp(x - m)
-    out = e / xp.sum(e, axis=axis, keepdims=True)
-    return restore_dtype(xp, xp.reshape(out, shape), dtype)
+    out = xp.reshape(e / xp.sum(e, axis=axis, keepdims=True), shape)
+    if mask is not None:  # exactly 0 where masked, also in a row with nothing kept (0/0)
+        out = xp.where(mask, out, 0.0)
+    return restore_dtype(xp, out, dtype)
 
 
 def log_softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     """log softmax(x)_i = x_i - logsumexp(x) along ``axis`` (an int, a tuple, or None).
 
     Exact for very negative log-probabilities where ``log(softmax(x))`` would give -inf.
-    A 0-d ``x`` gives 0. ``where`` (boolean mask) normalises over the kept entries and
-    gives ``-inf`` at the others, as ``jax.nn.log_softmax``. Reference:
+    A 0-d ``x`` gives 0. ``where`` (boolean mask broadcast against ``x``) normalises over the
+    kept entries and gives exactly ``-inf`` at the others (every entry of a row with nothing
+    kept), as ``jax.nn.log_softmax``; ``-sum_c t_c log_softmax(z, where=m)_c`` over the kept
+    classes is :func:`crossent.softmax_cross_entropy` with ``where=m``. Reference:
     ``torch.log_softmax``, ``scipy.special.log_softmax``.
 
     >>> [round(float(v), 4) for v in log_softmax([0.0, 0.0])]
@@ -227,10 +262,15 @@ def log_softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     xp = namespace(x)
     dtype = x.dtype
     shape = tuple(x.shape)
-    xf, axis, _ = _normalise_axes(xp, _masked(xp, to_float(xp, x), where), axis)
+    xf = to_float(xp, x)
+    mask = where_mask(xp, where, xf)
+    xf, axis, _ = _normalise_axes(xp, xf, axis)
+    xf = _masked_rows(xp, xf, None if mask is None else xp.reshape(mask, xf.shape), axis)
     m, r = lse_parts(xp, xf, axis)
-    out = (xf - m) - r
-    return restore_dtype(xp, xp.reshape(out, shape), dtype)
+    out = xp.reshape((xf - m) - r, shape)
+    if mask is not None:  # exactly -inf where masked, also in a row with nothing kept
+        out = xp.where(mask, out, -math.inf)
+    return restore_dtype(xp, out, dtype)
 
 
 def sigmoid(x: Any) -> Array:

@@ -11,9 +11,14 @@ import math
 from typing import Any
 
 from . import _checks
-from ._array import Array, arrays, move_last_to_axis, numel, restore_dtype, to_float
+from ._array import Array, arrays, move_last_to_axis, restore_dtype, to_float
 from .activations import sigmoid
-from .losses import smooth_binary, softmax_cross_entropy_parts
+from .losses import (
+    class_or_row_where,
+    example_weights,
+    smooth_binary,
+    softmax_cross_entropy_parts,
+)
 
 
 def softmax_cross_entropy_grad(
@@ -22,6 +27,8 @@ def softmax_cross_entropy_grad(
     *,
     axis: int = -1,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -42,15 +49,25 @@ def softmax_cross_entropy_grad(
     ``reduction="none"`` row n holds ``dl_n / dz_n`` (the gradient of the sum of the
     per-row losses).
 
+    ``sample_weight`` (broadcast against the per-row losses) multiplies row n's gradient by
+    ``s_n``, and ``"mean"`` divides by the loss's weighted denominator. ``where`` is the
+    loss's: a row mask (fewer dimensions than ``logits``) or a class mask (``logits``'
+    dimensions); with a class mask ``p`` is the softmax over the kept classes and ``T`` is 0
+    at the masked ones, so their gradient is exactly 0, and so is every masked row's (even
+    where its logits are NaN).
+
     Same arguments and shapes as the loss; returns an array shaped like ``logits`` in its
     dtype. Reference: ``torch.autograd`` through ``torch.nn.functional.cross_entropy``;
     finite differences.
 
     >>> [round(float(g), 4) for g in softmax_cross_entropy_grad([[0.0, 0.0]], [0])[0]]
     [-0.5, 0.5]
+    >>> g = softmax_cross_entropy_grad([[0.0, 0.0, 5.0]], [0], where=[[True, True, False]])
+    >>> [round(float(v), 4) for v in g[0]]  # class 2 out: the 2-class gradient, and 0
+    [-0.5, 0.5, 0.0]
     """
     parts = softmax_cross_entropy_parts(
-        logits, target, axis=axis, weight=weight, ignore_index=ignore_index,
+        logits, target, axis=axis, weight=weight, where=where, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, validate=validate,
     )
@@ -60,10 +77,18 @@ def softmax_cross_entropy_grad(
     if parts.z_loss:
         scale = 2.0 * parts.z_loss * parts.lse
         grad = grad + xp.expand_dims(scale, axis=-1) * probs
+    mask, sw, denominator = example_weights(
+        xp, sample_weight, parts.row_where, parts.raw, tuple(parts.lse.shape), parts.row_weight,
+        parts.denominator,
+    )
+    if sw is not None:
+        grad = grad * xp.expand_dims(sw, axis=-1)
     if parts.reduction == "mean":
-        grad = grad / parts.denominator
+        grad = grad / denominator
     if parts.row_mask is not None:  # ignored rows: exactly 0, even when all are (torch)
         grad = xp.where(xp.expand_dims(parts.row_mask, axis=-1) > 0, grad, 0.0)
+    if mask is not None:  # masked rows: exactly 0, even with NaN logits
+        grad = xp.where(xp.expand_dims(mask, axis=-1), grad, 0.0)
     if parts.softcap is not None:
         grad = grad * (1.0 - xp.tanh(parts.raw / parts.softcap) ** 2)
     return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
@@ -74,6 +99,8 @@ def sigmoid_binary_cross_entropy_grad(
     target: Any,
     *,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     pos_weight: Any = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -84,14 +111,19 @@ def sigmoid_binary_cross_entropy_grad(
     ``dl/dx = w * ((1 - t) * sigmoid(x) - pos_weight * t * sigmoid(-x))``, which is
     ``w * (sigmoid(x) - t)`` without ``pos_weight``: the binary ``softmax(a) - b``.
     ``"mean"`` divides by the element count; ``label_smoothing`` smooths ``t`` as the loss
-    does. Reference: torch autograd through
-    ``binary_cross_entropy_with_logits``.
+    does. ``sample_weight`` and the boolean ``where`` broadcast against the elementwise
+    loss, as the loss's: the gradient is multiplied by ``s``, exactly 0 where masked (even
+    at a NaN logit), and ``"mean"`` divides by ``sum s * m`` instead of the element count.
+    Reference: torch autograd through ``binary_cross_entropy_with_logits``.
 
     >>> float(sigmoid_binary_cross_entropy_grad([0.0], [1.0], reduction="sum")[0])
     -0.5
+    >>> [float(g) for g in sigmoid_binary_cross_entropy_grad(
+    ...     [0.0, 0.0], [1.0, 1.0], sample_weight=[3.0, 1.0])]  # (-0.5 s) / (3 + 1)
+    [-0.375, -0.125]
     """
     return _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction,
-                         validate, False)
+                         validate, False, sample_weight, where)
 
 
 def multilabel_cross_entropy_grad(
@@ -99,6 +131,8 @@ def multilabel_cross_entropy_grad(
     targets: Any,
     *,
     weight: Any = None,
+    sample_weight: Any = None,
+    where: Any = None,
     pos_weight: Any = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -108,17 +142,21 @@ def multilabel_cross_entropy_grad(
 
     Each label's binary gradient ``w * ((1 - t) sigmoid(x) - pos_weight t sigmoid(-x))``;
     ``"mean"`` divides by the number of samples (not labels), because the loss sums over
-    labels; ``label_smoothing`` smooths ``t`` as the loss does. Reference: torch autograd.
+    labels; ``label_smoothing`` smooths ``t`` as the loss does. ``sample_weight``
+    (broadcast against the per-sample losses, shape ``logits.shape[:-1]``) multiplies
+    sample n's gradient by ``s_n``; ``where`` is the loss's sample mask (fewer dimensions
+    than ``logits``) or label mask (as many): the gradient is exactly 0 where masked, and
+    ``"mean"`` divides by ``sum_n s_n m_n`` over the samples kept. Reference: torch autograd.
 
     >>> [float(g) for g in multilabel_cross_entropy_grad([[0.0, 0.0]], [[1.0, 0.0]])[0]]
     [-0.5, 0.5]
     """
     return _sigmoid_grad(logits, targets, weight, pos_weight, label_smoothing, reduction,
-                         validate, True)
+                         validate, True, sample_weight, where)
 
 
 def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction, validate,
-                  per_sample):
+                  per_sample, sample_weight=None, where=None):
     target_name = "targets" if per_sample else "target"
     _checks.check_reduction(reduction)
     validate = _checks.check_bool(validate, "validate")
@@ -146,7 +184,18 @@ def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction
     grad = (1.0 - t) * sigmoid(x) - pos
     if weight is not None:
         grad = grad * xp.astype(weight, x.dtype)
+    shape = tuple(x.shape[:-1]) if per_sample else tuple(x.shape)
+    if per_sample:  # a mask with the logits' dimensions masks labels (the loss's rule)
+        label_mask, where = class_or_row_where(xp, where, x, x.ndim - 1, "logits")
+        if label_mask is not None:
+            grad = xp.where(label_mask, grad, 0.0)
+    mask, sw, count = example_weights(
+        xp, sample_weight, where, x, shape, None, math.prod(shape)
+    )
+    if sw is not None:
+        grad = grad * (xp.expand_dims(sw, axis=-1) if per_sample else sw)
     if reduction == "mean":
-        count = numel(x) if not per_sample else math.prod(x.shape[:-1])
         grad = grad / count
+    if mask is not None:  # masked entries: exactly 0, even at NaN logits
+        grad = xp.where(xp.expand_dims(mask, axis=-1) if per_sample else mask, grad, 0.0)
     return restore_dtype(xp, grad, dtype)

@@ -61,6 +61,8 @@ class SoftmaxCEParts:
     softcap: float | None
     reduction: str
     row_weight: Array | None = None  # each row's share of `denominator` (None: 1 per row)
+    class_mask: Array | None = None  # where's class mask, class axis last (None: none)
+    row_where: Array | None = None  # the rows where keeps (None: all)
 
 
 def softmax_cross_entropy_parts(
@@ -69,6 +71,7 @@ def softmax_cross_entropy_parts(
     *,
     axis: int = -1,
     weight: Any = None,
+    where: Any = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -95,20 +98,20 @@ def softmax_cross_entropy_parts(
     z = raw if softcap is None else float(softcap) * xp.tanh(raw / float(softcap))
     if weight is not None:
         weight = _class_weight(xp, to_float(xp, weight), z, "weight")
+    class_mask, row_where = class_or_row_where(xp, where, logits, axis, "logits")
+    if class_mask is not None:  # masked classes leave the normaliser
+        z = _mask_classes(xp, z, class_mask, row_where)
     # log softmax as (z - m) - log1p(rest): exact near 0 for a confident correct row
     m, r = lse_parts(xp, z, -1)
     log_probs = (z - m) - r
     row_weight = None
     if is_integer(xp, target):
         eff, row_mask, denominator, row_weight = _index_target(
-            xp, z, target, weight, ignore_index, eps, validate, logits.shape, axis
+            xp, z, target, weight, ignore_index, eps, validate, logits.shape, axis, class_mask,
+            row_where,
         )
     elif xp.isdtype(target.dtype, "real floating"):
-        if ignore_index >= 0:  # torch raises too; a negative one is the "not used" default
-            raise InputError(
-                f"ignore_index={ignore_index} applies to class-index targets; probability "
-                f"targets have no rows to ignore (give ignored rows weight 0 instead)"
-            )
+        check_no_ignore_index(ignore_index)
         eff, denominator = _probability_target(xp, z, target, weight, eps, validate, logits, axis)
         row_mask = None
     else:
@@ -116,10 +119,62 @@ def softmax_cross_entropy_parts(
             f"target must hold integer class indices or floating probabilities, got dtype "
             f"{target.dtype}"
         )
+    if class_mask is not None:  # target mass on a masked class contributes nothing (optax)
+        eff = xp.where(class_mask, eff, 0.0)
     return SoftmaxCEParts(
         xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(m + r, axis=-1), log_probs,
         denominator, z_loss, None if softcap is None else float(softcap), reduction, row_weight,
+        class_mask, row_where,
     )
+
+
+def check_no_ignore_index(ignore_index: int) -> None:
+    """Probability targets take no ``ignore_index`` >= 0 (torch raises too; a negative one
+    is the "not used" default)."""
+    if ignore_index >= 0:
+        raise InputError(
+            f"ignore_index={ignore_index} applies to class-index targets; probability "
+            f"targets have no rows to ignore (give ignored rows weight 0 instead)"
+        )
+
+
+def class_or_row_where(
+    xp: Any, where: Any, x: Array, axis: int, name: str
+) -> tuple[Array | None, Array | None]:
+    """``(class_mask, row_where)`` from the boolean ``where`` of a class-axis loss on ``x``.
+
+    The rule (optax's): a ``where`` with as many dimensions as ``x`` is a class mask in
+    ``x``'s layout (class axis ``axis``), broadcast against ``x``; it is returned broadcast
+    and moved to put the class axis last, with ``row_where`` the rows that keep at least
+    one class. Any other ``where`` is a row mask, broadcast against the per-example loss
+    (``x``'s shape without the class axis): ``(None, where)``. None gives ``(None, None)``.
+    """
+    if where is None:
+        return None, None
+    mask = like(xp, as_array(where, "where"), x)
+    _checks.check_mask(xp, mask)
+    shape = tuple(x.shape)
+    rows = shape[:axis] + shape[axis + 1 :]
+    try:
+        _checks.check_broadcastable(mask, shape if mask.ndim == len(shape) else rows, "where", "")
+    except InputError:
+        raise InputError(
+            f"where has shape {tuple(mask.shape)}: a row mask must broadcast to the "
+            f"per-example loss's shape {rows}, a class mask (as many dimensions as {name}) "
+            f"to {name} shape {shape}"
+        ) from None
+    if mask.ndim != len(shape):
+        return None, mask
+    mask = move_axis_last(xp, xp.broadcast_to(mask, shape), axis)
+    return mask, xp.any(mask, axis=-1)
+
+
+def _mask_classes(xp: Any, z: Array, class_mask: Array, live: Array) -> Array:
+    """Logits (class axis last) with the masked classes at ``-inf``, out of the softmax's
+    normaliser; a row with no class kept is all 0, a finite stand-in (the caller drops the
+    row), so that no NaN reaches the value or the gradient."""
+    z = xp.where(class_mask, z, -math.inf)
+    return xp.where(xp.expand_dims(live, axis=-1), z, 0.0)
 
 
 def _index_hot(xp, z, target, ignore_index, validate, shape, axis):
@@ -158,8 +213,11 @@ def _index_hot(xp, z, target, ignore_index, validate, shape, axis):
     return hot, valid
 
 
-def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axis):
+def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axis,
+                  class_mask=None, live=None):
     hot, valid = _index_hot(xp, z, target, ignore_index, validate, shape, axis)
+    if validate and class_mask is not None:
+        _check_target_class_kept(xp, hot, class_mask, live)
     num_classes = z.shape[-1]
     row_mask = xp.astype(valid, z.dtype)
     w = weight if weight is not None else xp.ones_like(z[..., 0:1])
@@ -169,6 +227,21 @@ def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axi
         eff = eff + (eps / num_classes) * w * xp.expand_dims(row_mask, axis=-1)
     row_weight = xp.sum(hot_w, axis=-1) if weight is not None else row_mask
     return eff, row_mask, xp.sum(row_weight), row_weight
+
+
+def _check_target_class_kept(xp: Any, hot: Array, class_mask: Array, live: Array) -> None:
+    """No class-index target names a class that ``where`` masks out of a row it keeps: that
+    class has probability 0 there, and optax's two losses disagree on it (the index one
+    scores ``logsumexp(kept) - z_y``, the one-hot one drops the term)."""
+    bad = hot & ~class_mask & xp.expand_dims(live, axis=-1)
+    if numel(bad) and any_true(xp, bad):
+        classes = xp.arange(bad.shape[-1], device=device(bad))
+        first = int(xp.min(xp.where(bad, classes, bad.shape[-1])))
+        raise InputError(
+            f"target holds class index {first} in a row whose where mask excludes that class "
+            f"(a masked class has probability 0); keep the class, mask the whole row, or "
+            f"pass validate=False to drop the target's term as for a probability target"
+        )
 
 
 def _probability_target(xp, z, target, weight, eps, validate, logits, axis, name="logits"):
@@ -199,11 +272,11 @@ def _reduce(xp: Any, per_row: Array, reduction: str, denominator: Any) -> Array:
     return xp.where(empty, xp.nan, total / xp.where(empty, 1.0, denominator))
 
 
-def _reduce_softmax_rows(per_row: Array, parts: Any, sample_weight: Any, where: Any) -> Array:
-    """:func:`_reduce_rows` with the rows, weights and reduction of ``parts``."""
+def _reduce_softmax_rows(per_row: Array, parts: Any, sample_weight: Any) -> Array:
+    """:func:`_reduce_rows` with the rows, masks, weights and reduction of ``parts``."""
     counted = None if parts.row_mask is None else parts.row_mask > 0
     return _reduce_rows(
-        parts.xp, per_row, sample_weight, where, parts.raw, parts.row_weight,
+        parts.xp, per_row, sample_weight, parts.row_where, parts.raw, parts.row_weight,
         parts.denominator, counted, parts.reduction, parts.dtype,
     )
 
@@ -229,27 +302,45 @@ def _sample_weighted(
     denominator: Any, where: Any = None,
 ) -> tuple[Array, Any]:
     """Per-example losses times ``sample_weight`` and zeroed outside the mask ``where``
-    (both broadcast against them), and the "mean" denominator ``sum_n s_n * m_n *
-    item_weight_n`` (``item_weight``: each example's share of the unweighted denominator,
-    None for 1 each), as scikit-learn's ``log_loss`` and Keras divide by the summed sample
-    weights and optax counts only unmasked entries. Neither given: both unchanged."""
+    (both broadcast against them; a masked NaN too), and the "mean" denominator of
+    :func:`example_weights`. Neither given: both unchanged."""
+    mask, sw, denominator = example_weights(
+        xp, sample_weight, where, ref, tuple(per_item.shape), item_weight, denominator
+    )
+    if sw is not None:
+        per_item = per_item * sw
+    if mask is not None:  # masked entries contribute nothing, even NaN ones
+        per_item = xp.where(mask, per_item, 0.0)
+    return per_item, denominator
+
+
+def example_weights(
+    xp: Any, sample_weight: Any, where: Any, ref: Array, shape: tuple[int, ...],
+    item_weight: Array | None, denominator: Any,
+) -> tuple[Array | None, Array | None, Any]:
+    """``(mask, sw, denominator)`` for per-example losses of ``shape``: the boolean
+    ``where`` and ``sample_weight`` broadcast to it (``sw`` in ``ref``'s dtype; None where
+    not given), and the "mean" denominator ``sum_n s_n * m_n * item_weight_n``
+    (``item_weight``: each example's share of the unweighted denominator, None for 1
+    each), as scikit-learn's ``log_loss`` and Keras divide by the summed sample weights and
+    optax counts only unmasked entries. Neither given: ``denominator`` unchanged. The
+    losses and their analytic gradients share it."""
     if sample_weight is None and where is None:
-        return per_item, denominator
-    share = xp.ones_like(per_item) if item_weight is None else item_weight
-    mask = None
+        return None, None, denominator
+    if item_weight is None:
+        share = xp.ones(shape, dtype=ref.dtype, device=device(ref))
+    else:
+        share = xp.broadcast_to(item_weight, shape)
+    mask = sw = None
     if where is not None:
-        mask = _mask(xp, where, per_item)
+        mask = _mask(xp, where, ref, shape)
         share = xp.where(mask, share, 0.0)
     if sample_weight is not None:
         sw = like(xp, as_array(sample_weight, "sample_weight"), ref)
-        _checks.check_broadcastable(
-            sw, tuple(per_item.shape), "sample_weight", "the per-example loss"
-        )
-        sw = xp.astype(sw, per_item.dtype)
-        per_item, share = per_item * sw, share * sw
-    if mask is not None:  # masked entries contribute nothing, even NaN ones
-        per_item = xp.where(mask, per_item, 0.0)
-    return per_item, xp.sum(xp.broadcast_to(share, tuple(per_item.shape)))
+        _checks.check_broadcastable(sw, shape, "sample_weight", "the per-example loss")
+        sw = xp.broadcast_to(xp.astype(sw, ref.dtype), shape)
+        share = share * sw
+    return mask, sw, xp.sum(share)
 
 
 def softmax_cross_entropy(
@@ -281,7 +372,8 @@ def softmax_cross_entropy(
             smoothing, Mixup, distillation).
         weight: per-class weights, shape ``(C,)``.
         ignore_index: index targets equal to it contribute 0 and are not counted. If it is
-            a real class id, that class still sits in the softmax denominator.
+            a real class id, that class still sits in the softmax denominator. With
+            probability targets an ``ignore_index >= 0`` raises, as in torch.
         label_smoothing: eps in [0, 1]; targets become ``(1 - eps) t + eps / C``.
         z_loss: adds ``z_loss * logsumexp(z_n)^2`` to each counted row (PaLM, Chowdhery et
             al. 2022, arXiv:2204.02311, used 1e-4), keeping the softmax normaliser near 0.
@@ -298,11 +390,12 @@ def softmax_cross_entropy(
           weights do not enter the denominator: the two target modes disagree, as in torch.
         * label smoothing with index targets is PyTorch's
           ``(1 - eps) * w[y] * nll + (eps / C) * sum_c w_c * (-log p_c)``, zero on ignored rows.
-        * all rows ignored (or an empty batch) with ``"mean"``: NaN (0/0), as PyTorch gives
-          on purpose; Keras and optax give 0 (PITFALLS 2). ``"sum"`` gives 0.
+        * all rows ignored or masked out by ``where`` (or an empty batch) with ``"mean"``:
+          NaN (0/0), as PyTorch gives on purpose; Keras and optax give 0 (PITFALLS 2).
+          ``"sum"`` gives 0.
 
     Edge cases: a target probability of exactly 0 contributes exactly 0 even where the logit
-    is ``-inf`` (masked classes; PyTorch's probability-target path gives NaN there,
+    is ``-inf`` (classes masked by hand; PyTorch's probability-target path gives NaN there,
     PITFALLS 4). With label smoothing every class has target mass, so a ``-inf`` logit makes
     the loss +inf, as in PyTorch. Logits of 1e4 do not overflow. NaN propagates.
 
@@ -311,18 +404,40 @@ def softmax_cross_entropy(
     weights (times each example's class weight / counted-row share), as scikit-learn's
     ``log_loss`` and Keras do.
 
-    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    ``where`` (optional boolean mask). Its number of dimensions tells its two kinds apart,
+    as in ``optax.softmax_cross_entropy``:
+
+    * fewer dimensions than ``logits``: a row mask, broadcast against the per-example
+      losses (``"none"``'s shape). Masked-out rows contribute 0 (even a NaN) and are not
+      counted by ``"mean"``.
+    * as many dimensions as ``logits`` (class axis ``axis``): a class mask, broadcast
+      against ``logits``. Masked-out classes leave the softmax's normaliser (as ``-inf``
+      logits, whatever they hold) and their target entries contribute nothing:
+      ``l_n = -sum_{c kept} T_nc log softmax_kept(z_n)_c``, the same number as optax's
+      ``softmax_cross_entropy(z, t, where=m)``; ``z_loss`` uses the kept classes'
+      logsumexp. A row with no class kept is a masked-out row (0, not counted); a row with
+      a class kept counts in ``"mean"`` as without a mask. Label smoothing first spreads
+      ``eps / C`` over all C classes, then the masked ones are dropped (optax's
+      ``smooth_labels`` then its loss). A class-index target naming a masked class of a
+      kept row raises with ``validate=True`` (optax's index-label loss scores it
+      ``logsumexp(kept) - z_y``, its one-hot loss drops it); with ``validate=False`` its
+      term is dropped, as a probability target's mass there is.
+
+    So a ``(C,)`` mask on ``(N, C)`` logits is a row mask, even when ``N == C``; a class
+    mask shared by every row keeps the batch axes as size 1 (``m[None, :]``).
+    :func:`crossent.log_softmax` with the same class mask gives the log-probabilities used.
 
     Reference: ``torch.nn.functional.cross_entropy``; ``optax.softmax_cross_entropy`` and
     ``optax.softmax_cross_entropy_with_integer_labels`` (no weights, no ignore_index).
 
     >>> round(float(softmax_cross_entropy([[0.0, 0.0, 0.0]], [2])), 6)  # ln 3
     1.098612
+    >>> keep = [[True, False, True]]  # class 1 leaves the softmax: ln 2
+    >>> round(float(softmax_cross_entropy([[0.0, 9.0, 0.0]], [2], where=keep)), 6)
+    0.693147
     """
     parts = softmax_cross_entropy_parts(
-        logits, target, axis=axis, weight=weight, ignore_index=ignore_index,
+        logits, target, axis=axis, weight=weight, where=where, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         reduction=reduction, validate=validate,
     )
@@ -330,7 +445,7 @@ def softmax_cross_entropy(
     per_row = -xp.sum(parts.target * safe_log_probs(xp, parts), axis=-1)
     if not _checks.is_zero(parts.z_loss):
         per_row = per_row + parts.z_loss * parts.lse**2
-    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
+    return _reduce_softmax_rows(per_row, parts, sample_weight)
 
 
 def safe_log_probs(xp: Any, parts: SoftmaxCEParts) -> Array:
@@ -343,13 +458,13 @@ def safe_log_probs(xp: Any, parts: SoftmaxCEParts) -> Array:
     return parts.xp.where(masked, 0.0, parts.log_probs)
 
 
-def _mask(xp: Any, where: Any, loss: Array) -> Array:
-    """The boolean mask ``where`` broadcast to the loss's shape (``InputError`` otherwise)."""
-    mask = like(xp, as_array(where, "where"), loss)
-    if not xp.isdtype(mask.dtype, "bool"):
-        raise InputError(f"where must be a boolean mask, got dtype {mask.dtype}")
-    _checks.check_broadcastable(mask, tuple(loss.shape), "where", "the per-example loss")
-    return xp.broadcast_to(mask, tuple(loss.shape))
+def _mask(xp: Any, where: Any, ref: Array, shape: tuple[int, ...]) -> Array:
+    """The boolean mask ``where`` broadcast to the per-example loss's ``shape``
+    (``InputError`` naming ``where`` otherwise)."""
+    mask = like(xp, as_array(where, "where"), ref)
+    _checks.check_mask(xp, mask)
+    _checks.check_broadcastable(mask, shape, "where", "the per-example loss")
+    return xp.broadcast_to(mask, shape)
 
 
 def _elementwise_prep(xp, logits, target, weight, reduction, name="logits", target_name="target"):
@@ -561,9 +676,12 @@ def multilabel_cross_entropy(
     weights (times each example's class weight / counted-row share), as scikit-learn's
     ``log_loss`` and Keras do.
 
-    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    ``where`` (optional boolean mask), by its number of dimensions as on the softmax
+    losses: fewer than ``logits``: a sample mask, broadcast against the per-sample losses
+    (masked samples contribute 0, even a NaN, and are not counted by ``"mean"``); as many
+    as ``logits``: a label mask, broadcast against ``logits`` (masked labels leave the sum
+    over labels, ``l_n = sum_{j kept} bce(x_nj, t_nj)``; a sample with no label kept is a
+    masked sample).
 
     Reference: ``L * torch.nn.functional.binary_cross_entropy_with_logits``.
 
@@ -581,9 +699,14 @@ def multilabel_cross_entropy(
         _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
     t = _as_target(xp, targets, x, validate, "targets",
                    _checks.check_fraction(label_smoothing, "label_smoothing"))
-    per_sample = xp.sum(_sigmoid_bce_elementwise(xp, x, t, weight, pos_weight), axis=-1)
-    return restore_dtype(xp, _elementwise_reduce(xp, per_sample, reduction, sample_weight, where),
-                         dtype)
+    label_mask, sample_where = class_or_row_where(xp, where, x, x.ndim - 1, "logits")
+    terms = _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight)
+    if label_mask is not None:  # masked labels contribute nothing, even NaN ones
+        terms = xp.where(label_mask, terms, 0.0)
+    per_sample = xp.sum(terms, axis=-1)
+    return restore_dtype(
+        xp, _elementwise_reduce(xp, per_sample, reduction, sample_weight, sample_where), dtype
+    )
 
 
 def _focal_factor(xp: Any, u: Array, gamma: float) -> Array:
@@ -693,8 +816,10 @@ def nll_loss(
     ``log_loss`` and Keras do.
 
     ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. A mask with as
+    many dimensions as ``log_probs`` is a class mask (the softmax losses' rule); only its
+    row form (size 1 on the class axis) is taken, as log-probabilities are already
+    normalised: mask classes in :func:`crossent.log_softmax` instead.
 
     Reference: ``torch.nn.functional.nll_loss`` (``NLLLoss``).
 
@@ -716,6 +841,16 @@ def nll_loss(
     dtype = log_probs.dtype
     lp = move_axis_last(xp, to_float(xp, log_probs), axis)
     weight = _class_weight(xp, weight, lp, "weight")
+    if where is not None:
+        where = as_array(where, "where")
+        if where.ndim == log_probs.ndim and where.shape[axis] != 1:
+            raise InputError(
+                f"where has shape {tuple(where.shape)}, a class mask; nll_loss takes "
+                f"log-probabilities already normalised, so it takes a row mask only (the "
+                f"per-example loss's shape): mask classes in log_softmax(logits, where=...) "
+                f"or softmax_cross_entropy(..., where=...)"
+            )
+    _, row_where = class_or_row_where(xp, where, log_probs, axis, "log_probs")
     hot, valid = _index_hot(xp, lp, target, ignore_index, validate, log_probs.shape, axis)
     w = weight if weight is not None else xp.ones_like(lp[..., 0:1])
     per_row = -xp.sum(xp.where(hot, w * lp, 0.0), axis=-1)
@@ -724,7 +859,7 @@ def nll_loss(
     else:
         row_weight = xp.astype(valid, lp.dtype)
     return _reduce_rows(
-        xp, per_row, sample_weight, where, lp, row_weight, xp.sum(row_weight), valid,
+        xp, per_row, sample_weight, row_where, lp, row_weight, xp.sum(row_weight), valid,
         reduction, dtype,
     )
 
@@ -774,9 +909,10 @@ def poly1_cross_entropy(
     weights (times each example's class weight / counted-row share), as scikit-learn's
     ``log_loss`` and Keras do.
 
-    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    ``where`` (optional boolean mask): :func:`softmax_cross_entropy`'s row mask (fewer
+    dimensions than ``logits``: masked rows contribute 0 and are not counted) or class mask
+    (as many dimensions as ``logits``: masked classes leave the softmax, ``p`` being the
+    softmax over the kept classes, and contribute nothing; optax's ``where``).
 
     Reference: ``optax.losses.poly_loss_cross_entropy`` (probability labels, no reduction).
 
@@ -785,15 +921,15 @@ def poly1_cross_entropy(
     """
     epsilon = _checks.check_finite(epsilon, "epsilon")
     parts = softmax_cross_entropy_parts(
-        logits, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, validate=validate,
+        logits, target, axis=axis, where=where, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, validate=validate,
     )
     xp = parts.xp
     log_p = safe_log_probs(xp, parts)
     ce = -xp.sum(parts.target * log_p, axis=-1)
     one_minus_p = -xp.expm1(parts.log_probs)
     per_row = ce + epsilon * xp.sum(parts.target * one_minus_p, axis=-1)
-    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
+    return _reduce_softmax_rows(per_row, parts, sample_weight)
 
 
 def softmax_focal_loss(
@@ -829,9 +965,10 @@ def softmax_focal_loss(
     weights (times each example's class weight / counted-row share), as scikit-learn's
     ``log_loss`` and Keras do.
 
-    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    ``where`` (optional boolean mask): :func:`softmax_cross_entropy`'s row mask (fewer
+    dimensions than ``logits``: masked rows contribute 0 and are not counted) or class mask
+    (as many dimensions as ``logits``: masked classes leave the softmax, ``p`` being the
+    softmax over the kept classes, and contribute nothing; optax's ``where``).
 
     Reference: Keras ``CategoricalFocalCrossentropy(from_logits=True)``, whose formula this
     is, except that Keras clips ``p`` to ``[1e-7, 1 - 1e-7]`` before the log (crossent
@@ -842,8 +979,8 @@ def softmax_focal_loss(
     """
     gamma = _checks.check_nonnegative(gamma, "gamma")
     parts = softmax_cross_entropy_parts(
-        logits, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, validate=validate,
+        logits, target, axis=axis, where=where, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, validate=validate,
     )
     xp = parts.xp
     log_p = safe_log_probs(xp, parts)
@@ -852,7 +989,7 @@ def softmax_focal_loss(
         terms = terms * _focal_factor(xp, -xp.expm1(parts.log_probs), gamma)
     terms = terms * _focal_alpha(xp, alpha, parts.logits)
     per_row = -xp.sum(terms, axis=-1)
-    return _reduce_softmax_rows(per_row, parts, sample_weight, where)
+    return _reduce_softmax_rows(per_row, parts, sample_weight)
 
 
 def _focal_alpha(xp: Any, alpha: Any, z: Array) -> Any:
@@ -890,13 +1027,17 @@ def categorical_focal_loss(
     :func:`crossent.cross_entropy` checks them); each ``log p`` is clamped at -100, as
     PyTorch's ``binary_cross_entropy`` does, so a probability of 0 costs at most 100 per
     unit of target. ``alpha`` (a number, per-class ``(C,)``, or None), ``gamma``, targets
-    (class indices or probabilities), ``ignore_index``, ``label_smoothing`` (``(1 - eps) t +
-    eps / C``), ``sample_weight`` and ``reduction`` are :func:`softmax_focal_loss`'s.
+    (class indices or probabilities), ``ignore_index`` (an ``ignore_index >= 0`` with
+    probability targets raises), ``label_smoothing`` (``(1 - eps) t + eps / C``),
+    ``sample_weight`` and ``reduction`` are :func:`softmax_focal_loss`'s.
     Prefer :func:`softmax_focal_loss` on logits: it needs no clamp.
 
-    ``where`` (optional boolean mask, broadcast against the per-example losses): masked-out
-    examples contribute 0 (even a NaN) and are not counted by ``"mean"``. It masks
-    examples, not classes: an optax-style mask shaped like the logits raises.
+    ``where`` (optional boolean mask): a row mask (fewer dimensions than ``probs``: masked
+    rows contribute 0 and are not counted) or a class mask (as many dimensions as
+    ``probs``), as :func:`softmax_focal_loss`'s: the kept classes' probabilities are
+    renormalised, ``p_c / sum_{kept} p``, which is the softmax over the kept classes of
+    logits whose softmax is ``p``, so ``categorical_focal_loss(softmax(z), t, where=m)``
+    equals ``softmax_focal_loss(z, t, where=m)``; masked classes contribute nothing.
 
     Reference: Keras ``CategoricalFocalCrossentropy(from_logits=False)``, whose formula this
     is for probabilities in ``[1e-7, 1 - 1e-7]`` summing to 1 (Keras rescales rows to sum 1
@@ -919,11 +1060,16 @@ def categorical_focal_loss(
     p = move_axis_last(xp, to_float(xp, probs), axis)
     if validate:
         _checks.check_distribution(xp, p, "probs", -1, dtype)
+    class_mask, row_where = class_or_row_where(xp, where, probs, axis, "probs")
+    if class_mask is not None:
+        p = _renormalise_kept(xp, p, class_mask)
     if is_integer(xp, target):
         t, row_mask, denominator, row_weight = _index_target(
-            xp, p, target, None, ignore_index, eps, validate, probs.shape, axis
+            xp, p, target, None, ignore_index, eps, validate, probs.shape, axis, class_mask,
+            row_where,
         )
     elif xp.isdtype(target.dtype, "real floating"):
+        check_no_ignore_index(ignore_index)
         t, denominator = _probability_target(
             xp, p, target, None, eps, validate, probs, axis, "probs"
         )
@@ -933,6 +1079,8 @@ def categorical_focal_loss(
             f"target must hold integer class indices or floating probabilities, got dtype "
             f"{target.dtype}"
         )
+    if class_mask is not None:
+        t = xp.where(class_mask, t, 0.0)
     positive = p > 0
     log_p = xp.where(positive, xp.clip(xp.log(xp.where(positive, p, 1.0)), -100.0, None), -100.0)
     terms = t * log_p
@@ -941,5 +1089,17 @@ def categorical_focal_loss(
     per_row = -xp.sum(terms * _focal_alpha(xp, alpha, p), axis=-1)
     counted = None if row_mask is None else row_mask > 0
     return _reduce_rows(
-        xp, per_row, sample_weight, where, p, row_weight, denominator, counted, reduction, dtype
+        xp, per_row, sample_weight, row_where, p, row_weight, denominator, counted, reduction,
+        dtype,
     )
+
+
+def _renormalise_kept(xp: Any, p: Array, class_mask: Array) -> Array:
+    """Probabilities (class axis last) restricted to the kept classes and renormalised,
+    ``p_c / sum_{kept} p``: the softmax of ``log p`` with masked classes out of the
+    normaliser. A row whose kept mass is 0 (a row with nothing kept among them) is 0; NaN
+    propagates."""
+    kept = xp.where(class_mask, p, 0.0)
+    total = xp.sum(kept, axis=-1, keepdims=True)
+    some = total != 0
+    return xp.where(some, kept / xp.where(some, total, 1.0), 0.0)
