@@ -158,9 +158,12 @@ def logsumexp(
     xp, (x, b) = arrays(x, b, names=("x", "b"), optional=("b",))
     dtype = x.dtype
     x = to_float(xp, x)
-    x = _masked(xp, x, where_mask(xp, where, x))
+    mask = where_mask(xp, where, x)
+    x = _masked(xp, x, mask)
     if b is not None:
         x, b = _broadcast_b(xp, x, b)
+        if mask is not None:  # a masked entry's scale (even NaN) is out of the sum too
+            b = xp.where(mask, b, 0.0)
     x, axis, was_0d = _flatten_0d(xp, x, axis)
     if was_0d and b is not None:
         b = xp.reshape(b, (1,))

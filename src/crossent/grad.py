@@ -50,7 +50,8 @@ def softmax_cross_entropy_grad(
     per-row losses).
 
     ``sample_weight`` (broadcast against the per-row losses) multiplies row n's gradient by
-    ``s_n``, and ``"mean"`` divides by the loss's weighted denominator. ``where`` is the
+    ``s_n``, and ``"mean"`` divides by the loss's weighted denominator (a gradient of 0 where
+    that is 0 and the loss NaN, as autograd gives through the loss). ``where`` is the
     loss's: a row mask (fewer dimensions than ``logits``) or a class mask (``logits``'
     dimensions); with a class mask ``p`` is the softmax over the kept classes and ``T`` is 0
     at the masked ones, so their gradient is exactly 0, and so is every masked row's (even
@@ -84,7 +85,7 @@ def softmax_cross_entropy_grad(
     if sw is not None:
         grad = grad * xp.expand_dims(sw, axis=-1)
     if parts.reduction == "mean":
-        grad = grad / denominator
+        grad = _weighted_mean(xp, grad, denominator) if sw is not None else grad / denominator
     if parts.row_mask is not None:  # ignored rows: exactly 0, even when all are (torch)
         grad = xp.where(xp.expand_dims(parts.row_mask, axis=-1) > 0, grad, 0.0)
     if mask is not None:  # masked rows: exactly 0, even with NaN logits
@@ -113,7 +114,8 @@ def sigmoid_binary_cross_entropy_grad(
     ``"mean"`` divides by the element count; ``label_smoothing`` smooths ``t`` as the loss
     does. ``sample_weight`` and the boolean ``where`` broadcast against the elementwise
     loss, as the loss's: the gradient is multiplied by ``s``, exactly 0 where masked (even
-    at a NaN logit), and ``"mean"`` divides by ``sum s * m`` instead of the element count.
+    at a NaN logit), and ``"mean"`` divides by ``sum s * m`` instead of the element count
+    (a gradient of 0 where that is 0 and the loss NaN, as autograd gives through the loss).
     Reference: torch autograd through ``binary_cross_entropy_with_logits``.
 
     >>> float(sigmoid_binary_cross_entropy_grad([0.0], [1.0], reduction="sum")[0])
@@ -146,7 +148,8 @@ def multilabel_cross_entropy_grad(
     (broadcast against the per-sample losses, shape ``logits.shape[:-1]``) multiplies
     sample n's gradient by ``s_n``; ``where`` is the loss's sample mask (fewer dimensions
     than ``logits``) or label mask (as many): the gradient is exactly 0 where masked, and
-    ``"mean"`` divides by ``sum_n s_n m_n`` over the samples kept. Reference: torch autograd.
+    ``"mean"`` divides by ``sum_n s_n m_n`` over the samples kept (a gradient of 0 where that
+    is 0). Reference: torch autograd.
 
     >>> [float(g) for g in multilabel_cross_entropy_grad([[0.0, 0.0]], [[1.0, 0.0]])[0]]
     [-0.5, 0.5]
@@ -195,7 +198,15 @@ def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction
     if sw is not None:
         grad = grad * (xp.expand_dims(sw, axis=-1) if per_sample else sw)
     if reduction == "mean":
-        grad = grad / count
+        grad = _weighted_mean(xp, grad, count) if sw is not None else grad / count
     if mask is not None:  # masked entries: exactly 0, even at NaN logits
         grad = xp.where(xp.expand_dims(mask, axis=-1) if per_sample else mask, grad, 0.0)
     return restore_dtype(xp, grad, dtype)
+
+
+def _weighted_mean(xp: Any, grad: Array, denominator: Any) -> Array:
+    """``grad / denominator`` for a "mean" divided by summed sample weights, and 0 where
+    they sum to 0: the loss is NaN there (0/0) and its own gradient, what autograd gives
+    through it, is 0 (Keras' ``divide_no_nan``); a bare division would give NaN."""
+    empty = denominator == 0
+    return xp.where(empty, 0.0, grad / xp.where(empty, 1.0, denominator))

@@ -95,10 +95,13 @@ def softmax_cross_entropy_parts(
     _checks.check_classes(logits, axis, "logits")
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
+    class_mask, row_where = class_or_row_where(xp, where, logits, axis, "logits")
+    keep = _kept_entries(xp, raw, class_mask, row_where)
+    if keep is not None:  # masked logits (NaN, inf) reach no value and no gradient
+        raw = xp.where(keep, raw, 0.0)
     z = raw if softcap is None else float(softcap) * xp.tanh(raw / float(softcap))
     if weight is not None:
         weight = _class_weight(xp, to_float(xp, weight), z, "weight")
-    class_mask, row_where = class_or_row_where(xp, where, logits, axis, "logits")
     if class_mask is not None:  # masked classes leave the normaliser
         z = _mask_classes(xp, z, class_mask, row_where)
     # log softmax as (z - m) - log1p(rest): exact near 0 for a confident correct row
@@ -119,8 +122,8 @@ def softmax_cross_entropy_parts(
             f"target must hold integer class indices or floating probabilities, got dtype "
             f"{target.dtype}"
         )
-    if class_mask is not None:  # target mass on a masked class contributes nothing (optax)
-        eff = xp.where(class_mask, eff, 0.0)
+    if keep is not None:  # target mass on a masked class or row contributes nothing (optax)
+        eff = xp.where(keep, eff, 0.0)
     return SoftmaxCEParts(
         xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(m + r, axis=-1), log_probs,
         denominator, z_loss, None if softcap is None else float(softcap), reduction, row_weight,
@@ -167,6 +170,21 @@ def class_or_row_where(
         return None, mask
     mask = move_axis_last(xp, xp.broadcast_to(mask, shape), axis)
     return mask, xp.any(mask, axis=-1)
+
+
+def _kept_entries(
+    xp: Any, x: Array, class_mask: Array | None, row_where: Array | None
+) -> Array | None:
+    """The entries of ``x`` (class axis last) that ``where`` keeps, as a boolean mask
+    broadcastable to ``x`` (None: all). The losses replace the others by a finite
+    stand-in before any arithmetic: ``where(m, f(x), 0)`` alone has a NaN gradient where
+    ``x`` is NaN (0 times NaN), JAX's ``where`` trap; optax's and ``jax.nn``'s gradients
+    are 0 there."""
+    if class_mask is not None:
+        return class_mask
+    if row_where is None:
+        return None
+    return xp.expand_dims(xp.broadcast_to(row_where, tuple(x.shape[:-1])), axis=-1)
 
 
 def _mask_classes(xp: Any, z: Array, class_mask: Array, live: Array) -> Array:
@@ -339,6 +357,8 @@ def example_weights(
         sw = like(xp, as_array(sample_weight, "sample_weight"), ref)
         _checks.check_broadcastable(sw, shape, "sample_weight", "the per-example loss")
         sw = xp.broadcast_to(xp.astype(sw, ref.dtype), shape)
+        if mask is not None:  # a masked example's weight (even NaN, inf) counts nowhere
+            sw = xp.where(mask, sw, 0.0)
         share = share * sw
     return mask, sw, xp.sum(share)
 
@@ -492,6 +512,16 @@ def smooth_binary(t: Array, label_smoothing: Any) -> Array:
     return t * (1.0 - label_smoothing) + 0.5 * label_smoothing
 
 
+def _kept_elementwise(xp: Any, where: Any, x: Array, t: Array, fill: float) -> tuple[Array, Array]:
+    """``x`` and ``t`` with the entries the elementwise mask ``where`` drops replaced by
+    ``fill`` and 0, finite stand-ins, so that a NaN or inf there reaches neither the value
+    nor the gradient (see :func:`_kept_entries`); no ``where``: both unchanged."""
+    if where is None:
+        return x, t
+    mask = _mask(xp, where, x, tuple(x.shape))
+    return xp.where(mask, x, fill), xp.where(mask, t, 0.0)
+
+
 def _elementwise_reduce(xp, loss, reduction, sample_weight=None, where=None):
     if sample_weight is not None or where is not None:
         loss, denominator = _sample_weighted(xp, loss, sample_weight, loss, None, None, where)
@@ -549,6 +579,7 @@ def binary_cross_entropy(
     t = _as_target(xp, target, q, validate, label_smoothing=label_smoothing)
     if validate:
         _checks.check_in_unit_interval(xp, q, "probs")
+    q, t = _kept_elementwise(xp, where, q, t, 0.5)
     loss = _bce_elementwise(xp, q, t)
     if weight is not None:
         loss = loss * xp.astype(weight, loss.dtype)
@@ -644,6 +675,7 @@ def sigmoid_binary_cross_entropy(
         _checks.check_broadcastable(pos_weight, tuple(x.shape), "pos_weight", "logits")
     t = _as_target(xp, target, x, validate,
                    label_smoothing=_checks.check_fraction(label_smoothing, "label_smoothing"))
+    x, t = _kept_elementwise(xp, where, x, t, 0.0)
     loss = _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight)
     return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
 
@@ -700,6 +732,9 @@ def multilabel_cross_entropy(
     t = _as_target(xp, targets, x, validate, "targets",
                    _checks.check_fraction(label_smoothing, "label_smoothing"))
     label_mask, sample_where = class_or_row_where(xp, where, x, x.ndim - 1, "logits")
+    keep = _kept_entries(xp, x, label_mask, sample_where)
+    if keep is not None:  # masked logits (NaN, inf) reach no value and no gradient
+        x, t = xp.where(keep, x, 0.0), xp.where(keep, t, 0.0)
     terms = _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight)
     if label_mask is not None:  # masked labels contribute nothing, even NaN ones
         terms = xp.where(label_mask, terms, 0.0)
@@ -772,6 +807,7 @@ def sigmoid_focal_loss(
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, target, None, reduction)
     t = _as_target(xp, target, x, validate, label_smoothing=label_smoothing)
+    x, t = _kept_elementwise(xp, where, x, t, 0.0)
     bce = _sigmoid_bce_elementwise(xp, x, t, None, None)
     one_minus_pt = t * xp.exp(log_sigmoid(-x)) + (1.0 - t) * xp.exp(log_sigmoid(x))
     loss = bce if _checks.is_zero(gamma) else bce * _focal_factor(xp, one_minus_pt, gamma)
