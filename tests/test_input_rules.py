@@ -326,3 +326,18 @@ def test_logsumexp_is_accurate_to_a_few_roundings_of_its_two_parts(x):
         rest = abs(float(exact - mpmath.mpf(float(x.max()))))
     tolerance = 4 * np.finfo(np.float64).eps * (abs(float(x.max())) + rest)
     assert abs(float(xe.logsumexp(x)) - want) <= tolerance
+
+
+def test_validation_under_torch_vmap_names_validate_false():
+    """torch.func.vmap cannot read values: InputError saying to pass validate=False, not
+    torch's own "data-dependent control flow" RuntimeError."""
+    torch = pytest.importorskip("torch")
+    import crossent as xe
+    from crossent.errors import InputError
+
+    z, y = torch.randn(3, 4, 5), torch.randint(0, 5, (3, 4))
+    with pytest.raises(InputError, match="validate=False"):
+        torch.func.vmap(lambda a, b: xe.softmax_cross_entropy(a, b))(z, y)
+    got = torch.func.vmap(lambda a, b: xe.softmax_cross_entropy(a, b, validate=False))(z, y)
+    want = torch.stack([torch.nn.functional.cross_entropy(z[i], y[i]) for i in range(3)])
+    torch.testing.assert_close(got, want)

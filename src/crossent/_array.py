@@ -191,13 +191,16 @@ def numel(x: Array) -> int:
 def any_true(xp: Any, mask: Array) -> bool:
     """Python bool of ``any(mask)``; a device sync on accelerators (skip with validate=False).
 
-    Traced values (``jax.jit``) have no concrete value to check: the library's own
-    TypeError is replaced by an ``InputError`` that says how to call crossent there
+    Traced values (``jax.jit``, ``torch.func.vmap``) have no concrete value to check: the
+    library's own error is replaced by an ``InputError`` that says how to call crossent there
     (every function that checks values has ``validate``).
     """
     try:
         return bool(xp.any(mask))
-    except TypeError as err:
+    except (TypeError, RuntimeError) as err:
+        # jax.jit: TypeError; torch.func.vmap: RuntimeError ("data-dependent control flow")
+        if isinstance(err, RuntimeError) and "data-dependent" not in str(err):
+            raise
         raise InputError(
             "validate=True checks values, which needs concrete arrays; inside jax.jit or "
             "another tracing transform pass validate=False"

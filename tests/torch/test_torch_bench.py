@@ -109,6 +109,7 @@ def test_figure_title_fits_and_no_empty_memory_panel(memory):
     (["--out", ""], "--out"),
     (["ce-f64"], "unknown configuration 'ce-f64'"),
     (["--repeats", "0"], "--repeats"),
+    (["--load", "-1"], "--load"),
 ])
 def test_python_m_bench_bad_options_one_line_exit_2(argv, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -118,3 +119,52 @@ def test_python_m_bench_bad_options_one_line_exit_2(argv, needle, capsys, tmp_pa
     assert err.count("\n") == 1 and err.startswith("python -m crossent.torch.bench: error: ")
     assert needle in err
     assert not (tmp_path / "b").exists()
+
+
+def test_load_runs_busy_processes_records_load_and_kills_them(tmp_path, capsys, monkeypatch):
+    """--load N: N busy children exist while the steps are timed and are gone afterwards;
+    every contender's load average is in the JSON and the table."""
+    seen = []
+    real = bench.time_config
+
+    def spy(*args, **kwargs):
+        load = bench.CompetingLoad.active
+        seen.append([c.poll() for c in load])  # None: still running
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_config", spy)
+    results = bench.main(["ce-small", "--quick", "--repeats", "2", "--warmup", "0",
+                          "--no-memory", "--load", "2", "--out", str(tmp_path)])
+    assert seen == [[None, None]]
+    assert bench.CompetingLoad.active == []
+    assert results is not None and results["load"] == 2
+    entry = results["configs"]["ce-small"]["contenders"]["crossent"]
+    assert entry["loadavg_before"] >= 0 and entry["loadavg_after"] >= 0
+    assert entry["paired_vs_eager"] > 0
+    out = capsys.readouterr().out
+    assert "2 competing process(es)" in out and "->" in out
+
+
+def test_competing_load_kills_its_children_after_an_error():
+    with pytest.raises(ZeroDivisionError), bench.CompetingLoad(1) as load:
+        child = load.active[0]
+        raise ZeroDivisionError
+    assert child.poll() is not None  # killed and reaped
+
+
+def test_crossover_sweep_writes_its_table_and_figure(tmp_path, capsys):
+    results = bench.main(["--crossover", "--quick", "--repeats", "1", "--no-memory",
+                          "--out", str(tmp_path)])
+    assert results is not None and results["configs"] == {}
+    points = results["crossover"]
+    assert [(p["N"], p["V"]) for p in points] == [
+        (max(n // 16, 4), max(v // 16, 16)) for n, v in bench.CROSSOVER_SIZES]
+    assert all(p["ratio"] > 0 and p["rounds"] >= 1 for p in points)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "crossover.png"]
+    assert "x eager (paired median)" in capsys.readouterr().out
+
+
+def test_half_ignored_configuration_ignores_every_other_target():
+    case = bench.make_case("linear-half-ignored", "cpu", quick=True)
+    ignored = case.target == -100
+    assert bool(ignored[::2].all()) and not bool(ignored[1::2].any())

@@ -197,8 +197,6 @@ def test_what_triton_lacks_raises_naming_it_before_any_kernel(calls):
         ce(z, t, cw.clone().requires_grad_(), backend="triton")
     with pytest.raises(UnsupportedError, match=r"backend='triton'.*transforms"):
         torch.func.grad(lambda z: ce(z, y, backend="triton"))(z.detach())
-    with pytest.raises(UnsupportedError, match=r"backend='triton'.*loss"):
-        ce(z.bfloat16(), y, backend="triton", loss_dtype=torch.float32)
     with pytest.raises(UnsupportedError, match=r"backend='triton'.*C = 0"):
         ce(torch.zeros(3, 0, device=DEVICE), torch.full((3,), -100, device=DEVICE),
            backend="triton")
@@ -211,3 +209,28 @@ def test_what_triton_lacks_raises_naming_it_before_any_kernel(calls):
     with pytest.raises(UnsupportedError, match=r"backend='triton'.*retain"):
         lce(x, w, y, options=options, backend="triton")
     assert calls == {"cross_entropy": 0, "linear": 0}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float32_loss_from_bfloat16_logits_is_rounded_once(calls, reduction):
+    """loss_dtype=float32 (and autocast's float32 loss) from bfloat16 logits: the Triton
+    kernels return the float32 sum, not a bfloat16 loss widened afterwards."""
+    z, y, *_ = data(5)
+    zb = z.bfloat16()
+    want = F.cross_entropy(zb.double(), y, reduction=reduction)  # the same rounded logits
+    got = xt.cross_entropy(zb.clone().requires_grad_(), y, reduction=reduction,
+                           backend="triton", loss_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    close(got, want, rtol=1e-6)
+    num = xt.cross_entropy(zb.clone().requires_grad_(), y, backend="triton",
+                           loss_dtype=torch.float32, num_items=7)
+    close(num, F.cross_entropy(zb.double(), y, reduction="sum") / 7, rtol=1e-6)
+    x, w = data(6)[4:6]
+    xb, wb = x.bfloat16(), w.bfloat16()
+    lin = xt.linear_cross_entropy(xb, wb.clone().requires_grad_(), y, backend="triton",
+                                  loss_dtype=torch.float32, reduction=reduction)
+    assert lin.dtype == torch.float32
+    ref = xt.linear_cross_entropy(xb, wb.clone().requires_grad_(), y, backend="rowblock",
+                                  loss_dtype=torch.float32, reduction=reduction)
+    close(lin, ref, rtol=1e-5)
+    assert calls == {"cross_entropy": 2, "linear": 1}

@@ -362,6 +362,14 @@ def bench(
     out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="folder for bench.json "
                                          "and bench.png (created if missing)")
                        ] = "crossent-bench",
+    load: Annotated[int, typer.Option("--load", min=0, metavar="N", help="N busy processes "
+                                      "compete for the cores while timing (one per core: "
+                                      "a busy training machine); the load average before "
+                                      "and after each contender is recorded either way")] = 0,
+    crossover: Annotated[bool, typer.Option("--crossover", help="sweep N x V from tiny to "
+                                            "large: crossent / torch eager against the size, "
+                                            "crossover.png (alone unless CONFIGs are named)")
+                         ] = False,
 ) -> None:
     """Time crossent.torch against torch (eager, compiled, unfused, chunked).
 
@@ -370,9 +378,10 @@ def bench(
     """
     from ..torch import bench as bench_mod  # needs torch: a missing one is named, exit 1
 
-    configs = list(dict.fromkeys(configs or bench_mod.DEFAULT))  # each once: one JSON entry
+    # each once: one JSON entry; --crossover alone runs only the sweep
+    configs = list(dict.fromkeys(configs or ([] if crossover else bench_mod.DEFAULT)))
     bench_mod.run(configs, device=device, repeats=repeats, warmup=warmup,
-                  memory=memory, quick=quick, out=out_dir)
+                  memory=memory, quick=quick, out=out_dir, load=load, crossover=crossover)
 
 
 def main() -> None:

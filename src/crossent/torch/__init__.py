@@ -7,7 +7,8 @@ block, and a chunked linear + cross-entropy head that never holds all the logits
 ``python -m crossent.torch.bench`` measures them against torch. On CPU the gradient
 buffers are reused from step to step (:func:`empty_cache`, :func:`set_buffer_reuse`),
 never while anything (a tensor, a view, another process through shared memory) can
-still see them.
+still see them, and the row blocks run on worker threads with one OpenMP thread each
+(:func:`set_block_workers`), so that a busy machine does not stall them at barriers.
 
 The contract: torch's numbers or an error naming what is unsupported. Double backward,
 ``torch.func`` transforms, forward-mode AD and ``jit.trace`` work (through a composable
@@ -15,15 +16,19 @@ path in plain torch ops, :mod:`crossent.torch._composite`); bad input raises
 :class:`crossent.InputError`; see docs/guarantees.md.
 """
 
+from ._blockpool import set_block_workers
 from ._buffers import empty_cache, set_buffer_reuse
+from ._statistics import TokenStatistics
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "TokenStatistics",
     "cross_entropy",
     "empty_cache",
     "linear_cross_entropy",
+    "set_block_workers",
     "set_buffer_reuse",
 ]

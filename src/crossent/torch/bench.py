@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,14 @@ CONFIGS = {
     "linear-f32": ("linear", 2048, 32000, 512, "float32"),
     "linear-bf16": ("linear", 2048, 32000, 512, "bfloat16"),
     "linear-v128k": ("linear", 1024, 128256, 512, "float32"),
+    # prompt-masked fine-tuning: every other target is ignore_index (-100)
+    "linear-half-ignored": ("linear", 2048, 32000, 512, "float32"),
 }
+IGNORED_FRACTION = {"linear-half-ignored": 0.5}
+# N x V of the crossover sweep (float32, index targets): where crossent's kernels overtake
+# torch's; --crossover
+CROSSOVER_SIZES = [(64, 1000), (256, 1000), (1024, 1000), (256, 4000), (1024, 4000),
+                   (512, 8000), (1024, 16000), (2048, 16000), (2048, 32000), (4096, 32000)]
 DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
 DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]
@@ -84,6 +91,9 @@ def make_case(config: str, device: str, quick: bool) -> Case:
     dtype = getattr(torch, dtype)
     g = torch.Generator(device=device).manual_seed(0)
     target = torch.randint(0, v, (n,), generator=g, device=device)
+    ignored = IGNORED_FRACTION.get(config, 0.0)
+    if ignored:
+        target[torch.arange(n, device=device) % round(1 / ignored) == 0] = -100
     case = Case(kind, device, target=target, shape=(kind, n, v, d, str(dtype).split(".")[-1]))
     if kind == "ce":
         case.logits = torch.randn(n, v, generator=g, device=device).to(dtype)
@@ -152,6 +162,7 @@ def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool
     case = make_case(config, device, quick)
     names = contenders(config)
     runs: dict[str, list[float]] = {n: [] for n in names}
+    load: dict[str, list[float]] = {n: [] for n in names}  # 1-min load average, first/last
     for name in names:
         for _ in range(warmup):
             _refill(case)
@@ -161,13 +172,18 @@ def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool
         for name in names:  # round-robin: noise hits every contender alike
             _refill(case)
             _sync(device)
+            if i == 1:
+                load[name].append(os.getloadavg()[0])
             t0 = time.perf_counter()
             step(case, name)
             _sync(device)
             runs[name].append((time.perf_counter() - t0) * 1e3)
+            if i == repeats:
+                load[name].append(os.getloadavg()[0])
         if on_round is not None:
             on_round(i, time.perf_counter() - started)
-    timing = {n: {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r}
+    timing = {n: {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r,
+                  "loadavg_before": load[n][0], "loadavg_after": load[n][-1]}
               for n, r in runs.items()}
     return timing, case.shape
 
@@ -254,15 +270,19 @@ def table(results: dict) -> str:
         kind, n, v, d, dtype = res["shape"]
         base = "eager" if kind == "ce" else "unfused"
         lines.append(f"\n{config}: {kind} N={n} V={v}" + (f" D={d}" if d else "") +
-                     f" {dtype}, forward+backward, {results['repeats']} runs; ratios of medians"
+                     f" {dtype}, forward+backward, {results['repeats']} runs"
+                     + (f", {results['load']} competing process(es)" if results.get("load")
+                        else "") + "; ratios of medians"
                      f" (min-based in brackets) to {base}" + (" and to exp-floor" if
                                                               kind == "ce" else ""))
         entries = res["contenders"].values()
         with_exp = any("vs_exp" in r for r in entries)
         with_mem = any(r.get("peak_mib") is not None for r in entries)
+        with_load = any("loadavg_before" in r for r in entries)
         rows = [["contender", "median ms", "min ms", f"x {base} [min]"]
                 + (["x exp [min]"] if with_exp else [])
-                + (["peak MiB", "x mem"] if with_mem else [])]
+                + (["peak MiB", "x mem"] if with_mem else [])
+                + (["load"] if with_load else [])]
         for name, r in res["contenders"].items():
             row = [name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
                    f"{r['vs_' + base]:.3f} [{r['min_vs_' + base]:.3f}]"]
@@ -272,6 +292,9 @@ def table(results: dict) -> str:
                 mem, ratio = r.get("peak_mib"), r.get("mem_vs_" + base)
                 row += [f"{mem:.1f}" if mem is not None else "-",
                         f"{ratio:.3f}" if ratio is not None else ""]
+            if with_load:  # the 1-min load average at its first and after its last step
+                row.append(f"{r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}"
+                           if "loadavg_before" in r else "")
             rows.append(row)
         lines += _columns(rows)
     return "\n".join(lines)
@@ -380,27 +403,134 @@ class _Progress:
         self.say(f"  {config} done in {_duration(seconds)} ({_duration(elapsed)} in all){more}")
 
 
+def time_crossover(device: str, repeats: int, sizes: list[tuple[int, int]] | None = None,
+                   say: Callable[[str], None] | None = None) -> list[dict]:
+    """Forward+backward of ``crossent.torch.cross_entropy`` against torch eager on float32
+    logits and index targets at each ``(N, V)`` of ``sizes`` (default
+    :data:`CROSSOVER_SIZES`): per size the medians and the median of the per-round ratios
+    (crossent / eager; below 1: crossent is faster)."""
+    out = []
+    for n, v in sizes or CROSSOVER_SIZES:
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(n, v, generator=g, device=device)
+        target = torch.randint(0, v, (n,), generator=g, device=device)
+
+        def eager(logits: torch.Tensor = logits, target: torch.Tensor = target) -> None:
+            z = logits.detach().requires_grad_()
+            torch.autograd.grad(F.cross_entropy(z, target), z)
+
+        def fused(logits: torch.Tensor = logits, target: torch.Tensor = target) -> None:
+            z = logits.detach().requires_grad_()
+            torch.autograd.grad(xf.cross_entropy(z, target), z)
+
+        runs: dict[str, list[float]] = {"eager": [], "crossent": []}
+        # short steps: many rounds, so that a median means something
+        rounds = repeats * max(1, min(50, 2_000_000 // (n * v)))
+        for r in range(rounds + 2):
+            for name, fn in (("eager", eager), ("crossent", fused)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                if r >= 2:  # two warm-up rounds
+                    runs[name].append((time.perf_counter() - t0) * 1e3)
+        ratio = statistics.median(a / b for a, b in zip(runs["crossent"], runs["eager"],
+                                                         strict=True))
+        out.append({"N": n, "V": v, "logits": n * v, "rounds": rounds,
+                    "eager_ms": statistics.median(runs["eager"]),
+                    "crossent_ms": statistics.median(runs["crossent"]), "ratio": ratio})
+        if say is not None:
+            say(f"  crossover N={n} V={v}: crossent {ratio:.2f}x eager")
+    return out
+
+
+def crossover_table(points: list[dict]) -> str:
+    rows = [["N x V", "eager ms", "crossent ms", "x eager (paired median)"]]
+    rows += [[f"{p['N']} x {p['V']}", f"{p['eager_ms']:.3f}", f"{p['crossent_ms']:.3f}",
+              f"{p['ratio']:.3f}"] for p in points]
+    title = "\ncrossover: cross_entropy float32, index targets, forward+backward"
+    return "\n".join([title, *_columns(rows)])
+
+
+def crossover_figure(points: list[dict], title: str) -> Figure:
+    """crossent's time over torch eager's against the number of logits (log scale)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([p["logits"] for p in points], [p["ratio"] for p in points], "o-")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("logits N x V (float32)")
+    ax.set_ylabel("crossent time / torch eager time")
+    ax.set_ylim(bottom=0)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
+    return fig
+
+
+class CompetingLoad:
+    """``processes`` busy processes (a Python loop each) while the block runs: the machine of
+    a training job that also runs data loaders or a second job per core. ``with
+    CompetingLoad(os.cpu_count()):`` puts one on every core; they are killed on exit, also
+    after an error or ^C."""
+
+    active: ClassVar[list[subprocess.Popen]] = []  # the running children (the tests look)
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+
+    def __enter__(self) -> CompetingLoad:
+        try:
+            for _ in range(self.processes):
+                self.active.append(subprocess.Popen(
+                    [sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL))
+        except BaseException:
+            self.__exit__()
+            raise
+        if self.processes:
+            time.sleep(1.0)  # let them start spinning before the first timed step
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.active:
+            child.kill()
+        for child in self.active:
+            child.wait()
+        self.active.clear()
+
+
+def _check_count(value: object, name: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"{name} must be an integer >= {least} (got {value!r})")
+    return value
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def run(configs: list[str] | None = None, *, device: str | None = None, repeats: int = 5,
         warmup: int = 1, memory: bool = True, quick: bool = False,
-        out: Path | str = DEFAULT_OUT, say: Callable[[str], None] | None = None) -> dict:
+        out: Path | str = DEFAULT_OUT, say: Callable[[str], None] | None = None,
+        load: int = 0, crossover: bool = False) -> dict:
     """Benchmark ``configs`` (default :data:`DEFAULT`); print a table per configuration, write
     ``out/bench.json`` and ``out/bench.png`` and return the results.
 
+    ``load``: that many busy processes compete for the cores while the steps are timed
+    (:class:`CompetingLoad`; ``os.cpu_count()`` puts one on every core); every contender's
+    1-min load average at its first timed step and after its last is recorded either way.
+    ``crossover``: also sweep :data:`CROSSOVER_SIZES` (:func:`time_crossover`), a table and
+    ``out/crossover.png``; ``configs=[]`` with it runs the sweep alone.
     The options are checked before the first step (an :class:`~crossent.errors.InputError`
     naming the option); progress goes to ``say`` (default: a line on stderr)."""
     configs = list(DEFAULT if configs is None else configs)
     unknown = [c for c in configs if c not in CONFIGS]
-    if unknown or not configs:
+    if unknown or not (configs or crossover):
         what = f"unknown configuration {unknown[0]!r}" if unknown else "no configuration"
         raise InputError(f"{what}; choose from {', '.join(CONFIGS)}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise InputError(f"--repeats must be an integer >= 1 (got {repeats!r})")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise InputError(f"--warmup must be an integer >= 0 (got {warmup!r})")
+    _check_count(repeats, "--repeats", 1)
+    _check_count(warmup, "--warmup", 0)
+    _check_count(load, "--load", 0)
     device = check_device(device)
     out = check_output_path(out, "--out", directory=True)
     say = say or _to_stderr
@@ -410,10 +540,12 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         "device_name": (torch.cuda.get_device_name(device) if device.startswith("cuda")
                         else f"{platform.processor() or platform.machine()} "
                              f"{os.cpu_count()} CPUs"),
-        "repeats": repeats, "warmup": warmup, "quick": quick,
+        "repeats": repeats, "warmup": warmup, "quick": quick, "load": load,
         "loadavg_before": os.getloadavg(), "configs": {},
     }
     memory_note = (", peak memory in one fresh process per contender" if memory else "")
+    if load:
+        memory_note += f", {load} busy process(es) competing while timing"
     say(f"crossent bench: {len(configs)} configuration(s) on {results['device_name']}: "
         f"{warmup} warm-up and {repeats} timed step(s) per contender{memory_note}. "
         "torch.compile compiles on its first step (seconds to a minute); the time left is "
@@ -432,7 +564,8 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
                 say(f"  {config}: timed round {r}/{repeats} took {_duration(seconds)}"
                     + (f"; about {_duration(left)} more of timing" if r < repeats else ""))
 
-        timing, shape = time_config(config, device, repeats, warmup, quick, on_round)
+        with CompetingLoad(load):
+            timing, shape = time_config(config, device, repeats, warmup, quick, on_round)
 
         def on_start(name: str, j: int, config: str = config, k: int = len(names)) -> None:
             say(f"  {config}: peak memory {j}/{k} ({name}, a fresh process)")
@@ -445,19 +578,37 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
             if "exp-floor" in timing:
                 r["vs_exp"] = r["median_ms"] / timing["exp-floor"]["median_ms"]
                 r["min_vs_exp"] = r["min_ms"] / timing["exp-floor"]["min_ms"]
+            r["paired_vs_" + base] = statistics.median(  # per-round ratios: noise cancels
+                a / b for a, b in zip(r["runs_ms"], timing[base]["runs_ms"], strict=True))
             peak, peak_base = mem.get(name), mem.get(base)
             r["peak_mib"] = peak
             if peak is not None and peak_base:
                 r["mem_vs_" + base] = peak / peak_base
         results["configs"][config] = {"shape": list(shape), "contenders": timing}
-        print(table({"configs": {config: results["configs"][config]}, "repeats": repeats}),
-              flush=True)
+        print(table({"configs": {config: results["configs"][config]}, "repeats": repeats,
+                     "load": load}), flush=True)
         progress.finished(config, time.perf_counter() - started)
+    written = []
+    if crossover:
+        say(f"crossover: {len(CROSSOVER_SIZES)} sizes, crossent against torch eager...")
+        sizes = [(max(n // 16, 4), max(v // 16, 16)) for n, v in CROSSOVER_SIZES] if quick else None
+        with CompetingLoad(load):
+            results["crossover"] = time_crossover(device, repeats, sizes, say)
+        print(crossover_table(results["crossover"]), flush=True)
     results["loadavg_after"] = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
+    if configs:
+        plot(results, out / "bench.png")
+        written.append(out / "bench.png")
+    if crossover:
+        title = (f"crossent.torch.cross_entropy vs torch {results['torch']} eager on "
+                 f"{results['device_name']}" + (f", {load} competing process(es)" if load
+                                                else ""))
+        save_figure(crossover_figure(results["crossover"], title), out / "crossover.png",
+                    dpi=110)
+        written.append(out / "crossover.png")
     write_atomic(out / "bench.json", json.dumps(results, indent=1) + "\n")
-    plot(results, out / "bench.png")
-    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}; load average "
+    print(f"\nwrote {out / 'bench.json'} and {' and '.join(map(str, written))}; load average "
           f"{results['loadavg_before']} -> {results['loadavg_after']}", flush=True)
     return results
 
@@ -466,13 +617,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     """``python -m crossent.torch.bench``: the same options as ``crossent bench``."""
     p = argparse.ArgumentParser(prog="python -m crossent.torch.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="*", default=DEFAULT,
+    p.add_argument("configs", nargs="*", default=None,
                    help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="N busy processes compete while timing (one per core: "
+                        f"{os.cpu_count()} here)")
+    p.add_argument("--crossover", action="store_true",
+                   help="sweep small to large N x V: crossent / eager against the size "
+                        "(alone unless configurations are named)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"folder for bench.json and bench.png (default: {DEFAULT_OUT})")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -482,8 +639,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(memory_child(config, name, check_device(args.device), args.quick))
         return None
     try:
-        return run(args.configs, device=args.device, repeats=args.repeats, warmup=args.warmup,
-                   memory=args.memory, quick=args.quick, out=args.out)
+        configs = args.configs or ([] if args.crossover else DEFAULT)
+        return run(configs, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                   memory=args.memory, quick=args.quick, out=args.out, load=args.load,
+                   crossover=args.crossover)
     except InputError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:

@@ -180,7 +180,7 @@ class _CrossEntropy(torch.autograd.Function):
     kept alive from forward to backward."""
 
     @staticmethod
-    def forward(ctx, input, target, opts, inplace):
+    def forward(ctx, input, target, opts, inplace, loss_dtype):
         logits, flat_target, row_shape = _flatten(input, target)
         grad = None if inplace else torch.empty_like(logits)
         res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, **opts)
@@ -193,21 +193,21 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
         _save_inputs(ctx, (input, target), opts, inplace)
-        out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"]).to(logits.dtype)
+        out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"]).to(loss_dtype)
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True
             g, _ = _double_backward(ctx, grad_output, _composite_loss)
-            return g, None, None, None
+            return g, None, None, None, None
         grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
         if ctx.ignored is None:
             _scale_grad(grad, grad_output.reshape(-1).contiguous(), ctx.reduction == "none")
         else:
             _scale_grad(grad, _row_factors(grad_output, ctx.ignored).contiguous(), True)
-        return _unflatten(grad, ctx.input_shape), None, None, None
+        return _unflatten(grad, ctx.input_shape), None, None, None, None
 
 
 def triton_cross_entropy(
@@ -223,12 +223,15 @@ def triton_cross_entropy(
     inplace_backward: bool = False,
     check_targets: bool = True,
     block: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` (plus ``z_loss``, ``softcap``) on the Triton
     kernel: loss and gradient in one launch during forward; backward scales the stored
     gradient by ``grad_output`` on the device. ``check_targets`` raises torch's
     ``IndexError`` for an out-of-range class index (one host synchronisation); without it
-    such a row gets a NaN loss. See the package docstring for everything else."""
+    such a row gets a NaN loss. ``loss_dtype``: the returned loss's dtype, rounded once from
+    the float32 sum (default: the input's). See the package docstring for everything
+    else."""
     num_classes, index_target, row_shape = _shapes(input, target)
     w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, input,
                target)
@@ -238,12 +241,13 @@ def triton_cross_entropy(
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
+    out_dtype = input.dtype if loss_dtype is None else loss_dtype
     if torch.is_grad_enabled() and input.requires_grad:
-        return _CrossEntropy.apply(input, target, opts, bool(inplace_backward))
+        return _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype)
     with torch.no_grad():
         logits, flat_target, _ = _flatten(input, target)
         res = ops.cross_entropy_forward(logits, flat_target, compute_grad=False, **opts)
-        out = ops.reduce_rows(res.loss, res.denominator, reduction).to(logits.dtype)
+        out = ops.reduce_rows(res.loss, res.denominator, reduction).to(out_dtype)
     return out.reshape(row_shape) if reduction == "none" else out
 
 
@@ -317,7 +321,7 @@ def _linear_pass(x, w, b, target, opts, scale, chunk, need, row_multiplier=None)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, rows, opts, chunk):
+    def forward(ctx, x, w, b, target, rows, opts, chunk, loss_dtype):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need, ctx.opts = opts["reduction"], chunk, need, opts
         ctx.keep = x.dtype == torch.float64
@@ -329,13 +333,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if opts["reduction"] == "none":  # the gradient depends on grad_output row by row
             ctx.save_for_backward(x, w, b, target)
         _save_inputs(ctx, (x, w, b, target), opts, False)
-        return loss.to(x.dtype)
+        return loss.to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True
             return (*_double_backward(ctx, grad_output, _composite_linear_loss)[:3],
-                    None, None, None, None)
+                    None, None, None, None, None)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors
             grads = _head_grads(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk, ctx.need,
@@ -351,7 +355,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g is not None:
                     _scale_grad(g, go, False)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None
 
 
 def _composite_linear_loss(opts, x, w, b, target):
@@ -440,10 +444,12 @@ def triton_linear_cross_entropy(
     skip_ignored: bool = True,
     check_targets: bool = True,
     block: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` through row
     chunks: matmul, the Triton kernel in place on the chunk's logits, then dx, dW, db
-    (dW and db summed in float32). See the package docstring."""
+    (dW and db summed in float32); the loss in ``loss_dtype`` (default: the input's),
+    rounded once from float32. See the package docstring."""
     if linear_weight.dim() != 2:
         raise UnsupportedError("linear_weight must be (C, D); K-dimensional heads unsupported")
     if input.dim() not in (1, 2):
@@ -473,10 +479,12 @@ def triton_linear_cross_entropy(
     x, t = x.contiguous(), t.contiguous()
     rows = _compact(t, ignore_index) if skip_ignored else None
     params = (x, linear_weight, linear_bias)
+    out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, rows, opts, chunk)
+        out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, rows, opts, chunk,
+                                        out_dtype)
     else:
         with torch.no_grad():
             out = _head(x, linear_weight, linear_bias, t, rows, opts, chunk,
-                        (False,) * 3).to(x.dtype)
+                        (False,) * 3).to(out_dtype)
     return out.reshape(()) if single and reduction == "none" else out

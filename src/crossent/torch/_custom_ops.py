@@ -1,0 +1,685 @@
+"""``torch.compile`` without a graph break: the fused losses as custom operators.
+
+The fused kernels are loops of tensor operations with host-side checks (``bool(t.any())``,
+``data_ptr`` comparisons) and a gradient computed in forward: traced by dynamo they would
+break the graph at every check and unroll into one graph per shape. Under
+``torch.compile`` (and ``torch.export``) the public entry points therefore call one opaque
+operator per loss instead, registered with :func:`torch.library.custom_op`:
+
+``crossent::cross_entropy_fwd`` / ``crossent::cross_entropy_bwd``
+    the loss and the gradient of the logits; the backward operator recomputes the
+    gradients a forward pass cannot store (a probability target's, a class weight's).
+``crossent::linear_cross_entropy_fwd`` / ``crossent::linear_cross_entropy_bwd``
+    the chunked linear head: loss and ``dx``, ``dW``, ``db`` (``reduction="none"`` and
+    target/weight gradients in the backward operator, from the real ``grad_output``).
+
+The forward operators also return the six ``statistics=`` tensors (0-element where not
+asked; the entry point rebuilds :class:`crossent.torch.TokenStatistics`).
+
+Each operator's implementation runs the eager entry point itself (registered here by
+:func:`compilable`, the decorator of :func:`crossent.torch.cross_entropy` and
+:func:`crossent.torch.linear_cross_entropy`), so every check, backend choice and number is
+eager crossent's: the forward operator asks the eager function's own autograd for the
+gradient with ``grad_output = 1`` (the fused kernels computed it in forward: no second
+pass), the registered backward multiplies it by the real ``grad_output`` (per row for
+``reduction="none"``), as the eager backward does. The fake (meta) implementations give
+the shapes and dtypes, so dynamic shapes (``torch._dynamo.mark_dynamic``) trace once.
+
+Rules under ``torch.compile``:
+
+* Checks that read tensor values (class indices in range, ``num_items > 0``) and option
+  checks run when the compiled code runs, inside the operator: bad input raises
+  :class:`crossent.InputError` (``IndexError`` for an out-of-range class, as torch) then,
+  not at trace time (dynamo would turn a trace-time exception into its own error). An
+  argument of a type no operator can carry (a list as ``target``, ``reduction=None``; NumPy
+  scalars, which reach dynamo as arrays) is found while tracing and raises
+  :class:`crossent.InputError` naming it when the code runs (``crossent::input_error``).
+* ``inplace_backward=True`` is ignored: an operator may not mutate its inputs, so the
+  logits are left intact (as on the native route of small inputs); the gradient is an
+  extra ``N x C`` buffer.
+* Double backward (``create_graph=True``) raises :class:`crossent.UnsupportedError`
+  (torch's AOT backends refuse it too); run the loss eagerly for Hessians. Backward twice
+  (``retain_graph=True``) works: the stored gradients are not consumed.
+* A ``grad_output`` other than 1 multiplies the gradients returned by the operator, which
+  are already in the parameters' dtypes: for bfloat16/float16 linear-head parameters
+  ``dW``/``db`` are rounded before that product (eager rounds after it): one rounding
+  more, only where ``grad_output != 1``.
+* ``num_items`` as a Python number is a constant of the compiled graph (a new value
+  recompiles); give a 0-d tensor (the Trainer's ``num_items_in_batch``) to avoid that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import torch
+from torch.nn import _reduction
+
+from ..errors import InputError, UnsupportedError
+from ._rules import LOW_PRECISION, autocast_dtype, compute_dtype
+from ._statistics import STATISTICS, TokenStatistics
+
+__all__ = [
+    "compilable",
+    "compiled_cross_entropy",
+    "compiled_linear_cross_entropy",
+    "compiling",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# the eager entry points, by name: registered by :func:`compilable` (this module imports
+# none of them: no import circle), called by the operators' implementations
+_EAGER: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def compiling() -> bool:
+    """dynamo is tracing (``torch.compile``, ``torch.export``): the custom operators serve."""
+    return torch.compiler.is_compiling()
+
+
+def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator of a public entry point: eager calls run it as it is; under
+    ``torch.compile`` the call becomes the custom operators (``compiled_<name>``, same
+    signature), whose implementations run the undecorated function eagerly."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        _EAGER[name] = fn  # type: ignore[assignment]
+        compiled: Callable[..., Any] = _COMPILED[name]
+
+        @functools.wraps(fn, updated=())  # not __dict__: no compiler.disable marks
+        def entry(*args: P.args, **kwargs: P.kwargs) -> R:
+            if torch.compiler.is_compiling():
+                return compiled(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return entry
+
+    return decorate
+
+
+# ---- running the eager entry point inside an operator
+
+# the implementations synchronise with the host (the class-index bounds check, as torch's
+# own): CUDA graphs (mode="reduce-overhead") must not capture them
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")
+
+
+def _autograd_recording() -> contextlib.AbstractContextManager:
+    """An operator's implementation runs below autograd's dispatch keys (its autograd is
+    the registered formula): let autograd record again inside it, so the eager entry
+    point's own autograd Function can hand over the gradient it stored in forward."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           exclude)
+
+
+def _autocast_state(device_type: str, dtype: torch.dtype | None):
+    """Autocast as it was where the loss was traced (AOT backends run the graph without
+    it, having traced its casts): the eager entry point then follows it as eagerly."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Sequence[bool],
+               options: dict[str, Any], autocast: torch.dtype | None,
+               grad_output: torch.Tensor | None, want_grads: bool,
+               statistics: str | None = None):
+    """``(loss, grads, stats)``: the eager entry point's loss, if ``want_grads`` the
+    gradients of the tensors whose ``requires`` is set (``grad_output`` or ones), each
+    contiguous (``None`` for the others), and the ``statistics`` it returned (names joined
+    by commas; ``None``: off)."""
+    if statistics is not None:
+        options = {**options, "statistics": _names(statistics)}
+    device_type = next(t for t in tensors.values() if t is not None).device.type
+    with _autograd_recording(), torch.enable_grad(), _autocast_state(device_type, autocast):
+        leaves = {k: None if t is None else t.detach().requires_grad_(bool(r))
+                  for (k, t), r in zip(tensors.items(), requires, strict=True)}
+        loss = _EAGER[name](**{**leaves, **options})  # a number num_items replaces None
+        stats = None
+        if statistics is not None:
+            loss, stats = loss
+        wanted = [t for t, r in zip(leaves.values(), requires, strict=True)
+                  if r and t is not None]
+        grads: list[torch.Tensor | None] = [None] * len(requires)
+        if want_grads and wanted:
+            found = iter(torch.autograd.grad(
+                loss, wanted, torch.ones_like(loss) if grad_output is None else grad_output,
+                allow_unused=True))
+            for i, (t, r) in enumerate(zip(leaves.values(), requires, strict=True)):
+                if r and t is not None:
+                    g = next(found)
+                    grads[i] = (torch.zeros_like(t) if g is None else g).contiguous()
+    return loss.detach().contiguous(), grads, stats
+
+
+def _forward_requires(requires: Sequence[bool], want_grads: bool, primary: int) -> list[bool]:
+    """What the forward operator tells the eager function needs a gradient: without
+    ``want_grads`` (the backward operator computes them all) not the first ``primary``
+    inputs (logits; x, W, b), so forward does no gradient work for them; the others' flags
+    stay, so eager refuses in forward what it refuses (a class weight that requires grad
+    with class-index targets, ``num_items`` that requires grad)."""
+    return list(requires) if want_grads else [False] * primary + list(requires[primary:])
+
+
+def _names(statistics: str) -> tuple[str, ...]:
+    return tuple(n for n in statistics.split(",") if n)
+
+
+def _statistics_arg(function: str, statistics) -> tuple[str | None, str | None]:
+    """``statistics`` as one string for the operator (names joined by commas), and the
+    problem of a value that is not ``None``, a name or a tuple of names."""
+    if statistics is None:
+        return None, None
+    names = (statistics,) if isinstance(statistics, str) else statistics
+    if isinstance(names, (tuple, list)) and all(isinstance(n, str) and n in STATISTICS
+                                                for n in names):
+        return ",".join(names), None
+    return None, (f"statistics must be None, a name or a tuple of names from {STATISTICS} "
+                  f"(crossent.torch.{function} under torch.compile)")
+
+
+def _stats_outputs(stats: TokenStatistics | None, like: torch.Tensor) -> list[torch.Tensor]:
+    """The six statistics outputs (``counted`` last), 0-element where not asked."""
+    if stats is None:
+        return [like.new_empty(0) for _ in TokenStatistics._fields]  # distinct: no aliases
+    return [_or_empty(None if t is None else t.contiguous(), like) for t in stats]
+
+
+def _fake_stats(statistics: str | None, shape: tuple, dtype: torch.dtype,
+                like: torch.Tensor) -> list[torch.Tensor]:
+    if statistics is None:
+        return [like.new_empty(0) for _ in TokenStatistics._fields]
+    names = _names(statistics)
+    return [like.new_empty(shape, dtype=torch.bool if field in ("accuracy", "counted")
+                           else dtype)
+            if field in names or field == "counted" else like.new_empty(0)
+            for field in TokenStatistics._fields]
+
+
+def _token_statistics(statistics: str, outputs) -> TokenStatistics:
+    names = _names(statistics)
+    return TokenStatistics._make(t if field in names or field == "counted" else None
+                                 for field, t in zip(TokenStatistics._fields, outputs,
+                                                     strict=True))
+
+
+def _with_statistics(loss: torch.Tensor, statistics: str | None, outputs):
+    """What the eager function returns: the loss, or ``(loss, stats)``."""
+    if statistics is None:
+        return loss
+    return loss, _token_statistics(statistics, outputs)
+
+
+def _deferred_error(input, problem: str, statistics) -> Any:
+    """The ``crossent::input_error`` operator in place of the loss (and its statistics)."""
+    error = torch.ops.crossent.input_error(
+        input.detach() if isinstance(input, torch.Tensor) else None, problem)
+    if statistics is None:
+        return error
+    return error, TokenStatistics(None, None, None, None, None, error)
+
+
+def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Operator outputs cannot be None: a gradient not asked for is a 0-element tensor."""
+    return like.new_empty(0) if grad is None else grad
+
+
+def _fake_grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+    return None if t is None or not wanted else torch.empty_like(
+        t, memory_format=torch.contiguous_format)
+
+
+def _refuse_double_backward(name: str) -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise UnsupportedError(
+            f"crossent.torch.{name} under torch.compile: double backward (create_graph=True)"
+            f"; call the loss outside torch.compile for Hessians and gradient penalties")
+
+
+# ---- arguments an operator cannot carry: their InputError is raised at run time too
+
+_NONE = type(None)
+_TENSOR = ("a tensor", (torch.Tensor,))
+_OPTIONAL_TENSOR = ("a tensor or None", (torch.Tensor, _NONE))
+_NUMBER = ("a number", (int, float))
+_OPTIONAL_NUMBER = ("a number or None", (int, float, _NONE))
+_COUNT = ("a number, a 0-d tensor or None", (int, float, torch.Tensor, _NONE))
+_TEXT = ("a string", (str,))
+_DTYPE = ("a torch.dtype or None", (torch.dtype, _NONE))
+_FLAG = ("True or False", (bool, int, float))  # a number: the eager check names it
+
+
+def _type_problem(function: str, checks) -> str | None:
+    """The first argument whose type the operator cannot take, in words, or None.
+    (NumPy scalars, which eager calls take, reach dynamo as arrays: refused here.)"""
+    for name, value, (kind, types) in checks:
+        if not isinstance(value, types):
+            return (f"{name} must be {kind}, got {type(value).__name__} (crossent.torch."
+                    f"{function} under torch.compile)")
+    return None
+
+
+@torch.library.custom_op("crossent::input_error", mutates_args=(), tags=_TAGS,
+                         schema="(Tensor? like, str message) -> Tensor")
+def _input_error(like, message):
+    """Raises :class:`crossent.InputError` when the compiled code runs: an argument of the
+    wrong type, found while tracing (where dynamo would replace the exception by its own)."""
+    raise InputError(message)
+
+
+@_input_error.register_fake
+def _(like, message):
+    return torch.empty(())
+
+
+# ---- cross_entropy
+
+_CE_TENSORS = ("input", "target", "weight", "num_items")
+_CE_SCHEMA = (
+    "(Tensor input, Tensor target, Tensor? weight, Tensor? num_items, bool[] requires, "
+    "bool want_grads, bool? size_average, Scalar? ignore_index, bool? reduce, str reduction, "
+    "Scalar label_smoothing, Scalar z_loss, Scalar? softcap, ScalarType loss_dtype, "
+    "Scalar? num_items_value, str backend, ScalarType? autocast, str? statistics)")
+_STATS_RETURNS = "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor"
+
+
+def _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                softcap, loss_dtype, num_items_value, backend) -> dict[str, Any]:
+    options = dict(size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+                   reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                   softcap=softcap, loss_dtype=loss_dtype, backend=backend)
+    if num_items_value is not None:
+        options["num_items"] = num_items_value
+    return options
+
+
+def _ce_tensors(input, target, weight, num_items) -> dict[str, torch.Tensor | None]:
+    return dict(zip(_CE_TENSORS, (input, target, weight, num_items), strict=True))
+
+
+@torch.library.custom_op("crossent::cross_entropy_fwd", mutates_args=(), tags=_TAGS,
+                         schema=_CE_SCHEMA + f" -> (Tensor, Tensor, {_STATS_RETURNS})")
+def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, size_average,
+                       ignore_index, reduce, reduction, label_smoothing, z_loss, softcap,
+                       loss_dtype, num_items_value, backend, autocast, statistics):
+    """The loss, with ``want_grads`` ``dloss/dinput`` for ``grad_output = 1``, and the
+    statistics asked for."""
+    loss, grads, stats = _run_eager(
+        "cross_entropy", _ce_tensors(input, target, weight, num_items),
+        _forward_requires(requires, want_grads, 1),
+        _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                    softcap, loss_dtype, num_items_value, backend),
+        autocast, None, want_grads, statistics)
+    return (loss, _or_empty(grads[0], input), *_stats_outputs(stats, input))
+
+
+def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
+    if reduction != "none" or input.dim() < 2:
+        return ()
+    return (input.shape[0], *input.shape[2:])
+
+
+@_cross_entropy_fwd.register_fake
+def _(input, target, weight, num_items, requires, want_grads, size_average, ignore_index,
+      reduce, reduction, label_smoothing, z_loss, softcap, loss_dtype, num_items_value,
+      backend, autocast, statistics):
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
+    return (loss, _or_empty(_fake_grad(input, want_grads and requires[0]), input),
+            *_fake_stats(statistics, _ce_loss_shape(input, "none"),
+                         compute_dtype(input.dtype), input))
+
+
+@torch.library.custom_op("crossent::cross_entropy_bwd", mutates_args=(), tags=_TAGS,
+                         schema="(Tensor grad_output, " + _CE_SCHEMA[1:]
+                         + " -> (Tensor, Tensor, Tensor)")
+def _cross_entropy_bwd(grad_output, input, target, weight, num_items, requires, want_grads,
+                       size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                       softcap, loss_dtype, num_items_value, backend, autocast, statistics):
+    """The gradients of input, target and weight for ``grad_output``: the eager forward
+    and backward, run again (for gradients forward does not store; no statistics)."""
+    _, grads, _ = _run_eager(
+        "cross_entropy", _ce_tensors(input, target, weight, num_items), requires,
+        _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                    softcap, loss_dtype, num_items_value, backend),
+        autocast, grad_output, True)
+    return (_or_empty(grads[0], input), _or_empty(grads[1], input),
+            _or_empty(grads[2], input))
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad_output, input, target, weight, num_items, requires, *rest):
+    return (_or_empty(_fake_grad(input, requires[0]), input),
+            _or_empty(_fake_grad(target, requires[1]), input),
+            _or_empty(_fake_grad(weight, requires[2]), input))
+
+
+def _ce_setup(ctx, inputs, output) -> None:
+    input, target, weight, num_items, requires, want_grads = inputs[:6]
+    ctx.options = inputs[4:]  # requires, want_grads, and the options
+    ctx.want_grads, ctx.requires = want_grads, requires
+    ctx.per_row = input.dim() > 1 and output[0].dim() > 0
+    ctx.mark_non_differentiable(*output[1:])
+    if want_grads:  # the gradient of the input, stored in forward
+        ctx.save_for_backward(output[1])
+    else:  # recomputed in backward from the inputs
+        ctx.save_for_backward(input, target, weight, num_items)
+
+
+def _ce_backward(ctx, grad_loss, *_not_differentiable):
+    _refuse_double_backward("cross_entropy")
+    rest = (None,) * len(ctx.options)
+    if ctx.want_grads:
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
+        return (grad * scale).to(grad.dtype), None, None, None, *rest
+    input, target, weight, num_items = ctx.saved_tensors
+    d_input, d_target, d_weight = torch.ops.crossent.cross_entropy_bwd(
+        grad_loss, input, target, weight, num_items, *ctx.options)
+    requires = ctx.requires
+    return (d_input if requires[0] else None, d_target if requires[1] else None,
+            d_weight if requires[2] else None, None, *rest)
+
+
+_cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _requires(*tensors: torch.Tensor | None) -> list[bool]:
+    on = torch.is_grad_enabled()
+    return [on and t is not None and t.requires_grad for t in tensors]
+
+
+def _num_items_args(num_items):
+    """``(tensor or None, number or None)``: a tensor travels as an operator input."""
+    if isinstance(num_items, torch.Tensor):
+        return num_items, None
+    return None, num_items
+
+
+def compiled_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+    statistics: str | tuple[str, ...] | None = None,
+) -> Any:
+    """:func:`crossent.torch.cross_entropy` under ``torch.compile``: one
+    ``crossent::cross_entropy_fwd`` operator (see the module docstring for the rules;
+    ``inplace_backward`` is ignored)."""
+    del inplace_backward  # an operator may not mutate its inputs: the logits stay intact
+    problem = _type_problem("cross_entropy", (
+        ("input", input, _TENSOR), ("target", target, _TENSOR),
+        ("weight", weight, _OPTIONAL_TENSOR), ("ignore_index", ignore_index, _OPTIONAL_NUMBER),
+        ("reduction", reduction, _TEXT), ("label_smoothing", label_smoothing, _NUMBER),
+        ("z_loss", z_loss, _NUMBER), ("softcap", softcap, _OPTIONAL_NUMBER),
+        ("loss_dtype", loss_dtype, _DTYPE), ("num_items", num_items, _COUNT),
+        ("backend", backend, _TEXT)))
+    names, problem = _statistics_arg("cross_entropy", statistics) if problem is None \
+        else (None, problem)
+    if problem is not None:
+        return _deferred_error(input, problem, statistics)
+    # torch's legacy rule reads only ``is False``: any other value counts as True
+    size_average, reduce = (None if v is None else v is not False
+                            for v in (size_average, reduce))
+    device_type = input.device.type
+    out_dtype = autocast_dtype(input, device_type) if loss_dtype is None else loss_dtype
+    autocast = (torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type) else None)
+    tensor_count, number = _num_items_args(num_items)
+    requires = _requires(input, target, weight, tensor_count)
+    # the input's gradient is stored in forward unless target or weight need theirs
+    want_grads = requires[0] and not (requires[1] or requires[2])
+    loss, _, *stats = torch.ops.crossent.cross_entropy_fwd(
+        input, target, weight, tensor_count, requires, want_grads, size_average,
+        ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, out_dtype, number,
+        backend, autocast, names)
+    return _with_statistics(loss, names, stats)
+
+
+# ---- linear_cross_entropy
+
+_LINEAR_TENSORS = ("input", "linear_weight", "linear_bias", "target", "weight", "num_items")
+_LINEAR_SCHEMA = (
+    "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+    "Tensor? num_items, bool[] requires, bool want_grads, str reduction, Scalar? ignore_index, "
+    "Scalar label_smoothing, Scalar z_loss, Scalar? softcap, Scalar? chunk_size, "
+    "str? options_type, Scalar? batch_chunk_size, str? chunking_method, str? acc_policy, "
+    "ScalarType? acc_dtype, bool allow_retain_graph, ScalarType loss_dtype, "
+    "Scalar? num_items_value, str backend, Scalar shift, ScalarType? autocast, "
+    "str? statistics)")
+# the arguments after want_grads, by name
+_LINEAR_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap",
+                   "chunk_size", "options_type", "batch_chunk_size", "chunking_method",
+                   "acc_policy", "acc_dtype", "allow_retain_graph", "loss_dtype",
+                   "num_items_value", "backend", "shift", "autocast", "statistics")
+
+
+class _Options:
+    """``torch.nn.LinearCrossEntropyOptions``'s fields, rebuilt inside the operator
+    (an operator takes no Python objects)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _linear_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                    options_type, batch_chunk_size, chunking_method, acc_policy, acc_dtype,
+                    allow_retain_graph, loss_dtype, num_items_value, backend, shift,
+                    autocast, statistics) -> dict[str, Any]:
+    """The eager function's keyword arguments (``autocast``, ``statistics``: passed
+    separately)."""
+    options: Any = None
+    if options_type == "":  # not options: the eager check names its type
+        options = type("options", (), {})()
+    elif options_type is not None:
+        options = _Options(batch_chunk_size=batch_chunk_size, chunking_method=chunking_method,
+                           acc_policy=acc_policy, acc_dtype=acc_dtype,
+                           allow_retain_graph=allow_retain_graph)
+    out = dict(reduction=reduction, ignore_index=ignore_index,
+               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+               chunk_size=chunk_size, options=options, loss_dtype=loss_dtype,
+               backend=backend, shift=shift)
+    if num_items_value is not None:
+        out["num_items"] = num_items_value
+    return out
+
+
+def _linear_tensors(*tensors) -> dict[str, torch.Tensor | None]:
+    return dict(zip(_LINEAR_TENSORS, tensors, strict=True))
+
+
+@torch.library.custom_op("crossent::linear_cross_entropy_fwd", mutates_args=(), tags=_TAGS,
+                         schema=_LINEAR_SCHEMA
+                         + f" -> (Tensor, Tensor, Tensor, Tensor, {_STATS_RETURNS})")
+def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, requires,
+                want_grads, *options):
+    """The loss, with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1``, and
+    the statistics asked for."""
+    named = dict(zip(_LINEAR_OPTIONS, options, strict=True))
+    loss, grads, stats = _run_eager(
+        "linear_cross_entropy",
+        _linear_tensors(input, linear_weight, linear_bias, target, weight, num_items),
+        _forward_requires(requires, want_grads, 3), _linear_options(*options),
+        named["autocast"], None, want_grads,
+        named["statistics"])
+    return (loss, *(_or_empty(g, input) for g in grads[:3]), *_stats_outputs(stats, input))
+
+
+def _linear_loss_shape(input, linear_weight, target, reduction, shift) -> tuple:
+    if reduction != "none":
+        return ()
+    if shift is True:  # (B, T - 1) or (T - 1)
+        return (*target.shape[:-1], target.shape[-1] - 1)
+    if input.dim() < 2:
+        return ()
+    return (input.shape[0], *linear_weight.shape[1:-1])
+
+
+@_linear_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, num_items, requires, want_grads,
+      *options):
+    named = dict(zip(_LINEAR_OPTIONS, options, strict=True))
+    shift = named["shift"]
+    loss = input.new_empty(
+        _linear_loss_shape(input, linear_weight, target, named["reduction"], shift),
+        dtype=named["loss_dtype"])
+    grads = [_or_empty(_fake_grad(t, want_grads and r), input)
+             for t, r in zip((input, linear_weight, linear_bias), requires, strict=False)]
+    stats = _fake_stats(named["statistics"],
+                        _linear_loss_shape(input, linear_weight, target, "none", shift),
+                        compute_dtype(input.dtype), input)
+    return (loss, *grads, *stats)
+
+
+@torch.library.custom_op("crossent::linear_cross_entropy_bwd", mutates_args=(), tags=_TAGS,
+                         schema="(Tensor grad_output, " + _LINEAR_SCHEMA[1:]
+                         + " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _linear_bwd(grad_output, input, linear_weight, linear_bias, target, weight, num_items,
+                requires, want_grads, *options):
+    """The gradients of x, W, b, target and weight for ``grad_output``: the eager forward
+    and backward run again (``reduction="none"`` scales each row in float32, as eager)."""
+    _, grads, _ = _run_eager(
+        "linear_cross_entropy",
+        _linear_tensors(input, linear_weight, linear_bias, target, weight, num_items),
+        requires, _linear_options(*options), options[_LINEAR_OPTIONS.index("autocast")],
+        grad_output, True)
+    return tuple(_or_empty(g, input) for g in grads[:5])
+
+
+@_linear_bwd.register_fake
+def _(grad_output, input, linear_weight, linear_bias, target, weight, num_items, requires,
+      *rest):
+    return tuple(_or_empty(_fake_grad(t, r), input) for t, r in zip(
+        (input, linear_weight, linear_bias, target, weight), requires, strict=False))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    ctx.inputs_rest = inputs[6:]
+    ctx.want_grads, ctx.requires = inputs[7], inputs[6]
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward
+        ctx.save_for_backward(*output[1:4])
+    else:  # recomputed in backward from the inputs, with the real grad_output
+        ctx.save_for_backward(*inputs[:6])
+
+
+def _linear_backward(ctx, grad_loss, *_grad_grads):
+    _refuse_double_backward("linear_cross_entropy")
+    rest = (None,) * len(ctx.inputs_rest)
+    requires = ctx.requires
+    if ctx.want_grads:
+        grads = [(g * grad_loss.to(g.dtype)) if r else None
+                 for g, r in zip(ctx.saved_tensors, requires, strict=False)]
+        return (*grads, None, None, None, *rest)
+    found = torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
+                                                        *ctx.inputs_rest)
+    return (*(g if r else None for g, r in zip(found, requires, strict=False)), None,
+            *rest)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _options_fields(options) -> tuple:
+    """``(type name or None, batch_chunk_size, chunking_method, acc_policy, acc_dtype,
+    allow_retain_graph)``; the type name ``""`` for an object that is not options."""
+    if options is None:
+        return None, None, None, None, None, False
+    fields = ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype",
+              "allow_retain_graph")
+    if not all(hasattr(options, f) for f in fields):
+        return "", None, None, None, None, False
+    return (type(options).__name__, options.batch_chunk_size, options.chunking_method,
+            options.acc_policy, options.acc_dtype, bool(options.allow_retain_graph))
+
+
+def _linear_loss_dtype(x: torch.Tensor, loss_dtype) -> torch.dtype:
+    """The eager head's loss dtype: autocast casts ``x`` to its dtype (float64 stays),
+    then a low-precision ``x`` gives a float32 loss."""
+    if loss_dtype is not None:
+        return loss_dtype
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return x.dtype
+    cast = torch.get_autocast_dtype(device_type)
+    return torch.float32 if cast in LOW_PRECISION else cast
+
+
+def compiled_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    options=None,
+    loss_dtype: torch.dtype | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    backend: str = "auto",
+    shift: bool = False,
+    statistics: str | tuple[str, ...] | None = None,
+) -> Any:
+    """:func:`crossent.torch.linear_cross_entropy` under ``torch.compile``: one
+    ``crossent::linear_cross_entropy_fwd`` operator (see the module docstring)."""
+    problem = _type_problem("linear_cross_entropy", (
+        ("input", input, _TENSOR), ("linear_weight", linear_weight, _TENSOR),
+        ("target", target, _TENSOR), ("linear_bias", linear_bias, _OPTIONAL_TENSOR),
+        ("weight", weight, _OPTIONAL_TENSOR), ("reduction", reduction, _TEXT),
+        ("ignore_index", ignore_index, _OPTIONAL_NUMBER),
+        ("label_smoothing", label_smoothing, _NUMBER), ("z_loss", z_loss, _NUMBER),
+        ("softcap", softcap, _OPTIONAL_NUMBER), ("chunk_size", chunk_size, _OPTIONAL_NUMBER),
+        ("loss_dtype", loss_dtype, _DTYPE), ("num_items", num_items, _COUNT),
+        ("backend", backend, _TEXT), ("shift", shift, _FLAG)))
+    names, problem = _statistics_arg("linear_cross_entropy", statistics) \
+        if problem is None else (None, problem)
+    if problem is not None:
+        return _deferred_error(input, problem, statistics)
+    device_type = input.device.type
+    autocast = (torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type) else None)
+    tensor_count, number = _num_items_args(num_items)
+    requires = _requires(input, linear_weight, linear_bias, target, weight, tensor_count)
+    # dx, dW, db are stored in forward for "mean"/"sum"; "none" (each row's grad_output
+    # enters dW) and target/weight gradients are computed in backward
+    want_grads = any(requires[:3]) and reduction != "none" and not (requires[3] or
+                                                                    requires[4])
+    loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
+        input, linear_weight, linear_bias, target, weight, tensor_count, requires,
+        want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+        *_options_fields(options), _linear_loss_dtype(input, loss_dtype), number, backend,
+        shift, autocast, names)
+    return _with_statistics(loss, names, stats)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {
+    "cross_entropy": compiled_cross_entropy,
+    "linear_cross_entropy": compiled_linear_cross_entropy,
+}
