@@ -415,3 +415,23 @@ def test_counted_mask_is_the_callers_own():
     ref = w.clone().requires_grad_()
     F.cross_entropy(F.linear(x, ref, b), y, reduction="sum").backward()
     close(leaf.grad, ref.grad, rtol=1e-12)
+
+
+def test_modules_pass_statistics_through():
+
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (9,), generator=g)
+    loss, stats = xt.CrossEntropyLoss()(z, y, statistics=("lse", "accuracy"))
+    torch.testing.assert_close(loss, F.cross_entropy(z, y))
+    torch.testing.assert_close(stats.lse, torch.logsumexp(z, 1))
+    assert torch.equal(stats.accuracy, z.argmax(1) == y)
+    head = xt.LinearCrossEntropyLoss(5, 7, dtype=torch.float64)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    loss, stats = head(x, y, statistics="entropy")
+    logits = F.linear(x, head.linear.weight, head.linear.bias)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+    p = torch.softmax(logits, 1)
+    torch.testing.assert_close(stats.entropy, -(p * p.log()).sum(1), rtol=1e-6, atol=1e-9)
+    assert stats.lse is None

@@ -10,14 +10,17 @@ thread: no barrier inside a call, and a descheduled worker's blocks are taken by
 The operations release the GIL, so the workers run in parallel.
 
 How the workers get one thread each: OpenMP's thread count is per thread (its
-``nthreads-var`` is a per-thread setting), so a worker calls ``torch.set_num_threads(1)``
-for itself after torch's per-thread initialisation. That call also sets torch's global
-default, which only threads created afterwards read; the caller restores it at once (checked
-in the tests: the calling thread and new threads keep their thread count). With another
-parallel backend than OpenMP (a global thread pool), or one thread, or one block, the blocks
-run in the calling thread as before. A second thread calling while the workers are busy
-runs its blocks itself. The pool is rebuilt after ``fork`` (threads do not survive it) and
-when ``torch.set_num_threads`` changes the count.
+``nthreads-var`` is a per-thread setting), so after torch's per-thread initialisation a
+worker calls the OpenMP runtime's own ``omp_set_num_threads(1)`` (through ``ctypes``, in the
+runtime torch loaded), which changes nothing for any other thread. Only where that runtime
+cannot be found does a worker call ``torch.set_num_threads(1)``, which also sets torch's
+global default; the default read before is then put back at once from a short-lived thread.
+With another parallel backend than OpenMP (a global thread pool), one thread, one block, or
+a Python dispatch or function mode active in the caller (modes are per thread: the workers
+would bypass a ``FlopCounterMode``), the blocks run in the calling thread as before. A
+second thread calling while the workers are busy runs its blocks itself. The pool is
+rebuilt after ``fork`` (threads do not survive it) and when ``torch.set_num_threads``
+changes the count; a pool still in use is retired by its caller, never stopped under it.
 
 Autograd mode is per thread: the workers run under ``torch.no_grad()`` (the kernels write
 with ``out=`` into buffers autograd must not see), in the caller's inference mode. An
@@ -29,11 +32,14 @@ writing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,17 +52,55 @@ def _openmp() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+def _find_omp_set_num_threads() -> Callable[[int], Any] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (its own copy first), or
+    None: another copy would set another runtime's count (checked by the workers)."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted(set(re.findall(r"(/\S*lib[gi]omp\S*\.so[.\d]*)", maps.read())))
+    except OSError:
+        pass
+    here = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: not p.startswith(here)):
+        try:
+            return ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
 _OPENMP = _openmp()
+_OMP_SET_NUM_THREADS = _find_omp_set_num_threads() if _OPENMP else None
 _enabled = True
+
+
+def _one_openmp_thread() -> bool:
+    """Set this thread's OpenMP count to 1 without touching torch's global default."""
+    if _OMP_SET_NUM_THREADS is None:
+        return False
+    _OMP_SET_NUM_THREADS(1)
+    return torch.get_num_threads() == 1  # torch reads omp_get_max_threads: the same runtime
+
+
+def _modes_active() -> bool:
+    """A Python dispatch or function mode is active in this thread (they are per thread)."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack())
 
 
 class _Job:
     """One call's blocks, handed to every worker; each pulls indices until none are left."""
 
-    __slots__ = ("blocks", "done", "error", "fn", "inference", "left", "lock", "next")
+    __slots__ = ("blocks", "done", "error", "fn", "inference", "joined", "left", "lock", "next")
 
     def __init__(self, fn: Callable[..., None], blocks: Sequence[tuple], workers: int) -> None:
-        self.fn, self.blocks, self.left = fn, blocks, workers
+        self.fn: Callable[..., None] | None = fn
+        self.blocks: Sequence[tuple] = blocks
+        self.left = workers
+        self.joined: set[int] = set()  # a worker handed the job twice (^C) counts once
         # the caller's inference mode: tensors it made there can only be written inside it
         self.inference = torch.is_inference_mode_enabled()
         self.next = itertools.count()
@@ -65,6 +109,10 @@ class _Job:
         self.lock = threading.Lock()
 
     def work(self) -> None:
+        with self.lock:
+            if threading.get_ident() in self.joined:
+                return
+            self.joined.add(threading.get_ident())
         try:
             # inference_mode(False) would turn grad mode on: enter it only when it is on
             with (torch.inference_mode() if self.inference else contextlib.nullcontext()), \
@@ -73,35 +121,48 @@ class _Job:
                     k = next(self.next)
                     if k >= len(self.blocks):
                         break
+                    assert self.fn is not None
                     self.fn(*self.blocks[k])
         except BaseException as error:  # handed to the caller, who raises it
-            self.error = error
-        with self.lock:
-            self.left -= 1
-            if self.left == 0:
-                self.done.set()
+            self.error = self.error or error
+        finally:
+            with self.lock:
+                self.left -= 1
+                if self.left == 0:  # drop the caller's closure: its tensors are not kept
+                    self.fn, self.blocks = None, ()
+                    self.done.set()
 
 
 class _Pool:
     def __init__(self, size: int) -> None:
         self.size = size
-        self.busy = threading.Lock()
+        self.busy = threading.Lock()  # held by the one caller whose job runs
+        self.retired = False  # replaced while busy: its caller stops it when done
         self.inboxes: list[queue.SimpleQueue] = []
+        fallback: list[bool] = []
+        default = _global_default_threads() if _OMP_SET_NUM_THREADS is None else 0
         started = threading.Barrier(size + 1)
         for _ in range(size):
             inbox: queue.SimpleQueue = queue.SimpleQueue()
             self.inboxes.append(inbox)
-            threading.Thread(target=self._serve, args=(inbox, started), daemon=True,
+            threading.Thread(target=self._serve, args=(inbox, started, fallback), daemon=True,
                              name="crossent-rowblock").start()
         started.wait()
+        if fallback:  # torch.set_num_threads(1) in a worker set the global default too
+            _in_fresh_thread(lambda: torch.set_num_threads(default))
 
     @staticmethod
-    def _serve(inbox: queue.SimpleQueue, started: threading.Barrier) -> None:
+    def _serve(inbox: queue.SimpleQueue, started: threading.Barrier,
+               fallback: list[bool] | None = None) -> None:
         torch.get_num_threads()  # torch's per-thread lazy initialisation first ...
-        torch.set_num_threads(1)  # ... then this thread's OpenMP count
+        if not _one_openmp_thread():  # ... then this thread's OpenMP count
+            torch.set_num_threads(1)
+            if fallback is not None:
+                fallback.append(True)
         started.wait()
         while (job := inbox.get()) is not None:
             job.work()
+            del job  # an idle worker keeps no caller's tensors alive
 
     def stop(self) -> None:
         for inbox in self.inboxes:
@@ -109,15 +170,35 @@ class _Pool:
 
     def run(self, fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
         job = _Job(fn, blocks, self.size)
-        for inbox in self.inboxes:
-            inbox.put(job)
+        handed = 0
         try:
-            job.done.wait()
-        except BaseException as error:  # ^C: stop handing out blocks, wait for the writers
+            for inbox in self.inboxes:
+                inbox.put(job)
+                handed += 1
+            while not job.done.wait(0.05):  # a timed wait: ^C is seen at once
+                pass
+        except BaseException as error:  # ^C: no more blocks are handed out ...
             job.error = job.error or error
-            job.done.wait()
+            for inbox in self.inboxes[handed:]:  # ... every worker counts itself out ...
+                with contextlib.suppress(BaseException):
+                    inbox.put(job)
+            job.done.wait()  # ... and nothing writes once the caller raises
         if job.error is not None:
             raise job.error
+
+
+def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a new thread (torch's per-thread settings start from the defaults)."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0] if out else None
+
+
+def _global_default_threads() -> int:
+    """torch's global default thread count: what a new thread starts with."""
+    return int(_in_fresh_thread(torch.get_num_threads))
 
 
 _pool: _Pool | None = None
@@ -132,15 +213,28 @@ def _forget_pool() -> None:  # in a forked child: the workers did not come along
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _get_pool(threads: int) -> _Pool:
+def _acquire_pool(threads: int) -> _Pool | None:
+    """A pool of ``threads`` workers with its ``busy`` lock held, or None when another
+    caller is using it. A pool of another size is replaced: stopped when idle, retired
+    (stopped by its caller afterwards) when busy."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool.size != threads:
-            if _pool is not None:
-                _pool.stop()
+        if _pool is not None and _pool.size != threads:
+            old, _pool = _pool, None
+            if old.busy.acquire(blocking=False):
+                old.stop()
+            else:
+                old.retired = True
+        if _pool is None:
             _pool = _Pool(threads)
-            torch.set_num_threads(threads)  # undo the workers' change of the global default
-        return _pool
+        return _pool if _pool.busy.acquire(blocking=False) else None
+
+
+def _release_pool(pool: _Pool) -> None:
+    with _pool_lock:
+        if pool.retired:
+            pool.stop()
+        pool.busy.release()
 
 
 def set_block_workers(enabled: bool) -> None:
@@ -167,13 +261,13 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
     """``fn(*block)`` for every block, on the worker threads when that can help (the blocks
     must write disjoint outputs), else in order in the calling thread."""
     threads = torch.get_num_threads()
-    if threads > 1 and len(blocks) > 1 and workers_enabled():
-        pool = _get_pool(threads)
-        if pool.busy.acquire(blocking=False):
+    if threads > 1 and len(blocks) > 1 and workers_enabled() and not _modes_active():
+        pool = _acquire_pool(threads)
+        if pool is not None:
             try:
                 pool.run(fn, blocks)
             finally:
-                pool.busy.release()
+                _release_pool(pool)
             return
     for block in blocks:
         fn(*block)

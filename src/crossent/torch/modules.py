@@ -4,6 +4,8 @@ for these in one line (same constructor arguments, plus crossent's extras)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,12 +42,16 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.loss_dtype, self.backend = loss_dtype, check_backend(backend)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *,
-                num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
+                num_items: int | float | torch.Tensor | None = None,
+                statistics: str | Sequence[str] | None = None) -> Any:
+        """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
+        :func:`crossent.torch.cross_entropy`)."""
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward,
             loss_dtype=self.loss_dtype, num_items=num_items, backend=self.backend,
+            statistics=statistics,
         )
 
     def extra_repr(self) -> str:
@@ -92,7 +98,10 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
                                 bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *,
-                num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
+                num_items: int | float | torch.Tensor | None = None,
+                statistics: str | Sequence[str] | None = None) -> Any:
+        """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
+        :func:`crossent.torch.linear_cross_entropy`)."""
         w: torch.Tensor = self.linear.weight
         b: torch.Tensor | None = self.linear.bias
         if self.out_features:  # stored 2-D, as torch's module stores it
@@ -104,6 +113,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             chunk_size=self.chunk_size, options=self.options, loss_dtype=self.loss_dtype,
             num_items=num_items, backend=self.backend, shift=self.shift,
+            statistics=statistics,
         )
 
     def extra_repr(self) -> str:
