@@ -27,7 +27,7 @@ narrower dtype widens it, see :func:`sum_tolerance`)."""
 def is_traced(value: Any) -> bool:
     """``value`` is a JAX tracer (inside ``jax.jit``, ``grad``, ``vmap``): it has no concrete
     value for Python to check or branch on."""
-    if not is_jax_array(value):
+    if type(value) is float or not is_jax_array(value):
         return False
     import jax
 
@@ -47,6 +47,8 @@ def check_real(value: Any, name: str) -> Any:
     hyperparameter passed through ``jax.jit``) as it is, unchecked, since its value is
     not known until it runs (the range checks below skip it too).
     """
+    if type(value) is float or type(value) is int:  # the common case, without the probes
+        return float(value)
     if is_jax_array(value) and value.ndim == 0 and value.dtype.kind in "fiu":
         return value if is_traced(value) else float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -1,12 +1,10 @@
-"""Adversarial tests of the row-block kernel's worker threads and the small-batch kernel
-(issue 16): torch's numbers (float64 references) and the bits of the kernel with workers
-off, for every option, dtype, layout and shape class; concurrent callers, thread-count
+"""Adversarial tests of the row-block kernel's worker threads (issue 16): torch's numbers
+(float64 references) and the bits of the kernel with workers off, for every option, dtype, layout and shape class; concurrent callers, thread-count
 changes, DataLoader workers (fork and spawn), inference mode, autocast, the linear head;
 every multi-thread/process test under a timeout so that a hang fails."""
 
 from __future__ import annotations
 
-import math
 import signal
 import subprocess
 import sys
@@ -17,13 +15,9 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import crossent.torch as xt
 from crossent.torch import _blockpool, _rowblock
-from crossent.torch._rowblock import small_cross_entropy, small_eligible
-from crossent.torch._rules import Options, compute_dtype
 
 pytestmark = [
     pytest.mark.skipif(not _blockpool.workers_enabled(),
@@ -546,147 +540,6 @@ def test_dataloader_workers_fork_and_spawn(tmp_path):
                           timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok fork" in done.stdout and "ok spawn" in done.stdout
-
-
-# ---- the small-batch kernel
-
-
-def _small(z, t, reduction="mean", ignore_index=-100, num_items=None, grad=True):
-    opts = Options(None, ignore_index, 0.0, 0.0, None,
-                   "mean" if num_items is not None else reduction, num_items)
-    assert small_eligible(opts)
-    g = torch.empty_like(z) if grad else None
-    loss = small_cross_entropy(z, t, opts, g)
-    return loss, g
-
-
-def _small_reference(z, t, reduction="mean", ignore_index=-100, num_items=None):
-    zd = z.detach().double().requires_grad_()
-    red = "sum" if num_items is not None else reduction
-    out = F.cross_entropy(zd, t.long(), ignore_index=ignore_index, reduction=red)
-    if num_items is not None:
-        out = out / num_items
-    out.sum().backward()
-    return out.detach(), zd.grad
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 40), c=st.integers(1, 60), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
-       reduction=st.sampled_from(["mean", "sum", "none"]),
-       ignore=st.sampled_from([-100, 0, 3, 1000]), num_items=st.sampled_from([None, 7]),
-       scale=st.sampled_from([0.1, 3.0, 20.0]))
-def test_small_kernel_is_torchs(n, c, seed, dtype, reduction, ignore, num_items, scale):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
-    t = torch.randint(0, c, (n,), generator=g)
-    if n:
-        t[torch.rand(n, generator=g) < 0.3] = ignore
-    if reduction == "none":
-        num_items = None
-    loss, grad = _small(z, t, reduction, ignore, num_items)
-    want, want_grad = _small_reference(z, t, reduction, ignore, num_items)
-    if loss is None:  # allowed only where some row's p_y underflows (or is NaN)
-        p_y = torch.softmax(z.to(compute_dtype(dtype)), 1).gather(
-            1, torch.where(t != ignore, t, 0).unsqueeze(1))
-        assert not bool((p_y >= 1e-30).all())
-        return
-    rtol, atol = _tol(dtype)
-    rtol, atol = (rtol, atol) if dtype != torch.float32 else (2e-5, 2e-5)
-    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=atol, equal_nan=True)
-    torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol)
-
-
-def test_small_kernel_gives_up_where_p_y_underflows_or_is_nan():
-    z = torch.randn(6, 10)
-    t = torch.arange(6)
-    z[2, 2] = -1e4
-    assert _small(z, t)[0] is None
-    z = torch.randn(6, 10)
-    z[1, 0] = float("nan")
-    assert _small(z, t)[0] is None
-    # and the public entry gives torch's numbers there (row-block kernel)
-    z = torch.randn(6, 10, dtype=torch.float64)
-    z[2, 2] = -1e4
-    torch.testing.assert_close(xt.cross_entropy(z, t, reduction="none"),
-                               F.cross_entropy(z, t, reduction="none"))
-
-
-@pytest.mark.parametrize("bad", [10, -1, -101, 2**40])
-def test_small_kernel_out_of_range_targets_raise_index_error(bad):
-    z = torch.randn(5, 10)
-    t = torch.tensor([0, 1, bad, 3, 4])
-    with pytest.raises(IndexError, match=str(bad)):
-        _small(z, t)
-
-
-def test_small_kernel_ignore_index_in_range_and_beyond():
-    z = torch.randn(8, 12, dtype=torch.float64)
-    for ignore in (0, 11, 12, 10**6, -5):
-        t = torch.tensor([0, 11, 5, ignore, 3, 0, 7, ignore])
-        if ignore in (12, 10**6, -5):
-            t = torch.where((t >= 0) & (t < 12) | (t == ignore), t, 1)
-        for reduction in ("mean", "sum", "none"):
-            loss, grad = _small(z, t, reduction, ignore)
-            want, want_grad = _small_reference(z, t, reduction, ignore)
-            torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
-            torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
-    t = torch.tensor([-100, 2, 3, 4, 5, 6, 7, 8])  # -100 is a class index when ignore_index=0
-    with pytest.raises(IndexError):
-        _small(z, t, ignore_index=0)
-
-
-def test_small_kernel_all_ignored_and_empty():
-    z = torch.randn(5, 7, dtype=torch.float64)
-    t = torch.full((5,), -100)
-    for reduction in ("mean", "sum", "none"):
-        loss, grad = _small(z, t, reduction)
-        want, _ = _small_reference(z, t, reduction)
-        torch.testing.assert_close(loss, want, equal_nan=True)
-        assert bool((grad == 0).all())
-    z0, t0 = torch.randn(0, 7, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-    for reduction in ("mean", "sum", "none"):
-        loss, _ = _small(z0, t0, reduction)
-        torch.testing.assert_close(loss, F.cross_entropy(z0, t0, reduction=reduction),
-                                   equal_nan=True)
-
-
-def test_small_kernel_int32_targets():
-    z = torch.randn(4, 300, dtype=torch.float64)
-    t = torch.tensor([255, 1, -100, 156])
-    loss, grad = _small(z, t.to(torch.int32))
-    want, want_grad = _small_reference(z, t)
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(grad, want_grad)
-
-
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int8])
-def test_small_kernel_narrow_int_targets_do_not_wrap(dtype):
-    z = torch.randn(4, 300, dtype=torch.float64)
-    t = torch.tensor([255, 1, 2, 156])  # uint8 255 is class 255, 156 is not ignore_index -100
-    if dtype == torch.int8:
-        t = torch.tensor([127, 1, -100, 100])  # int8 -100 is ignore_index
-    loss, grad = _small(z, t.to(dtype))
-    with pytest.raises(IndexError):
-        _small(z[:, :100], t.to(dtype))  # 255 / 127 / 156 are out of range for C = 100
-    want, want_grad = _small_reference(z, t)
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(grad, want_grad)
-
-
-def test_small_kernel_inplace_grad_and_low_precision_grad():
-    g = torch.Generator().manual_seed(2)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        z = (torch.randn(30, 40, generator=g) * 2).to(dtype)
-        t = torch.randint(0, 40, (30,), generator=g)
-        want, want_grad = _small_reference(z, t)
-        zz = z.clone()
-        opts = Options(None, -100, 0.0, 0.0, None, "mean")
-        loss = small_cross_entropy(zz, t, opts, zz)  # the gradient overwrites the logits
-        rtol, atol = _tol(dtype)
-        torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=atol)
-        torch.testing.assert_close(zz.double(), want_grad, rtol=rtol, atol=atol / 10)
-        assert not math.isnan(float(loss))
 
 
 # ---- thread-local state and interrupts at the edges of a call

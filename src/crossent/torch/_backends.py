@@ -4,10 +4,8 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
 :func:`crossent.torch.linear_cross_entropy` and their modules):
 
 ``"auto"`` (default)
-    for small inputs (under ``2**19`` logits, no ``chunk_size``) with index targets:
-    crossent's small-batch kernel on CPU where it serves the options (no class weights,
-    smoothing, ``z_loss`` or ``softcap``) and the batch is not tiny, else torch's own
-    kernel where torch has the options (neither ``z_loss`` nor ``softcap``); on CUDA/ROCm
+    torch's own kernel for small inputs with torch's options (index targets, neither
+    ``z_loss`` nor ``softcap``, under ``2**19`` logits, no ``chunk_size``); on CUDA/ROCm
     tensors the Triton kernels when triton imports and the call needs nothing they refuse;
     otherwise crossent's row-block kernel. Where autograd needs what a fused kernel cannot
     give (a ``torch.func`` transform, forward-mode AD, ``jit.trace``, ``C = 0``, ...), the
@@ -25,10 +23,7 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     that needs what they do not support raises :class:`~crossent.UnsupportedError`
     naming it, never a different computation.
 
-Routes (what :func:`choose_backend` returns): the three kernels, ``"small"`` (the
-row-block module's one-softmax kernel for small batches,
-:func:`._rowblock.small_cross_entropy`, chosen by ``"auto"`` only, so that a forced
-``"rowblock"`` always runs the block kernel) and ``"composite"``.
+Routes (what :func:`choose_backend` returns): the three kernels plus ``"composite"``.
 """
 
 from __future__ import annotations
@@ -41,7 +36,7 @@ import torch
 from ..errors import InputError, UnsupportedError
 from . import _composite
 
-__all__ = ["BACKENDS", "NATIVE_MAX_LOGITS", "SMALL_MIN_LOGITS", "Call", "check_backend",
+__all__ = ["BACKENDS", "NATIVE_MAX_LOGITS", "Call", "check_backend",
            "choose_backend", "composite_reason", "triton_importable", "triton_refusal"]
 
 BACKENDS = ("auto", "native", "rowblock", "triton")
@@ -52,10 +47,6 @@ BACKENDS = ("auto", "native", "rowblock", "triton")
 # (Read at every call by the entry points, as ``_backends.NATIVE_MAX_LOGITS``: the tests
 # lower it to send small inputs through the fused kernel.)
 NATIVE_MAX_LOGITS = 1 << 19
-# From this many logits up to NATIVE_MAX_LOGITS, "auto" sends calls the small-batch kernel
-# serves to it: a dozen tensor operations, one softmax, the gradient formed in forward (see
-# ``crossent bench --crossover``); below it torch's kernel, whose dispatch is shorter.
-SMALL_MIN_LOGITS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -64,9 +55,7 @@ class Call:
 
     ``composite``: the autograd feature that needs the composable path (None: none).
     ``triton_refusal``: a feature of this call the Triton kernels do not support.
-    ``sized``: the linear head got ``chunk_size``/``options`` (always a chunked kernel).
-    ``small``: the small-batch kernel serves these options (index targets, no class weights,
-    smoothing, ``z_loss`` or ``softcap``; ``cross_entropy`` only)."""
+    ``sized``: the linear head got ``chunk_size``/``options`` (always a chunked kernel)."""
 
     function: str
     device: torch.device
@@ -77,7 +66,6 @@ class Call:
     composite: str | None = None
     triton_refusal: str | None = None
     sized: bool = False
-    small: bool = False
 
 
 def composite_reason(num_classes: int, inplace_grads: bool, *tensors) -> str | None:
@@ -138,7 +126,7 @@ def _native_is_faster(call: Call, native_max_logits: int) -> bool:
 
 
 def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
-    """The route of one call: ``"native"``, ``"small"``, ``"rowblock"``, ``"triton"`` or
+    """The route of one call: ``"native"``, ``"rowblock"``, ``"triton"`` or
     ``"composite"``; raises :class:`UnsupportedError` for a forced backend that cannot
     serve the call. ``native_max_logits``: below this many logits torch's C++ kernel beats
     the row-block kernel's Python dispatch (see :data:`NATIVE_MAX_LOGITS`)."""
@@ -161,8 +149,7 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
     if backend == "rowblock":
         return "rowblock"
     if _native_is_faster(call, native_max_logits):
-        return ("small" if call.small and call.device.type == "cpu"
-                and call.num_logits >= SMALL_MIN_LOGITS else "native")
+        return "native"
     if (call.device.type == "cuda" and call.triton_refusal is None
             and triton_importable()):
         return "triton"

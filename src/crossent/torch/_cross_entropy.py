@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import InputError, UnsupportedError
 from . import _backends, _buffers, _composite, _statistics
 from ._custom_ops import compilable
-from ._rowblock import cross_entropy_rows, small_cross_entropy, small_eligible
+from ._rowblock import cross_entropy_rows
 from ._rules import (
     Options,
     autocast_dtype,
@@ -50,22 +50,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
         grad = None
         if need_logits:
             grad = logits if inplace else _buffers.empty(logits.shape, logits.dtype, logits)
-        ctx.reduction, ctx.rows = opts.reduction, rows
+        extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
+        losses = cross_entropy_rows(logits, target, rows, opts, grad, **extra)
+        ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
         ctx.keep = logits.dtype == torch.float64
         ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
         save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
-        # rows None: route "small" (index targets, no weight); its kernel returns None where a
-        # target probability underflows, and the block kernel takes over
-        loss = None if rows is not None else small_cross_entropy(logits, target, opts, grad)
-        if loss is None:
-            if rows is None:
-                rows = ctx.rows = prepare_rows(target, *logits.shape, opts,
-                                               compute_dtype(logits.dtype))
-            extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
-            losses = cross_entropy_rows(logits, target, rows, opts, grad, **extra)
-            loss = reduce_losses(losses, rows, opts.reduction)
-        ctx.grad = grad
-        return loss.to(out_dtype)
+        return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -392,8 +383,7 @@ def cross_entropy(
                                    inplace_backward and (weight_grad or target_grad),
                                    logits, flat_target, weight),
         _statistics.triton_refusal(names) or _backends.triton_refusal(
-            logits.dtype, out_dtype, target_grad=target_grad, weight_grad=weight_grad),
-        small=not prob and names is None and small_eligible(opts))
+            logits.dtype, out_dtype, target_grad=target_grad, weight_grad=weight_grad))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
     if route == "native":  # torch checks the indices
@@ -410,9 +400,6 @@ def cross_entropy(
             elif route == "triton":
                 out = _triton_cross_entropy(logits, flat_target, weight, opts,
                                             inplace_backward, out_dtype)
-            elif route == "small":
-                out = _small_cross_entropy(logits, flat_target, opts, inplace_backward,
-                                           out_dtype)
             else:
                 out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
                                                   inplace_backward, out_dtype, names)
@@ -434,21 +421,6 @@ def _triton_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype)
         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
         inplace_backward=inplace, loss_dtype=compute_dtype(logits.dtype))
     return divide_by_num_items(out, opts).to(out_dtype)  # rounded once, from float32
-
-
-def _small_cross_entropy(logits, flat_target, opts, inplace, out_dtype):
-    """Route ``"small"``: :func:`._rowblock.small_cross_entropy` inside the same autograd
-    Function as the block kernel (double backward, backward twice: the same rules)."""
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _CrossEntropyFunction.apply(logits, flat_target, None, None, opts, inplace,
-                                           out_dtype)
-    with torch.no_grad():
-        loss = small_cross_entropy(logits, flat_target, opts, None)
-        if loss is None:
-            rows = prepare_rows(flat_target, *logits.shape, opts, compute_dtype(logits.dtype))
-            loss = reduce_losses(cross_entropy_rows(logits, flat_target, rows, opts), rows,
-                                 opts.reduction)
-        return loss.to(out_dtype)
 
 
 def _fused_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype, names=None):

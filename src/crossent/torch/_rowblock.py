@@ -33,14 +33,7 @@ from collections.abc import Callable
 import torch
 
 from ._blockpool import run_blocks
-from ._rules import (
-    Options,
-    Rows,
-    block_rows,
-    check_index_dtype,
-    check_index_target,
-    compute_dtype,
-)
+from ._rules import Options, Rows, block_rows, compute_dtype
 
 _TINY = 1e-30  # p_y below this: lse from the row max instead
 
@@ -254,60 +247,3 @@ def cross_entropy_rows(
         losses = torch.where(counted_rows, losses, 0.0)
     return losses
 
-
-def small_eligible(opts: Options) -> bool:
-    """The options :func:`small_cross_entropy` computes: index targets (checked by the
-    caller) without class weights, smoothing, z-loss or softcap."""
-    return (opts.weight is None and not opts.label_smoothing and not opts.z_loss
-            and opts.softcap is None)
-
-
-def small_cross_entropy(z: torch.Tensor, target: torch.Tensor, opts: Options,
-                        grad: torch.Tensor | None) -> torch.Tensor | None:
-    """The reduced loss of a small batch in a dozen tensor operations, or ``None`` where a
-    target probability underflows (the caller then runs :func:`cross_entropy_rows`,
-    which takes those rows' log-sum-exp from the row max).
-
-    For inputs that fit one block the row-block kernel's per-row bookkeeping (about 60
-    operations of Python dispatch) costs more than the arithmetic; here the same
-    quantities come from one softmax: ``nll = -log p_y``, ``g = (p - onehot(y)) s`` with
-    ``s`` the row's share of the reduction (``1 / count`` for ``"mean"``, 1 for ``"sum"``,
-    0 for an ignored row). ``z`` (M, C) in any float dtype (arithmetic in the compute
-    dtype), ``target`` (M,) integer class indices, ``opts`` within :func:`small_eligible`;
-    ``grad`` (M, C), or None for the loss alone. Raises ``IndexError`` for a class index
-    out of range, as :func:`._rules.check_index_target`.
-    """
-    num_rows, num_classes = z.shape
-    cdtype = compute_dtype(z.dtype)
-    check_index_dtype(target)
-    target = target.long()  # before comparing: uint8 255 is class 255, not -100 wrapped
-    valid = target != opts.ignore_index
-    y = torch.where(valid, target, 0).unsqueeze(1)
-    if num_rows:
-        low, high = torch.aminmax(y)
-        if int(low) < 0 or int(high) >= num_classes:
-            check_index_target(target, num_classes, opts.ignore_index)  # raises, naming it
-    zc = z if z.dtype == cdtype else z.to(cdtype)
-    direct = grad is not None and grad.dtype == cdtype and grad.data_ptr() != z.data_ptr()
-    p = (torch.ops.aten._softmax.out(zc, 1, False, out=grad) if direct
-         else torch.softmax(zc, 1))
-    nll = p.gather(1, y)
-    if num_rows and not bool(nll.min() >= _TINY):  # NaN too
-        return None
-    nll.log_().neg_()
-    share = valid.to(cdtype).unsqueeze(1)
-    if opts.num_items is not None:  # "mean" or "sum" (check_num_items refuses "none")
-        share /= opts.num_items
-        loss = nll.mul_(share).sum()
-    elif opts.reduction == "mean":
-        count = share.sum()
-        share = torch.where(valid.unsqueeze(1), 1.0 / count, 0.0)  # all ignored: 0, not NaN
-        loss = nll.mul_(valid.unsqueeze(1)).sum() / count  # 0/0 = NaN, as torch
-    else:
-        loss = nll.mul_(share)
-        loss = loss.sum() if opts.reduction == "sum" else loss.squeeze(1)
-    if grad is not None:
-        p.scatter_add_(1, y, torch.full_like(nll, -1.0)).mul_(share)
-        if not direct:
-            grad.copy_(p)
-    return loss
