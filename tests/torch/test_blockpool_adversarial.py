@@ -1,7 +1,8 @@
 """Adversarial tests of the row-block kernel's worker threads (issue 16): torch's numbers
-(float64 references) and the bits of the kernel with workers off, for every option, dtype, layout and shape class; concurrent callers, thread-count
-changes, DataLoader workers (fork and spawn), inference mode, autocast, the linear head;
-every multi-thread/process test under a timeout so that a hang fails."""
+(float64 references) and the bits of the kernel with workers off, for every option, dtype,
+layout and shape class; concurrent callers, thread-count changes, DataLoader workers (fork
+and spawn), inference mode, autocast, the linear head; every multi-thread/process test
+under a timeout so that a hang fails."""
 
 from __future__ import annotations
 
