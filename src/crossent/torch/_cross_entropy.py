@@ -134,10 +134,10 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                 f"class-index target has shape {tuple(target.shape)}; expected "
                 f"{(input.shape[0], *input.shape[2:])} for input of shape {tuple(input.shape)}"
             )
-        target = target.reshape(-1)
+        target = target if target.dim() == 1 else target.reshape(-1)
     logits = (input if input.dim() == 2
               else input.movedim(1, -1).reshape(math.prod(row_shape), num_classes))
-    return logits.contiguous(), target, row_shape
+    return logits if logits.is_contiguous() else logits.contiguous(), target, row_shape
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
@@ -156,17 +156,20 @@ def native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
     Every cast is differentiable, so torch computes the target's and the weight's
     gradients itself (and double backward, transforms); ``num_items`` divides the sum."""
     cdtype = compute_dtype(input.dtype)
+    # each .to() that changes nothing still costs microseconds: skip them on the hot path
     if target.is_floating_point():
         target = target.to(cdtype)
-    else:
+    elif target.dtype != torch.int64:
         check_index_dtype(target)
         target = target.long()
     if weight is not None:
         weight = weight.to(device=input.device, dtype=cdtype)
-    out = F.cross_entropy(input.to(cdtype), target, weight, ignore_index=opts.ignore_index,
+    out = F.cross_entropy(input if input.dtype == cdtype else input.to(cdtype), target,
+                          weight, ignore_index=opts.ignore_index,
                           reduction=kernel_reduction(opts),
                           label_smoothing=opts.label_smoothing)
-    return divide_by_num_items(out, opts).to(out_dtype)
+    out = divide_by_num_items(out, opts)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
@@ -179,7 +182,6 @@ def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
 # would unroll into one graph per shape and break at every check. Under dynamo the call is
 # one crossent:: custom operator (compilable); dynamo never traces this body.
 @compilable("cross_entropy")  # torch.compile: the crossent:: custom operators
-@torch.compiler.disable
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

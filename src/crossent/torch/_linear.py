@@ -307,7 +307,6 @@ def _check_linear(x, w, b, t) -> None:
 
 
 @compilable("linear_cross_entropy")  # torch.compile: the crossent:: custom operators
-@torch.compiler.disable
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
