@@ -25,3 +25,18 @@ def fresh_pool():
     yield
     xt.empty_cache()
     xt.set_buffer_reuse(previous)
+
+
+@pytest.fixture
+def workers():
+    """For the block-worker tests: workers on, two threads at least; the thread count and
+    the setting restored afterwards."""
+    import torch
+
+    from crossent.torch import _blockpool
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    yield
+    _blockpool.set_block_workers(True)
+    torch.set_num_threads(threads)

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.skipif(not _blockpool.workers_enabled(),
                                 reason="torch without the OpenMP backend: blocks run inline")
 
 
-@pytest.fixture
-def workers():
-    """Workers on (the default), restored afterwards; two threads at least."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 2))
-    yield
-    _blockpool.workers_enabled(True)
-    torch.set_num_threads(threads)
-
 
 def _kernel(z, t, opts, block, grad=True):
     rows = prepare_rows(t, *z.shape, opts, compute_dtype(z.dtype))

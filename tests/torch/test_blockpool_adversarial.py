@@ -27,15 +27,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def workers():
-    """Workers on, two threads at least; settings restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 2))
-    yield
-    _blockpool.set_block_workers(True)
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def small_blocks(workers, monkeypatch):
