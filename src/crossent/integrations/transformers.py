@@ -61,7 +61,7 @@ import importlib
 import inspect
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -152,15 +152,15 @@ def causal_lm_loss(
             f"labels: {tuple(shift_labels.shape)} labels for {x.shape[0]} positions of "
             f"hidden states {tuple(hidden_states.shape)}; give one label per position")
     target = shift_labels.reshape(-1).to(x.device)
-    common = {"ignore_index": ignore_index, "softcap": softcap, "chunk_size": chunk_size,
-              "loss_dtype": loss_dtype}
+    common: dict[str, Any] = {"ignore_index": ignore_index, "softcap": softcap,
+                               "chunk_size": chunk_size, "loss_dtype": loss_dtype}
     if num_items_in_batch is None:
-        return linear_cross_entropy(x, lm_head_weight, target, lm_head_bias,
-                                    reduction="mean", **common)
+        return cast(torch.Tensor, linear_cross_entropy(  # no statistics: a tensor
+            x, lm_head_weight, target, lm_head_bias, reduction="mean", **common))
     # The one place where the Trainer's denominator is applied; not crossent.torch's
     # ``num_items=``, which refuses a count of 0 (transformers gives 0 / 0 = NaN).
-    total = linear_cross_entropy(x, lm_head_weight, target, lm_head_bias,
-                                 reduction="sum", **common)
+    total = cast(torch.Tensor, linear_cross_entropy(
+        x, lm_head_weight, target, lm_head_bias, reduction="sum", **common))
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

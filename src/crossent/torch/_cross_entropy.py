@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,25 @@ def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
 # torch.compile: the kernels are loops of tensor ops with host-side checks; traced, they
 # would unroll into one graph per shape and break at every check. Under dynamo the call is
 # one crossent:: custom operator (compilable); dynamo never traces this body.
+@overload
+def cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
+    size_average: bool | None = ..., ignore_index: int = ..., reduce: bool | None = ...,
+    reduction: str = ..., label_smoothing: float = ..., *, z_loss: float = ...,
+    softcap: float | None = ..., inplace_backward: bool = ...,
+    loss_dtype: torch.dtype | None = ..., num_items: int | float | torch.Tensor | None = ...,
+    backend: str = ..., statistics: None = ...,
+) -> torch.Tensor: ...
+@overload
+def cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = ...,
+    size_average: bool | None = ..., ignore_index: int = ..., reduce: bool | None = ...,
+    reduction: str = ..., label_smoothing: float = ..., *, z_loss: float = ...,
+    softcap: float | None = ..., inplace_backward: bool = ...,
+    loss_dtype: torch.dtype | None = ..., num_items: int | float | torch.Tensor | None = ...,
+    backend: str = ..., statistics: str | Sequence[str],
+) -> tuple[torch.Tensor, _statistics.TokenStatistics]: ...
+# (the two overloads: without statistics a tensor, with them a (loss, statistics) pair)
 @compilable("cross_entropy")  # torch.compile: the crossent:: custom operators
 def cross_entropy(
     input: torch.Tensor,
@@ -198,7 +219,7 @@ def cross_entropy(
     loss_dtype: torch.dtype | None = None,
     num_items: int | float | torch.Tensor | None = None,
     backend: str = "auto",
-    statistics: str | tuple[str, ...] | None = None,
+    statistics: str | Sequence[str] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, _statistics.TokenStatistics]:
     """Fused softmax cross-entropy: ``torch.nn.functional.cross_entropy`` with the gradient
     computed in the forward pass, block of rows by block of rows.

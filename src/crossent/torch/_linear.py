@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -306,6 +308,27 @@ def _check_linear(x, w, b, t) -> None:
         )
 
 
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None = ..., *, weight: torch.Tensor | None = ...,
+    reduction: str = ..., ignore_index: int | None = ..., label_smoothing: float = ...,
+    z_loss: float = ..., softcap: float | None = ..., chunk_size: int | None = ...,
+    options: Any = ..., loss_dtype: torch.dtype | None = ...,
+    num_items: int | float | torch.Tensor | None = ..., backend: str = ...,
+    shift: bool = ..., statistics: None = ...,
+) -> torch.Tensor: ...
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+    linear_bias: torch.Tensor | None = ..., *, weight: torch.Tensor | None = ...,
+    reduction: str = ..., ignore_index: int | None = ..., label_smoothing: float = ...,
+    z_loss: float = ..., softcap: float | None = ..., chunk_size: int | None = ...,
+    options: Any = ..., loss_dtype: torch.dtype | None = ...,
+    num_items: int | float | torch.Tensor | None = ..., backend: str = ...,
+    shift: bool = ..., statistics: str | Sequence[str],
+) -> tuple[torch.Tensor, _statistics.TokenStatistics]: ...
+# (the two overloads: without statistics a tensor, with them a (loss, statistics) pair)
 @compilable("linear_cross_entropy")  # torch.compile: the crossent:: custom operators
 def linear_cross_entropy(
     input: torch.Tensor,
@@ -325,7 +348,7 @@ def linear_cross_entropy(
     num_items: int | float | torch.Tensor | None = None,
     backend: str = "auto",
     shift: bool = False,
-    statistics: str | tuple[str, ...] | None = None,
+    statistics: str | Sequence[str] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, _statistics.TokenStatistics]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever
     holding more than one chunk of logits.

@@ -16,6 +16,12 @@ from .functional import cross_entropy, linear_cross_entropy
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
+def _statistics_keyword(statistics: str | Sequence[str] | None) -> dict[str, Any]:
+    """``statistics=`` passed on only when given: the functions' typed overloads return a
+    tensor without it and a (loss, statistics) pair with it."""
+    return {} if statistics is None else {"statistics": statistics}
+
+
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """:func:`crossent.torch.cross_entropy` as a module; a subclass of
     ``torch.nn.CrossEntropyLoss`` with the same constructor (``weight``, ``size_average``,
@@ -51,7 +57,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward,
             loss_dtype=self.loss_dtype, num_items=num_items, backend=self.backend,
-            statistics=statistics,
+            **_statistics_keyword(statistics),
         )
 
     def extra_repr(self) -> str:
@@ -113,7 +119,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             chunk_size=self.chunk_size, options=self.options, loss_dtype=self.loss_dtype,
             num_items=num_items, backend=self.backend, shift=self.shift,
-            statistics=statistics,
+            **_statistics_keyword(statistics),
         )
 
     def extra_repr(self) -> str:
