@@ -1,8 +1,8 @@
 """Benchmark the fused kernels against torch: ``python -m crossent.torch.bench``.
 
 Every contender of a configuration runs in one process on the same tensors: warm-up, then
-``--repeats`` timed forward+backward steps, interleaved round-robin so that machine noise
-hits all contenders alike; the median is reported. Peak memory is measured in a fresh
+``--repeats`` timed forward+backward steps, interleaved round-robin (each round starting one
+contender later) so that machine noise hits all contenders alike; the median is reported. Peak memory is measured in a fresh
 process per contender (unless ``--no-memory``): on CPU the RSS high-water mark
 (``VmHWM`` from ``/proc/self/status``, reset through ``/proc/self/clear_refs`` after the
 warm-up step; ``getrusage`` where ``/proc`` is missing) minus the RSS
@@ -169,7 +169,11 @@ def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool
             step(case, name)
     for i in range(1, repeats + 1):
         started = time.perf_counter()
-        for name in names:  # round-robin: noise hits every contender alike
+        # round-robin, each round starting one contender later: noise hits every contender
+        # alike, and none always runs right after the same one (the allocator and caches
+        # favoured one order by up to 2x at small sizes)
+        shift = (i - 1) % len(names)
+        for name in names[shift:] + names[:shift]:
             _refill(case)
             _sync(device)
             if i == 1:
