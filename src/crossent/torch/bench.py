@@ -2,12 +2,12 @@
 
 Every contender of a configuration runs in one process on the same tensors: warm-up, then
 ``--repeats`` timed forward+backward steps, interleaved round-robin (each round starting one
-contender later) so that machine noise hits all contenders alike; the median is reported. Peak memory is measured in a fresh
-process per contender (unless ``--no-memory``): on CPU the RSS high-water mark
-(``VmHWM`` from ``/proc/self/status``, reset through ``/proc/self/clear_refs`` after the
-warm-up step; ``getrusage`` where ``/proc`` is missing) minus the RSS
-once the inputs exist (crossent's reused CPU gradient buffers are released after the
-warm-up, so the measured step allocates and counts them); on CUDA
+contender later) so that machine noise hits all contenders alike; the median is reported.
+Peak memory is measured in a fresh process per contender (unless ``--no-memory``): on CPU
+the RSS high-water mark (``VmHWM`` from ``/proc/self/status``, reset through
+``/proc/self/clear_refs`` after the warm-up step; ``getrusage`` where ``/proc`` is missing)
+minus the RSS once the inputs exist (crossent's reused CPU gradient buffers are released
+after the warm-up, so the measured step allocates and counts them); on CUDA
 ``torch.cuda.max_memory_allocated`` minus the inputs.
 Prints progress and the estimated time left on stderr, a table per configuration on stdout,
 and writes ``<out>/bench.json`` and ``<out>/bench.png`` (time and memory per contender;
