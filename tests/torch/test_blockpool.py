@@ -54,9 +54,9 @@ def test_workers_give_the_bits_of_one_thread(workers, dtype, prob, case):
     weight = torch.rand(c, generator=g, dtype=torch.float32) + 0.5 if case.get("weight") else None
     opts = Options(weight, -100, case.get("label_smoothing", 0.0), case.get("z_loss", 0.0),
                    case.get("softcap"), "mean")
-    _blockpool.workers_enabled(False)
+    _blockpool.set_block_workers(False)
     want_loss, want_grad = _kernel(z, t, opts, block=16)
-    _blockpool.workers_enabled(True)
+    _blockpool.set_block_workers(True)
     got_loss, got_grad = _kernel(z, t, opts, block=16)
     assert torch.equal(got_loss, want_loss) or torch.allclose(got_loss, want_loss, equal_nan=True,
                                                               rtol=0, atol=0)

@@ -79,8 +79,8 @@ def composite_reason(num_classes: int, inplace_grads: bool, *tensors) -> str | N
     return None
 
 
-def triton_refusal(input_dtype: torch.dtype, out_dtype: torch.dtype, *, target_grad: bool,
-                   weight_grad: bool, retain: bool = False) -> str | None:
+def triton_refusal(*, target_grad: bool, weight_grad: bool,
+                   retain: bool = False) -> str | None:
     """What of this call the Triton kernels do not support, in words, or None."""
     if target_grad:
         return "a gradient for the target (probability targets that require grad)"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 import queue
@@ -52,7 +53,8 @@ def _openmp() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-def _find_omp_set_num_threads() -> Callable[[int], Any] | None:
+@functools.cache  # looked up when the first pool is built, not at import
+def _omp_set_num_threads() -> Callable[[int], Any] | None:
     """``omp_set_num_threads`` of the OpenMP runtime torch loaded (its own copy first), or
     None: another copy would set another runtime's count (checked by the workers)."""
     paths: list[str] = []
@@ -74,15 +76,15 @@ def _find_omp_set_num_threads() -> Callable[[int], Any] | None:
 
 
 _OPENMP = _openmp()
-_OMP_SET_NUM_THREADS = _find_omp_set_num_threads() if _OPENMP else None
 _enabled = True
 
 
 def _one_openmp_thread() -> bool:
     """Set this thread's OpenMP count to 1 without touching torch's global default."""
-    if _OMP_SET_NUM_THREADS is None:
+    setter = _omp_set_num_threads()
+    if setter is None:
         return False
-    _OMP_SET_NUM_THREADS(1)
+    setter(1)
     return torch.get_num_threads() == 1  # torch reads omp_get_max_threads: the same runtime
 
 
@@ -140,7 +142,7 @@ class _Pool:
         self.retired = False  # replaced while busy: its caller stops it when done
         self.inboxes: list[queue.SimpleQueue] = []
         fallback: list[bool] = []
-        default = _global_default_threads() if _OMP_SET_NUM_THREADS is None else 0
+        default = _global_default_threads() if _omp_set_num_threads() is None else 0
         started = threading.Barrier(size + 1)
         for _ in range(size):
             inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -249,11 +251,8 @@ def set_block_workers(enabled: bool) -> None:
     _enabled = enabled
 
 
-def workers_enabled(enabled: bool | None = None) -> bool:
-    """Whether blocks go to the worker threads (the setting and an OpenMP build);
-    ``enabled`` sets it first, as :func:`set_block_workers`."""
-    if enabled is not None:
-        set_block_workers(bool(enabled))
+def workers_enabled() -> bool:
+    """Whether blocks go to the worker threads (the setting and an OpenMP build)."""
     return _enabled and _OPENMP
 
 

@@ -406,7 +406,7 @@ def cross_entropy(
                                    inplace_backward and (weight_grad or target_grad),
                                    logits, flat_target, weight),
         _statistics.triton_refusal(names) or _backends.triton_refusal(
-            logits.dtype, out_dtype, target_grad=target_grad, weight_grad=weight_grad))
+            target_grad=target_grad, weight_grad=weight_grad))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
     if route == "native":  # torch checks the indices

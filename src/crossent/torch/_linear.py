@@ -500,8 +500,7 @@ def linear_cross_entropy(
         "linear_cross_entropy", x.device, x.shape[0] * num_classes, not prob, opts.z_loss,
         opts.softcap, composite,
         _statistics.triton_refusal(names) or _backends.triton_refusal(
-            x.dtype, out_dtype, target_grad=target_grad, weight_grad=weight_grad,
-            retain=keep),
+            target_grad=target_grad, weight_grad=weight_grad, retain=keep),
         sized=chunk_size is not None)
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
