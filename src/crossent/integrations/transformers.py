@@ -100,6 +100,23 @@ def _transformers() -> Any:
                           "pip install 'crossent[hf]'") from e
 
 
+_HF: dict[str, Any] = {}
+"""transformers' objects the patched forward needs, imported once by :func:`_hf` (at
+``patch`` time: an import inside the forward would break ``torch.compile``'s graph)."""
+
+
+def _hf() -> dict[str, Any]:
+    """``ForCausalLMLoss``, ``CausalLMOutputWithPast`` and ``slice_logits_to_keep`` (None
+    before transformers 5), imported on first use."""
+    if not _HF:
+        modeling_utils = importlib.import_module("transformers.modeling_utils")
+        _HF.update(
+            loss=importlib.import_module("transformers.loss.loss_utils").ForCausalLMLoss,
+            output=_transformers().modeling_outputs.CausalLMOutputWithPast,
+            slicer=getattr(modeling_utils, "slice_logits_to_keep", None))
+    return _HF
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -204,8 +221,7 @@ def _check_class(cls: Any) -> Any:
 
 def _check_model(model: Any) -> Any:
     """The LM head (an ``nn.Linear``) if the fused path reproduces ``model``'s loss."""
-    loss_utils = importlib.import_module("transformers.loss.loss_utils")
-    if model.loss_function is not loss_utils.ForCausalLMLoss:
+    if model.loss_function is not _hf()["loss"]:
         raise UnsupportedError(
             "crossent.integrations.transformers: a custom loss_function or loss_type "
             f"({getattr(model, 'loss_type', None)!r}) is not supported; only ForCausalLM")
@@ -231,8 +247,7 @@ def _check_model(model: Any) -> Any:
 
 
 def _slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep: Any) -> torch.Tensor:
-    slicer = getattr(importlib.import_module("transformers.modeling_utils"),
-                     "slice_logits_to_keep", None)
+    slicer = _hf()["slicer"]
     if slicer is not None:
         return slicer(hidden, logits_to_keep)
     # transformers < 5: an int keeps the last positions, a 1-D tensor indexes them
@@ -316,7 +331,7 @@ def _training_forward(model: Any, arguments: dict[str, Any], var_keyword: str | 
         softcap=model.config.final_logit_softcapping if softcapped else None,
         chunk_size=chunk_size,
     )
-    output_class = _transformers().modeling_outputs.CausalLMOutputWithPast
+    output_class = _hf()["output"]
     fields = set(output_class.__dataclass_fields__)
     rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
     if not set(rest) <= fields:
@@ -356,6 +371,7 @@ def patch(model: Any, *, in_eval: bool = False, chunk_size: int | None = None) -
     if isinstance(model, type):
         cls: Any = model
         _check_class(cls)
+        _hf()  # imported now, not inside a compiled forward
         cls.forward = _FusedForward(_unwrapped(cls.forward), in_eval, chunk_size, owner=cls)
         return cls
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):

@@ -77,7 +77,8 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     logp = z - lse.unsqueeze(1)
     if target.is_floating_point():
         t = target.to(cdtype)
-        big_t = (1.0 - eps) * t + eps / num_classes if eps else t
+        # (C = 0: no classes to smooth over; torch's sums over no classes give 0 too)
+        big_t = (1.0 - eps) * t + eps / max(num_classes, 1) if eps else t
         if w is not None:
             big_t = big_t * w
         losses = -(big_t * zero_unused(big_t, logp)).sum(1)
@@ -96,16 +97,20 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     validf = valid.to(cdtype)
     if num_classes:
         nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
-    else:  # C = 0: every row is ignored (anything else raised above)
-        nll = torch.zeros_like(lse)
-    w_y = validf if w is None else w[index] * validf
+    else:  # C = 0: every row is ignored (anything else raised above); zeros that keep
+        nll = -logp.sum(1)  # the graph, so backward gives torch's (N, 0) gradient
+    w_y = validf if w is None or not num_classes else w[index] * validf  # (C = 0: none)
     losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
     if eps:
         smooth = -(logp.sum(1) if w is None else logp @ w)
-        losses = losses + (eps / num_classes) * smooth
+        if num_classes:
+            losses = losses + (eps / num_classes) * smooth
     if zl:
         losses = losses + zl * lse.square()
-    return torch.where(valid, losses, 0.0), w_y.sum()
+    losses = torch.where(valid, losses, 0.0)
+    if eps and not num_classes:  # torch adds (eps / C) x the masked smoothing sum:
+        losses = losses + smooth * math.inf  # 0 x inf, NaN on every row, as there
+    return losses, w_y.sum()
 
 
 def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -152,7 +152,10 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
                   if r and t is not None]
         grads: list[torch.Tensor | None] = [None] * len(requires)
         if want_grads and wanted:
-            found = iter(torch.autograd.grad(
+            # no logits (C = 0, every row ignored): eager's loss may have no graph; torch's
+            # gradients are zeros. A graphless loss of real logits still raises here.
+            empty = not loss.requires_grad and _no_logits(tensors)
+            found = iter([None] * len(wanted) if empty else torch.autograd.grad(
                 loss, wanted, torch.ones_like(loss) if grad_output is None else grad_output,
                 allow_unused=True))
             for i, (t, r) in enumerate(zip(leaves.values(), requires, strict=True)):
@@ -160,6 +163,13 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
                     g = next(found)
                     grads[i] = (torch.zeros_like(t) if g is None else g).contiguous()
     return loss.detach().contiguous(), grads, stats
+
+
+def _no_logits(tensors: dict[str, torch.Tensor | None]) -> bool:
+    """No rows or no classes (``N * C = 0``): every gradient is zero."""
+    target, input, head = tensors["target"], tensors["input"], tensors.get("linear_weight")
+    assert target is not None and input is not None
+    return target.numel() == 0 or (input.numel() == 0 if head is None else head.shape[0] == 0)
 
 
 def _forward_requires(requires: Sequence[bool], want_grads: bool, primary: int) -> list[bool]:
@@ -180,9 +190,10 @@ def _statistics_arg(function: str, statistics) -> tuple[str | None, str | None]:
     problem of a value that is not ``None``, a name or a tuple of names."""
     if statistics is None:
         return None, None
-    names = (statistics,) if isinstance(statistics, str) else statistics
-    if isinstance(names, (tuple, list)) and all(isinstance(n, str) and n in STATISTICS
-                                                for n in names):
+    # any iterable of names, as eagerly (a dict view, a set: dynamo iterates them)
+    names = ((statistics,) if isinstance(statistics, str)
+             else tuple(statistics) if isinstance(statistics, Iterable) else None)
+    if names is not None and all(isinstance(n, str) and n in STATISTICS for n in names):
         return ",".join(names), None
     return None, (f"statistics must be None, a name or a tuple of names from {STATISTICS} "
                   f"(crossent.torch.{function} under torch.compile)")
@@ -609,7 +620,8 @@ def _options_fields(options) -> tuple:
         return None, None, None, None, None, False
     fields = ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype",
               "allow_retain_graph")
-    if not all(hasattr(options, f) for f in fields):
+    # (dynamo cannot trace hasattr on a bare object(): refused by type first)
+    if type(options) is object or not all(hasattr(options, f) for f in fields):
         return "", None, None, None, None, False
     return (type(options).__name__, options.batch_chunk_size, options.chunking_method,
             options.acc_policy, options.acc_dtype, bool(options.allow_retain_graph))

@@ -1,9 +1,10 @@
 """``linear_cross_entropy``: the chunked linear head (``input @ W.T + b`` and the fused
-loss, never more than one chunk of logits), its autograd Function and chunk loop.
+loss, never more than one chunk of logits) and its autograd Function.
 
-Each chunk's logits go through the row-block kernel (:func:`._rowblock.cross_entropy_rows`)
-in place; the routes, option checks and sizing are those of :func:`._cross_entropy
-.cross_entropy` (:mod:`._backends`, :mod:`._rules`). Public as
+The chunk loop is :func:`._chunked_head.head_pass` (shared with the Triton head); here each
+chunk's logits go through the row-block kernel (:func:`._rowblock.cross_entropy_rows`) in
+place (:class:`_RowBlockChunks`); the routes, option checks and sizing are those of
+:func:`._cross_entropy.cross_entropy` (:mod:`._backends`, :mod:`._rules`). Public as
 :func:`crossent.torch.linear_cross_entropy` (:mod:`crossent.torch.functional`).
 """
 
@@ -18,18 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedError
-from . import _backends, _buffers, _composite, _statistics
+from . import _backends, _composite, _statistics
+from ._chunked_head import RowSplit, head_pass, rows_per_chunk, split_rows
 from ._cross_entropy import cross_entropy, native_cross_entropy
 from ._custom_ops import compilable
 from ._rowblock import cross_entropy_rows
 from ._rules import (
+    Options,
     Rows,
     autocast_dtype,
     check_ignore_index,
     check_index_dtype,
     choose_loss_dtype,
     compute_dtype,
-    default_chunk,
     divide_by_num_items,
     double_backward,
     kernel_reduction,
@@ -46,39 +48,12 @@ from ._rules import (
 
 __all__ = ["linear_cross_entropy"]
 
-_W_TILE_BYTES = 4 << 20  # low-precision dW: partial products per vocabulary tile
 
-
-def _accumulate_dw(gw, g, xc, first):
-    """``gw (float32) += g^T xc``. Low-precision ``g`` has no mixed-dtype addmm: each
-    vocabulary tile's partial product is rounded once and summed in float32, so the sum
-    over chunks never runs in low precision (the training drift of bf16 accumulation)."""
-    if g.dtype == gw.dtype:
-        gw.addmm_(g.t(), xc, beta=0.0 if first else 1.0)  # beta 0: no zero-filled start
-        return
-    tile = max(1, _W_TILE_BYTES // (g.element_size() * max(gw.shape[1], 1)))
-    for v in range(0, gw.shape[0], tile):
-        part = torch.mm(g[:, v : v + tile].t(), xc)
-        if first:
-            gw[v : v + tile].copy_(part)
-        else:
-            gw[v : v + tile] += part
-
-
-def _counted_rows(rows: Rows, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The indices of the counted and of the ignored rows when some rows are ignored and
-    can be skipped, else None (every row counts; probability targets are never ignored).
-
-    An ignored row whose features are not finite is not skipped: torch's ``dW = G^T x``
-    turns its zero gradient row times inf/NaN into NaN, and so does the unskipped pass
-    (NaN propagates, as in torch). Host synchronisations: two, plus a read of the ignored
-    rows' features."""
-    if rows.valid is None or bool(rows.valid.all()):
-        return None
-    dropped = (~rows.valid).nonzero().squeeze(1)
-    if not bool(torch.isfinite(x.index_select(0, dropped)).all()):
-        return None
-    return rows.valid.nonzero().squeeze(1), dropped
+def _counted_rows(rows: Rows, x: torch.Tensor) -> RowSplit | None:
+    """The counted and the ignored rows when the pass may skip the ignored ones, else
+    None: the shared rule (:func:`._chunked_head.split_rows`; an ignored row with
+    non-finite features is not skipped, so NaN reaches dW as in torch)."""
+    return split_rows(rows.valid, x)
 
 
 def _compact(rows: Rows, keep: torch.Tensor) -> Rows:
@@ -90,73 +65,50 @@ def _compact(rows: Rows, keep: torch.Tensor) -> Rows:
                 rows.denominator)
 
 
-def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, names=None):
-    """Chunk over rows: logits = x W^T + b (see :func:`matmul_dtype`), loss in float32 and,
-    if asked, the gradients: dW and db summed over chunks in float32, dx per chunk.
+class _RowBlockChunks:
+    """The row-block kernel (:func:`._rowblock.cross_entropy_rows`) on each chunk of the
+    linear head (a :class:`._chunked_head.ChunkKernel`), gathering the statistics
+    ``names`` of the rows it sees (their collector made on the first use)."""
 
-    Ignored rows (class-index targets equal to ``ignore_index``) are skipped: the chunks
-    are gathered from the counted rows only (``index_select`` of ``x``'s rows, a chunk at
-    a time), so the matmuls and the kernel never see them; their loss and ``dx`` are 0.
-    Every counted row's numbers are those of the unskipped pass (same denominator).
-    Returns the row losses, ``[dx, dW, db]`` (None where not asked) and, for statistics
-    ``names``, their :class:`._statistics.TokenStatistics` (else None)."""
-    num_rows = x.shape[0]
-    cdtype = compute_dtype(x.dtype)
-    mdtype = matmul_dtype(x, w)
-    wm = w.to(mdtype)
-    bm = None if b is None else b.to(mdtype)
-    need_x, need_w, need_b = need
-    want = any(need)
-    counted = None if names is None else _statistics.counted_rows(rows, num_rows)
-    keep, dropped = _counted_rows(rows, x) or (None, None)
-    if keep is not None:  # prompt-masked batches: 30-60% of the rows need no work
-        rows = _compact(rows, keep)
-        row_multiplier = None if row_multiplier is None else row_multiplier[keep]
-    seen = num_rows if keep is None else keep.shape[0]
-    gx = _buffers.empty(x.shape, mdtype, x) if need_x else None
-    gw = _buffers.empty(w.shape, cdtype, x) if need_w else None
-    gb = torch.zeros(w.shape[0], dtype=cdtype, device=x.device) if need_b and b is not None \
-        else None
-    buf = _buffers.empty((min(chunk, seen), w.shape[0]), mdtype, x)
-    losses = torch.empty(seen, dtype=cdtype, device=x.device)
-    stats = None if names is None else _statistics.RowStatistics(
-        names, seen, rows.index, cdtype, x.device)
-    dx = None
-    if gx is not None and dropped is not None:
-        gx.index_fill_(0, dropped, 0.0)
-        dx = torch.empty((min(chunk, seen), x.shape[1]), dtype=mdtype, device=x.device)
-    for i in range(0, seen, chunk):
-        j = min(i + chunk, seen)
-        xc = (x[i:j] if keep is None else x.index_select(0, keep[i:j])).to(mdtype)
-        lg = buf[: j - i]
-        if bm is None:
-            torch.mm(xc, wm.t(), out=lg)
-        else:
-            torch.addmm(bm, xc, wm.t(), out=lg)
-        rm = None if row_multiplier is None else row_multiplier[i:j]
-        extra = {} if stats is None else stats.kernel_args(i, j - i)
-        # the gradient overwrites the chunk's logits; for bf16 it is formed in float32
-        # (p - 1 included) and rounded once
-        losses[i:j] = cross_entropy_rows(lg, target, rows, opts, lg if want else None,
-                                         start=i, row_multiplier=rm, **extra)
-        if need_x:
-            if dx is None:
-                torch.mm(lg, wm, out=gx[i:j])
-            else:
-                gx.index_copy_(0, keep[i:j], torch.mm(lg, wm, out=dx[: j - i]))
-        if need_w:
-            _accumulate_dw(gw, lg, xc, first=i == 0)
-        if need_b:
-            gb += lg.sum(0, dtype=cdtype)
-    if gw is not None and seen == 0:  # no chunk ran: the pooled buffer is stale
-        gw.zero_()
-    if keep is not None:  # ignored rows: loss 0
-        losses = torch.zeros(num_rows, dtype=cdtype, device=x.device).index_copy_(
-            0, keep, losses)
-    if stats is None:
-        return losses, [gx, gw, gb], None
-    assert counted is not None
-    return losses, [gx, gw, gb], _statistics.finish(stats, opts, counted, keep)
+    def __init__(self, target: torch.Tensor, rows: Rows, opts: Options,
+                 names: tuple[str, ...] | None = None) -> None:
+        self.target, self.rows, self.opts, self.names = target, rows, opts, names
+        self._stats: _statistics.RowStatistics | None = None
+
+    def only(self, keep: torch.Tensor) -> _RowBlockChunks:
+        return _RowBlockChunks(self.target, _compact(self.rows, keep), self.opts, self.names)
+
+    def statistics(self) -> _statistics.RowStatistics | None:
+        if self._stats is None and self.names is not None:
+            scale = self.rows.scale
+            self._stats = _statistics.RowStatistics(
+                self.names, scale.shape[0], self.rows.index, scale.dtype, scale.device)
+        return self._stats
+
+    def __call__(self, logits: torch.Tensor, start: int, *, grad: bool,
+                 row_multiplier: torch.Tensor | None) -> torch.Tensor:
+        stats = self.statistics()
+        extra = {} if stats is None else stats.kernel_args(start, logits.shape[0])
+        # for bf16 the gradient is formed in float32 (p - 1 included) and rounded once
+        return cross_entropy_rows(logits, self.target, self.rows, self.opts,
+                                  logits if grad else None, start=start,
+                                  row_multiplier=row_multiplier, **extra)
+
+
+def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, names=None):
+    """The chunked head (:func:`._chunked_head.head_pass`) with the row-block kernel:
+    row losses, ``[dx, dW, db]`` (None where not asked) and, for statistics ``names``,
+    their :class:`._statistics.TokenStatistics` (else None). Ignored rows are skipped
+    (:func:`_counted_rows`)."""
+    counted = None if names is None else _statistics.counted_rows(rows, x.shape[0])
+    run = head_pass(x, w, b, _RowBlockChunks(target, rows, opts, names), chunk, need,
+                    row_multiplier=row_multiplier, split=_counted_rows(rows, x))
+    if names is None:
+        return run.losses, run.grads, None
+    assert counted is not None and isinstance(run.kernel, _RowBlockChunks)
+    stats = run.kernel.statistics()
+    assert stats is not None
+    return run.losses, run.grads, _statistics.finish(stats, opts, counted, run.keep)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -167,13 +119,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.keep = keep or x.dtype == torch.float64
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
+        ctx.rows = rows
         save_inputs(ctx, x, w, b, target)
         names = None if holder is None else holder.names
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
                                             names=names)
             ctx.save_for_backward(x, w, b, target)
-            ctx.rows = rows
         else:
             losses, ctx.grads, stats = _linear_pass(x, w, b, target, rows, opts, chunk, need,
                                                     names=names)
@@ -200,9 +152,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grads = take_stored(ctx, "grads")
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
-            for g in grads:
+            valid = ctx.rows.valid  # ignored rows: dx 0; nothing counted: dW, db 0 too
+            counted = (valid, None, None) if valid is None else (valid, valid.any(),
+                                                                 valid.any())
+            for g, rows in zip(grads, counted, strict=True):
                 if g is not None:
-                    scale_stored(g, grad_output.to(g.dtype), ctx.reduction)
+                    scale_stored(g, grad_output.to(g.dtype), ctx.reduction, rows)
         out = [None if g is None else g.to(d)
                for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out, *nothing)
@@ -576,10 +531,8 @@ class _StatisticsHolder:
 
 def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None):
     """The chunked head's loss, and with statistics ``names`` their values (else None)."""
-    num_classes, features = w.shape
-    rows = prepare_rows(t, x.shape[0], num_classes, opts, compute_dtype(x.dtype))
-    chunk = (default_chunk(num_classes, features, matmul_dtype(x, w).itemsize)
-             if chunk_size is None else int(chunk_size))
+    rows = prepare_rows(t, x.shape[0], w.shape[0], opts, compute_dtype(x.dtype))
+    chunk = rows_per_chunk(chunk_size, x, w)
     x = x.contiguous()
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b)):
         holder = None if names is None else _StatisticsHolder(names)

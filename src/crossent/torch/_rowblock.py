@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _inductor
 from ._blockpool import run_blocks
 from ._rules import Options, Rows, block_rows, compute_dtype
 
@@ -80,7 +81,8 @@ def cross_entropy_rows(
     linear kernel calls this chunk by chunk). When ``grad`` ((M, C), any float dtype,
     ``grad is z`` allowed: the logits are then overwritten) is given, it receives
     ``d(reduced loss)/dz`` (``row_multiplier`` (M,) scales each row further: the
-    ``grad_output`` of ``reduction="none"``). Ignored rows give loss 0 and gradient 0.
+    ``grad_output`` of ``reduction="none"``). Ignored rows give loss 0 and gradient 0
+    (NaN where their softmax is NaN, a NaN or +inf logit or all -inf, as torch's).
     The per-block work is a handful of tensor operations; the per-row bookkeeping is
     done once for all rows, before and after the blocks. On CPU the blocks are shared
     out to worker threads, each running its block's operations single-threaded
@@ -133,6 +135,11 @@ def cross_entropy_rows(
             a = torch.where(counted, rs * t_sum, 0.0).unsqueeze(1)
             c = (-rs * mass).unsqueeze(1)
             d = (-eps / num_classes) * rs.unsqueeze(1)
+    if (not prob and not eps and not zl and cap is None and observe is None
+            and lse_out is None and _inductor.serves(z, grad)):
+        # opt-in (crossent.torch.set_compiled_kernel): one generated C++ loop per block
+        _, _, nll = _inductor.softmax_grad_rows(z, y[:, 0], a[:, 0], c[:, 0], out=grad)
+        return torch.where(counted_rows, mass * nll, 0.0)
     local = threading.local()  # each worker thread's own block buffers
 
     def buffers() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,8 +243,8 @@ def cross_entropy_rows(
             one_block(i, j)
     if not prob:
         lse, nll, shift = _finish(m, z_y[:, 0], p_y[:, 0], p_max)
-        if lse_out is not None:
-            lse_out.copy_(lse)
+        if lse_out is not None:  # an infinite row max is the logsumexp (torch's value)
+            lse_out.copy_(torch.where(m.isinf(), m, lse))
         losses = mass * nll
         if eps:  # sum_c w_c (lse - z_c) = W (lse - m) + sum_c w_c (m - z_c), W = sum_c w_c
             smooth = w_sum * shift.double() + (w_sum * m.double() - z_w)

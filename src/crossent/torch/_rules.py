@@ -309,12 +309,26 @@ def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Ten
 # ---- backward: the stored gradient, backward twice, double backward
 
 
-def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> None:
-    """The stored gradient times ``grad_output`` (per row for ``"none"``), in place."""
+def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
+                 counted: torch.Tensor | None = None) -> None:
+    """The stored gradient times ``grad_output`` (per row for ``"none"``), in place.
+
+    ``counted``: (M,) bool over ``grad``'s rows (or 0-d: all of ``grad``), False where
+    torch scales nothing (ignored rows: torch forms their ``dlogp`` from nothing, so a NaN
+    or infinite ``grad_output`` leaves their gradient as it is, where ``NaN * 0`` would
+    not). Those rows are multiplied by 0 instead: their stored gradient is 0, or NaN where
+    their softmax is NaN (a NaN logit), and so is torch's (``exp(NaN) * 0``)."""
     if reduction == "none":
-        grad.mul_(grad_output.reshape(-1, 1))
+        factor = grad_output.reshape(-1)
+        if counted is not None:  # no host sync: a 0 factor on the rows torch leaves at 0
+            factor = torch.where(counted, factor, 0.0)
+        grad.mul_(factor.unsqueeze(1))
     elif not bool(grad_output == 1):  # the common loss.backward(): skip a pass over N x C
-        grad.mul_(grad_output)
+        if counted is not None and not bool(torch.isfinite(grad_output)):
+            factor = torch.where(counted, grad_output, 0.0)
+            grad.mul_(factor if factor.dim() == 0 else factor.unsqueeze(1))
+        else:
+            grad.mul_(grad_output)
 
 
 def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):

@@ -13,7 +13,8 @@ Definitions (per row ``n``; ``z`` the logits after ``softcap``, ``p = softmax(z)
 
 * ``lse = log sum_c exp(z_c)``;
 * ``z_loss = z_loss * lse^2``: the term the loss adds for the row (before the
-  reduction's ``1 / denominator``; not class-weighted); all zeros for ``z_loss=0``;
+  reduction's ``1 / denominator``; not class-weighted); all zeros for ``z_loss=0``
+  (also where ``lse^2`` overflows or ``lse`` is NaN: the loss adds nothing);
 * ``target_logprob = log p_y = z_y - lse`` (``-`` the cross-entropy without smoothing,
   class weights or z-loss); index targets only;
 * ``accuracy = argmax_c z_c == y`` (``torch.argmax``: the first of tied maxima);
@@ -56,7 +57,13 @@ class TokenStatistics(NamedTuple):
     ``accuracy`` and ``counted`` are bool. A statistic not asked for is ``None``.
     Ignored rows hold NaN (``accuracy``: False); ``counted`` marks the rows that count,
     so ``stats.entropy.nanmean()`` or ``stats.accuracy[stats.counted].float().mean()``
-    average over the counted tokens only.
+    average over the counted tokens only (inside ``torch.compile`` prefer
+    ``(stats.accuracy & stats.counted).sum() / stats.counted.sum()``: boolean-mask
+    indexing has a data-dependent shape, a graph break).
+
+    Under ``torch.func`` transforms (``vmap``, ``grad(has_aux=True)``, ``jvp``) return
+    the wanted fields (``stats.entropy``), not the whole tuple: they take only tensors,
+    and the statistics not asked for are ``None``.
     """
 
     lse: torch.Tensor | None
@@ -121,6 +128,14 @@ def _result(names, values: dict, counted: torch.Tensor) -> TokenStatistics:
     return TokenStatistics(counted=counted, **out)
 
 
+def _z_loss_term(opts: Options, lse_squared: torch.Tensor) -> torch.Tensor:
+    """``z_loss * lse^2``, the term the loss adds per row: exactly 0 for ``z_loss=0``
+    (the loss adds nothing; ``0 * lse^2`` would be NaN where ``lse^2`` overflows)."""
+    if opts.z_loss == 0:
+        return torch.zeros_like(lse_squared)
+    return opts.z_loss * lse_squared
+
+
 def reshape(stats: TokenStatistics, shape: tuple[int, ...], drop_last: bool = False
             ) -> TokenStatistics:
     """Every field reshaped to the target's row shape (``drop_last``: ``shift=True``'s
@@ -146,7 +161,7 @@ def from_logits(names: tuple[str, ...], z: torch.Tensor, target: torch.Tensor,
         z = opts.softcap * torch.tanh(z / opts.softcap)
     num_rows, num_classes = z.shape
     lse = torch.logsumexp(z, 1)
-    values: dict[str, torch.Tensor] = {"lse": lse, "z_loss": opts.z_loss * lse.square()}
+    values: dict[str, torch.Tensor] = {"lse": lse, "z_loss": _z_loss_term(opts, lse.square())}
     if "entropy" in names:
         values["entropy"] = torch.special.entr(torch.softmax(z, 1)).sum(1)
     if target.is_floating_point():
@@ -268,7 +283,7 @@ def finish(collector: RowStatistics, opts: Options, counted: torch.Tensor,
     head skips ignored rows), else ``None`` (it saw all N)."""
     values = collector.values()
     if "z_loss" in values:
-        values["z_loss"] = opts.z_loss * values["z_loss"]
+        values["z_loss"] = _z_loss_term(opts, values["z_loss"])
     if keep is not None:
         full = {}
         for name, v in values.items():

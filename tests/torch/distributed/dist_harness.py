@@ -83,3 +83,25 @@ class CollectiveCounter:
     def take(self) -> list[tuple[str, int, int]]:
         calls, self.calls = self.calls, []
         return calls
+
+
+def torch_reference(z, t, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                    reduction="mean", ignore_index=-100):
+    """Single-process cross-entropy, independent of crossent (use float64 inputs): torch's
+    ``F.cross_entropy`` on the capped logits ``c tanh(z / c)``, plus ``z_loss lse^2`` on
+    counted rows, reduced with torch's denominators (``sum_n w[y_n]`` over counted rows)."""
+    import torch.nn.functional as F
+
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != ignore_index
+    per = F.cross_entropy(z, t, weight=weight, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction="none")
+    if z_loss:
+        per = per + torch.where(valid, z_loss * torch.logsumexp(z, 1) ** 2, 0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    denom = weight[t[valid]].sum() if weight is not None else valid.sum()
+    return per.sum() / denom

@@ -201,3 +201,33 @@ def test_num_items_gives_the_full_batch_gradient_under_accumulation():
     micro-batches hold different numbers of counted targets; reduction="sum" with
     num_items=global_num_items(...) gives exactly the full-batch loss and gradient."""
     run_group(_check_accumulation, 4)
+
+
+def _check_inf_on_one_rank(rank, world):
+    """An ignored row whose hidden state is inf on rank 0 only: the shared chunk loop must
+    make the same collectives on every rank (no per-rank row skipping), so the call
+    returns on both ranks with the loss torch gives for that input."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, D, generator=g)
+    w = torch.randn(8, D, generator=g)
+    t = torch.randint(0, 8, (N,), generator=g)
+    t[2] = -100
+    if rank == 0:
+        x[2] = math.inf
+    lo, hi = 4 * rank, 4 * rank + 4
+    xr = x.clone().requires_grad_()
+    out = vocab_parallel_linear_cross_entropy(xr, w[lo:hi].clone().requires_grad_(), t,
+                                              vocab_start=lo, chunk_size=3)
+    out.backward()
+    finite = x.clone()
+    finite[2] = 0.0  # the ignored row contributes nothing to the loss
+    xf = finite.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(xf, w), t)
+    ref.backward()
+    close(out.detach(), ref.detach(), torch.float32)
+    keep = torch.arange(N) != 2
+    close(xr.grad[keep], xf.grad[keep], torch.float32)
+
+
+def test_ignored_row_inf_on_one_rank_does_not_hang():
+    run_group(_check_inf_on_one_rank, 2)

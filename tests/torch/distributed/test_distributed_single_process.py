@@ -236,3 +236,29 @@ def test_class_ids_above_2_to_the_24_are_exact():
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(InputError, match=f"class index {num_classes + 1},"):
         vocab_parallel_cross_entropy(logits, torch.tensor([num_classes + 1]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_nan_grad_output_leaves_ignored_rows_as_torch(reduction, linear):
+    """A NaN grad_output: NaN on counted rows, the ignored rows' input gradient 0 (torch
+    forms nothing there); against torch autograd."""
+    import math
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 4, generator=g), torch.randn(7, 4, generator=g)
+    t = torch.tensor([0, -100, 3, -100, 6, 1])
+    ours = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    ref = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    if linear:
+        loss = vocab_parallel_linear_cross_entropy(*ours, t, reduction=reduction)
+    else:
+        loss = vocab_parallel_cross_entropy(F.linear(*ours), t, reduction=reduction)
+    loss_ref = F.cross_entropy(F.linear(*ref), t, reduction=reduction)
+    go = torch.tensor(math.nan)
+    loss.backward(go)
+    loss_ref.backward(go)
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, equal_nan=True)

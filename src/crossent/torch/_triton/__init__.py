@@ -50,8 +50,10 @@ softcap=None, chunk_size=None, skip_ignored=True, check_targets=True, block=None
     matmul with a float32 output; elsewhere per vocabulary tile, each partial product
     rounded once). bfloat16 (float16 on GPUs) multiplies in its own dtype, as the
     unfused head does; input, weight and bias of one dtype (``F.linear`` raises for a
-    mix, so does this). Ignored rows are dropped before the matmuls (``skip_ignored``; one
-    host sync per call for the count). Double backward as above. ``"mean"``/``"sum"``:
+    mix, so does this). Ignored rows are skipped by the matmuls (``skip_ignored``), by the
+    rule both linear heads share (:func:`crossent.torch._chunked_head.split_rows`): not
+    where an ignored row's features are not finite (NaN reaches dW, as in torch); three
+    host syncs per call. Double backward as above. ``"mean"``/``"sum"``:
     gradients in forward; ``"none"``: the backward recomputes the chunks with each row scaled by its
     ``grad_output``. Default chunk: logits of a quarter of the float32 dW's bytes
     (2048 rows at V=128256, D=4096, bf16).

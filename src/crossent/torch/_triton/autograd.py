@@ -9,11 +9,11 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ...errors import InputError, UnsupportedError
+from .._chunked_head import head_pass, rows_per_chunk, split_rows
 from .._rules import (  # the CPU head's rules
     Options,
     check_index_target,
     check_options,
-    default_chunk,
     matmul_dtype,
     positive_int,
     take_stored,
@@ -23,7 +23,6 @@ from . import ops
 __all__ = ["triton_cross_entropy", "triton_linear_cross_entropy"]
 
 _TRITON = "the Triton cross-entropy"  # what backward twice names (take_stored)
-_W_TILE_BYTES = 64 << 20  # low-precision dW partial products per vocabulary tile
 
 
 def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, like, target):
@@ -105,6 +104,12 @@ def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | Non
     """(M,) bool: rows whose class index is ``ignore_index`` (int64 compare); None for
     probability targets."""
     return None if target.is_floating_point() else target.reshape(-1).long() == ignore_index
+
+
+def _counted_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """(M,) bool: the rows that count; None for probability targets (all count)."""
+    ignored = _ignored_rows(target, ignore_index)
+    return None if ignored is None else ~ignored
 
 
 def _row_factors(grad_output: torch.Tensor, ignored: torch.Tensor | None) -> torch.Tensor:
@@ -254,81 +259,36 @@ def triton_cross_entropy(
 # --------------------------------------------------------------------------- linear head
 
 
-_dtype_out_mm = True  # CUDA's addmm with a float32 output for bf16/fp16 operands
+class _TritonChunks:
+    """The Triton kernel (:func:`.ops.cross_entropy_forward`) on each chunk of the linear
+    head (a :class:`.._chunked_head.ChunkKernel`): ``target`` holds the kernel's rows,
+    ``scale`` (0-d device tensor) is the gradient's factor (``1 / denominator`` for
+    "mean", else 1), ``opts`` the kernel's options."""
 
+    def __init__(self, target: torch.Tensor, opts: dict, scale: torch.Tensor) -> None:
+        self.target, self.opts, self.scale = target, opts, scale
 
-def _accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
-    """``gw (float32) += g^T xc`` with ``g``, ``xc`` in the matmul dtype; never a
-    low-precision running sum (bf16 accumulation drifts)."""
-    global _dtype_out_mm
-    beta = 0.0 if first else 1.0
-    if g.dtype == gw.dtype:
-        gw.addmm_(g.t(), xc, beta=beta)
-        return
-    if _dtype_out_mm and g.device.type == "cuda":
-        try:  # float32 accumulation and output straight from the matmul
-            torch.ops.aten.addmm.dtype_out(gw, g.t(), xc, gw.dtype, beta=beta, alpha=1.0,
-                                           out=gw)
-            return
-        except (RuntimeError, NotImplementedError):
-            _dtype_out_mm = False  # this build lacks it: tiles below
-    tile = max(1, _W_TILE_BYTES // (g.element_size() * max(gw.shape[1], 1)))
-    for v in range(0, gw.shape[0], tile):
-        part = torch.mm(g[:, v : v + tile].t(), xc)  # rounded once per chunk and tile
-        if first:
-            gw[v : v + tile].copy_(part)
-        else:
-            gw[v : v + tile] += part
+    def only(self, keep: torch.Tensor) -> _TritonChunks:
+        return _TritonChunks(self.target[keep], self.opts, self.scale)
 
-
-def _linear_pass(x, w, b, target, opts, scale, chunk, need, row_multiplier=None):
-    """Row chunks: logits = x W^T + b, the kernel in place on them (loss rows, and the
-    gradient if any of ``need`` = (dx, dW, db)), then dx = G W, dW += G^T x, db += sum G
-    (dW, db in float32). ``target`` holds the rows of ``x`` (already compacted)."""
-    n = x.shape[0]
-    acc = ops.accumulate_dtype(x.dtype)
-    mdtype = matmul_dtype(x, w)
-    wm = w.to(mdtype)
-    bm = None if b is None else b.to(mdtype)
-    need_x, need_w, need_b = need
-    want = any(need)
-    gx = torch.empty(x.shape, dtype=mdtype, device=x.device) if need_x else None
-    gw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_w else None
-    gb = torch.zeros(w.shape[0], dtype=acc, device=x.device) if need_b and b is not None \
-        else None
-    buf = torch.empty((min(chunk, n), w.shape[0]), dtype=mdtype, device=x.device)
-    losses = torch.empty(n, dtype=acc, device=x.device)
-    for i in range(0, n, chunk):
-        j = min(i + chunk, n)
-        xc = x[i:j].to(mdtype)
-        lg = buf[: j - i]
-        if bm is None:
-            torch.mm(xc, wm.t(), out=lg)
-        else:
-            torch.addmm(bm, xc, wm.t(), out=lg)
-        rm = None if row_multiplier is None else row_multiplier[i:j]
-        res = ops.cross_entropy_forward(lg, target[i:j], compute_grad=want, grad_out=None,
-                                        row_multiplier=rm, scale=scale, **opts)
-        losses[i:j] = res.loss
-        if need_x:
-            torch.mm(lg, wm, out=gx[i:j])
-        if need_w:
-            _accumulate_dw(gw, lg, xc, first=i == 0)
-        if gb is not None:
-            gb += lg.sum(0, dtype=acc)
-    return losses, [gx, gw, gb]
+    def __call__(self, logits: torch.Tensor, start: int, *, grad: bool,
+                 row_multiplier: torch.Tensor | None) -> torch.Tensor:
+        target = self.target[start : start + logits.shape[0]]
+        return ops.cross_entropy_forward(logits, target, compute_grad=grad, grad_out=None,
+                                         row_multiplier=row_multiplier, scale=self.scale,
+                                         **self.opts).loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, rows, opts, chunk, loss_dtype):
+    def forward(ctx, x, w, b, target, split, opts, chunk, loss_dtype):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need, ctx.opts = opts["reduction"], chunk, need, opts
         ctx.keep = x.dtype == torch.float64
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
-        ctx.shape, ctx.rows = x.shape, rows
+        ctx.shape, ctx.split = x.shape, split
         ctx.ignored = _ignored_rows(target, opts["ignore_index"])
-        loss = _head(x, w, b, target, rows, opts, chunk, need if opts["reduction"] != "none"
+        loss = _head(x, w, b, target, split, opts, chunk, need if opts["reduction"] != "none"
                      else (False,) * 3, ctx)
         if opts["reduction"] == "none":  # the gradient depends on grad_output row by row
             ctx.save_for_backward(x, w, b, target)
@@ -342,7 +302,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     None, None, None, None, None)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors
-            grads = _head_grads(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk, ctx.need,
+            grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
                                 grad_output.reshape(-1))
         else:
             grads = take_stored(ctx, "grads", _TRITON)
@@ -365,54 +325,33 @@ def _composite_linear_loss(opts, x, w, b, target):
     return _composite.cross_entropy(logits, target, opts.weight, opts)
 
 
-def _compact(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of the rows to compute (index targets with ignored rows), else None.
-    One host synchronisation (the count), once per call."""
-    if target.is_floating_point():
-        return None
-    keep = (target.long() != ignore_index).nonzero().squeeze(1)  # int64: pitfall 14
-    return None if keep.numel() == target.shape[0] else keep
+def _kernel_options(opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if k != "reduction"}
 
 
-def _head(x, w, b, target, rows, opts, chunk, need, ctx=None):
-    """Forward of the head: the reduced loss; with ``ctx`` and ``need``, the gradients
-    (for "mean"/"sum") stored on it as ``ctx.grads``."""
+def _head(x, w, b, target, split, opts, chunk, need, ctx=None):
+    """Forward of the head (:func:`.._chunked_head.head_pass` with the Triton kernel): the
+    reduced loss; with ``ctx`` and ``need``, the gradients (for "mean"/"sum") stored on
+    it as ``ctx.grads``. ``split``: the ignored rows to skip, or None."""
     acc = ops.accumulate_dtype(x.dtype)
     denom = ops.denominator(target, w.shape[0], opts["weight"], opts["ignore_index"], acc)
     scale = 1.0 / denom if opts["reduction"] == "mean" else torch.ones((), dtype=acc,
                                                                        device=x.device)
-    kern = {k: v for k, v in opts.items() if k != "reduction"}
-    xs, ts = (x, target) if rows is None else (x[rows], target[rows])
-    losses, grads = _linear_pass(xs, w, b, ts, kern, scale, chunk, need)
-    if rows is not None:
-        losses = torch.zeros(x.shape[0], dtype=acc, device=x.device).index_copy_(0, rows,
-                                                                                 losses)
-        grads[0] = _expand_rows(grads[0], rows, x.shape[0])
+    kernel = _TritonChunks(target, _kernel_options(opts), scale)
+    run = head_pass(x, w, b, kernel, chunk, need, split=split)
     if ctx is not None:
-        ctx.grads = grads
-    return ops.reduce_rows(losses, denom, opts["reduction"])
+        ctx.grads = run.grads
+    return ops.reduce_rows(run.losses, denom, opts["reduction"])
 
 
-def _head_grads(x, w, b, target, rows, opts, chunk, need, grad_output):
+def _head_grads(x, w, b, target, split, opts, chunk, need, grad_output):
     """Gradients for reduction "none": the chunks again, each row scaled by its
     ``grad_output``."""
     acc = ops.accumulate_dtype(x.dtype)
     one = torch.ones((), dtype=acc, device=x.device)
-    kern = {k: v for k, v in opts.items() if k != "reduction"}
-    go = grad_output.to(acc)
-    if rows is not None:
-        x, target, go = x[rows], target[rows], go[rows]
-    _, grads = _linear_pass(x, w, b, target, kern, one, chunk, need, row_multiplier=go)
-    if rows is not None:
-        grads[0] = _expand_rows(grads[0], rows, grad_output.shape[0])
-    return grads
-
-
-def _expand_rows(gx, rows, n):
-    if gx is None:
-        return None
-    return torch.zeros((n, gx.shape[1]), dtype=gx.dtype, device=gx.device).index_copy_(
-        0, rows, gx)
+    kernel = _TritonChunks(target, _kernel_options(opts), one)
+    return head_pass(x, w, b, kernel, chunk, need, row_multiplier=grad_output.to(acc),
+                     split=split).grads
 
 
 def _check_linear_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -449,7 +388,11 @@ def triton_linear_cross_entropy(
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` through row
     chunks: matmul, the Triton kernel in place on the chunk's logits, then dx, dW, db
     (dW and db summed in float32); the loss in ``loss_dtype`` (default: the input's),
-    rounded once from float32. See the package docstring."""
+    rounded once from float32. The chunk loop is the CPU head's
+    (:func:`crossent.torch._chunked_head.head_pass`): with ``skip_ignored`` the ignored
+    rows are skipped by its rule (their ``dx`` exactly 0; not where an ignored row's
+    features are not finite, so NaN reaches dW as in torch; three host synchronisations
+    per call). See the package docstring."""
     if linear_weight.dim() != 2:
         raise UnsupportedError("linear_weight must be (C, D); K-dimensional heads unsupported")
     if input.dim() not in (1, 2):
@@ -471,20 +414,22 @@ def triton_linear_cross_entropy(
     ignore_index = _check_ignore_index(ignore_index, t)
     if not t.is_floating_point() and check_targets:
         check_index_target(t, num_classes, ignore_index)
-    chunk = (default_chunk(num_classes, features, matmul_dtype(x, linear_weight).itemsize)
-             if chunk_size is None else positive_int(chunk_size, "chunk_size"))
+    chunk = rows_per_chunk(None if chunk_size is None
+                           else positive_int(chunk_size, "chunk_size"), x, linear_weight)
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
     x, t = x.contiguous(), t.contiguous()
-    rows = _compact(t, ignore_index) if skip_ignored else None
+    # ignored rows are skipped by the CPU head's rule (not where their features are not
+    # finite: NaN reaches dW, as in torch)
+    split = split_rows(_counted_rows(t, ignore_index), x) if skip_ignored else None
     params = (x, linear_weight, linear_bias)
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
-        out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, rows, opts, chunk,
+        out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, split, opts, chunk,
                                         out_dtype)
     else:
         with torch.no_grad():
-            out = _head(x, linear_weight, linear_bias, t, rows, opts, chunk,
+            out = _head(x, linear_weight, linear_bias, t, split, opts, chunk,
                         (False,) * 3).to(out_dtype)
     return out.reshape(()) if single and reduction == "none" else out

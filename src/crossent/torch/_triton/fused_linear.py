@@ -59,11 +59,12 @@ def _forward_lse(x, w, b, y, splits=None):
     per = (vocab_tiles + splits - 1) // splits
     splits = (vocab_tiles + per - 1) // per
     stats = torch.empty((3, splits, m_rows), dtype=torch.float32, device=x.device)
-    ops._kernels()["linear_lse"][(row_tiles, splits)](
-        x, w, b if b is not None else x, y, stats[0], stats[1], stats[2], m_rows, v, d,
-        x.stride(0), w.stride(0), per, HAS_BIAS=b is not None,
-        FP32=x.dtype == torch.float32, UPCAST=_upcast(x), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, num_warps=warps)
+    with ops._launching():
+        ops._kernels()["linear_lse"][(row_tiles, splits)](
+            x, w, b if b is not None else x, y, stats[0], stats[1], stats[2], m_rows, v, d,
+            x.stride(0), w.stride(0), per, HAS_BIAS=b is not None,
+            FP32=x.dtype == torch.float32, UPCAST=_upcast(x), BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=warps)
     m, s, zy = stats
     lse = torch.logsumexp(torch.where(s > 0, m + s.log(), float("-inf")), 0)
     return lse, zy.sum(0)
@@ -107,14 +108,14 @@ class _FusedLinear(torch.autograd.Function):
         bm, bn, bk, warps = _blocks(x.dtype == torch.float32)
         grid = ((m_rows + bm - 1) // bm, (v + bn - 1) // bn)
         dummy = lse
-        ops._kernels()["linear_grad"][grid](
-            x, w, b if b is not None else x, y, lse, coef_p.contiguous(), coef_y.contiguous(),
-            dx if dx is not None else dummy, dw if dw is not None else dummy,
-            db if db is not None else dummy, m_rows, v, d, x.stride(0), w.stride(0),
-            HAS_BIAS=b is not None, NEED_X=dx is not None, NEED_W=dw is not None,
-            NEED_B=db is not None, FP32=x.dtype == torch.float32, UPCAST=_upcast(x),
-            BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, num_warps=warps)
+        with ops._launching():
+            ops._kernels()["linear_grad"][grid](
+                x, w, b if b is not None else x, y, lse, coef_p.contiguous(),
+                coef_y.contiguous(), dx if dx is not None else dummy,
+                dw if dw is not None else dummy, db if db is not None else dummy, m_rows, v,
+                d, x.stride(0), w.stride(0), HAS_BIAS=b is not None, NEED_X=dx is not None,
+                NEED_W=dw is not None, NEED_B=db is not None, FP32=x.dtype == torch.float32,
+                UPCAST=_upcast(x), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
         return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype),
                 None if db is None else db.to(b.dtype), None, None, None, None, None)
 

@@ -42,7 +42,9 @@ program whose multiplier is exactly 1 returns without touching memory, so the us
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Any
 
 # Bound by compiled(); referenced as globals by the kernel sources below.
@@ -332,6 +334,22 @@ def linear_grad_kernel(
 def interpreting() -> bool:
     """Whether ``triton.jit`` currently builds interpreted (CPU) kernels."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# triton's interpreter is not thread-safe: while an interpreted kernel runs it rebinds
+# triton.language's functions and keeps the grid in one builder for the process, and the
+# compiled() functions here rebind their modules' globals. Every interpreted launch of a
+# crossent kernel (with its compiled() look-up) holds this one lock; compiled launches run
+# concurrently. Reentrant: a launch inside a launching() block does not deadlock.
+_interpreter_lock = threading.RLock()
+
+
+def launching() -> contextlib.AbstractContextManager[Any]:
+    """The context every launch of a crossent Triton kernel runs in (``with
+    launching(): compiled()[name][grid](...)``): under the interpreter, the process-wide
+    lock that serialises interpreted launches (two threads at once would corrupt each
+    other's kernels); compiled, nothing."""
+    return _interpreter_lock if interpreting() else contextlib.nullcontext()
 
 
 def compiled() -> dict[str, Any]:

@@ -32,6 +32,14 @@ def _kernels():
     return kernels.compiled()
 
 
+def _launching():
+    """:func:`.kernels.launching`: every launch below runs in it (with its
+    :func:`_kernels` look-up)."""
+    from . import kernels
+
+    return kernels.launching()
+
+
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -168,18 +176,19 @@ def cross_entropy_forward(
     if not prob:
         y = target.contiguous()
     blk, warps = kernel_config(v, logits.element_size(), block)
-    _kernels()["ce"][(n,)](
-        logits, logits.stride(0),
-        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
-        y, target if prob else logits, target.stride(0) if prob else 0,
-        w if w is not None else params, params, scale,
-        row_multiplier if row_multiplier is not None else scale,
-        loss, lse, v, int(ignore_index),
-        PROB=prob, HAS_WEIGHT=w is not None, HAS_ROWMULT=row_multiplier is not None,
-        HAS_CAP=softcap is not None, SMOOTH=float(label_smoothing) != 0.0,
-        ZLOSS=float(z_loss) != 0.0, GRAD=compute_grad, ACC=_tl_dtype(logits.dtype),
-        BLOCK=blk, num_warps=warps,
-    )
+    with _launching():
+        _kernels()["ce"][(n,)](
+            logits, logits.stride(0),
+            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+            y, target if prob else logits, target.stride(0) if prob else 0,
+            w if w is not None else params, params, scale,
+            row_multiplier if row_multiplier is not None else scale,
+            loss, lse, v, int(ignore_index),
+            PROB=prob, HAS_WEIGHT=w is not None, HAS_ROWMULT=row_multiplier is not None,
+            HAS_CAP=softcap is not None, SMOOTH=float(label_smoothing) != 0.0,
+            ZLOSS=float(z_loss) != 0.0, GRAD=compute_grad, ACC=_tl_dtype(logits.dtype),
+            BLOCK=blk, num_warps=warps,
+        )
     return CrossEntropyRows(loss, lse, grad, denom)
 
 
@@ -198,9 +207,11 @@ def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> t
     factor = factor.to(device=x.device).reshape(-1).contiguous()
     if per_row and factor.numel() != rows:
         raise ValueError(f"per-row factor has {factor.numel()} values for {rows} rows")
-    npow2 = _kernels()["next_power_of_2"]
-    blk = min(npow2(max(cols, 16)), 4096)
-    tiles = (cols + blk - 1) // blk
-    _kernels()["scale"][(rows * tiles,)](x2, x2.stride(0), factor, cols, tiles, PER_ROW=per_row,
-                              ACC=_tl_dtype(x.dtype), BLOCK=blk, num_warps=4)
+    with _launching():
+        found = _kernels()
+        blk = min(found["next_power_of_2"](max(cols, 16)), 4096)
+        tiles = (cols + blk - 1) // blk
+        found["scale"][(rows * tiles,)](x2, x2.stride(0), factor, cols, tiles,
+                                        PER_ROW=per_row, ACC=_tl_dtype(x.dtype), BLOCK=blk,
+                                        num_warps=4)
     return x

@@ -11,6 +11,13 @@ loss and gradients while communicating a few numbers per row, never anything of 
 Runs on any initialized process group (gloo on CPU, NCCL on CUDA); crossent has no
 launcher of its own (use ``torchrun``). Without ``torch.distributed`` initialized the
 functions run single-process. See ``docs/scaling.md`` for the cost model.
+
+Each rank's local work (per-row partials over its class slice, its logit gradient) uses
+crossent's kernels (``backend=``, the same on every rank): on CUDA/ROCm the Triton kernels
+of :mod:`crossent.torch._triton.vocab_parallel` (one launch each, no host synchronisation),
+on CPU torch operations on row blocks shared out to crossent's worker threads
+(:mod:`crossent.torch._blockpool`); :mod:`._local` chooses. The collectives run in the
+calling thread and are the same for every backend.
 """
 
 from .accumulate import global_num_items

@@ -2,6 +2,9 @@
 (one fixed-size all-reduce that every rank makes before anything else), the per-row partial
 statistics of one rank's class slice, their exchange (one all-reduce MAX, one all-reduce
 SUM), the global per-row loss and the gradient of a block of local logits.
+:meth:`Partials.fill` and :func:`grad_block` are the torch-ops ("rowblock") form of the
+local work; :mod:`._local` runs them on CPU worker threads or sends the work to the Triton
+kernels of :mod:`crossent.torch._triton.vocab_parallel` instead.
 
 Notation (per row ``n``; ``V`` classes in all, rank ``r`` holds ``[s_r, s_r + V_r)``):
 ``M_n = max_c z_nc`` (global), ``S_n = sum_c exp(z_nc - M_n)``, ``lse_n = M_n + log S_n``,
@@ -37,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
+from .._backends import BACKENDS
 from .._rules import check_options, compute_dtype
 
 __all__ = ["FIELDS", "compute_dtype"]
@@ -67,6 +71,7 @@ FIELDS = (
     "chunk_size",  # the explicit chunk size, 0 for the default (linear only)
     "reduce_input_grad",  # linear only
     "input_grad",  # the input gradient will be all-reduced in backward (linear only)
+    "backend",  # the requested backend= (index in crossent.torch._backends.BACKENDS)
     "vocab_start_given",
     "start",  # per rank: checked as a partition of [0, V), not for equality
     "size",
@@ -86,6 +91,7 @@ _LABELS = {  # how a disagreement is named in the error (the argument it comes f
     "chunk_size": "chunk_size (0: None)",
     "input_grad": "input.requires_grad (its gradient is all-reduced in backward)",
     "softcap": "softcap (0: None)",
+    "backend": "backend",
 }
 _FUNCTIONS = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -350,11 +356,14 @@ def header_device(group, *tensors) -> torch.device:
 
 def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
           function: int, rows: int, dtype, device, features: int = 0, chunk_size: int = 0,
-          reduce_input_grad: bool = False, input_grad: bool = False) -> None:
+          reduce_input_grad: bool = False, input_grad: bool = False,
+          backend: object = "auto") -> None:
     """The first collective of a call: one all-reduce SUM of a ``world x F`` int64 table
     (each rank's arguments in its row), then the same checks on every rank. Raises
     :class:`InputError` on every rank together, or sets ``spec.num_classes``,
-    ``spec.weight_total`` and ``lay.max_size``."""
+    ``spec.weight_total`` and ``lay.max_size``. ``backend`` is the requested ``backend=``
+    value (not the route it resolved to): every rank must pass the same. One host
+    synchronisation in all (the table read back, with the target range check's flag)."""
     ok = problems.message is None
     values = {
         "problem": 0 if ok else 1,
@@ -373,6 +382,8 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
         "chunk_size": chunk_size,
         "reduce_input_grad": int(reduce_input_grad),
         "input_grad": int(input_grad and reduce_input_grad),
+        "backend": (BACKENDS.index(backend) if isinstance(backend, str) and backend in BACKENDS
+                    else len(BACKENDS)),
         "vocab_start_given": int(not lay.even),
         "start": lay.start,
         "size": lay.size,
@@ -389,9 +400,17 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
     table[lay.rank] = row
     if lay.communicate:
         _all_reduce(table, dist.ReduceOp.SUM, lay)
-    got = table.tolist()  # the one host sync of the checks
-    _check_table(got, lay, spec, problems)
-    _check_values(target, lay, spec)
+    # The target check's device half rides along: V is the end of the slices (the largest
+    # start + size; _check_table raises unless they tile [0, V)), so the whole check costs
+    # this one host sync.
+    ends = (table[:, _COL["start"]] + table[:, _COL["size"]]).max()
+    bad = _out_of_range(target, spec.ignore_index, ends).any().to(torch.int64)
+    got = torch.cat([table.reshape(-1), bad.reshape(1)]).tolist()  # the one host sync
+    width = len(FIELDS)
+    _check_table([got[r * width:(r + 1) * width] for r in range(lay.world)], lay, spec,
+                 problems)
+    if got[-1]:
+        _raise_bad_target(target, spec)
 
 
 def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Problems) -> None:
@@ -443,6 +462,8 @@ def _show(name: str, value: int):
         return str(_DTYPES[value]) if value < len(_DTYPES) else "not floating"
     if name == "function":
         return _FUNCTIONS[value]
+    if name == "backend":
+        return repr(BACKENDS[value]) if value < len(BACKENDS) else "not a backend"
     if name in ("weighted", "num_items_given", "reduce_input_grad", "input_grad"):
         return bool(value)
     return value
@@ -469,17 +490,21 @@ def _check_partition(starts: list[int], sizes: list[int]) -> int:
     return end
 
 
-def _check_values(target: torch.Tensor, lay: Layout, spec: Spec) -> None:
-    """Target ids in ``[0, V)`` or ``ignore_index``. Run after the hashes agreed, so every
-    rank finds the same first bad id. (crossent.torch._rules.check_index_target raises
-    torch's IndexError; the vocab-parallel functions raise InputError for every bad
-    argument, on every rank together.)"""
-    valid = target != spec.ignore_index
-    bad = valid & ((target < 0) | (target >= spec.num_classes))
-    if target.numel() and bool(bad.any()):
-        value = int(target[bad][0])
-        raise InputError(f"target holds class index {value}, outside [0, {spec.num_classes}) "
-                         f"and not ignore_index={spec.ignore_index}")
+def _out_of_range(target: torch.Tensor, ignore_index: int, num_classes) -> torch.Tensor:
+    """Where ``target`` holds an id outside ``[0, num_classes)`` that is not
+    ``ignore_index`` (``num_classes`` an int or a 0-d device tensor: no host sync)."""
+    return (target != ignore_index) & ((target < 0) | (target >= num_classes))
+
+
+def _raise_bad_target(target: torch.Tensor, spec: Spec) -> None:
+    """Raise naming the first bad id. Reached after the hashes agreed, so every rank
+    finds the same id. (crossent.torch._rules.check_index_target raises torch's
+    IndexError; the vocab-parallel functions raise InputError for every bad argument, on
+    every rank together.)"""
+    bad = _out_of_range(target, spec.ignore_index, spec.num_classes)
+    value = int(target[bad][0])
+    raise InputError(f"target holds class index {value}, outside [0, {spec.num_classes}) "
+                     f"and not ignore_index={spec.ignore_index}")
 
 
 def cap_logits(z: torch.Tensor, spec: Spec) -> torch.Tensor | None:
@@ -644,9 +669,12 @@ def reduce_loss(loss: torch.Tensor, wy: torch.Tensor, valid: torch.Tensor, spec:
     """The reduced loss and ``d reduced / d l_n`` per row (before grad_output).
 
     The single-process denominators (:func:`crossent.torch._rules.prepare_rows`: ``sum
-    w_y`` over counted rows, NaN when none counts) on this code's global row statistics
-    (:class:`RowStats`, known only after the exchange), and a scalar scale that backward
-    applies (the stored gradients are unscaled sums here)."""
+    w_y`` over counted rows) on this code's global row statistics (:class:`RowStats`,
+    known only after the exchange), and a scalar scale that backward applies (the stored
+    gradients are unscaled sums here). A zero denominator is divided by, as torch does:
+    every row ignored gives ``0/0 = NaN`` and (the scale reaching counted rows only) a zero
+    gradient; counted rows whose weights sum to 0 give a NaN (or ``+-inf``) loss and a
+    NaN gradient on those rows, as ``torch.nn.functional.cross_entropy``'s."""
     if spec.reduction == "none":
         return loss, None
     total = loss.sum()
@@ -655,6 +683,4 @@ def reduce_loss(loss: torch.Tensor, wy: torch.Tensor, valid: torch.Tensor, spec:
             return total, 1.0
         return total / spec.num_items, 1.0 / spec.num_items
     denom = wy.sum() if spec.weight is not None else valid.sum().to(loss.dtype)
-    empty = denom == 0
-    safe = torch.where(empty, 1.0, denom)
-    return torch.where(empty, math.nan, total / safe), 1.0 / safe
+    return total / denom, 1.0 / denom

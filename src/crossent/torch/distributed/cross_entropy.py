@@ -1,5 +1,11 @@
 """``vocab_parallel_cross_entropy``: cross-entropy over logits whose class dimension is
-split across the ranks of a process group (tensor-parallel output layer)."""
+split across the ranks of a process group (tensor-parallel output layer).
+
+The local work (each rank's per-row partials in forward, its logit gradient in backward)
+is done by :mod:`._local`: the Triton kernels of :mod:`crossent.torch._triton.vocab_parallel`
+(``backend="triton"``; ``"auto"`` on CUDA/ROCm when triton imports), else torch operations
+on row blocks (``"rowblock"``), on CPU shared out to crossent's worker threads
+(:mod:`crossent.torch._blockpool`). The collectives are the same either way."""
 
 from __future__ import annotations
 
@@ -11,49 +17,37 @@ from torch.autograd.function import once_differentiable
 from .. import _buffers
 from ._common import (
     Layout,
-    Partials,
     Problems,
     Spec,
     agree,
-    block_rows,
-    cap_logits,
     check_target,
-    compute_dtype,
     exchange,
-    grad_block,
     header_device,
     make_layout,
     make_spec,
     reduce_loss,
     refuse_double_backward,
-    uncap_grad,
 )
+from ._local import grad_rows, partial_rows, resolve_backend
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
 
-def _forward(logits: torch.Tensor, target: torch.Tensor, lay: Layout, spec: Spec):
-    n, size = logits.shape
-    cdtype = compute_dtype(logits.dtype)
+def _forward(logits: torch.Tensor, target: torch.Tensor, lay: Layout, spec: Spec,
+             route: str):
     valid = target != spec.ignore_index
-    part = Partials.empty(n, spec, cdtype, logits.device)
-    step = block_rows(size)
-    for i in range(0, n, step):
-        j = min(i + step, n)
-        z = logits[i:j].to(cdtype, copy=spec.softcap is not None)
-        cap_logits(z, spec)
-        part.fill(i, z, target[i:j], valid[i:j], lay, spec)
-    stats = exchange(part, valid, lay, spec)
+    part = partial_rows(logits, target, valid, lay, spec, route)
+    stats = exchange(part, valid, lay, spec)  # the collectives: in this thread
     return stats, valid
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, lay, spec):
-        stats, valid = _forward(logits, target, lay, spec)
+    def forward(ctx, logits, target, lay, spec, route):
+        stats, valid = _forward(logits, target, lay, spec, route)
         out, scale = reduce_loss(stats.loss, stats.wy, valid, spec)
         ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef)
-        ctx.lay, ctx.spec, ctx.scale, ctx.num_classes = lay, spec, scale, stats.num_classes
+        ctx.lay, ctx.spec, ctx.scale, ctx.route = lay, spec, scale, route
         return out.to(logits.dtype)
 
     @staticmethod
@@ -66,16 +60,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = go.reshape(-1) if ctx.spec.reduction == "none" else go * ctx.scale
         scale = scale.expand(lse.shape) if scale.dim() == 0 else scale
         grad = _buffers.empty(logits.shape, logits.dtype, logits)  # every row written below
-        n, size = logits.shape
-        step = block_rows(size)
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            z = logits[i:j].to(cdtype, copy=True)
-            t = cap_logits(z, ctx.spec)
-            g = grad_block(z, target[i:j], valid[i:j], lse[i:j], coef[i:j], scale[i:j],
-                           ctx.lay, ctx.spec, ctx.num_classes)
-            grad[i:j] = uncap_grad(g, t)
-        return grad, None, None, None
+        grad_rows(logits, target, valid, lse, coef, scale, ctx.lay, ctx.spec, ctx.route, grad)
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -91,6 +77,7 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     num_items: torch.Tensor | float | None = None,
     softcap: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax cross-entropy over logits whose classes are split across the ranks of
     ``group``: the result (and each rank's logit gradient) equals single-process
@@ -114,14 +101,15 @@ def vocab_parallel_cross_entropy(
     ``sum exp(z - m_r)``, ``w_y z_y`` (only the rank owning ``y``), ``w_y`` (with weights)
     and ``sum_c w_c z_c`` (with smoothing) over its slice. Communication per call:
 
-    * ONE ``all_reduce(SUM)`` of ``world x F`` int64 (``F = 23``): every rank's arguments
+    * ONE ``all_reduce(SUM)`` of ``world x F`` int64 (``F = 24``): every rank's arguments
       (the agreement, below), then
     * ONE ``all_reduce(MAX)`` of the ``N`` row maxima, then
     * ONE ``all_reduce(SUM)`` of ``k N`` values, ``k = 2 + [weight] + [eps > 0]``
       (the rescaled exp-sums ``sum_r S_r exp(m_r - M)``, the target terms, ...),
 
     the row buffers in the logits' compute dtype (float32, or float64 for float64 input):
-    ``4 (k + 1) N + 8 F world`` bytes, nothing proportional to ``V``. Backward makes
+    ``4 (k + 1) N + 8 F world`` bytes, nothing proportional to ``V`` (for every
+    ``backend``: it changes only which kernel computes the partials). Backward makes
     **no** collective: the gradient
     ``p (A_n + 2 zeta lse_n) - (eps / V) w_c - (1 - eps) w_y [c = y]``,
     ``A_n = (1 - eps) w_y + (eps / V) sum_c w_c``, needs only the saved per-row ``lse_n``
@@ -147,7 +135,9 @@ def vocab_parallel_cross_entropy(
         reduction: ``"none"`` (per-row losses, shape of ``target``, ignored rows 0),
             ``"sum"``, or ``"mean"``: the sum divided by the number of counted rows, or by
             ``sum_n w[y_n]`` over them with weights; NaN when nothing is counted, with a
-            zero gradient (both as ``torch.nn.functional.cross_entropy``).
+            zero gradient; counted rows whose weights sum to 0 give ``0/0`` (or
+            ``+-inf``) and a NaN gradient on those rows (all as
+            ``torch.nn.functional.cross_entropy``).
         num_items: with ``reduction="sum"`` only: the summed loss is divided by it. Pass the
             count of counted targets over all data-parallel ranks and gradient-accumulation
             micro-batches of the step (:func:`global_num_items`) so the accumulated
@@ -155,11 +145,21 @@ def vocab_parallel_cross_entropy(
         softcap: ``c > 0`` replaces every logit by ``c tanh(z / c)`` first (elementwise,
             so each rank caps its own slice), as :func:`crossent.torch.cross_entropy`;
             ``None`` for no cap.
+        backend: which kernel does this rank's local work (the collectives are the same):
+            ``"auto"`` (default: the Triton kernels on CUDA/ROCm tensors when triton
+            imports, else ``"rowblock"``), ``"rowblock"`` (torch operations on row blocks
+            of about 4 MiB; on CPU run by crossent's worker threads, see
+            ``crossent.torch.set_block_workers``) or ``"triton"`` (one kernel for the
+            partials, one for the gradient; CUDA/ROCm tensors, or CPU tensors with
+            ``TRITON_INTERPRET=1``, else :class:`crossent.UnsupportedError`).
+            ``"native"`` raises :class:`crossent.UnsupportedError` (torch has no
+            vocab-parallel kernel). The same value on every rank (checked).
 
     Agreement (checked before any row collective, the same way on every rank): the first
     collective gathers every rank's options (``ignore_index``, ``label_smoothing``,
-    ``z_loss``, ``softcap``, ``reduction``, weight presence, ``num_items``, ``N``, the
-    logits' dtype, whether ``vocab_start`` was given), its slice ``(vocab_start, V_r)``, the
+    ``z_loss``, ``softcap``, ``reduction``, weight presence, ``num_items``, ``backend``,
+    ``N``, the logits' dtype, whether ``vocab_start`` was given), its slice
+    ``(vocab_start, V_r)``, the
     sum of its weight slice and three independent 31-bit hashes of the whole target. Every
     rank then raises the same :class:`crossent.InputError` (a ``ValueError``) if an option
     differs across ranks, the slices do not tile ``[0, V)`` exactly (overlap, gap, unequal
@@ -194,15 +194,18 @@ def vocab_parallel_cross_entropy(
                      logits, size, problems, softcap)
     flat = check_target(target, row_shape, problems, device)
     rows = math.prod(row_shape)
+    route = resolve_backend(backend, logits.device if logits is not None else None,
+                            "vocab_parallel_cross_entropy", spec, problems)
     agree(lay, spec, problems, flat, function=0, rows=rows,
-          dtype=logits.dtype if logits is not None else None, device=device)
+          dtype=logits.dtype if logits is not None else None, device=device,
+          backend=backend)
     assert logits is not None  # agree() raised otherwise
     logits = logits.reshape(rows, size)
     if torch.is_grad_enabled() and logits.requires_grad:
-        out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec)
+        out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, route)
     else:
         with torch.no_grad():
-            stats, valid = _forward(logits, flat, lay, spec)
+            stats, valid = _forward(logits, flat, lay, spec, route)
             out, _ = reduce_loss(stats.loss, stats.wy, valid, spec)
             out = out.to(logits.dtype)
     return out.reshape(row_shape) if spec.reduction == "none" else out

@@ -1,5 +1,13 @@
 """``vocab_parallel_linear_cross_entropy``: the vocab-parallel output layer and its
-cross-entropy fused and chunked over rows, so no rank ever holds the full logits."""
+cross-entropy fused and chunked over rows, so no rank ever holds the full logits.
+
+Per chunk: the matmul (torch), the local partials and the chunk's logit gradient by
+:mod:`._local` (the Triton kernels of :mod:`crossent.torch._triton.vocab_parallel` with
+``backend="triton"``, or ``"auto"`` on CUDA/ROCm when triton imports; else torch operations
+on row blocks of the chunk, on CPU run by crossent's worker threads), the two row
+collectives in the calling thread between them, then the gradient matmuls (torch). The
+chunk loop is the single-process heads' (:func:`crossent.torch._chunked_head.head_pass`),
+with :class:`_VocabChunks` as its per-chunk kernel."""
 
 from __future__ import annotations
 
@@ -9,23 +17,22 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .._chunked_head import head_pass
 from .._rules import CHUNK_BYTES, chunk_rows, take_stored
 from ._common import (
-    Partials,
     Problems,
     agree,
     cap_logits,
     check_target,
     compute_dtype,
     exchange,
-    grad_block,
     header_device,
     make_layout,
     make_spec,
     reduce_loss,
     refuse_double_backward,
-    uncap_grad,
 )
+from ._local import grad_rows, partial_rows, resolve_backend
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -39,62 +46,88 @@ def default_chunk(local_classes: int) -> int:
     return chunk_rows(CHUNK_BYTES, local_classes, 4)
 
 
-def _run(x, w, b, target, valid, lay, spec, chunk, need, scale=None, saved=None):
-    """One pass over row chunks. Forward (``saved is None``): two all-reduces per chunk,
-    per-row loss statistics, and (if ``need``) the gradients with ``d reduced/d l_n = 1``
-    on counted rows. Backward recompute (``saved = (lse, coef)``): gradients scaled by
-    ``scale`` per row, no collective."""
-    n, size = x.shape[0], w.shape[0]
-    cdtype = compute_dtype(x.dtype)
-    w32 = w.to(cdtype)
-    b32 = None if b is None else b.to(cdtype)
-    need_x, need_w, need_b = need
-    gx = torch.zeros(x.shape, dtype=cdtype, device=x.device) if need_x else None
-    gw = torch.zeros_like(w32) if need_w else None
-    gb = torch.zeros_like(b32) if need_b and b32 is not None else None
-    buf = torch.empty((min(chunk, n), size), dtype=cdtype, device=x.device)
-    stats = [torch.zeros(n, dtype=cdtype, device=x.device) for _ in range(4)]
-    loss, lse, coef, wy = stats if saved is None else (None, *saved, None)
-    ones = valid.to(cdtype)
-    for i in range(0, max(n, 1), chunk):  # an empty batch still makes the collectives
-        j = min(i + chunk, n)
-        xc = x[i:j].to(cdtype)
-        lg = buf[: j - i]
-        if b32 is None:
-            torch.mm(xc, w32.t(), out=lg)
-        else:
-            torch.addmm(b32, xc, w32.t(), out=lg)
-        tanh = cap_logits(lg, spec)
+class _VocabChunks:
+    """The chunk kernel of the vocab-parallel head (a
+    :class:`~crossent.torch._chunked_head.ChunkKernel`): on each chunk of local logits the
+    local partials, the two row collectives (:func:`~._common.exchange`, in the calling
+    thread: every rank makes them in the same order, with the same sizes, as the chunk
+    loop is the same on every rank), then the chunk's gradient in place. ``route``: which
+    kernel does the local work (:mod:`._local`); the Triton kernels cap the raw chunk
+    logits themselves. Forward (``saved is None``): keeps each row's ``lse``, ``coef`` and
+    ``w_y`` from the exchange, the gradient with ``d reduced/d l_n = 1`` on counted rows.
+    Backward recompute (``saved = (lse, coef)``): no collective, each row's gradient times
+    its ``row_multiplier`` (``grad_output``), the returned losses are 0 (not computed)."""
+
+    def __init__(self, target, valid, lay, spec, route, dtype, saved=None):
+        n = target.shape[0]
+        self.target, self.valid, self.lay, self.spec, self.route = target, valid, lay, spec, route
+        self.dtype = dtype
+        self.ones = valid.to(dtype)
+        self.saved = saved
         if saved is None:
-            part = Partials.empty(j - i, spec, cdtype, x.device)
-            part.fill(0, lg, target[i:j], valid[i:j], lay, spec)
-            st = exchange(part, valid[i:j], lay, spec)
-            loss[i:j], lse[i:j], coef[i:j], wy[i:j] = st.loss, st.lse, st.coef, st.wy
-            sc = ones[i:j]
+            self.lse, self.coef, self.wy = (torch.zeros(n, dtype=dtype, device=target.device)
+                                            for _ in range(3))
         else:
-            sc = scale[i:j]
-        if any(need):
-            g = uncap_grad(grad_block(lg, target[i:j], valid[i:j], lse[i:j], coef[i:j], sc,
-                                      lay, spec, spec.num_classes), tanh)
-            if need_x:
-                torch.mm(g, w32, out=gx[i:j])
-            if need_w:
-                gw.addmm_(g.t(), xc)
-            if need_b:
-                gb += g.sum(0)
-    return (loss, lse, coef, wy), [gx, gw, gb]
+            self.lse, self.coef = saved
+            self.wy = None
+
+    def only(self, keep: torch.Tensor) -> _VocabChunks:
+        # never asked (the head runs with split=None): a rank's skip decision would depend
+        # on its own x's finiteness, so the ranks' chunks and collectives could differ
+        raise AssertionError("the vocab-parallel head does not skip rows")
+
+    def __call__(self, logits: torch.Tensor, start: int, *, grad: bool,
+                 row_multiplier: torch.Tensor | None) -> torch.Tensor:
+        i, j = start, start + logits.shape[0]
+        lay, spec, route = self.lay, self.spec, self.route
+        target, valid = self.target[i:j], self.valid[i:j]
+        capped = route != "triton"
+        tanh = cap_logits(logits, spec) if capped else None
+        if self.saved is None:
+            part = partial_rows(logits, target, valid, lay, spec, route, capped=capped)
+            st = exchange(part, valid, lay, spec)  # the collectives: in this thread
+            self.lse[i:j], self.coef[i:j], self.wy[i:j] = st.lse, st.coef, st.wy
+            loss = st.loss
+        else:
+            loss = torch.zeros(j - i, dtype=self.dtype, device=logits.device)
+        if grad:
+            sc = self.ones[i:j] if row_multiplier is None else row_multiplier
+            grad_rows(logits, target, valid, self.lse[i:j], self.coef[i:j], sc, lay, spec,
+                      route, logits, tanh=tanh, capped=capped)  # in place
+        return loss
+
+
+def _run(x, w, b, target, valid, lay, spec, chunk, need, route, scale=None, saved=None):
+    """One pass over row chunks: :func:`crossent.torch._chunked_head.head_pass` with the
+    kernel :class:`_VocabChunks`, the matmuls in the compute dtype (float32 logits for
+    bfloat16/float16 input too, as :func:`vocab_parallel_linear_cross_entropy` states;
+    not the single-process heads' :func:`~crossent.torch._rules.matmul_dtype`). Forward
+    (``saved is None``): two all-reduces per chunk, per-row loss statistics
+    ``(loss, lse, coef, w_y)``, and (if ``need``) the gradients. Backward recompute
+    (``saved = (lse, coef)``): gradients scaled by ``scale`` per row, no collective.
+
+    No ignored row is skipped (``split=None``): the skip decision of
+    :func:`~crossent.torch._chunked_head.split_rows` depends on the finiteness of this
+    rank's ``x`` rows, which may differ between ranks, and different chunks would make
+    different collectives (a hang). An empty batch still runs one (empty) chunk, so its
+    collectives are made."""
+    cdtype = compute_dtype(x.dtype)
+    kernel = _VocabChunks(target, valid, lay, spec, route, cdtype, saved)
+    run = head_pass(x, w, b, kernel, chunk, need, row_multiplier=scale, matmul=cdtype,
+                    empty_chunk=True)
+    return (run.losses, kernel.lse, kernel.coef, kernel.wy), run.grads
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad):
+    def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad, route):
         need = tuple(ctx.needs_input_grad[:3])
-        ctx.lay, ctx.spec, ctx.chunk, ctx.need = lay, spec, chunk, need
+        ctx.lay, ctx.spec, ctx.chunk, ctx.need, ctx.route = lay, spec, chunk, need, route
         ctx.reduce_input_grad = reduce_input_grad
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         none = spec.reduction == "none"
         (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
-                                            (False,) * 3 if none else need)
+                                            (False,) * 3 if none else need, route)
         out, ctx.scale = reduce_loss(loss, wy, valid, spec)
         if none:  # the gradient depends on grad_output row by row: recompute in backward
             ctx.save_for_backward(x, w, b, target, valid, lse, coef)
@@ -102,6 +135,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             # backward scales the stored gradients in place, so none is kept for a second
             # backward (float64 included, unlike the single-process head: no gradcheck here)
             ctx.grads, ctx.keep = grads, False
+            ctx.valid = valid
         return out.to(x.dtype)
 
     @staticmethod
@@ -113,17 +147,32 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             x, w, b, target, valid, lse, coef = ctx.saved_tensors
             go = grad_output.reshape(-1).to(lse.dtype)
             _, grads = _run(x, w, b, target, valid, ctx.lay, spec, ctx.chunk, ctx.need,
-                            scale=go, saved=(lse, coef))
+                            ctx.route, scale=go, saved=(lse, coef))
         else:
             grads = take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")
             factor = grad_output.to(grads[0].dtype if grads[0] is not None else
                                     next(g for g in grads if g is not None).dtype) * ctx.scale
-            grads = [None if g is None else g.mul_(factor) for g in grads]
+            grads = _scale_stored(grads, factor, ctx.valid)
         gx = grads[0]
         if gx is not None and ctx.reduce_input_grad and ctx.lay.communicate:
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None
+
+
+def _scale_stored(grads, factor, valid):
+    """The stored (unscaled) gradients times ``factor``, in place (``"mean"`` and
+    ``"sum"``). ``"mean"`` over a zero denominator makes ``factor`` infinite (and a NaN
+    ``grad_output`` makes it NaN), which must reach only what torch's gradient
+    makes non-finite: a row that counts nothing keeps its stored input gradient (0, or NaN
+    from NaN logits), and with no counted row at all dW and db keep theirs (no device
+    sync: the choices are made by ``torch.where``)."""
+    gx, gw, gb = grads
+    # "sum" too: a NaN grad_output leaves the ignored rows' input gradient as torch does
+    if gx is not None:
+        gx.mul_(torch.where(valid, factor, 1.0)[:, None].to(gx.dtype))
+    factor = torch.where(valid.any(), factor, 1.0)
+    return [gx, *(None if g is None else g.mul_(factor) for g in (gw, gb))]
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -143,6 +192,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | None = None,
     reduce_input_grad: bool = True,
     softcap: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``vocab_parallel_cross_entropy(input @ local_weight.T + local_bias, target, ...)``
     computed ``chunk_size`` rows at a time: neither the full logits ``(N, V)`` nor the local
@@ -181,6 +231,9 @@ def vocab_parallel_linear_cross_entropy(
             float32 logits of the **largest** slice ``max_r V_r`` (gathered by the
             agreement), so an uneven split chunks the same on every rank.
         reduce_input_grad: all-reduce the input gradient over ``group`` in backward.
+        backend: which kernel does the local work on each chunk's logits (the matmuls are
+            torch's, the collectives the same): ``"auto"``, ``"rowblock"`` or ``"triton"``,
+            as in :func:`vocab_parallel_cross_entropy` (the same value on every rank).
         Others: as in :func:`vocab_parallel_cross_entropy` (``weight``: this rank's
         ``(V_r,)`` slice of the class weights).
 
@@ -209,9 +262,12 @@ def vocab_parallel_linear_cross_entropy(
     grad = torch.is_grad_enabled() and any(isinstance(p, torch.Tensor) and p.requires_grad
                                            for p in params)
     input_grad = grad and x is not None and x.requires_grad
+    route = resolve_backend(backend, x.device if x is not None else None,
+                            "vocab_parallel_linear_cross_entropy", spec, problems)
     agree(lay, spec, problems, flat, function=1, rows=rows,
           dtype=x.dtype if x is not None else None, device=device, features=features,
-          chunk_size=chunk, reduce_input_grad=reduce_input_grad, input_grad=input_grad)
+          chunk_size=chunk, reduce_input_grad=reduce_input_grad, input_grad=input_grad,
+          backend=backend)
     assert x is not None  # agree() raised otherwise
     x = x.reshape(rows, features).contiguous()
     # identical on every rank: from the largest slice, which agree() gathered
@@ -219,11 +275,11 @@ def vocab_parallel_linear_cross_entropy(
     valid = flat != spec.ignore_index
     if grad:
         out = _VocabParallelLinearCE.apply(x, local_weight, local_bias, flat, valid, lay, spec,
-                                           chunk, reduce_input_grad)
+                                           chunk, reduce_input_grad, route)
     else:
         with torch.no_grad():
             (loss, _, _, wy), _ = _run(x, local_weight, local_bias, flat, valid, lay, spec,
-                                       chunk, (False,) * 3)
+                                       chunk, (False,) * 3, route)
             out = reduce_loss(loss, wy, valid, spec)[0].to(x.dtype)
     return out.reshape(row_shape) if spec.reduction == "none" else out
 
