@@ -40,3 +40,20 @@ def workers():
     yield
     _blockpool.set_block_workers(True)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def checked_calls(monkeypatch):
+    """Counts the calls of ``crossent.torch.cross_entropy`` that reach its checked path
+    (``make_options``): empty after a call the small-input fast path served."""
+    from crossent.torch import _cross_entropy
+
+    calls = []
+    real = _cross_entropy.make_options
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_cross_entropy, "make_options", spy)
+    return calls

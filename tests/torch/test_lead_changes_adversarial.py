@@ -42,17 +42,6 @@ def _outcome(fn):
 # ---- 1. the small-input fast path ---------------------------------------------------
 
 
-@pytest.fixture
-def checked_calls(monkeypatch):
-    calls = []
-    real = ce_module.make_options
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ce_module, "make_options", spy)
-    return calls
 
 
 def _checked_path(monkeypatch, fn):

@@ -22,23 +22,10 @@ from torch.overrides import TorchFunctionMode
 import crossent.torch as ct
 from crossent.errors import InputError
 from crossent.torch import _backends
-from crossent.torch import _cross_entropy as ce_module
 
 pytestmark = pytest.mark.native_dispatch  # keep the small-input dispatch (conftest.py)
 
 
-@pytest.fixture
-def checked_calls(monkeypatch):
-    """Counts the calls that reach the checked path (``make_options``)."""
-    calls = []
-    real = ce_module.make_options
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ce_module, "make_options", spy)
-    return calls
 
 
 def _data(n=7, c=5, dtype=torch.float32, seed=0):
