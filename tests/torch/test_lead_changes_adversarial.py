@@ -484,3 +484,16 @@ def test_lse_statistic_of_infinite_rows_is_logsumexp(backend, dtype):
         ref = torch.logsumexp(z.double(), 1)
         ref[6] = math.nan  # ignored rows hold NaN
         _assert_like(stats.lse, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "rowblock"])
+def test_target_logprob_of_a_row_holding_inf_is_log_softmax_nan(backend):
+    """A +inf logit anywhere in the row: torch.log_softmax is NaN on the whole row (inf -
+    inf); target_logprob follows it, not the limit -inf of z_y - lse."""
+    inf = float("inf")
+    z = torch.tensor([[0.0, inf, 1.0], [1.0, 2.0, 3.0], [inf, 0.0, 0.0], [-inf] * 3])
+    y = torch.tensor([0, 1, 0, 1])
+    _, stats = xt.cross_entropy(z, y, reduction="none", backend=backend,
+                                statistics="target_logprob")
+    want = torch.log_softmax(z.double(), 1)[torch.arange(4), y].float()
+    torch.testing.assert_close(stats.target_logprob, want, equal_nan=True)

@@ -247,3 +247,25 @@ def test_module_uses_the_fast_path(checked_calls):
     loss = ct.CrossEntropyLoss(label_smoothing=0.1)(x, y)
     assert checked_calls == []
     assert torch.equal(loss, F.cross_entropy(x, y, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "rowblock"])
+@pytest.mark.parametrize("value", [1 << 63, -(1 << 63) - 1, 1 << 70])
+def test_ignore_index_outside_int64_raises_input_error(value, backend):
+    x, y = _data()
+    with pytest.raises(InputError, match="ignore_index"):
+        ct.cross_entropy(x, y, ignore_index=value, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "rowblock"])
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_sparse_tensors_are_refused_naming_the_layout(which, backend):
+    from crossent.errors import UnsupportedError
+
+    x, y = _data()
+    if which == "input":
+        x = x.to_sparse()
+    else:
+        y = y.to_sparse()
+    with pytest.raises(UnsupportedError, match=f"{which} with layout torch.sparse_coo"):
+        ct.cross_entropy(x, y, backend=backend)

@@ -145,6 +145,10 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                          f"{getattr(input, 'dtype', type(input).__name__)}")
     if not isinstance(target, torch.Tensor):
         raise InputError(f"target must be a tensor, got {type(target).__name__}")
+    for name, t in (("input", input), ("target", target)):
+        if t.layout != torch.strided:
+            raise UnsupportedError(f"crossent.torch.cross_entropy: {name} with layout "
+                                   f"{t.layout}; dense (strided) tensors only")
     if input.dim() == 0:
         raise InputError("input must have a class dimension; got a 0-d tensor")
     num_classes = input.shape[0 if input.dim() == 1 else 1]
@@ -224,12 +228,14 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
     forward + backward step. Bad input raises there exactly as it does in torch; ``None``
     (the checked path) for anything else."""
     if (type(input) is not torch.Tensor or type(target) is not torch.Tensor
-            or type(ignore_index) is not int or type(reduction) is not str
+            or type(ignore_index) is not int or not _I64_MIN <= ignore_index <= _I64_MAX
+            or type(reduction) is not str
             or not (type(label_smoothing) is float or type(label_smoothing) is int)
             or not 0.0 <= label_smoothing <= 1.0 or reduction not in _REDUCTION_CODE):
         return None
     if (input.dtype not in _FULL_PRECISION or target.dtype != torch.int64
-            or input.dim() != 2 or target.dim() != 1):
+            or input.dim() != 2 or target.dim() != 1 or input.layout != torch.strided
+            or target.layout != torch.strided):
         return None
     rows, classes = input.shape
     if (classes == 0 or target.shape[0] != rows
@@ -243,6 +249,7 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
 
 
 _FULL_PRECISION = (torch.float32, torch.float64)
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _is_zero(value) -> bool:

@@ -187,10 +187,13 @@ def check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool):
         raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
     try:
-        return operator.index(ignore_index)
+        value = operator.index(ignore_index)
     except TypeError:
         raise InputError(f"ignore_index={ignore_index!r} must be an integer (torch raises "
                          f"TypeError for a float, even an integral one)") from None
+    if not -(1 << 63) <= value < (1 << 63):  # torch's class ids are int64
+        raise InputError(f"ignore_index={value} is outside int64, the class ids' type")
+    return value
 
 
 def positive_int(value, name: str) -> int:

@@ -31,6 +31,7 @@ Imports nothing of ``crossent.torch`` but :mod:`._rules` (no import circles).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -174,7 +175,8 @@ def from_logits(names: tuple[str, ...], z: torch.Tensor, target: torch.Tensor,
         values["accuracy"] = counted
         return _result(names, values, counted)
     y = torch.where(counted, y, 0).unsqueeze(1)
-    values["target_logprob"] = (z.gather(1, y) - lse.unsqueeze(1)).squeeze(1)
+    values["target_logprob"] = _nan_where_infinite(
+        (z.gather(1, y) - lse.unsqueeze(1)).squeeze(1), lse)
     values["accuracy"] = z.argmax(1) == y.squeeze(1)
     return _result(names, values, counted)
 
@@ -266,14 +268,20 @@ class RowStatistics:
         if self.p_y is not None and self.z_y is not None:
             # log p_y as the kernel's nll: from p_y where it is a normal float, else z_y - lse
             assert self.lse is not None
-            out["target_logprob"] = torch.where(self.p_y >= _TINY, self.p_y.log(),
-                                                self.z_y - self.lse)
+            out["target_logprob"] = _nan_where_infinite(
+                torch.where(self.p_y >= _TINY, self.p_y.log(), self.z_y - self.lse), self.lse)
         if self.argmax is not None:
             assert self.index is not None
             out["accuracy"] = self.argmax == self.index
         if self.entropy is not None:
             out["entropy"] = self.entropy
         return out
+
+
+def _nan_where_infinite(logprob: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """NaN where a row holds ``+inf`` (``lse = +inf``), as ``torch.log_softmax`` gives
+    (``inf - inf``), not the limit ``-inf`` of ``z_y - lse``."""
+    return torch.where(lse == math.inf, math.nan, logprob)
 
 
 def finish(collector: RowStatistics, opts: Options, counted: torch.Tensor,

@@ -262,3 +262,17 @@ def test_nan_grad_output_leaves_ignored_rows_as_torch(reduction, linear):
     loss_ref.backward(go)
     for a, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.grad, r.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("which", ["local_logits", "target", "input"])
+def test_sparse_tensors_are_refused_naming_the_layout(which):
+    g = torch.Generator().manual_seed(4)
+    z, t = torch.randn(5, 6, generator=g), torch.randint(0, 6, (5,), generator=g)
+    with pytest.raises(UnsupportedError, match=f"{which} with layout torch.sparse_coo"):
+        if which == "input":
+            vocab_parallel_linear_cross_entropy(torch.randn(5, 3).to_sparse(),
+                                                torch.randn(6, 3), t)
+        elif which == "target":
+            vocab_parallel_cross_entropy(z, t.to_sparse())
+        else:
+            vocab_parallel_cross_entropy(z.to_sparse(), t)

@@ -335,6 +335,9 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device)
         problems.note(f"target must be a tensor of class ids; got {_describe(target)}")
     elif target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         problems.note(f"target must hold integer class ids, got {target.dtype}")
+    elif target.layout != torch.strided:
+        problems.note(f"target with layout {target.layout}: dense (strided) tensors only",
+                      UnsupportedError)
     elif tuple(target.shape) != tuple(row_shape):
         problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
                       f"({rows} rows)")

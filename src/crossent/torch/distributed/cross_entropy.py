@@ -14,6 +14,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from ...errors import UnsupportedError
 from .. import _buffers
 from ._common import (
     Layout,
@@ -216,6 +217,9 @@ def _check_logits(local_logits, problems: Problems) -> torch.Tensor | None:
         problems.note(f"local_logits must be a tensor; got {type(local_logits).__name__}")
     elif not local_logits.is_floating_point():
         problems.note(f"local_logits must be floating, got {local_logits.dtype}")
+    elif local_logits.layout != torch.strided:
+        problems.note(f"local_logits with layout {local_logits.layout}: dense (strided) "
+                      f"tensors only", UnsupportedError)
     elif local_logits.dim() == 0:
         problems.note("local_logits must have a class dimension; got a 0-d tensor")
     else:

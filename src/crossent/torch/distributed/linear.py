@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from ...errors import UnsupportedError
 from .._chunked_head import head_pass
 from .._rules import CHUNK_BYTES, chunk_rows, take_stored
 from ._common import (
@@ -293,6 +294,10 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             problems.note(f"{name} must be a floating tensor, got {what}")
+            return None, 0, 0
+        if t.layout != torch.strided:
+            problems.note(f"{name} with layout {t.layout}: dense (strided) tensors only",
+                          UnsupportedError)
             return None, 0, 0
     size = local_weight.shape[0] if local_weight.dim() else 0
     if local_weight.dim() != 2:
