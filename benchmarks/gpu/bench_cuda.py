@@ -16,7 +16,9 @@ cross-entropy configurations, the HBM floor: one read of the logits plus one wri
 gradient, ``2 N V itemsize / bandwidth``. Liger Kernel and Cut Cross-Entropy are optional
 imports (skipped with a note if missing or failing). ``--json PATH`` writes everything.
 The check mode compares crossent with torch in float64 on large shapes (including one
-with more than 2**31 logits: 64-bit offsets) before any timing.
+with more than 2**31 logits: 64-bit offsets) before any timing. The vocab-parallel loss
+(``crossent.torch.distributed``, Triton backend) is checked and timed in world 1: this
+process never initialises torch.distributed, so the whole vocabulary is the local slice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if "--interpret" in sys.argv:  # before triton is imported (torch._dynamo import
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -118,6 +121,11 @@ def _ce_contenders(z0: torch.Tensor, y: torch.Tensor, compile_ok: bool):
     except Exception as exc:  # pragma: no cover - the package is importable here
         yield "crossent-torchops", None, f"unavailable: {exc!r}"
     try:
+        # world 1 (torch.distributed is never initialised here): see _vocab_parallel_world1
+        yield "crossent-vocab-parallel", leaf, plain(_vocab_parallel_world1())
+    except Exception as exc:  # pragma: no cover - the package is importable here
+        yield "crossent-vocab-parallel", None, f"unavailable: {exc!r}"
+    try:
         from liger_kernel.transformers.functional import liger_cross_entropy
 
         yield "liger", leaf, plain(lambda z, t: liger_cross_entropy(z, t))
@@ -126,6 +134,22 @@ def _ce_contenders(z0: torch.Tensor, y: torch.Tensor, compile_ok: bool):
     if compile_ok:
         compiled = torch.compile(lambda z, t: F.cross_entropy(z, t), dynamic=False)
         yield "torch.compile", leaf, plain(compiled)
+
+
+def _vocab_parallel_world1() -> Callable[..., torch.Tensor]:
+    """``vocab_parallel_cross_entropy(z, y, **options)`` on the Triton kernels, in this
+    process where torch.distributed is never initialised: world 1, the whole vocabulary
+    is the local slice, no collective runs. Its time is the partials + gradient kernels
+    plus the per-call agreement (target hashes, one host synchronisation), to compare
+    with ``crossent-triton`` (the single-process kernel) on the same tensors."""
+    import torch.distributed as dist
+
+    from crossent.torch.distributed import vocab_parallel_cross_entropy
+
+    if dist.is_available() and dist.is_initialized():  # would split nothing: refuse
+        raise RuntimeError("torch.distributed is initialised; the world-1 contender "
+                           "needs a process without a default group")
+    return functools.partial(vocab_parallel_cross_entropy, backend="triton")
 
 
 def _inplace_run(y):
@@ -297,6 +321,65 @@ def _close(name, got, want, rtol) -> str:
     return f"{status} {name}: max error {err:.2e} of max |ref| (tolerance {rtol:.0e})"
 
 
+def _reference_all_options(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    """torch in float64 with every option on (class weights ``w``, ignore_index -100,
+    label smoothing 0.1, z-loss 1e-3, softcap 30): the float64 leaf, the per-row losses
+    (ignored rows 0) and the weighted mean's denominator ``sum w[y]`` over counted rows."""
+    zz = z.double().requires_grad_()
+    zc = 30.0 * torch.tanh(zz / 30.0)
+    rows = F.cross_entropy(zc, y, weight=w.double(), label_smoothing=0.1, reduction="none")
+    counted = (y != -100).double()
+    rows = rows + 1e-3 * torch.logsumexp(zc, 1).square() * counted
+    safe = torch.where(y != -100, y, 0)
+    return zz, rows, (w.double()[safe] * counted).sum()
+
+
+def _vocab_parallel_checks(args, device, gen, tol) -> list[str]:
+    """``vocab_parallel_cross_entropy(backend="triton")`` in world 1 (no process group:
+    the whole vocabulary is the local slice, the weight vector is the whole one) against
+    torch in float64, every option it takes at once (class weights, ignore_index, label
+    smoothing, z-loss, softcap; none is refused in world 1) under each reduction
+    (``"mean"``, ``"sum"`` with ``num_items``, ``"none"`` with a random ``grad_output``),
+    for bf16 / fp16 / fp32 logits. A call that raises is a FAIL line, never a crash."""
+    n, v = (33, 700) if args.tiny else (2048, 50257)  # V not a multiple of any tile width
+    lines: list[str] = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        z = (torch.randn(n, v, device=device, generator=gen) * 3).to(dtype)
+        y = torch.randint(0, v, (n,), device=device, generator=gen)
+        y[::9] = -100
+        w = (torch.rand(v, device=device, generator=gen) + 0.5).to(dtype)  # logits' dtype
+        g = torch.randn(n, device=device, generator=gen).to(dtype)  # "none"'s grad_output
+        num_items = float((y != -100).sum()) + 7.0  # as if counted over more micro-batches
+        cases = [("mean", {}), ("sum", dict(reduction="sum", num_items=num_items)),
+                 ("none", dict(reduction="none"))]
+        for reduction, extra in cases:
+            name = f"vocab-parallel ce {n}x{v} {_name(dtype)} all options {reduction}"
+            try:
+                leaf = z.clone().requires_grad_()
+                loss = _vocab_parallel_world1()(leaf, y, weight=w, label_smoothing=0.1,
+                                                z_loss=1e-3, softcap=30.0, **extra)
+                loss.backward(g if reduction == "none" else None)
+                zz, rows, denominator = _reference_all_options(z, y, w)
+                if reduction == "none":
+                    rows.backward(g.double())
+                    want = rows
+                else:
+                    want = rows.sum() / (denominator if reduction == "mean" else num_items)
+                    want.backward()
+                # the loss is rounded once into the input dtype (at most 2^-9 relative in
+                # bf16, 2^-11 in fp16: inside tol / 4); "none" rounds each row
+                lines.append(_close(f"{name} loss", loss, want, max(1e-4, tol[dtype] / 4)))
+                lines.append(_close(f"{name} grad", leaf.grad, zz.grad, tol[dtype]))
+            except Exception as exc:  # a failing call is reported, the run goes on
+                lines.append(f"FAIL {name}: raised {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}")
+                traceback.print_exc(limit=2)
+        del z
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return lines
+
+
 def run_checks(args, device) -> list[str]:
     """crossent vs torch in float64 on large shapes, every option on; returns lines."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -334,14 +417,8 @@ def run_checks(args, device) -> list[str]:
                          f"max error {err / gmax:.2e} of max |ref|")
             del grads
         else:
-            zz = z.double().requires_grad_()
-            zc = 30.0 * torch.tanh(zz / 30.0)
-            rows = F.cross_entropy(zc, y, weight=w.double(), label_smoothing=0.1,
-                                   reduction="none")
-            counted = (y != -100).double()
-            rows = rows + 1e-3 * torch.logsumexp(zc, 1).square() * counted
-            safe = torch.where(y != -100, y, 0)
-            want = rows.sum() / (w.double()[safe] * counted).sum()
+            zz, rows, denominator = _reference_all_options(z, y, w)
+            want = rows.sum() / denominator
             want.backward()
             lines.append(_close(f"ce {n}x{v} {_name(dtype)} all options loss", loss, want,
                                 max(1e-4, tol[dtype] / 4)))
@@ -350,6 +427,7 @@ def run_checks(args, device) -> list[str]:
         del z, leaf
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    lines += _vocab_parallel_checks(args, device, gen, tol)
     # linear head against the unfused float64 head (every gradient)
     n, d, v = (24, 32, 300) if args.tiny else (1024, 1024, 32000)
     for dtype in (torch.bfloat16, torch.float32):

@@ -43,7 +43,8 @@ def test_crossent_bench_command_writes_to_crossent_bench_by_default(tmp_path, mo
 
     from crossent.cli import app
 
-    def no_timing(config, device, repeats, warmup, quick, on_round):  # the plumbing only
+    def no_timing(config, device, repeats, warmup, quick, on_round,  # the plumbing only
+                  compiled_kernel=False):
         names = bench.contenders(config)
         return ({n: {"median_ms": 1.0, "min_ms": 1.0, "runs_ms": [1.0]} for n in names},
                 bench.CONFIGS[config])
@@ -180,3 +181,33 @@ def test_each_round_starts_one_contender_later(monkeypatch):
     k = len(names)
     assert seen[:k] == names and seen[k:2 * k] == names[1:] + names[:1]
     assert seen[2 * k:] == names[2:] + names[:2]
+
+
+def test_compiled_kernel_contenders_only_on_low_precision_cross_entropy():
+    assert bench.contenders("ce-bf16") == bench.CE_CONTENDERS
+    assert bench.contenders("ce-bf16", True) == (bench.CE_CONTENDERS
+                                                 + bench.CE_COMPILED_CONTENDERS)
+    assert bench.contenders("ce-f32", True) == bench.CE_CONTENDERS
+    assert "crossent-compiled" not in bench.contenders("linear-bf16", True)
+
+
+def test_compiled_kernel_refuses_a_cuda_device_before_any_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "check_device", lambda device: "cuda")
+    monkeypatch.setattr(bench, "time_config", lambda *a, **k: pytest.fail("timed"))
+    with pytest.raises(bench.InputError, match="--compiled-kernel"):
+        bench.run(["ce-bf16"], device="cuda", compiled_kernel=True, out=tmp_path)
+
+
+@pytest.mark.skipif(not bench._inductor.available(), reason="no C++ compiler")
+@pytest.mark.timeout(300)
+def test_compiled_kernel_contenders_run_and_leave_the_switch_off(tmp_path, capsys):
+    import crossent.torch as xt
+
+    results = bench.main(["ce-bf16", "--quick", "--repeats", "1", "--warmup", "0",
+                          "--no-memory", "--compiled-kernel", "--out", str(tmp_path)])
+    assert results is not None
+    timing = results["configs"]["ce-bf16"]["contenders"]
+    assert timing["crossent-compiled"]["median_ms"] > 0
+    assert timing["crossent-compiled-inplace"]["median_ms"] > 0
+    assert "crossent-compiled" in capsys.readouterr().out
+    assert xt.set_compiled_kernel(False) is False  # the bench put the setting back

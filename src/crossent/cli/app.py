@@ -370,6 +370,9 @@ def bench(
                                             "large: crossent / torch eager against the size, "
                                             "crossover.png (alone unless CONFIGs are named)")
                          ] = False,
+    compiled_kernel: Annotated[bool, typer.Option(
+        "--compiled-kernel", help="also time crossent with set_compiled_kernel(True) on the "
+        "bfloat16/float16 cross-entropy configurations (CPU; compiles 10-25 s)")] = False,
 ) -> None:
     """Time crossent.torch against torch (eager, compiled, unfused, chunked).
 
@@ -381,7 +384,8 @@ def bench(
     # each once: one JSON entry; --crossover alone runs only the sweep
     configs = list(dict.fromkeys(configs or ([] if crossover else bench_mod.DEFAULT)))
     bench_mod.run(configs, device=device, repeats=repeats, warmup=warmup,
-                  memory=memory, quick=quick, out=out_dir, load=load, crossover=crossover)
+                  memory=memory, quick=quick, out=out_dir, load=load, crossover=crossover,
+                  compiled_kernel=compiled_kernel)
 
 
 def main() -> None:

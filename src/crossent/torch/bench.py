@@ -38,8 +38,10 @@ import torch.nn.functional as F
 
 from .._files import check_output_path, save_figure, write_atomic
 from ..errors import InputError
+from . import _inductor
 from . import functional as xf
 from ._buffers import empty_cache
+from ._inductor import set_compiled_kernel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,6 +67,9 @@ CROSSOVER_SIZES = [(64, 1000), (256, 1000), (1024, 1000), (256, 4000), (1024, 40
 DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
 DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]
+# --compiled-kernel: crossent with crossent.torch.set_compiled_kernel(True) (bfloat16/float16
+# CPU logits; the first step per process compiles, 10-25 s)
+CE_COMPILED_CONTENDERS = ["crossent-compiled", "crossent-compiled-inplace"]
 LINEAR_CONTENDERS = ["unfused", "torch-lce", "torch-lce-chunk256", "crossent", "crossent-chunk64",
                      "crossent-chunk256"]
 
@@ -120,7 +125,12 @@ def step(case: Case, name: str) -> None:
             fn = _compiled.setdefault("ce", torch.compile(F.cross_entropy))
             loss = fn(z, case.target)
         else:
-            loss = xf.cross_entropy(z, case.target, inplace_backward=name.endswith("inplace"))
+            previous = set_compiled_kernel(name.startswith("crossent-compiled"))
+            try:
+                loss = xf.cross_entropy(z, case.target,
+                                        inplace_backward=name.endswith("inplace"))
+            finally:
+                set_compiled_kernel(previous)
         torch.autograd.grad(loss, z)  # the gradient itself, as a model's backward sees it
         return
     x = case.x.detach().requires_grad_()
@@ -138,9 +148,12 @@ def step(case: Case, name: str) -> None:
     torch.autograd.grad(loss, (x, w))
 
 
-def contenders(config: str) -> list[str]:
+def contenders(config: str, compiled_kernel: bool = False) -> list[str]:
+    """The contenders of ``config``; ``compiled_kernel`` adds the compiled-kernel ones to
+    the low-precision cross-entropy configurations."""
     if CONFIGS[config][0] == "ce":
-        return CE_CONTENDERS
+        low = CONFIGS[config][4] in ("bfloat16", "float16")
+        return CE_CONTENDERS + (CE_COMPILED_CONTENDERS if compiled_kernel and low else [])
     have = hasattr(F, "linear_cross_entropy")
     return [c for c in LINEAR_CONTENDERS if have or not c.startswith("torch-lce")]
 
@@ -156,11 +169,12 @@ def _refill(case: Case) -> None:
 
 
 def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool,
-                on_round: Callable[[int, float], None] | None = None):
+                on_round: Callable[[int, float], None] | None = None,
+                compiled_kernel: bool = False):
     """Median and min of ``repeats`` timed steps per contender, after ``warmup`` untimed ones;
     ``on_round(i, seconds)`` is called after round ``i`` (one step of every contender)."""
     case = make_case(config, device, quick)
-    names = contenders(config)
+    names = contenders(config, compiled_kernel)
     runs: dict[str, list[float]] = {n: [] for n in names}
     load: dict[str, list[float]] = {n: [] for n in names}  # 1-min load average, first/last
     for name in names:
@@ -234,11 +248,12 @@ def memory_child(config: str, name: str, device: str, quick: bool) -> float:
 
 
 def memory_config(config: str, device: str, quick: bool,
-                  on_start: Callable[[str, int], None] | None = None) -> dict[str, float | None]:
+                  on_start: Callable[[str, int], None] | None = None,
+                  compiled_kernel: bool = False) -> dict[str, float | None]:
     """Peak MiB of each contender, each in a fresh process; ``on_start(name, i)`` is called
     before the ``i``-th (from 1)."""
     out: dict[str, float | None] = {}
-    for i, name in enumerate(contenders(config), 1):
+    for i, name in enumerate(contenders(config, compiled_kernel), 1):
         if on_start is not None:
             on_start(name, i)
         cmd = [sys.executable, "-m", "crossent.torch.bench", "--_memory-child", config, name,
@@ -525,7 +540,7 @@ def _to_stderr(line: str) -> None:
 def run(configs: list[str] | None = None, *, device: str | None = None, repeats: int = 5,
         warmup: int = 1, memory: bool = True, quick: bool = False,
         out: Path | str = DEFAULT_OUT, say: Callable[[str], None] | None = None,
-        load: int = 0, crossover: bool = False) -> dict:
+        load: int = 0, crossover: bool = False, compiled_kernel: bool = False) -> dict:
     """Benchmark ``configs`` (default :data:`DEFAULT`); print a table per configuration, write
     ``out/bench.json`` and ``out/bench.png`` and return the results.
 
@@ -534,6 +549,9 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     1-min load average at its first timed step and after its last is recorded either way.
     ``crossover``: also sweep :data:`CROSSOVER_SIZES` (:func:`time_crossover`), a table and
     ``out/crossover.png``; ``configs=[]`` with it runs the sweep alone.
+    ``compiled_kernel``: the bfloat16/float16 cross-entropy configurations also time
+    crossent with :func:`crossent.torch.set_compiled_kernel` on (CPU only; needs a C++
+    compiler; each process compiles on its first step, 10-25 s).
     The options are checked before the first step (an :class:`~crossent.errors.InputError`
     naming the option); progress goes to ``say`` (default: a line on stderr)."""
     configs = list(DEFAULT if configs is None else configs)
@@ -545,6 +563,12 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     _check_count(warmup, "--warmup", 0)
     _check_count(load, "--load", 0)
     device = check_device(device)
+    if compiled_kernel and not device.startswith("cpu"):
+        raise InputError(f"--compiled-kernel: the compiled kernel runs on CPU tensors only "
+                         f"(--device {device})")
+    if compiled_kernel and not _inductor.available():
+        raise InputError("--compiled-kernel: needs a C++ compiler (g++ or clang++ on PATH) "
+                         "for torch's inductor")
     out = check_output_path(out, "--out", directory=True)
     say = say or _to_stderr
     results: dict[str, Any] = {
@@ -567,7 +591,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     for i, config in enumerate(configs, 1):
         kind = CONFIGS[config][0]
         started = time.perf_counter()
-        names = contenders(config)
+        names = contenders(config, compiled_kernel)
         say(f"[{i}/{len(configs)}] {config}: {len(names)} contenders, "
             f"{'warm-up, then ' if warmup else ''}timing...")
 
@@ -578,12 +602,14 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
                     + (f"; about {_duration(left)} more of timing" if r < repeats else ""))
 
         with CompetingLoad(load):
-            timing, shape = time_config(config, device, repeats, warmup, quick, on_round)
+            timing, shape = time_config(config, device, repeats, warmup, quick, on_round,
+                                        compiled_kernel)
 
         def on_start(name: str, j: int, config: str = config, k: int = len(names)) -> None:
             say(f"  {config}: peak memory {j}/{k} ({name}, a fresh process)")
 
-        mem = memory_config(config, device, quick, on_start) if memory else {}
+        mem = (memory_config(config, device, quick, on_start, compiled_kernel) if memory
+               else {})
         base = "eager" if kind == "ce" else "unfused"
         for name, r in timing.items():
             r["vs_" + base] = r["median_ms"] / timing[base]["median_ms"]
@@ -643,6 +669,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--crossover", action="store_true",
                    help="sweep small to large N x V: crossent / eager against the size "
                         "(alone unless configurations are named)")
+    p.add_argument("--compiled-kernel", action="store_true",
+                   help="also time crossent with set_compiled_kernel(True) on the bfloat16/"
+                        "float16 cross-entropy configurations (CPU; compiles 10-25 s)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"folder for bench.json and bench.png (default: {DEFAULT_OUT})")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -655,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         configs = args.configs or ([] if args.crossover else DEFAULT)
         return run(configs, device=args.device, repeats=args.repeats, warmup=args.warmup,
                    memory=args.memory, quick=args.quick, out=args.out, load=args.load,
-                   crossover=args.crossover)
+                   crossover=args.crossover, compiled_kernel=args.compiled_kernel)
     except InputError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:
