@@ -46,7 +46,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["run_blocks", "set_block_workers", "workers_enabled"]
+__all__ = ["run_blocks", "run_row_blocks", "set_block_workers", "workers_enabled"]
 
 
 def _openmp() -> bool:
@@ -270,3 +270,17 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
             return
     for block in blocks:
         fn(*block)
+
+
+def run_row_blocks(fn: Callable[[int, int], None], num_rows: int, step: int,
+                   device: torch.device) -> None:
+    """``fn(i, j)`` for the row blocks ``[i, j)`` of ``num_rows`` rows, ``step`` rows each:
+    on CPU through :func:`run_blocks` (the blocks must write disjoint rows), elsewhere in
+    order in the calling thread (accelerators queue the operations asynchronously: one
+    thread is enough)."""
+    blocks = [(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+    if device.type == "cpu":
+        run_blocks(fn, blocks)
+    else:
+        for i, j in blocks:
+            fn(i, j)

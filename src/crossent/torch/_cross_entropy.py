@@ -99,7 +99,7 @@ def _nan_at_targets(grad: torch.Tensor, grad_output: torch.Tensor, rows, reducti
     """NaN at the target entry of the counted rows whose ``grad_output`` is infinite
     (index targets without smoothing: only there is torch's ``dlogp`` infinite). O(N)."""
     if reduction != "none":
-        if bool(torch.isfinite(grad_output)):  # (a host sync scale_stored made already)
+        if bool(torch.isfinite(grad_output)):  # one host sync, O(1)
             return
         hit = rows.valid
     else:  # no host sync
@@ -216,6 +216,8 @@ def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
 
 # torch's reduction codes, as torch.nn.functional.cross_entropy passes them on.
 _REDUCTION_CODE = {name: _reduction.get_enum(name) for name in ("none", "mean", "sum")}
+_FULL_PRECISION = (torch.float32, torch.float64)
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothing):
@@ -246,10 +248,6 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
         return None
     return torch._C._nn.cross_entropy_loss(input, target, None, _REDUCTION_CODE[reduction],
                                            ignore_index, label_smoothing)
-
-
-_FULL_PRECISION = (torch.float32, torch.float64)
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _is_zero(value) -> bool:

@@ -51,11 +51,11 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from ..errors import InputError, UnsupportedError
+from ._rules import LOW_PRECISION
 
 __all__ = ["available", "serves", "set_compiled_kernel", "softmax_grad_rows"]
 
 _enabled = False  # the opt-in (set_compiled_kernel)
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def set_compiled_kernel(enabled: bool) -> bool:
@@ -87,7 +87,7 @@ def serves(z: torch.Tensor, grad: torch.Tensor | None) -> bool:
     """The compiled kernel is on and takes these logits and gradient buffer (the caller
     checks the options: index targets, no smoothing, z-loss, softcap or hooks)."""
     return (_enabled and grad is not None and z.device.type == "cpu"
-            and z.dtype in _LOW_PRECISION and grad.dtype == z.dtype
+            and z.dtype in LOW_PRECISION and grad.dtype == z.dtype
             and grad.is_contiguous() and z.is_contiguous())
 
 
@@ -140,7 +140,8 @@ def _scaled(z: torch.Tensor, k: torch.Tensor, a: torch.Tensor, out: torch.Tensor
 
 def _compile(z: torch.Tensor, k: torch.Tensor, a: torch.Tensor, out: torch.Tensor):
     """:func:`_scaled`, compiling: without "duck" sizes (rows of a view and of its base
-    being equal once is no guard), in one thread at a time (not once per worker)."""
+    being equal once is no guard), one caller at a time (concurrent first calls compile
+    once, not once each)."""
     with _compile_lock, fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
         result = _scaled(z, k, a, out)
         if min(z.shape) > 1:

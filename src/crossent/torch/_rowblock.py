@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 
 from . import _inductor
-from ._blockpool import run_blocks
+from ._blockpool import run_row_blocks
 from ._rules import Options, Rows, block_rows, compute_dtype
 
 _TINY = 1e-30  # p_y below this: lse from the row max instead
@@ -235,12 +235,7 @@ def cross_entropy_rows(
             # float32 block 4 us: so the block is finished in float32, then rounded once
             grad[i:j].copy_(g)
 
-    blocks = [(i, min(i + block, num_rows)) for i in range(0, num_rows, block)]
-    if dev.type == "cpu":
-        run_blocks(one_block, blocks)
-    else:  # accelerators queue the operations asynchronously: one thread is enough
-        for i, j in blocks:
-            one_block(i, j)
+    run_row_blocks(one_block, num_rows, block, dev)
     if not prob:
         lse, nll, shift = _finish(m, z_y[:, 0], p_y[:, 0], p_max)
         if lse_out is not None:  # an infinite row max is the logsumexp (torch's value)

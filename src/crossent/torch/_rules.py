@@ -323,15 +323,13 @@ def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
     their softmax is NaN (a NaN logit), and so is torch's (``exp(NaN) * 0``)."""
     if reduction == "none":
         factor = grad_output.reshape(-1)
-        if counted is not None:  # no host sync: a 0 factor on the rows torch leaves at 0
-            factor = torch.where(counted, factor, 0.0)
-        grad.mul_(factor.unsqueeze(1))
-    elif not bool(grad_output == 1):  # the common loss.backward(): skip a pass over N x C
-        if counted is not None and not bool(torch.isfinite(grad_output)):
-            factor = torch.where(counted, grad_output, 0.0)
-            grad.mul_(factor if factor.dim() == 0 else factor.unsqueeze(1))
-        else:
-            grad.mul_(grad_output)
+    elif bool(grad_output == 1):  # the common loss.backward(): skip a pass over N x C
+        return
+    else:
+        factor = grad_output
+    if counted is not None:  # no host sync: a 0 factor on the rows torch leaves alone
+        factor = torch.where(counted, factor, 0.0)
+    grad.mul_(factor.unsqueeze(1) if factor.dim() == 1 else factor)
 
 
 def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):

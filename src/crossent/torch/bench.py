@@ -41,7 +41,7 @@ from ..errors import InputError
 from . import _inductor
 from . import functional as xf
 from ._buffers import empty_cache
-from ._inductor import set_compiled_kernel
+from ._rules import LOW_PRECISION
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -125,12 +125,12 @@ def step(case: Case, name: str) -> None:
             fn = _compiled.setdefault("ce", torch.compile(F.cross_entropy))
             loss = fn(z, case.target)
         else:
-            previous = set_compiled_kernel(name.startswith("crossent-compiled"))
+            previous = _inductor.set_compiled_kernel(name.startswith("crossent-compiled"))
             try:
                 loss = xf.cross_entropy(z, case.target,
                                         inplace_backward=name.endswith("inplace"))
             finally:
-                set_compiled_kernel(previous)
+                _inductor.set_compiled_kernel(previous)
         torch.autograd.grad(loss, z)  # the gradient itself, as a model's backward sees it
         return
     x = case.x.detach().requires_grad_()
@@ -152,7 +152,7 @@ def contenders(config: str, compiled_kernel: bool = False) -> list[str]:
     """The contenders of ``config``; ``compiled_kernel`` adds the compiled-kernel ones to
     the low-precision cross-entropy configurations."""
     if CONFIGS[config][0] == "ce":
-        low = CONFIGS[config][4] in ("bfloat16", "float16")
+        low = getattr(torch, CONFIGS[config][4]) in LOW_PRECISION
         return CE_CONTENDERS + (CE_COMPILED_CONTENDERS if compiled_kernel and low else [])
     have = hasattr(F, "linear_cross_entropy")
     return [c for c in LINEAR_CONTENDERS if have or not c.startswith("torch-lce")]

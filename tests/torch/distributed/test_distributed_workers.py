@@ -24,7 +24,6 @@ from crossent.errors import InputError, UnsupportedError
 from crossent.torch import _blockpool
 from crossent.torch.distributed import (
     _common,
-    _local,
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
@@ -61,7 +60,8 @@ class Spy:
         self.collective_threads: set[int] = set()
 
     def install(self):
-        run_blocks, all_reduce = _local.run_blocks, dist.all_reduce
+        # the local work reaches the workers through _blockpool.run_blocks (run_row_blocks)
+        run_blocks, all_reduce = _blockpool.run_blocks, dist.all_reduce
 
         def spied_run_blocks(fn, blocks):
             def traced(*block):
@@ -73,7 +73,7 @@ class Spy:
             self.collective_threads.add(threading.get_ident())
             return all_reduce(*args, **kwargs)
 
-        _local.run_blocks, dist.all_reduce = spied_run_blocks, spied_all_reduce
+        _blockpool.run_blocks, dist.all_reduce = spied_run_blocks, spied_all_reduce
 
 
 def _data(world, dtype, g):

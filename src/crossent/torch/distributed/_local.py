@@ -30,7 +30,7 @@ import torch
 
 from ...errors import InputError, UnsupportedError
 from .. import _backends
-from .._blockpool import run_blocks
+from .._blockpool import run_row_blocks
 from ._common import (
     Layout,
     Partials,
@@ -83,16 +83,10 @@ def resolve_backend(backend, device: torch.device | None, function: str,
 
 def run_local(fn: Callable[[int, int], None], rows: int, cols: int,
               device: torch.device) -> None:
-    """``fn(i, j)`` for the row blocks of ``rows x cols`` logits: on CPU through the worker
-    threads (:func:`crossent.torch._blockpool.run_blocks`; the blocks must write disjoint
-    rows), elsewhere in order (accelerators queue the operations asynchronously)."""
-    step = block_rows(cols)
-    blocks = [(i, min(i + step, rows)) for i in range(0, rows, step)]
-    if device.type == "cpu":
-        run_blocks(fn, blocks)
-    else:
-        for i, j in blocks:
-            fn(i, j)
+    """``fn(i, j)`` for the row blocks of ``rows x cols`` logits (:func:`~._common
+    .block_rows` rows each): :func:`crossent.torch._blockpool.run_row_blocks` (on CPU the
+    worker threads; the blocks must write disjoint rows)."""
+    run_row_blocks(fn, rows, block_rows(cols), device)
 
 
 def partial_rows(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lay: Layout,

@@ -37,6 +37,7 @@ from ._local import grad_rows, partial_rows, resolve_backend
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
+
 def default_chunk(local_classes: int) -> int:
     """About 16 MiB of float32 local logits, a multiple of 32 rows (at least 32).
 
