@@ -2,7 +2,7 @@
 ``torch.exp`` pass, crossent's row-block kernel and torch eager, in one process.
 
     python benchmarks/bf16_compiled.py [--repeats 5] [--shape 4096 32000] [--dtype bfloat16]
-    python benchmarks/bf16_compiled.py --compile-times   # cold and warm compile, 2 processes
+    python benchmarks/bf16_compiled.py --compile-times   # cold and warm first calls, 3 processes
 
 Every round runs each contender once (interleaved, each round starting one contender
 later); the table gives medians and medians of per-round ratios, and the 1-min load
@@ -16,7 +16,8 @@ average before and after. Contenders (forward + backward, gradient of the mean l
   also with ``crossent.torch.set_compiled_kernel(True)`` (the public route to the
   compiled kernel; crossent's pooled gradient buffer is its reused output),
 * ``compiled``: :func:`crossent.torch._inductor.softmax_grad_rows` (blocks of
-  ``--block-elements`` logits on crossent's block workers, one OpenMP thread each) into a
+  ``--direct-block-elements`` logits on crossent's block workers, each one ctypes call of
+  the generated one-thread function; ``--block-elements``: blocks of the fallback) into a
   new buffer / a reused one (as crossent's pooled gradient buffers) / into ``z`` itself
   (``buf``, refilled from ``z`` first, as for ``crossent inplace``; timed in both).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +94,8 @@ def check(z: torch.Tensor, t: torch.Tensor) -> str:
             f"max |lse - lse64| = {float((lse - x.detach().logsumexp(1)).abs().max()):.2g}")
 
 
-def measure(repeats: int, dtype: torch.dtype, n: int, v: int) -> list[str]:
+def measure(repeats: int, dtype: torch.dtype, n: int, v: int, load: int = 0) -> list[str]:
+    """The table; ``load`` busy processes run from after the warm-up to the end."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, v, generator=g).to(dtype)
     t = torch.randint(0, v, (n,), generator=g)
@@ -102,18 +105,26 @@ def measure(repeats: int, dtype: torch.dtype, n: int, v: int) -> list[str]:
     for step in steps.values():  # warm-up (and compilation)
         step()
     warm = time.perf_counter() - t0
-    before = os.getloadavg()[0]
-    names = list(steps)
-    runs: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(repeats):
-        for k in range(len(names)):
-            name = names[(k + r) % len(names)]
-            t1 = time.perf_counter()
-            steps[name]()
-            runs[name].append(time.perf_counter() - t1)
-    after = os.getloadavg()[0]
-    lines = [f"{n} x {v} {str(dtype).split('.')[-1]}, load {before:.1f} -> {after:.1f}, "
-             f"{repeats} rounds, blocks of {_inductor._BLOCK_ELEMENTS} logits, torch "
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        time.sleep(1.0 if busy else 0.0)  # the busy processes running before the first round
+        before = os.getloadavg()[0]
+        names = list(steps)
+        runs: dict[str, list[float]] = {k: [] for k in steps}
+        for r in range(repeats):
+            for k in range(len(names)):
+                name = names[(k + r) % len(names)]
+                t1 = time.perf_counter()
+                steps[name]()
+                runs[name].append(time.perf_counter() - t1)
+        after = os.getloadavg()[0]
+    finally:
+        for process in busy:
+            process.kill()
+    lines = [f"{n} x {v} {str(dtype).split('.')[-1]}, {load} busy processes, "
+             f"load {before:.1f} -> {after:.1f}, "
+             f"{repeats} rounds, blocks of {_inductor._DIRECT_BLOCK_ELEMENTS} logits (direct), "
+             f"torch "
              f"{torch.__version__}, "
              f"{torch.get_num_threads()} threads, warm-up incl. compile {warm:.1f} s",
              "  " + check(z[:256], t[:256])]
@@ -132,24 +143,28 @@ z = torch.randn(64, 1000).bfloat16(); y = torch.randint(0, 1000, (64,))
 a = torch.full((64,), 1 / 64)
 t0 = time.perf_counter(); _inductor.softmax_grad_rows(z, y, a, -a)
 t1 = time.perf_counter(); _inductor.softmax_grad_rows(z, y, a, -a, out=z)
-print(f"{t1 - t0:.1f} {time.perf_counter() - t1:.2f}")
+print(f"{t1 - t0:.3f} {time.perf_counter() - t1:.3f}")
 """
 
 
 def compile_times() -> list[str]:
-    """First-call time (the compilation; every variant shares the one graph, so the
-    in-place call after it compiles nothing): in a fresh process with an empty inductor
-    cache (cold), then in a second process (warm)."""
+    """First-call time (the compilation, or loading the remembered library; the in-place
+    call after it compiles nothing), each in a fresh process: with inductor's and crossent's
+    caches empty (cold), with inductor's cache filled but crossent's emptied, and with both
+    filled (a later process on the same machine)."""
     lines = []
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        for label in ("cold", "warm (on-disk cache)"):
+        inductor, ours = os.path.join(cache, "inductor"), os.path.join(cache, "crossent")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor, CROSSENT_CACHE_DIR=ours)
+        for label in ("cold", "inductor's cache warm", "both caches warm"):
+            if label == "inductor's cache warm":
+                shutil.rmtree(ours, ignore_errors=True)
             before = os.getloadavg()[0]
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", _COMPILE_ONCE], env=env, check=True,
                                  capture_output=True, text=True, timeout=600).stdout.split()
             total = time.perf_counter() - t0
-            lines.append(f"compile {label}: first call {out[0]} s, then in place {out[1]} s, "
+            lines.append(f"{label}: first call {out[0]} s, then in place {out[1]} s, "
                          f"whole process {total:.1f} s, load {before:.1f}")
     return lines
 
@@ -162,16 +177,23 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 32000])
     p.add_argument("--block-elements", type=int, default=_inductor._BLOCK_ELEMENTS,
                    help="logits per block of the compiled kernel")
+    p.add_argument("--direct-block-elements", type=int,
+                   default=_inductor._DIRECT_BLOCK_ELEMENTS,
+                   help="logits per block of the direct kernel on the block workers")
+    p.add_argument("--load", type=int, default=0,
+                   help="this many busy processes (python -c 'while True: pass') while timing")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     p.add_argument("--compile-times", action="store_true")
     args = p.parse_args()
     _inductor._BLOCK_ELEMENTS = args.block_elements
+    _inductor._DIRECT_BLOCK_ELEMENTS = args.direct_block_elements
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile_times:
         print("\n".join(compile_times()), flush=True)
         return
-    print("\n".join(measure(args.repeats, getattr(torch, args.dtype), *args.shape)), flush=True)
+    lines = measure(args.repeats, getattr(torch, args.dtype), *args.shape, load=args.load)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

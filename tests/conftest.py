@@ -8,6 +8,7 @@ an independent reference (SciPy, PyTorch, scikit-learn, optax, finite difference
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,19 @@ def _backends() -> list[Any]:
 @pytest.fixture(params=_backends())
 def backend(request: pytest.FixtureRequest) -> Backend:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def crossent_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """crossent's cache (the compiled kernel's remembered library) in a temporary folder:
+    the tests write nothing to ``~/.cache``; subprocesses inherit it."""
+    previous = os.environ.get("CROSSENT_CACHE_DIR")
+    os.environ["CROSSENT_CACHE_DIR"] = str(tmp_path_factory.mktemp("crossent-cache"))
+    yield os.environ["CROSSENT_CACHE_DIR"]
+    if previous is None:
+        del os.environ["CROSSENT_CACHE_DIR"]
+    else:
+        os.environ["CROSSENT_CACHE_DIR"] = previous
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""``crossent.torch.set_compiled_kernel(True)``: the public entry points route bfloat16 CPU
-logits with index targets to the compiled kernel (:mod:`crossent.torch._inductor`, whose
-own tests are ``test_inductor_kernel.py``) and everything else to the row-block kernel.
+"""``crossent.torch.set_compiled_kernel(True)``: the public entry points route bfloat16 (and
+float32) CPU logits with index targets to the compiled kernel
+(:mod:`crossent.torch._inductor`, whose own tests are ``test_inductor_kernel.py``) and
+everything else to the row-block kernel.
 References: float64 ``torch.nn.functional`` autograd; bfloat16 tolerances of one rounding.
-Compiling is slow: bfloat16 only (the graph ``test_inductor_kernel.py`` compiles too)."""
+Compiling is slow: bfloat16 and float32 only (the graphs ``test_inductor_kernel.py``
+compiles too)."""
 
 from __future__ import annotations
 
@@ -89,12 +91,32 @@ def test_other_options_keep_the_row_block_kernel(options, compiled_calls):
     assert compiled_calls == []
 
 
-def test_float32_and_no_grad_keep_the_row_block_kernel(compiled_calls):
+def test_float64_and_no_grad_keep_the_row_block_kernel(compiled_calls):
     z, y = _logits(8, 50)
-    xt.cross_entropy(z.float().requires_grad_(), y, backend="rowblock").backward()
+    xt.cross_entropy(z.double().requires_grad_(), y, backend="rowblock").backward()
     with torch.no_grad():
         xt.cross_entropy(z, y, backend="rowblock")
     assert compiled_calls == []
+
+
+@pytest.mark.parametrize("options", [{}, {"reduction": "none"}, {"weight": "w"}])
+def test_float32_is_routed_and_matches_float64_torch(options, compiled_calls):
+    z, y = _logits(37, 300, seed=3)
+    z = z.float() + torch.randn(z.shape, generator=torch.Generator().manual_seed(4)) * 1e-2
+    options = dict(options)
+    if options.get("weight") == "w":
+        options["weight"] = torch.rand(300, generator=torch.Generator().manual_seed(5)) + 0.5
+    ref_options = {k: (v.double() if isinstance(v, torch.Tensor) else v)
+                   for k, v in options.items()}
+    x, ref = z.clone().requires_grad_(), z.double().requires_grad_()
+    loss = xt.cross_entropy(x, y, backend="rowblock", **options)
+    ref_loss = F.cross_entropy(ref, y, **ref_options)
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(6))
+    loss.backward(g)
+    ref_loss.backward(g.double())
+    assert compiled_calls == [z.shape]
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_linear_head_bfloat16_matches_float64_torch(compiled_calls):

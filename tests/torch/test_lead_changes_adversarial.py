@@ -497,3 +497,39 @@ def test_target_logprob_of_a_row_holding_inf_is_log_softmax_nan(backend):
                                 statistics="target_logprob")
     want = torch.log_softmax(z.double(), 1)[torch.arange(4), y].float()
     torch.testing.assert_close(stats.target_logprob, want, equal_nan=True)
+
+
+LINEAR_INF_CASES = [("mean", {}), ("sum", {}), ("none", {}),
+                    ("mean", {"label_smoothing": 0.2}), ("sum", {"weight": True})]
+
+
+@pytest.mark.parametrize("reduction, options", LINEAR_INF_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_head_infinite_grad_output_gives_torchs_nan(reduction, options, dtype):
+    """The unfused ``F.cross_entropy(F.linear(x, W, b), y)``: ``dlogits`` is NaN at the
+    targets (``inf - inf``), ``+-inf`` elsewhere, and ``dx``/``dW``/``db`` sum those into
+    NaN and infinities; crossent's fused head (several chunks) gives the same pattern."""
+    options = dict(options)
+    g = torch.Generator().manual_seed(7)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((9, 4), (6, 4),
+                                                                           (6,)))
+    y = torch.randint(0, 6, (9,), generator=g)
+    y[4] = -100
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(6, generator=g, dtype=dtype) + 0.5
+    for value in (math.inf, -math.inf):
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = xt.linear_cross_entropy(ours[0], ours[1], y, ours[2], reduction=reduction,
+                                       backend="rowblock", chunk_size=4, **options)
+        go = torch.full(loss.shape, value, dtype=dtype)
+        if go.dim():
+            go[1] = 1.5
+        loss.backward(go)
+        F.cross_entropy(F.linear(*ref), y, reduction=reduction, **options).backward(go)
+        for a, r in zip(ours, ref, strict=True):
+            assert torch.equal(a.grad.isnan(), r.grad.isnan())
+            assert torch.equal(a.grad.nan_to_num(0.0, 1.0, -1.0).sign(),
+                               r.grad.nan_to_num(0.0, 1.0, -1.0).sign())
+            finite = r.grad.isfinite()
+            torch.testing.assert_close(a.grad[finite], r.grad[finite])

@@ -183,11 +183,13 @@ def test_each_round_starts_one_contender_later(monkeypatch):
     assert seen[2 * k:] == names[2:] + names[:2]
 
 
-def test_compiled_kernel_contenders_only_on_low_precision_cross_entropy():
+def test_compiled_kernel_contenders_only_on_cross_entropy_of_served_dtypes():
     assert bench.contenders("ce-bf16") == bench.CE_CONTENDERS
     assert bench.contenders("ce-bf16", True) == (bench.CE_CONTENDERS
                                                  + bench.CE_COMPILED_CONTENDERS)
-    assert bench.contenders("ce-f32", True) == bench.CE_CONTENDERS
+    assert bench.contenders("ce-f32", True) == (bench.CE_CONTENDERS
+                                                + bench.CE_COMPILED_CONTENDERS)
+    assert bench.contenders("ce-f32") == bench.CE_CONTENDERS
     assert "crossent-compiled" not in bench.contenders("linear-bf16", True)
 
 

@@ -778,3 +778,25 @@ def test_linear_head_adversarial():
     loss = fused_linear_cross_entropy(xf, w, y.clamp(min=0))
     with pytest.raises(UnsupportedError, match="double backward"):
         torch.autograd.grad(loss, xf, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_head_infinite_grad_output_gives_torchs_nan(reduction):
+    """As the unfused ``F.cross_entropy(F.linear(x, W, b), y)``: NaN where ``inf - inf``
+    meets in ``dlogits`` (the targets) and what sums them, ``+-inf`` elsewhere."""
+    g = torch.Generator().manual_seed(8)
+    x, w, b = (torch.randn(*shape, generator=g) for shape in ((5, 4), (6, 4), (6,)))
+    y = torch.tensor([0, 3, -100, 5, 3])
+    for value in (math.inf, -math.inf):
+        ours = [t.clone().to(DEVICE).requires_grad_() for t in (x, w, b)]
+        ref = [t.clone().double().requires_grad_() for t in (x, w, b)]
+        loss = triton_linear_cross_entropy(ours[0], ours[1], y.to(DEVICE), ours[2],
+                                           reduction=reduction, chunk_size=2, block=32)
+        loss.backward(torch.tensor(value, device=DEVICE))
+        F.cross_entropy(F.linear(*ref), y, reduction=reduction).backward(
+            torch.tensor(value, dtype=torch.float64))
+        for a, r in zip(ours, ref, strict=True):
+            a = a.grad.cpu().double()
+            assert torch.equal(a.isnan(), r.grad.isnan())
+            assert torch.equal(a.nan_to_num(0.0, 1.0, -1.0).sign(),
+                               r.grad.nan_to_num(0.0, 1.0, -1.0).sign())

@@ -372,7 +372,7 @@ def bench(
                          ] = False,
     compiled_kernel: Annotated[bool, typer.Option(
         "--compiled-kernel", help="also time crossent with set_compiled_kernel(True) on the "
-        "bfloat16/float16 cross-entropy configurations (CPU; compiles 10-25 s)")] = False,
+        "cross-entropy configurations (CPU; compiles 5-25 s per dtype)")] = False,
 ) -> None:
     """Time crossent.torch against torch (eager, compiled, unfused, chunked).
 

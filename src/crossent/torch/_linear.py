@@ -136,12 +136,21 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         nothing = (None,) * 7
-        if torch.is_grad_enabled():  # create_graph=True
-            def loss(x, w, b, t):
-                logits = _composite.linear_logits(x, w, b, ctx.mdtype)
-                return _composite.cross_entropy(logits, t, ctx.opts.weight, ctx.opts)
 
+        def loss(x, w, b, t):
+            logits = _composite.linear_logits(x, w, b, ctx.mdtype)
+            return _composite.cross_entropy(logits, t, ctx.opts.weight, ctx.opts)
+
+        if torch.is_grad_enabled():  # create_graph=True
             grads = double_backward(ctx, grad_output, "linear_cross_entropy", loss)
+            return (*grads[:3], *nothing)
+        if ctx.reduction != "none" and bool(grad_output.isinf()):  # one host sync, O(1)
+            # torch's dlogits is NaN where inf - inf meets (the targets), +-inf elsewhere,
+            # and dx, dW, db sum those; the stored gradients times inf cannot give that
+            # pattern, so this rare step (a diverged loss scale) is recomputed with torch
+            # ops ("none" recomputes with the kernel, whose a p + c is NaN there already)
+            grads = double_backward(ctx, grad_output, "linear_cross_entropy", loss,
+                                    create_graph=False)
             return (*grads[:3], *nothing)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors

@@ -376,11 +376,13 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def double_backward(ctx, grad_output, name: str, loss_fn):
+def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = True):
     """Backward with ``create_graph=True`` (grad mode on inside backward): the fused
     kernel's stored gradient is a constant to autograd, so the gradient is recomputed
     from the saved inputs with differentiable torch ops (:mod:`._composite`) and returned
-    with its graph: Hessians, gradient penalties and MAML get torch's numbers."""
+    with its graph: Hessians, gradient penalties and MAML get torch's numbers.
+    ``create_graph=False``: the same recomputation for a plain backward whose
+    ``grad_output`` the stored gradient cannot take (an infinite one in the linear head)."""
     if getattr(ctx, "inplace", False):
         raise UnsupportedError(
             f"crossent.torch.{name}: double backward (backward with create_graph=True, "
@@ -392,7 +394,7 @@ def double_backward(ctx, grad_output, name: str, loss_fn):
               if need and t is not None]
     with torch.enable_grad(), no_autocast(ctx.device_type):
         loss = loss_fn(*ctx.inputs).to(grad_output.dtype)
-        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True,
-                                         allow_unused=True))
+        grads = iter(torch.autograd.grad(loss, wanted, grad_output,
+                                         create_graph=create_graph, allow_unused=True))
     return [next(grads) if need and t is not None else None
             for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]

@@ -41,7 +41,6 @@ from ..errors import InputError
 from . import _inductor
 from . import functional as xf
 from ._buffers import empty_cache
-from ._rules import LOW_PRECISION
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,8 +66,8 @@ CROSSOVER_SIZES = [(64, 1000), (256, 1000), (1024, 1000), (256, 4000), (1024, 40
 DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
 DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]
-# --compiled-kernel: crossent with crossent.torch.set_compiled_kernel(True) (bfloat16/float16
-# CPU logits; the first step per process compiles, 10-25 s)
+# --compiled-kernel: crossent with crossent.torch.set_compiled_kernel(True) (bfloat16/float16/
+# float32 CPU logits; the first step per process and dtype compiles, 5-25 s)
 CE_COMPILED_CONTENDERS = ["crossent-compiled", "crossent-compiled-inplace"]
 LINEAR_CONTENDERS = ["unfused", "torch-lce", "torch-lce-chunk256", "crossent", "crossent-chunk64",
                      "crossent-chunk256"]
@@ -150,10 +149,10 @@ def step(case: Case, name: str) -> None:
 
 def contenders(config: str, compiled_kernel: bool = False) -> list[str]:
     """The contenders of ``config``; ``compiled_kernel`` adds the compiled-kernel ones to
-    the low-precision cross-entropy configurations."""
+    the cross-entropy configurations whose dtype it serves."""
     if CONFIGS[config][0] == "ce":
-        low = getattr(torch, CONFIGS[config][4]) in LOW_PRECISION
-        return CE_CONTENDERS + (CE_COMPILED_CONTENDERS if compiled_kernel and low else [])
+        served = getattr(torch, CONFIGS[config][4]) in _inductor.SERVED
+        return CE_CONTENDERS + (CE_COMPILED_CONTENDERS if compiled_kernel and served else [])
     have = hasattr(F, "linear_cross_entropy")
     return [c for c in LINEAR_CONTENDERS if have or not c.startswith("torch-lce")]
 
@@ -549,7 +548,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     1-min load average at its first timed step and after its last is recorded either way.
     ``crossover``: also sweep :data:`CROSSOVER_SIZES` (:func:`time_crossover`), a table and
     ``out/crossover.png``; ``configs=[]`` with it runs the sweep alone.
-    ``compiled_kernel``: the bfloat16/float16 cross-entropy configurations also time
+    ``compiled_kernel``: the bfloat16/float16/float32 cross-entropy configurations also time
     crossent with :func:`crossent.torch.set_compiled_kernel` on (CPU only; needs a C++
     compiler; each process compiles on its first step, 10-25 s).
     The options are checked before the first step (an :class:`~crossent.errors.InputError`

@@ -14,8 +14,10 @@ from .._rules import (  # the CPU head's rules
     Options,
     check_index_target,
     check_options,
+    double_backward,
     matmul_dtype,
     positive_int,
+    save_inputs,
     take_stored,
 )
 from . import ops
@@ -131,35 +133,23 @@ def _scale_grad(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> to
 def _save_inputs(ctx, inputs, opts, inplace: bool) -> None:
     """References to the inputs (with their history) for a double backward, and their
     version counters, so a later in-place change raises instead of misleading."""
-    ctx.inputs = None if inplace else inputs
-    ctx.versions = None if inplace else [None if t is None else t._version for t in inputs]
-    ctx.opts, ctx.inplace = opts, inplace
+    save_inputs(ctx, *((None,) * len(inputs) if inplace else inputs))
+    ctx.opts, ctx.inplace, ctx.device_type = opts, inplace, inputs[0].device.type
 
 
-def _double_backward(ctx, grad_output, loss_fn) -> list:
-    """Backward with ``create_graph=True``: the kernel's gradient is a constant to
-    autograd (pitfall 18: Hessians would come out 0 without an error), so it is recomputed
-    from the saved inputs with differentiable torch ops (:mod:`crossent.torch._composite`,
-    the CPU path's formulas) and returned with its graph."""
-    if ctx.inplace:
-        raise UnsupportedError(
-            "crossent Triton cross-entropy: double backward (create_graph=True) with "
-            "inplace_backward=True: the logits were overwritten by their gradient")
-    for t, version in zip(ctx.inputs, ctx.versions, strict=True):
-        if t is not None and t._version != version:
-            raise RuntimeError("crossent Triton cross-entropy: an input was modified in place "
-                               "after the forward pass; create_graph=True recomputes from it")
+def _double_backward(ctx, grad_output, loss_fn, name: str, create_graph: bool = True
+                     ) -> list:
+    """:func:`crossent.torch._rules.double_backward` (the gradient recomputed from the
+    saved inputs with the CPU path's differentiable formulas, :mod:`._composite`) with
+    ``loss_fn(opts, *inputs)``: the kernel's gradient is a constant to autograd (pitfall
+    18: Hessians would come out 0 without an error). ``create_graph=False``: the same for
+    a plain backward the stored gradient cannot serve (the linear head's infinite
+    ``grad_output``)."""
     o = ctx.opts
     opts = Options(o["weight"], o["ignore_index"], o["label_smoothing"], o["z_loss"],
                    o["softcap"], o["reduction"])
-    wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)
-              if need and t is not None]
-    with torch.enable_grad():
-        loss = loss_fn(opts, *ctx.inputs).to(grad_output.dtype)
-        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True,
-                                         allow_unused=True))
-    return [next(grads) if need and t is not None else None
-            for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]
+    return double_backward(ctx, grad_output, f"{name} (Triton kernel)",
+                           lambda *inputs: loss_fn(opts, *inputs), create_graph)
 
 
 def _composite_loss(opts, input, target):
@@ -204,7 +194,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True
-            g, _ = _double_backward(ctx, grad_output, _composite_loss)
+            g, _ = _double_backward(ctx, grad_output, _composite_loss, "cross_entropy")
             return g, None, None, None, None
         grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
@@ -298,12 +288,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():  # create_graph=True
-            return (*_double_backward(ctx, grad_output, _composite_linear_loss)[:3],
+            return (*_double_backward(ctx, grad_output, _composite_linear_loss,
+                                      "linear_cross_entropy")[:3],
                     None, None, None, None, None)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors
             grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
                                 grad_output.reshape(-1))
+        elif bool(grad_output.isinf()):  # torch's NaN pattern: as the CPU head (_linear.py)
+            return (*_double_backward(ctx, grad_output, _composite_linear_loss,
+                                      "linear_cross_entropy", False)[:3],
+                    None, None, None, None, None)
         else:
             grads = take_stored(ctx, "grads", _TRITON)
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
