@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import json
 import os
 
 import pytest
@@ -273,8 +274,9 @@ def test_a_found_library_is_remembered_and_loaded_without_compiling(
     monkeypatch.setattr(_inductor, "_direct_kernels", {})
     assert _inductor._direct_kernel(torch.bfloat16) is not None  # this process's library
     with open(index) as f:
-        path = f.read()
-    assert path == _inductor._libraries[torch.bfloat16]
+        entry = json.load(f)
+    assert entry["library"] == _inductor._libraries[torch.bfloat16]
+    assert entry["size"] == os.path.getsize(entry["library"])
     monkeypatch.setattr(_inductor, "_direct_kernels", {})
     monkeypatch.setattr(_inductor, "_libraries", {})  # as in a new process
     kernel = _inductor._direct_kernel(torch.bfloat16)
@@ -292,14 +294,19 @@ def test_a_stale_or_foreign_index_is_ignored(route, monkeypatch, tmp_path):
     index = _inductor._index_path(torch.bfloat16)
     os.makedirs(os.path.dirname(index), exist_ok=True)
     float32_library = _inductor._libraries[torch.float32]
-    for stale in (str(tmp_path / "gone.so"), "not a path\n\x00", float32_library):
+    size, digest = os.path.getsize(float32_library), _inductor._digest(float32_library)
+    for stale in ({"library": str(tmp_path / "gone.so"), "size": 1, "sha256": "0"},
+                  "not JSON\n\x00", [1, 2], {"library": 3},
+                  {"library": float32_library, "size": size, "sha256": digest},
+                  {"library": _inductor._libraries[torch.bfloat16], "size": 1,
+                   "sha256": digest}):  # a library changed since it was remembered
         with open(index, "w") as f:
-            f.write(stale)
+            f.write(stale if isinstance(stale, str) else json.dumps(stale))
         assert _inductor._remembered(torch.bfloat16) is None  # missing, or another kernel
         monkeypatch.setattr(_inductor, "_direct_kernels", {})
         assert _inductor._direct_kernel(torch.bfloat16) is not None
         with open(index) as f:  # rewritten with the library found in this process
-            assert f.read() == _inductor._libraries[torch.bfloat16]
+            assert json.load(f)["library"] == _inductor._libraries[torch.bfloat16]
 
 
 def test_a_read_only_cache_still_gives_the_kernel(route, monkeypatch, tmp_path):
@@ -311,3 +318,9 @@ def test_a_read_only_cache_still_gives_the_kernel(route, monkeypatch, tmp_path):
     monkeypatch.setenv("CROSSENT_CACHE_DIR", str(blocked / "cache"))
     monkeypatch.setattr(_inductor, "_direct_kernels", {})
     assert _inductor._direct_kernel(torch.bfloat16) is not None
+
+
+def test_the_traced_body_redoes_rows_at_the_threshold_the_caller_checks():
+    # the literal 2.0 ** 64 in the body (dynamo would make a global float an input) is
+    # _MAX_SUM: a row the body writes back is a row the caller redoes
+    assert _inductor._MAX_SUM in _inductor._scaled_softmax.__code__.co_consts

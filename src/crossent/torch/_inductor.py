@@ -51,6 +51,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import math
 import os
 import platform
@@ -163,6 +164,14 @@ _DIRECT_BLOCK_ELEMENTS = 1 << 21
 _local = threading.local()  # each thread's in-place scratch block
 _compiled_dtypes: set[torch.dtype] = set()
 _compile_lock = threading.Lock()
+
+
+def _renew_compile_lock() -> None:  # a forked child: a thread compiling did not come along
+    global _compile_lock
+    _compile_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_compile_lock)
 _direct_kernels: dict[torch.dtype, _DirectKernel | None] = {}
 _libraries: dict[torch.dtype, str | None] = {}  # found by compiling, in this process
 
@@ -223,12 +232,14 @@ def _probe_inputs(dtype: torch.dtype):
     row past ``_MAX_SUM``; ``k`` and ``a`` with room for rows and classes swapped (a wrong
     guess of the parameter order then reads inside its buffers)."""
     rows, classes = 5, 37
+    # float32 on the CPU whatever torch's default dtype and device (the kernel's types)
+    f32: dict = {"dtype": torch.float32, "device": "cpu"}
     g = torch.Generator().manual_seed(0)
-    z = (torch.randn(rows, classes, generator=g) * 4).to(dtype)
+    z = (torch.randn(rows, classes, generator=g, **f32) * 4).to(dtype)
     z[1, 3] = 100.0
-    k = torch.zeros(classes)
+    k = torch.zeros(classes, **f32)
     k[:rows] = z[:, 0].float()
-    return z, k, torch.rand(classes, generator=g) + 0.5
+    return z, k, torch.rand(classes, generator=g, **f32) + 0.5
 
 
 def _compile_one_thread(z, k, a, out):
@@ -263,9 +274,9 @@ def _declares_kernel(path: str, dtype: torch.dtype) -> bool:
     if not path.endswith(".so") or not os.path.isfile(path):
         return False
     try:
-        with open(path[:-3] + ".cpp") as source:
-            return _signature(source.read()) == _expected_signature(dtype)
-    except OSError:
+        with open(path[:-3] + ".cpp", encoding="utf-8") as source:
+            return _signature(source.read(1 << 22)) == _expected_signature(dtype)
+    except (OSError, ValueError):  # missing, unreadable, not text
         return False
 
 
@@ -278,8 +289,8 @@ def _probe(kernel: _DirectKernel, dtype: torch.dtype) -> bool:
     rows, classes = z.shape
     out_ref = torch.empty_like(z)
     s_ref = _scaled_softmax(z, k[:rows], a[:rows], out_ref)
-    s = torch.full((classes,), -1.0)
-    out = torch.zeros(classes * classes, dtype=dtype)
+    s = torch.full((classes,), -1.0, dtype=torch.float32, device="cpu")
+    out = torch.zeros(classes * classes, dtype=dtype, device="cpu")
     mine = out[: rows * classes].view(rows, classes)
     for i, j in ((0, 2), (2, rows)):  # two blocks: the offsets of rows past the first
         kernel(z, k, a, s, mine, i, j)
@@ -321,30 +332,69 @@ def _cpu_key() -> str:
     return f"{platform.machine()}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+@functools.cache
+def _body_key() -> str:
+    """A hash of the traced body (its bytecode and constants, ``_MAX_SUM`` included): a
+    library generated from another body is never taken for this one."""
+    code = _scaled_softmax.__code__
+    text = repr((code.co_code, code.co_consts, code.co_names, _MAX_SUM))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _index_path(dtype: torch.dtype) -> str:
     key = (f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__}-"
-           f"{str(dtype).split('.')[-1]}-{_cpu_key()}")
+           f"{str(dtype).split('.')[-1]}-{_cpu_key()}-{_body_key()}")
     return os.path.join(_cache_dir(), "direct-kernel-" + re.sub(r"[^\w.+-]", "_", key))
 
 
-def _remembered(dtype: torch.dtype) -> str | None:
+def _digest(path: str) -> str:
+    with open(path, "rb") as library:
+        return hashlib.sha256(library.read()).hexdigest()
+
+
+def _private(path: str) -> bool:
+    """Owned by this user and writable by no one else (a library another user could swap
+    would run its code here; the probe only checks the numbers, after loading)."""
     try:
-        with open(_index_path(dtype)) as f:
-            path = f.read().strip()
-    except OSError:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    getuid = getattr(os, "getuid", None)
+    return (getuid is None or st.st_uid == getuid()) and not st.st_mode & 0o022
+
+
+def _remembered(dtype: torch.dtype) -> str | None:
+    """The library the index names, if the index and the library are this user's own, the
+    library is the one written down (size and SHA-256: not truncated or replaced) and
+    declares the kernel; else None (compile again). A damaged index is ignored."""
+    index = _index_path(dtype)
+    try:
+        with open(index, encoding="utf-8") as f:
+            entry = json.loads(f.read(1 << 16))
+        path, size, digest = entry["library"], entry["size"], entry["sha256"]
+        if not (isinstance(path, str) and _private(index) and _private(path)
+                and os.path.getsize(path) == size and _digest(path) == digest):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, not text
         return None
     return path if _declares_kernel(path, dtype) else None
 
 
 def _remember(dtype: torch.dtype, path: str) -> None:
-    """Write the index atomically (a concurrent process reads the old one or the new)."""
+    """Write the index atomically (a concurrent process reads the old one or the new);
+    nothing is left behind where that fails (a read-only cache: compile next time)."""
     index = _index_path(dtype)
-    with contextlib.suppress(OSError):  # a read-only cache: compile next time again
+    partial = f"{index}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        entry = {"library": path, "size": os.path.getsize(path), "sha256": _digest(path)}
         os.makedirs(os.path.dirname(index), exist_ok=True)
-        partial = f"{index}.{os.getpid()}.{threading.get_ident()}"
-        with open(partial, "w") as f:
-            f.write(path)
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(entry, f)
+        os.chmod(partial, 0o644)
         os.replace(partial, index)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
 
 
 def _wrap(path: str, dtype: torch.dtype) -> _DirectKernel | None:
@@ -355,7 +405,7 @@ def _wrap(path: str, dtype: torch.dtype) -> _DirectKernel | None:
         return None
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
-    kernel = _DirectKernel(function, torch.empty((), dtype=dtype).element_size())
+    kernel = _DirectKernel(function, torch.empty((), dtype=dtype, device="cpu").element_size())
     return kernel if _probe(kernel, dtype) else None
 
 
@@ -415,9 +465,9 @@ def _scaled_rows(z: torch.Tensor, k: torch.Tensor, a: torch.Tensor, out: torch.T
     caller redoes them."""
     num_rows, num_classes = z.shape
     inplace = out.data_ptr() == z.data_ptr()
-    s = torch.empty(num_rows, device=z.device)
+    s = torch.empty(num_rows, dtype=torch.float32, device=z.device)
     kernel = _direct_kernel(z.dtype) if min(z.shape) > 1 else None
-    if kernel is not None and (kernel.inplace or not inplace):
+    if kernel is not None and (kernel.inplace or not inplace) and _direct_types(z, k, a, out):
         # blocks of >= 2 rows (the graph was compiled for sizes >= 2; the last block
         # takes an odd last row), and a batch under a block still shared out to the workers
         step = max(2, min(_DIRECT_BLOCK_ELEMENTS // num_classes,
@@ -429,6 +479,16 @@ def _scaled_rows(z: torch.Tensor, k: torch.Tensor, a: torch.Tensor, out: torch.T
         return s
     _scaled_blocks(z, k, a, out, s, inplace)
     return s
+
+
+def _direct_types(z, k, a, out) -> bool:
+    """What the C function reads and writes through raw pointers is what it was compiled
+    for: contiguous CPU tensors, ``k`` and ``a`` float32 (M,), ``out`` as ``z``."""
+    rows = z.shape[0]
+    return (z.device.type == out.device.type == k.device.type == a.device.type == "cpu"
+            and k.dtype == a.dtype == torch.float32 and out.dtype == z.dtype
+            and k.shape == a.shape == (rows,) and out.shape == z.shape
+            and all(t.is_contiguous() for t in (z, k, a, out)))
 
 
 def _scaled_blocks(z, k, a, out, s, inplace: bool) -> None:
@@ -496,6 +556,7 @@ def softmax_grad_rows(z: torch.Tensor, y: torch.Tensor, a: torch.Tensor, c: torc
     num_rows, num_classes = z.shape
     rows = torch.arange(num_rows, device=z.device)
     z_y = z[rows, y].float()  # before ``out is z`` overwrites it
+    a, c = a.float().contiguous(), c.float().contiguous()
     if out is None:
         out = torch.empty_like(z)
     k = z_y.clone()  # the shift: max_c z_c instead where this one overflows
