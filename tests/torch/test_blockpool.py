@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 
 import pytest
 import torch
@@ -206,3 +207,189 @@ def test_set_block_workers_takes_a_bool(bad):
 
     with pytest.raises(InputError, match="enabled"):
         _blockpool.set_block_workers(bad)
+
+
+# ---- the calling thread runs blocks too (one OpenMP thread, no_grad, as a worker)
+
+
+def _record(seen, pause=0.005):
+    """A block that records who ran it and the thread's settings inside it."""
+    def block(i, j):
+        seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(),
+                     torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")))
+        time.sleep(pause)  # releases the GIL: the workers take blocks meanwhile
+    return block
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_caller_runs_blocks_as_a_worker_does(workers, inference):
+    before = torch.get_num_threads()
+    seen: list = []
+    cast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.inference_mode(inference), cast:
+        _blockpool.run_blocks(_record(seen), [(i, i + 1) for i in range(8)])
+        assert torch.is_autocast_enabled("cpu")  # the caller's settings are put back
+        assert torch.is_grad_enabled() == (not inference)
+    assert len(seen) == 8
+    assert threading.get_ident() in {s[0] for s in seen}  # the caller took blocks
+    assert {s[1:] for s in seen} == {(1, False, inference, False)}  # as every worker
+    assert torch.get_num_threads() == before
+    pool = _blockpool._pool
+    assert pool is not None and pool.caller_works and len(pool.inboxes) == before - 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("error", [ZeroDivisionError, KeyboardInterrupt])
+def test_an_error_in_the_callers_block_waits_for_the_workers_and_restores_it(workers, error):
+    """An exception (or ^C) in the caller's own block: no block is handed out any more,
+    the worker inside one finishes before the caller raises, and the caller's OpenMP
+    count and grad mode are put back."""
+    before = torch.get_num_threads()
+    caller = threading.get_ident()
+    entered = threading.Event()
+    written: list = []
+
+    def block(i, j):
+        if threading.get_ident() == caller:
+            entered.wait(5)  # a worker is inside a block now
+            raise error("in the caller's block")
+        entered.set()
+        time.sleep(0.05)
+        written.append(i)
+
+    with pytest.raises(error):
+        _blockpool.run_blocks(block, [(i, i + 1) for i in range(40)])
+    count = len(written)
+    assert count >= 1  # the worker's block finished before the caller raised
+    time.sleep(0.15)
+    assert len(written) == count < 39  # nothing written after; the rest never handed out
+    assert torch.get_num_threads() == before and torch.is_grad_enabled()
+    seen: list = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join(10)
+    assert seen == [before]  # the global default too
+    out = torch.zeros(8)
+    _blockpool.run_blocks(lambda i, j: out.__setitem__(slice(i, j), 1.0),
+                          [(i, i + 2) for i in range(0, 8, 2)])
+    assert bool((out == 1).all())  # the pool still works
+
+
+def test_every_block_is_single_threaded_also_in_the_caller(workers):
+    """Sums of 65536 floats: torch splits them over two threads with other bits, so a
+    block run with the caller's own thread count would differ from the one-thread sums."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 1 << 16, generator=g)
+    want: list = []
+
+    def one_thread():
+        torch.get_num_threads()  # torch's per-thread initialisation first (it sets 2)
+        _blockpool._omp_set_num_threads()(1)  # this new thread only
+        want.append(torch.stack([row.sum() for row in x]))
+
+    probe = threading.Thread(target=one_thread)
+    probe.start()
+    probe.join(30)
+    two = torch.stack([row.sum() for row in x])
+    assert not torch.equal(two, want[0]), "the sums do not depend on threads: no check"
+    out = torch.empty(24)
+    who: list = []
+
+    def block(i, j):
+        who.append(threading.get_ident())
+        for k in range(i, j):
+            torch.sum(x[k], 0, out=out[k])
+
+    _blockpool.run_blocks(block, [(i, i + 1) for i in range(24)])
+    assert threading.get_ident() in who
+    assert torch.equal(out, want[0])
+
+
+@pytest.fixture
+def own_pool(workers):
+    """A pool built in the test (stopped afterwards); the module's pool put back."""
+    with _blockpool._pool_lock:
+        saved, _blockpool._pool = _blockpool._pool, None
+    yield
+    with _blockpool._pool_lock:
+        if _blockpool._pool is not None:
+            _blockpool._pool.stop()
+        _blockpool._pool = saved
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["no setter", "setter of another runtime"])
+def test_without_a_per_thread_setter_the_caller_only_waits(own_pool, monkeypatch, how):
+    """Where workers fall back to torch.set_num_threads(1) (which sets the global default),
+    the caller must not: it runs no block, ``threads`` workers do, every count is kept."""
+    if how == "no setter":
+        monkeypatch.setattr(_blockpool, "_omp_set_num_threads", lambda: None)
+    else:
+        monkeypatch.setattr(_blockpool, "_one_openmp_thread", lambda: False)
+    torch.set_num_threads(2)
+    seen: list = []
+    _blockpool.run_blocks(_record(seen), [(i, i + 1) for i in range(6)])
+    assert len(seen) == 6 and threading.get_ident() not in {s[0] for s in seen}
+    assert {s[1:3] for s in seen} == {(1, False)}
+    pool = _blockpool._pool
+    assert pool is not None and not pool.caller_works and len(pool.inboxes) == 2
+    assert torch.get_num_threads() == 2
+    fresh: list = []
+    probe = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    probe.start()
+    probe.join(10)
+    assert fresh == [2]  # the global default was put back
+
+
+@pytest.mark.timeout(30)
+def test_an_error_in_a_workers_block_stops_the_caller_after_its_current_block(workers):
+    caller = threading.get_ident()
+    entered = threading.Event()
+    ran: list = []
+
+    def block(i, j):
+        if threading.get_ident() != caller:
+            entered.wait(5)  # the caller is inside a block now
+            raise ZeroDivisionError("in a worker's block")
+        entered.set()
+        time.sleep(0.02)
+        ran.append(i)
+
+    with pytest.raises(ZeroDivisionError, match="worker"):
+        _blockpool.run_blocks(block, [(i, i + 1) for i in range(40)])
+    assert 1 <= len(ran) <= 10  # got 39: the caller took every other block
+    assert torch.get_num_threads() >= 2 and torch.is_grad_enabled()
+
+
+@pytest.mark.timeout(30)
+def test_sigint_while_the_caller_waits_for_a_worker(workers):
+    """^C once the caller has run out of blocks and waits for a worker inside one: the
+    caller raises only after that worker's block is written."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals go to the main thread")
+    caller = threading.get_ident()
+    entered = threading.Event()
+    written: list = []
+
+    def block(i, j):
+        if threading.get_ident() == caller:
+            entered.wait(5)  # returns once a worker is inside a block
+            return
+        entered.set()
+        time.sleep(0.05)  # the caller is waiting by now
+        signal.pthread_kill(caller, signal.SIGINT)
+        time.sleep(0.1)
+        written.append(i)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _blockpool.run_blocks(block, [(0, 1), (1, 2), (2, 3)])
+            time.sleep(1.0)  # the signal may arrive just after the call
+        assert len(written) == 1  # got 0: the caller raised while the worker wrote
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert torch.get_num_threads() >= 2

@@ -4,17 +4,23 @@ Why: torch parallelises each operation over its threads and ends it with a barri
 row-block kernel runs about ten operations per block, so a 4096 x 32000 batch meets some
 six hundred barriers; when another process takes a core, every barrier waits for the
 descheduled thread and the kernel ran slower than torch's own (issue 16: 0.16x torch's
-time idle, 1.5x at load 4 on 2 cores). Here each of ``torch.get_num_threads()`` worker
-threads takes the next block from a shared counter and runs all of its operations with one
-thread: no barrier inside a call, and a descheduled worker's blocks are taken by the others.
-The operations release the GIL, so the workers run in parallel.
+time idle, 1.5x at load 4 on 2 cores). Here each of ``torch.get_num_threads()`` threads,
+the calling thread and ``torch.get_num_threads() - 1`` workers, takes the next block from a
+shared counter and runs all of its operations with one thread: no barrier inside a call,
+and a descheduled thread's blocks are taken by the others. The operations release the GIL,
+so the threads run in parallel. The caller works rather than sleeping until the workers
+are done: a call then costs one hand-off (to the workers), not two, and the caller waits
+only for workers inside a block, not for one still waking up (2 threads, measured with
+``benchmarks/blockpool_latency.py``: 2 to 16 no-op blocks 14 us a call instead of 65-90 us).
 
 How the workers get one thread each: OpenMP's thread count is per thread (its
 ``nthreads-var`` is a per-thread setting), so after torch's per-thread initialisation a
 worker calls the OpenMP runtime's own ``omp_set_num_threads(1)`` (through ``ctypes``, in the
-runtime torch loaded), which changes nothing for any other thread. Only where that runtime
-cannot be found does a worker call ``torch.set_num_threads(1)``, which also sets torch's
-global default; the default read before is then put back at once from a short-lived thread.
+runtime torch loaded), which changes nothing for any other thread. The caller does the same
+for its own blocks and puts its count back afterwards, also when a block raises. Only where
+that runtime cannot be found does a worker call ``torch.set_num_threads(1)``, which also
+sets torch's global default; the default read before is then put back at once from a
+short-lived thread, and the caller does not work (``torch.get_num_threads()`` workers do).
 With another parallel backend than OpenMP (a global thread pool), one thread, one block, or
 a Python dispatch or function mode active in the caller (modes are per thread: the workers
 would bypass a ``FlopCounterMode``), the blocks run in the calling thread as before. A
@@ -22,11 +28,12 @@ second thread calling while the workers are busy runs its blocks itself. The poo
 rebuilt after ``fork`` (threads do not survive it) and when ``torch.set_num_threads``
 changes the count; a pool still in use is retired by its caller, never stopped under it.
 
-Autograd mode is per thread: the workers run under ``torch.no_grad()`` (the kernels write
-with ``out=`` into buffers autograd must not see), in the caller's inference mode. An
-exception in a block stops the other workers after their current block and is raised in
-the caller; so is ``KeyboardInterrupt`` in the caller, once the workers have stopped
-writing.
+Autograd mode is per thread: every block runs under ``torch.no_grad()`` (the kernels write
+with ``out=`` into buffers autograd must not see), in the caller's inference mode, without
+autocast (the caller's own modes are put back after its blocks). An exception in a block
+(the caller's or a worker's) stops the others after their current block and is raised in
+the caller once no worker writes any more; so is ``KeyboardInterrupt`` in the caller,
+inside one of its blocks or not.
 """
 
 from __future__ import annotations
@@ -56,7 +63,9 @@ def _openmp() -> bool:
 @functools.cache  # looked up when the first pool is built, not at import
 def _omp_set_num_threads() -> Callable[[int], Any] | None:
     """``omp_set_num_threads`` of the OpenMP runtime torch loaded (its own copy first), or
-    None: another copy would set another runtime's count (checked by the workers)."""
+    None: another copy would set another runtime's count (checked by the workers). Called
+    keeping the GIL (``PyDLL``): it only stores a number, and a caller that released the
+    GIL just after handing out its blocks would wait for it while a worker takes them."""
     paths: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
@@ -66,11 +75,11 @@ def _omp_set_num_threads() -> Callable[[int], Any] | None:
     here = os.path.dirname(torch.__file__)
     for path in sorted(paths, key=lambda p: not p.startswith(here)):
         try:
-            return ctypes.CDLL(path).omp_set_num_threads
+            return ctypes.PyDLL(path).omp_set_num_threads
         except (OSError, AttributeError):
             continue
     try:
-        return ctypes.CDLL(None).omp_set_num_threads
+        return ctypes.PyDLL(None).omp_set_num_threads
     except (OSError, AttributeError):
         return None
 
@@ -94,64 +103,130 @@ def _modes_active() -> bool:
 
 
 class _Job:
-    """One call's blocks, handed to every worker; each pulls indices until none are left."""
+    """One call's blocks. The workers it was handed to, and the caller where it works too,
+    take block indices from one counter until none are left or a block raised. ``active``
+    counts the workers inside a block: the caller waits for those only, not for workers
+    that have not woken up yet (they find the job over and return)."""
 
-    __slots__ = ("blocks", "done", "error", "fn", "inference", "joined", "left", "lock", "next")
+    __slots__ = ("active", "blocks", "error", "fn", "idle", "inference", "lock", "next",
+                 "over")
 
-    def __init__(self, fn: Callable[..., None], blocks: Sequence[tuple], workers: int) -> None:
+    def __init__(self, fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
         self.fn: Callable[..., None] | None = fn
         self.blocks: Sequence[tuple] = blocks
-        self.left = workers
-        self.joined: set[int] = set()  # a worker handed the job twice (^C) counts once
         # the caller's inference mode: tensors it made there can only be written inside it
         self.inference = torch.is_inference_mode_enabled()
-        self.next = itertools.count()
-        self.done = threading.Event()
+        self.next = itertools.count()  # next() is atomic: the caller takes blocks lock-free
+        self.active = 0  # workers inside a block (the caller is not counted)
+        self.over = False  # no block is handed out any more
+        self.idle = threading.Event()  # over, and no worker inside a block
         self.error: BaseException | None = None
         self.lock = threading.Lock()
 
-    def work(self) -> None:
+    def _claim(self) -> tuple[Callable[..., None], tuple] | None:
+        """A worker's next block, counted in ``active``; None once the job is over."""
         with self.lock:
-            if threading.get_ident() in self.joined:
-                return
-            self.joined.add(threading.get_ident())
+            if not self.over and self.error is None:
+                k = next(self.next)
+                if k < len(self.blocks):
+                    self.active += 1
+                    assert self.fn is not None
+                    return self.fn, self.blocks[k]
+            self.over = True
+            if self.active == 0:
+                self.idle.set()
+            return None
+
+    def work(self) -> None:
+        """A worker's share: blocks until none are left, under ``torch.no_grad()`` and in
+        the caller's inference mode."""
+        # inference_mode(False) would turn grad mode on: enter it only when it is on
+        with (torch.inference_mode() if self.inference else contextlib.nullcontext()), \
+                torch.no_grad():
+            while (claimed := self._claim()) is not None:
+                try:
+                    claimed[0](*claimed[1])
+                except BaseException as error:  # handed to the caller, who raises it
+                    self.error = self.error or error
+                finally:
+                    claimed = None  # the caller's closure is not kept once it returns
+                    with self.lock:
+                        self.active -= 1
+                        if self.over and self.active == 0:
+                            self.idle.set()
+
+    def work_in_caller(self, threads: int) -> None:
+        """The caller's share, with one OpenMP thread (its count ``threads`` put back after,
+        whatever happens) and under ``torch.no_grad()``, as a worker's. Not counted in
+        ``active``: an interrupt anywhere here cannot leave the count wrong."""
+        setter = _omp_set_num_threads()
+        assert setter is not None
+        blocks, fn = self.blocks, self.fn
+        assert fn is not None
+        # autocast is per thread too: the workers run without it
+        cast = (torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu")
+                else contextlib.nullcontext())
         try:
-            # inference_mode(False) would turn grad mode on: enter it only when it is on
-            with (torch.inference_mode() if self.inference else contextlib.nullcontext()), \
-                    torch.no_grad():
+            setter(1)
+            with torch.no_grad(), cast:
                 while self.error is None:
                     k = next(self.next)
-                    if k >= len(self.blocks):
+                    if k >= len(blocks):
                         break
-                    assert self.fn is not None
-                    self.fn(*self.blocks[k])
-        except BaseException as error:  # handed to the caller, who raises it
+                    fn(*blocks[k])
+        except BaseException as error:  # ^C in the caller's block too: stop, then raise
             self.error = self.error or error
         finally:
-            with self.lock:
-                self.left -= 1
-                if self.left == 0:  # drop the caller's closure: its tensors are not kept
-                    self.fn, self.blocks = None, ()
-                    self.done.set()
+            setter(threads)
+
+    def close(self) -> None:
+        """No block is handed out any more; ``idle`` is set once no worker is in one."""
+        with self.lock:
+            self.over = True
+            if self.active == 0:
+                self.idle.set()
+
+    def wait_idle(self) -> None:
+        """Wait until no worker is inside a block (timed waits: ^C is seen at once)."""
+        while not self.idle.wait(0.05):
+            pass
+
+    def release(self) -> None:
+        """Drop the caller's closure (no worker reads it once the job is over and idle):
+        a worker that has not woken up yet keeps no tensors alive."""
+        self.fn, self.blocks = None, ()
 
 
 class _Pool:
+    """``size`` threads for the blocks: ``size - 1`` workers and the caller, or ``size``
+    workers where the caller cannot set its own OpenMP count alone (``torch.set_num_threads``
+    would set torch's global default too)."""
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.busy = threading.Lock()  # held by the one caller whose job runs
         self.retired = False  # replaced while busy: its caller stops it when done
         self.inboxes: list[queue.SimpleQueue] = []
+        self.caller_works = _omp_set_num_threads() is not None
+        default = _global_default_threads()
+        if self._start(size - 1 if self.caller_works else size):
+            if self.caller_works:  # the runtime found is not the one torch uses
+                self.caller_works = False
+                self._start(1)
+            # torch.set_num_threads(1) in a worker set the global default too
+            _in_fresh_thread(lambda: torch.set_num_threads(default))
+
+    def _start(self, count: int) -> bool:
+        """Start ``count`` workers; whether one had to call ``torch.set_num_threads(1)``."""
         fallback: list[bool] = []
-        default = _global_default_threads() if _omp_set_num_threads() is None else 0
-        started = threading.Barrier(size + 1)
-        for _ in range(size):
+        started = threading.Barrier(count + 1)
+        for _ in range(count):
             inbox: queue.SimpleQueue = queue.SimpleQueue()
             self.inboxes.append(inbox)
             threading.Thread(target=self._serve, args=(inbox, started, fallback), daemon=True,
                              name="crossent-rowblock").start()
         started.wait()
-        if fallback:  # torch.set_num_threads(1) in a worker set the global default too
-            _in_fresh_thread(lambda: torch.set_num_threads(default))
+        return bool(fallback)
 
     @staticmethod
     def _serve(inbox: queue.SimpleQueue, started: threading.Barrier,
@@ -170,21 +245,22 @@ class _Pool:
         for inbox in self.inboxes:
             inbox.put(None)
 
-    def run(self, fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
-        job = _Job(fn, blocks, self.size)
-        handed = 0
+    def run(self, fn: Callable[..., None], blocks: Sequence[tuple], threads: int) -> None:
+        """The blocks on the workers and, where it can, the caller (its OpenMP count
+        ``threads`` put back after); raises the first error once nothing writes."""
+        job = _Job(fn, blocks)
         try:
             for inbox in self.inboxes:
                 inbox.put(job)
-                handed += 1
-            while not job.done.wait(0.05):  # a timed wait: ^C is seen at once
-                pass
+            if self.caller_works:
+                job.work_in_caller(threads)
+                job.close()  # the caller has taken the last block (or one raised)
+            job.wait_idle()
         except BaseException as error:  # ^C: no more blocks are handed out ...
             job.error = job.error or error
-            for inbox in self.inboxes[handed:]:  # ... every worker counts itself out ...
-                with contextlib.suppress(BaseException):
-                    inbox.put(job)
-            job.done.wait()  # ... and nothing writes once the caller raises
+            job.close()
+            job.idle.wait()  # ... and nothing writes once the caller raises
+        job.release()
         if job.error is not None:
             raise job.error
 
@@ -264,7 +340,7 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
         pool = _acquire_pool(threads)
         if pool is not None:
             try:
-                pool.run(fn, blocks)
+                pool.run(fn, blocks, threads)
             finally:
                 _release_pool(pool)
             return
