@@ -261,8 +261,15 @@ class _Pool:
             job.close()
             job.idle.wait()  # ... and nothing writes once the caller raises
         job.release()
-        if job.error is not None:
-            raise job.error
+        error, job.error = job.error, None
+        if error is not None:
+            # raised from a local that is then deleted: the traceback would hold this frame,
+            # the frame the job, the job the error (a cycle keeping the block's tensors alive
+            # until the garbage collector runs, past the caller's ``except``)
+            try:
+                raise error
+            finally:
+                del error
 
 
 def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
@@ -296,7 +303,11 @@ def _acquire_pool(threads: int) -> _Pool | None:
     caller is using it. A pool of another size is replaced: stopped when idle, retired
     (stopped by its caller afterwards) when busy."""
     global _pool
-    with _pool_lock:
+    # not blocking: a signal handler calling a kernel while this thread builds a pool (the
+    # lock held across the workers' start) would wait for itself; it runs inline instead
+    if not _pool_lock.acquire(blocking=False):
+        return None
+    try:
         if _pool is not None and _pool.size != threads:
             old, _pool = _pool, None
             if old.busy.acquire(blocking=False):
@@ -306,13 +317,22 @@ def _acquire_pool(threads: int) -> _Pool | None:
         if _pool is None:
             _pool = _Pool(threads)
         return _pool if _pool.busy.acquire(blocking=False) else None
+    finally:
+        _pool_lock.release()
 
 
-def _release_pool(pool: _Pool) -> None:
+def _stop_if_retired(pool: _Pool) -> None:
+    """After its caller released ``pool.busy``: stop it if it was replaced while busy (a
+    caller replacing it later finds it idle and stops it itself)."""
     with _pool_lock:
         if pool.retired:
             pool.stop()
-        pool.busy.release()
+
+
+def _release_pool(pool: _Pool) -> None:
+    """What :func:`run_blocks` does after its call (for the tests that hold a pool)."""
+    pool.busy.release()
+    _stop_if_retired(pool)
 
 
 def set_block_workers(enabled: bool) -> None:
@@ -342,7 +362,10 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
             try:
                 pool.run(fn, blocks, threads)
             finally:
-                _release_pool(pool)
+                # released before any Python call: a pending ^C runs its handler when a
+                # function starts, and would leave the pool busy for good
+                pool.busy.release()
+                _stop_if_retired(pool)
             return
     for block in blocks:
         fn(*block)
