@@ -256,20 +256,20 @@ class _Pool:
                 job.work_in_caller(threads)
                 job.close()  # the caller has taken the last block (or one raised)
             job.wait_idle()
-        except BaseException as error:  # ^C: no more blocks are handed out ...
-            job.error = job.error or error
+        except BaseException as interrupt:  # ^C: no more blocks are handed out ...
+            job.error = job.error or interrupt
             job.close()
             job.idle.wait()  # ... and nothing writes once the caller raises
         job.release()
-        error, job.error = job.error, None
-        if error is not None:
+        failure, job.error = job.error, None
+        if failure is not None:
             # raised from a local that is then deleted: the traceback would hold this frame,
             # the frame the job, the job the error (a cycle keeping the block's tensors alive
             # until the garbage collector runs, past the caller's ``except``)
             try:
-                raise error
+                raise failure
             finally:
-                del error
+                del failure
 
 
 def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
