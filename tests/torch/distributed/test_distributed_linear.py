@@ -231,3 +231,50 @@ def _check_inf_on_one_rank(rank, world):
 
 def test_ignored_row_inf_on_one_rank_does_not_hang():
     run_group(_check_inf_on_one_rank, 2)
+
+
+def _pattern(t):
+    """NaN, sign and infinity pattern (what an infinite grad_output leaves comparable)."""
+    return t.isnan(), t.nan_to_num(0.0, 1.0, -1.0).sign()
+
+
+def _check_infinite_grad_output(rank, world):
+    """torch's unfused head under an infinite scalar grad_output: NaN where ``inf - inf``
+    meets in ``dlogits`` (the targets) and in what sums them, +-inf elsewhere; the
+    vocab-parallel head recomputes that backward (no collective) and gives the same
+    pattern for x, its W shard and its bias shard, for "mean" and "sum"; ranks whose
+    grad_output differs (one infinite, one finite) still return."""
+    g = torch.Generator().manual_seed(9)
+    v = 3 * world
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(v, D, generator=g, dtype=torch.float64)
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    t = torch.randint(0, v, (N,), generator=g)
+    t[1] = -100
+    lo, hi = 3 * rank, 3 * rank + 3
+    for reduction, value in itertools.product(("mean", "sum"), (math.inf, -math.inf)):
+        ours = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(),
+                b[lo:hi].clone().requires_grad_()]
+        out = vocab_parallel_linear_cross_entropy(ours[0], ours[1], t, local_bias=ours[2],
+                                                  vocab_start=lo, chunk_size=3,
+                                                  reduction=reduction)
+        out.backward(torch.tensor(value, dtype=torch.float64))
+        ref = [x.clone().requires_grad_(), w.clone().requires_grad_(),
+               b.clone().requires_grad_()]
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(*ref), t,
+                                          reduction=reduction).backward(
+            torch.tensor(value, dtype=torch.float64))
+        for got, want in zip(ours, (ref[0].grad, ref[1].grad[lo:hi], ref[2].grad[lo:hi]),
+                             strict=True):
+            for a, r in zip(_pattern(got.grad), _pattern(want), strict=True):
+                assert torch.equal(a, r), (reduction, value, rank)
+    xr = x.clone().requires_grad_()
+    out = vocab_parallel_linear_cross_entropy(xr, w[lo:hi].clone().requires_grad_(), t,
+                                              vocab_start=lo, chunk_size=3)
+    out.backward(torch.tensor(math.inf if rank == 0 else 1.0, dtype=torch.float64))
+    assert xr.grad is not None
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_infinite_grad_output_gives_torchs_nan_pattern(world):
+    run_group(_check_infinite_grad_output, world)

@@ -131,9 +131,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
                                             (False,) * 3 if none else need, route)
         out, ctx.scale = reduce_loss(loss, wy, valid, spec)
-        if none:  # the gradient depends on grad_output row by row: recompute in backward
-            ctx.save_for_backward(x, w, b, target, valid, lse, coef)
-        else:
+        # "none": the gradient depends on grad_output row by row, recomputed in backward;
+        # "mean"/"sum" keep the same (references and (N,) statistics) for an infinite
+        # grad_output, which the stored gradients cannot take (torch gives NaN there)
+        ctx.save_for_backward(x, w, b, target, valid, lse, coef)
+        if not none:
             # backward scales the stored gradients in place, so none is kept for a second
             # backward (float64 included, unlike the single-process head: no gradcheck here)
             ctx.grads, ctx.keep = grads, False
@@ -145,9 +147,16 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         spec = ctx.spec
-        if spec.reduction == "none":
+        if spec.reduction == "none" or bool(grad_output.isinf()):
+            # recomputed, no collective (the branch may differ between ranks: no hang);
+            # the kernel's a p + c is torch's NaN where an infinite row scale meets p - 1
             x, w, b, target, valid, lse, coef = ctx.saved_tensors
-            go = grad_output.reshape(-1).to(lse.dtype)
+            if spec.reduction == "none":
+                go = grad_output.reshape(-1).to(lse.dtype)
+            else:
+                go = (grad_output.to(lse.dtype) * ctx.scale).expand(x.shape[0])
+            if spec.reduction != "none":  # consumed as on the other branch: backward
+                take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")  # twice raises
             _, grads = _run(x, w, b, target, valid, ctx.lay, spec, ctx.chunk, ctx.need,
                             ctx.route, scale=go, saved=(lse, coef))
         else:
