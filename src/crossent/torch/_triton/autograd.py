@@ -137,19 +137,16 @@ def _save_inputs(ctx, inputs, opts, inplace: bool) -> None:
     ctx.opts, ctx.inplace, ctx.device_type = opts, inplace, inputs[0].device.type
 
 
-def _double_backward(ctx, grad_output, loss_fn, name: str, create_graph: bool = True
-                     ) -> list:
+def _double_backward(ctx, grad_output, loss_fn, name: str) -> list:
     """:func:`crossent.torch._rules.double_backward` (the gradient recomputed from the
     saved inputs with the CPU path's differentiable formulas, :mod:`._composite`) with
     ``loss_fn(opts, *inputs)``: the kernel's gradient is a constant to autograd (pitfall
-    18: Hessians would come out 0 without an error). ``create_graph=False``: the same for
-    a plain backward the stored gradient cannot serve (the linear head's infinite
-    ``grad_output``)."""
+    18: Hessians would come out 0 without an error)."""
     o = ctx.opts
     opts = Options(o["weight"], o["ignore_index"], o["label_smoothing"], o["z_loss"],
                    o["softcap"], o["reduction"])
     return double_backward(ctx, grad_output, f"{name} (Triton kernel)",
-                           lambda *inputs: loss_fn(opts, *inputs), create_graph)
+                           lambda *inputs: loss_fn(opts, *inputs))
 
 
 def _composite_loss(opts, input, target):
@@ -295,10 +292,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             x, w, b, target = ctx.saved_tensors
             grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
                                 grad_output.reshape(-1))
-        elif bool(grad_output.isinf()):  # torch's NaN pattern: as the CPU head (_linear.py)
-            return (*_double_backward(ctx, grad_output, _composite_linear_loss,
-                                      "linear_cross_entropy", False)[:3],
-                    None, None, None, None, None)
         else:
             grads = take_stored(ctx, "grads", _TRITON)
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
