@@ -412,7 +412,10 @@ def run_checks(args, device) -> list[str]:
             gmax = max(float(g.double().abs().max()) for g in grads) / float(cnt)
             err = max(float((leaf.grad[i:i + 2048].double() - g.double() / cnt).abs().max())
                       for i, g in zip(range(0, n, 2048), grads, strict=True))
-            lines.append(_close(f"ce {n}x{v} {_name(dtype)} (>2^31) loss", loss, want, 1e-4))
+            # the loss comes back in the logits' dtype, as torch's: bfloat16 rounds a loss
+            # of ~11.8 to within 2^-9 (H200 run: 1.96e-3 against a 1e-4 tolerance)
+            lines.append(_close(f"ce {n}x{v} {_name(dtype)} (>2^31) loss", loss, want,
+                                max(1e-4, tol[dtype] / 4)))
             lines.append(f"{'ok' if err <= tol[dtype] * gmax else 'FAIL'} ce {n}x{v} grad: "
                          f"max error {err / gmax:.2e} of max |ref|")
             del grads
