@@ -8,6 +8,11 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   | tee "$out/versions.txt"
-timeout 150 python -m pytest tests/triton -q -x -p no:cacheprovider 2>&1 | tail -20 | tee "$out/tests.txt"
+# every test runs (no -x); the whole output, each failure's short traceback and the
+# summary of failures/errors/xpasses, goes to tests_full.txt; the console gets its tail
+timeout 150 python -m pytest tests/triton -q -rfEX --tb=short -p no:cacheprovider \
+  > "$out/tests_full.txt" 2>&1
+echo "pytest exit status: $?" >> "$out/tests_full.txt"
+tail -40 "$out/tests_full.txt" | tee "$out/tests.txt"
 timeout 330 python benchmarks/gpu/bench_cuda.py --max-minutes 4.5 --json "$out/bench.json" "$@" \
   2>&1 | tee "$out/bench.txt"

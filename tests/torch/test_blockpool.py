@@ -209,6 +209,24 @@ def test_set_block_workers_takes_a_bool(bad):
         _blockpool.set_block_workers(bad)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: in order, in the caller
+@pytest.mark.parametrize(("num_rows", "step", "min_rows", "want"), [
+    (7, 3, 1, [(0, 3), (3, 6), (6, 7)]),
+    (7, 3, 2, [(0, 3), (3, 7)]),  # a last row alone joins the block before
+    (8, 3, 2, [(0, 3), (3, 6), (6, 8)]),
+    (9, 3, 3, [(0, 3), (3, 6), (6, 9)]),
+    (1, 2, 2, [(0, 1)]),  # one block: nothing to join
+    (0, 2, 2, []),
+])
+def test_row_blocks_of_step_rows_and_a_short_last_one_joined(workers, device, num_rows,
+                                                              step, min_rows, want):
+    seen: list = []
+    _blockpool.run_row_blocks(lambda i, j: seen.append((i, j)), num_rows, step,
+                              torch.device(device), min_rows=min_rows)
+    assert (sorted(seen) if device == "cpu" else seen) == want
+
+
 # ---- the calling thread runs blocks too (one OpenMP thread, no_grad, as a worker)
 
 

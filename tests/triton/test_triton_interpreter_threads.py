@@ -1,11 +1,13 @@
 """Two Python threads launching crossent's Triton kernels at once (on CPU: triton's
-interpreter, switched on for this folder by conftest.py).
+interpreter, switched on for this folder by conftest.py; with CUDA: the compiled kernels).
 
 triton's interpreter is not thread-safe (while an interpreted kernel runs it rebinds
 triton.language's functions; crossent rebinds its kernels' globals), so crossent
 serialises interpreted launches behind one lock
-(``crossent.torch._triton.kernels.launching``). Both threads must get torch's loss and
-gradient, each for its own data, options and shapes. A hang fails the test (timeout)."""
+(``crossent.torch._triton.kernels.launching``); compiled launches take no lock and run
+concurrently. Either way both threads must get torch's loss and gradient (torch on the
+same device, in float32), each for its own data, options and shapes. A hang fails the
+test (timeout)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from crossent.torch._triton import kernels  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter
+
 # per thread: (rows, classes, options); different shapes and options, so the two threads
 # run differently specialised kernels at the same time
 CASES = {
@@ -37,7 +41,7 @@ def _data(seed: int):
     z = torch.randn(rows, classes, generator=g) * 4
     t = torch.randint(0, classes, (rows,), generator=g)
     t[0] = -100  # an ignored row
-    return z, t
+    return z.to(DEVICE), t.to(DEVICE)
 
 
 def _loss_and_grad(fn, seed: int, **extra):
@@ -74,8 +78,17 @@ def _in_two_threads(work) -> dict[int, object]:
     return results
 
 
+def _features(rows: int, classes: int, seed: int):
+    """The linear head's x and W (leaves on the device) for thread ``seed``."""
+    g = torch.Generator().manual_seed(10 + seed)
+    x = torch.randn(rows, 5, generator=g)
+    w = torch.randn(classes, 5, generator=g)
+    return x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
+
+
 def test_cross_entropy_in_two_threads_matches_torch():
-    assert kernels.interpreting()  # conftest: the interpreter runs the kernels on CPU
+    # conftest: the interpreter runs the kernels on CPU; with CUDA they are compiled
+    assert kernels.interpreting() == (DEVICE == "cpu")
     got = _in_two_threads(
         lambda seed: _loss_and_grad(xt.cross_entropy, seed, backend="triton"))
     for seed in CASES:
@@ -89,9 +102,7 @@ def test_linear_head_in_two_threads_matches_torch():
     """The chunked Triton linear head (several launches per call) in both threads."""
     def head(seed: int):
         z, t = _data(seed)
-        g = torch.Generator().manual_seed(10 + seed)
-        x = torch.randn(z.shape[0], 5, generator=g, requires_grad=True)
-        w = torch.randn(z.shape[1], 5, generator=g, requires_grad=True)
+        x, w = _features(*z.shape, seed)
         opts = CASES[seed][2]
         loss = xt.linear_cross_entropy(x, w, t, chunk_size=4, backend="triton", **opts)
         return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
@@ -99,9 +110,7 @@ def test_linear_head_in_two_threads_matches_torch():
     got = _in_two_threads(head)
     for seed in CASES:
         z, t = _data(seed)
-        g = torch.Generator().manual_seed(10 + seed)
-        x = torch.randn(z.shape[0], 5, generator=g, requires_grad=True)
-        w = torch.randn(z.shape[1], 5, generator=g, requires_grad=True)
+        x, w = _features(*z.shape, seed)
         want = F.cross_entropy(x @ w.T, t, **CASES[seed][2])
         want_grads = torch.autograd.grad(want, (x, w))
         for name, a, b in zip(("loss", "dx", "dW"), got[seed], (want.detach(), *want_grads),

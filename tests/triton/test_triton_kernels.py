@@ -53,8 +53,8 @@ def reference(z, target, weight=None, ignore_index=-100, reduction="mean", eps=0
     rows = F.cross_entropy(zc, t, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=eps)
     if prob:
-        counted = torch.ones(z.shape[0], dtype=torch.float64)
-        denom = torch.tensor(float(z.shape[0]), dtype=torch.float64)
+        counted = torch.ones(z.shape[0], dtype=torch.float64, device=z.device)
+        denom = torch.tensor(float(z.shape[0]), dtype=torch.float64, device=z.device)
     else:
         counted = (target != ignore_index).double()
         safe = torch.where(target != ignore_index, target, 0)
@@ -308,7 +308,8 @@ def linear_reference(x, w, b, target, reduction="mean", **kw):
     t = target.double() if target.is_floating_point() else target
     rows = F.cross_entropy(zc, t, weight=weight, reduction="none",
                            label_smoothing=kw.get("eps", 0.0))
-    counted = (torch.ones(len(z), dtype=torch.float64) if target.is_floating_point()
+    counted = (torch.ones(len(z), dtype=torch.float64, device=z.device)
+               if target.is_floating_point()
                else (target != -100).double())
     rows = rows + kw.get("z_loss", 0.0) * torch.logsumexp(zc, 1).square() * counted
     if reduction == "none":
@@ -628,7 +629,8 @@ def test_non_finite_grad_output_leaves_ignored_rows_at_zero():
     target[1] = -100
     x = z[:, :6].contiguous()  # a small linear head
     w = torch.randn(7, 6, generator=torch.Generator().manual_seed(41)).to(DEVICE)
-    for go in (torch.tensor([1.0, NAN, 2.0]), torch.tensor([0.5, math.inf, 1.0])):
+    for go in (torch.tensor([1.0, NAN, 2.0], device=DEVICE),
+               torch.tensor([0.5, math.inf, 1.0], device=DEVICE)):
         leaf = z.clone().requires_grad_()
         triton_cross_entropy(leaf, target, reduction="none", block=16).backward(go)
         assert float(leaf.grad[1].abs().max()) == 0.0 and torch.isfinite(leaf.grad).all()
@@ -638,10 +640,11 @@ def test_non_finite_grad_output_leaves_ignored_rows_at_zero():
                                         skip_ignored=skip, block=16).backward(go)
             assert float(xs.grad[1].abs().max()) == 0.0
     leaf = z.clone().requires_grad_()
-    triton_cross_entropy(leaf, target, block=16).backward(torch.tensor(NAN))
+    triton_cross_entropy(leaf, target, block=16).backward(torch.tensor(NAN, device=DEVICE))
     assert float(leaf.grad[1].abs().max()) == 0.0 and torch.isnan(leaf.grad[[0, 2]]).all()
     zd = z.double().requires_grad_()
-    F.cross_entropy(zd, target).backward(torch.tensor(NAN, dtype=torch.float64))
+    F.cross_entropy(zd, target).backward(torch.tensor(NAN, dtype=torch.float64,
+                                                      device=DEVICE))
     assert float(zd.grad[1].abs().max()) == 0.0  # torch: the same
 
 
@@ -717,7 +720,7 @@ def test_backward_twice_double_backward_and_the_version_counter():
     # a spatial (N, C, d) input and reduction "none": Hessian-vector product as torch's
     sp = z32[:2].reshape(2, 2, 10).clone().requires_grad_()
     ts = t32[:2].reshape(2, 1).expand(2, 10) % 2
-    go = torch.rand(2, 10, dtype=torch.float64)
+    go = torch.rand(2, 10, dtype=torch.float64).to(DEVICE)
     (g,) = torch.autograd.grad(triton_cross_entropy(sp, ts, reduction="none"), sp,
                                go.float(), create_graph=True)
     (hv,) = torch.autograd.grad(g.square().sum(), sp)
@@ -761,7 +764,8 @@ def test_linear_head_adversarial():
     with pytest.raises(InputError, match="linear_weight"):
         fused_linear_cross_entropy(x, w.bfloat16(), y)
     with pytest.raises(InputError, match="weight has dtype"):
-        triton_linear_cross_entropy(x, w, y, weight=torch.ones(200, dtype=torch.float64))
+        triton_linear_cross_entropy(x, w, y, weight=torch.ones(200, dtype=torch.float64,
+                                                               device=DEVICE))
     with pytest.raises(InputError, match="ignore_index"):
         triton_linear_cross_entropy(x, w, torch.softmax(x @ w.T, 1), ignore_index=0)
     for bad in (0, 2.5, True):

@@ -372,12 +372,15 @@ def run_blocks(fn: Callable[..., None], blocks: Sequence[tuple]) -> None:
 
 
 def run_row_blocks(fn: Callable[[int, int], None], num_rows: int, step: int,
-                   device: torch.device) -> None:
+                   device: torch.device, min_rows: int = 1) -> None:
     """``fn(i, j)`` for the row blocks ``[i, j)`` of ``num_rows`` rows, ``step`` rows each:
     on CPU through :func:`run_blocks` (the blocks must write disjoint rows), elsewhere in
     order in the calling thread (accelerators queue the operations asynchronously: one
-    thread is enough)."""
+    thread is enough). A last block of fewer than ``min_rows`` rows (``<= step``) joins the
+    one before, for a kernel that takes ``min_rows`` rows a call at least."""
     blocks = [(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] < min_rows:
+        blocks[-2:] = [(blocks[-2][0], num_rows)]
     if device.type == "cpu":
         run_blocks(fn, blocks)
     else:

@@ -472,10 +472,8 @@ def _scaled_rows(z: torch.Tensor, k: torch.Tensor, a: torch.Tensor, out: torch.T
         # takes an odd last row), and a batch under a block still shared out to the workers
         step = max(2, min(_DIRECT_BLOCK_ELEMENTS // num_classes,
                           -(-num_rows // torch.get_num_threads())))
-        blocks = [(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
-        if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] < 2:
-            blocks[-2:] = [(blocks[-2][0], num_rows)]
-        _blockpool.run_blocks(lambda i, j: kernel(z, k, a, s, out, i, j), blocks)
+        _blockpool.run_row_blocks(lambda i, j: kernel(z, k, a, s, out, i, j), num_rows,
+                                  step, z.device, min_rows=2)
         return s
     _scaled_blocks(z, k, a, out, s, inplace)
     return s
@@ -503,9 +501,10 @@ def _scaled_blocks(z, k, a, out, s, inplace: bool) -> None:
     num_rows, num_classes = z.shape
     rows = max(2, _BLOCK_ELEMENTS // max(num_classes, 1))
     key = (rows, num_classes, z.dtype, z.device)
-    run = _scaled if z.dtype in _compiled_dtypes else _compile
     for i in range(0, num_rows, rows):
         j = min(i + rows, num_rows)
+        # compiling (under the lock) until a block has compiled this dtype
+        run = _scaled if z.dtype in _compiled_dtypes else _compile
         if inplace:
             if getattr(_local, "key", None) != key:
                 _local.key = None  # the old block is freed before the new one is made
@@ -516,7 +515,6 @@ def _scaled_blocks(z, k, a, out, s, inplace: bool) -> None:
         else:
             dest = out[i:j]
         s[i:j] = run(z[i:j], k[i:j], a[i:j], dest)
-        run = _scaled if z.dtype in _compiled_dtypes else _compile
         if inplace:
             out[i:j].copy_(dest)
 

@@ -40,6 +40,7 @@ from ._rules import (
     no_autocast,
     positive_int,
     prepare_rows,
+    recompute_in_backward,
     reduce_losses,
     save_inputs,
     scale_stored,
@@ -141,10 +142,15 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             logits = _composite.linear_logits(x, w, b, ctx.mdtype)
             return _composite.cross_entropy(logits, t, ctx.opts.weight, ctx.opts)
 
-        if torch.is_grad_enabled():  # create_graph=True
-            grads = double_backward(ctx, grad_output, "linear_cross_entropy", loss)
+        if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
+            grads = double_backward(ctx, grad_output, "linear_cross_entropy", loss,
+                                    create_graph=torch.is_grad_enabled())
             return (*grads[:3], *nothing)
-        if ctx.reduction != "none" and bool(grad_output.isinf()):  # one host sync, O(1)
+        # the 0-d grad_output of "mean"/"sum" read to the host once (one sync on an
+        # accelerator; on the CPU the tensor itself): the infinite check and
+        # scale_stored's test for 1 both read this copy
+        scale = None if ctx.reduction == "none" else grad_output.to("cpu")
+        if scale is not None and bool(scale.isinf()):
             # torch's dlogits is NaN where inf - inf meets (the targets), +-inf elsewhere,
             # and dx, dW, db sum those; the stored gradients times inf cannot give that
             # pattern, so this rare step (a diverged loss scale) is recomputed with torch
@@ -166,7 +172,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                                                                  valid.any())
             for g, rows in zip(grads, counted, strict=True):
                 if g is not None:
-                    scale_stored(g, grad_output.to(g.dtype), ctx.reduction, rows)
+                    scale_stored(g, scale.to(g.dtype), ctx.reduction, rows)
         out = [None if g is None else g.to(d)
                for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out, *nothing)

@@ -332,6 +332,22 @@ def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
     grad.mul_(factor.unsqueeze(1) if factor.dim() == 1 else factor)
 
 
+def nan_at_targets(grad: torch.Tensor, grad_output: torch.Tensor, valid: torch.Tensor,
+                   index: torch.Tensor, reduction: str) -> None:
+    """NaN at the target entry (``index`` (M, 1)) of the counted rows whose ``grad_output``
+    is infinite, in place. torch's backward forms ``dlogp`` (the target's ``-w_y g / W``)
+    and then ``dz = dlogp - p sum(dlogp)``: ``inf - inf = NaN`` there, where the stored
+    gradient times ``g`` gives an infinity. Index targets without smoothing (only there is
+    just the target's ``dlogp`` infinite). O(M); one host sync unless ``"none"``."""
+    if reduction != "none":
+        if bool(torch.isfinite(grad_output)):  # the common case: nothing to do
+            return
+        hit = valid
+    else:  # no host sync
+        hit = valid & grad_output.reshape(-1).isinf()
+    grad.scatter_(1, index, torch.where(hit.unsqueeze(1), torch.nan, grad.gather(1, index)))
+
+
 def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):
     """The stored gradient ``ctx.<name>``, released from ``ctx`` so autograd can adopt it
     without a copy: backward twice (``retain_graph=True``) raises, naming ``function``.
@@ -374,6 +390,21 @@ def no_autocast(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def batched_grad_output(grad_output: torch.Tensor) -> bool:
+    """``grad_output`` is one of ``torch.autograd.grad(..., is_grads_batched=True)``'s
+    batch: backward runs under torch's vmap, where a host read (``.item()``, ``bool``) or
+    an in-place scaling of a stored gradient has no batching rule; the gradient is then
+    recomputed with torch ops (:func:`double_backward` with ``create_graph=False``)."""
+    return torch._C._functorch.is_legacy_batchedtensor(grad_output)
+
+
+def recompute_in_backward(grad_output: torch.Tensor) -> bool:
+    """Backward must recompute the gradient with torch ops rather than hand over the
+    stored one: ``create_graph=True`` (grad mode on inside backward) or a batched
+    ``grad_output`` (:func:`batched_grad_output`)."""
+    return torch.is_grad_enabled() or batched_grad_output(grad_output)
 
 
 def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = True):

@@ -61,8 +61,9 @@ CONFIGS = {
 IGNORED_FRACTION = {"linear-half-ignored": 0.5}
 # N x V of the crossover sweep (float32, index targets): where crossent's kernels overtake
 # torch's; --crossover
-CROSSOVER_SIZES = [(64, 1000), (256, 1000), (1024, 1000), (256, 4000), (1024, 4000),
-                   (512, 8000), (1024, 16000), (2048, 16000), (2048, 32000), (4096, 32000)]
+CROSSOVER_SIZES = [(64, 1000), (128, 1000), (256, 1000), (512, 1000), (1024, 1000),
+                   (256, 4000), (1024, 4000), (512, 8000), (1024, 16000), (2048, 16000),
+                   (2048, 32000), (4096, 32000)]
 DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
 DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]

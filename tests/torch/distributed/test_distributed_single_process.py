@@ -276,3 +276,18 @@ def test_sparse_tensors_are_refused_naming_the_layout(which):
             vocab_parallel_cross_entropy(z, t.to_sparse())
         else:
             vocab_parallel_cross_entropy(z.to_sparse(), t)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_batched_grad_outputs_are_refused_naming_them(linear):
+    """``is_grads_batched=True`` runs backward under torch's vmap, where the vocab-parallel
+    backward's host reads have no batching rule: refused by name, not an obscure vmap
+    error; a plain backward of the same loss still works."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, generator=g)
+    t = torch.randint(0, 7, (6,), generator=g)
+    loss = (vocab_parallel_linear_cross_entropy(x, w, t) if linear
+            else vocab_parallel_cross_entropy(x @ w.T, t))
+    with pytest.raises(UnsupportedError, match="is_grads_batched"):
+        torch.autograd.grad(loss, x, torch.tensor([1.0, 2.0]), is_grads_batched=True)

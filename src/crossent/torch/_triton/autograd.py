@@ -17,6 +17,7 @@ from .._rules import (  # the CPU head's rules
     double_backward,
     matmul_dtype,
     positive_int,
+    recompute_in_backward,
     save_inputs,
     take_stored,
 )
@@ -146,7 +147,8 @@ def _double_backward(ctx, grad_output, loss_fn, name: str) -> list:
     opts = Options(o["weight"], o["ignore_index"], o["label_smoothing"], o["z_loss"],
                    o["softcap"], o["reduction"])
     return double_backward(ctx, grad_output, f"{name} (Triton kernel)",
-                           lambda *inputs: loss_fn(opts, *inputs))
+                           lambda *inputs: loss_fn(opts, *inputs),
+                           create_graph=torch.is_grad_enabled())
 
 
 def _composite_loss(opts, input, target):
@@ -190,7 +192,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True
+        if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             g, _ = _double_backward(ctx, grad_output, _composite_loss, "cross_entropy")
             return g, None, None, None, None
         grad = take_stored(ctx, "grad", _TRITON)
@@ -284,7 +286,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True
+        if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             return (*_double_backward(ctx, grad_output, _composite_linear_loss,
                                       "linear_cross_entropy")[:3],
                     None, None, None, None, None)

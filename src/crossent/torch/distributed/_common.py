@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
 from .._backends import BACKENDS
-from .._rules import check_options, compute_dtype
+from .._rules import batched_grad_output, check_options, compute_dtype
 
 __all__ = ["FIELDS", "compute_dtype"]
 
@@ -120,6 +120,12 @@ def refuse_double_backward(name: str):
                 raise UnsupportedError(
                     f"{name}: double backward (create_graph=True) is not supported by the "
                     f"vocab-parallel functions; use crossent.torch on the gathered logits"
+                )
+            if any(g is not None and batched_grad_output(g) for g in grads):
+                raise UnsupportedError(
+                    f"{name}: torch.autograd.grad(..., is_grads_batched=True) is not "
+                    f"supported by the vocab-parallel functions; call backward once per "
+                    f"grad_output"
                 )
             return backward(ctx, *grads)
 

@@ -1,0 +1,130 @@
+"""A fused softmax cross-entropy of a dozen tensor operations, for small batches on CPU.
+
+At a few hundred thousand logits torch's own kernel is hard to beat with the row-block
+kernel (:mod:`._rowblock`): that kernel's ~60 tensor operations of Python dispatch cost
+more than the arithmetic. torch eager, though, makes three ``N x C`` passes that write
+memory (``log_softmax`` forward; ``nll_loss_backward``'s zero-filled ``dlogp``;
+``log_softmax_backward``), three fresh ``N x C`` tensors a step. This kernel writes one:
+for float32/float64 ``(N, C)`` logits, int64 ``(N,)`` targets and torch's options without
+class weights or label smoothing,
+
+    p = softmax(z)                                   one N x C pass
+    nll_n = -log p_ny                                (log_softmax where p_ny underflows)
+    g = (p - onehot(y)) a,  a_n = [y_n counted] / D  D = number counted ("mean"), else 1
+
+the gradient formed in forward (the true-class entry ``(p_y - 1) a`` from the unscaled
+``p_y``); backward hands it over, times ``grad_output`` unless that is 1. Ignored rows
+(``y_n == ignore_index``) give loss 0 and gradient ``p * 0`` (0, NaN where the softmax is
+NaN: torch's ``exp(logp) * 0``). Measured against ``torch.nn.functional.cross_entropy``
+(forward + backward, float32, 2-core CPU): see :data:`._backends.SMALL_MIN_LOGITS`.
+
+Autograd (torch's numbers or an error, never a constant): backward with
+``create_graph=True``, a second backward through a retained graph (float32; float64 keeps
+the gradient, so every backward gives the same bits, as ``gradcheck`` asks) and
+``is_grads_batched=True`` recompute with ``torch.nn.functional.cross_entropy`` from the
+saved logits (an in-place change of them in between raises; of the target, always, as
+torch); ``torch.func`` transforms, forward-mode AD and tracing never reach it
+(the entry point sends them to torch's kernel or the composable path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._rules import (
+    double_backward,
+    nan_at_targets,
+    no_autocast,
+    recompute_in_backward,
+    save_inputs,
+    scale_stored,
+)
+
+__all__ = ["cross_entropy"]
+
+# p_y below this: the row's nll from log_softmax instead of -log p_y (which would be inf
+# or lose digits in float32's subnormals); a NaN p_y keeps its NaN either way
+_TINY = 1e-30
+
+
+class _SmallCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, index, valid, counted, ignore_index, reduction):
+        some_ignored = counted < target.shape[0]
+        p = torch.softmax(logits, 1)
+        p_y = p.gather(1, index)
+        if bool((p_y < _TINY).any()):
+            nll = torch.log_softmax(logits, 1).gather(1, index).squeeze(1).neg_()
+        else:
+            nll = p_y.log().squeeze(1).neg_()
+        # the true-class entry p_y - 1 formed in full precision before the row scale, which
+        # then multiplies every entry once (ignored rows: p_y - 0, then times 0)
+        if some_ignored:
+            nll = torch.where(valid, nll, 0.0)
+            scale = valid.to(p.dtype)
+            p.scatter_(1, index, p_y - scale.unsqueeze(1))
+            if reduction == "mean":
+                scale /= max(counted, 1)  # all ignored: gradient 0, as torch's
+            p.mul_(scale.unsqueeze(1))
+        else:
+            p.scatter_(1, index, p_y - 1.0)
+            if reduction == "mean":
+                p.mul_(1.0 / counted)
+        ctx.grad, ctx.reduction, ctx.valid, ctx.index = p, reduction, valid, index
+        ctx.ignore_index, ctx.device_type = ignore_index, logits.device.type
+        ctx.keep = logits.dtype == torch.float64
+        save_inputs(ctx, logits, target)
+        if reduction == "none":
+            return nll
+        total = nll.sum()
+        return total / counted if reduction == "mean" else total  # 0 counted: 0/0 = NaN
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        none = (None,) * 6
+        if ctx.inputs[1]._version != ctx.versions[1]:  # torch's nll_loss saves it too
+            raise RuntimeError("crossent.torch.cross_entropy: the target was modified in "
+                               "place after the forward pass (torch raises here too)")
+        if recompute_in_backward(grad_output) or ctx.grad is None:  # or backward twice
+            dz, _ = double_backward(
+                ctx, grad_output, "cross_entropy",
+                lambda z, t: F.cross_entropy(z, t, ignore_index=ctx.ignore_index,
+                                             reduction=ctx.reduction),
+                create_graph=torch.is_grad_enabled())
+            return dz, *none
+        if ctx.keep:  # float64: every backward the same bits (gradcheck's reentrancy test)
+            grad = ctx.grad.clone()
+        else:  # released: autograd adopts it without a copy
+            grad, ctx.grad = ctx.grad, None
+        if ctx.reduction != "none" and grad_output.item() == 1.0:  # loss.backward()
+            return grad, *none
+        scale_stored(grad, grad_output, ctx.reduction, ctx.valid)
+        nan_at_targets(grad, grad_output, ctx.valid, ctx.index, ctx.reduction)
+        return grad, *none
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                  reduction: str) -> torch.Tensor | None:
+    """Loss of float32/float64 CPU ``logits`` (N, C), N > 0, for int64 ``target`` (N,),
+    with its gradient formed for backward (the caller checked that the logits need one
+    and that ``torch.is_grad_enabled()``). ``reduction``: ``"mean"``, ``"sum"`` or
+    ``"none"``. ``None`` where a target is outside ``0 .. C-1`` and not ``ignore_index``:
+    the caller lets torch's kernel raise torch's error.
+
+    >>> import torch
+    >>> z = torch.zeros(2, 3, requires_grad=True)
+    >>> cross_entropy(z, torch.tensor([0, -100]), -100, "mean").backward()
+    >>> z.grad
+    tensor([[-0.6667,  0.3333,  0.3333],
+            [ 0.0000,  0.0000,  0.0000]])
+    """
+    valid = target != ignore_index
+    counted = int(valid.sum())  # one host sync (CPU only): the "mean" denominator
+    index = target if counted == target.shape[0] else torch.where(valid, target, 0)
+    low, high = torch.aminmax(index)
+    if int(low) < 0 or int(high) >= logits.shape[1]:
+        return None
+    with no_autocast(logits.device.type):
+        return _SmallCrossEntropy.apply(logits, target, index.unsqueeze(1), valid, counted,
+                                        ignore_index, reduction)
