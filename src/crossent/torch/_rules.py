@@ -328,6 +328,8 @@ def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
     else:
         factor = grad_output
     if counted is not None:  # no host sync: a 0 factor on the rows torch leaves alone
+        if factor.device != counted.device:  # a host copy of grad_output (the linear head)
+            factor = factor.to(counted.device, non_blocking=True)
         factor = torch.where(counted, factor, 0.0)
     grad.mul_(factor.unsqueeze(1) if factor.dim() == 1 else factor)
 
@@ -374,7 +376,8 @@ def check_intact(ctx, name: str) -> None:
         if t is not None and t._version != version:
             raise RuntimeError(
                 f"crossent.torch.{name}: an input was modified in place after the forward "
-                f"pass; backward with create_graph=True recomputes from it"
+                f"pass; this backward (create_graph=True, a second backward through a "
+                f"retained graph, or batched grad_outputs) recomputes the gradient from it"
             )
 
 

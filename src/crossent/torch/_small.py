@@ -43,42 +43,45 @@ from ._rules import (
 
 __all__ = ["cross_entropy"]
 
-# p_y below this: the row's nll from log_softmax instead of -log p_y (which would be inf
-# or lose digits in float32's subnormals); a NaN p_y keeps its NaN either way
+# p_y below this: the rows' nll from log_softmax instead of -log p_y (which would be inf
+# or lose digits in float32's subnormals); NaN logits take that path too (NaN either way)
 _TINY = 1e-30
 
 
 class _SmallCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, index, valid, counted, ignore_index, reduction):
-        some_ignored = counted < target.shape[0]
+        # valid: (N,) bool where some row is ignored, None where none is (the common call:
+        # no mask operations at all); index: (N, 1), the target with ignored rows at 0
         p = torch.softmax(logits, 1)
         p_y = p.gather(1, index)
-        if bool((p_y < _TINY).any()):
-            nll = torch.log_softmax(logits, 1).gather(1, index).squeeze(1).neg_()
+        counted_p_y = p_y if valid is None else torch.where(valid.unsqueeze(1), p_y, 1.0)
+        if float(counted_p_y.min()) >= _TINY:  # one host sync (CPU only); False for NaN
+            logp_y = p_y.log()
         else:
-            nll = p_y.log().squeeze(1).neg_()
+            logp_y = torch.log_softmax(logits, 1).gather(1, index)
         # the true-class entry p_y - 1 formed in full precision before the row scale, which
         # then multiplies every entry once (ignored rows: p_y - 0, then times 0)
-        if some_ignored:
-            nll = torch.where(valid, nll, 0.0)
+        if valid is None:
+            p.scatter_(1, index, p_y.sub_(1.0))
+            if reduction == "mean":
+                p.mul_(1.0 / counted)
+        else:
             scale = valid.to(p.dtype)
             p.scatter_(1, index, p_y - scale.unsqueeze(1))
             if reduction == "mean":
                 scale /= max(counted, 1)  # all ignored: gradient 0, as torch's
             p.mul_(scale.unsqueeze(1))
-        else:
-            p.scatter_(1, index, p_y - 1.0)
-            if reduction == "mean":
-                p.mul_(1.0 / counted)
         ctx.grad, ctx.reduction, ctx.valid, ctx.index = p, reduction, valid, index
         ctx.ignore_index, ctx.device_type = ignore_index, logits.device.type
         ctx.keep = logits.dtype == torch.float64
         save_inputs(ctx, logits, target)
         if reduction == "none":
-            return nll
-        total = nll.sum()
-        return total / counted if reduction == "mean" else total  # 0 counted: 0/0 = NaN
+            nll = logp_y.view(-1).neg()
+            return nll if valid is None else torch.where(valid, nll, 0.0)
+        total = (logp_y if valid is None
+                 else torch.where(valid.unsqueeze(1), logp_y, 0.0)).sum()
+        return total.neg() if reduction == "sum" else total.div(-counted)  # 0 counted: NaN
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -99,8 +102,11 @@ class _SmallCrossEntropy(torch.autograd.Function):
             grad, ctx.grad = ctx.grad, None
         if ctx.reduction != "none" and grad_output.item() == 1.0:  # loss.backward()
             return grad, *none
-        scale_stored(grad, grad_output, ctx.reduction, ctx.valid)
-        nan_at_targets(grad, grad_output, ctx.valid, ctx.index, ctx.reduction)
+        valid = ctx.valid
+        if valid is None:  # every row counted
+            valid = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+        scale_stored(grad, grad_output, ctx.reduction, valid)
+        nan_at_targets(grad, grad_output, valid, ctx.index, ctx.reduction)
         return grad, *none
 
 
@@ -119,12 +125,17 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
     tensor([[-0.6667,  0.3333,  0.3333],
             [ 0.0000,  0.0000,  0.0000]])
     """
-    valid = target != ignore_index
-    counted = int(valid.sum())  # one host sync (CPU only): the "mean" denominator
-    index = target if counted == target.shape[0] else torch.where(valid, target, 0)
-    low, high = torch.aminmax(index)
-    if int(low) < 0 or int(high) >= logits.shape[1]:
-        return None
+    rows, classes = logits.shape
+    low, high = (int(v) for v in torch.aminmax(target))
+    if 0 <= low and high < classes and not low <= ignore_index <= high:
+        valid, counted, index = None, rows, target  # the common call: one host sync
+    else:
+        valid = target != ignore_index
+        counted = int(valid.sum())
+        index = torch.where(valid, target, 0)
+        low, high = (int(v) for v in torch.aminmax(index))
+        if low < 0 or high >= classes:
+            return None
     with no_autocast(logits.device.type):
-        return _SmallCrossEntropy.apply(logits, target, index.unsqueeze(1), valid, counted,
+        return _SmallCrossEntropy.apply(logits, target, index.view(rows, 1), valid, counted,
                                         ignore_index, reduction)

@@ -173,16 +173,23 @@ def test_linear_backward_twice_raises():
         loss.backward()
 
 
-@pytest.mark.parametrize("linear", [False, True])
-def test_double_backward_is_refused_not_a_constant(linear):
-    """create_graph=True would otherwise return a gradient without grad_fn: a Hessian of 0
-    or a gradient penalty missing its logits term, silently."""
-    g = torch.Generator().manual_seed(5)
+def _vocab_parallel_loss(linear: bool, seed: int):
+    """``(x, w, t, loss)``: a world-1 vocab-parallel loss of ``x`` (requires grad), through
+    the linear head or the logits ``x @ w.T``."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 4, generator=g, requires_grad=True)
     w = torch.randn(7, 4, generator=g)
     t = torch.randint(0, 7, (6,), generator=g)
     loss = (vocab_parallel_linear_cross_entropy(x, w, t) if linear
             else vocab_parallel_cross_entropy(x @ w.T, t))
+    return x, w, t, loss
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_double_backward_is_refused_not_a_constant(linear):
+    """create_graph=True would otherwise return a gradient without grad_fn: a Hessian of 0
+    or a gradient penalty missing its logits term, silently."""
+    x, w, t, loss = _vocab_parallel_loss(linear, seed=5)
     with pytest.raises(UnsupportedError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
     # a plain backward still works
@@ -283,11 +290,6 @@ def test_batched_grad_outputs_are_refused_naming_them(linear):
     """``is_grads_batched=True`` runs backward under torch's vmap, where the vocab-parallel
     backward's host reads have no batching rule: refused by name, not an obscure vmap
     error; a plain backward of the same loss still works."""
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(6, 4, generator=g, requires_grad=True)
-    w = torch.randn(7, 4, generator=g)
-    t = torch.randint(0, 7, (6,), generator=g)
-    loss = (vocab_parallel_linear_cross_entropy(x, w, t) if linear
-            else vocab_parallel_cross_entropy(x @ w.T, t))
+    x, _, _, loss = _vocab_parallel_loss(linear, seed=6)
     with pytest.raises(UnsupportedError, match="is_grads_batched"):
         torch.autograd.grad(loss, x, torch.tensor([1.0, 2.0]), is_grads_batched=True)
