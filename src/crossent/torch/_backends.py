@@ -32,6 +32,7 @@ neither class weights nor label smoothing, a fused kernel of a dozen tensor oper
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ def _triton_unusable(call: Call) -> str | None:
             f"TRITON_INTERPRET=1 set before triton is imported)")
 
 
-def _native_is_faster(call: Call, native_max_logits: int) -> bool:
+def _native_is_faster(call: Call, native_max_logits: float) -> bool:
     """Small input with options torch has. Probability targets always take a fused kernel:
     it keeps a zero target's term at exactly 0 where a logit is -inf (torch: NaN)."""
     return (not call.sized and call.num_logits < native_max_logits and call.index_target
@@ -172,6 +173,12 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
             raise UnsupportedError(f"{name}: backend='triton' does not support {problem}; "
                                    f"use backend='auto' (or 'rowblock')")
         return "triton"
+    if call.device.type == "meta":  # shapes only: torch's kernel propagates them
+        if backend == "auto" and _native_is_faster(call, math.inf):
+            return "native"
+        raise UnsupportedError(f"{name}: meta tensors (shapes without data) run torch's own "
+                               f"kernel only: backend='native' or 'auto', index targets, "
+                               f"neither z_loss, softcap nor chunk_size")
     if call.composite is not None:
         return "composite"
     if backend == "rowblock":

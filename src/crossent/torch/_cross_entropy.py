@@ -40,6 +40,7 @@ from ._rules import (
     no_autocast,
     prepare_rows,
     recompute_in_backward,
+    records_graph,
     reduce_losses,
     save_inputs,
     scale_stored,
@@ -59,7 +60,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
         losses = cross_entropy_rows(logits, target, rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
-        ctx.keep = logits.dtype == torch.float64
+        ctx.keep, ctx.loss_dtype = logits.dtype == torch.float64, losses.dtype
         ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
         save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
@@ -72,6 +73,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 lambda z, t, w: _composite.cross_entropy(z, t, w, ctx.opts),
                 create_graph=torch.is_grad_enabled())
             return (*grads, None, None, None, None, None)
+        # the loss left the kernel in its compute dtype and was cast to out_dtype inside
+        # this Function: round grad_output back first, as torch's ToCopyBackward does (a
+        # float64 1e300 is inf for float32 logits)
+        grad_output = grad_output.to(ctx.loss_dtype)
         grad = None
         if ctx.needs_input_grad[0]:
             grad = take_stored(ctx, "grad")
@@ -242,7 +247,7 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
         return None
     if (backend == "auto" and label_smoothing == 0
             and _backends.small_kernel_fits(input.device, input.dtype, rows * classes,
-                                            input.requires_grad and torch.is_grad_enabled())):
+                                            input.requires_grad and records_graph())):
         out = _small.cross_entropy(input, target, ignore_index, reduction)
         if out is not None:  # else an index out of range: torch's error below
             return out
@@ -480,7 +485,7 @@ def cross_entropy(
     out_dtype = choose_loss_dtype(loss_dtype, logits)
     opts = make_options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
                     z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items)
-    grad_on = torch.is_grad_enabled()
+    grad_on = records_graph()
     prob = flat_target.is_floating_point()
     _check_probability_ignore_index(prob, opts)
     _statistics.refuse_for_probabilities(names, prob, "cross_entropy")
@@ -564,7 +569,7 @@ def _fused_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype, 
     rows = prepare_rows(flat_target, num_rows, num_classes, opts, compute_dtype(logits.dtype))
     stats = None if names is None else _statistics.RowStatistics(
         names, num_rows, rows.index, compute_dtype(logits.dtype), logits.device)
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad
+    if records_graph() and any(v is not None and v.requires_grad
                                        for v in (logits, flat_target, weight)):
         out = _CrossEntropyFunction.apply(logits, flat_target, weight, rows, opts, inplace,
                                           out_dtype, stats)

@@ -28,6 +28,7 @@ from ._rules import (
     Options,
     Rows,
     autocast_dtype,
+    autocast_enabled,
     check_ignore_index,
     check_index_dtype,
     choose_loss_dtype,
@@ -41,6 +42,7 @@ from ._rules import (
     positive_int,
     prepare_rows,
     recompute_in_backward,
+    records_graph,
     reduce_losses,
     save_inputs,
     scale_stored,
@@ -182,7 +184,7 @@ def _autocast_linear(x, w, b):
     """torch.autocast runs ``linear`` in the autocast dtype (float64 stays): cast the
     floating arguments as it would, differentiably."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return x, w, b
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -452,7 +454,7 @@ def linear_cross_entropy(
         raise InputError(f"probability target must have shape {(x.shape[0], num_classes)}")
     if not t.is_floating_point() and tuple(t.shape) != (x.shape[0],):
         raise InputError(f"class-index target must have shape {(x.shape[0],)}")
-    grad_on = torch.is_grad_enabled()
+    grad_on = records_graph()
     prob = t.is_floating_point()
     weight_grad = grad_on and weight is not None and weight.requires_grad
     if weight_grad and not prob:
@@ -549,7 +551,7 @@ def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None):
     rows = prepare_rows(t, x.shape[0], w.shape[0], opts, compute_dtype(x.dtype))
     chunk = rows_per_chunk(chunk_size, x, w)
     x = x.contiguous()
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b)):
+    if records_graph() and any(p is not None and p.requires_grad for p in (x, w, b)):
         holder = None if names is None else _StatisticsHolder(names)
         out = _LinearCrossEntropyFunction.apply(x, w, b, t, rows, opts, chunk, keep,
                                                 out_dtype, holder)

@@ -42,11 +42,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does
+    not know (``"meta"``: torch raises there instead of answering)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def records_graph() -> bool:
+    """Autograd records the ops run now: grad mode on and not under
+    ``torch.inference_mode()`` (where ``enable_grad()`` inside still records nothing)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     """The dtype a cross-entropy argument has after autocast's float32 policy (torch lists
     cross_entropy among the ops autocast runs in float32: float16/bfloat16 become
     float32)."""
-    if t.dtype in LOW_PRECISION and torch.is_autocast_enabled(device_type):
+    if t.dtype in LOW_PRECISION and autocast_enabled(device_type):
         return torch.float32
     return t.dtype
 
@@ -390,7 +405,7 @@ def save_inputs(ctx, *inputs) -> None:
 
 def no_autocast(device_type: str):
     """The fused kernels choose their own dtypes; autocast must not re-cast their ops."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -418,10 +433,12 @@ def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = T
     ``create_graph=False``: the same recomputation for a plain backward whose
     ``grad_output`` the stored gradient cannot take (an infinite one in the linear head)."""
     if getattr(ctx, "inplace", False):
+        what = ("double backward (backward with create_graph=True, torch.autograd.grad(..., "
+                "create_graph=True))" if create_graph else
+                "batched grad_outputs (torch.autograd.grad(..., is_grads_batched=True))")
         raise UnsupportedError(
-            f"crossent.torch.{name}: double backward (backward with create_graph=True, "
-            f"torch.autograd.grad(..., create_graph=True)) is not supported with "
-            f"inplace_backward=True: the logits were overwritten by their gradient"
+            f"crossent.torch.{name}: {what} is not supported with inplace_backward=True: "
+            f"the logits were overwritten by their gradient"
         )
     check_intact(ctx, name)
     wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)

@@ -18,6 +18,7 @@ from .._rules import (  # the CPU head's rules
     matmul_dtype,
     positive_int,
     recompute_in_backward,
+    records_graph,
     save_inputs,
     take_stored,
 )
@@ -30,7 +31,7 @@ _TRITON = "the Triton cross-entropy"  # what backward twice names (take_stored)
 
 def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, like, target):
     check_options(reduction, label_smoothing, z_loss, softcap)
-    if torch.is_grad_enabled() and target.requires_grad:
+    if records_graph() and target.requires_grad:
         raise UnsupportedError("crossent Triton cross-entropy: no gradient for target")
     if weight is None:
         return None
@@ -45,7 +46,7 @@ def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, lik
     if tuple(weight.shape) != (num_classes,):
         raise InputError(f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
                          f"one weight per class")
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if records_graph() and weight.requires_grad:
         raise UnsupportedError("crossent Triton cross-entropy: no gradient for weight")
     return weight.detach().to(device=like.device, dtype=ops.accumulate_dtype(like.dtype))
 
@@ -182,7 +183,7 @@ class _CrossEntropy(torch.autograd.Function):
                 input.untyped_storage().data_ptr():
             # the kernel wrote into the input behind autograd's back: say so, so that
             increment_version(input)  # an op that saved it raises instead of misleading
-        ctx.grad, ctx.reduction = res.grad, opts["reduction"]
+        ctx.grad, ctx.reduction, ctx.loss_dtype = res.grad, opts["reduction"], res.loss.dtype
         ctx.keep = logits.dtype == torch.float64
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
@@ -197,6 +198,7 @@ class _CrossEntropy(torch.autograd.Function):
             return g, None, None, None, None
         grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
+        grad_output = grad_output.to(ctx.loss_dtype)  # as torch's ToCopyBackward rounds it
         if ctx.ignored is None:
             _scale_grad(grad, grad_output.reshape(-1).contiguous(), ctx.reduction == "none")
         else:
@@ -236,7 +238,7 @@ def triton_cross_entropy(
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
     out_dtype = input.dtype if loss_dtype is None else loss_dtype
-    if torch.is_grad_enabled() and input.requires_grad:
+    if records_graph() and input.requires_grad:
         return _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype)
     with torch.no_grad():
         logits, flat_target, _ = _flatten(input, target)
@@ -415,7 +417,7 @@ def triton_linear_cross_entropy(
     split = split_rows(_counted_rows(t, ignore_index), x) if skip_ignored else None
     params = (x, linear_weight, linear_bias)
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
-    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+    if records_graph() and any(p is not None and p.requires_grad for p in params):
         out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, split, opts, chunk,
                                         out_dtype)
     else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError, UnsupportedError
-from .._rules import check_index_target
+from .._rules import batched_grad_output, check_index_target
 from . import ops
 from .autograd import _check, _check_ignore_index, _check_linear_dtypes
 
@@ -89,6 +89,10 @@ class _FusedLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels are not differentiable
             raise UnsupportedError("fused_linear_cross_entropy: double backward "
                                    "(create_graph=True); use triton_linear_cross_entropy")
+        if batched_grad_output(grad_output):  # a Triton launch cannot take vmap's batches
+            raise UnsupportedError("fused_linear_cross_entropy: batched grad_outputs "
+                                   "(torch.autograd.grad(..., is_grads_batched=True)); use "
+                                   "triton_linear_cross_entropy")
         x, w, b, y, lse, w_y, denom = ctx.saved_tensors
         go = grad_output.float()
         r = go.reshape(-1) if ctx.reduction == "none" else go.expand(x.shape[0])

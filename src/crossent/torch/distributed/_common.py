@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
 from .._backends import BACKENDS
-from .._rules import batched_grad_output, check_options, compute_dtype
+from .._rules import batched_grad_output, check_options, compute_dtype, records_graph
 
 __all__ = ["FIELDS", "compute_dtype"]
 
@@ -290,7 +290,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
             problems.note(f"weight has dtype {weight.dtype}; expected {like.dtype}, the "
                           f"logits' dtype (as torch.nn.functional.cross_entropy)")
             weight = None
-        elif torch.is_grad_enabled() and weight.requires_grad:
+        elif records_graph() and weight.requires_grad:
             problems.note("crossent.torch.distributed: no gradient for the class weight "
                           "(it requires grad); detach it, or use crossent.torch.cross_entropy",
                           UnsupportedError)

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from ...errors import UnsupportedError
 from .. import _buffers
+from .._rules import records_graph
 from ._common import (
     Layout,
     Problems,
@@ -202,7 +203,7 @@ def vocab_parallel_cross_entropy(
           backend=backend)
     assert logits is not None  # agree() raised otherwise
     logits = logits.reshape(rows, size)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if records_graph() and logits.requires_grad:
         out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, route)
     else:
         with torch.no_grad():

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from ...errors import UnsupportedError
 from .._chunked_head import head_pass
-from .._rules import CHUNK_BYTES, chunk_rows, take_stored
+from .._rules import CHUNK_BYTES, chunk_rows, records_graph, take_stored
 from ._common import (
     Problems,
     agree,
@@ -274,7 +274,7 @@ def vocab_parallel_linear_cross_entropy(
         problems.note(f"reduce_input_grad={reduce_input_grad!r} must be True or False")
         reduce_input_grad = False
     params = (x, local_weight, local_bias)
-    grad = torch.is_grad_enabled() and any(isinstance(p, torch.Tensor) and p.requires_grad
+    grad = records_graph() and any(isinstance(p, torch.Tensor) and p.requires_grad
                                            for p in params)
     input_grad = grad and x is not None and x.requires_grad
     route = resolve_backend(backend, x.device if x is not None else None,
