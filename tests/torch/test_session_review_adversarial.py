@@ -808,3 +808,30 @@ def test_inference_mode_with_enable_grad_records_no_graph(backend, small_route):
     assert not want.requires_grad
     _close(got.detach(), want)
     assert got.requires_grad == want.requires_grad
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("nan_features", [False, True])
+def test_linear_head_none_nan_grad_output_on_ignored_rows_leaves_them_as_torch(chunk_size,
+                                                                          nan_features):
+    """reduction="none": a NaN or infinite grad_output on an ignored row does not reach its
+    dx (torch forms nothing there); an ignored row with NaN features is NaN in both (its
+    softmax is NaN: torch's exp(logp) * 0). Found by H20: ``scale * row_multiplier`` made
+    the ignored row's 0 a NaN and counted it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    if nan_features:
+        x[3] = math.nan
+    t = torch.tensor([1, 2, -100, -100, 0, 1, 2])
+    go = torch.ones(7, dtype=torch.float64)
+    go[2:] = math.nan
+    go[4] = math.inf
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = xt.linear_cross_entropy(xa, wa, t, reduction="none", chunk_size=chunk_size,
+                                   backend="rowblock")
+    loss.backward(go)
+    F.cross_entropy(F.linear(xb, wb), t, reduction="none").backward(go)
+    torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True)
+    torch.testing.assert_close(wa.grad, wb.grad, equal_nan=True)

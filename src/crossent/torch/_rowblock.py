@@ -129,7 +129,9 @@ def cross_entropy_rows(
         counted_rows = valid[sel]
         t_sum = mass + (eps / num_classes) * w_sum
     if grad is not None:
-        rs = rows.scale[sel] if row_multiplier is None else rows.scale[sel] * row_multiplier
+        rs = rows.scale[sel]
+        if row_multiplier is not None:  # an ignored row's 0 stays 0 under a NaN/inf multiplier
+            rs = torch.where(rs != 0, rs * row_multiplier, 0.0)
         counted = rs != 0  # ignored rows: gradient exactly 0, even if their lse is NaN
         if not prob:
             a = torch.where(counted, rs * t_sum, 0.0).unsqueeze(1)
