@@ -5,7 +5,9 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
 
 ``"auto"`` (default)
     torch's own kernel for small inputs with torch's options (index targets, neither
-    ``z_loss`` nor ``softcap``, under ``2**19`` logits, no ``chunk_size``); on CUDA/ROCm
+    ``z_loss`` nor ``softcap``, under ``2**19`` logits, no ``chunk_size``), or from
+    :data:`SMALL_MIN_LOGITS` on the small-batch fused kernel (route ``"small"``, below);
+    on CUDA/ROCm
     tensors the Triton kernels when triton imports and the call needs nothing they refuse;
     otherwise crossent's row-block kernel. Where autograd needs what a fused kernel cannot
     give (a ``torch.func`` transform, forward-mode AD, ``jit.trace``, ``C = 0``, ...), the

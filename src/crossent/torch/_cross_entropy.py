@@ -359,9 +359,10 @@ def cross_entropy(
             :class:`crossent.InputError`. Every rows' gradient is scaled by
             ``1 / num_items``, on every backend and autograd path.
         backend: which kernel computes the loss (:mod:`crossent.torch._backends`):
-            ``"auto"`` (default: torch's own kernel for small inputs with torch's
-            options, the Triton kernels for CUDA/ROCm tensors when triton is installed
-            and the call needs nothing they lack, else crossent's row-block kernel);
+            ``"auto"`` (default: torch's own kernel or the small-batch fused kernel
+            for small inputs with torch's options, the Triton kernels for CUDA/ROCm
+            tensors when triton is installed and the call needs nothing they lack,
+            else crossent's row-block kernel);
             ``"native"`` (``torch.nn.functional.cross_entropy`` in float32: torch's
             numbers, torch's probability-target NaN included; ``z_loss``/``softcap``
             raise :class:`crossent.UnsupportedError`); ``"rowblock"`` (crossent's

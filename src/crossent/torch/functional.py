@@ -7,7 +7,8 @@ order). Both accept crossent's
 ``z_loss`` and ``softcap`` too, and ``num_items`` (the summed loss over a caller's count,
 for gradient accumulation), ``backend`` and, on the linear head, ``shift`` (the causal-LM
 label shift). Device-agnostic (CPU and CUDA): plain tensor operations applied to blocks
-of rows (:mod:`crossent.torch._rowblock`), torch's own kernel for small inputs, the Triton
+of rows (:mod:`crossent.torch._rowblock`), torch's own kernel or a small-batch fused kernel
+(:mod:`crossent.torch._small`) for small inputs, the Triton
 kernels on GPUs; :func:`crossent.torch._backends.choose_backend` decides which, per call.
 
 This module is the public facade; the code lives in:
