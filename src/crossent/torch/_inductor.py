@@ -70,8 +70,26 @@ from ._rules import LOW_PRECISION
 
 __all__ = ["available", "serves", "set_compiled_kernel", "softmax_grad_rows"]
 
-_enabled = False  # the opt-in (set_compiled_kernel)
+# the opt-in: set_compiled_kernel's, else (None) the environment's, read at first use
+_enabled: bool | None = None
 SERVED = (*LOW_PRECISION, torch.float32)  # the logits' dtypes it takes (float32 inside)
+ENVIRONMENT = "CROSSENT_COMPILED_KERNEL"
+
+
+def _opted_in() -> bool:
+    """:func:`set_compiled_kernel`'s setting, else ``$CROSSENT_COMPILED_KERNEL`` (``"1"``
+    on; ``"0"`` or unset off), read once: the opt-in for code that cannot call crossent
+    (a training script run by a launcher, the Hugging Face ``Trainer``)."""
+    global _enabled
+    if _enabled is None:
+        value = os.environ.get(ENVIRONMENT, "")
+        if value not in ("", "0", "1"):
+            raise InputError(f"{ENVIRONMENT}={value!r} must be 0 or 1 (or unset)")
+        if value == "1" and not available():
+            raise UnsupportedError(f"{ENVIRONMENT}=1: the compiled kernel needs a C++ "
+                                   f"compiler for torch's inductor (g++ or clang++ on PATH)")
+        _enabled = value == "1"
+    return _enabled
 
 
 def set_compiled_kernel(enabled: bool) -> bool:
@@ -85,7 +103,8 @@ def set_compiled_kernel(enabled: bool) -> bool:
     ``statistics=`` through :func:`softmax_grad_rows` when the row-block kernel would
     (``backend="auto"`` still sends small float32 batches to torch's own kernel; float64
     and everything else keep the row-block kernel). Needs a C++ compiler
-    (:func:`available`), else :class:`crossent.UnsupportedError`.
+    (:func:`available`), else :class:`crossent.UnsupportedError`. Without a call, the
+    environment variable ``CROSSENT_COMPILED_KERNEL=1`` opts in (read at first use).
 
     >>> import crossent.torch as xt
     >>> xt.set_compiled_kernel(False)
@@ -97,14 +116,15 @@ def set_compiled_kernel(enabled: bool) -> bool:
     if enabled and not available():
         raise UnsupportedError("crossent.torch.set_compiled_kernel(True): needs a C++ "
                                "compiler for torch's inductor (g++ or clang++ on PATH)")
-    previous, _enabled = _enabled, enabled
+    previous = _enabled if _enabled is not None else os.environ.get(ENVIRONMENT) == "1"
+    _enabled = enabled
     return previous
 
 
 def serves(z: torch.Tensor, grad: torch.Tensor | None) -> bool:
     """The compiled kernel is on and takes these logits and gradient buffer (the caller
     checks the options: index targets, no smoothing, z-loss, softcap or hooks)."""
-    return (_enabled and grad is not None and z.device.type == "cpu"
+    return (grad is not None and z.device.type == "cpu" and _opted_in()
             and z.dtype in SERVED and grad.dtype == z.dtype
             and grad.is_contiguous() and z.is_contiguous())
 
