@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("sizes", nargs="*", default=SIZES, help="N x V, e.g. 256x1000")
     p.add_argument("--budget", type=float, default=2e7,
                    help="logits per size over all rounds (rounds = budget / (N V), 50-1000)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label_smoothing of every contender (default 0)")
     p.add_argument("--small-min", type=int, default=None,
                    help="set _backends.SMALL_MIN_LOGITS (default: as shipped)")
     args = p.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
         _backends.SMALL_MIN_LOGITS = args.small_min
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.2f}; small-batch kernel from {_backends.SMALL_MIN_LOGITS} "
-          f"logits")
+          f"logits; label_smoothing {args.label_smoothing}")
     print(f"{'N x V':>10} {'eager us':>9} {'auto us':>9} {'native us':>9} "
           f"{'auto/eager':>11} {'native/eager':>12}")
     for size in args.sizes:
@@ -72,10 +74,12 @@ def main() -> None:
                 torch.autograd.grad(fn(z, t), z)
             return run
 
+        eps = args.label_smoothing
         contenders = {
-            "eager": step(F.cross_entropy),
-            "auto": step(lambda z, t: xt.cross_entropy(z, t)),
-            "native": step(lambda z, t: xt.cross_entropy(z, t, backend="native")),
+            "eager": step(lambda z, t, eps=eps: F.cross_entropy(z, t, label_smoothing=eps)),
+            "auto": step(lambda z, t, eps=eps: xt.cross_entropy(z, t, label_smoothing=eps)),
+            "native": step(lambda z, t, eps=eps: xt.cross_entropy(z, t, backend="native",
+                                                                  label_smoothing=eps)),
         }
         rounds = int(max(50, min(1000, args.budget // (n * v))))
         med, rat = paired(contenders, rounds)

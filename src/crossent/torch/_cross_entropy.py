@@ -34,6 +34,7 @@ from ._rules import (
     compute_dtype,
     divide_by_num_items,
     double_backward,
+    infinite_as_nan,
     kernel_reduction,
     make_options,
     nan_at_targets,
@@ -82,7 +83,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = take_stored(ctx, "grad")
             grad = grad.clone() if ctx.keep else grad
             whole_rows = ctx.rows.index is None or ctx.opts.label_smoothing != 0
-            scale_stored(grad, _infinite_as_nan(grad_output) if whole_rows else grad_output,
+            scale_stored(grad, infinite_as_nan(grad_output) if whole_rows else grad_output,
                          ctx.reduction, ctx.rows.valid)
             if not whole_rows:
                 nan_at_targets(grad, grad_output, ctx.rows.valid, ctx.rows.index.unsqueeze(1),
@@ -96,13 +97,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
 # An infinite grad_output: torch's backward forms dlogp (the target's -w_y g / W; with
 # label smoothing or probability targets every class's) and then dz = dlogp - p sum(dlogp),
 # which is inf - inf = NaN wherever dlogp is infinite. The stored gradient (p - T) times g
-# gives +-inf there instead; _infinite_as_nan (whole rows) and _rules.nan_at_targets (the
-# target entries) give torch's NaN on the counted rows.
-
-
-def _infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad_output`` with NaN for +-inf (every class of a row gets NaN, as in torch)."""
-    return torch.where(grad_output.isinf(), math.nan, grad_output)
+# gives +-inf there instead; _rules.infinite_as_nan (whole rows) and _rules.nan_at_targets
+# (the target entries) give torch's NaN on the counted rows.
 
 
 def _target_weight_grads(ctx, grad_output):

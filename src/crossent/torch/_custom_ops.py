@@ -42,29 +42,25 @@ Rules under ``torch.compile``:
 * Double backward (``create_graph=True``) raises :class:`crossent.UnsupportedError`
   (torch's AOT backends refuse it too); run the loss eagerly for Hessians. Backward twice
   (``retain_graph=True``) works: the stored gradients are not consumed.
-* A ``grad_output`` other than 1 multiplies the gradients returned by the operator, which
-  are already in the parameters' dtypes: for bfloat16/float16 linear-head parameters
-  ``dW``/``db`` are rounded before that product (eager rounds after it): one rounding
-  more, only where ``grad_output != 1``.
+* A ``grad_output`` other than 1 multiplies the gradients returned by the operator, in
+  the loss's compute dtype (float32 for bfloat16/float16), each product rounded once.
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
-  values and NaN/inf pattern, without a host read: the product takes a per-row factor
-  that is 0 on the rows torch leaves alone (ignored rows stay 0, or NaN where their
-  softmax is NaN, never ``0 * inf``); an infinite one makes the counted rows' target
-  entries NaN (torch's ``inf - inf``; an O(N) gather and scatter), whole counted rows
-  with probability targets or label smoothing. The linear head (``"mean"``/``"sum"``;
-  ``"none"`` recomputes with the real ``grad_output`` in the backward operator): ``dx``
-  NaN on counted rows, 0 on ignored ones; ``dW``/``db`` NaN on the classes a counted row
-  targets and, elsewhere, torch's sum of infinities: ``+-inf`` where the counted rows'
-  features (times their class weights' signs) share a sign in that column, NaN where
-  they do not (both 0 where no row counts). The forward operator sums those signs up
-  (:func:`_sign_outputs`: one pass over the counted rows of ``x``, O(N D), about 1% of
-  a CPU head step at N=2048, C=8192, D=512), so backward keeps neither ``x`` nor a
-  pass over it. Still different from torch, only under an infinite ``grad_output``: a
-  class whose softmax probability underflows to exactly 0 in some counted row (torch:
-  NaN in its ``dW``/``db`` row, ``0 * inf``; here ``+-inf``;
-  ``tests/torch/test_compile_grad_output.py``, a strict xfail), and with
-  ``z_loss`` or ``softcap`` a column where those terms' signs in ``dlogits`` differ from
-  the cross-entropy's (eager recomputes with torch ops there; not followed here).
+  values and NaN/inf pattern for ``cross_entropy``, without a host read: the product
+  takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
+  or NaN where their softmax is NaN, never ``0 * inf``); an infinite one makes the
+  counted rows' target entries NaN (torch's ``inf - inf``; an O(N) gather and scatter),
+  whole counted rows with probability targets or label smoothing. The linear head
+  (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
+  backward operator): ``dx`` as torch's (NaN on counted rows, 0 on ignored ones);
+  ``dW``/``db`` 0 where no row counts, all NaN under an infinite one with probability
+  targets or label smoothing (as torch's), else the stored ones times ``grad_output``.
+  That last part differs from torch under an infinite ``grad_output`` with index targets:
+  torch's ``dW``/``db`` are sums of infinities, NaN on the classes a counted row targets
+  and where the counted rows' features differ in sign, where here they are ``+-inf``
+  (as on the Triton heads;
+  the eager row-block head recomputes that step with torch ops, which a compiled
+  backward cannot do without a host read). A strict xfail in
+  ``tests/torch/test_compile_grad_output.py`` records it.
 * ``num_items`` as a Python number is a constant of the compiled graph (a new value
   recompiles); give a 0-d tensor (the Trainer's ``num_items_in_batch``) to avoid that.
 """
@@ -80,7 +76,7 @@ import torch
 from torch.nn import _reduction
 
 from ..errors import InputError, UnsupportedError
-from ._rules import LOW_PRECISION, autocast_dtype, compute_dtype
+from ._rules import LOW_PRECISION, autocast_dtype, compute_dtype, infinite_as_nan
 from ._statistics import STATISTICS, TokenStatistics
 
 __all__ = [
@@ -437,16 +433,14 @@ _CE_OPTIONS = ("size_average", "ignore_index", "reduce", "reduction", "label_smo
 
 
 # ---- a grad_output other than 1, without host reads (the rules of _rules.scale_stored,
-# _rules.nan_at_targets and _cross_entropy._infinite_as_nan as torch ops)
-
-
-def _infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
-    return torch.where(grad_output.isinf(), torch.nan, grad_output)
+# _rules.nan_at_targets and _rules.infinite_as_nan as torch ops)
 
 
 def _index_rows(target: torch.Tensor, ignore_index) -> tuple[torch.Tensor, torch.Tensor]:
     """``(counted, index)`` of class-index targets: the rows torch scales (not
-    ``ignore_index``), and the target classes with 0 for the ignored rows (int64)."""
+    ``ignore_index``; ``None`` is -100, as the entry points take it), and the target
+    classes with 0 for the ignored rows (int64)."""
+    ignore_index = -100 if ignore_index is None else ignore_index
     target = target.long()  # then compared, as _rules.check_index_target
     counted = target != ignore_index
     return counted, torch.where(counted, target, 0)
@@ -472,11 +466,14 @@ def _scale_logits_grad(grad: torch.Tensor, target: torch.Tensor, grad_output: to
     ``grad_output`` meets an infinite ``dlogp``: the target entry of a counted row (index
     targets), every entry of the row (probability targets, label smoothing). One pass
     over ``N x C`` (the product, as before) and O(N) gathers and scatters."""
+    # rounded to the loss's compute dtype first, as eager's backward and torch's
+    # ToCopyBackward do (a float64 1e300 is inf for float32 logits)
+    grad_output = grad_output.to(compute_dtype(grad.dtype))
     per_row = grad_output.unsqueeze(1) if grad_output.dim() > 0 else grad_output
     if not _target_fits(grad, target):  # forward raises when it runs: never reached
         return (grad * per_row).to(grad.dtype)
     whole_rows = target.is_floating_point() or smoothing
-    factor = _infinite_as_nan(grad_output) if whole_rows else grad_output
+    factor = infinite_as_nan(grad_output) if whole_rows else grad_output
     counted = index = None
     if not target.is_floating_point():
         counted, index = _index_rows(target, ignore_index)
@@ -610,13 +607,11 @@ def _linear_tensors(*tensors) -> dict[str, torch.Tensor | None]:
 
 @torch.library.custom_op("crossent::linear_cross_entropy_fwd", mutates_args=(), tags=_TAGS,
                          schema=_LINEAR_SCHEMA
-                         + f" -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-                           f"{_STATS_RETURNS})")
+                         + f" -> (Tensor, Tensor, Tensor, Tensor, {_STATS_RETURNS})")
 def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, requires,
                 want_grads, *options):
-    """The loss, with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1`` and the
-    signs of ``x`` for a non-finite one (:func:`_sign_outputs`), and the statistics asked
-    for."""
+    """The loss, with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1``, and
+    the statistics asked for."""
     named = dict(zip(_LINEAR_OPTIONS, options, strict=True))
     loss, grads, stats = _run_eager(
         "linear_cross_entropy",
@@ -624,10 +619,7 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
         _forward_requires(requires, want_grads, 3), _linear_options(*options),
         named["autocast"], None, want_grads,
         named["statistics"])
-    signs = _sign_outputs(input, linear_weight, target, weight, requires, want_grads, named,
-                          num_items is not None or named["num_items_value"] is not None)
-    return (loss, *(_or_empty(g, input) for g in grads[:3]), *signs,
-            *_stats_outputs(stats, input))
+    return (loss, *(_or_empty(g, input) for g in grads[:3]), *_stats_outputs(stats, input))
 
 
 def _linear_loss_shape(input, linear_weight, target, reduction, shift) -> tuple:
@@ -653,15 +645,7 @@ def _(input, linear_weight, linear_bias, target, weight, num_items, requires, wa
     stats = _fake_stats(named["statistics"],
                         _linear_loss_shape(input, linear_weight, target, "none", shift),
                         compute_dtype(input.dtype), input)
-    positions = 1
-    for size in linear_weight.shape[1:-1]:
-        positions *= size
-    signs = ((input.new_empty((positions, input.shape[-1]), dtype=torch.bool),
-              input.new_empty((positions,), dtype=torch.bool))
-             if _signs_wanted(input, linear_weight, target, weight, requires, want_grads,
-                              named)
-             else (input.new_empty(0, dtype=torch.bool), input.new_empty(0, dtype=torch.bool)))
-    return (loss, *grads, *signs, *stats)
+    return (loss, *grads, *stats)
 
 
 @torch.library.custom_op("crossent::linear_cross_entropy_bwd", mutates_args=(), tags=_TAGS,
@@ -690,11 +674,10 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.inputs_rest = inputs[6:]
     ctx.want_grads, ctx.requires = inputs[7], inputs[6]
     ctx.mark_non_differentiable(*output[1:])
-    if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward, the signs of x; W's
-        # shape, the target and the class weight: the rows, classes and columns a
-        # non-finite grad_output reaches (x itself is not kept)
-        ctx.x_shape = inputs[0].shape
-        ctx.save_for_backward(*output[1:6], inputs[1], inputs[3], inputs[4])
+    if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
+        # target: the rows a non-finite grad_output reaches (neither x nor W is kept)
+        ctx.x_shape, ctx.w_shape = inputs[0].shape, inputs[1].shape
+        ctx.save_for_backward(*output[1:4], inputs[3])
     else:  # recomputed in backward from the inputs, with the real grad_output
         ctx.save_for_backward(*inputs[:6])
 
@@ -704,10 +687,10 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
     rest = (None,) * len(ctx.inputs_rest)
     requires = ctx.requires
     if ctx.want_grads:
-        dx, dw, db, mixed_x, mixed_b, linear_weight, target, weight = ctx.saved_tensors
+        dx, dw, db, target = ctx.saved_tensors
         named = dict(zip(_LINEAR_OPTIONS, ctx.inputs_rest[2:], strict=True))
-        grads = _scale_head_grads((dx, dw, db), requires[:3], ctx.x_shape, linear_weight,
-                                  target, weight, (mixed_x, mixed_b), grad_loss, named)
+        grads = _scale_head_grads((dx, dw, db), requires[:3], ctx.x_shape, ctx.w_shape,
+                                  target, grad_loss, named)
         return (*grads, None, None, None, *rest)
     found = torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
                                                         *ctx.inputs_rest)
@@ -718,14 +701,14 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _head_rows(x_shape: Sequence[int], linear_weight: torch.Tensor, target: torch.Tensor,
+def _head_rows(x_shape: Sequence[int], w_shape: Sequence[int], target: torch.Tensor,
                named: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(counted, index)`` of the head's loss rows, as the eager head forms them: per
     row of ``x`` (of shape ``x_shape``: ``(N, D)``; ``shift=True``: ``(B, T, D)``, row
     ``b T + t``; ``(D)``: one row) and logit position (``P``: the product of a
-    K-dimensional ``linear_weight``'s ``d1 ... dK``, else 1), the ``(N, P)`` mask of
-    counted targets and their classes (0 where ignored; ``None`` for probability targets,
-    every row counted)."""
+    K-dimensional linear weight's ``d1 ... dK``, of shape ``w_shape``, else 1), the
+    ``(N, P)`` mask of counted targets and their classes (0 where ignored; ``None`` for
+    probability targets, every row counted)."""
     ignore_index = -100 if named["ignore_index"] is None else named["ignore_index"]
     if named["shift"] is True:  # position t scored against target t + 1; the last ignored
         target = target.long()
@@ -735,146 +718,62 @@ def _head_rows(x_shape: Sequence[int], linear_weight: torch.Tensor, target: torc
     for size in x_shape[:-1]:
         rows *= size
     positions = 1
-    for size in linear_weight.shape[1:-1]:
+    for size in w_shape[1:-1]:
         positions *= size
     if target.is_floating_point():
         return torch.ones((rows, positions), dtype=torch.bool, device=target.device), None
     return _index_rows(target.reshape(rows, positions), ignore_index)
 
 
-def _head_fits(x_shape: Sequence[int], linear_weight: torch.Tensor, target: torch.Tensor,
-               weight: torch.Tensor | None, shift) -> bool:
+def _head_fits(x_shape: Sequence[int], w_shape: Sequence[int], target: torch.Tensor,
+               shift) -> bool:
     """Shapes the head takes (as :func:`_target_fits`: tracing meets any shapes)."""
-    if weight is not None and tuple(weight.shape) != tuple(linear_weight.shape[:1]):
-        return False
-    if linear_weight.dim() < 2 or tuple(x_shape[-1:]) != tuple(linear_weight.shape[-1:]):
+    if len(w_shape) < 2 or tuple(x_shape[-1:]) != tuple(w_shape[-1:]):
         return False
     if shift is True:
-        return (len(x_shape) in (2, 3) and linear_weight.dim() == 2
+        return (len(x_shape) in (2, 3) and len(w_shape) == 2
                 and not target.is_floating_point()
                 and tuple(target.shape) == tuple(x_shape[:-1]))
     if len(x_shape) not in (1, 2):
         return False
-    classes = tuple(linear_weight.shape[:-1] if target.is_floating_point()
-                    else linear_weight.shape[1:-1])
+    classes = tuple(w_shape[:-1] if target.is_floating_point() else w_shape[1:-1])
     return tuple(target.shape) == tuple(x_shape[:-1]) + classes
 
 
-def _signs_wanted(input, linear_weight, target, weight, requires, want_grads,
-                  named) -> bool:
-    """The forward operator sums up the signs of ``x`` for ``dW``/``db``: stored head
-    gradients of index targets without label smoothing (elsewhere an infinite
-    ``grad_output`` makes all of ``dW``/``db`` NaN)."""
-    return (bool(want_grads) and bool(requires[1] or requires[2])
-            and not target.is_floating_point() and named["label_smoothing"] == 0
-            and _head_fits(input.shape, linear_weight, target, weight, named["shift"]))
-
-
-def _sign_outputs(input, linear_weight, target, weight, requires, want_grads, named,
-                  counted_by: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mixed_x, mixed_b)``: over the counted rows at each logit position, whether the
-    signs of ``x`` (``(P, D)``; ``mixed_x``) and of the rows' weights (``(P)``; the bias's
-    "feature" 1) times those of their target's class weight over the ``"mean"``
-    denominator disagree (or one is 0 or NaN): there torch's ``dW``/``db`` under an
-    infinite ``grad_output`` are a sum of infinities of both signs, NaN. One pass over
-    ``x`` in forward (O(N D), against the ``N C D`` of the head's matmuls); 0-element
-    where not wanted."""
-    if not _signs_wanted(input, linear_weight, target, weight, requires, want_grads, named):
-        return input.new_empty(0, dtype=torch.bool), input.new_empty(0, dtype=torch.bool)
-    with torch.no_grad():
-        counted, index = _head_rows(input.shape, linear_weight, target, named)
-        assert index is not None
-        signs = torch.ones(counted.shape, device=input.device)
-        if weight is not None:
-            w_y = weight[index].float()
-            signs = w_y.sign()
-            if named["reduction"] == "mean" and not counted_by:
-                signs = signs * torch.where(counted, w_y, 0.0).sum().sign()
-        x2 = input.reshape(-1, input.shape[-1])
-        if counted.shape[1] == 1:  # one logit position: the counted rows, then one pass
-            chosen = counted[:, 0].nonzero().squeeze(1)  # (a host read, as forward's own)
-            rows = x2.index_select(0, chosen).float()
-            if weight is not None:
-                rows = rows * signs[:, 0].index_select(0, chosen).unsqueeze(1)
-            return (_mixed_signs(rows.unsqueeze(1), None),
-                    _mixed_signs(signs.index_select(0, chosen), None))
-        return (_mixed_signs(signs.unsqueeze(2) * x2.float().unsqueeze(1), counted),
-                _mixed_signs(signs, counted))
-
-
-def _mixed_signs(signed: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
-    """Over the counted rows (dim 0; ``None``: every row), not all ``> 0`` and not all
-    ``< 0`` (a 0 or a NaN among them counts as mixed)."""
-    if signed.shape[0] == 0:  # nothing counted (no rows): nothing mixed
-        return torch.zeros(signed.shape[1:], dtype=torch.bool, device=signed.device)
-    if counted is None:  # the least and the greatest value, one pass (NaN propagates)
-        least, greatest = torch.aminmax(signed, dim=0)
-    else:
-        counted = counted.reshape(counted.shape + (1,) * (signed.dim() - counted.dim()))
-        least = torch.where(counted, signed, torch.inf).amin(0)
-        greatest = torch.where(counted, signed, -torch.inf).amax(0)
-    return ~((least > 0) | (greatest < 0))
-
-
 def _scale_head_grads(stored: Sequence[torch.Tensor], requires: Sequence[bool],
-                      x_shape: Sequence[int], linear_weight: torch.Tensor,
-                      target: torch.Tensor, weight: torch.Tensor | None,
-                      mixed: Sequence[torch.Tensor], grad_output: torch.Tensor,
+                      x_shape: Sequence[int], w_shape: Sequence[int], target: torch.Tensor,
+                      grad_output: torch.Tensor,
                       named: dict[str, Any]) -> list[torch.Tensor | None]:
     """``dx``, ``dW``, ``db`` stored for ``grad_output = 1`` times the 0-d ``grad_output``
-    (``"mean"``/``"sum"``), with torch's pattern for a NaN or infinite one and no host
-    read: each product takes per-row factors (and for ``dW`` per-column ones from
-    ``mixed``, :func:`_sign_outputs`), no extra pass over the gradients.
-
-    torch's ``dlogits`` (from ``grad_output`` ``g``) is 0 on ignored rows, the stored
-    gradient times ``g`` elsewhere, and NaN where ``inf - inf`` meets (an infinite ``g``:
-    the counted rows' target entries; whole rows with probability targets or label
-    smoothing). Then ``dx = dlogits W``: counted rows NaN for a non-finite ``g``, ignored
-    rows 0. ``dW = dlogits^T x``, ``db = sum dlogits`` (0 where no row counts): NaN on
-    every class some counted row targets, and on the other classes a sum of infinities
-    with the signs of ``x`` (times the row weights' signs): ``+-inf`` where those agree
-    over the counted rows, NaN where they do not (or one is 0). Not followed: a class
-    whose probability underflows to exactly 0 in a counted row (torch: NaN, ``0 * inf``;
-    here ``+-inf``), and ``z_loss``/``softcap`` terms of other signs (see the module
+    (``"mean"``/``"sum"``), each product in the loss's compute dtype and rounded once (a
+    GradScaler's 65536 is inf in float16), with no host read. ``dx`` as torch forms it
+    for every ``grad_output``: ignored rows 0 (torch forms nothing there), counted rows
+    NaN for a NaN or infinite one (their ``dlogits`` hold ``inf - inf``). ``dW``/``db`` 0
+    where no row counts; otherwise the stored ones times ``grad_output``: for an infinite
+    one ``+-inf`` where torch's sums of infinities hold NaN in places (see the module
     docstring)."""
     dx, dw, db = stored
-    if not _head_fits(x_shape, linear_weight, target, weight, named["shift"]):
+    cdtype = compute_dtype(dx.dtype if dx.numel() else dw.dtype)
+    grad_output = grad_output.to(cdtype)  # rounded first, as eager's backward does
+    if not _head_fits(x_shape, w_shape, target, named["shift"]):
         # the forward operator raises crossent's error when it runs: never reached
-        return [(g * grad_output.to(g.dtype)) if r else None
+        return [(g * grad_output).to(g.dtype) if r else None
                 for g, r in zip(stored, requires, strict=True)]
-    counted, index = _head_rows(x_shape, linear_weight, target, named)
-    infinite = grad_output.isinf()
-    whole_rows = index is None or named["label_smoothing"] != 0
+    counted, index = _head_rows(x_shape, w_shape, target, named)
     out: list[torch.Tensor | None] = [None, None, None]
-    if requires[0]:  # torch: counted rows NaN for a non-finite g, ignored rows 0
-        factor = torch.where(counted.any(1), _infinite_as_nan(grad_output), 0.0)
-        out[0] = dx * factor.reshape(*dx.shape[:-1], 1).to(dx.dtype)
-    if not (requires[1] or requires[2]):
-        return out
-    num_classes = linear_weight.shape[0]
-    positions = counted.shape[1]
-    any_counted = counted.any(0)  # (P): dW and db stay 0 at a position nothing counts
-    columns = bias_columns = None
-    if whole_rows or num_classes == 0:
-        rows = torch.where(any_counted, _infinite_as_nan(grad_output), 0.0).expand(
-            num_classes, positions)
-    else:
-        assert index is not None
-        targeted = torch.zeros((num_classes, positions), device=target.device).scatter_add_(
-            0, index, counted.float()) > 0
-        rows = torch.where(any_counted, torch.where(targeted & infinite, torch.nan,
-                                                    grad_output), 0.0)
-        mixed_x, mixed_b = mixed
-        columns = torch.where(infinite & mixed_x, torch.nan, 1.0) if requires[1] else None
-        bias_columns = torch.where(infinite & mixed_b, torch.nan, 1.0)
-    if requires[1]:
-        scaled = dw.reshape(num_classes, positions, -1) * rows.unsqueeze(2).to(dw.dtype)
-        if columns is not None:
-            scaled = scaled * columns.to(dw.dtype)
-        out[1] = scaled.reshape(dw.shape)
-    if requires[2]:
-        factor = rows if bias_columns is None else rows * bias_columns
-        out[2] = (db.reshape(num_classes, positions) * factor.to(db.dtype)).reshape(db.shape)
+    if requires[0]:
+        factor = torch.where(counted.any(1), infinite_as_nan(grad_output), 0.0)
+        out[0] = (dx * factor.reshape(*dx.shape[:-1], 1)).to(dx.dtype)
+    # probability targets, label smoothing: every class's dlogits holds inf - inf, so
+    # torch's dW/db are all NaN; index targets: see above (not followed)
+    whole_rows = index is None or named["label_smoothing"] != 0
+    # per logit position (K-dimensional weights): 0 where no row counts there
+    positions = tuple(w_shape[1:-1])
+    factor = torch.where(counted.any(0), infinite_as_nan(grad_output) if whole_rows
+                         else grad_output, 0.0).reshape(1, *positions)
+    for k, g in ((1, dw), (2, db)):
+        if requires[k]:
+            out[k] = (g * (factor.unsqueeze(-1) if k == 1 else factor)).to(g.dtype)
     return out
 
 
@@ -948,7 +847,7 @@ def compiled_linear_cross_entropy(
     # enters dW) and target/weight gradients are computed in backward
     want_grads = any(requires[:3]) and reduction != "none" and not (requires[3] or
                                                                     requires[4])
-    loss, _, _, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
+    loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
         want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
         *_options_fields(options), _linear_loss_dtype(input, loss_dtype), number, backend,

@@ -349,6 +349,12 @@ def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
     grad.mul_(factor.unsqueeze(1) if factor.dim() == 1 else factor)
 
 
+def infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad_output`` with NaN for +-inf: torch's pattern where every class's ``dlogp``
+    of a row is infinite (label smoothing, probability targets), ``inf - inf``."""
+    return torch.where(grad_output.isinf(), math.nan, grad_output)
+
+
 def nan_at_targets(grad: torch.Tensor, grad_output: torch.Tensor, valid: torch.Tensor,
                    index: torch.Tensor, reduction: str) -> None:
     """NaN at the target entry (``index`` (M, 1)) of the counted rows whose ``grad_output``
