@@ -62,7 +62,7 @@ NATIVE_MAX_LOGITS = 1 << 19
 # N x C tensor where torch writes three. Measured (float32, forward + backward, idle 2-core
 # EPYC, paired medians of 78-234 alternating rounds, benchmarks/small_inputs.py): against
 # eager 1.20-1.22x at 128 x 1000, 1.06-1.17x at 192 x 1000, 1.01-1.12x at 224 x 1000,
-# 0.78-0.84x at 256 x 1000, 0.65-0.89x at 384 x 1000, 0.66-0.81x at 512 x 1000.
+# 0.78-0.99x at 256 x 1000 (five runs), 0.65-0.89x at 384 x 1000, 0.66-0.81x at 512 x 1000.
 SMALL_MIN_LOGITS = 240_000
 
 
