@@ -323,6 +323,16 @@ def test_scale_stored_moves_a_host_factor_to_counted_device():
 # (conftest.py: NATIVE_MAX_LOGITS = 0, every call takes the row-block kernel)
 
 
+def _index_data(seed, ignored=(), dtype=torch.float32, scale=1.0):
+    """``(z, t, g)``: (6, 5) logits, class indices with ``ignored`` rows at -100, and the
+    generator that drew them (tests draw their grad_outputs from it next)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, 5, generator=g, dtype=dtype) * scale
+    t = torch.randint(0, 5, (6,), generator=g)
+    t[list(ignored)] = -100
+    return z, t, g
+
+
 def _batched(fn_ours, fn_ref, inputs, go, **kw):
     mine = [v.clone().requires_grad_() for v in inputs]
     ref = [v.clone().requires_grad_() for v in inputs]
@@ -369,10 +379,7 @@ def test_batched_probability_target_and_weight_gradients(reduction):
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_batched_float32_and_num_items(reduction):
-    g = torch.Generator().manual_seed(3)
-    z = torch.randn(6, 5, generator=g)
-    t = torch.randint(0, 5, (6,), generator=g)
-    t[3] = -100
+    z, t, g = _index_data(3, ignored=(3,))
     if reduction == "none":
         go = torch.randn(3, 6, generator=g)
         go[1, 2] = INF
@@ -395,10 +402,7 @@ def test_batched_with_inplace_backward_is_refused_naming_both():
 def test_retained_graph_batched_then_create_graph_then_plain():
     """A batched backward leaves the stored gradient; a create_graph backward after it
     gives torch's Hessian-vector product; float32: the plain backward consumes it once."""
-    g = torch.Generator().manual_seed(4)
-    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    t = torch.randint(0, 5, (6,), generator=g)
-    t[0] = -100
+    z, t, _ = _index_data(4, ignored=(0,), dtype=torch.float64)
     mine, ref = z.clone().requires_grad_(), z.clone().requires_grad_()
     loss, want_loss = xt.cross_entropy(mine, t), F.cross_entropy(ref, t)
     gos = torch.tensor([1.0, -3.0], dtype=torch.float64)
@@ -475,10 +479,7 @@ def test_batched_backward_from_four_threads(workers):
 
 
 def test_batched_with_statistics_softcap_and_bfloat16():
-    g = torch.Generator().manual_seed(16)
-    z = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
-    t = torch.randint(0, 5, (6,), generator=g)
-    t[1] = -100
+    z, t, g = _index_data(16, ignored=(1,), dtype=torch.float64, scale=3.0)
     gos = torch.tensor([1.0, 2.0, INF], dtype=torch.float64)
     mine, ref = z.clone().requires_grad_(), z.clone().requires_grad_()
     loss, _ = xt.cross_entropy(mine, t, statistics=("lse", "entropy"))
@@ -713,11 +714,7 @@ def test_calls_the_small_route_must_not_take_keep_torchs_numbers(small_route, mo
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("ignored", [(), (0, 3), tuple(range(6))])
 def test_rowblock_infinite_grad_output_nan_at_targets(reduction, ignored):
-    g = torch.Generator().manual_seed(13)
-    z = torch.randn(6, 5, generator=g) * 4
-    t = torch.randint(0, 5, (6,), generator=g)
-    for i in ignored:
-        t[i] = -100
+    z, t, _ = _index_data(13, ignored=ignored, scale=4.0)
     if reduction == "none":
         gos = [torch.tensor([INF, -INF, NAN, 1.0, INF, 0.0]),
                torch.tensor(INF).expand(6), torch.full((6,), -INF)[::1]]
@@ -762,10 +759,7 @@ def test_nan_at_targets_direct():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_rowblock_float64_loss_of_float32_logits_rounds_grad_output_like_torch(reduction):
-    g = torch.Generator().manual_seed(15)
-    z = torch.randn(6, 5, generator=g)
-    t = torch.randint(0, 5, (6,), generator=g)
-    t[1] = -100
+    z, t, _ = _index_data(15, ignored=(1,))
     go = (torch.tensor(1e300, dtype=torch.float64) if reduction == "mean"
           else torch.tensor([1e300, 1.0, 2.0, -1e39, 0.0, 3.0], dtype=torch.float64))
     mine, ref = z.clone().requires_grad_(), z.clone().requires_grad_()
