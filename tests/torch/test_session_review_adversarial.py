@@ -556,7 +556,7 @@ def test_choose_backend_small_only_for_its_calls():
         assert _backends.choose_backend("auto", _call(**change), limit) == "rowblock", change
     assert _backends.choose_backend("auto", _call(composite="C = 0"), limit) == "composite"
     # the threshold: 0 logits never take it, even with SMALL_MIN_LOGITS lowered to 0
-    assert not _backends.small_kernel_fits(torch.device("cpu"), torch.float32, 0, True)
+    assert not _backends.small_kernel_fits(torch.device("cpu"), torch.float32, 0, True, 0.0)
 
 
 @pytest.fixture

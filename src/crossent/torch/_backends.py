@@ -148,11 +148,13 @@ def _native_is_faster(call: Call, native_max_logits: float) -> bool:
 
 
 def small_kernel_fits(device: torch.device, dtype: torch.dtype | None, num_logits: int,
-                      needs_grad: bool) -> bool:
+                      needs_grad: bool, label_smoothing: float) -> bool:
     """The few-operation fused kernel (:mod:`._small`) beats torch's for a cross-entropy
     of index targets with torch's options, neither class weights nor label smoothing,
-    that torch's kernel would otherwise serve (under ``NATIVE_MAX_LOGITS``)."""
-    return (needs_grad and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    that torch's kernel would otherwise serve (under ``NATIVE_MAX_LOGITS``; the caller
+    checks the weights and plain tensors)."""
+    return (needs_grad and label_smoothing == 0 and device.type == "cpu"
+            and dtype in (torch.float32, torch.float64)
             and num_logits >= max(SMALL_MIN_LOGITS, 1))
 
 
@@ -187,9 +189,8 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
         return "rowblock"
     if _native_is_faster(call, native_max_logits):
         if (call.function == "cross_entropy" and call.plain and not call.weighted
-                and call.label_smoothing == 0.0
                 and small_kernel_fits(call.device, call.dtype, call.num_logits,
-                                      call.needs_grad)):
+                                      call.needs_grad, call.label_smoothing)):
             return "small"
         return "native"
     if (call.device.type == "cuda" and call.triton_refusal is None

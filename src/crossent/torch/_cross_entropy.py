@@ -241,9 +241,9 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
     if (torch._C._are_functorch_transforms_active() or torch._C._is_tracing()
             or fwAD._current_level >= 0 or torch._C._is_torch_function_mode_enabled()):
         return None
-    if (backend == "auto" and label_smoothing == 0
-            and _backends.small_kernel_fits(input.device, input.dtype, rows * classes,
-                                            input.requires_grad and records_graph())):
+    if backend == "auto" and _backends.small_kernel_fits(
+            input.device, input.dtype, rows * classes,
+            input.requires_grad and records_graph(), label_smoothing):
         out = _small.cross_entropy(input, target, ignore_index, reduction)
         if out is not None:  # else an index out of range: torch's error below
             return out
@@ -514,10 +514,13 @@ def cross_entropy(
         stats = _statistics.from_logits(names, logits, flat_target, opts)
     else:
         with no_autocast(logits.device.type):
-            if route in ("composite", "small"):
-                out = (_composite.cross_entropy(logits, flat_target, weight, opts).to(out_dtype)
-                       if route == "composite" else
-                       _small_cross_entropy(input, target, logits, flat_target, opts, out_dtype))
+            if route in ("composite", "small"):  # statistics from the logits, as "native"
+                if route == "composite":
+                    out = _composite.cross_entropy(logits, flat_target, weight,
+                                                   opts).to(out_dtype)
+                else:
+                    out = _small_cross_entropy(input, target, logits, flat_target, opts,
+                                               out_dtype)
                 if names is not None:
                     stats = _statistics.from_logits(names, logits, flat_target, opts)
             elif route == "triton":

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -714,12 +715,7 @@ def _head_rows(x_shape: Sequence[int], w_shape: Sequence[int], target: torch.Ten
         target = target.long()
         target = torch.cat([target[..., 1:], torch.full_like(target[..., :1], ignore_index)],
                            -1)
-    rows = 1
-    for size in x_shape[:-1]:
-        rows *= size
-    positions = 1
-    for size in w_shape[1:-1]:
-        positions *= size
+    rows, positions = math.prod(x_shape[:-1]), math.prod(w_shape[1:-1])
     if target.is_floating_point():
         return torch.ones((rows, positions), dtype=torch.bool, device=target.device), None
     return _index_rows(target.reshape(rows, positions), ignore_index)
@@ -752,9 +748,8 @@ def _scale_head_grads(stored: Sequence[torch.Tensor], requires: Sequence[bool],
     where no row counts; otherwise the stored ones times ``grad_output``: for an infinite
     one ``+-inf`` where torch's sums of infinities hold NaN in places (see the module
     docstring)."""
-    dx, dw, db = stored
-    cdtype = compute_dtype(dx.dtype if dx.numel() else dw.dtype)
-    grad_output = grad_output.to(cdtype)  # rounded first, as eager's backward does
+    dx, dw, db = stored  # each of x's dtype (an empty one where not asked for)
+    grad_output = grad_output.to(compute_dtype(dx.dtype))  # rounded first, as eager's
     if not _head_fits(x_shape, w_shape, target, named["shift"]):
         # the forward operator raises crossent's error when it runs: never reached
         return [(g * grad_output).to(g.dtype) if r else None

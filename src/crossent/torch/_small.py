@@ -100,7 +100,9 @@ class _SmallCrossEntropy(torch.autograd.Function):
             grad = ctx.grad.clone()
         else:  # released: autograd adopts it without a copy
             grad, ctx.grad = ctx.grad, None
-        if ctx.reduction != "none" and grad_output.item() == 1.0:  # loss.backward()
+        # loss.backward(): one host read, where scale_stored and nan_at_targets would make
+        # two tensor comparisons and reads (measured 30-100 us a call at 16 x 100)
+        if ctx.reduction != "none" and grad_output.item() == 1.0:
             return grad, *none
         valid = ctx.valid
         if valid is None:  # every row counted
