@@ -60,3 +60,39 @@ def _check_refusal_then_plain_backward(rank, world):
 
 def test_batched_grad_outputs_refused_on_every_rank_then_plain_backward_works():
     run_group(_check_refusal_then_plain_backward, 2, timeout=90)
+
+
+def _only_rank_zero_batches(rank, world):
+    """Rank 0 asks for batched grad_outputs, the others for a plain backward of the same
+    loss: rank 0 raises alone (the refusal is local, before any collective) and the
+    others return torch's gradient; then every rank runs a plain backward and the next
+    forward's collectives, so a rank left waiting would fail the harness's timeout."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[4] = -100
+    bounds = [round(V * r / world) for r in range(world + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    for linear in (False, True):
+        xin = x.clone().requires_grad_()
+        loss = (vocab_parallel_linear_cross_entropy(xin, w[lo:hi].clone(), t, vocab_start=lo)
+                if linear else vocab_parallel_cross_entropy((xin @ w.T)[:, lo:hi], t,
+                                                           vocab_start=lo))
+        if rank == 0:
+            with pytest.raises(UnsupportedError, match="is_grads_batched"):
+                torch.autograd.grad(loss, xin, torch.tensor([1.0, 2.0], dtype=torch.float64),
+                                    is_grads_batched=True, retain_graph=True)
+        (got,) = torch.autograd.grad(loss, xin)
+        ref = x.clone().requires_grad_()
+        logits = ref @ w.T
+        (dlogits,) = torch.autograd.grad(F.cross_entropy(logits, t), logits)
+        # the linear head reduces dx across ranks (reduce_input_grad=True); the logits'
+        # dx is each rank's shard's part
+        want = (dlogits @ w) if linear else dlogits[:, lo:hi] @ w[lo:hi]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_only_one_rank_batching_raises_there_and_nothing_hangs(world):
+    run_group(_only_rank_zero_batches, world, timeout=90)
