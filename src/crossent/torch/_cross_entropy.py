@@ -57,7 +57,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         need_logits = ctx.needs_input_grad[0]
         grad = None
         if need_logits:
-            grad = logits if inplace else _buffers.empty(logits.shape, logits.dtype, logits)
+            # in place: a detached alias of the logits, so that autograd adopts it as a
+            # leaf's .grad instead of copying a tensor still referenced elsewhere
+            grad = logits.detach() if inplace else _buffers.empty(logits.shape, logits.dtype,
+                                                                  logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
         losses = cross_entropy_rows(logits, target, rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
@@ -335,6 +338,7 @@ def cross_entropy(
             ``N x C`` memory, but **the logits tensor is destroyed** (it holds the gradient
             after the call). Only use it when nothing else reads the logits afterwards;
             autograd raises if an op that saved them for its own backward needs them.
+            For leaf logits, ``.grad`` is that same storage (autograd adopts it, no copy).
             For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
             Double backward then raises :class:`crossent.UnsupportedError`.
         loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32

@@ -183,7 +183,11 @@ class _CrossEntropy(torch.autograd.Function):
                 input.untyped_storage().data_ptr():
             # the kernel wrote into the input behind autograd's back: say so, so that
             increment_version(input)  # an op that saved it raises instead of misleading
-        ctx.grad, ctx.reduction, ctx.loss_dtype = res.grad, opts["reduction"], res.loss.dtype
+        # in place, res.grad is the caller's own tensor: a detached alias lets autograd
+        # adopt it for a leaf's .grad (AccumulateGrad copies a tensor referenced elsewhere,
+        # a whole extra read and write of the logits)
+        ctx.grad = res.grad.detach() if inplace else res.grad
+        ctx.reduction, ctx.loss_dtype = opts["reduction"], res.loss.dtype
         ctx.keep = logits.dtype == torch.float64
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
