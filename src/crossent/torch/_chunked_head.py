@@ -4,7 +4,8 @@
 the rows of ``x`` are taken ``chunk`` at a time; the chunk's logits ``x_c W^T + b`` come
 from one matmul into a reused buffer, a fused cross-entropy kernel turns them in place
 into the row losses and ``G = dloss/dlogits``, then ``dx_c = G W`` is written and
-``dW += G^T x_c``, ``db += sum G`` are summed over chunks in float32 (float64 for float64).
+``dW += G^T x_c``, ``db += sum G`` are summed over chunks in float32 (float64 for float64;
+dW in bf16/fp16 under torch's ``acc_policy="compact"`` on CUDA, :func:`weight_grad_dtype`).
 Which kernel runs on a chunk is the caller's: a :class:`ChunkKernel` (the row-block kernel
 in :mod:`._linear`, the Triton kernel in :mod:`._triton.autograd`, the vocab-parallel
 head's local partials, row collectives and gradient in :mod:`.distributed.linear`).
@@ -28,7 +29,7 @@ from . import _buffers
 from ._rules import compute_dtype, default_chunk, matmul_dtype
 
 __all__ = ["ChunkKernel", "HeadPass", "RowSplit", "accumulate_dw", "head_pass",
-           "rows_per_chunk", "split_rows"]
+           "rows_per_chunk", "split_rows", "weight_grad_dtype"]
 
 
 class ChunkKernel(Protocol):
@@ -97,11 +98,35 @@ _ACCELERATOR_W_TILE_BYTES = 64 << 20
 _dtype_out_mm = True  # CUDA's addmm with a float32 output for bf16/fp16 operands
 
 
+def weight_grad_dtype(acc_policy: str | None, x: torch.Tensor,
+                      w: torch.Tensor) -> torch.dtype | None:
+    """The dtype dW is summed in over the chunks, as torch's ``LinearCrossEntropyOptions``
+    ``acc_policy`` sets it; None: the compute dtype (float32; float64 for float64).
+
+    ``"compact"`` (and ``"auto"``, which torch resolves to ``"compact"`` there) with
+    bf16/fp16 operands on CUDA adds each chunk's ``G^T x_c`` straight into dW in
+    ``w``'s dtype (cuBLAS sums the product in float32, then one rounding per chunk):
+    no ``V x D`` float32 buffer (2.1 GB at V = 128256, D = 4096), at the precision of
+    torch's own chunked head and Liger Kernel's. Elsewhere, as torch falls back to
+    ``"balanced"`` off CUDA, and for every other policy or no options: float32.
+
+    >>> x = torch.zeros(2, 3, dtype=torch.bfloat16); w = torch.zeros(4, 3, dtype=torch.bfloat16)
+    >>> weight_grad_dtype("compact", x, w) is None  # a CPU tensor: float32
+    True
+    """
+    low = (torch.bfloat16, torch.float16)
+    if acc_policy in ("compact", "auto") and x.device.type == "cuda" and w.dtype in low \
+            and x.dtype == w.dtype:
+        return w.dtype
+    return None
+
+
 def accumulate_dw(gw: torch.Tensor, g: torch.Tensor, xc: torch.Tensor, first: bool) -> None:
-    """``gw (compute dtype) += g^T xc`` (``first``: ``=``), ``g``, ``xc`` in the matmul
-    dtype. Never a low-precision running sum (the training drift of bf16 accumulation):
-    on CUDA a float32-output matmul; elsewhere each vocabulary tile's partial product is
-    rounded once and summed in float32."""
+    """``gw += g^T xc`` (``first``: ``=``), ``g``, ``xc`` in the matmul dtype. ``gw`` in
+    the compute dtype: never a low-precision running sum (the training drift of bf16
+    accumulation); on CUDA a float32-output matmul; elsewhere each vocabulary tile's
+    partial product is rounded once and summed in float32. ``gw`` in the matmul dtype
+    (:func:`weight_grad_dtype`'s ``"compact"``): one ``addmm_`` per chunk."""
     global _dtype_out_mm
     beta = 0.0 if first else 1.0  # beta 0: no zero-filled start
     if g.dtype == gw.dtype:
@@ -128,7 +153,7 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
               chunk: int, need: tuple[bool, bool, bool], *,
               row_multiplier: torch.Tensor | None = None,
               split: RowSplit | None = None, matmul: torch.dtype | None = None,
-              empty_chunk: bool = False) -> HeadPass:
+              empty_chunk: bool = False, dw_dtype: torch.dtype | None = None) -> HeadPass:
     """One pass of the chunked head over the rows of ``x`` ((N, D), contiguous).
 
     The logits are ``x W^T + b`` in :func:`._rules.matmul_dtype`; ``kernel`` turns each
@@ -147,7 +172,9 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
     ``matmul``: the dtype of the matmuls, the logits and dx instead of
     :func:`._rules.matmul_dtype` (the vocab-parallel head's float32 logits).
     ``empty_chunk``: with no rows, ``kernel`` still runs once, on an empty chunk (a kernel
-    that makes collectives: every rank makes the same calls, even for ``N = 0``)."""
+    that makes collectives: every rank makes the same calls, even for ``N = 0``).
+    ``dw_dtype``: dW's dtype over the chunks (:func:`weight_grad_dtype`), None for the
+    compute dtype."""
     num_rows = x.shape[0]
     cdtype = compute_dtype(x.dtype)
     mdtype = matmul_dtype(x, w) if matmul is None else matmul
@@ -161,7 +188,7 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
         row_multiplier = None if row_multiplier is None else row_multiplier[keep]
     seen = num_rows if keep is None else keep.shape[0]
     gx = _buffers.empty(tuple(x.shape), mdtype, x) if need_x else None
-    gw = _buffers.empty(tuple(w.shape), cdtype, x) if need_w else None
+    gw = _buffers.empty(tuple(w.shape), dw_dtype or cdtype, x) if need_w else None
     gb = (torch.zeros(w.shape[0], dtype=cdtype, device=x.device)
           if need_b and b is not None else None)
     buf = _buffers.empty((min(chunk, seen), w.shape[0]), mdtype, x)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedError
 from . import _backends, _composite, _statistics
-from ._chunked_head import RowSplit, head_pass, rows_per_chunk, split_rows
+from ._chunked_head import RowSplit, head_pass, rows_per_chunk, split_rows, weight_grad_dtype
 from ._cross_entropy import cross_entropy, native_cross_entropy
 from ._custom_ops import compilable
 from ._rowblock import cross_entropy_rows
@@ -98,14 +98,16 @@ class _RowBlockChunks:
                                   row_multiplier=row_multiplier, **extra)
 
 
-def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, names=None):
+def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, names=None,
+                 dw_dtype=None):
     """The chunked head (:func:`._chunked_head.head_pass`) with the row-block kernel:
     row losses, ``[dx, dW, db]`` (None where not asked) and, for statistics ``names``,
     their :class:`._statistics.TokenStatistics` (else None). Ignored rows are skipped
-    (:func:`_counted_rows`)."""
+    (:func:`_counted_rows`). ``dw_dtype``: :func:`._chunked_head.weight_grad_dtype`."""
     counted = None if names is None else _statistics.counted_rows(rows, x.shape[0])
     run = head_pass(x, w, b, _RowBlockChunks(target, rows, opts, names), chunk, need,
-                    row_multiplier=row_multiplier, split=_counted_rows(rows, x))
+                    row_multiplier=row_multiplier, split=_counted_rows(rows, x),
+                    dw_dtype=dw_dtype)
     if names is None:
         return run.losses, run.grads, None
     assert counted is not None and isinstance(run.kernel, _RowBlockChunks)
@@ -116,9 +118,10 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, rows, opts, chunk, keep, out_dtype, holder=None):
+    def forward(ctx, x, w, b, target, rows, opts, chunk, keep, out_dtype, holder=None,
+                dw_dtype=None):
         need = tuple(ctx.needs_input_grad[:3])
-        ctx.reduction, ctx.chunk, ctx.need = opts.reduction, chunk, need
+        ctx.reduction, ctx.chunk, ctx.need, ctx.dw_dtype = opts.reduction, chunk, need, dw_dtype
         ctx.keep = keep or x.dtype == torch.float64
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
@@ -131,14 +134,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(x, w, b, target)
         else:
             losses, ctx.grads, stats = _linear_pass(x, w, b, target, rows, opts, chunk, need,
-                                                    names=names)
+                                                    names=names, dw_dtype=dw_dtype)
         if holder is not None:
             holder.stats = stats
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        nothing = (None,) * 7
+        nothing = (None,) * 8
 
         def loss(x, w, b, t):
             logits = _composite.linear_logits(x, w, b, ctx.mdtype)
@@ -165,7 +168,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             with no_autocast(ctx.device_type):
                 _, grads, _ = _linear_pass(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk,
                                         ctx.need,
-                                        row_multiplier=grad_output.to(compute_dtype(x.dtype)))
+                                        row_multiplier=grad_output.to(compute_dtype(x.dtype)),
+                                        dw_dtype=ctx.dw_dtype)
         else:
             grads = take_stored(ctx, "grads")
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
@@ -205,11 +209,13 @@ def _chunk_from_options(options, chunk_size, num_rows, num_classes, features, dt
     ``batch_chunk_size`` is the chunk; ``chunking_method="aspect_ratio[:k]"`` is torch's
     rule (``next_pow2(ceil(N / ceil(C / D))) / k`` rows); ``"auto"``/``None`` without a
     size: crossent's default. ``allow_retain_graph=True`` keeps the stored gradients so
-    backward may run twice. ``acc_policy``: crossent always accumulates in float32 (float64
-    for float64), at least every policy's precision, so any policy is accepted;
-    ``acc_dtype`` other than that raises :class:`UnsupportedError`."""
+    backward may run twice. ``acc_policy``, returned third: crossent accumulates in
+    float32 (float64 for float64), at least every policy's precision, except that
+    ``"compact"``/``"auto"`` sum dW in bf16/fp16 on CUDA as torch does there
+    (:func:`._chunked_head.weight_grad_dtype`); ``acc_dtype`` other than the compute dtype
+    raises :class:`UnsupportedError`."""
     if options is None:
-        return chunk_size, False
+        return chunk_size, False, None
     fields = ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype",
               "allow_retain_graph")
     if not all(hasattr(options, f) for f in fields):
@@ -229,7 +235,8 @@ def _chunk_from_options(options, chunk_size, num_rows, num_classes, features, dt
     if chunk_size is not None and chunk is not None and chunk_size != chunk:
         raise InputError(f"chunk_size={chunk_size!r} disagrees with options "
                          f"(batch_chunk_size={chunk}); give one of them")
-    return (chunk_size if chunk is None else chunk), bool(options.allow_retain_graph)
+    return ((chunk_size if chunk is None else chunk), bool(options.allow_retain_graph),
+            options.acc_policy)
 
 
 def _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype, chunked, backend,
@@ -439,8 +446,9 @@ def linear_cross_entropy(
     num_classes, features = w.shape[0], w.shape[-1]
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size")
-    chunk_size, keep = _chunk_from_options(options, chunk_size, x.shape[0] if x.dim() == 2
-                                           else 1, num_classes, features, x.dtype)
+    chunk_size, keep, acc_policy = _chunk_from_options(
+        options, chunk_size, x.shape[0] if x.dim() == 2 else 1, num_classes, features,
+        x.dtype)
     out_dtype = choose_loss_dtype(loss_dtype, x)
     opts = make_options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
                     z_loss, softcap, autocast_dtype(x, x.device.type), num_items)
@@ -486,9 +494,11 @@ def linear_cross_entropy(
             if names is not None:
                 stats = _statistics.from_logits(names, logits, t, opts)
         elif route == "triton":
-            out = _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype)
+            out = _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype,
+                                 weight_grad_dtype(acc_policy, x, w))
         else:
-            out, stats = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names)
+            out, stats = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names,
+                                       weight_grad_dtype(acc_policy, x, w))
     if row_shape is not None and reduction == "none":  # drop the last positions
         out = out.reshape(row_shape)[..., :-1]
     elif single and reduction == "none":
@@ -525,7 +535,7 @@ def _shift_labels(input, target, ignore_index, shift):
             tuple(target.shape))
 
 
-def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype):
+def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype, dw_dtype=None):
     """The Triton-backed chunked head (:mod:`._triton`), options already checked."""
     from ._triton import triton_linear_cross_entropy
 
@@ -534,7 +544,7 @@ def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype):
         reduction=kernel_reduction(opts),
         ignore_index=None if t.is_floating_point() else opts.ignore_index,
         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
-        chunk_size=chunk_size, loss_dtype=compute_dtype(x.dtype))
+        chunk_size=chunk_size, loss_dtype=compute_dtype(x.dtype), dw_dtype=dw_dtype)
     return divide_by_num_items(out, opts).to(out_dtype)  # rounded once, from float32
 
 
@@ -546,7 +556,7 @@ class _StatisticsHolder:
         self.stats: _statistics.TokenStatistics | None = None
 
 
-def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None):
+def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None, dw_dtype=None):
     """The chunked head's loss, and with statistics ``names`` their values (else None)."""
     rows = prepare_rows(t, x.shape[0], w.shape[0], opts, compute_dtype(x.dtype))
     chunk = rows_per_chunk(chunk_size, x, w)
@@ -554,7 +564,7 @@ def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None):
     if records_graph() and any(p is not None and p.requires_grad for p in (x, w, b)):
         holder = None if names is None else _StatisticsHolder(names)
         out = _LinearCrossEntropyFunction.apply(x, w, b, t, rows, opts, chunk, keep,
-                                                out_dtype, holder)
+                                                out_dtype, holder, dw_dtype)
         return out, None if holder is None else holder.stats
     with torch.no_grad():
         losses, _, stats = _linear_pass(x, w, b, t, rows, opts, chunk, (False,) * 3,

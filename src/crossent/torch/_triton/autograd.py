@@ -276,15 +276,16 @@ class _TritonChunks:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, split, opts, chunk, loss_dtype):
+    def forward(ctx, x, w, b, target, split, opts, chunk, loss_dtype, dw_dtype=None):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need, ctx.opts = opts["reduction"], chunk, need, opts
+        ctx.dw_dtype = dw_dtype
         ctx.keep = x.dtype == torch.float64
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         ctx.shape, ctx.split = x.shape, split
         ctx.ignored = _ignored_rows(target, opts["ignore_index"])
         loss = _head(x, w, b, target, split, opts, chunk, need if opts["reduction"] != "none"
-                     else (False,) * 3, ctx)
+                     else (False,) * 3, ctx, dw_dtype)
         if opts["reduction"] == "none":  # the gradient depends on grad_output row by row
             ctx.save_for_backward(x, w, b, target)
         _save_inputs(ctx, (x, w, b, target), opts, False)
@@ -295,11 +296,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             return (*_double_backward(ctx, grad_output, _composite_linear_loss,
                                       "linear_cross_entropy")[:3],
-                    None, None, None, None, None)
+                    None, None, None, None, None, None)
         if ctx.reduction == "none":
             x, w, b, target = ctx.saved_tensors
             grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
-                                grad_output.reshape(-1))
+                                grad_output.reshape(-1), ctx.dw_dtype)
         else:
             grads = take_stored(ctx, "grads", _TRITON)
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
@@ -311,7 +312,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g is not None:
                     _scale_grad(g, go, False)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None
 
 
 def _composite_linear_loss(opts, x, w, b, target):
@@ -325,29 +326,30 @@ def _kernel_options(opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k != "reduction"}
 
 
-def _head(x, w, b, target, split, opts, chunk, need, ctx=None):
+def _head(x, w, b, target, split, opts, chunk, need, ctx=None, dw_dtype=None):
     """Forward of the head (:func:`.._chunked_head.head_pass` with the Triton kernel): the
     reduced loss; with ``ctx`` and ``need``, the gradients (for "mean"/"sum") stored on
-    it as ``ctx.grads``. ``split``: the ignored rows to skip, or None."""
+    it as ``ctx.grads``. ``split``: the ignored rows to skip, or None. ``dw_dtype``:
+    :func:`.._chunked_head.weight_grad_dtype`."""
     acc = ops.accumulate_dtype(x.dtype)
     denom = ops.denominator(target, w.shape[0], opts["weight"], opts["ignore_index"], acc)
     scale = 1.0 / denom if opts["reduction"] == "mean" else torch.ones((), dtype=acc,
                                                                        device=x.device)
     kernel = _TritonChunks(target, _kernel_options(opts), scale)
-    run = head_pass(x, w, b, kernel, chunk, need, split=split)
+    run = head_pass(x, w, b, kernel, chunk, need, split=split, dw_dtype=dw_dtype)
     if ctx is not None:
         ctx.grads = run.grads
     return ops.reduce_rows(run.losses, denom, opts["reduction"])
 
 
-def _head_grads(x, w, b, target, split, opts, chunk, need, grad_output):
+def _head_grads(x, w, b, target, split, opts, chunk, need, grad_output, dw_dtype=None):
     """Gradients for reduction "none": the chunks again, each row scaled by its
     ``grad_output``."""
     acc = ops.accumulate_dtype(x.dtype)
     one = torch.ones((), dtype=acc, device=x.device)
     kernel = _TritonChunks(target, _kernel_options(opts), one)
     return head_pass(x, w, b, kernel, chunk, need, row_multiplier=grad_output.to(acc),
-                     split=split).grads
+                     split=split, dw_dtype=dw_dtype).grads
 
 
 def _check_linear_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -380,10 +382,13 @@ def triton_linear_cross_entropy(
     check_targets: bool = True,
     block: int | None = None,
     loss_dtype: torch.dtype | None = None,
+    dw_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` through row
     chunks: matmul, the Triton kernel in place on the chunk's logits, then dx, dW, db
-    (dW and db summed in float32); the loss in ``loss_dtype`` (default: the input's),
+    (dW and db summed in float32; dW in ``dw_dtype`` if given, one rounding per chunk:
+    :func:`crossent.torch._chunked_head.weight_grad_dtype`); the loss in ``loss_dtype``
+    (default: the input's),
     rounded once from float32. The chunk loop is the CPU head's
     (:func:`crossent.torch._chunked_head.head_pass`): with ``skip_ignored`` the ignored
     rows are skipped by its rule (their ``dx`` exactly 0; not where an ignored row's
@@ -423,7 +428,7 @@ def triton_linear_cross_entropy(
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if records_graph() and any(p is not None and p.requires_grad for p in params):
         out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, split, opts, chunk,
-                                        out_dtype)
+                                        out_dtype, dw_dtype)
     else:
         with torch.no_grad():
             out = _head(x, linear_weight, linear_bias, t, split, opts, chunk,
