@@ -24,6 +24,7 @@ import contextlib
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,12 +269,49 @@ def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):  # a device sync, as torch's own bounds check
-        value = int(target[bad][0])
-        raise IndexError(
-            f"target holds class index {value}, outside [0, {num_classes}) and not "
-            f"ignore_index={ignore_index}"
-        )
+        _raise_bad_index(target, bad, num_classes, ignore_index)
     return target, valid
+
+
+def _raise_bad_index(target: torch.Tensor, bad: torch.Tensor, num_classes: int,
+                     ignore_index: int) -> None:
+    value = int(target[bad][0])
+    raise IndexError(
+        f"target holds class index {value}, outside [0, {num_classes}) and not "
+        f"ignore_index={ignore_index}"
+    )
+
+
+def start_index_check(target: torch.Tensor, num_classes: int,
+                      ignore_index: int) -> Callable[[], None]:
+    """:func:`check_index_target`'s bounds check with its host read deferred: the check is
+    queued on the device now; the returned ``finish()`` raises the same ``IndexError``.
+
+    Kernels launched between the two calls are queued before the host waits. On CUDA
+    the flag is copied behind the check into pinned host memory and ``finish()`` waits
+    for that copy only (an event), so the GPU does not idle while the host prepares and
+    launches them (a check read first would leave it idle for that whole time). Only for
+    kernels that read the targets safely (an out-of-range row: NaN, no stray access) and
+    leave their inputs intact: the work done before the error is discarded."""
+    check_index_dtype(target)
+    index = target.long()
+    bad = (index != ignore_index) & ((index < 0) | (index >= num_classes))
+    flag = bad.any()
+    event = None
+    if flag.device.type == "cuda":
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        flag = host
+
+    def finish() -> None:
+        if event is not None:
+            event.synchronize()
+        if bool(flag):
+            _raise_bad_index(index, bad, num_classes, ignore_index)
+
+    return finish
 
 
 # ---- denominators and reductions

@@ -20,6 +20,7 @@ from .._rules import (  # the CPU head's rules
     recompute_in_backward,
     records_graph,
     save_inputs,
+    start_index_check,
     take_stored,
 )
 from . import ops
@@ -228,27 +229,49 @@ def triton_cross_entropy(
     """``torch.nn.functional.cross_entropy`` (plus ``z_loss``, ``softcap``) on the Triton
     kernel: loss and gradient in one launch during forward; backward scales the stored
     gradient by ``grad_output`` on the device. ``check_targets`` raises torch's
-    ``IndexError`` for an out-of-range class index (one host synchronisation); without it
-    such a row gets a NaN loss. ``loss_dtype``: the returned loss's dtype, rounded once from
-    the float32 sum (default: the input's). See the package docstring for everything
-    else."""
+    ``IndexError`` for an out-of-range class index (one host read: queued behind the
+    kernel, :func:`.._rules.start_index_check`, so the GPU does not wait for the host;
+    with ``inplace_backward`` read before the kernel, so the logits are intact when it
+    raises); without it such a row gets a NaN loss. ``loss_dtype``: the returned loss's
+    dtype, rounded once from the float32 sum (default: the input's). See the package
+    docstring for everything else."""
     num_classes, index_target, row_shape = _shapes(input, target)
     w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, input,
                target)
     ignore_index = _check_ignore_index(ignore_index, target)
-    if index_target is not None and check_targets:
-        check_index_target(index_target, num_classes, ignore_index)
+    finish_check = _start_target_check(index_target if check_targets else None, num_classes,
+                                       ignore_index, bool(inplace_backward))
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
     out_dtype = input.dtype if loss_dtype is None else loss_dtype
     if records_graph() and input.requires_grad:
-        return _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype)
+        out = _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype)
+        finish_check()
+        return out
     with torch.no_grad():
         logits, flat_target, _ = _flatten(input, target)
         res = ops.cross_entropy_forward(logits, flat_target, compute_grad=False, **opts)
         out = ops.reduce_rows(res.loss, res.denominator, reduction).to(out_dtype)
+    finish_check()
     return out.reshape(row_shape) if reduction == "none" else out
+
+
+def _start_target_check(index_target: torch.Tensor | None, num_classes: int,
+                        ignore_index: int, inplace: bool):
+    """The class-index bounds check as a ``finish()`` to call after the kernel's launch
+    (:func:`.._rules.start_index_check`); in place (the kernel overwrites the logits)
+    it runs to the end now. No index target or no check: a no-op."""
+    if index_target is None:
+        return _nothing
+    if inplace:
+        check_index_target(index_target, num_classes, ignore_index)
+        return _nothing
+    return start_index_check(index_target, num_classes, ignore_index)
+
+
+def _nothing() -> None:
+    return None
 
 
 # --------------------------------------------------------------------------- linear head
