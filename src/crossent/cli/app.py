@@ -348,16 +348,18 @@ def train(
 def bench(
     configs: Annotated[list[str] | None, typer.Argument(
         metavar="CONFIG", help="configurations, e.g. ce-small (the quickest) or "
-        "linear-bf16; a wrong name lists them all (default: ce-f32 ce-bf16 ce-v128k "
-        "linear-f32)")] = None,
+        "linear-bf16; a wrong name lists them all (default on CPU: ce-f32 ce-bf16 ce-v128k "
+        "linear-f32; on CUDA: the gpu-* sizes of 16384 x 128256 and 8192 x 256000 logits "
+        "and the 16384 x 4096 x 128256 linear head)")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="DEVICE", help="cpu or "
                                                "cuda (default: cuda when present)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, metavar="N", help="timed runs "
                                          "per contender (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="untimed runs "
                                         "first")] = 1,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory, one "
-                                         "fresh process per contender")] = True,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory (CPU: "
+                                         "one fresh process per contender; CUDA: "
+                                         "max_memory_allocated in the timed steps)")] = True,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes: a smoke test")] = False,
     out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="folder for bench.json "
                                          "and bench.png (created if missing)")
@@ -373,19 +375,26 @@ def bench(
     compiled_kernel: Annotated[bool, typer.Option(
         "--compiled-kernel", help="also time crossent with set_compiled_kernel(True) on the "
         "cross-entropy configurations (CPU; compiles 5-25 s per dtype)")] = False,
+    bandwidth: Annotated[float | None, typer.Option(
+        "--bandwidth", metavar="BYTES_PER_S", help="memory bandwidth for the floor of the "
+        "cross-entropy steps, 2 N V itemsize / bandwidth (default on CUDA: looked up from "
+        "the GPU's name, e.g. H200 4.8e12, H100 SXM 3.35e12; none for an unknown GPU)")
+                         ] = None,
 ) -> None:
     """Time crossent.torch against torch (eager, compiled, unfused, chunked).
 
+    On CUDA also Liger Kernel and Cut Cross-Entropy when installed, and the HBM floor.
     Prints progress and an estimate of the time left on stderr, a table on stdout, and writes
     bench.json and bench.png to --out. The same as python -m crossent.torch.bench.
     """
     from ..torch import bench as bench_mod  # needs torch: a missing one is named, exit 1
 
-    # each once: one JSON entry; --crossover alone runs only the sweep
-    configs = list(dict.fromkeys(configs or ([] if crossover else bench_mod.DEFAULT)))
-    bench_mod.run(configs, device=device, repeats=repeats, warmup=warmup,
+    # each once: one JSON entry; --crossover alone runs only the sweep; none named: the
+    # default of the device (bench_mod.default_configs)
+    chosen = list(dict.fromkeys(configs)) if configs else ([] if crossover else None)
+    bench_mod.run(chosen, device=device, repeats=repeats, warmup=warmup,
                   memory=memory, quick=quick, out=out_dir, load=load, crossover=crossover,
-                  compiled_kernel=compiled_kernel)
+                  compiled_kernel=compiled_kernel, bandwidth=bandwidth)
 
 
 def main() -> None:

@@ -3,25 +3,35 @@
 Every contender of a configuration runs in one process on the same tensors: warm-up, then
 ``--repeats`` timed forward+backward steps, interleaved round-robin (each round starting one
 contender later) so that machine noise hits all contenders alike; the median is reported.
-Peak memory is measured in a fresh process per contender (unless ``--no-memory``): on CPU
-the RSS high-water mark (``VmHWM`` from ``/proc/self/status``, reset through
+Peak memory (unless ``--no-memory``): on CPU, in a fresh process per contender, the RSS
+high-water mark (``VmHWM`` from ``/proc/self/status``, reset through
 ``/proc/self/clear_refs`` after the warm-up step; ``getrusage`` where ``/proc`` is missing)
 minus the RSS once the inputs exist (crossent's reused CPU gradient buffers are released
-after the warm-up, so the measured step allocates and counts them); on CUDA
-``torch.cuda.max_memory_allocated`` minus the inputs.
+after the warm-up, so the measured step allocates and counts them); on CUDA, in every
+timed step, ``torch.cuda.max_memory_allocated`` minus the memory allocated before it (the
+inputs; the caching allocator's reserve is not counted), the largest over the steps.
 Prints progress and the estimated time left on stderr, a table per configuration on stdout,
 and writes ``<out>/bench.json`` and ``<out>/bench.png`` (time and memory per contender;
 default ``--out crossent-bench``, so that a run from the repository root does not replace
 the committed ``benchmarks/results``). ``--out`` and ``--device`` are checked before the
 first step. ``--quick`` shrinks every size (a smoke test, seconds).
+
+On CUDA the default configurations are the GPU sizes (``gpu-*``: N x V = 16384 x 128256
+and 8192 x 256000 in bfloat16 and float32, the linear head N=16384 D=4096 V=128256 in
+bfloat16), peak memory is measured in the timed steps themselves, Liger Kernel and Cut
+Cross-Entropy join when installed (a row with a note when not, or when they fail), and
+each cross-entropy configuration gets its HBM floor, ``2 N V itemsize / bandwidth``, with
+the bandwidth looked up from the GPU's name or given with ``--bandwidth``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -57,6 +67,13 @@ CONFIGS = {
     "linear-v128k": ("linear", 1024, 128256, 512, "float32"),
     # prompt-masked fine-tuning: every other target is ignore_index (-100)
     "linear-half-ignored": ("linear", 2048, 32000, 512, "float32"),
+    # GPU sizes (issue 12): a Llama-3 vocabulary (128256) and a 256000 one (Gemma), a
+    # 16384-token batch; the linear head of a 4096-wide model. The default on CUDA
+    "gpu-ce-v128k-bf16": ("ce", 16384, 128256, 0, "bfloat16"),
+    "gpu-ce-v128k-f32": ("ce", 16384, 128256, 0, "float32"),
+    "gpu-ce-v256k-bf16": ("ce", 8192, 256000, 0, "bfloat16"),
+    "gpu-ce-v256k-f32": ("ce", 8192, 256000, 0, "float32"),
+    "gpu-linear-v128k-bf16": ("linear", 16384, 128256, 4096, "bfloat16"),
 }
 IGNORED_FRACTION = {"linear-half-ignored": 0.5}
 # N x V of the crossover sweep (float32, index targets): where crossent's kernels overtake
@@ -64,7 +81,9 @@ IGNORED_FRACTION = {"linear-half-ignored": 0.5}
 CROSSOVER_SIZES = [(64, 1000), (128, 1000), (256, 1000), (512, 1000), (1024, 1000),
                    (256, 4000), (1024, 4000), (512, 8000), (1024, 16000), (2048, 16000),
                    (2048, 32000), (4096, 32000)]
-DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]
+DEFAULT = ["ce-f32", "ce-bf16", "ce-v128k", "linear-f32"]  # on CPU
+DEFAULT_CUDA = ["gpu-ce-v128k-bf16", "gpu-ce-v128k-f32", "gpu-ce-v256k-bf16",
+                "gpu-ce-v256k-f32", "gpu-linear-v128k-bf16"]
 DEFAULT_OUT = Path("crossent-bench")
 CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"]
 # --compiled-kernel: crossent with crossent.torch.set_compiled_kernel(True) (bfloat16/float16/
@@ -72,6 +91,24 @@ CE_CONTENDERS = ["exp-floor", "eager", "compile", "crossent", "crossent-inplace"
 CE_COMPILED_CONTENDERS = ["crossent-compiled", "crossent-compiled-inplace"]
 LINEAR_CONTENDERS = ["unfused", "torch-lce", "torch-lce-chunk256", "crossent", "crossent-chunk64",
                      "crossent-chunk256"]
+# On CUDA: the Triton kernels of other packages join (EXTERNAL), torch.compile times the
+# unfused head too, and the CPU chunk-size variants stay out (a GPU run has minutes).
+CE_CUDA_CONTENDERS = [*CE_CONTENDERS, "liger"]
+LINEAR_CUDA_CONTENDERS = ["unfused", "compile", "torch-lce", "crossent", "liger", "cce"]
+# Contenders from other packages (never dependencies of crossent): imported when a run
+# needs them; a missing or failing one is a row with a note. The pip name of each:
+EXTERNAL = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
+EXTERNAL_DEVICES = ("cuda",)  # device types they run on (Triton kernels for CUDA)
+# HBM bandwidth (bytes/s) of GPUs by name (vendor datasheets), for the floor of a
+# cross-entropy step: one read of the logits and one write of the gradient. The first
+# pattern that matches torch.cuda.get_device_name() (case-insensitive) wins.
+GPU_BANDWIDTH = [
+    (r"\bH200\b", 4.8e12, "H200"),
+    (r"\bH100\b.*\bPCIe\b", 2.0e12, "H100 PCIe"),
+    (r"\bH100\b.*\b(SXM\w*|HBM3)\b", 3.35e12, "H100 SXM"),
+    (r"\bA100\b.*\b80GB\b", 2.0e12, "A100 80GB"),
+    (r"\bA100\b.*\b40GB\b", 1.555e12, "A100 40GB"),
+]
 
 
 @dataclass
@@ -87,6 +124,8 @@ class Case:
     w: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     target: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     shape: tuple = ()
+    # the loss function of each EXTERNAL contender, imported by load_external
+    external: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 def make_case(config: str, device: str, quick: bool) -> Case:
@@ -112,6 +151,33 @@ def make_case(config: str, device: str, quick: bool) -> Case:
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+def load_external(name: str, kind: str) -> Callable[..., Any]:
+    """The loss function of the EXTERNAL contender ``name`` for a ``kind`` configuration,
+    imported now (an ImportError when its package is missing): called as ``fn(logits,
+    target)`` for ``"ce"``, ``fn(x, w, target)`` for ``"linear"`` (``w`` is V x D)."""
+    import importlib
+
+    if name == "liger" and kind == "ce":
+        module = importlib.import_module("liger_kernel.transformers.functional")
+        return module.liger_cross_entropy  # type: ignore[no-any-return]
+    if name == "liger":
+        module = importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
+        head = module.LigerFusedLinearCrossEntropyLoss()
+        return lambda x, w, target: head(w, x, target)  # Liger takes the weight first
+    if name == "cce" and kind == "linear":
+        module = importlib.import_module("cut_cross_entropy")
+        return module.linear_cross_entropy  # type: ignore[no-any-return]
+    raise ValueError(f"no external contender {name!r} for {kind!r}")  # a bug: see contenders
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    """The loss of an external contender's output: a tensor, or (loss, extras...), or an
+    object with ``.loss`` (Liger with ``return_z_loss``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.loss if hasattr(out, "loss") else out[0]
+
+
 def step(case: Case, name: str) -> None:
     """One forward+backward of contender ``name`` (the logits buffer refilled outside)."""
     if case.kind == "ce":
@@ -121,6 +187,10 @@ def step(case: Case, name: str) -> None:
         z = case.buf.detach().requires_grad_()
         if name == "eager":
             loss = F.cross_entropy(z, case.target)
+        elif name in EXTERNAL:
+            fn = case.external.get(name) or case.external.setdefault(
+                name, load_external(name, case.kind))
+            loss = _loss_of(fn(z, case.target))
         elif name == "compile":
             fn = _compiled.setdefault("ce", torch.compile(F.cross_entropy))
             loss = fn(z, case.target)
@@ -137,6 +207,13 @@ def step(case: Case, name: str) -> None:
     w = case.w.detach().requires_grad_()
     if name == "unfused":
         loss = F.cross_entropy(x @ w.T, case.target)
+    elif name == "compile":
+        fn = _compiled.setdefault("linear", torch.compile(_unfused_head))
+        loss = fn(x, w, case.target)
+    elif name in EXTERNAL:
+        fn = case.external.get(name) or case.external.setdefault(
+            name, load_external(name, case.kind))
+        loss = _loss_of(fn(x, w, case.target))
     elif name.startswith("torch-lce"):
         opts = torch.nn.LinearCrossEntropyOptions()
         if name.endswith("chunk256"):
@@ -148,14 +225,27 @@ def step(case: Case, name: str) -> None:
     torch.autograd.grad(loss, (x, w))
 
 
-def contenders(config: str, compiled_kernel: bool = False) -> list[str]:
-    """The contenders of ``config``; ``compiled_kernel`` adds the compiled-kernel ones to
-    the cross-entropy configurations whose dtype it serves."""
+def _unfused_head(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(x @ w.T, target)
+
+
+def _external_here(device: str) -> bool:
+    return torch.device(device).type in EXTERNAL_DEVICES
+
+
+def contenders(config: str, compiled_kernel: bool = False, device: str = "cpu") -> list[str]:
+    """The contenders of ``config`` on ``device``; ``compiled_kernel`` adds the
+    compiled-kernel ones to the cross-entropy configurations whose dtype it serves. On CUDA
+    the EXTERNAL ones are listed whether installed or not (a missing one is a row with a
+    note, not an omission)."""
+    cuda = _external_here(device)
     if CONFIGS[config][0] == "ce":
         served = getattr(torch, CONFIGS[config][4]) in _inductor.SERVED
-        return CE_CONTENDERS + (CE_COMPILED_CONTENDERS if compiled_kernel and served else [])
+        names = CE_CUDA_CONTENDERS if cuda else CE_CONTENDERS
+        return names + (CE_COMPILED_CONTENDERS if compiled_kernel and served else [])
     have = hasattr(F, "linear_cross_entropy")
-    return [c for c in LINEAR_CONTENDERS if have or not c.startswith("torch-lce")]
+    names = LINEAR_CUDA_CONTENDERS if cuda else LINEAR_CONTENDERS
+    return [c for c in names if have or not c.startswith("torch-lce")]
 
 
 def _sync(device: str) -> None:
@@ -168,41 +258,103 @@ def _refill(case: Case) -> None:
         case.buf.copy_(case.logits)
 
 
+def _failure_note(exc: BaseException, name: str) -> str:
+    """The note of an EXTERNAL contender that could not run: ``not installed (pip install
+    ...)`` for a missing package, ``failed: Type: first line`` for anything else."""
+    if isinstance(exc, ImportError):
+        return f"not installed (pip install {EXTERNAL[name]})"
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"failed: {type(exc).__name__}" + (f": {first}" if first else "")
+
+
+def _prepare_external(case: Case, names: list[str]) -> dict[str, str]:
+    """Import the EXTERNAL contenders among ``names`` into ``case``; the note of each one
+    that cannot be imported (its package missing or broken)."""
+    notes = {}
+    for name in names:
+        if name in EXTERNAL:
+            try:
+                case.external[name] = load_external(name, case.kind)
+            except Exception as exc:  # a broken install must not end the run
+                notes[name] = _failure_note(exc, name)
+    return notes
+
+
 def time_config(config: str, device: str, repeats: int, warmup: int, quick: bool,
                 on_round: Callable[[int, float], None] | None = None,
                 compiled_kernel: bool = False):
     """Median and min of ``repeats`` timed steps per contender, after ``warmup`` untimed ones;
-    ``on_round(i, seconds)`` is called after round ``i`` (one step of every contender)."""
+    ``on_round(i, seconds)`` is called after round ``i`` (one step of every contender).
+
+    On CUDA each timed step also records ``torch.cuda.max_memory_allocated`` above the
+    memory allocated before it (the inputs): ``peak_mib``, the largest over the steps. An
+    EXTERNAL contender that is missing or raises gets ``{"note": ...}`` instead of times
+    (and leaves the rotation); any other contender's exception ends the run."""
     case = make_case(config, device, quick)
-    names = contenders(config, compiled_kernel)
-    runs: dict[str, list[float]] = {n: [] for n in names}
-    load: dict[str, list[float]] = {n: [] for n in names}  # 1-min load average, first/last
-    for name in names:
+    names = contenders(config, compiled_kernel, device)
+    notes = _prepare_external(case, names)
+    active = [n for n in names if n not in notes]
+    runs: dict[str, list[float]] = {n: [] for n in active}
+    load: dict[str, list[float]] = {n: [] for n in active}  # 1-min load average, first/last
+    peaks: dict[str, list[int]] = {n: [] for n in active}  # CUDA bytes above the inputs
+    cuda = device.startswith("cuda")
+
+    def timed(name: str) -> bool:
+        """One step of ``name``, False when an EXTERNAL contender raised (noted)."""
+        try:
+            step(case, name)
+        except Exception as exc:
+            if name not in EXTERNAL:
+                raise
+            notes[name] = _failure_note(exc, name)
+            print(f"{config}/{name} {notes[name]}", file=sys.stderr)
+            return False
+        return True
+
+    for name in list(active):
         for _ in range(warmup):
             _refill(case)
-            step(case, name)
+            if not timed(name):
+                active.remove(name)
+                break
     for i in range(1, repeats + 1):
         started = time.perf_counter()
         # round-robin, each round starting one contender later: noise hits every contender
         # alike, and none always runs right after the same one (the allocator and caches
         # favoured one order by up to 2x at small sizes)
-        shift = (i - 1) % len(names)
-        for name in names[shift:] + names[:shift]:
+        shift = (i - 1) % max(len(active), 1)
+        for name in active[shift:] + active[:shift]:
             _refill(case)
             _sync(device)
             if i == 1:
                 load[name].append(os.getloadavg()[0])
+            if cuda:
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            step(case, name)
+            ok = timed(name)
             _sync(device)
-            runs[name].append((time.perf_counter() - t0) * 1e3)
+            seconds = time.perf_counter() - t0
+            if not ok:
+                continue
+            runs[name].append(seconds * 1e3)
+            if cuda:
+                peaks[name].append(torch.cuda.max_memory_allocated(device) - base)
             if i == repeats:
                 load[name].append(os.getloadavg()[0])
+        active = [n for n in active if n not in notes]
         if on_round is not None:
             on_round(i, time.perf_counter() - started)
-    timing = {n: {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r,
-                  "loadavg_before": load[n][0], "loadavg_after": load[n][-1]}
-              for n, r in runs.items()}
+    timing: dict[str, dict[str, Any]] = {}
+    for n in names:  # in the contenders' order, noted ones included
+        if n in notes:
+            timing[n] = {"note": notes[n]}
+            continue
+        r = runs[n]
+        timing[n] = {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r,
+                     "loadavg_before": load[n][0], "loadavg_after": load[n][-1]}
+        if cuda:
+            timing[n]["peak_mib"] = max(peaks[n]) / 2**20
     return timing, case.shape
 
 
@@ -283,7 +435,9 @@ def _columns(rows: list[list[str]]) -> list[str]:
 
 def table(results: dict) -> str:
     """One block per configuration: medians, minima, ratios to the baseline (and to the
-    exp-floor for ``ce``), peak memory."""
+    exp-floor for ``ce``, and to the memory floor where the bandwidth is known), peak memory;
+    an external contender that is missing or failed is a row of dashes with its note; the
+    floor (or why there is none) closes the block."""
     lines = []
     for config, res in results["configs"].items():
         kind, n, v, d, dtype = res["shape"]
@@ -296,17 +450,26 @@ def table(results: dict) -> str:
                                                               kind == "ce" else ""))
         entries = res["contenders"].values()
         with_exp = any("vs_exp" in r for r in entries)
+        with_floor = any("vs_floor" in r for r in entries)
         with_mem = any(r.get("peak_mib") is not None for r in entries)
         with_load = any("loadavg_before" in r for r in entries)
+        with_note = any("note" in r for r in entries)
         rows = [["contender", "median ms", "min ms", f"x {base} [min]"]
                 + (["x exp [min]"] if with_exp else [])
+                + (["x floor"] if with_floor else [])
                 + (["peak MiB", "x mem"] if with_mem else [])
-                + (["load"] if with_load else [])]
+                + (["load"] if with_load else [])
+                + (["note"] if with_note else [])]
         for name, r in res["contenders"].items():
+            if "median_ms" not in r:  # missing or failed: a row of dashes and the note
+                rows.append([name] + ["-"] * (len(rows[0]) - 2) + [r.get("note", "")])
+                continue
             row = [name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
                    f"{r['vs_' + base]:.3f} [{r['min_vs_' + base]:.3f}]"]
             if with_exp:
                 row.append(f"{r['vs_exp']:.2f} [{r['min_vs_exp']:.2f}]" if "vs_exp" in r else "")
+            if with_floor:
+                row.append(f"{r['vs_floor']:.2f}" if "vs_floor" in r else "")
             if with_mem:
                 mem, ratio = r.get("peak_mib"), r.get("mem_vs_" + base)
                 row += [f"{mem:.1f}" if mem is not None else "-",
@@ -314,8 +477,12 @@ def table(results: dict) -> str:
             if with_load:  # the 1-min load average at its first and after its last step
                 row.append(f"{r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}"
                            if "loadavg_before" in r else "")
+            if with_note:
+                row.append(r.get("note", ""))
             rows.append(row)
         lines += _columns(rows)
+        if res.get("floor_note"):
+            lines.append(res["floor_note"])
     return "\n".join(lines)
 
 
@@ -333,7 +500,7 @@ def figure(results: dict) -> Figure:
     axes = fig.subplots(rows, len(configs), squeeze=False)
     for col, config in enumerate(configs):
         res = results["configs"][config]["contenders"]
-        names = list(res)
+        names = [n for n in res if "median_ms" in res[n]]  # not the missing or failed
         axes[0, col].bar(names, [res[n]["median_ms"] for n in names], color="tab:blue")
         axes[0, col].set_title(config)
         axes[0, col].set_ylabel("forward+backward, ms (median)")
@@ -533,6 +700,65 @@ def _check_count(value: object, name: str, least: int) -> int:
     return value
 
 
+def default_configs(device: str) -> list[str]:
+    """The configurations run when none is named: :data:`DEFAULT_CUDA` on a CUDA device,
+    :data:`DEFAULT` otherwise."""
+    return list(DEFAULT_CUDA if device.startswith("cuda") else DEFAULT)
+
+
+def check_bandwidth(value: object) -> float | None:
+    """``--bandwidth``: None, or a finite number of bytes per second above 0."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise InputError(f"--bandwidth must be a number of bytes per second above 0, e.g. "
+                         f"4.8e12 (got {value!r})")
+    return float(value)
+
+
+def gpu_bandwidth(device_name: str) -> tuple[float | None, str | None]:
+    """The HBM bandwidth (bytes/s) of the GPU named ``device_name`` from
+    :data:`GPU_BANDWIDTH` and where it came from, or ``(None, None)`` for a GPU not in it.
+
+    >>> gpu_bandwidth("NVIDIA H100 80GB HBM3")
+    (3350000000000.0, 'H100 SXM (looked up from the device name)')
+    >>> gpu_bandwidth("NVIDIA GH200 480GB")
+    (None, None)
+    """
+    for pattern, bandwidth, label in GPU_BANDWIDTH:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return bandwidth, f"{label} (looked up from the device name)"
+    return None, None
+
+
+def floor_ms(n: int, v: int, itemsize: int, bandwidth: float) -> float:
+    """The memory floor of one cross-entropy forward+backward, in ms: one read of the
+    ``n x v`` logits plus one write of their gradient, ``2 n v itemsize / bandwidth``
+    (every other byte moved is above it).
+
+    >>> round(floor_ms(16384, 128256, 2, 4.8e12), 3)  # bfloat16 on an H200
+    1.751
+    """
+    return 2 * n * v * itemsize / bandwidth * 1e3
+
+
+def _floor_entry(shape: tuple, results: dict, cuda: bool) -> dict[str, Any]:
+    """``floor_ms`` and ``floor_note`` of a cross-entropy configuration of ``shape``: the
+    floor at the run's bandwidth; on CUDA without one, a note that there is none."""
+    _, n, v, _, dtype = shape
+    bandwidth = results["bandwidth"]
+    memory = "HBM" if cuda else "memory"
+    if bandwidth is None:
+        return ({"floor_ms": None, "floor_note": (
+            f"no {memory} floor: the bandwidth of {results['device_name']} is not known; "
+            "give --bandwidth BYTES_PER_S")} if cuda else {})
+    floor = floor_ms(n, v, getattr(torch, dtype).itemsize, bandwidth)
+    return {"floor_ms": floor, "floor_note": (
+        f"{memory} floor {floor:.4g} ms: one read of the logits + one write of the gradient "
+        f"(2 N V itemsize) at {bandwidth / 1e12:.4g} TB/s, {results['bandwidth_source']}")}
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -540,8 +766,10 @@ def _to_stderr(line: str) -> None:
 def run(configs: list[str] | None = None, *, device: str | None = None, repeats: int = 5,
         warmup: int = 1, memory: bool = True, quick: bool = False,
         out: Path | str = DEFAULT_OUT, say: Callable[[str], None] | None = None,
-        load: int = 0, crossover: bool = False, compiled_kernel: bool = False) -> dict:
-    """Benchmark ``configs`` (default :data:`DEFAULT`); print a table per configuration, write
+        load: int = 0, crossover: bool = False, compiled_kernel: bool = False,
+        bandwidth: float | None = None) -> dict:
+    """Benchmark ``configs`` (default :func:`default_configs`: :data:`DEFAULT` on CPU,
+    :data:`DEFAULT_CUDA` on CUDA); print a table per configuration, write
     ``out/bench.json`` and ``out/bench.png`` and return the results.
 
     ``load``: that many busy processes compete for the cores while the steps are timed
@@ -552,9 +780,15 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     ``compiled_kernel``: the bfloat16/float16/float32 cross-entropy configurations also time
     crossent with :func:`crossent.torch.set_compiled_kernel` on (CPU only; needs a C++
     compiler; each process compiles on its first step, 10-25 s).
+    ``bandwidth``: memory bytes/s for the floor of the cross-entropy configurations
+    (:func:`floor_ms`); on CUDA by default looked up from the GPU's name
+    (:data:`GPU_BANDWIDTH`; an unknown GPU gets no floor, and the table says so).
+    Peak memory: on CPU one fresh process per contender (:func:`memory_config`), on CUDA
+    ``torch.cuda.max_memory_allocated`` above the inputs in the timed steps.
     The options are checked before the first step (an :class:`~crossent.errors.InputError`
     naming the option); progress goes to ``say`` (default: a line on stderr)."""
-    configs = list(DEFAULT if configs is None else configs)
+    device = check_device(device)
+    configs = list(default_configs(device) if configs is None else configs)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not (configs or crossover):
         what = f"unknown configuration {unknown[0]!r}" if unknown else "no configuration"
@@ -562,7 +796,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     _check_count(repeats, "--repeats", 1)
     _check_count(warmup, "--warmup", 0)
     _check_count(load, "--load", 0)
-    device = check_device(device)
+    bandwidth = check_bandwidth(bandwidth)
     if compiled_kernel and not device.startswith("cpu"):
         raise InputError(f"--compiled-kernel: the compiled kernel runs on CPU tensors only "
                          f"(--device {device})")
@@ -580,13 +814,21 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         "repeats": repeats, "warmup": warmup, "quick": quick, "load": load,
         "loadavg_before": os.getloadavg(), "configs": {},
     }
-    memory_note = (", peak memory in one fresh process per contender" if memory else "")
+    cuda = device.startswith("cuda")
+    results["bandwidth"], results["bandwidth_source"] = (
+        (bandwidth, "--bandwidth") if bandwidth is not None
+        else gpu_bandwidth(results["device_name"]) if cuda else (None, None))
+    memory_note = ((", peak memory in the timed steps" if cuda else
+                    ", peak memory in one fresh process per contender") if memory else "")
     if load:
         memory_note += f", {load} busy process(es) competing while timing"
     say(f"crossent bench: {len(configs)} configuration(s) on {results['device_name']}: "
         f"{warmup} warm-up and {repeats} timed step(s) per contender{memory_note}. "
         "torch.compile compiles on its first step (seconds to a minute); the time left is "
         "estimated after each configuration (--quick: a smoke test).")
+    if cuda and results["bandwidth"] is None:
+        say(f"no HBM floor: the memory bandwidth of {results['device_name']} is not known; "
+            "give it with --bandwidth BYTES_PER_S (e.g. 3.35e12)")
     progress = _Progress(configs, say)
     for i, config in enumerate(configs, 1):
         kind = CONFIGS[config][0]
@@ -608,10 +850,21 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         def on_start(name: str, j: int, config: str = config, k: int = len(names)) -> None:
             say(f"  {config}: peak memory {j}/{k} ({name}, a fresh process)")
 
-        mem = (memory_config(config, device, quick, on_start, compiled_kernel) if memory
-               else {})
+        if cuda:  # measured in the timed steps
+            mem = {n: r.pop("peak_mib", None) for n, r in timing.items()}
+            mem = mem if memory else {}
+        else:
+            mem = (memory_config(config, device, quick, on_start, compiled_kernel) if memory
+                   else {})
+        entry = {"shape": list(shape), "contenders": timing}
+        if kind == "ce":
+            entry.update(_floor_entry(shape, results, cuda))
         base = "eager" if kind == "ce" else "unfused"
         for name, r in timing.items():
+            if "median_ms" not in r:  # an external contender, missing or failed: its note
+                continue
+            if entry.get("floor_ms"):
+                r["vs_floor"] = r["median_ms"] / entry["floor_ms"]
             r["vs_" + base] = r["median_ms"] / timing[base]["median_ms"]
             r["min_vs_" + base] = r["min_ms"] / timing[base]["min_ms"]
             if "exp-floor" in timing:
@@ -623,7 +876,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
             r["peak_mib"] = peak
             if peak is not None and peak_base:
                 r["mem_vs_" + base] = peak / peak_base
-        results["configs"][config] = {"shape": list(shape), "contenders": timing}
+        results["configs"][config] = entry
         print(table({"configs": {config: results["configs"][config]}, "repeats": repeats,
                      "load": load}), flush=True)
         progress.finished(config, time.perf_counter() - started)
@@ -657,7 +910,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(prog="python -m crossent.torch.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", default=None,
-                   help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)}")
+                   help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)} on CPU, "
+                        f"{' '.join(DEFAULT_CUDA)} on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -672,6 +926,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--compiled-kernel", action="store_true",
                    help="also time crossent with set_compiled_kernel(True) on the bfloat16/"
                         "float16 cross-entropy configurations (CPU; compiles 10-25 s)")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="memory bandwidth for the floor of the cross-entropy steps "
+                        "(2 N V itemsize / bandwidth); default on CUDA: looked up from the "
+                        "GPU's name (H200 4.8e12, H100 SXM 3.35e12, ...)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help=f"folder for bench.json and bench.png (default: {DEFAULT_OUT})")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -681,10 +939,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(memory_child(config, name, check_device(args.device), args.quick))
         return None
     try:
-        configs = args.configs or ([] if args.crossover else DEFAULT)
+        configs = args.configs or ([] if args.crossover else None)  # None: per device
         return run(configs, device=args.device, repeats=args.repeats, warmup=args.warmup,
                    memory=args.memory, quick=args.quick, out=args.out, load=args.load,
-                   crossover=args.crossover, compiled_kernel=args.compiled_kernel)
+                   crossover=args.crossover, compiled_kernel=args.compiled_kernel,
+                   bandwidth=args.bandwidth)
     except InputError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:
