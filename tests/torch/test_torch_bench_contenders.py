@@ -424,3 +424,25 @@ def test_cuda_peak_memory_is_above_the_inputs_per_contender(external_on_cpu, mon
     assert timing["crossent"]["peak_mib"] == 10 * 4
     assert timing["liger"]["peak_mib"] == 5 * 5
     assert timing["eager"]["peak_mib"] == 30 * 6
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyOptions"),
+                    reason="torch.nn.LinearCrossEntropyOptions needed")
+def test_compact_contender_passes_torchs_compact_policy(external_on_cpu, monkeypatch):
+    """``crossent-compact`` (CUDA's linear head list) is crossent's head with torch's
+    ``acc_policy="compact"`` on the same tensors as ``crossent``."""
+    monkeypatch.setattr(bench, "LINEAR_CUDA_CONTENDERS", ["crossent", "crossent-compact"])
+    assert "crossent-compact" in bench.contenders("gpu-linear-v128k-bf16", device="cuda")
+    seen: list[tuple] = []
+    real = bench.xf.linear_cross_entropy
+
+    def spy(x, w, target, **kwargs):
+        options = kwargs.get("options")
+        seen.append((data(x), data(w), getattr(options, "acc_policy", None)))
+        return real(x, w, target, **kwargs)
+
+    monkeypatch.setattr(bench.xf, "linear_cross_entropy", spy)
+    bench.time_config("linear-f32", "cpu", repeats=1, warmup=0, quick=True)
+    case, = external_on_cpu
+    assert sorted(str(p) for *_, p in seen) == ["None", "compact"]
+    assert all(x == data(case.x) and w == data(case.w) for x, w, _ in seen)

@@ -94,7 +94,10 @@ LINEAR_CONTENDERS = ["unfused", "torch-lce", "torch-lce-chunk256", "crossent", "
 # On CUDA: the Triton kernels of other packages join (EXTERNAL), torch.compile times the
 # unfused head too, and the CPU chunk-size variants stay out (a GPU run has minutes).
 CE_CUDA_CONTENDERS = [*CE_CONTENDERS, "liger"]
-LINEAR_CUDA_CONTENDERS = ["unfused", "compile", "torch-lce", "crossent", "liger", "cce"]
+# crossent-compact: torch's acc_policy="compact" (dW summed in bf16 per chunk, no float32
+# V x D buffer; float32 on CPU, so only here)
+LINEAR_CUDA_CONTENDERS = ["unfused", "compile", "torch-lce", "crossent", "crossent-compact",
+                          "liger", "cce"]
 # Contenders from other packages (never dependencies of crossent): imported when a run
 # needs them; a missing or failing one is a row with a note. The pip name of each:
 EXTERNAL = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
@@ -219,6 +222,9 @@ def step(case: Case, name: str) -> None:
         if name.endswith("chunk256"):
             opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=256, chunking_method=None)
         loss = F.linear_cross_entropy(x, w, case.target, options=opts)
+    elif name == "crossent-compact":
+        opts = torch.nn.LinearCrossEntropyOptions(acc_policy="compact")
+        loss = xf.linear_cross_entropy(x, w, case.target, options=opts)
     else:
         chunk = int(name.rpartition("chunk")[2]) if "chunk" in name else None
         loss = xf.linear_cross_entropy(x, w, case.target, chunk_size=chunk)
@@ -245,7 +251,8 @@ def contenders(config: str, compiled_kernel: bool = False, device: str = "cpu") 
         return names + (CE_COMPILED_CONTENDERS if compiled_kernel and served else [])
     have = hasattr(F, "linear_cross_entropy")
     names = LINEAR_CUDA_CONTENDERS if cuda else LINEAR_CONTENDERS
-    return [c for c in names if have or not c.startswith("torch-lce")]
+    return [c for c in names
+            if have or not (c.startswith("torch-lce") or c == "crossent-compact")]
 
 
 def _sync(device: str) -> None:
