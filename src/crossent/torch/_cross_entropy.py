@@ -29,7 +29,6 @@ from ._rules import (
     autocast_dtype,
     block_rows,
     check_index_dtype,
-    check_intact,
     choose_loss_dtype,
     compute_dtype,
     divide_by_num_items,
@@ -37,6 +36,7 @@ from ._rules import (
     infinite_as_nan,
     kernel_reduction,
     make_options,
+    may_overwrite,
     nan_at_targets,
     no_autocast,
     prepare_rows,
@@ -44,6 +44,7 @@ from ._rules import (
     records_graph,
     reduce_losses,
     save_inputs,
+    saved_inputs,
     scale_stored,
     take_stored,
 )
@@ -55,10 +56,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, rows, opts, inplace, out_dtype, stats=None):
         need_logits = ctx.needs_input_grad[0]
+        inplace = inplace and may_overwrite(logits)  # never a leaf's memory
         grad = None
         if need_logits:
-            # in place: a detached alias of the logits, so that autograd adopts it as a
-            # leaf's .grad instead of copying a tensor still referenced elsewhere
+            # in place: a detached alias, which autograd adopts for a .grad further up
+            # without copying (it copies a tensor still referenced elsewhere)
             grad = logits.detach() if inplace else _buffers.empty(logits.shape, logits.dtype,
                                                                   logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
@@ -110,8 +112,7 @@ def _target_weight_grads(ctx, grad_output):
     ``1/N`` or 1, times ``grad_output``), ``dL/dt_nc = -(1 - eps) w_c r_n log p_nc`` and
     ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, where a ``T_nc = 0``
     facing ``log p_nc = -inf`` counts 0 (the loss's own rule)."""
-    z, t, weight = ctx.inputs
-    check_intact(ctx, "cross_entropy")
+    z, t, weight = saved_inputs(ctx, "cross_entropy")
     opts, (num_rows, num_classes) = ctx.opts, z.shape
     cdtype = compute_dtype(z.dtype)
     eps, w = opts.label_smoothing, opts.weight
@@ -338,7 +339,9 @@ def cross_entropy(
             ``N x C`` memory, but **the logits tensor is destroyed** (it holds the gradient
             after the call). Only use it when nothing else reads the logits afterwards;
             autograd raises if an op that saved them for its own backward needs them.
-            For leaf logits, ``.grad`` is that same storage (autograd adopts it, no copy).
+            Only an activation's memory is overwritten: for leaf logits, or a view of a
+            leaf, the gradient goes to a new buffer and the logits stay intact (their
+            ``.grad`` would otherwise share the leaf's memory).
             For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
             Double backward then raises :class:`crossent.UnsupportedError`.
         loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32

@@ -45,6 +45,7 @@ from ._rules import (
     records_graph,
     reduce_losses,
     save_inputs,
+    saved_inputs,
     scale_stored,
     take_stored,
 )
@@ -130,8 +131,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         names = None if holder is None else holder.names
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
-                                            names=names)
-            ctx.save_for_backward(x, w, b, target)
+                                            names=names)  # backward: from the saved inputs
         else:
             losses, ctx.grads, stats = _linear_pass(x, w, b, target, rows, opts, chunk, need,
                                                     names=names, dw_dtype=dw_dtype)
@@ -164,7 +164,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                                     create_graph=False)
             return (*grads[:3], *nothing)
         if ctx.reduction == "none":
-            x, w, b, target = ctx.saved_tensors
+            x, w, b, target = saved_inputs(ctx, "linear_cross_entropy")
             with no_autocast(ctx.device_type):
                 _, grads, _ = _linear_pass(x, w, b, target, ctx.rows, ctx.opts, ctx.chunk,
                                         ctx.need,

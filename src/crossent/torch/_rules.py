@@ -429,22 +429,53 @@ def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):
     return value
 
 
-def check_intact(ctx, name: str) -> None:
-    """The inputs saved for a double backward are what forward saw."""
-    for t, version in zip(ctx.inputs, ctx.versions, strict=True):
-        if t is not None and t._version != version:
-            raise RuntimeError(
-                f"crossent.torch.{name}: an input was modified in place after the forward "
-                f"pass; this backward (create_graph=True, a second backward through a "
-                f"retained graph, or batched grad_outputs) recomputes the gradient from it"
-            )
+def saved_inputs(ctx, name: str) -> tuple:
+    """The inputs :func:`save_inputs` saved, as forward saw them (with their history);
+    one modified in place since raises, naming ``crossent.torch.<name>``."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise  # e.g. torch's "backward through the graph a second time"
+        raise RuntimeError(
+            f"crossent.torch.{name}: an input was modified in place after the forward "
+            f"pass; this backward (create_graph=True, a second backward through a "
+            f"retained graph, batched grad_outputs, or a target or weight gradient) "
+            f"recomputes the gradient from it"
+        ) from exc
+
+
+def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> bool:
+    """Whether ``inplace_backward`` may write the gradient into ``written`` (default:
+    ``logits``, the caller's tensor). Only where that memory is not a leaf's: ``written``
+    is a copy the entry point made, or the caller's storage belongs to a non-leaf tensor
+    (an activation, such as the head's matmul output, whose memory nothing else needs).
+
+    A leaf's storage (``logits`` a leaf, or a view of one) would become its ``.grad``
+    too: autograd adopts the returned gradient as the leaf's ``.grad``, sharing memory
+    with the leaf (a refill of the leaf, ``zero_grad(set_to_none=False)`` or an optimizer
+    step would then change both, silently), or copies it (a hidden ``N x C`` pass). There
+    the kernel writes a fresh buffer instead, and the logits stay intact.
+
+    >>> leaf = torch.zeros(2, 3, requires_grad=True)
+    >>> may_overwrite(leaf), may_overwrite(leaf[1:]), may_overwrite(leaf * 2)
+    (False, False, True)
+    """
+    if written is not None and \
+            written.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+        return True
+    owner = logits._base if logits._base is not None else logits
+    return not owner.is_leaf
 
 
 def save_inputs(ctx, *inputs) -> None:
-    """Keep the inputs (with their autograd history) for a double backward. A reference,
-    not a copy: the inputs of a loss are alive until backward in a training step anyway."""
-    ctx.inputs = inputs
-    ctx.versions = [None if t is None else t._version for t in inputs]
+    """Save the inputs (with their autograd history) for a backward that recomputes from
+    them (double backward, batched grad_outputs, target and weight gradients), read back
+    with :func:`saved_inputs`. Through ``save_for_backward``: autograd frees them after
+    backward, as it frees torch's own saved tensors (a plain ``ctx`` attribute would keep
+    the ``N x C`` logits alive as long as the loss tensor, into the next step's forward),
+    and an input modified in place before they are read raises instead of misleading."""
+    ctx.save_for_backward(*inputs)
 
 
 def no_autocast(device_type: str):
@@ -484,12 +515,12 @@ def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = T
             f"crossent.torch.{name}: {what} is not supported with inplace_backward=True: "
             f"the logits were overwritten by their gradient"
         )
-    check_intact(ctx, name)
-    wanted = [t for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)
+    inputs = saved_inputs(ctx, name)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False)
               if need and t is not None]
     with torch.enable_grad(), no_autocast(ctx.device_type):
-        loss = loss_fn(*ctx.inputs).to(grad_output.dtype)
+        loss = loss_fn(*inputs).to(grad_output.dtype)
         grads = iter(torch.autograd.grad(loss, wanted, grad_output,
                                          create_graph=create_graph, allow_unused=True))
     return [next(grads) if need and t is not None else None
-            for t, need in zip(ctx.inputs, ctx.needs_input_grad, strict=False)]
+            for t, need in zip(inputs, ctx.needs_input_grad, strict=False)]

@@ -76,6 +76,9 @@ class _SmallCrossEntropy(torch.autograd.Function):
         ctx.ignore_index, ctx.device_type = ignore_index, logits.device.type
         ctx.keep = logits.dtype == torch.float64
         save_inputs(ctx, logits, target)
+        # torch's nll_loss saves the target too: its in-place change raises (a small
+        # reference, read without unpacking the saved logits, whose change torch allows)
+        ctx.target, ctx.target_version = target, target._version
         if reduction == "none":
             nll = logp_y.view(-1).neg()
             return nll if valid is None else torch.where(valid, nll, 0.0)
@@ -86,7 +89,7 @@ class _SmallCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         none = (None,) * 6
-        if ctx.inputs[1]._version != ctx.versions[1]:  # torch's nll_loss saves it too
+        if ctx.target._version != ctx.target_version:
             raise RuntimeError("crossent.torch.cross_entropy: the target was modified in "
                                "place after the forward pass (torch raises here too)")
         if recompute_in_backward(grad_output) or ctx.grad is None:  # or backward twice

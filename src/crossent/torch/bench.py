@@ -123,6 +123,9 @@ class Case:
     # Empty placeholders, not None: a "ce" case fills logits/buf, a "linear" case x/w.
     logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     buf: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    # buf's memory as an activation (a non-leaf, as the head's output is in a model):
+    # what the in-place contenders overwrite (inplace_backward leaves a leaf's memory alone)
+    act: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     x: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     w: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     target: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
@@ -144,7 +147,8 @@ def make_case(config: str, device: str, quick: bool) -> Case:
     case = Case(kind, device, target=target, shape=(kind, n, v, d, str(dtype).split(".")[-1]))
     if kind == "ce":
         case.logits = torch.randn(n, v, generator=g, device=device).to(dtype)
-        case.buf = torch.empty_like(case.logits)
+        case.act = torch.empty_like(case.logits).requires_grad_().clone()
+        case.buf = case.act.detach()
     else:
         case.x = torch.randn(n, d, generator=g, device=device).to(dtype)
         case.w = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype)
@@ -187,7 +191,8 @@ def step(case: Case, name: str) -> None:
         if name == "exp-floor":  # one elementwise pass over the logits, into a buffer
             torch.exp(case.logits, out=case.buf)
             return
-        z = case.buf.detach().requires_grad_()
+        inplace = name.endswith("inplace")
+        z = case.act if inplace else case.buf.detach().requires_grad_()
         if name == "eager":
             loss = F.cross_entropy(z, case.target)
         elif name in EXTERNAL:
@@ -200,8 +205,7 @@ def step(case: Case, name: str) -> None:
         else:
             previous = _inductor.set_compiled_kernel(name.startswith("crossent-compiled"))
             try:
-                loss = xf.cross_entropy(z, case.target,
-                                        inplace_backward=name.endswith("inplace"))
+                loss = xf.cross_entropy(z, case.target, inplace_backward=inplace)
             finally:
                 _inductor.set_compiled_kernel(previous)
         torch.autograd.grad(loss, z)  # the gradient itself, as a model's backward sees it

@@ -16,10 +16,12 @@ from .._rules import (  # the CPU head's rules
     check_options,
     double_backward,
     matmul_dtype,
+    may_overwrite,
     positive_int,
     recompute_in_backward,
     records_graph,
     save_inputs,
+    saved_inputs,
     start_index_check,
     take_stored,
 )
@@ -178,6 +180,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, opts, inplace, loss_dtype):
         logits, flat_target, row_shape = _flatten(input, target)
+        inplace = inplace and may_overwrite(input, logits)  # never a leaf's memory
         grad = None if inplace else torch.empty_like(logits)
         res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, **opts)
         if inplace and logits.untyped_storage().data_ptr() == \
@@ -185,8 +188,8 @@ class _CrossEntropy(torch.autograd.Function):
             # the kernel wrote into the input behind autograd's back: say so, so that
             increment_version(input)  # an op that saved it raises instead of misleading
         # in place, res.grad is the caller's own tensor: a detached alias lets autograd
-        # adopt it for a leaf's .grad (AccumulateGrad copies a tensor referenced elsewhere,
-        # a whole extra read and write of the logits)
+        # adopt it for a .grad further up (it copies a tensor referenced elsewhere, a
+        # whole extra read and write of the logits)
         ctx.grad = res.grad.detach() if inplace else res.grad
         ctx.reduction, ctx.loss_dtype = opts["reduction"], res.loss.dtype
         ctx.keep = logits.dtype == torch.float64
@@ -309,8 +312,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.ignored = _ignored_rows(target, opts["ignore_index"])
         loss = _head(x, w, b, target, split, opts, chunk, need if opts["reduction"] != "none"
                      else (False,) * 3, ctx, dw_dtype)
-        if opts["reduction"] == "none":  # the gradient depends on grad_output row by row
-            ctx.save_for_backward(x, w, b, target)
+        # "none": the gradient depends on grad_output row by row (recomputed from these)
         _save_inputs(ctx, (x, w, b, target), opts, False)
         return loss.to(loss_dtype)
 
@@ -321,7 +323,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                       "linear_cross_entropy")[:3],
                     None, None, None, None, None, None)
         if ctx.reduction == "none":
-            x, w, b, target = ctx.saved_tensors
+            x, w, b, target = saved_inputs(ctx, "linear_cross_entropy")
             grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
                                 grad_output.reshape(-1), ctx.dw_dtype)
         else:
