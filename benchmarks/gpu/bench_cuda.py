@@ -5,6 +5,7 @@ and Cut Cross-Entropy on one CUDA GPU: time (median), peak extra memory, HBM flo
     python benchmarks/gpu/bench_cuda.py --bandwidth 3.35e12  # H100 SXM
     python benchmarks/gpu/bench_cuda.py --check-only         # correctness on the GPU only
     python benchmarks/gpu/bench_cuda.py --tiny --interpret   # smoke test on a CPU
+    python benchmarks/gpu/bench_cuda.py --sweep-only         # launch variants only (~3 min)
 
 Every contender runs in this one process on the same tensors, forward + backward
 (``loss.backward()``, ``grad_output`` 1), ``--repeats`` timed runs after ``--warmup``
@@ -465,28 +466,163 @@ def run_checks(args, device) -> list[str]:
     return lines
 
 
-def sweep(args, device) -> None:
-    """Tile width x warps for the bf16 128k configuration (crossent kernel only)."""
+SWEEP_CONFIGS = [(16384, 128256, torch.bfloat16), (16384, 128256, torch.float32)]
+TINY_SWEEP = [(24, 300, torch.bfloat16), (16, 500, torch.float32)]
+# (name, crossent.torch._triton.ops.override_ce_launch fields); the first is today's
+# default launch and every other variant's gradient is checked against it. REVERSE: pass 2
+# walks the row's tiles last to first (the freshest in L2 first); persistent: a grid of
+# programs_per_sm x SMs programs striding over the rows (fewer rows in flight, so a row's
+# second read can come from the 50 MB L2 instead of HBM). 32768 / 32 warps: Liger's tile.
+# Registers (ptxas, sm_90a) already bound the rows in flight: 2 programs per SM for the
+# default tile (64 registers x 512 threads), one for 16384 / 16 warps and 32768 / 32 warps,
+# so persistent grids beyond 1x SMs are tried with the default tile only.
+SWEEP_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("default", {}),
+    ("reverse", dict(reverse=True)),
+    ("persistent 1x", dict(programs_per_sm=1)),
+    ("persistent 2x", dict(programs_per_sm=2)),
+    ("reverse persistent 1x", dict(reverse=True, programs_per_sm=1)),
+    ("reverse persistent 2x", dict(reverse=True, programs_per_sm=2)),
+    ("B16384 w16", dict(block=16384, warps=16)),
+    ("B16384 w32", dict(block=16384, warps=32)),
+    ("B32768 w16", dict(block=32768, warps=16)),
+    ("B32768 w32 (Liger's)", dict(block=32768, warps=32)),
+    ("B32768 w32 reverse", dict(block=32768, warps=32, reverse=True)),
+    ("w32 reverse persistent 1x", dict(warps=32, reverse=True, programs_per_sm=1)),
+    ("B16384 w16 reverse", dict(block=16384, warps=16, reverse=True)),
+    ("B16384 w16 reverse persistent 1x", dict(block=16384, warps=16, reverse=True,
+                                              programs_per_sm=1)),
+    ("B16384 w32 reverse persistent 1x", dict(block=16384, warps=32, reverse=True,
+                                              programs_per_sm=1)),
+    ("B32768 w32 reverse persistent 1x", dict(block=32768, warps=32, reverse=True,
+                                              programs_per_sm=1)),
+]
+# a variant's gradient may differ from the default's by a rounding of the gradient's dtype
+# (another tile width changes the float32 max / sum-exp by an ulp), relative to max |g|
+SWEEP_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+
+
+def _compiled_ce_kernels() -> dict[Any, Any]:
+    """Best effort: the cross-entropy kernel's compiled variants so far, from Triton's
+    per-device JIT cache (empty under the interpreter, or where a Triton keeps them
+    elsewhere): their registers and spills tell how many programs an SM holds."""
+    try:
+        from crossent.torch._triton import kernels
+
+        found: dict[Any, Any] = {}
+        for caches in kernels.compiled()["ce"].device_caches.values():
+            found.update(caches[0])
+        return found
+    except Exception:
+        return {}
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
+    """max |a - b| in float32, a block of rows at a time (no full float32 copy)."""
+    return max(float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max())
+               for i in range(0, a.shape[0], rows))
+
+
+def _sweep_variant(config: str, name: str, fields: dict[str, Any], z0, y, ref, timer,
+                   device, args) -> tuple[dict[str, Any], Any]:
+    """Check one launch variant against the default's loss and gradient (``ref``; None for
+    the default itself, which becomes the reference), then time it. Returns its JSON
+    entry and the reference."""
     from crossent.torch._triton import ops
 
-    n, v, dtype = (24, 300, torch.bfloat16) if args.tiny else (16384, 128256, torch.bfloat16)
-    z0 = torch.randn(n, v, device=device).to(dtype)
-    y = torch.randint(0, v, (n,), device=device)
+    with ops.override_ce_launch(**fields):
+        launch = ops.ce_launch_config(z0.shape[1], z0.element_size(), z0.device)
+        entry: dict[str, Any] = {"config": config, "variant": name, "override": fields,
+                                 "launch": launch._asdict(), "median_ms": math.nan,
+                                 "times_ms": [], "max_abs_grad_diff": math.nan, "note": ""}
+        if time.perf_counter() > DEADLINE[0]:
+            entry["note"] = "skipped: --max-minutes reached"
+            return entry, ref
+        if ref is None and name != SWEEP_VARIANTS[0][0]:
+            entry["note"] = "FAIL: no reference (the default launch failed)"
+            return entry, ref
+        try:  # the check run is also the compilation
+            before = set(_compiled_ce_kernels())
+            leaf = z0.detach().clone().requires_grad_()
+            loss = triton_cross_entropy(leaf, y)
+            loss.backward()
+            new = [k for key, k in _compiled_ce_kernels().items() if key not in before]
+            if len(new) == 1:
+                entry["regs"] = getattr(new[0], "n_regs", None)
+                entry["spills"] = getattr(new[0], "n_spills", None)
+            if ref is None:
+                ref = (loss.detach(), leaf.grad, float(leaf.grad.abs().max()))
+            diff = _max_abs_diff(leaf.grad, ref[1])
+            loss_diff = abs(float(loss.detach()) - float(ref[0]))
+            del leaf, loss
+        except Exception as exc:
+            entry["note"] = f"FAIL: raised {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            traceback.print_exc(limit=2)
+            return entry, ref
+        entry["max_abs_grad_diff"], entry["loss_diff"] = diff, loss_diff
+        tol = SWEEP_TOL[z0.dtype] * ref[2]
+        if not (diff <= tol and loss_diff <= 1e-2 * abs(float(ref[0])) + 1e-6):
+            entry["note"] = (f"FAIL: differs from the default's: gradient by {diff:.3g} "
+                             f"(tolerance {tol:.3g}), loss by {loss_diff:.3g}")
+            return entry, ref
+        r = measure(config, name, lambda: z0.detach().clone().requires_grad_(),
+                    lambda z: triton_cross_entropy(z, y).backward(), timer, device,
+                    args.warmup, args.repeats)
+    entry.update(median_ms=r.median_ms, times_ms=r.times_ms, note=r.note)
+    return entry, ref
+
+
+def sweep(args, device) -> dict[str, Any]:
+    """The launch variants of crossent's cross-entropy kernel (SWEEP_VARIANTS) on the bf16
+    and fp32 16384 x 128256 configurations, forward + backward: each checked against the
+    default launch's gradient, then timed (median ms, x HBM floor, x default); a "best"
+    line per configuration. Variants after --max-minutes are skipped. Returns
+    ``{"variants": [one entry per variant and configuration], "best": {config: ...}}``."""
+    from crossent.torch._triton import ops
+
     timer = Timer(device)
-    original = ops.kernel_config
-    print(f"\n== sweep ce {n}x{v} {_name(dtype)} (forward+backward, median ms)")
-    try:
-        for block in (2048, 4096, 8192, 16384):
-            for warps in (4, 8, 16, 32):
-                ops.kernel_config = lambda *a, b=block, w=warps, **k: (b, w)  # type: ignore
-                r = measure("sweep", f"BLOCK={block} warps={warps}",
-                            lambda: z0.detach().clone().requires_grad_(),
-                            lambda z: triton_cross_entropy(z, y).backward(), timer, device,
-                            1, max(3, args.repeats // 2))
-                print(f"BLOCK={block:6d} warps={warps:3d} {r.median_ms:9.3f} {r.note}",
-                      flush=True)
-    finally:
-        ops.kernel_config = original
+    gen = torch.Generator(device=device).manual_seed(2)
+    entries: list[dict[str, Any]] = []
+    best_by_config: dict[str, Any] = {}
+    for n, v, dtype in TINY_SWEEP if args.tiny else SWEEP_CONFIGS:
+        config = f"ce {n}x{v} {_name(dtype)}"
+        z0 = (torch.randn(n, v, device=device, generator=gen) * 2.0).to(dtype)
+        y = torch.randint(0, v, (n,), device=device, generator=gen)
+        floor = ce_floor_ms(n, v, dtype, args.bandwidth)
+        print(f"\n== sweep {config} (forward+backward; HBM floor {floor:.3f} ms at "
+              f"{args.bandwidth / 1e12:.2f} TB/s; {ops.sm_count(z0.device)} SMs)")
+        print(f"{'variant':34s} {'BLOCK':>6s} {'warps':>5s} {'rev':>3s} {'grid':>6s} "
+              f"{'regs':>4s} {'spill':>5s} {'median ms':>10s} {'x floor':>8s} {'x default':>9s} "
+              f"{'max|dg|':>9s}  note")
+        ref = None
+        rows: list[dict[str, Any]] = []
+        for name, fields in SWEEP_VARIANTS:
+            entry, ref = _sweep_variant(config, name, fields, z0, y, ref, timer, device, args)
+            base = rows[0]["median_ms"] if rows else entry["median_ms"]
+            entry.update(hbm_floor_ms=floor, x_floor=entry["median_ms"] / floor,
+                         x_default=entry["median_ms"] / base)
+            rows.append(entry)
+            lc = entry["launch"]
+            rev, grid = "yes" if lc["reverse"] else "no", lc["programs"] or "N"
+            regs, spills = entry.get("regs"), entry.get("spills")
+            print(f"{name:34s} {lc['block']:6d} {lc['warps']:5d} {rev:>3s} {grid:>6}"
+                  f" {'?' if regs is None else regs:>4} {'?' if spills is None else spills:>5}"
+                  f" {entry['median_ms']:10.3f} {entry['x_floor']:8.3g} {entry['x_default']:9.3f}"
+                  f" {entry['max_abs_grad_diff']:9.2e}  {entry['note']}", flush=True)
+        timed = [e for e in rows if e["median_ms"] == e["median_ms"]]
+        if timed:
+            best = min(timed, key=lambda e: e["median_ms"])
+            print(f"best variant for {config}: {best['variant']} (override_ce_launch("
+                  + ", ".join(f"{k}={val!r}" for k, val in best["override"].items())
+                  + f")): {best['median_ms']:.3f} ms, {best['x_floor']:.3g}x floor, "
+                  f"{best['x_default']:.3f}x default", flush=True)
+            best_by_config[config] = {k: best[k] for k in ("variant", "override", "median_ms",
+                                                             "x_floor", "x_default")}
+        entries += rows
+        del z0, y, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"variants": entries, "best": best_by_config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,7 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["ce", "linear"], default=None)
     p.add_argument("--check-only", action="store_true", help="correctness checks, no timing")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
-    p.add_argument("--sweep", action="store_true", help="also sweep tile width and warps")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep the kernel's launch variants (tile, warps, reverse, grid)")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="only the launch-variant sweep: no checks, no contenders")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     p.add_argument("--interpret", action="store_true",
@@ -522,17 +661,21 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(header))
     out: dict[str, Any] = {"header": header}
     failed = False
-    if not args.no_check:
+    if args.sweep_only:
+        out["sweep"] = sweep(args, device)
+        failed = any(e["note"].startswith("FAIL") for e in out["sweep"]["variants"])
+    if not args.no_check and not args.sweep_only:
         t0 = time.perf_counter()
         lines = run_checks(args, device)
         print("\n== checks (crossent Triton vs torch float64)\n" + "\n".join(lines))
         print(f"checks took {time.perf_counter() - t0:.1f} s", flush=True)
         out["checks"] = lines
         failed = any(line.startswith("FAIL") for line in lines)
-    if not args.check_only:
+    if not args.check_only and not args.sweep_only:
         out["results"] = run_benchmarks(args, device)
         if args.sweep:
-            sweep(args, device)
+            out["sweep"] = sweep(args, device)
+            failed |= any(e["note"].startswith("FAIL") for e in out["sweep"]["variants"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import sys
 
-FLAGS = ["PROB", "HAS_WEIGHT", "HAS_ROWMULT", "HAS_CAP", "SMOOTH", "ZLOSS", "GRAD"]
+FLAGS = ["PROB", "HAS_WEIGHT", "HAS_ROWMULT", "HAS_CAP", "SMOOTH", "ZLOSS", "GRAD", "REVERSE",
+         "PERSISTENT"]
 
 
 def ce_signature(dtype: str, acc: str) -> dict[str, str]:
     return {"Z": f"*{dtype}", "stride_z": "i64", "G": f"*{dtype}", "stride_g": "i64",
             "Y": "*i64", "T": f"*{dtype}", "stride_t": "i64", "W": f"*{acc}",
             "PARAMS": f"*{acc}", "SCALE": f"*{acc}", "ROWMULT": f"*{acc}", "LOSS": f"*{acc}",
-            "LSE": f"*{acc}", "V": "i32", "ignore_index": "i32"}
+            "LSE": f"*{acc}", "V": "i32", "n_rows": "i32", "ignore_index": "i32"}
 
 
 def main() -> int:
@@ -32,11 +33,15 @@ def main() -> int:
 
     jitted = kernels.compiled()
     target = GPUTarget("cuda", 90, 32)
-    variants = [  # (input dtype, flags on, BLOCK, warps)
+    # (input dtype, flags on, BLOCK, warps): today's default launch with every index-target
+    # option, then the launch variants (REVERSE, PERSISTENT, Liger's 32768-class tile with
+    # 32 warps) spread over the other three
+    prob_all = {"PROB", "HAS_WEIGHT", "HAS_CAP", "SMOOTH", "ZLOSS", "GRAD"}
+    variants = [
         ("bf16", {"HAS_WEIGHT", "HAS_ROWMULT", "HAS_CAP", "SMOOTH", "ZLOSS", "GRAD"}, 8192, 16),
-        ("fp32", {"PROB", "HAS_WEIGHT", "HAS_CAP", "SMOOTH", "ZLOSS", "GRAD"}, 8192, 16),
-        ("fp64", {"GRAD"}, 4096, 8),
-        ("fp16", set(), 1024, 4),
+        ("fp32", prob_all | {"REVERSE", "PERSISTENT"}, 32768, 32),
+        ("fp64", {"GRAD", "PERSISTENT"}, 4096, 8),
+        ("fp16", {"REVERSE"}, 1024, 4),
     ]
     for dtype, on, block, warps in variants:
         acc = "fp64" if dtype == "fp64" else "fp32"

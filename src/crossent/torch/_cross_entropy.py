@@ -408,11 +408,12 @@ def cross_entropy(
     gives correct gradients for any ``grad_output``.
 
     Memory: one ``N x C`` gradient buffer in the input dtype (none with
-    ``inplace_backward``). On CPU that buffer is kept after autograd has consumed it and
-    handed to the next call of the same size, which skips the page faults of a fresh
-    500 MiB allocation (about 2/3 of the time at N=4096, C=32000); a buffer anything still
-    references (a kept ``.grad``, a view) is never reused. :func:`crossent.torch.empty_cache`
-    releases the kept buffers, ``crossent.torch.set_buffer_reuse(False)`` turns reuse off.
+    ``inplace_backward`` on an activation's logits, not a leaf's). On CPU that buffer is
+    kept after autograd has consumed it and handed to the next call of the same size,
+    which skips the page faults of a fresh 500 MiB allocation (about 2/3 of the time at
+    N=4096, C=32000); a buffer anything still references (a kept ``.grad``, a view) is
+    never reused. :func:`crossent.torch.empty_cache` releases the kept buffers,
+    ``crossent.torch.set_buffer_reuse(False)`` turns reuse off.
 
     Small inputs (under ``2**19`` logits) with index targets and neither ``z_loss`` nor
     ``softcap`` run ``torch.nn.functional.cross_entropy`` itself, in float32 (gradient

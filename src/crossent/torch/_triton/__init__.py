@@ -11,7 +11,8 @@ API (what a kernel seam calls)
 ``cross_entropy_forward(logits2d, target, *, weight=None, ignore_index=-100,
 label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean", compute_grad=True,
 grad_out=None, row_multiplier=None, scale=None, block=None) -> CrossEntropyRows``
-    One launch, one program per row: ``(loss, lse, grad, denominator)``; ``loss``/``lse``
+    One launch (one program per row, or a persistent grid: ``ops.ce_launch_config``):
+    ``(loss, lse, grad, denominator)``; ``loss``/``lse``
     are ``(N,)`` float32 (float64 for float64 logits), ``grad`` is ``grad_out`` or, with
     ``grad_out=None``, the logits themselves (overwritten), holding
     ``d(reduced loss)/d(logits)`` (``"mean"``: divided by ``denominator``; times

@@ -11,7 +11,8 @@ module be imported (by ``pytest --doctest-modules``) where triton is not install
 
 Kernels
 -------
-``ce_kernel``: one program per row of logits ``z`` (``(N, V)``, class axis contiguous).
+``ce_kernel``: one program per row of logits ``z`` (``(N, V)``, class axis contiguous;
+or a persistent grid, below).
 Pass 1 reads the row in tiles of ``BLOCK`` classes and keeps the running max ``m`` and
 ``s = sum_c exp(z_c - m)`` (online: ``s <- s exp(m_old - m_new) + sum_tile exp(z - m_new)``;
 one exponential per logit), plus ``sum_c T_c`` for probability targets. Then
@@ -32,6 +33,13 @@ tile is read before it is overwritten by the same program. A row whose target eq
 target outside ``[0, V)`` (and not ignored) gets a NaN loss and gradient (no device-to-host
 check in the kernel).
 
+Two launch variants, constexpr switches of the same source (``ce_row_source`` is the
+row; :func:`.ops.ce_launch_config` chooses): ``REVERSE`` walks pass 2's tiles last to
+first, so the tiles pass 1 read last, the freshest in L2, are re-read first;
+``PERSISTENT`` launches a fixed grid of ``P`` programs (a multiple of the SM count) in
+which program ``p`` serves rows ``p, p + P, p + 2P, ...``, so fewer rows are in flight
+and a row's second read can hit L2. Without it, one program per row (grid ``N``).
+
 ``linear_lse_kernel`` / ``linear_grad_kernel``: the experimental fused linear head (no
 logits buffer), described in :mod:`.fused_linear`.
 
@@ -51,6 +59,7 @@ from typing import Any
 tl: Any = None
 triton: Any = None
 _tanh: Any = None  # the jitted tanh_source
+_ce_row: Any = None  # the jitted ce_row_source
 _logits_block: Any = None  # the jitted logits_block_source
 
 _cache: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -71,20 +80,43 @@ def tanh_source(x, ACC: tl.constexpr):
 
 def ce_kernel(
     Z, stride_z, G, stride_g, Y, T, stride_t, W, PARAMS, SCALE, ROWMULT, LOSS, LSE,
-    V, ignore_index,
+    V, n_rows, ignore_index,
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROWMULT: tl.constexpr,
     HAS_CAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    zrow = Z + row * stride_z
-    grow = G + row * stride_g
-    cols = tl.arange(0, BLOCK)
+    # the options, loaded once per program (a persistent program serves many rows)
     eps = tl.load(PARAMS + 0)
     zl = tl.load(PARAMS + 1)
     cap = tl.load(PARAMS + 2)
     wsum = tl.load(PARAMS + 3)  # sum of class weights (V without weights)
-    r = tl.load(SCALE)
+    scale = tl.load(SCALE)
+    pid = tl.program_id(0).to(tl.int64)
+    if PERSISTENT:
+        # rows pid, pid + P, pid + 2P, ... (P = programs launched; none if pid >= n_rows);
+        # the bounds promote the row index to int64
+        for row in range(pid, n_rows, tl.num_programs(0)):
+            _ce_row(row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
+                    V, ignore_index, eps, zl, cap, wsum, scale, PROB, HAS_WEIGHT,
+                    HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
+    else:
+        _ce_row(pid, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
+                V, ignore_index, eps, zl, cap, wsum, scale, PROB, HAS_WEIGHT,
+                HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
+
+
+def ce_row_source(
+    row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
+    V, ignore_index, eps, zl, cap, wsum, scale,
+    PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROWMULT: tl.constexpr,
+    HAS_CAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+):
+    # one row of ce_kernel (row: int64, so row * stride never wraps)
+    zrow = Z + row * stride_z
+    grow = G + row * stride_g
+    cols = tl.arange(0, BLOCK)
+    r = scale
     if HAS_ROWMULT:
         r = r * tl.load(ROWMULT + row).to(ACC)
     if PROB:
@@ -149,7 +181,12 @@ def ce_kernel(
         target_mass = r * (1.0 - eps) * w_y
         if GRAD or SMOOTH or PROB:
             acc = tl.zeros((BLOCK,), ACC)  # loss terms T_c (lse - z_c), summed per lane
-            for start in range(0, V, BLOCK):
+            last = ((V - 1) // BLOCK) * BLOCK
+            for k in range(0, V, BLOCK):
+                if REVERSE:  # last tile first: the tiles pass 1 read last are likeliest in L2
+                    start = last - k
+                else:
+                    start = k
                 offs = start + cols
                 mask = offs < V
                 x = tl.load(zrow + offs, mask=mask, other=0.0).to(ACC)
@@ -354,20 +391,45 @@ def launching() -> contextlib.AbstractContextManager[Any]:
 
 def compiled() -> dict[str, Any]:
     """The jitted kernels for the triton module imported now and the current mode."""
-    global tl, triton, _tanh, _logits_block
+    global tl, triton, _tanh, _ce_row, _logits_block
     import triton as _triton
     import triton.language as _tl
 
     key = (id(_triton), interpreting())
     if key not in _cache:
-        tl, triton = _tl, _triton
-        _tanh = _triton.jit(tanh_source)
-        _logits_block = _triton.jit(logits_block_source)
+        jit = _triton.jit
+        _helpers[key] = (_tl, _triton, jit(tanh_source), jit(ce_row_source),
+                         jit(logits_block_source))
         _cache[key] = {
-            "ce": _triton.jit(ce_kernel),
-            "scale": _triton.jit(scale_kernel),
-            "linear_lse": _triton.jit(linear_lse_kernel),
-            "linear_grad": _triton.jit(linear_grad_kernel),
+            "ce": jit(ce_kernel),
+            "scale": jit(scale_kernel),
+            "linear_lse": jit(linear_lse_kernel),
+            "linear_grad": jit(linear_grad_kernel),
             "next_power_of_2": _triton.next_power_of_2,
         }
+    # bound on every look-up, not only the first: the kernels find them as globals
+    tl, triton, _tanh, _ce_row, _logits_block = _helpers[key]
+    if key[1]:
+        _adopt_interpreter_globals()
     return _cache[key]
+
+
+def _adopt_interpreter_globals() -> None:
+    # triton's interpreter runs a kernel (and each jitted function it calls) as a rewritten
+    # copy executed in this module's namespace, first adding its own helpers
+    # (interpreter_semantic, ...) to it, but only where a name is missing. After a test
+    # re-imports triton, the first interpreter's helpers would stay, and every assignment
+    # in a kernel would make a tensor of the old triton.language ("Did you forget to add
+    # @triton.jit ?"). So the current interpreter's are bound on every launch.
+    import importlib
+
+    interpreter = importlib.import_module("triton.runtime.interpreter")
+    namespace = globals()
+    for name, value in vars(interpreter).items():
+        if name not in _OWN_NAMES and not (name.startswith("__") and name.endswith("__")):
+            namespace[name] = value
+
+
+_helpers: dict[tuple[int, bool], tuple[Any, ...]] = {}
+# this module's own names (the interpreter's additions are the others)
+_OWN_NAMES = frozenset(globals()) | {"_OWN_NAMES"}

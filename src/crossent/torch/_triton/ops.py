@@ -7,6 +7,8 @@ out on the device whether ``grad_output`` is 1 (see :mod:`.kernels`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -14,12 +16,17 @@ import torch
 from .._rules import compute_dtype as accumulate_dtype  # the CPU kernels' rule
 
 __all__ = [
+    "CeLaunch",
+    "CeLaunchOverride",
     "CrossEntropyRows",
+    "ce_launch_config",
     "cross_entropy_forward",
     "denominator",
     "kernel_config",
+    "override_ce_launch",
     "reduce_rows",
     "scale_",
+    "sm_count",
 ]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -52,8 +59,9 @@ def kernel_config(num_classes: int, itemsize: int, block: int | None = None) -> 
     Tiles of 8192 classes (4096 for 8-byte input) with 16 warps: 16 logits per thread per
     tile, enough loads in flight to stream a 128k-class row; small vocabularies take one
     tile of the next power of two. Not yet tuned on a GPU: ``benchmarks/gpu/bench_cuda.py
-    --sweep`` measures the alternatives. ``block`` overrides the tile (tests use small
-    tiles to get ragged last tiles)."""
+    --sweep-only`` measures the alternatives. ``block`` overrides the tile (tests use
+    small tiles to get ragged last tiles). ``ce_kernel`` takes this through
+    :func:`ce_launch_config`; the vocab-parallel kernels directly."""
     npow2 = _kernels()["next_power_of_2"]
     if block is None:
         block = min(npow2(max(num_classes, 16)), 4096 if itemsize >= 8 else 8192)
@@ -61,6 +69,92 @@ def kernel_config(num_classes: int, itemsize: int, block: int | None = None) -> 
         block = npow2(max(int(block), 16))
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
     return block, warps
+
+
+class CeLaunchOverride(NamedTuple):
+    """Replacements for :func:`ce_launch_config`'s defaults (``None``: keep the default):
+    the tile, the warps (default: from the tile, as :func:`kernel_config`), pass 2 in
+    reverse tile order, and the persistent grid in programs per SM (``0``: one program
+    per row). Set it with :func:`override_ce_launch` (the sweep in
+    ``benchmarks/gpu/bench_cuda.py``, tests)."""
+
+    block: int | None = None
+    warps: int | None = None
+    reverse: bool | None = None
+    programs_per_sm: float | None = None
+
+
+class CeLaunch(NamedTuple):
+    """How ``ce_kernel`` is launched (see :mod:`.kernels`)."""
+
+    block: int
+    warps: int
+    reverse: bool  # pass 2 walks the tiles last to first
+    programs: int  # persistent grid size (rows strided over it); 0: grid N, a row each
+
+
+# The defaults, until a GPU sweep says otherwise (H200, bf16 16384 x 128256: 2.56x the
+# HBM floor as launched today): pass 2 in forward order, one program per row.
+DEFAULT_REVERSE = False
+DEFAULT_PROGRAMS_PER_SM = 0.0
+
+# None, or what override_ce_launch() set: read at every launch of ce_kernel (only; the
+# vocab-parallel kernels keep kernel_config)
+ce_launch_override: CeLaunchOverride | None = None
+
+# Stand-in SM count off CUDA (triton's CPU interpreter): small, so that a persistent
+# launch of a few rows gives programs several rows each and a ragged last round.
+INTERPRETER_SM_COUNT = 4
+
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (asked once per device; a property
+    query, no synchronisation); :data:`INTERPRETER_SM_COUNT` elsewhere."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+@contextlib.contextmanager
+def override_ce_launch(*, block: int | None = None, warps: int | None = None,
+                       reverse: bool | None = None, programs_per_sm: float | None = None,
+                       ) -> Iterator[CeLaunchOverride]:
+    """``with override_ce_launch(block=32768, warps=32, reverse=True,
+    programs_per_sm=2): ...``: every launch of ``ce_kernel`` inside uses the fields given
+    (``None``: the default; see :class:`CeLaunchOverride`); the previous override comes
+    back on exit. Process-wide (not per thread): for benchmarks and tests."""
+    global ce_launch_override
+    previous = ce_launch_override
+    ce_launch_override = CeLaunchOverride(block, warps, reverse, programs_per_sm)
+    try:
+        yield ce_launch_override
+    finally:
+        ce_launch_override = previous
+
+
+def ce_launch_config(num_classes: int, itemsize: int, device: torch.device,
+                     block: int | None = None) -> CeLaunch:
+    """The one place that decides how ``ce_kernel`` runs: tile and warps from
+    :func:`kernel_config`, pass 2's order and the grid from the module defaults, each
+    replaced by :data:`ce_launch_override`'s field where that is set; an explicit
+    ``block`` (tests' ragged tiles) wins over both. A persistent grid has
+    ``max(1, round(programs_per_sm * sm_count(device)))`` programs, not capped at the
+    number of rows (a program without a row returns at once)."""
+    over = ce_launch_override or CeLaunchOverride()
+    if block is None:
+        block = over.block
+    blk, warps = kernel_config(num_classes, itemsize, block)
+    if over.warps is not None:
+        warps = int(over.warps)
+    reverse = DEFAULT_REVERSE if over.reverse is None else bool(over.reverse)
+    per_sm = DEFAULT_PROGRAMS_PER_SM if over.programs_per_sm is None else over.programs_per_sm
+    programs = max(1, round(float(per_sm) * sm_count(device))) if per_sm > 0 else 0
+    return CeLaunch(blk, warps, reverse, programs)
 
 
 def _to_device(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -137,7 +231,8 @@ def cross_entropy_forward(
     float dtype, class axis contiguous) or, with ``grad_out=None``, into ``logits``
     themselves (which are then destroyed). No argument checks here beyond shapes the
     kernel needs: callers validate options (and index bounds, if they want an exception
-    rather than the kernel's NaN for an out-of-range class index).
+    rather than the kernel's NaN for an out-of-range class index). The launch (tile,
+    warps, pass 2's order, grid) is :func:`ce_launch_config`'s.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be 2-D with a contiguous class axis")
@@ -175,19 +270,20 @@ def cross_entropy_forward(
     y = target if not prob else loss  # placeholder pointers keep the signature fixed
     if not prob:
         y = target.contiguous()
-    blk, warps = kernel_config(v, logits.element_size(), block)
+    launch = ce_launch_config(v, logits.element_size(), dev, block)
     with _launching():
-        _kernels()["ce"][(n,)](
+        _kernels()["ce"][(launch.programs or n,)](
             logits, logits.stride(0),
             grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
             y, target if prob else logits, target.stride(0) if prob else 0,
             w if w is not None else params, params, scale,
             row_multiplier if row_multiplier is not None else scale,
-            loss, lse, v, int(ignore_index),
+            loss, lse, v, n, int(ignore_index),
             PROB=prob, HAS_WEIGHT=w is not None, HAS_ROWMULT=row_multiplier is not None,
             HAS_CAP=softcap is not None, SMOOTH=float(label_smoothing) != 0.0,
             ZLOSS=float(z_loss) != 0.0, GRAD=compute_grad, ACC=_tl_dtype(logits.dtype),
-            BLOCK=blk, num_warps=warps,
+            BLOCK=launch.block, REVERSE=launch.reverse, PERSISTENT=launch.programs > 0,
+            num_warps=launch.warps,
         )
     return CrossEntropyRows(loss, lse, grad, denom)
 
