@@ -1,10 +1,15 @@
-"""``triton_cross_entropy(..., inplace_backward=True)`` and ``backend="triton"`` on leaf
-logits: the gradient the kernel writes into the logits' storage becomes the leaf's
-``.grad`` without a copy (autograd copies a returned tensor that is referenced elsewhere:
-on the H200 run that hidden copy made the in-place kernel 1.41-1.55x slower than the
-out-of-place one, with the same 4.2 GB extra memory). Values against torch's
-``F.cross_entropy`` in float64. The row-block kernel's counterpart is
-``tests/torch/test_inplace_adoption.py``."""
+"""``triton_cross_entropy(..., inplace_backward=True)`` and ``backend="triton"``: where the
+gradient is written (``_rules.may_overwrite``, as on the row-block kernel).
+
+Leaf logits, or a view of a leaf: a fresh buffer; the logits stay intact, ``.grad`` has
+memory of its own (never the leaf's: a refill, ``zero_grad(set_to_none=False)`` or an
+optimizer step would change both) and is adopted without a copy (a hook on the
+Function's node records the data pointers backward returned). A non-leaf activation
+(``h * 1.0``, ``x @ W.T``, a view of one): the kernel writes the gradient into its
+memory, and the producer's gradients are torch's. Reference: torch's ``F.cross_entropy``
+in float64. The row-block kernel's counterpart is
+``tests/torch/test_inplace_adoption.py``; the adversarial cases are in
+``test_triton_inplace_adversarial.py``. Tiny shapes: the interpreter is slow on CPU."""
 
 from __future__ import annotations
 
@@ -16,37 +21,109 @@ import crossent.torch as xt
 from crossent.torch._triton import triton_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter
+N, C = 9, 300
 
 
-def _data(dtype):
+def _data(dtype, n=N):
     g = torch.Generator().manual_seed(11)
-    z = (torch.randn(9, 300, generator=g) * 2).to(dtype).to(DEVICE)
-    y = torch.randint(0, 300, (9,), generator=g).to(DEVICE)
+    z = (torch.randn(n, C, generator=g) * 2).to(dtype).to(DEVICE)
+    y = torch.randint(0, C, (n,), generator=g).to(DEVICE)
     y[4] = -100
     return z, y
+
+
+def _loss(logits, y, entry, **kw):
+    if entry == "kernel":  # ragged tiles
+        return triton_cross_entropy(logits, y, inplace_backward=True, block=128, **kw)
+    return xt.cross_entropy(logits, y, inplace_backward=True, backend="triton", **kw)
+
+
+def _returned_ptrs(loss):
+    """Data pointers (only: a kept tensor would force a copy) of the gradients the
+    Triton Function's backward returns."""
+    seen: list[list[int | None]] = []
+    node = loss.grad_fn
+    while not isinstance(node, torch.autograd.function.BackwardCFunction):
+        node = node.next_functions[0][0]  # past a view or cast to the Function's node
+    node.register_hook(
+        lambda gi, go: seen.append([None if g is None else g.data_ptr() for g in gi]))
+    return seen
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def _close(got, want, dtype=torch.float32):
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                         atol=1e-7)
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("entry", ["kernel", "backend"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_leaf_grad_is_the_logits_storage_and_torchs_values(dtype, entry, reduction):
+def test_leaf_stays_intact_and_its_fresh_grad_is_adopted(dtype, entry, reduction):
     z, y = _data(dtype)
     a = z.clone().requires_grad_()
-    if entry == "kernel":
-        loss = triton_cross_entropy(a, y, reduction=reduction, inplace_backward=True,
-                                    block=128)  # ragged tiles
-    else:
-        loss = xt.cross_entropy(a, y, reduction=reduction, inplace_backward=True,
-                                backend="triton")
-    go = torch.linspace(-2, 3, 9, device=DEVICE).to(dtype) if reduction == "none" else None
+    holders = [a, (a,)]  # other references to the leaf change nothing
+    loss = _loss(a, y, entry, reduction=reduction)
+    seen = _returned_ptrs(loss)
+    go = torch.linspace(-2, 3, N, device=DEVICE).to(dtype) if reduction == "none" else None
     loss.backward(go)
-    assert a.grad.data_ptr() == a.data_ptr(), "the in-place gradient was copied"
+    assert torch.equal(a.detach(), z), "a leaf's logits were overwritten"
+    assert _storage(a.grad) != _storage(a), ".grad shares the leaf's storage"
+    assert seen[0][0] == a.grad.data_ptr(), "the gradient was copied into .grad"
     ref = z.double().requires_grad_()
     F.cross_entropy(ref, y, reduction=reduction).backward(
         None if go is None else go.double())
-    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5,
-                                                                         atol=1e-7)
-    torch.testing.assert_close(a.grad.double(), ref.grad, **tol)
+    _close(a.grad, ref.grad, dtype)
+    assert holders[0] is a
+
+
+@pytest.mark.parametrize("entry", ["kernel", "backend"])
+def test_view_of_a_leaf_stays_intact(entry):
+    z, y = _data(torch.float32, N + 2)
+    leaf = z.clone().requires_grad_()
+    _loss(leaf[1:N + 1], y[:N], entry).backward()
+    assert torch.equal(leaf.detach(), z), "a view of a leaf was overwritten"
+    assert _storage(leaf.grad) != _storage(leaf)
+    ref = z.double().requires_grad_()
+    F.cross_entropy(ref[1:N + 1], y[:N]).backward()
+    _close(leaf.grad, ref.grad)
+
+
+@pytest.mark.parametrize("entry, kind", [("kernel", "mul"), ("backend", "mul"),
+                                         ("kernel", "matmul"),
+                                         ("backend", "view_of_activation")])
+def test_activation_is_overwritten_by_torchs_gradient(entry, kind):
+    """The activation's memory holds torch's gradient of the logits after backward, and
+    the producer's gradients (``h.grad``, dx, dW) are torch's."""
+    g = torch.Generator().manual_seed(12)
+    y = torch.randint(0, C, (N,), generator=g).to(DEVICE)
+    y[2] = -100
+    if kind == "matmul":
+        x0 = torch.randn(N, 8, generator=g).to(DEVICE)
+        w0 = (torch.randn(C, 8, generator=g) * 0.5).to(DEVICE)
+        leaves = [x0.clone().requires_grad_(), w0.clone().requires_grad_()]
+        refs = [x0.double().requires_grad_(), w0.double().requires_grad_()]
+        logits, ref_logits = leaves[0] @ leaves[1].t(), refs[0] @ refs[1].t()
+    else:
+        h0 = (torch.randn(N + 1, C, generator=g) * 2).to(DEVICE)
+        leaves, refs = [h0.clone().requires_grad_()], [h0.double().requires_grad_()]
+        if kind == "mul":
+            logits, ref_logits = leaves[0][:N] * 1.0, refs[0][:N] * 1.0
+        else:
+            logits, ref_logits = (leaves[0] * 2)[1:], (refs[0] * 2)[1:]
+    loss = _loss(logits, y, entry)
+    ref_logits.retain_grad()
+    F.cross_entropy(ref_logits, y).backward()
+    loss.backward()
+    _close(logits.detach(), ref_logits.grad)  # written in place, scaled by backward
+    if kind == "view_of_activation":  # the rest of the activation is left alone
+        assert torch.equal(logits._base[0], leaves[0].detach()[0] * 2)
+    for got, ref in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_existing_grad_accumulates_into_its_own_buffer():
@@ -57,5 +134,5 @@ def test_existing_grad_accumulates_into_its_own_buffer():
     triton_cross_entropy(a, y, inplace_backward=True).backward()
     ref = z.double().requires_grad_()
     F.cross_entropy(ref, y).backward()
-    assert a.grad is kept
-    torch.testing.assert_close(a.grad.double(), ref.grad + 0.5)
+    assert a.grad is kept and torch.equal(a.detach(), z)
+    _close(a.grad, ref.grad + 0.5)

@@ -343,7 +343,8 @@ def cross_entropy(
             leaf, the gradient goes to a new buffer and the logits stay intact (their
             ``.grad`` would otherwise share the leaf's memory).
             For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
-            Double backward then raises :class:`crossent.UnsupportedError`.
+            Double backward through overwritten logits raises
+            :class:`crossent.UnsupportedError` (on a leaf it is torch's).
         loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32
             loss from bfloat16 logits outside autocast (the arithmetic is float32 either
             way; only the final rounding changes). Default ``None``: torch's, the input's

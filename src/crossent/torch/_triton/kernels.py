@@ -410,11 +410,13 @@ def compiled() -> dict[str, Any]:
     # bound on every look-up, not only the first: the kernels find them as globals
     tl, triton, _tanh, _ce_row, _logits_block = _helpers[key]
     if key[1]:
-        _adopt_interpreter_globals()
+        adopt_interpreter_globals(globals(), _OWN_NAMES)
     return _cache[key]
 
 
-def _adopt_interpreter_globals() -> None:
+def adopt_interpreter_globals(namespace: dict[str, Any], own: frozenset[str]) -> None:
+    """Bind the current interpreter's helpers in a kernel module's ``namespace`` (whose
+    own names are ``own``), before an interpreted launch of its kernels."""
     # triton's interpreter runs a kernel (and each jitted function it calls) as a rewritten
     # copy executed in this module's namespace, first adding its own helpers
     # (interpreter_semantic, ...) to it, but only where a name is missing. After a test
@@ -424,9 +426,8 @@ def _adopt_interpreter_globals() -> None:
     import importlib
 
     interpreter = importlib.import_module("triton.runtime.interpreter")
-    namespace = globals()
     for name, value in vars(interpreter).items():
-        if name not in _OWN_NAMES and not (name.startswith("__") and name.endswith("__")):
+        if name not in own and not (name.startswith("__") and name.endswith("__")):
             namespace[name] = value
 
 

@@ -178,6 +178,8 @@ def compiled() -> dict[str, Any]:
             "grad": _triton.jit(grad_kernel),
         }
     _tanh = _cache[key]["tanh"]
+    if key[1]:  # the interpreter's helpers, as kernels.compiled binds them
+        kernels.adopt_interpreter_globals(globals(), _OWN_NAMES)
     return _cache[key]
 
 
@@ -293,3 +295,7 @@ def vocab_parallel_grad(
             ACC=_tl_dtype(z.dtype), BLOCK=blk, num_warps=warps,
         )
     return out
+
+
+# this module's own names (the interpreter's additions are the others)
+_OWN_NAMES = frozenset(globals()) | {"_OWN_NAMES"}
