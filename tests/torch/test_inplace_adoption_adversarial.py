@@ -24,6 +24,11 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import Identity as _Identity
+from grad_probes import assert_grad_close as _close
+from grad_probes import assert_own_grad as _own_grad
+from grad_probes import returned_grad_ptrs as _returned_ptrs
+from grad_probes import torch_grad as _torch_grad
 
 import crossent
 import crossent.torch as xt
@@ -40,38 +45,6 @@ def _data(seed: int, n: int = N, c: int = C, dtype=torch.float32):
     y = torch.randint(0, c, (n,), generator=g)
     y[::5] = -100
     return z, y
-
-
-def _torch_grad(z, y, reduction="mean", grad_output=None, **kw):
-    ref = z.detach().double().requires_grad_()
-    loss = F.cross_entropy(ref, y, reduction=reduction, **kw)
-    loss.backward(None if grad_output is None else grad_output.double())
-    return ref.grad
-
-
-def _close(got, want, dtype=torch.float32):
-    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5,
-                                                                         atol=1e-7)
-    torch.testing.assert_close(got.double(), want, **tol)
-
-
-def _returned_ptrs(loss):
-    """Data pointers of the gradients ``loss.grad_fn``'s backward returns (filled during
-    backward). Pointers only: a kept tensor would make autograd copy it."""
-    seen: list[list[int | None]] = []
-    node = loss.grad_fn
-    while not isinstance(node, torch.autograd.function.BackwardCFunction):
-        node = node.next_functions[0][0]  # past a view or cast to the Function's node
-    node.register_hook(
-        lambda gi, go: seen.append([None if g is None else g.data_ptr() for g in gi]))
-    return seen
-
-
-def _own_grad(leaf, z):
-    """The leaf is intact and its ``.grad`` has memory of its own."""
-    assert torch.equal(leaf.detach(), z), "a leaf's logits were overwritten"
-    assert leaf.grad.untyped_storage().data_ptr() != leaf.untyped_storage().data_ptr(), \
-        ".grad shares the leaf's storage"
 
 
 # ---------------------------------------------------------------- leaves and activations
@@ -123,16 +96,6 @@ def test_options_with_inplace_match_torch(case, kind):
         assert seen[0][0] == a.grad.data_ptr(), "the gradient was copied into .grad"
     else:  # the activation holds the gradient
         _close(logits.detach(), ref.grad)
-
-
-class _Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x  # returned as is: autograd makes it a view of x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 @pytest.mark.parametrize("disguise", ["identity_function", "unsqueeze_select", "aten_alias",

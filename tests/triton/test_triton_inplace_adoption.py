@@ -16,6 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import assert_grad_close as _close
+from grad_probes import assert_written_in_place
+from grad_probes import returned_grad_ptrs as _returned_ptrs
 
 import crossent.torch as xt
 from crossent.torch._triton import triton_cross_entropy
@@ -38,26 +41,8 @@ def _loss(logits, y, entry, **kw):
     return xt.cross_entropy(logits, y, inplace_backward=True, backend="triton", **kw)
 
 
-def _returned_ptrs(loss):
-    """Data pointers (only: a kept tensor would force a copy) of the gradients the
-    Triton Function's backward returns."""
-    seen: list[list[int | None]] = []
-    node = loss.grad_fn
-    while not isinstance(node, torch.autograd.function.BackwardCFunction):
-        node = node.next_functions[0][0]  # past a view or cast to the Function's node
-    node.register_hook(
-        lambda gi, go: seen.append([None if g is None else g.data_ptr() for g in gi]))
-    return seen
-
-
 def _storage(t):
     return t.untyped_storage().data_ptr()
-
-
-def _close(got, want, dtype=torch.float32):
-    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5,
-                                                                         atol=1e-7)
-    torch.testing.assert_close(got.double(), want, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,14 +101,7 @@ def test_activation_is_overwritten_by_torchs_gradient(entry, kind):
         else:
             logits, ref_logits = (leaves[0] * 2)[1:], (refs[0] * 2)[1:]
     loss = _loss(logits, y, entry)
-    ref_logits.retain_grad()
-    F.cross_entropy(ref_logits, y).backward()
-    loss.backward()
-    _close(logits.detach(), ref_logits.grad)  # written in place, scaled by backward
-    if kind == "view_of_activation":  # the rest of the activation is left alone
-        assert torch.equal(logits._base[0], leaves[0].detach()[0] * 2)
-    for got, ref in zip(leaves, refs, strict=True):
-        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    assert_written_in_place(loss, logits, ref_logits, y, leaves, refs, kind)
 
 
 def test_existing_grad_accumulates_into_its_own_buffer():

@@ -15,6 +15,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import Identity as _Identity
+from grad_probes import assert_own_grad as _own_grad
+from grad_probes import returned_grad_ptrs as _returned_ptrs
+from grad_probes import torch_grad as _torch_grad
 
 import crossent
 import crossent.torch as xt
@@ -34,13 +38,6 @@ def _data(seed: int, dtype=torch.float32, shape=(N, C)):
     return z, y.to(DEVICE)
 
 
-def _torch_grad(z, y, reduction="mean", grad_output=None):
-    ref = z.detach().double().requires_grad_()
-    F.cross_entropy(ref, y, reduction=reduction).backward(
-        None if grad_output is None else grad_output.double())
-    return ref.grad
-
-
 def _close(got, want, dtype=torch.float32):
     tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5,
                                                                          atol=1e-6)
@@ -51,35 +48,6 @@ def _loss(a, y, entry, **kw):
     if entry == "kernel":
         return triton_cross_entropy(a, y, inplace_backward=True, block=64, **kw)
     return xt.cross_entropy(a, y, inplace_backward=True, backend="triton", **kw)
-
-
-def _returned_ptrs(loss):
-    """Data pointers (only: a kept tensor would force the copy) of the gradients
-    ``loss.grad_fn``'s backward returns."""
-    seen: list[list[int | None]] = []
-    node = loss.grad_fn
-    while not isinstance(node, torch.autograd.function.BackwardCFunction):
-        node = node.next_functions[0][0]  # past a view or cast to the Function's node
-    node.register_hook(
-        lambda gi, go: seen.append([None if g is None else g.data_ptr() for g in gi]))
-    return seen
-
-
-def _own_grad(leaf, z):
-    """The leaf is intact and its ``.grad`` has memory of its own."""
-    assert torch.equal(leaf.detach(), z), "a leaf's logits were overwritten"
-    assert leaf.grad.untyped_storage().data_ptr() != leaf.untyped_storage().data_ptr(), \
-        ".grad shares the leaf's storage"
-
-
-class _Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x  # returned as is: autograd makes it a view of x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 @pytest.mark.parametrize("entry, disguise", [("kernel", "n_c_1"), ("backend", "n_c_1"),

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import close_to_reference as close  # noqa: E402
 
 from crossent.torch._triton import ops, triton_cross_entropy  # noqa: E402
 
@@ -53,15 +54,6 @@ def variant(request):
     with ops.override_ce_launch(reverse=reverse, programs_per_sm=programs_per_sm(programs)):
         yield request.param
     assert ops.ce_launch_override is before
-
-
-def close(got, want, rtol):
-    """Relative to the reference's largest finite magnitude (gradients hold tiny entries)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    finite = torch.isfinite(want)
-    scale = float(want[finite].abs().max()) if finite.any() else 1.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale + 1e-30,
-                               equal_nan=True)
 
 
 def reference_rows(z, target, weight=None, eps=0.0, z_loss=0.0, softcap=None):

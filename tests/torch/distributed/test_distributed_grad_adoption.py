@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_harness import run_group
+from grad_probes import returned_grad_ptrs as _returned_ptrs
 
 from crossent.torch.distributed import (
     vocab_parallel_cross_entropy,
@@ -21,16 +22,6 @@ from crossent.torch.distributed import (
 pytestmark = pytest.mark.timeout(180)  # 2 processes on 2 shared cores
 
 N, D, V = 10, 6, 40
-
-
-def _returned_ptrs(loss):
-    seen: list[list[int | None]] = []
-    node = loss.grad_fn
-    while not isinstance(node, torch.autograd.function.BackwardCFunction):
-        node = node.next_functions[0][0]  # past a view or cast to the Function's node
-    node.register_hook(
-        lambda gi, go: seen.append([None if g is None else g.data_ptr() for g in gi]))
-    return seen
 
 
 def _adoption_worker(rank, world):
