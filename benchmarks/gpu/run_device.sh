@@ -4,9 +4,10 @@
 #   OUT=dir bash benchmarks/gpu/run_device.sh [PART] [extra bench_cuda.py arguments]
 # PART: bench (default: float64 checks + every contender, ~5 min on an H200),
 #       sweep (the Triton kernel's launch variants, ~3 min, then their tests on the GPU),
-#       tests (tests/triton compiled for the GPU, up to 150 s),
+#       tests (tests/triton compiled for the GPU, up to 240 s),
 #       all   (bench, then tests: ~7.5 min; the sweep separately).
-set -u
+set -uo pipefail
+status=0
 out="${OUT:-.}"
 part="bench"
 case "${1:-}" in bench|sweep|tests|all) part="$1"; shift ;; esac
@@ -17,20 +18,23 @@ python -c "import torch, triton; print(torch.__version__, triton.__version__, to
 run_tests() {
   # every test runs (no -x); the whole output, each failure's short traceback and the
   # summary of failures/errors/xpasses, goes to tests_full.txt; the console gets its tail
-  timeout 150 python -m pytest tests/triton -q -rfEX --tb=short -p no:cacheprovider \
+  timeout 240 python -m pytest tests/triton -q -rfEX --tb=short -p no:cacheprovider \
     > "$out/tests_full.txt" 2>&1
-  echo "pytest exit status: $?" >> "$out/tests_full.txt"
+  local rc=$?
+  echo "pytest exit status: $rc" >> "$out/tests_full.txt"
   tail -40 "$out/tests_full.txt" | tee "$out/tests.txt"
+  return $rc
 }
 case "$part" in
   bench|all)
     timeout 330 python benchmarks/gpu/bench_cuda.py --max-minutes 4.5 --json "$out/bench.json" "$@" \
-      2>&1 | tee "$out/bench.txt"
-    [ "$part" = all ] && run_tests ;;
+      2>&1 | tee "$out/bench.txt" || status=1
+    if [ "$part" = all ]; then run_tests || status=1; fi ;;
   sweep)
     timeout 330 python benchmarks/gpu/bench_cuda.py --sweep-only --max-minutes 5 \
-      --json "$out/sweep.json" "$@" 2>&1 | tee "$out/sweep.txt"
+      --json "$out/sweep.json" "$@" 2>&1 | tee "$out/sweep.txt" || status=1
     timeout 200 python -m pytest tests/triton/test_triton_kernel_variants.py -q -p no:cacheprovider \
-      2>&1 | tail -5 | tee "$out/variants_tests.txt" ;;
-  tests) run_tests ;;
+      2>&1 | tail -5 | tee "$out/variants_tests.txt" || status=1 ;;
+  tests) run_tests || status=1 ;;
 esac
+exit $status

@@ -29,6 +29,7 @@ from ._rules import (
     autocast_dtype,
     block_rows,
     check_index_dtype,
+    check_target_intact,
     choose_loss_dtype,
     compute_dtype,
     divide_by_num_items,
@@ -43,6 +44,7 @@ from ._rules import (
     recompute_in_backward,
     records_graph,
     reduce_losses,
+    remember_target,
     save_inputs,
     saved_inputs,
     scale_stored,
@@ -69,10 +71,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.keep, ctx.loss_dtype = logits.dtype == torch.float64, losses.dtype
         ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
         save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
+        remember_target(ctx, target)
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             grads = double_backward(
                 ctx, grad_output, "cross_entropy",
@@ -343,8 +347,10 @@ def cross_entropy(
             leaf, the gradient goes to a new buffer and the logits stay intact (their
             ``.grad`` would otherwise share the leaf's memory).
             For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
-            Double backward through overwritten logits raises
-            :class:`crossent.UnsupportedError` (on a leaf it is torch's).
+            Double backward through overwritten logits (or an activation's overwritten
+            copy) raises :class:`crossent.UnsupportedError`; on a leaf it is torch's.
+            Under saved-tensor hooks (``save_on_cpu``, checkpointing) nothing is
+            overwritten: torch skips its version checks there.
         loss_dtype: the dtype of the returned loss, e.g. ``torch.float32`` for a float32
             loss from bfloat16 logits outside autocast (the arithmetic is float32 either
             way; only the final rounding changes). Default ``None``: torch's, the input's
@@ -532,12 +538,16 @@ def cross_entropy(
                                                out_dtype)
                 if names is not None:
                     stats = _statistics.from_logits(names, logits, flat_target, opts)
-            elif route == "triton":
-                out = _triton_cross_entropy(logits, flat_target, weight, opts,
-                                            inplace_backward, out_dtype)
             else:
-                out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
-                                                  inplace_backward, out_dtype, names)
+                # decided on the caller's tensor: a leaf's flattened copy is not
+                # overwritten either, so its double backward recomputes from the copy
+                inplace = inplace_backward and may_overwrite(input)
+                if route == "triton":
+                    out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace,
+                                                out_dtype)
+                else:
+                    out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
+                                                      inplace, out_dtype, names)
     out = out.reshape(row_shape) if reduction == "none" else out
     if names is None:
         return out

@@ -159,7 +159,10 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
     if statistics is not None:
         options = {**options, "statistics": _names(statistics)}
     device_type = next(t for t in tensors.values() if t is not None).device.type
-    with _autograd_recording(), torch.enable_grad(), _autocast_state(device_type, autocast):
+    # the inner graph is built and consumed here: the caller's saved-tensor hooks
+    # (save_on_cpu, checkpointing, memory tools) must neither see nor move its tensors
+    with _autograd_recording(), torch.enable_grad(), _autocast_state(device_type, autocast), \
+            torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         leaves = {k: None if t is None else t.detach().requires_grad_(bool(r))
                   for (k, t), r in zip(tensors.items(), requires, strict=True)}
         loss = _EAGER[name](**{**leaves, **options})  # a number num_items replaces None
@@ -181,6 +184,10 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
                     g = next(found)
                     grads[i] = (torch.zeros_like(t) if g is None else g).contiguous()
     return loss.detach().contiguous(), grads, stats
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _no_logits(tensors: dict[str, torch.Tensor | None]) -> bool:

@@ -31,6 +31,7 @@ from ._rules import (
     autocast_enabled,
     check_ignore_index,
     check_index_dtype,
+    check_target_intact,
     choose_loss_dtype,
     compute_dtype,
     divide_by_num_items,
@@ -44,6 +45,7 @@ from ._rules import (
     recompute_in_backward,
     records_graph,
     reduce_losses,
+    remember_target,
     save_inputs,
     saved_inputs,
     scale_stored,
@@ -128,6 +130,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
         ctx.rows = rows
         save_inputs(ctx, x, w, b, target)
+        remember_target(ctx, target)
         names = None if holder is None else holder.names
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
@@ -142,6 +145,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         nothing = (None,) * 8
+        check_target_intact(ctx, "linear_cross_entropy")
 
         def loss(x, w, b, t):
             logits = _composite.linear_logits(x, w, b, ctx.mdtype)

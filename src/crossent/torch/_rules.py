@@ -24,6 +24,7 @@ import contextlib
 import math
 import numbers
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -418,6 +419,7 @@ def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):
     backward through the graph works."""
     value = getattr(ctx, name)
     if ctx.keep:
+        check_not_freed(ctx)
         return value
     if value is None:
         raise RuntimeError(
@@ -431,18 +433,60 @@ def take_stored(ctx, name: str, function: str = "a fused cross-entropy"):
 
 def saved_inputs(ctx, name: str) -> tuple:
     """The inputs :func:`save_inputs` saved, as forward saw them (with their history);
-    one modified in place since raises, naming ``crossent.torch.<name>``."""
+    one modified in place since raises, naming ``crossent.torch.<name>``. torch checks
+    versions on unpacking, except under saved-tensor hooks
+    (``torch.autograd.graph.saved_tensors_hooks``): there a tensor that comes back at
+    its forward address with a newer version raises too (a hook that copied returns the
+    forward values elsewhere, and is trusted)."""
     try:
-        return ctx.saved_tensors
+        inputs = ctx.saved_tensors
     except RuntimeError as exc:
         if "modified by an inplace operation" not in str(exc):
             raise  # e.g. torch's "backward through the graph a second time"
-        raise RuntimeError(
-            f"crossent.torch.{name}: an input was modified in place after the forward "
-            f"pass; this backward (create_graph=True, a second backward through a "
-            f"retained graph, batched grad_outputs, or a target or weight gradient) "
-            f"recomputes the gradient from it"
-        ) from exc
+        raise _modified(name) from exc
+    for t, seen in zip(inputs, ctx.saved_versions, strict=True):
+        if t is not None and seen is not None and (t.data_ptr(), t._version) != seen \
+                and t.data_ptr() == seen[0]:
+            raise _modified(name)
+    return inputs
+
+
+def _modified(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"crossent.torch.{name}: an input was modified in place after the forward "
+        f"pass; this backward (create_graph=True, a second backward through a "
+        f"retained graph, batched grad_outputs, or a target or weight gradient) "
+        f"recomputes the gradient from it"
+    )
+
+
+def check_not_freed(ctx) -> None:
+    """torch's error for a backward through a graph whose saved tensors backward has
+    freed (a second backward without ``retain_graph=True``), for a Function that keeps
+    its stored gradient (float64, ``allow_retain_graph``) and so could go on silently."""
+    try:
+        _ = ctx.saved_tensors  # unpacking raises torch's error once they were freed
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        # the stored gradient is forward's: a later change of an input does not matter
+
+
+def remember_target(ctx, target: torch.Tensor) -> None:
+    """torch's losses save the target, so an in-place change of it before backward raises
+    there: the target (a reference for class indices, O(N); a weak one for
+    probabilities) and its version, checked by :func:`check_target_intact` on every
+    backward (the saved inputs are not unpacked on the plain one)."""
+    ctx.target_ref = (weakref.ref(target) if target.is_floating_point()
+                      else (lambda t=target: t))
+    ctx.target_version = target._version
+
+
+def check_target_intact(ctx, name: str) -> None:
+    target = ctx.target_ref()
+    if target is not None and target._version != ctx.target_version:
+        raise RuntimeError(f"crossent.torch.{name}: the target was modified in place "
+                           f"after the forward pass (torch raises here too)")
 
 
 def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> bool:
@@ -455,12 +499,17 @@ def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> 
     too: autograd adopts the returned gradient as the leaf's ``.grad``, sharing memory
     with the leaf (a refill of the leaf, ``zero_grad(set_to_none=False)`` or an optimizer
     step would then change both, silently), or copies it (a hidden ``N x C`` pass). There
-    the kernel writes a fresh buffer instead, and the logits stay intact.
+    the kernel writes a fresh buffer instead, and the logits stay intact. So it does under
+    saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, non-reentrant
+    checkpointing): torch skips its version checks there, and an op that saved the
+    activation would silently read the gradient.
 
     >>> leaf = torch.zeros(2, 3, requires_grad=True)
     >>> may_overwrite(leaf), may_overwrite(leaf[1:]), may_overwrite(leaf * 2)
     (False, False, True)
     """
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return False  # hooks (save_on_cpu, checkpoint) skip torch's version checks
     if written is not None and \
             written.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
         return True
@@ -476,6 +525,8 @@ def save_inputs(ctx, *inputs) -> None:
     the ``N x C`` logits alive as long as the loss tensor, into the next step's forward),
     and an input modified in place before they are read raises instead of misleading."""
     ctx.save_for_backward(*inputs)
+    # for saved_inputs' check under saved-tensor hooks (torch skips its own there)
+    ctx.saved_versions = [None if t is None else (t.data_ptr(), t._version) for t in inputs]
 
 
 def no_autocast(device_type: str):
@@ -513,7 +564,8 @@ def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = T
                 "batched grad_outputs (torch.autograd.grad(..., is_grads_batched=True))")
         raise UnsupportedError(
             f"crossent.torch.{name}: {what} is not supported with inplace_backward=True: "
-            f"the logits were overwritten by their gradient"
+            f"the logits (or the kernel's flattened copy of them) were overwritten by "
+            f"their gradient"
         )
     inputs = saved_inputs(ctx, name)
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False)

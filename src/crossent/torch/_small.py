@@ -33,10 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from ._rules import (
+    check_not_freed,
+    check_target_intact,
     double_backward,
     nan_at_targets,
     no_autocast,
     recompute_in_backward,
+    remember_target,
     save_inputs,
     scale_stored,
 )
@@ -76,9 +79,9 @@ class _SmallCrossEntropy(torch.autograd.Function):
         ctx.ignore_index, ctx.device_type = ignore_index, logits.device.type
         ctx.keep = logits.dtype == torch.float64
         save_inputs(ctx, logits, target)
-        # torch's nll_loss saves the target too: its in-place change raises (a small
-        # reference, read without unpacking the saved logits, whose change torch allows)
-        ctx.target, ctx.target_version = target, target._version
+        # torch's nll_loss saves the target too: its in-place change raises (checked
+        # without unpacking the saved logits, whose change torch allows)
+        remember_target(ctx, target)
         if reduction == "none":
             nll = logp_y.view(-1).neg()
             return nll if valid is None else torch.where(valid, nll, 0.0)
@@ -89,9 +92,7 @@ class _SmallCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         none = (None,) * 6
-        if ctx.target._version != ctx.target_version:
-            raise RuntimeError("crossent.torch.cross_entropy: the target was modified in "
-                               "place after the forward pass (torch raises here too)")
+        check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output) or ctx.grad is None:  # or backward twice
             dz, _ = double_backward(
                 ctx, grad_output, "cross_entropy",
@@ -100,6 +101,7 @@ class _SmallCrossEntropy(torch.autograd.Function):
                 create_graph=torch.is_grad_enabled())
             return dz, *none
         if ctx.keep:  # float64: every backward the same bits (gradcheck's reentrancy test)
+            check_not_freed(ctx)  # ... but a second one without retain_graph raises
             grad = ctx.grad.clone()
         else:  # released: autograd adopts it without a copy
             grad, ctx.grad = ctx.grad, None

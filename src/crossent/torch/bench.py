@@ -27,6 +27,7 @@ the bandwidth looked up from the GPU's name or given with ``--bandwidth``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -147,7 +148,9 @@ def make_case(config: str, device: str, quick: bool) -> Case:
     case = Case(kind, device, target=target, shape=(kind, n, v, d, str(dtype).split(".")[-1]))
     if kind == "ce":
         case.logits = torch.randn(n, v, generator=g, device=device).to(dtype)
-        case.act = torch.empty_like(case.logits).requires_grad_().clone()
+        # a clone of a one-element leaf: no N x V leaf kept alive behind it
+        case.act = torch.zeros((), dtype=dtype, device=device,
+                               requires_grad=True).expand(n, v).clone()
         case.buf = case.act.detach()
     else:
         case.x = torch.randn(n, d, generator=g, device=device).to(dtype)
@@ -253,10 +256,20 @@ def contenders(config: str, compiled_kernel: bool = False, device: str = "cpu") 
         served = getattr(torch, CONFIGS[config][4]) in _inductor.SERVED
         names = CE_CUDA_CONTENDERS if cuda else CE_CONTENDERS
         return names + (CE_COMPILED_CONTENDERS if compiled_kernel and served else [])
-    have = hasattr(F, "linear_cross_entropy")
     names = LINEAR_CUDA_CONTENDERS if cuda else LINEAR_CONTENDERS
-    return [c for c in names
-            if have or not (c.startswith("torch-lce") or c == "crossent-compact")]
+    return [c for c in names if _runs_here(c)]
+
+
+def _runs_here(contender: str) -> bool:
+    """torch's linear head and the compact policy need torch's function and its options
+    class (with ``acc_policy`` for ``crossent-compact``)."""
+    if not (contender.startswith("torch-lce") or contender == "crossent-compact"):
+        return True
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if not hasattr(F, "linear_cross_entropy") or options is None:
+        return False
+    return contender != "crossent-compact" or \
+        "acc_policy" in inspect.signature(options).parameters
 
 
 def _sync(device: str) -> None:
@@ -844,7 +857,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     for i, config in enumerate(configs, 1):
         kind = CONFIGS[config][0]
         started = time.perf_counter()
-        names = contenders(config, compiled_kernel)
+        names = contenders(config, compiled_kernel, device)
         say(f"[{i}/{len(configs)}] {config}: {len(names)} contenders, "
             f"{'warm-up, then ' if warmup else ''}timing...")
 

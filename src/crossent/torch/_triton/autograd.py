@@ -14,12 +14,14 @@ from .._rules import (  # the CPU head's rules
     Options,
     check_index_target,
     check_options,
+    check_target_intact,
     double_backward,
     matmul_dtype,
     may_overwrite,
     positive_int,
     recompute_in_backward,
     records_graph,
+    remember_target,
     save_inputs,
     saved_inputs,
     start_index_check,
@@ -136,9 +138,10 @@ def _scale_grad(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> to
 
 
 def _save_inputs(ctx, inputs, opts, inplace: bool) -> None:
-    """References to the inputs (with their history) for a double backward, and their
-    version counters, so a later in-place change raises instead of misleading."""
+    """The inputs (with their history) for a double backward (a later in-place change
+    raises instead of misleading), and the target's version (the last input)."""
     save_inputs(ctx, *((None,) * len(inputs) if inplace else inputs))
+    remember_target(ctx, inputs[-1])
     ctx.opts, ctx.inplace, ctx.device_type = opts, inplace, inputs[0].device.type
 
 
@@ -183,8 +186,11 @@ class _CrossEntropy(torch.autograd.Function):
         inplace = inplace and may_overwrite(input, logits)  # never a leaf's memory
         grad = None if inplace else torch.empty_like(logits)
         res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, **opts)
-        if inplace and logits.untyped_storage().data_ptr() == \
-                input.untyped_storage().data_ptr():
+        # overwritten: the caller's memory, not a flattened copy of it (then the caller's
+        # input is intact, saved, and a double backward recomputes from it)
+        overwritten = inplace and logits.untyped_storage().data_ptr() == \
+            input.untyped_storage().data_ptr()
+        if overwritten:
             # the kernel wrote into the input behind autograd's back: say so, so that
             increment_version(input)  # an op that saved it raises instead of misleading
         # in place, res.grad is the caller's own tensor: a detached alias lets autograd
@@ -195,12 +201,13 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.keep = logits.dtype == torch.float64
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
-        _save_inputs(ctx, (input, target), opts, inplace)
+        _save_inputs(ctx, (input, target), opts, overwritten)
         out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"]).to(loss_dtype)
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             g, _ = _double_backward(ctx, grad_output, _composite_loss, "cross_entropy")
             return g, None, None, None, None
@@ -318,6 +325,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        check_target_intact(ctx, "linear_cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             return (*_double_backward(ctx, grad_output, _composite_linear_loss,
                                       "linear_cross_entropy")[:3],

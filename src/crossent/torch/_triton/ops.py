@@ -8,6 +8,7 @@ out on the device whether ``grad_output`` is 1 (see :mod:`.kernels`).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -120,6 +121,10 @@ def sm_count(device: torch.device) -> int:
     return _sm_counts[index]
 
 
+_override_lock = threading.Lock()
+_active_overrides: list[CeLaunchOverride] = []  # oldest first
+
+
 @contextlib.contextmanager
 def override_ce_launch(*, block: int | None = None, warps: int | None = None,
                        reverse: bool | None = None, programs_per_sm: float | None = None,
@@ -127,14 +132,22 @@ def override_ce_launch(*, block: int | None = None, warps: int | None = None,
     """``with override_ce_launch(block=32768, warps=32, reverse=True,
     programs_per_sm=2): ...``: every launch of ``ce_kernel`` inside uses the fields given
     (``None``: the default; see :class:`CeLaunchOverride`); the previous override comes
-    back on exit. Process-wide (not per thread): for benchmarks and tests."""
+    back on exit. Process-wide (not per thread): for benchmarks and tests. Blocks of
+    several threads may interleave: each removes its own entry from a stack of the active
+    ones, and the override in force is the newest left (none when none is left)."""
     global ce_launch_override
-    previous = ce_launch_override
-    ce_launch_override = CeLaunchOverride(block, warps, reverse, programs_per_sm)
+    mine = CeLaunchOverride(block, warps, reverse, programs_per_sm)
+    with _override_lock:
+        _active_overrides.append(mine)
+        ce_launch_override = mine
     try:
-        yield ce_launch_override
+        yield mine
     finally:
-        ce_launch_override = previous
+        with _override_lock:
+            # this block's own entry (by identity: equal overrides may be active twice)
+            index = next(i for i, o in enumerate(_active_overrides) if o is mine)
+            del _active_overrides[index]
+            ce_launch_override = _active_overrides[-1] if _active_overrides else None
 
 
 def ce_launch_config(num_classes: int, itemsize: int, device: torch.device,
