@@ -162,3 +162,33 @@ def test_activation_is_overwritten_by_torchs_gradient(backend, kind):
     loss = xt.cross_entropy(logits, y, inplace_backward=True, backend=backend)
     _fused_node(loss)
     assert_written_in_place(loss, logits, ref_logits, y, leaves, refs, kind)
+
+
+def test_activation_is_not_overwritten_where_torch_cannot_say_whether_hooks_are_active(
+        monkeypatch):
+    """``may_overwrite`` asks torch (a private query) whether saved-tensor hooks are in
+    force; a torch without that query gets the safe answer: not in place."""
+    from crossent.torch._rules import may_overwrite
+
+    h = torch.randn(3, 4, requires_grad=True)
+    assert may_overwrite(h * 2)
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    assert not may_overwrite(h * 2)
+
+
+def test_saved_inputs_without_storage_are_left_to_torchs_check():
+    """A saved input whose address cannot be read (no storage) is checked by torch
+    alone: no error of crossent's own."""
+    from crossent.torch._rules import _forward_state
+
+    class NoStorage:
+        _version = 0
+
+        def data_ptr(self):
+            raise RuntimeError("Cannot access data pointer of Tensor that doesn't have "
+                               "storage")
+
+    assert _forward_state(None) is None
+    assert _forward_state(NoStorage()) is None  # type: ignore[arg-type]
+    t = torch.zeros(2)
+    assert _forward_state(t) == (t.data_ptr(), t._version)

@@ -445,8 +445,8 @@ def saved_inputs(ctx, name: str) -> tuple:
             raise  # e.g. torch's "backward through the graph a second time"
         raise _modified(name) from exc
     for t, seen in zip(inputs, ctx.saved_versions, strict=True):
-        if t is not None and seen is not None and (t.data_ptr(), t._version) != seen \
-                and t.data_ptr() == seen[0]:
+        now = _forward_state(t)
+        if seen is not None and now is not None and now[0] == seen[0] and now != seen:
             raise _modified(name)
     return inputs
 
@@ -508,13 +508,31 @@ def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> 
     >>> may_overwrite(leaf), may_overwrite(leaf[1:]), may_overwrite(leaf * 2)
     (False, False, True)
     """
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if _saved_tensor_hooks_active():
         return False  # hooks (save_on_cpu, checkpoint) skip torch's version checks
     if written is not None and \
             written.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
         return True
     owner = logits._base if logits._base is not None else logits
     return not owner.is_leaf
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Default saved-tensor hooks are in force (a private query of torch's; where a torch
+    lacks it, assume they are: the safe answer for :func:`may_overwrite`)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _forward_state(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """``(data address, version)`` of a saved input; None for none, or for a tensor
+    without storage (a wrapper subclass: torch's own check only)."""
+    if t is None:
+        return None
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return None
 
 
 def save_inputs(ctx, *inputs) -> None:
@@ -526,7 +544,7 @@ def save_inputs(ctx, *inputs) -> None:
     and an input modified in place before they are read raises instead of misleading."""
     ctx.save_for_backward(*inputs)
     # for saved_inputs' check under saved-tensor hooks (torch skips its own there)
-    ctx.saved_versions = [None if t is None else (t.data_ptr(), t._version) for t in inputs]
+    ctx.saved_versions = [_forward_state(t) for t in inputs]
 
 
 def no_autocast(device_type: str):
