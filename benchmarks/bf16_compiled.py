@@ -38,9 +38,13 @@ import torch.nn.functional as F
 
 import crossent.torch as xt
 from crossent.torch import _inductor
+from crossent.torch.bench import activation_like
 
 
-def contenders(z: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> dict:
+def contenders(z: torch.Tensor, t: torch.Tensor, act: torch.Tensor) -> dict:
+    """``act``: an activation (:func:`crossent.torch.bench.activation_like`), what the
+    in-place contenders overwrite; ``buf``, its memory, is refilled from ``z``."""
+    buf = act.detach()
     n = z.shape[0]
     a = torch.full((n,), 1.0 / n)
     c = -a
@@ -53,7 +57,8 @@ def contenders(z: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> dict:
         def step() -> None:
             if inplace:
                 buf.copy_(z)
-            x = (buf if inplace else z).detach().requires_grad_()
+            # in place: the activation (inplace_backward never overwrites a leaf)
+            x = act if inplace else z.detach().requires_grad_()
             previous = xt.set_compiled_kernel(use_compiled)
             try:
                 loss = xt.cross_entropy(x, t, backend="rowblock", inplace_backward=inplace)
@@ -99,8 +104,7 @@ def measure(repeats: int, dtype: torch.dtype, n: int, v: int, load: int = 0) -> 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, v, generator=g).to(dtype)
     t = torch.randint(0, v, (n,), generator=g)
-    buf = torch.empty_like(z)
-    steps = contenders(z, t, buf)
+    steps = contenders(z, t, activation_like(z))
     t0 = time.perf_counter()
     for step in steps.values():  # warm-up (and compilation)
         step()

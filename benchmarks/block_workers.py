@@ -21,10 +21,13 @@ import torch.nn.functional as F
 
 import crossent.torch as xt
 from crossent.torch import _blockpool
-from crossent.torch.bench import CompetingLoad
+from crossent.torch.bench import CompetingLoad, activation_like
 
 
-def contenders(z: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> dict:
+def contenders(z: torch.Tensor, t: torch.Tensor, act: torch.Tensor) -> dict:
+    """``act``: an activation (:func:`crossent.torch.bench.activation_like`), what the
+    in-place contender overwrites; ``buf``, its memory, is refilled from ``z``."""
+    buf = act.detach()
     def eager() -> None:
         a = z.detach().requires_grad_()
         torch.autograd.grad(F.cross_entropy(a, t), a)
@@ -34,7 +37,8 @@ def contenders(z: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> dict:
             _blockpool.set_block_workers(workers)
             if inplace:
                 buf.copy_(z)
-            a = (buf if inplace else z).detach().requires_grad_()
+            # in place: the activation (inplace_backward never overwrites a leaf)
+            a = act if inplace else z.detach().requires_grad_()
             loss = xt.cross_entropy(a, t, backend="rowblock", inplace_backward=inplace)
             torch.autograd.grad(loss, a)
         return step
@@ -48,8 +52,7 @@ def measure(repeats: int, load: int, dtype: torch.dtype, n: int, v: int) -> list
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, v, generator=g).to(dtype)
     t = torch.randint(0, v, (n,), generator=g)
-    buf = torch.empty_like(z)
-    steps = contenders(z, t, buf)
+    steps = contenders(z, t, activation_like(z))
     with CompetingLoad(load):
         before = os.getloadavg()[0]
         for step in steps.values():  # warm-up, also the pooled buffers

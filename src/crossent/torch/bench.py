@@ -148,9 +148,7 @@ def make_case(config: str, device: str, quick: bool) -> Case:
     case = Case(kind, device, target=target, shape=(kind, n, v, d, str(dtype).split(".")[-1]))
     if kind == "ce":
         case.logits = torch.randn(n, v, generator=g, device=device).to(dtype)
-        # a clone of a one-element leaf: no N x V leaf kept alive behind it
-        case.act = torch.zeros((), dtype=dtype, device=device,
-                               requires_grad=True).expand(n, v).clone()
+        case.act = activation_like(case.logits)
         case.buf = case.act.detach()
     else:
         case.x = torch.randn(n, d, generator=g, device=device).to(dtype)
@@ -186,6 +184,16 @@ def _loss_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     return out.loss if hasattr(out, "loss") else out[0]
+
+
+def activation_like(t: torch.Tensor) -> torch.Tensor:
+    """An activation (a non-leaf with its own memory, as the head's output is in a
+    model) of ``t``'s shape, dtype and device, for in-place contenders:
+    ``inplace_backward`` overwrites only an activation's memory, never a leaf's. A
+    clone of a one-element leaf, so no full-size leaf is kept alive behind it; refill it
+    through ``.detach()``."""
+    leaf = torch.zeros((), dtype=t.dtype, device=t.device, requires_grad=True)
+    return leaf.expand(t.shape).clone()
 
 
 def step(case: Case, name: str) -> None:
