@@ -58,7 +58,6 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, rows, opts, inplace, out_dtype, stats=None):
         need_logits = ctx.needs_input_grad[0]
-        inplace = inplace and may_overwrite(logits)  # never a leaf's memory
         grad = None
         if need_logits:
             # in place: a detached alias, which autograd adopts for a .grad further up
@@ -539,8 +538,8 @@ def cross_entropy(
                 if names is not None:
                     stats = _statistics.from_logits(names, logits, flat_target, opts)
             else:
-                # decided on the caller's tensor: a leaf's flattened copy is not
-                # overwritten either, so its double backward recomputes from the copy
+                # decided once, here, on the caller's tensor (never a leaf's memory, nor a
+                # leaf's flattened copy: its double backward recomputes from the copy)
                 inplace = inplace_backward and may_overwrite(input)
                 if route == "triton":
                     out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace,

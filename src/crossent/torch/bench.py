@@ -178,6 +178,14 @@ def load_external(name: str, kind: str) -> Callable[..., Any]:
     raise ValueError(f"no external contender {name!r} for {kind!r}")  # a bug: see contenders
 
 
+def _external(case: Case, name: str) -> Callable[..., Any]:
+    """The EXTERNAL contender's loss function, imported once per case (by
+    ``time_config``'s preparation, or here on a direct :func:`step`)."""
+    if name not in case.external:
+        case.external[name] = load_external(name, case.kind)
+    return case.external[name]
+
+
 def _loss_of(out: Any) -> torch.Tensor:
     """The loss of an external contender's output: a tensor, or (loss, extras...), or an
     object with ``.loss`` (Liger with ``return_z_loss``)."""
@@ -207,9 +215,7 @@ def step(case: Case, name: str) -> None:
         if name == "eager":
             loss = F.cross_entropy(z, case.target)
         elif name in EXTERNAL:
-            fn = case.external.get(name) or case.external.setdefault(
-                name, load_external(name, case.kind))
-            loss = _loss_of(fn(z, case.target))
+            loss = _loss_of(_external(case, name)(z, case.target))
         elif name == "compile":
             fn = _compiled.setdefault("ce", torch.compile(F.cross_entropy))
             loss = fn(z, case.target)
@@ -229,9 +235,7 @@ def step(case: Case, name: str) -> None:
         fn = _compiled.setdefault("linear", torch.compile(_unfused_head))
         loss = fn(x, w, case.target)
     elif name in EXTERNAL:
-        fn = case.external.get(name) or case.external.setdefault(
-            name, load_external(name, case.kind))
-        loss = _loss_of(fn(x, w, case.target))
+        loss = _loss_of(_external(case, name)(x, w, case.target))
     elif name.startswith("torch-lce"):
         opts = torch.nn.LinearCrossEntropyOptions()
         if name.endswith("chunk256"):
