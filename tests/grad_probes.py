@@ -83,3 +83,67 @@ class Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+def assert_grad_and_hvp_match_torch(loss, z, y, close, grad_output=None, **kw):
+    """crossent's ``d loss / dz`` (``create_graph=True``) and the Hessian-vector product
+    ``d(sum g^2)/dz`` against torch's ``F.cross_entropy(z, y, **kw)`` in float64 on the same
+    ``z``; returns ``(g, torch's g)`` for further comparisons. ``close(got, want, rtol=,
+    atol=)`` is the caller's check."""
+    g, = torch.autograd.grad(loss, z, grad_output, create_graph=True)
+    hvp, = torch.autograd.grad((g * g).sum(), z)
+    zd = z.detach().double().requires_grad_()
+    r, = torch.autograd.grad(F.cross_entropy(zd, y, **kw), zd,
+                             None if grad_output is None else grad_output.double(),
+                             create_graph=True)
+    rhvp, = torch.autograd.grad((r * r).sum(), zd)
+    close(g, r)
+    close(hvp, rhvp, rtol=1e-3, atol=1e-7)
+    return g, r
+
+
+def assert_checkpointed_head_matches_torch(loss_of_logits, x0, w0, y, reentrant, close):
+    """``loss_of_logits(F.linear(tanh(x), w))`` inside ``torch.utils.checkpoint`` (the
+    logits an activation made inside the region; tanh's saved output makes the
+    non-reentrant checkpoint recompute the region): dx and dW against torch's float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    def region(x, w):
+        return loss_of_logits(F.linear(torch.tanh(x), w))
+
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    checkpoint(region, x, w, use_reentrant=reentrant).backward()
+    xd, wd = x0.double().requires_grad_(), w0.double().requires_grad_()
+    F.cross_entropy(F.linear(torch.tanh(xd), wd), y).backward()
+    close(x.grad, xd.grad, atol=1e-6)
+    close(w.grad, wd.grad, atol=1e-6)
+
+
+def assert_save_on_cpu_inplace_loud_or_torchs(loss_of_logits, x0, y, close):
+    """``loss_of_logits(exp(x / 2))`` with ``inplace_backward`` under
+    ``torch.autograd.graph.save_on_cpu`` (which does not copy CPU tensors, and under which
+    torch skips its version check): exp saved its output, the logits; torch's gradient,
+    or torch's loud in-place error, never a silently wrong one."""
+    from torch.autograd.graph import save_on_cpu
+
+    xd = x0.double().requires_grad_()
+    F.cross_entropy((xd * 0.5).exp(), y).backward()
+    x = x0.clone().requires_grad_()
+    try:
+        with save_on_cpu():
+            loss = loss_of_logits((x * 0.5).exp())  # exp saves its output
+        loss.backward()
+    except RuntimeError as exc:  # torch's version-check error: loud, fine
+        assert "inplace" in str(exc)
+        return
+    close(x.grad, xd.grad)
+
+
+def grad_node_name(loss) -> str:
+    """The name of ``loss``'s first backward node that is not a reshape or cast: which
+    kernel's Function (or torch op) made it, so a test can assert its route."""
+    fn = loss.grad_fn
+    while fn is not None and type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0",
+                                                   "UnsafeViewBackward0", "ToCopyBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__

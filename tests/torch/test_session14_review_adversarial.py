@@ -23,6 +23,14 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import (
+    assert_checkpointed_head_matches_torch,
+    assert_grad_and_hvp_match_torch,
+    assert_save_on_cpu_inplace_loud_or_torchs,
+)
+from grad_probes import (
+    grad_node_name as _node,
+)
 from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
@@ -40,15 +48,6 @@ ROUTES = {
 }
 HAVE_OPTIONS = hasattr(torch.nn, "LinearCrossEntropyOptions")
 LINEAR = "_LinearCrossEntropyFunctionBackward"
-
-
-def _node(loss: torch.Tensor) -> str:
-    """The name of the first backward node that is not a reshape or cast."""
-    fn = loss.grad_fn
-    while fn is not None and type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0",
-                                                   "UnsafeViewBackward0", "ToCopyBackward0"):
-        fn = fn.next_functions[0][0]
-    return type(fn).__name__
 
 
 def _logits(route: str, seed: int, dtype=torch.float32, ignored: bool = True):
@@ -302,13 +301,7 @@ def test_saved_tensors_hooks_recomputing_paths_match_torch(kind, case):
         with _hooks(kind):
             loss = xt.cross_entropy(h * 1.0, y, backend=backend)
         assert _node(loss) == node
-        g, = torch.autograd.grad(loss, h, create_graph=True)
-        hvp, = torch.autograd.grad((g * g).sum(), h)
-        hd = h.detach().double().requires_grad_()
-        r, = torch.autograd.grad(F.cross_entropy(hd, y), hd, create_graph=True)
-        rhvp, = torch.autograd.grad((r * r).sum(), hd)
-        _close(g, r)
-        _close(hvp, rhvp, rtol=1e-3, atol=1e-7)
+        assert_grad_and_hvp_match_torch(loss, h, y, _close)
     elif case == "prob":
         g0 = torch.Generator().manual_seed(10)
         ps = [torch.randn(20, 11, generator=g0).requires_grad_(),
@@ -363,18 +356,9 @@ def test_save_on_cpu_with_inplace_backward_raises_or_matches_torch():
     g = torch.Generator().manual_seed(13)
     x0 = torch.randn(24, 37, generator=g)
     y = torch.randint(0, 37, (24,), generator=g)
-    xd = x0.double().requires_grad_()
-    F.cross_entropy((xd * 0.5).exp(), y).backward()
-    x = x0.clone().requires_grad_()
-    try:
-        with save_on_cpu():
-            h = (x * 0.5).exp()  # exp saves its output h
-            loss = xt.cross_entropy(h, y, inplace_backward=True, backend="rowblock")
-        loss.backward()
-    except RuntimeError as exc:  # torch's version-check error: loud, fine
-        assert "inplace" in str(exc)
-        return
-    _close(x.grad, xd.grad)
+    assert_save_on_cpu_inplace_loud_or_torchs(
+        lambda h: xt.cross_entropy(h, y, inplace_backward=True, backend="rowblock"), x0, y,
+        _close)
 
 
 # --------------------------------------------------------------------------- checkpointing
@@ -390,17 +374,9 @@ def test_checkpointed_head_matches_torch(route, reentrant, inplace):
     w0 = torch.randn(classes, 8, generator=g)
     y = torch.randint(0, classes, (rows,), generator=g)
     y[::4] = -100
-
-    def region(x, w):  # the logits an activation made inside the region
-        return xt.cross_entropy(F.linear(torch.tanh(x), w), y, backend=backend,
-                                inplace_backward=inplace)
-
-    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-    checkpoint(region, x, w, use_reentrant=reentrant).backward()
-    xd, wd = x0.double().requires_grad_(), w0.double().requires_grad_()
-    F.cross_entropy(F.linear(torch.tanh(xd), wd), y).backward()
-    _close(x.grad, xd.grad, atol=1e-6)
-    _close(w.grad, wd.grad, atol=1e-6)
+    assert_checkpointed_head_matches_torch(
+        lambda z: xt.cross_entropy(z, y, backend=backend, inplace_backward=inplace),
+        x0, w0, y, reentrant, _close)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -544,13 +520,7 @@ def test_leaf_logits_in_place_double_backward_as_documented(layout):
     z = base.detach().requires_grad_()
     loss = xt.cross_entropy(z, y, inplace_backward=True, backend="rowblock")
     assert torch.equal(z.detach(), base), "the caller's leaf is intact"
-    gz, = torch.autograd.grad(loss, z, create_graph=True)
-    hvp, = torch.autograd.grad((gz * gz).sum(), z)
-    zd = base.double().requires_grad_()
-    r, = torch.autograd.grad(F.cross_entropy(zd, y), zd, create_graph=True)
-    rhvp, = torch.autograd.grad((r * r).sum(), zd)
-    _close(gz, r)
-    _close(hvp, rhvp, rtol=1e-3, atol=1e-7)
+    assert_grad_and_hvp_match_torch(loss, z, y, _close)
 
 
 # --------------------------------------------------------------------------- start_index_check

@@ -24,8 +24,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+import launch_variants  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from grad_probes import close_to_reference as close  # noqa: E402
+from launch_variants import launched_as, variants  # noqa: E402
 
 from crossent.torch._triton import ops, triton_cross_entropy  # noqa: E402
 
@@ -35,25 +37,19 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfl
 
 # (reverse, persistent programs): 0 is one program per row (grid N), today's default launch
 GRIDS = (0, 1, 4, 20)
-VARIANTS = [(rev, programs) for rev in (False, True) for programs in GRIDS]
-IDS = [f"{'reverse' if rev else 'forward'}-{f'{programs}programs' if programs else 'gridN'}"
-       for rev, programs in VARIANTS]
+VARIANTS, IDS = variants(GRIDS)
 
 
 def programs_per_sm(programs: int) -> float:
-    """The override's value that launches ``programs`` programs on this device."""
-    return programs / ops.sm_count(torch.device(DEVICE))
+    return launch_variants.programs_per_sm(programs, DEVICE)
 
 
 @pytest.fixture(params=VARIANTS, ids=IDS)
 def variant(request):
     """Every ce_kernel launch inside the test uses this variant; the override is put back
     afterwards (asserted: a leaked override would change every later test's launch)."""
-    before = ops.ce_launch_override
-    reverse, programs = request.param
-    with ops.override_ce_launch(reverse=reverse, programs_per_sm=programs_per_sm(programs)):
+    with launched_as(*request.param, DEVICE):
         yield request.param
-    assert ops.ce_launch_override is before
 
 
 def reference_rows(z, target, weight=None, eps=0.0, z_loss=0.0, softcap=None):

@@ -15,8 +15,15 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import (
+    assert_checkpointed_head_matches_torch,
+    assert_grad_and_hvp_match_torch,
+    assert_save_on_cpu_inplace_loud_or_torchs,
+)
+from grad_probes import (
+    grad_node_name as _node,
+)
 from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
-from torch.utils.checkpoint import checkpoint
 
 import crossent.torch as xt
 from crossent.torch._triton import triton_cross_entropy, triton_linear_cross_entropy
@@ -26,14 +33,6 @@ pytestmark = pytest.mark.timeout(120)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter
 N, C = 6, 20
 CE, LINEAR = "_CrossEntropyBackward", "_LinearCrossEntropyBackward"
-
-
-def _node(loss: torch.Tensor) -> str:
-    fn = loss.grad_fn
-    while fn is not None and type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0",
-                                                   "UnsafeViewBackward0", "ToCopyBackward0"):
-        fn = fn.next_functions[0][0]
-    return type(fn).__name__
 
 
 def _data(seed: int, dtype=torch.float32, shape=(N, C)):
@@ -71,15 +70,9 @@ def test_retain_then_batched_then_create_graph_match_torch(reduction):
     g1, = torch.autograd.grad(loss, h, go, retain_graph=True)
     gb, = torch.autograd.grad(loss, h, torch.stack([go, -2 * go]), is_grads_batched=True,
                               retain_graph=True)
-    g2, = torch.autograd.grad(loss, h, go, create_graph=True)
-    hvp, = torch.autograd.grad((g2 * g2).sum(), h)
-    hd = h.detach().double().requires_grad_()
-    r, = torch.autograd.grad(F.cross_entropy(hd, y, reduction=reduction), hd, go.double(),
-                             create_graph=True)
-    rhvp, = torch.autograd.grad((r * r).sum(), hd)
-    for got in (g1, gb[0], gb[1] / -2, g2):
+    _, r = assert_grad_and_hvp_match_torch(loss, h, y, _close, go, reduction=reduction)
+    for got in (g1, gb[0], gb[1] / -2):
         _close(got, r)
-    _close(hvp, rhvp, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -168,13 +161,7 @@ def test_saved_tensors_hooks_recomputing_paths_match_torch(kind):
         loss = xt.cross_entropy(h * 1.0, y, backend="triton")
         head = xt.linear_cross_entropy(x * 1.0, w, yl, b, reduction="none", backend="triton")
     assert _node(loss) == CE and _node(head) == LINEAR
-    g, = torch.autograd.grad(loss, h, create_graph=True)
-    hvp, = torch.autograd.grad((g * g).sum(), h)
-    hd = h.detach().double().requires_grad_()
-    r, = torch.autograd.grad(F.cross_entropy(hd, y), hd, create_graph=True)
-    rhvp, = torch.autograd.grad((r * r).sum(), hd)
-    _close(g, r)
-    _close(hvp, rhvp, rtol=1e-3, atol=1e-7)
+    assert_grad_and_hvp_match_torch(loss, h, y, _close)
     got = torch.autograd.grad(head.sum(), (x, w, b))
     pd = [p.detach().double().requires_grad_() for p in (x, w, b)]
     want = torch.autograd.grad(F.cross_entropy(F.linear(*pd), yl, reduction="sum"), pd)
@@ -187,17 +174,9 @@ def test_save_on_cpu_with_inplace_backward_raises_or_matches_torch():
     g = torch.Generator().manual_seed(7)
     x0 = torch.randn(N, C, generator=g)
     y = torch.randint(0, C, (N,), generator=g)
-    xd = x0.double().requires_grad_()
-    F.cross_entropy((xd * 0.5).exp(), y).backward()
-    x = x0.clone().requires_grad_()
-    try:
-        with save_on_cpu():
-            loss = xt.cross_entropy((x * 0.5).exp(), y, inplace_backward=True, backend="triton")
-        loss.backward()
-    except RuntimeError as exc:
-        assert "inplace" in str(exc)
-        return
-    _close(x.grad, xd.grad)
+    assert_save_on_cpu_inplace_loud_or_torchs(
+        lambda h: xt.cross_entropy(h, y, inplace_backward=True, backend="triton"), x0, y,
+        _close)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -207,17 +186,9 @@ def test_checkpointed_triton_loss_matches_torch(reentrant, inplace):
     x0 = torch.randn(N, 5, generator=g).to(DEVICE)
     w0 = torch.randn(C, 5, generator=g).to(DEVICE)
     y = torch.randint(0, C, (N,), generator=g).to(DEVICE)
-
-    def region(x, w):
-        return xt.cross_entropy(F.linear(torch.tanh(x), w), y, backend="triton",
-                                inplace_backward=inplace)
-
-    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-    checkpoint(region, x, w, use_reentrant=reentrant).backward()
-    xd, wd = x0.double().requires_grad_(), w0.double().requires_grad_()
-    F.cross_entropy(F.linear(torch.tanh(xd), wd), y).backward()
-    _close(x.grad, xd.grad, atol=1e-6)
-    _close(w.grad, wd.grad, atol=1e-6)
+    assert_checkpointed_head_matches_torch(
+        lambda z: xt.cross_entropy(z, y, backend="triton", inplace_backward=inplace),
+        x0, w0, y, reentrant, _close)
 
 
 # --------------------------------------------------------------------------- may_overwrite

@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from launch_variants import launched_as, programs_per_sm, variants  # noqa: E402
 
 from crossent.torch._triton import kernels, ops, triton_cross_entropy  # noqa: E402
 
@@ -34,25 +35,20 @@ pytestmark = pytest.mark.timeout(240)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter
 BLOCK = 16
 F64 = torch.float64
-VARIANTS = [(rev, programs) for rev in (False, True) for programs in (0, 1, 4, 50)]
-IDS = [f"{'reverse' if rev else 'forward'}-{f'{p}programs' if p else 'gridN'}"
-       for rev, p in VARIANTS]
+VARIANTS, IDS = variants((0, 1, 4, 50))
 
 
 def per_sm(programs: int) -> float:
-    """The override's programs per SM that launches ``programs`` programs here."""
-    return programs / ops.sm_count(torch.device(DEVICE))
+    return programs_per_sm(programs, DEVICE)
 
 
 @pytest.fixture(params=VARIANTS, ids=IDS)
 def variant(request):
     reverse, programs = request.param
-    before = ops.ce_launch_override
-    with ops.override_ce_launch(reverse=reverse, programs_per_sm=per_sm(programs)):
+    with launched_as(reverse, programs, DEVICE):
         launch = ops.ce_launch_config(40, 8, torch.device(DEVICE), BLOCK)
         assert (launch.reverse, launch.programs) == (reverse, programs)
         yield request.param
-    assert ops.ce_launch_override is before
 
 
 def reference(z, target, weight=None, eps=0.0, z_loss=0.0, softcap=None, mult=None):
