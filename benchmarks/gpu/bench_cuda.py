@@ -6,6 +6,7 @@ and Cut Cross-Entropy on one CUDA GPU: time (median), peak extra memory, HBM flo
     python benchmarks/gpu/bench_cuda.py --check-only         # correctness on the GPU only
     python benchmarks/gpu/bench_cuda.py --tiny --interpret   # smoke test on a CPU
     python benchmarks/gpu/bench_cuda.py --sweep-only         # launch variants only (~3 min)
+    python benchmarks/gpu/bench_cuda.py --head-sweep-only    # the head's chunk rows, dW dtype
 
 Every contender runs in this one process on the same tensors, forward + backward
 (``loss.backward()``, ``grad_output`` 1), ``--repeats`` timed runs after ``--warmup``
@@ -501,6 +502,10 @@ SWEEP_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("B32768 w32 reverse persistent 1x", dict(block=32768, warps=32, reverse=True,
                                               programs_per_sm=1)),
 ]
+# --tiny (the CPU smoke test in the interpreter): the first six, every constexpr path of the
+# kernel (forward / reverse pass 2, one program per row / persistent); the wider tiles only
+# cost interpreter time here (the sm_90 compile tests in tests/triton compile them)
+TINY_SWEEP_VARIANTS = 6
 # a variant's gradient may differ from the default's by a rounding of the gradient's dtype
 # (another tile width changes the float32 max / sum-exp by an ulp), relative to max |g|
 SWEEP_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
@@ -600,7 +605,7 @@ def sweep(args, device) -> dict[str, Any]:
               f"{'max|dg|':>9s}  note")
         ref = None
         rows: list[dict[str, Any]] = []
-        for name, fields in SWEEP_VARIANTS:
+        for name, fields in SWEEP_VARIANTS[:TINY_SWEEP_VARIANTS] if args.tiny else SWEEP_VARIANTS:
             entry, ref = _sweep_variant(config, name, fields, z0, y, ref, timer, device, args)
             base = rows[0]["median_ms"] if rows else entry["median_ms"]
             entry.update(hbm_floor_ms=floor, x_floor=entry["median_ms"] / floor,
@@ -629,6 +634,116 @@ def sweep(args, device) -> dict[str, Any]:
     return {"variants": entries, "best": best_by_config}
 
 
+# the linear head's row chunk and dW accumulation (crossent-triton, N = 16384, D = 4096,
+# V = 128256 bf16): the chunk's logits are the head's extra memory (rows x V x 2 bytes) and
+# every chunk reads and writes the whole dW once (beta=1 addmm; 2.1 GB in float32), so fewer,
+# larger chunks trade memory for time. Rows, then dw_dtype (None: float32 sums, one rounding at
+# the end; bf16: summed in the weight's dtype, Liger's memory); the first is today's default
+# (crossent.torch._rules.default_chunk: 2048 rows here).
+HEAD_SWEEP: list[tuple[int | None, torch.dtype | None]] = [
+    (None, None), (None, torch.bfloat16),
+    (512, None), (512, torch.bfloat16), (1024, None), (1024, torch.bfloat16),
+    (4096, None), (4096, torch.bfloat16), (8192, None), (8192, torch.bfloat16),
+]
+TINY_HEAD_SWEEP: list[tuple[int | None, torch.dtype | None]] = [
+    (None, None), (8, None), (8, torch.bfloat16)]
+# a variant's gradients against the default's, relative to max |g|: dW summed in bf16 rounds
+# once per chunk (up to 32 chunks here), the rest differ by a rounding of bf16
+HEAD_SWEEP_TOL = {None: 8e-3, torch.bfloat16: 4e-2}
+
+
+def head_sweep(args, device) -> dict[str, Any]:
+    """crossent's Triton linear head over HEAD_SWEEP (chunk rows x dW accumulation dtype)
+    on LINEAR_CONFIGS, forward + backward, with the unfused torch head first as the
+    baseline: each variant's loss and dx, dW checked against the default's, then its
+    median ms, ratio to unfused torch, and peak memory beyond the inputs and beyond the
+    returned gradients (dx and dW in the input's dtype). Variants after --max-minutes are
+    skipped. Returns ``{"variants": [...]}``."""
+    timer = Timer(device)
+    gen = torch.Generator(device=device).manual_seed(3)
+    variants = TINY_HEAD_SWEEP if args.tiny else HEAD_SWEEP
+    entries: list[dict[str, Any]] = []
+    for n, d, v, dtype in TINY_LINEAR if args.tiny else LINEAR_CONFIGS:
+        x0 = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        w0 = (torch.randn(v, d, device=device, generator=gen) / math.sqrt(d)).to(dtype)
+        y = torch.randint(0, v, (n,), device=device, generator=gen)
+        entries += _head_sweep_config(f"linear {n}x{d}->{v} {_name(dtype)}", x0, w0, y,
+                                      variants, timer, device, args)
+        del x0, w0, y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"variants": entries}
+
+
+def _head_sweep_config(config, x0, w0, y, variants, timer, device, args) -> list[dict]:
+    grads_bytes = (x0.numel() + w0.numel()) * x0.element_size()
+
+    def prep():
+        return (x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_())
+
+    base = measure(config, "torch (unfused)", prep,
+                   lambda s: F.cross_entropy(F.linear(s[0], s[1]), y).backward(),
+                   timer, device, args.warmup, args.repeats)
+    print(f"\n== head sweep {config} (forward+backward; returned gradients "
+          f"{grads_bytes / 1e9:.2f} GB)")
+    print(f"{'variant':32s} {'median ms':>10s} {'x torch':>8s} {'peak GB':>8s} "
+          f"{'beyond grads GB':>15s} {'max|dW|err':>10s}  note")
+    rows = [_head_row(config, "torch (unfused)", None, None, base, base, grads_bytes)]
+    ref = None
+    for chunk, dw_dtype in variants:
+        name = (f"chunk {chunk or 'default'} dW "
+                f"{'float32 sums' if dw_dtype is None else _name(dw_dtype)}")
+        ref, err, note = _head_check(x0, w0, y, chunk, dw_dtype, ref)
+        if note:
+            r = Result(config, name, note=note)
+        else:
+            r = measure(config, name, prep,
+                        lambda s, c=chunk, dd=dw_dtype: triton_linear_cross_entropy(
+                            s[0], s[1], y, chunk_size=c, dw_dtype=dd).backward(),
+                        timer, device, args.warmup, args.repeats)
+        rows.append(_head_row(config, name, chunk, dw_dtype, r, base, grads_bytes, err))
+    return rows
+
+
+def _head_check(x0, w0, y, chunk, dw_dtype, ref):
+    """One call of the head variant against the default's (``ref``; None: this is the
+    default, which becomes the reference). Returns (ref, relative max dW error, note)."""
+    try:
+        x, w = x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
+        loss = triton_linear_cross_entropy(x, w, y, chunk_size=chunk, dw_dtype=dw_dtype)
+        loss.backward()
+    except Exception as exc:
+        traceback.print_exc(limit=2)
+        return ref, math.nan, f"FAIL: raised {type(exc).__name__}: {str(exc)[:100]}"
+    if ref is None:
+        return (loss.detach(), x.grad, w.grad), 0.0, ""
+    tol = HEAD_SWEEP_TOL[dw_dtype]
+    errs = [_max_abs_diff(got, want) / max(float(want.abs().max()), 1e-30)
+            for got, want in ((x.grad, ref[1]), (w.grad, ref[2]))]
+    loss_err = abs(float(loss.detach()) - float(ref[0])) / max(abs(float(ref[0])), 1e-30)
+    if max(errs) > tol or loss_err > 1e-2:
+        return ref, errs[1], (f"FAIL: differs from the default's: dx {errs[0]:.2e}, dW "
+                              f"{errs[1]:.2e} (tolerance {tol:.0e}), loss {loss_err:.2e}")
+    return ref, errs[1], ""
+
+
+def _head_row(config, name, chunk, dw_dtype, r: Result, base: Result, grads_bytes: int,
+              err: float = 0.0) -> dict[str, Any]:
+    peak = r.peak_extra_bytes
+    beyond = None if peak is None else peak - grads_bytes
+    ratio = r.median_ms / base.median_ms if base.times_ms else math.nan
+    def gb(b):
+        return "" if b is None else f"{b / 1e9:.2f}"
+
+    print(f"{name:32s} {r.median_ms:10.3f} {ratio:8.3f} {gb(peak):>8s} {gb(beyond):>15s} "
+          f"{err:10.2e}  {r.note}", flush=True)
+    return {"config": config, "variant": name, "chunk_size": chunk,
+            "dw_dtype": None if dw_dtype is None else _name(dw_dtype),
+            "median_ms": r.median_ms, "times_ms": r.times_ms, "x_torch": ratio,
+            "peak_extra_bytes": peak, "beyond_grads_bytes": beyond,
+            "max_dw_rel_diff": err, "note": r.note}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bandwidth", type=float, default=4.8e12,
@@ -642,6 +757,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also sweep the kernel's launch variants (tile, warps, reverse, grid)")
     p.add_argument("--sweep-only", action="store_true",
                    help="only the launch-variant sweep: no checks, no contenders")
+    p.add_argument("--head-sweep", action="store_true",
+                   help="also sweep the linear head's chunk rows and dW dtype (HEAD_SWEEP)")
+    p.add_argument("--head-sweep-only", action="store_true",
+                   help="only the linear head's sweep: no checks, contenders or kernel sweep")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     p.add_argument("--interpret", action="store_true",
@@ -665,17 +784,21 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(header))
     out: dict[str, Any] = {"header": header}
     failed = False
+    if args.head_sweep or args.head_sweep_only:  # first: short, and not cut by the deadline
+        out["head_sweep"] = head_sweep(args, device)
+        failed = any(e["note"].startswith("FAIL") for e in out["head_sweep"]["variants"])
+    only_sweeps = args.sweep_only or args.head_sweep_only
     if args.sweep_only:
         out["sweep"] = sweep(args, device)
-        failed = any(e["note"].startswith("FAIL") for e in out["sweep"]["variants"])
-    if not args.no_check and not args.sweep_only:
+        failed |= any(e["note"].startswith("FAIL") for e in out["sweep"]["variants"])
+    if not args.no_check and not only_sweeps:
         t0 = time.perf_counter()
         lines = run_checks(args, device)
         print("\n== checks (crossent Triton vs torch float64)\n" + "\n".join(lines))
         print(f"checks took {time.perf_counter() - t0:.1f} s", flush=True)
         out["checks"] = lines
-        failed = any(line.startswith("FAIL") for line in lines)
-    if not args.check_only and not args.sweep_only:
+        failed |= any(line.startswith("FAIL") for line in lines)
+    if not args.check_only and not only_sweeps:
         out["results"] = run_benchmarks(args, device)
         if args.sweep:
             out["sweep"] = sweep(args, device)

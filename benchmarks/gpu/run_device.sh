@@ -3,7 +3,8 @@
 # lent-machine command (10 minutes at most):
 #   OUT=dir bash benchmarks/gpu/run_device.sh [PART] [extra bench_cuda.py arguments]
 # PART: bench (default: float64 checks + every contender, ~5 min on an H200),
-#       sweep (the Triton kernel's launch variants, ~3 min, then their tests on the GPU),
+#       sweep (the linear head's chunk rows and dW dtype, ~30 s, then the Triton kernel's
+#             launch variants, ~3 min, then their tests on the GPU),
 #       tests (tests/triton compiled for the GPU, up to 240 s),
 #       all   (bench, then tests: ~7.5 min; the sweep separately).
 set -uo pipefail
@@ -31,7 +32,7 @@ case "$part" in
       2>&1 | tee "$out/bench.txt" || status=1
     if [ "$part" = all ]; then run_tests || status=1; fi ;;
   sweep)
-    timeout 330 python benchmarks/gpu/bench_cuda.py --sweep-only --max-minutes 5 \
+    timeout 330 python benchmarks/gpu/bench_cuda.py --sweep-only --head-sweep --max-minutes 5 \
       --json "$out/sweep.json" "$@" 2>&1 | tee "$out/sweep.txt" || status=1
     timeout 200 python -m pytest tests/triton/test_triton_kernel_variants.py -q -p no:cacheprovider \
       2>&1 | tail -5 | tee "$out/variants_tests.txt" || status=1 ;;
