@@ -8,7 +8,6 @@ rows and a few hundred classes, and options are combined rather than multiplied 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -16,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import close_to_reference as close  # noqa: E402
 
 from crossent.errors import InputError, UnsupportedError  # noqa: E402
 from crossent.torch._triton import (  # noqa: E402
@@ -30,15 +30,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter
 BLOCK = 64  # tile width in the tests: V = 150 gives tiles of 64, 64 and a ragged 22
 V = 150
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def close(got, want, rtol):
-    """Relative to the reference's largest finite magnitude (gradients hold tiny entries)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    finite = torch.isfinite(want)
-    scale = float(want[finite].abs().max()) if finite.any() else 1.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale + 1e-30,
-                               equal_nan=True)
 
 
 def reference(z, target, weight=None, ignore_index=-100, reduction="mean", eps=0.0,
@@ -444,23 +435,12 @@ def test_fused_linear_head_refuses_what_it_lacks():
 # ------------------------------------------------------------ the GPU compiler, on CPU
 
 
-def test_kernels_compile_for_an_nvidia_gpu():
+def test_kernels_compile_for_an_nvidia_gpu(sm90_compile):
     """The interpreter accepts code the compiler rejects (it runs the kernel as Python):
-    compile every kernel for sm_90 in a fresh process (this one holds the interpreter)."""
-    import pathlib
-    import subprocess
-    import sys
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    script = pathlib.Path(__file__).with_name("compile_for_gpu.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 8
+    every kernel compiled for sm_90 (compile_for_gpu.py's "kernels" group, run in a fresh
+    process by conftest's ``sm90_compile``: this one holds the interpreter)."""
+    assert "FAIL kernels" not in sm90_compile, sm90_compile
+    assert sm90_compile.count("ok kernels ") == 8, sm90_compile
 
 
 # ------------------------------------------------- adversarial inputs (against torch)

@@ -9,8 +9,11 @@ against float64 torch. On CPU: triton's interpreter (conftest.py), so tiny ragge
    rows, ragged vocabulary tiles.
 2. backend="triton" through the public functions single-process (the kernels are seen to
    run): every reduction, num_items, the linear head.
-3. One real 2-rank gloo run with backend="triton" (the children inherit
-   TRITON_INTERPRET=1), and ranks disagreeing on the backend raising together.
+3. A real 2-rank gloo run with backend="triton" (the children inherit
+   TRITON_INTERPRET=1), and ranks disagreeing on the backend raising together:
+   ``_check_gloo``, run by test_triton_vocab_parallel_adversarial.py's gloo test on a
+   2-rank group inside its 3-rank run (one set of spawned processes, each paying torch's
+   and triton's import once, for both).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "torch" / "distributed"))
-from dist_harness import run_group, torch_reference  # noqa: E402
+from dist_harness import torch_reference  # noqa: E402
 
 from crossent.errors import InputError, UnsupportedError  # noqa: E402
 from crossent.torch._triton import vocab_parallel as vp  # noqa: E402
@@ -280,14 +283,15 @@ def test_forced_triton_where_it_cannot_run_is_refused(monkeypatch):
     close(out, torch_reference(z, t), 2e-6, "auto on CPU")
 
 
-def _check_gloo(rank, world):
+def _check_gloo(rank, world, group=None):
+    """Run on the ranks of ``group`` (2 of them; None: the default group)."""
     sizes = [37, 58]
     z, t, w = data(sizes, torch.float32, seed=9, nan=True)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     local = z[:, lo:hi].float().requires_grad_()
     kw = dict(label_smoothing=0.1, z_loss=0.01, softcap=4.0)
     out = vocab_parallel_cross_entropy(local, t, vocab_start=lo, weight=w[lo:hi].float(),
-                                       reduction="none", backend="triton", **kw)
+                                       reduction="none", backend="triton", group=group, **kw)
     go = torch.linspace(-1, 1, N, dtype=torch.float64)
     out.backward(go.float())
     ref_in = z.clone().requires_grad_()
@@ -301,7 +305,8 @@ def _check_gloo(rank, world):
     x = torch.randn(N, 4, generator=g, dtype=torch.float64)
     wl = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64)
     xr, wr = x.float().requires_grad_(), wl[lo:hi].float().requires_grad_()
-    lin = vocab_parallel_linear_cross_entropy(xr, wr, t, vocab_start=lo, backend="triton")
+    lin = vocab_parallel_linear_cross_entropy(xr, wr, t, vocab_start=lo, backend="triton",
+                                              group=group)
     lin.backward()
     rx, rw = x.clone().requires_grad_(), wl.clone().requires_grad_()
     rl = torch_reference(F.linear(rx, rw), t)
@@ -313,13 +318,8 @@ def _check_gloo(rank, world):
     for backend in ("triton", "rowblock"):
         mine = backend if rank == 0 else ("rowblock" if backend == "triton" else "triton")
         with pytest.raises(InputError, match=r"backend differs across the ranks of the group"):
-            vocab_parallel_cross_entropy(local.detach(), t, vocab_start=lo, backend=mine)
+            vocab_parallel_cross_entropy(local.detach(), t, vocab_start=lo, backend=mine,
+                                         group=group)
     again = vocab_parallel_cross_entropy(local.detach(), t, vocab_start=lo, backend="triton",
-                                         reduction="sum")
+                                         reduction="sum", group=group)
     assert torch.isnan(again)  # the NaN row, on both ranks
-
-
-def test_two_gloo_ranks_with_the_kernels():
-    if DEVICE == "cuda":
-        pytest.skip("gloo on CPU tensors: the interpreter's case")
-    run_group(_check_gloo, 2, timeout=100)

@@ -17,7 +17,9 @@ float64 on the gathered logits (dist_harness.torch_reference: z_loss and softcap
    into Python (``_local_scalar_dense``, ``nonzero``, ``item``) runs in backward, nor in
    forward outside the agreement.
 3. One 3-rank gloo run with backend="triton" (an empty slice, NaN on one rank only), and
-   ranks disagreeing on triton / rowblock / auto raising the same InputError.
+   ranks disagreeing on triton / rowblock / auto raising the same InputError; in the same
+   processes, on a group of ranks 0 and 1, test_triton_vocab_parallel.py's 2-rank checks
+   (``_check_gloo``): one spawn, each child importing torch and triton once, for both.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "torch" / "distributed"))
-from dist_harness import run_group, torch_reference  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from dist_harness import torch_reference  # noqa: E402
+from test_triton_vocab_parallel import _check_gloo  # noqa: E402
 
 from crossent.errors import InputError, UnsupportedError  # noqa: E402
 from crossent.torch._triton import vocab_parallel as vp  # noqa: E402
@@ -433,7 +437,19 @@ def _check_group(rank, world):
     assert torch.isfinite(again)
 
 
-def test_three_gloo_ranks_with_the_kernels():
+def _check_groups(rank, world):
+    _check_group(rank, world)
+    pair = dist.new_group([0, 1])  # every rank of the default group takes part
+    if rank < 2:
+        _check_gloo(rank, 2, group=pair)
+
+
+@pytest.mark.gloo_group(_check_groups, len(SIZES), timeout=150)
+def test_gloo_ranks_with_the_kernels(gloo_group):
+    """The 3-rank checks (``_check_group``) on the default group, then the 2-rank ones of
+    test_triton_vocab_parallel.py (``_check_gloo``) on a group of ranks 0 and 1. The
+    processes start with the first test of tests/triton (conftest.py) and run beside the
+    other tests; here the test waits for them (150 s from their start at most)."""
     if DEVICE == "cuda":
         pytest.skip("gloo on CPU tensors: the interpreter's case")
-    run_group(_check_group, len(SIZES), timeout=150)
+    gloo_group()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .._rules import compute_dtype as accumulate_dtype  # the CPU kernels' rule
+from .._rules import reduce_rows  # one "mean" rule for every kernel
 
 __all__ = [
     "CeLaunch",
@@ -205,18 +206,6 @@ def denominator(target: torch.Tensor, num_classes: int, weight: torch.Tensor | N
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
 
 
-def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``"none"``: the rows; ``"sum"``: their sum; ``"mean"``: the sum over ``denom``,
-    NaN where ``denom`` is 0 (all rows ignored, or every target's class weight 0), as in
-    torch, which divides its unsmoothed part 0/0 even when a smoothing term is not 0."""
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return torch.where(denom != 0, total / denom, float("nan"))
-
-
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -309,8 +298,11 @@ def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> t
     factor is exactly 1 nothing is read or written, without the host ever asking."""
     if x.numel() == 0:
         return x
-    x2 = x.reshape(1, -1) if x.dim() == 1 else x
-    if x2.dim() != 2 or x2.stride(1) != 1 or (x.dim() == 1 and x.stride(0) != 1):
+    # 1-D, or one factor over a contiguous tensor: one long row in 4096-wide tiles (a
+    # (V, D) dW would otherwise be V programs of D elements)
+    flat = x.dim() == 1 or (not per_row and x.is_contiguous())
+    x2 = x.view(1, -1) if flat and x.is_contiguous() else x
+    if x2.dim() != 2 or x2.stride(1) != 1:
         raise ValueError("scale_ needs a 1-D or 2-D tensor with a contiguous last axis")
     rows, cols = x2.shape
     factor = factor.to(device=x.device).reshape(-1).contiguous()
