@@ -26,7 +26,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._rules import Options, check_index_target, compute_dtype
+from ._rules import Options, check_index_target, compute_dtype, reduce_rows
 
 __all__ = ["capped", "composable_required", "cross_entropy", "linear_logits", "transforms_active",
            "zero_unused"]
@@ -117,12 +117,16 @@ def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
                   opts: Options) -> torch.Tensor:
     """The reduced loss (or per-row losses for ``"none"``) in the compute dtype."""
     losses, denominator = row_losses(z, target, weight, opts)
-    if opts.reduction == "none":
-        return losses
-    total = losses.sum()
-    if opts.num_items is not None:  # the caller's count (``num_items=``)
-        return total / opts.num_items
-    return total if opts.reduction == "sum" else total / denominator
+    if opts.num_items is not None and opts.reduction != "none":  # the caller's count
+        out = losses.sum() / opts.num_items
+    else:
+        out = reduce_rows(losses, denominator, opts.reduction)
+    if (opts.label_smoothing and not z.shape[1] and opts.reduction != "none"
+            and not target.is_floating_point()):
+        # C = 0, class indices: torch scales its smoothing sum by eps / C = inf, NaN even
+        # over no rows (its probability-target path sums over no classes: 0)
+        out = out + math.nan
+    return out
 
 
 def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,

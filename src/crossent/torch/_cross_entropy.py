@@ -29,6 +29,7 @@ from ._rules import (
     autocast_dtype,
     block_rows,
     check_index_dtype,
+    check_same_device,
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
@@ -151,8 +152,14 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                                    f"{t.layout}; dense (strided) tensors only")
     if input.dim() == 0:
         raise InputError("input must have a class dimension; got a 0-d tensor")
+    check_same_device(target, "target", input)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
-    if input.dim() == 1:
+    if input.dim() == 1:  # unbatched: (C,) logits, a 0-d class index or (C,) probabilities
+        want = tuple(input.shape) if target.is_floating_point() else ()
+        if tuple(target.shape) != want:
+            kind = "probability" if target.is_floating_point() else "class-index"
+            raise InputError(f"{kind} target has shape {tuple(target.shape)}; expected "
+                             f"{want} for unbatched input of shape {tuple(input.shape)}")
         input, target = input.unsqueeze(0), target.unsqueeze(0)
         row_shape: tuple[int, ...] = ()
     else:
@@ -239,7 +246,7 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
         return None
     if (input.dtype not in _FULL_PRECISION or target.dtype != torch.int64
             or input.dim() != 2 or target.dim() != 1 or input.layout != torch.strided
-            or target.layout != torch.strided):
+            or target.layout != torch.strided or target.device != input.device):
         return None
     rows, classes = input.shape
     if (classes == 0 or target.shape[0] != rows
@@ -377,8 +384,7 @@ def cross_entropy(
             raise :class:`crossent.UnsupportedError`); ``"rowblock"`` (crossent's
             row-block kernel at every size); ``"triton"`` (the Triton kernels, on CPU
             tensors only under ``TRITON_INTERPRET=1``; a target or weight gradient, a
-            transform, ``C = 0`` or a loss dtype other than low-precision input's raise
-            :class:`crossent.UnsupportedError` naming it).
+            transform or ``C = 0`` raise :class:`crossent.UnsupportedError` naming it).
         statistics: per-token statistics from the same pass, e.g.
             ``statistics=("lse", "z_loss", "target_logprob", "accuracy", "entropy")``
             (any subset, or one name; another name raises :class:`crossent.InputError`).
@@ -493,7 +499,7 @@ def cross_entropy(
     names = _statistics.check_statistics(statistics)
     logits, flat_target, row_shape = _flatten(input, target)
     num_classes = logits.shape[1]
-    out_dtype = choose_loss_dtype(loss_dtype, logits)
+    out_dtype = choose_loss_dtype(loss_dtype, logits, flat_target)
     opts = make_options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
                     z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items)
     grad_on = records_graph()

@@ -31,6 +31,7 @@ from ._rules import (
     autocast_enabled,
     check_ignore_index,
     check_index_dtype,
+    check_same_device,
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
@@ -272,6 +273,9 @@ def _check_linear(x, w, b, t) -> None:
             raise InputError(f"{name} must be a tensor, got {type(v).__name__}")
     if not x.is_floating_point():
         raise InputError(f"input must be a floating tensor, got {x.dtype}")
+    for name, v in (("linear_weight", w), ("linear_bias", b), ("target", t)):
+        if v is not None:
+            check_same_device(v, name, x)
     if x.dim() not in (1, 2):
         raise InputError(f"input must be (N, D) or (D); got shape {tuple(x.shape)} "
                          f"(flatten (B, T, D) hidden states to (B*T, D), target to (B*T))")
@@ -453,7 +457,7 @@ def linear_cross_entropy(
     chunk_size, keep, acc_policy = _chunk_from_options(
         options, chunk_size, x.shape[0] if x.dim() == 2 else 1, num_classes, features,
         x.dtype)
-    out_dtype = choose_loss_dtype(loss_dtype, x)
+    out_dtype = choose_loss_dtype(loss_dtype, x, target)
     opts = make_options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
                     z_loss, softcap, autocast_dtype(x, x.device.type), num_items)
     if w.dim() > 2:

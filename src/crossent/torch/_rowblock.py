@@ -27,6 +27,7 @@ Semantics are ``torch.nn.functional.cross_entropy``'s plus crossent's ``z_loss``
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -114,6 +115,7 @@ def cross_entropy_rows(
     lazy_max = in_work and cap is None and not eps and dev.type == "cpu"
     size = min(block, num_rows)
     w_sum = float(num_classes) if w is None else float(w.sum())
+    exact_smooth = bool(eps) and not math.isfinite(w_sum)  # a class weight inf or NaN
     sel = slice(start, start + num_rows)
     m = torch.empty(num_rows, dtype=cdtype, device=dev)
     p_max = torch.ones(num_rows, dtype=cdtype, device=dev)
@@ -124,10 +126,11 @@ def cross_entropy_rows(
         y = index[sel].unsqueeze(1)
         z_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
         p_y = torch.empty((num_rows, 1), dtype=cdtype, device=dev)
-        z_w = torch.empty(num_rows if eps else 0, dtype=torch.float64, device=dev)
+        gap = torch.empty(num_rows if eps else 0, dtype=torch.float64, device=dev)
         mass = target_mass[sel]
         counted_rows = valid[sel]
-        t_sum = mass + (eps / num_classes) * w_sum
+        # (without smoothing W is not read: an unused class's inf/NaN weight stays out)
+        t_sum = mass + (eps / num_classes) * w_sum if eps else mass
     if grad is not None:
         rs = rows.scale[sel]
         if row_multiplier is not None:  # an ignored row's 0 stays 0 under a NaN/inf multiplier
@@ -170,9 +173,12 @@ def cross_entropy_rows(
             torch.gather(zb, 1, yb, out=z_y[i:j])
             if lazy_max:  # lse = z_y + nll exactly where p_y is normal: m = z_y there
                 m[i:j] = z_y[i:j, 0]
-            if eps:  # sum_c w_c z_c in float64: the smoothing term subtracts it from W m
-                z_w[i:j] = (zb.sum(1, dtype=torch.float64) if w is None
-                            else zb.double() @ w.double())
+            if eps:  # sum_c w_c (m - z_c) in float64 (each term >= 0); with a non-finite
+                # class weight torch's sum_c w_c (lse - z_c) itself (an extra pass), whose
+                # W (lse - m) + ... split would be inf - inf or 0 x inf
+                mb = (torch.logsumexp(zb, 1) if exact_smooth else m[i:j]).double()
+                gap[i:j] = (num_classes * mb - zb.sum(1, dtype=torch.float64) if w is None
+                            else (mb.unsqueeze(1) - zb.double()) @ w.double())
         else:
             tb = target[start + i : start + j].to(cdtype)
             if eps:
@@ -244,7 +250,7 @@ def cross_entropy_rows(
             lse_out.copy_(torch.where(m.isinf(), m, lse))
         losses = mass * nll
         if eps:  # sum_c w_c (lse - z_c) = W (lse - m) + sum_c w_c (m - z_c), W = sum_c w_c
-            smooth = w_sum * shift.double() + (w_sum * m.double() - z_w)
+            smooth = gap if exact_smooth else w_sum * shift.double() + gap
             losses = losses + (eps / num_classes) * smooth.to(cdtype)
         if zl:
             losses = losses + zl * lse.square()

@@ -68,10 +68,17 @@ def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     return t.dtype
 
 
-def choose_loss_dtype(loss_dtype, logits: torch.Tensor) -> torch.dtype:
-    """``loss_dtype`` if given, else torch's: the logits' dtype, float32 under autocast."""
+def choose_loss_dtype(loss_dtype, logits: torch.Tensor,
+                      target: torch.Tensor | None = None) -> torch.dtype:
+    """``loss_dtype`` if given, else torch's: the logits' dtype, float32 under autocast,
+    promoted with a probability ``target``'s (torch multiplies the log-probabilities by
+    the target: bfloat16 logits with a float32 target give a float32 loss, float32 with
+    float64 a float64 one)."""
     if loss_dtype is None:
-        return autocast_dtype(logits, logits.device.type)
+        dtype = autocast_dtype(logits, logits.device.type)
+        if target is not None and target.is_floating_point():
+            dtype = torch.promote_types(dtype, autocast_dtype(target, target.device.type))
+        return dtype
     if not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
             and not loss_dtype.is_complex):
         raise InputError(f"loss_dtype={loss_dtype!r} must be a floating torch.dtype "
@@ -156,6 +163,7 @@ class Rows:
     scale: torch.Tensor  # (M,) d(reduced loss)/d(row loss): 1/denominator, 1, or 0 when ignored
     target_mass: torch.Tensor | None  # (M,) (1 - eps) * w[y], index targets only
     denominator: torch.Tensor  # what "mean" divides the summed loss by
+    given: bool = False  # the denominator is the caller's num_items, not torch's
 
 
 def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
@@ -223,6 +231,15 @@ def positive_int(value, name: str) -> int:
     return n
 
 
+def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
+    """``t`` (named ``name``) is on ``like``'s device, as torch requires of every tensor
+    argument (it raises a device mismatch); crossent never moves one silently."""
+    if t.device != like.device:
+        raise InputError(f"{name} is on {t.device}, the input on {like.device}: every tensor "
+                         f"argument must be on the input's device (torch raises too); move "
+                         f"it with .to({str(like.device)!r})")
+
+
 def make_options(weight, num_classes, like, ignore_index, reduction, label_smoothing, z_loss,
              softcap, input_dtype=None, num_items=None) -> Options:
     """Checked options; ``opts.weight`` is a detached copy in the compute dtype (the
@@ -242,6 +259,7 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
                 f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
                 f"one weight per class"
             )
+        check_same_device(weight, "weight", like)
         want = like.dtype if input_dtype is None else input_dtype
         if autocast_dtype(weight, like.device.type) != want:
             raise InputError(
@@ -330,7 +348,7 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
         scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
         if opts.reduction == "mean":
             scale /= denominator
-        return Rows(None, None, scale, None, denominator)
+        return Rows(None, None, scale, None, denominator, given is not None)
     target, valid = check_index_target(target, num_classes, opts.ignore_index)
     index = torch.where(valid, target, 0)
     validf = valid.to(dtype)
@@ -339,7 +357,8 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
     # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
     # its gradient 0, as in torch)
     scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
-    return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator)
+    return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator,
+                given is not None)
 
 
 def kernel_reduction(opts: Options) -> str:
@@ -356,11 +375,28 @@ def divide_by_num_items(total: torch.Tensor, opts: Options) -> torch.Tensor:
 
 
 def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Tensor:
-    """Row losses reduced: as they are, their sum, or the sum over ``rows.denominator``."""
+    """Row losses reduced: as they are, their sum, or the sum over ``rows.denominator``
+    (:func:`reduce_rows`)."""
+    return reduce_rows(losses, rows.denominator, reduction, given=rows.given)
+
+
+def reduce_rows(losses: torch.Tensor, denominator: torch.Tensor, reduction: str, *,
+                given: bool = False) -> torch.Tensor:
+    """``"none"``: the row losses; ``"sum"``: their sum; ``"mean"``: the sum over
+    ``denominator``, NaN where torch's denominator is 0 (every row ignored, or every
+    counted target's class weight 0): torch divides its unsmoothed part 0/0 apart from
+    the smoothing part, so its mean is NaN even when the smoothing sum is not 0. A
+    caller's count (``given``: ``num_items``) divides the sum as it is, as Hugging Face's
+    ``sum / num_items_in_batch`` does. No host read; the NaN is added, not selected, so
+    autograd through this (the composable path) still differentiates ``sum / denominator``."""
     if reduction == "none":
         return losses
     total = losses.sum()
-    return total if reduction == "sum" else total / rows.denominator
+    if reduction == "sum":
+        return total
+    if given:
+        return total / denominator
+    return total / denominator + torch.where(denominator != 0, 0.0, float("nan"))
 
 
 # ---- backward: the stored gradient, backward twice, double backward

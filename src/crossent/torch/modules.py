@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
+from ._rules import check_options
 from .functional import cross_entropy, linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
@@ -22,7 +24,17 @@ def _statistics_keyword(statistics: str | Sequence[str] | None) -> dict[str, Any
     return {} if statistics is None else {"statistics": statistics}
 
 
-class CrossEntropyLoss(nn.CrossEntropyLoss):
+class _NotScriptable:
+    """``torch.jit.script`` refused by name: TorchScript cannot compile crossent's Python
+    kernels (it would fail deep inside its compiler on ``forward``'s keywords)."""
+
+    def __prepare_scriptable__(self) -> Any:
+        raise UnsupportedError(f"torch.jit.script of crossent.torch.{type(self).__name__}: "
+                               f"TorchScript cannot compile crossent's kernels; use "
+                               f"torch.compile (or torch.jit.trace)")
+
+
+class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
     """:func:`crossent.torch.cross_entropy` as a module; a subclass of
     ``torch.nn.CrossEntropyLoss`` with the same constructor (``weight``, ``size_average``,
     ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing``) plus the keyword-only
@@ -67,7 +79,14 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
                 f"backend={self.backend!r}")
 
 
-class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+# torch >= 2.13 ships the module: subclass it (isinstance checks hold, as for
+# CrossEntropyLoss); its __init__ is not run (ours sets the same attributes and raises
+# crossent's InputError where torch's raises a RuntimeError)
+_LinearLossBase: type[nn.Module] = getattr(nn, "LinearCrossEntropyLoss",
+                                          nn.modules.loss._WeightedLoss)
+
+
+class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[misc, valid-type]
     """A linear head and its cross-entropy, fused: :func:`crossent.torch.linear_cross_entropy`.
 
     Same constructor as ``torch.nn.LinearCrossEntropyLoss`` (torch >= 2.13): the head is
@@ -94,7 +113,14 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
                  softcap: float | None = None, chunk_size: int | None = None,
                  loss_dtype: torch.dtype | None = None, backend: str = "auto",
                  shift: bool = False) -> None:
-        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        # torch's constructor checks (weight's shape, label_smoothing), and crossent's
+        # other options, here rather than at the first forward
+        check_options(reduction, label_smoothing, z_loss, softcap)
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise InputError(f"weight has shape {tuple(weight.shape)}; expected "
+                             f"({num_classes},), one weight per class")
+        nn.modules.loss._WeightedLoss.__init__(self, weight=weight, size_average=None,
+                                               reduce=None, reduction=reduction)
         self.num_classes, self.out_features = num_classes, tuple(out_features)
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
@@ -124,7 +150,8 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
-                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}, "
                 f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}, "
                 f"backend={self.backend!r}, shift={self.shift}")

@@ -172,7 +172,10 @@ def ce_row_source(
             a = tsum
             loss = tl.full((), 0.0, ACC)
         else:
-            a = (1.0 - eps) * w_y + eps / V * wsum
+            if SMOOTH:
+                a = (1.0 - eps) * w_y + eps / V * wsum
+            else:  # wsum unread: an unused class's inf/NaN weight stays out (0 x inf)
+                a = w_y
             loss = (1.0 - eps) * w_y * ((m - z_y) + log_s) + bad
         if ZLOSS:
             a += 2.0 * zl * lse
