@@ -13,8 +13,10 @@ ragged lists, objects and complex numbers are bad input here, not an obscure err
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from array_api_compat import (
@@ -30,6 +32,25 @@ from .errors import InputError
 
 Array = Any
 """Any array of a library that implements the Python array API standard."""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def silent_infinities(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorator: NumPy's divide-by-zero and overflow warnings off inside ``fn``.
+
+    They mark the documented infinite results (``-log 0``, ``log(p / 0)``, a ratio past the
+    float range), which SciPy's ufuncs (``rel_entr``, ``xlogy``, ``entropy``) return
+    silently, and a user's ``-W error`` would turn into exceptions. The values are the same
+    either way; NaN warnings (``invalid``) stay on. Other array libraries do not warn."""
+
+    @functools.wraps(fn)
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with np.errstate(divide="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet
 
 
 def as_array(x: Any, name: str = "x") -> Array:

@@ -139,7 +139,7 @@ def check_in_unit_interval(xp: Any, p: Array, name: str) -> None:
         return
     if any_true(xp, (p < 0) | (p > 1)):
         bad = xp.min(p) if any_true(xp, p < 0) else xp.max(p)
-        raise InputError(f"{name} must hold probabilities in [0, 1]; found {float(bad):.6g}")
+        raise InputError(f"{name} must hold probabilities in [0, 1]; found {float(bad)!r}")
 
 
 def sum_tolerance(xp: Any, dtype: Any) -> float:

@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,33 @@ def check_output_path(path: Path | str, option: str, *, directory: bool = False)
     except OSError as err:  # name too long, permission denied, read-only file system...
         raise InputError(f"{option} {text}: {err.strerror or err}") from None
     return p
+
+
+def check_files_in(directory: Path, names: Iterable[str], option: str) -> None:
+    """The files ``names`` can be written in ``directory`` (checked by
+    :func:`check_output_path`): none of them is a folder, or a broken link (or loop), that
+    the file could not replace. Raises :class:`~crossent.errors.InputError` naming ``option``
+    and the file, before the work that would end in writing them."""
+    for name in names:
+        p = directory / name
+        if p.is_dir():
+            raise InputError(f"{option} {directory}: {name} there is a folder; the file "
+                             f"cannot replace it")
+        _no_broken_link(p, option, os.fspath(p))
+
+
+def check_file_apart(path: Path, option: str, directory: Path, dir_option: str,
+                     names: Iterable[str]) -> None:
+    """The file ``path`` is neither the folder ``directory`` nor one of its ancestors (the
+    folder would be created where the file goes), nor one of the files ``names`` written
+    in it; links followed. Raises :class:`~crossent.errors.InputError` naming both options."""
+    file, folder = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    if file == folder or file in folder.parents:
+        raise InputError(f"{option} {path}: the {dir_option} folder {directory} goes there; "
+                         f"give them different paths")
+    if file.parent == folder and file.name in set(names):
+        raise InputError(f"{option} {path}: {dir_option} {directory} writes its {file.name} "
+                         f"there; give them different paths")
 
 
 def _no_broken_link(p: Path, option: str, text: str) -> None:
@@ -127,8 +155,10 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None:
-            err.filename = os.fspath(path)  # a failed write() names no file: say which
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            # a failed write() names no file, a failed replace() the temporary one: name
+            # the file the caller asked for (same errno, so the same OSError subclass)
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         raise
 
 

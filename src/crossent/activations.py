@@ -76,6 +76,15 @@ def lse_parts(xp: Any, x: Array, axis: Axis) -> tuple[Array, Array]:
     return m, r
 
 
+def log_softmax_rows(xp: Any, x: Array, axis: Axis) -> tuple[Array, Array]:
+    """``(x - logsumexp(x), logsumexp(x))`` along ``axis`` (the second keepdims), the first
+    as ``(x - m) - r`` (:func:`lse_parts`) and NaN at every entry of a row whose max is
+    +inf: torch and SciPy subtract the max first, and ``inf - inf`` is NaN there (not
+    ``-inf`` at the finite entries). The log-sum-exp of such a row stays +inf."""
+    m, r = lse_parts(xp, x, axis)
+    return xp.where(r == math.inf, math.nan, (x - m) - r), m + r
+
+
 def where_mask(xp: Any, where: Any, x: Array, name: str = "x") -> Array | None:
     """The boolean mask ``where`` broadcast to ``x``'s shape (None stays None); an
     ``InputError`` naming ``where`` if it is not boolean or does not broadcast."""
@@ -225,7 +234,8 @@ def softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     SciPy's default). Shapes: output has the shape of ``x`` (a 0-d ``x`` gives 1). Computed
     as ``exp(x - max(x))`` normalised, so logits of 1e4 do not overflow. ``where`` (a boolean
     mask broadcast against ``x``) normalises over the kept entries only and gives exactly 0 at
-    the others (every entry of a row with nothing kept), as ``jax.nn.softmax``'s. Reference:
+    the others (every entry of a row with nothing kept), as ``jax.nn.softmax``'s. A row
+    holding +inf is NaN throughout (``inf / inf``), as in torch, SciPy and JAX. Reference:
     ``torch.softmax``, ``scipy.special.softmax`` (whose default axis is None; ours is -1,
     PITFALLS 7).
 
@@ -240,9 +250,11 @@ def softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     mask = where_mask(xp, where, x)
     x, axis, _ = _normalise_axes(xp, x, axis)
     x = _masked_rows(xp, x, None if mask is None else xp.reshape(mask, x.shape), axis)
-    _, m = _row_max(xp, x, axis)
+    top, m = _row_max(xp, x, axis)
     e = xp.exp(x - m)
-    out = xp.reshape(e / xp.sum(e, axis=axis, keepdims=True), shape)
+    # a row whose max is +inf: NaN throughout, as torch's and SciPy's exp(x - max(x))
+    p = xp.where(top == math.inf, math.nan, e / xp.sum(e, axis=axis, keepdims=True))
+    out = xp.reshape(p, shape)
     if mask is not None:  # exactly 0 where masked, also in a row with nothing kept (0/0)
         out = xp.where(mask, out, 0.0)
     return restore_dtype(xp, out, dtype)
@@ -255,7 +267,9 @@ def log_softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     A 0-d ``x`` gives 0. ``where`` (boolean mask broadcast against ``x``) normalises over the
     kept entries and gives exactly ``-inf`` at the others (every entry of a row with nothing
     kept), as ``jax.nn.log_softmax``; ``-sum_c t_c log_softmax(z, where=m)_c`` over the kept
-    classes is :func:`crossent.softmax_cross_entropy` with ``where=m``. Reference:
+    classes is :func:`crossent.softmax_cross_entropy` with ``where=m``. A row holding +inf
+    is NaN throughout, as torch's and ``jax.nn``'s (SciPy's: NaN at the +inf, -inf
+    elsewhere), so that ``exp(log_softmax(x))`` is :func:`softmax`. Reference:
     ``torch.log_softmax``, ``scipy.special.log_softmax``.
 
     >>> [round(float(v), 4) for v in log_softmax([0.0, 0.0])]
@@ -269,8 +283,7 @@ def log_softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     mask = where_mask(xp, where, xf)
     xf, axis, _ = _normalise_axes(xp, xf, axis)
     xf = _masked_rows(xp, xf, None if mask is None else xp.reshape(mask, xf.shape), axis)
-    m, r = lse_parts(xp, xf, axis)
-    out = xp.reshape((xf - m) - r, shape)
+    out = xp.reshape(log_softmax_rows(xp, xf, axis)[0], shape)
     if mask is not None:  # exactly -inf where masked, also in a row with nothing kept
         out = xp.where(mask, out, -math.inf)
     return restore_dtype(xp, out, dtype)

@@ -11,7 +11,14 @@ import math
 from typing import Any
 
 from . import _checks
-from ._array import Array, arrays, move_last_to_axis, restore_dtype, to_float
+from ._array import (
+    Array,
+    arrays,
+    move_last_to_axis,
+    restore_dtype,
+    silent_infinities,
+    to_float,
+)
 from .activations import sigmoid
 from .losses import (
     class_or_row_where,
@@ -21,6 +28,7 @@ from .losses import (
 )
 
 
+@silent_infinities
 def softmax_cross_entropy_grad(
     logits: Any,
     target: Any,
@@ -95,6 +103,7 @@ def softmax_cross_entropy_grad(
     return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
 
 
+@silent_infinities
 def sigmoid_binary_cross_entropy_grad(
     logits: Any,
     target: Any,
@@ -128,6 +137,7 @@ def sigmoid_binary_cross_entropy_grad(
                          validate, False, sample_weight, where)
 
 
+@silent_infinities
 def multilabel_cross_entropy_grad(
     logits: Any,
     targets: Any,

@@ -30,11 +30,12 @@ from ._array import (
     normalize_axis,
     numel,
     restore_dtype,
+    silent_infinities,
     stop_gradient,
     to_float,
     wide_integer,
 )
-from .activations import log_sigmoid, lse_parts
+from .activations import log_sigmoid, log_softmax_rows
 from .errors import InputError
 
 
@@ -105,8 +106,7 @@ def softmax_cross_entropy_parts(
     if class_mask is not None:  # masked classes leave the normaliser
         z = _mask_classes(xp, z, class_mask, row_where)
     # log softmax as (z - m) - log1p(rest): exact near 0 for a confident correct row
-    m, r = lse_parts(xp, z, -1)
-    log_probs = (z - m) - r
+    log_probs, lse = log_softmax_rows(xp, z, -1)
     row_weight = None
     if is_integer(xp, target):
         eff, row_mask, denominator, row_weight = _index_target(
@@ -125,7 +125,7 @@ def softmax_cross_entropy_parts(
     if keep is not None:  # target mass on a masked class or row contributes nothing (optax)
         eff = xp.where(keep, eff, 0.0)
     return SoftmaxCEParts(
-        xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(m + r, axis=-1), log_probs,
+        xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(lse, axis=-1), log_probs,
         denominator, z_loss, None if softcap is None else float(softcap), reduction, row_weight,
         class_mask, row_where,
     )
@@ -363,6 +363,7 @@ def example_weights(
     return mask, sw, xp.sum(share)
 
 
+@silent_infinities
 def softmax_cross_entropy(
     logits: Any,
     target: Any,
@@ -531,6 +532,7 @@ def _elementwise_reduce(xp, loss, reduction, sample_weight=None, where=None):
     return xp.sum(loss) if reduction == "sum" else xp.mean(loss)
 
 
+@silent_infinities
 def binary_cross_entropy(
     probs: Any,
     target: Any,
@@ -629,6 +631,7 @@ def _sigmoid_bce_elementwise(xp, x, t, weight, pos_weight):
     return loss
 
 
+@silent_infinities
 def sigmoid_binary_cross_entropy(
     logits: Any,
     target: Any,
@@ -680,6 +683,7 @@ def sigmoid_binary_cross_entropy(
     return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
 
 
+@silent_infinities
 def multilabel_cross_entropy(
     logits: Any,
     targets: Any,
@@ -759,6 +763,7 @@ def _focal_factor(xp: Any, u: Array, gamma: float) -> Array:
     return xp.where(live, xp.where(live, u, 1.0) ** gamma, dead)
 
 
+@silent_infinities
 def sigmoid_focal_loss(
     logits: Any,
     target: Any,
@@ -816,6 +821,7 @@ def sigmoid_focal_loss(
     return restore_dtype(xp, _elementwise_reduce(xp, loss, reduction, sample_weight, where), dtype)
 
 
+@silent_infinities
 def nll_loss(
     log_probs: Any,
     target: Any,
@@ -913,6 +919,7 @@ def _class_weight(xp: Any, weight: Array | None, z: Array, name: str) -> Array |
     return xp.astype(weight, z.dtype)
 
 
+@silent_infinities
 def poly1_cross_entropy(
     logits: Any,
     target: Any,
@@ -968,6 +975,7 @@ def poly1_cross_entropy(
     return _reduce_softmax_rows(per_row, parts, sample_weight)
 
 
+@silent_infinities
 def softmax_focal_loss(
     logits: Any,
     target: Any,
@@ -1042,6 +1050,7 @@ def _focal_alpha(xp: Any, alpha: Any, z: Array) -> Any:
     return a
 
 
+@silent_infinities
 def categorical_focal_loss(
     probs: Any,
     target: Any,

@@ -27,6 +27,7 @@ from ._array import (
     log_base_divisor,
     normalize_axis,
     restore_dtype,
+    silent_infinities,
     to_float,
 )
 from .errors import InputError
@@ -50,6 +51,7 @@ def _xlogy(xp: Any, x: Array, y: Array) -> Array:
     return xp.where(zero, 0.0, x * xp.log(safe_y))
 
 
+@silent_infinities
 def surprisal(p: Any, *, base: float = math.e, validate: bool = True) -> Array:
     """Surprise (self-information) of an outcome of probability p: ``s = log(1/p) = -log p``.
 
@@ -68,9 +70,10 @@ def surprisal(p: Any, *, base: float = math.e, validate: bool = True) -> Array:
     p = to_float(xp, p)
     if validate:
         _checks.check_in_unit_interval(xp, p, "p")
-    return restore_dtype(xp, _in_base(xp, -xp.log(p), base), dtype)
+    return restore_dtype(xp, _in_base(xp, 0.0 - xp.log(p), base), dtype)  # +0.0 at p = 1
 
 
+@silent_infinities
 def entropy(p: Any, *, axis: int = -1, base: float = math.e, validate: bool = True) -> Array:
     """Entropy of a distribution: ``H(p) = -sum_i p_i log p_i``, reduced along ``axis``.
 
@@ -92,10 +95,11 @@ def entropy(p: Any, *, axis: int = -1, base: float = math.e, validate: bool = Tr
     p = to_float(xp, p)
     if validate:
         _checks.check_distribution(xp, p, "p", axis, dtype)
-    h = -xp.sum(_xlogy(xp, p, p), axis=axis)
+    h = 0.0 - xp.sum(_xlogy(xp, p, p), axis=axis)  # 0 - x: +0.0 for a certain p, not -0.0
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
 
+@silent_infinities
 def cross_entropy(
     p: Any, q: Any, *, axis: int = -1, base: float = math.e, validate: bool = True
 ) -> Array:
@@ -119,6 +123,7 @@ def cross_entropy(
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
 
+@silent_infinities
 def kl_divergence(
     p: Any, q: Any, *, axis: int = -1, base: float = math.e, validate: bool = True
 ) -> Array:
@@ -186,6 +191,7 @@ def _elementwise_pair(
     return xp, p, q, dtype
 
 
+@silent_infinities
 def kl_divergence_terms(
     p: Any, q: Any, *, base: float = math.e, validate: bool = True
 ) -> Array:
@@ -208,6 +214,7 @@ def kl_divergence_terms(
     return restore_dtype(xp, _in_base(xp, _rel_entr(xp, p, q), base), dtype)
 
 
+@silent_infinities
 def generalized_kl_divergence(
     p: Any, q: Any, *, axis: int = -1, base: float = math.e, validate: bool = True
 ) -> Array:
@@ -237,6 +244,7 @@ def _check_nonnegative_entries(xp: Any, x: Array, name: str) -> None:
         raise InputError(f"{name} must hold non-negative numbers; found {float(xp.min(x)):.6g}")
 
 
+@silent_infinities
 def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Array:
     """Entropy of a coin that lands heads with probability p, elementwise:
     ``H_b(p) = -p log p - (1 - p) log(1 - p)``.
@@ -256,7 +264,7 @@ def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Ar
         _checks.check_in_unit_interval(xp, p, "p")
     one = p == 1
     log1m = xp.log1p(-xp.where(one, 0.0, p))
-    h = -_xlogy(xp, p, p) - xp.where(one, 0.0, (1.0 - p) * log1m)
+    h = 0.0 - _xlogy(xp, p, p) - xp.where(one, 0.0, (1.0 - p) * log1m)  # +0.0 at p = 1
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
 

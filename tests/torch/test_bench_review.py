@@ -206,8 +206,8 @@ def _tests() -> list[str]:
     (("bench", "--only", "ce"), lambda out: _bench(out, "--only", "ce")),
     (("--sweep", "--repeats", "3"), lambda out: _bench(out, "--sweep", "--repeats", "3")),
     (("sweep", "--repeats", "3"), lambda out: [
-        "timeout 330", f"python benchmarks/gpu/bench_cuda.py --sweep-only --head-sweep --max-minutes 5 "
-        f"--json {out}/sweep.json --repeats 3",
+        "timeout 330", "python benchmarks/gpu/bench_cuda.py --sweep-only --head-sweep "
+        f"--max-minutes 5 --json {out}/sweep.json --repeats 3",
         "timeout 200", "python -m pytest tests/triton/test_triton_kernel_variants.py -q "
         "-p no:cacheprovider"]),
     (("tests",), lambda out: _tests()),

@@ -25,17 +25,15 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-try:  # typer >= 0.20 ships its own copy of click
-    from typer._click import exceptions as clickx
-except ImportError:  # pragma: no cover - older typer runs on click itself
-    from click import exceptions as clickx  # type: ignore[no-redef]
-
 from ..errors import InputError
 from . import explain as explain_mod
 from . import quiz as quiz_mod
 from .common import (
     Base,
+    clickx,
     console,
+    integer,
+    number,
     open_closed_streams,
     parse_numbers,
     parse_target,
@@ -43,7 +41,7 @@ from .common import (
     silence_stdout,
     units,
 )
-from .files import check_output_path, write_atomic
+from .files import check_file_apart, check_files_in, check_output_path, write_atomic
 
 EXTRAS = {"typer": "cli", "rich": "cli", "matplotlib": "cli", "sklearn": "cli", "torch": "torch"}
 """Optional dependencies and their extra: a missing one is named with the install command."""
@@ -215,12 +213,16 @@ def tour(
     from . import tour as tour_mod
 
     content = tour_mod.build_tour(base)
+    files = {} if no_plots else {name: f"{name}.png" for s in content.sections
+                                 for name in s.figures}
+    if files:  # before the first figure is drawn
+        check_files_in(out, files.values(), "--out")
+        if html is not None:
+            check_file_apart(html, "--html", out, "--out", files.values())
     figures: dict[str, Path] = {}
-    if not no_plots:
-        unit = units(base)[0]
-        for s in content.sections:
-            for name in s.figures:
-                figures[name] = plots.save(name, out / f"{name}.png", unit.base, unit.name)
+    unit = units(base)[0]
+    for name, file in files.items():
+        figures[name] = plots.save(name, out / file, unit.base, unit.name)
     con = console()
     tour_mod.render(content, con, figures)
     if html is not None:
@@ -238,8 +240,9 @@ def explain(
                                               "probabilities, e.g. 0.1,0.2,0.7")] = None,
     logits: Annotated[str | None, typer.Option("--logits", metavar="A", help="logits, e.g. "
                                                "1.2,0.3,2.0")] = None,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", metavar="ALPHA",
-                                                   help="alpha in [0, 1]")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", parser=number,
+                                                   metavar="ALPHA", help="alpha in [0, 1]")
+                               ] = 0.0,
     base: BaseOpt = Base.two,
     binary: Annotated[bool, typer.Option("--binary", help="binary cross-entropy (one "
                                          "probability of the positive class)")] = False,
@@ -261,8 +264,9 @@ def explain(
 
 @app.command(short_help="The article's questions plus numeric ones, answers checked.")
 def quiz(
-    seed: Annotated[int | None, typer.Option("--seed", min=0, metavar="N", help="seed for "
-                                             "the generated questions (random if omitted)")
+    seed: Annotated[int | None, typer.Option("--seed", parser=integer(0), metavar="N",
+                                             help="seed for the generated questions "
+                                             "(random if omitted)")
                     ] = None,
     answers: Annotated[str | None, typer.Option("--answers", metavar="FILE", help="file with "
                                                 "one answer per line (non-interactive)")
@@ -316,18 +320,19 @@ def train(
         "separate with commas (default: every loss, compared)")] = None,
     model: Annotated[str, typer.Option("--model", metavar="MODEL", help="softmax "
                                        "(regression) or mlp (one hidden layer)")] = "mlp",
-    epochs: Annotated[int, typer.Option("--epochs", min=1, metavar="N", help="passes over "
-                                        "the training set")] = 30,
-    seed: Annotated[int, typer.Option("--seed", min=0, metavar="N", help="seed of the "
+    epochs: Annotated[int, typer.Option("--epochs", parser=integer(1), metavar="N",
+                                        help="passes over the training set")] = 30,
+    seed: Annotated[int, typer.Option("--seed", parser=integer(0), metavar="N", help="seed of the "
                                       "initial weights and the batch order (same seed, same "
                                       "numbers)")] = 0,
-    lr: Annotated[float, typer.Option("--lr", metavar="LR", help="learning rate")] = 0.1,
+    lr: Annotated[float, typer.Option("--lr", parser=number, metavar="LR",
+                                      help="learning rate")] = 0.1,
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="OPT", help="sgd or adam")
                          ] = "sgd",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N",
+    batch_size: Annotated[int, typer.Option("--batch-size", parser=integer(1), metavar="N",
                                             help="mini-batch size")] = 32,
-    hidden: Annotated[int, typer.Option("--hidden", min=1, metavar="N", help="hidden units "
-                                        "of the mlp")] = 64,
+    hidden: Annotated[int, typer.Option("--hidden", parser=integer(1), metavar="N",
+                                        help="hidden units of the mlp")] = 64,
     out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="folder for "
                                          "metrics.json and the figures (created if missing)")
                        ] = "crossent-train",
@@ -338,6 +343,7 @@ def train(
 
     out = check_output_path(out_dir, "--out", directory=True)
     losses = train_mod.parse_losses(loss)
+    check_files_in(out, train_mod.output_files(losses, plots=not no_plots), "--out")
     config = train_mod.tr.TrainConfig(model=model, epochs=epochs, lr=lr, optimizer=optimizer,
                                       batch_size=batch_size, hidden=hidden, seed=seed)
     train_mod.run(losses, config, out, console(), plots=not no_plots)
@@ -353,10 +359,11 @@ def bench(
         "and the 16384 x 4096 x 128256 linear head)")] = None,
     device: Annotated[str | None, typer.Option("--device", metavar="DEVICE", help="cpu or "
                                                "cuda (default: cuda when present)")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, metavar="N", help="timed runs "
-                                         "per contender (the median is reported)")] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="untimed runs "
-                                        "first")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", parser=integer(1), metavar="N",
+                                         help="timed runs per contender (the median is "
+                                         "reported)")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", parser=integer(0), metavar="N",
+                                        help="untimed runs first")] = 1,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory (CPU: "
                                          "one fresh process per contender; CUDA: "
                                          "max_memory_allocated in the timed steps)")] = True,
@@ -364,10 +371,11 @@ def bench(
     out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="folder for bench.json "
                                          "and bench.png (created if missing)")
                        ] = "crossent-bench",
-    load: Annotated[int, typer.Option("--load", min=0, metavar="N", help="N busy processes "
-                                      "compete for the cores while timing (one per core: "
-                                      "a busy training machine); the load average before "
-                                      "and after each contender is recorded either way")] = 0,
+    load: Annotated[int, typer.Option("--load", parser=integer(0), metavar="N",
+                                      help="N busy processes compete for the cores "
+                                      "while timing (one per core: a busy training "
+                                      "machine); the load average before and after each "
+                                      "contender is recorded either way")] = 0,
     crossover: Annotated[bool, typer.Option("--crossover", help="sweep N x V from tiny to "
                                             "large: crossent / torch eager against the size, "
                                             "crossover.png (alone unless CONFIGs are named)")
@@ -376,9 +384,10 @@ def bench(
         "--compiled-kernel", help="also time crossent with set_compiled_kernel(True) on the "
         "cross-entropy configurations (CPU; compiles 5-25 s per dtype)")] = False,
     bandwidth: Annotated[float | None, typer.Option(
-        "--bandwidth", metavar="BYTES_PER_S", help="memory bandwidth for the floor of the "
-        "cross-entropy steps, 2 N V itemsize / bandwidth (default on CUDA: looked up from "
-        "the GPU's name, e.g. H200 4.8e12, H100 SXM 3.35e12; none for an unknown GPU)")
+        "--bandwidth", parser=number, metavar="BYTES_PER_S", help="memory bandwidth for "
+        "the floor of the cross-entropy steps, 2 N V itemsize / bandwidth (default on "
+        "CUDA: looked up from the GPU's name, e.g. H200 4.8e12, H100 SXM 3.35e12; none for "
+        "an unknown GPU)")
                          ] = None,
 ) -> None:
     """Time crossent.torch against torch (eager, compiled, unfused, chunked).

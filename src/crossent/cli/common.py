@@ -12,9 +12,15 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from enum import Enum
 
 from rich.console import Console
+
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click import exceptions as clickx
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as clickx  # type: ignore[no-redef]
 
 from ..errors import InputError
 from ..teaching.content import UNITS as TEACHING_UNITS
@@ -67,6 +73,28 @@ _INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
 _NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)",
                      re.IGNORECASE)
 """A number as written in ASCII: ``0.5``, ``-1e3``, ``.5``, ``inf`` (rejected as not finite)."""
+
+
+def integer(min: int | None = None) -> Callable[[str], int]:
+    """A typer ``parser=`` for an integer option of at least ``min``: ASCII digits only, as
+    :func:`parse_target` (``int()`` alone also takes ``"1_0"`` as 10, ``"１"`` and ``"٣"``);
+    click reports a refusal as its own bad-value line, naming the option."""
+    def parse(text: str) -> int:
+        if not _INDEX.fullmatch(str(text).strip()):
+            raise clickx.BadParameter(f"{text!r} is not a valid integer.")
+        value = int(text)
+        if min is not None and value < min:
+            raise clickx.BadParameter(f"{value} is not in the range x>={min}.")
+        return value
+    return parse
+
+
+def number(text: str) -> float:
+    """A typer ``parser=`` for a float option: a number as written in ASCII, as
+    :func:`parse_numbers` (``float()`` alone also takes ``"0.0_1"`` as 0.01)."""
+    if not _NUMBER.fullmatch(str(text).strip()):
+        raise clickx.BadParameter(f"{text!r} is not a valid float.")
+    return float(text)
 
 
 def parse_target(text: str) -> int | list[float]:

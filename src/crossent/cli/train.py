@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,7 +96,7 @@ def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
         con.print(f"diverged (the training loss became NaN or infinite): "
                   f"{', '.join(diverged)}; a smaller --lr may help")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.json"
+    metrics = out / METRICS_FILE
     write_atomic(metrics, json.dumps(tr.metrics_json(results), indent=2, allow_nan=False) + "\n")
     con.print(f"metrics written: {escape(str(metrics))}")
     if plots:
@@ -153,16 +154,28 @@ def _new_figure() -> Figure:
     return Figure(figsize=(6.4, 4.0), layout="constrained")
 
 
+METRICS_FILE = "metrics.json"
+
+
+def output_files(losses: list[str], *, plots: bool) -> list[str]:
+    """The files :func:`run` writes in ``out``: ``metrics.json``, then with ``plots``
+    ``accuracy.png`` and ``reliability-LOSS.png`` per loss (checked before the training)."""
+    return [METRICS_FILE, *(_figure_files(losses) if plots else [])]
+
+
+def _figure_files(losses: Iterable[str]) -> list[str]:
+    return ["accuracy.png", *(f"reliability-{name}.png" for name in losses)]
+
+
 def save_figures(results: dict[str, tr.RunResult], out: Path) -> list[Path]:
     """``accuracy.png`` and ``reliability-LOSS.png`` for every loss, in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in _figure_files(results)]
     fig = _new_figure()
     draw_accuracy(fig, results)
-    paths = [out / "accuracy.png"]
     save_figure(fig, paths[0], dpi=100)
-    for name, r in results.items():
+    for path, r in zip(paths[1:], results.values(), strict=True):
         fig = _new_figure()
         draw_reliability(fig, r)
-        paths.append(out / f"reliability-{name}.png")
-        save_figure(fig, paths[-1], dpi=100)
+        save_figure(fig, path, dpi=100)
     return paths

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._files import check_output_path, save_figure, write_atomic
+from .._files import check_files_in, check_output_path, save_figure, write_atomic
 from ..errors import InputError
 from . import _inductor
 from . import functional as xf
@@ -840,6 +840,8 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         raise InputError("--compiled-kernel: needs a C++ compiler (g++ or clang++ on PATH) "
                          "for torch's inductor")
     out = check_output_path(out, "--out", directory=True)
+    check_files_in(out, ["bench.json", *(["bench.png"] if configs else []),
+                         *(["crossover.png"] if crossover else [])], "--out")
     say = say or _to_stderr
     results: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(),
