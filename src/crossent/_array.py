@@ -43,10 +43,14 @@ def silent_infinities(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     They mark the documented infinite results (``-log 0``, ``log(p / 0)``, a ratio past the
     float range), which SciPy's ufuncs (``rel_entr``, ``xlogy``, ``entropy``) return
     silently, and a user's ``-W error`` would turn into exceptions. The values are the same
-    either way; NaN warnings (``invalid``) stay on. Other array libraries do not warn."""
+    either way; NaN warnings (``invalid``) stay on. Calls with torch or JAX arrays run
+    untouched (they do not warn; ``torch.compile`` cannot trace ``np.errstate``)."""
 
     @functools.wraps(fn)
     def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # torch / JAX arrays cannot warn, and torch.compile cannot trace np.errstate
+        if any(is_torch_array(a) or is_jax_array(a) for a in (*args, *kwargs.values())):
+            return fn(*args, **kwargs)
         with np.errstate(divide="ignore", over="ignore"):
             return fn(*args, **kwargs)
 

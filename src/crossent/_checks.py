@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from typing import Any
 
 import numpy as np
@@ -249,3 +250,39 @@ def check_finite(value: Any, name: str) -> Any:
     if not math.isfinite(v):
         raise InputError(f"{name}={value!r} must be a finite number")
     return v
+
+
+# ---- numbers typed as text (the command line, python -m crossent.torch.bench)
+
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")  # "²".isdigit() is True; int() takes "１", "٣"
+_ASCII_NUMBER = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)", re.IGNORECASE)
+
+
+def ascii_integer(text: str) -> int:
+    """``text`` as an int when written in ASCII digits (``" 12"``, ``"-3"``); a
+    ``ValueError`` otherwise: ``int()`` alone also takes ``"1_0"`` (10), full-width and
+    Arabic-Indic digits, and more than 4300 digits raise its advice about
+    ``sys.set_int_max_str_digits``. (``argparse`` names it in its message.)"""
+    stripped = str(text).strip()
+    if not _ASCII_INTEGER.fullmatch(stripped):
+        raise ValueError(f"{_shown(text)} is not a valid integer")
+    try:
+        return int(stripped)
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        raise ValueError(f"{_shown(text)} is not a valid integer (too many digits)") from None
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a one-line message, its middle cut beyond 40 characters."""
+    text = str(text)
+    return repr(text) if len(text) <= 40 else f"{text[:18]!r}...{text[-18:]!r}"
+
+
+def ascii_number(text: str) -> float:
+    """``text`` as a float when written as a number in ASCII (``0.5``, ``-1e3``, ``.5``,
+    ``inf``, ``nan``); a ``ValueError`` otherwise (``float()`` also takes ``"0.0_1"``)."""
+    stripped = str(text).strip()
+    if not _ASCII_NUMBER.fullmatch(stripped):
+        raise ValueError(f"{_shown(text)} is not a valid float")
+    return float(stripped)

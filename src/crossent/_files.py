@@ -72,7 +72,10 @@ def check_files_in(directory: Path, names: Iterable[str], option: str) -> None:
         if p.is_dir():
             raise InputError(f"{option} {directory}: {name} there is a folder; the file "
                              f"cannot replace it")
-        _no_broken_link(p, option, os.fspath(p))
+        if p.is_symlink():  # written through: the folder of the link's target must take it
+            check_output_path(p, option)
+        else:
+            _no_broken_link(p, option, os.fspath(p))
 
 
 def check_file_apart(path: Path, option: str, directory: Path, dir_option: str,
@@ -84,9 +87,11 @@ def check_file_apart(path: Path, option: str, directory: Path, dir_option: str,
     if file == folder or file in folder.parents:
         raise InputError(f"{option} {path}: the {dir_option} folder {directory} goes there; "
                          f"give them different paths")
-    if file.parent == folder and file.name in set(names):
-        raise InputError(f"{option} {path}: {dir_option} {directory} writes its {file.name} "
-                         f"there; give them different paths")
+    for name in names:
+        written = folder / name
+        if file == written or written in file.parents:
+            raise InputError(f"{option} {path}: {dir_option} {directory} writes its {name} "
+                             f"there; give them different paths")
 
 
 def _no_broken_link(p: Path, option: str, text: str) -> None:
@@ -144,8 +149,9 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
             raise
         return
     target = Path(os.path.realpath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -153,11 +159,13 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
         os.chmod(tmp, _mode(target))
         os.replace(tmp, target)
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename in (None, tmp):
-            # a failed write() names no file, a failed replace() the temporary one: name
-            # the file the caller asked for (same errno, so the same OSError subclass)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and (tmp is None or err.filename in (None, tmp)):
+            # a failed write() names no file, a failed mkstemp() or replace() the temporary
+            # one (tmp None: not made): name the file the caller asked for (same errno,
+            # so the same OSError subclass)
             raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         raise
 

@@ -82,7 +82,16 @@ def log_softmax_rows(xp: Any, x: Array, axis: Axis) -> tuple[Array, Array]:
     +inf: torch and SciPy subtract the max first, and ``inf - inf`` is NaN there (not
     ``-inf`` at the finite entries). The log-sum-exp of such a row stays +inf."""
     m, r = lse_parts(xp, x, axis)
-    return xp.where(r == math.inf, math.nan, (x - m) - r), m + r
+    return nan_rows(xp, r == math.inf, x, (x - m) - r), m + r
+
+
+def nan_rows(xp: Any, bad: Array, x: Array, out: Array) -> Array:
+    """``out`` with NaN where ``bad`` (broadcast against ``x``), as ``x * NaN``: autograd
+    then gives those entries' inputs a NaN gradient, as torch's and JAX's ``x - max(x)``
+    do, where a constant NaN would give 0. ``x`` is 0 outside ``bad`` before the product:
+    the inner ``where`` keeps the product's NaN derivative from the other rows, and no
+    ``-inf x 0`` makes NumPy warn."""
+    return xp.where(bad, xp.where(bad, x, 0.0) * math.nan, out)
 
 
 def where_mask(xp: Any, where: Any, x: Array, name: str = "x") -> Array | None:
@@ -253,7 +262,7 @@ def softmax(x: Any, axis: Axis = -1, *, where: Any = None) -> Array:
     top, m = _row_max(xp, x, axis)
     e = xp.exp(x - m)
     # a row whose max is +inf: NaN throughout, as torch's and SciPy's exp(x - max(x))
-    p = xp.where(top == math.inf, math.nan, e / xp.sum(e, axis=axis, keepdims=True))
+    p = nan_rows(xp, top == math.inf, x, e / xp.sum(e, axis=axis, keepdims=True))
     out = xp.reshape(p, shape)
     if mask is not None:  # exactly 0 where masked, also in a row with nothing kept (0/0)
         out = xp.where(mask, out, 0.0)

@@ -119,7 +119,7 @@ def cross_entropy(
     0.514573
     """
     xp, p, q, dtype = _pair(p, q, axis, base, validate)
-    h = -xp.sum(_xlogy(xp, p, q), axis=axis)
+    h = 0.0 - xp.sum(_xlogy(xp, p, q), axis=axis)  # +0.0 for H(p, p) of a certain p
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
 

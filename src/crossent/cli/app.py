@@ -266,7 +266,7 @@ def explain(
 def quiz(
     seed: Annotated[int | None, typer.Option("--seed", parser=integer(0), metavar="N",
                                              help="seed for the generated questions "
-                                             "(random if omitted)")
+                                             "(random if omitted) [x>=0]")
                     ] = None,
     answers: Annotated[str | None, typer.Option("--answers", metavar="FILE", help="file with "
                                                 "one answer per line (non-interactive)")
@@ -321,18 +321,18 @@ def train(
     model: Annotated[str, typer.Option("--model", metavar="MODEL", help="softmax "
                                        "(regression) or mlp (one hidden layer)")] = "mlp",
     epochs: Annotated[int, typer.Option("--epochs", parser=integer(1), metavar="N",
-                                        help="passes over the training set")] = 30,
+                                        help="passes over the training set [x>=1]")] = 30,
     seed: Annotated[int, typer.Option("--seed", parser=integer(0), metavar="N", help="seed of the "
                                       "initial weights and the batch order (same seed, same "
-                                      "numbers)")] = 0,
+                                      "numbers) [x>=0]")] = 0,
     lr: Annotated[float, typer.Option("--lr", parser=number, metavar="LR",
                                       help="learning rate")] = 0.1,
     optimizer: Annotated[str, typer.Option("--optimizer", metavar="OPT", help="sgd or adam")
                          ] = "sgd",
     batch_size: Annotated[int, typer.Option("--batch-size", parser=integer(1), metavar="N",
-                                            help="mini-batch size")] = 32,
+                                            help="mini-batch size [x>=1]")] = 32,
     hidden: Annotated[int, typer.Option("--hidden", parser=integer(1), metavar="N",
-                                        help="hidden units of the mlp")] = 64,
+                                        help="hidden units of the mlp [x>=1]")] = 64,
     out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="folder for "
                                          "metrics.json and the figures (created if missing)")
                        ] = "crossent-train",
@@ -361,9 +361,9 @@ def bench(
                                                "cuda (default: cuda when present)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", parser=integer(1), metavar="N",
                                          help="timed runs per contender (the median is "
-                                         "reported)")] = 5,
+                                         "reported) [x>=1]")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", parser=integer(0), metavar="N",
-                                        help="untimed runs first")] = 1,
+                                        help="untimed runs first [x>=0]")] = 1,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="peak memory (CPU: "
                                          "one fresh process per contender; CUDA: "
                                          "max_memory_allocated in the timed steps)")] = True,
@@ -375,7 +375,7 @@ def bench(
                                       help="N busy processes compete for the cores "
                                       "while timing (one per core: a busy training "
                                       "machine); the load average before and after each "
-                                      "contender is recorded either way")] = 0,
+                                      "contender is recorded either way [x>=0]")] = 0,
     crossover: Annotated[bool, typer.Option("--crossover", help="sweep N x V from tiny to "
                                             "large: crossent / torch eager against the size, "
                                             "crossover.png (alone unless CONFIGs are named)")

@@ -10,7 +10,6 @@ import codecs
 import contextlib
 import math
 import os
-import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -22,6 +21,7 @@ try:  # typer >= 0.20 ships its own copy of click
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import exceptions as clickx  # type: ignore[no-redef]
 
+from .._checks import ascii_integer, ascii_number
 from ..errors import InputError
 from ..teaching.content import UNITS as TEACHING_UNITS
 from ..teaching.content import Unit, unit_beside
@@ -60,29 +60,25 @@ def parse_numbers(text: str, option: str) -> list[float]:
         raise InputError(f"{option} is empty; give comma-separated numbers such as 0.1,0.2,0.7")
     out = []
     for item in items:
-        if not _NUMBER.fullmatch(item):  # float() also takes "1_0", "１" and "٣"
-            raise InputError(f"{option}: {item!r} is not a number")
-        value = float(item)
+        try:
+            value = ascii_number(item)
+        except ValueError:
+            raise InputError(f"{option}: {item!r} is not a number") from None
         if not math.isfinite(value):
             raise InputError(f"{option}: {item!r} is not a finite number")
         out.append(value)
     return out
 
 
-_INDEX = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
-_NUMBER = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf(?:inity)?|nan)",
-                     re.IGNORECASE)
-"""A number as written in ASCII: ``0.5``, ``-1e3``, ``.5``, ``inf`` (rejected as not finite)."""
-
-
 def integer(min: int | None = None) -> Callable[[str], int]:
-    """A typer ``parser=`` for an integer option of at least ``min``: ASCII digits only, as
-    :func:`parse_target` (``int()`` alone also takes ``"1_0"`` as 10, ``"１"`` and ``"٣"``);
-    click reports a refusal as its own bad-value line, naming the option."""
+    """A typer ``parser=`` for an integer option of at least ``min``: ASCII digits only
+    (:func:`crossent._checks.ascii_integer`); click reports a refusal as its own bad-value
+    line, naming the option."""
     def parse(text: str) -> int:
-        if not _INDEX.fullmatch(str(text).strip()):
-            raise clickx.BadParameter(f"{text!r} is not a valid integer.")
-        value = int(text)
+        try:
+            value = ascii_integer(text)
+        except ValueError as err:
+            raise clickx.BadParameter(f"{err}.") from None
         if min is not None and value < min:
             raise clickx.BadParameter(f"{value} is not in the range x>={min}.")
         return value
@@ -90,19 +86,20 @@ def integer(min: int | None = None) -> Callable[[str], int]:
 
 
 def number(text: str) -> float:
-    """A typer ``parser=`` for a float option: a number as written in ASCII, as
-    :func:`parse_numbers` (``float()`` alone also takes ``"0.0_1"`` as 0.01)."""
-    if not _NUMBER.fullmatch(str(text).strip()):
-        raise clickx.BadParameter(f"{text!r} is not a valid float.")
-    return float(text)
+    """A typer ``parser=`` for a float option: a number as written in ASCII
+    (:func:`crossent._checks.ascii_number`)."""
+    try:
+        return ascii_number(text)
+    except ValueError as err:
+        raise clickx.BadParameter(f"{err}.") from None
 
 
 def parse_target(text: str) -> int | list[float]:
     """A class index (``"2"``) or a comma-separated probability vector (``"0,0,1"``)."""
-    stripped = text.strip()
-    if _INDEX.fullmatch(stripped):
-        return int(stripped)
-    return parse_numbers(text, "--target")
+    try:
+        return ascii_integer(text)
+    except ValueError:
+        return parse_numbers(text, "--target")
 
 
 def fmt(x: float) -> str:

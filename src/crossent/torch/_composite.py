@@ -99,7 +99,8 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
     else:  # C = 0: every row is ignored (anything else raised above); zeros that keep
         nll = -logp.sum(1)  # the graph, so backward gives torch's (N, 0) gradient
-    w_y = validf if w is None or not num_classes else w[index] * validf  # (C = 0: none)
+    # (C = 0: none; where, not a product: an ignored row must not read an inf/NaN w[0])
+    w_y = validf if w is None or not num_classes else torch.where(valid, w[index], 0.0)
     losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
     if eps:
         smooth = -(logp.sum(1) if w is None else logp @ w)
@@ -120,7 +121,8 @@ def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     if opts.num_items is not None and opts.reduction != "none":  # the caller's count
         out = losses.sum() / opts.num_items
     else:
-        out = reduce_rows(losses, denominator, opts.reduction)
+        out = reduce_rows(losses, denominator, opts.reduction,
+                          nan_at_zero=opts.label_smoothing > 0)
     if (opts.label_smoothing and not z.shape[1] and opts.reduction != "none"
             and not target.is_floating_point()):
         # C = 0, class indices: torch scales its smoothing sum by eps / C = inf, NaN even

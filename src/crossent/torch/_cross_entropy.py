@@ -152,7 +152,8 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                                    f"{t.layout}; dense (strided) tensors only")
     if input.dim() == 0:
         raise InputError("input must have a class dimension; got a 0-d tensor")
-    check_same_device(target, "target", input)
+    if input.device.type != "meta" or target.dim() != 0:  # a 0-d CPU target is fine for
+        check_same_device(target, "target", input)  # shapes only (torch's own kernel)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     if input.dim() == 1:  # unbatched: (C,) logits, a 0-d class index or (C,) probabilities
         want = tuple(input.shape) if target.is_floating_point() else ()

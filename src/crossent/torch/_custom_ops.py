@@ -77,7 +77,13 @@ import torch
 from torch.nn import _reduction
 
 from ..errors import InputError, UnsupportedError
-from ._rules import LOW_PRECISION, autocast_dtype, compute_dtype, infinite_as_nan
+from ._rules import (
+    LOW_PRECISION,
+    choose_loss_dtype,
+    compute_dtype,
+    infinite_as_nan,
+    promote_with_target,
+)
 from ._statistics import STATISTICS, TokenStatistics
 
 __all__ = [
@@ -547,7 +553,7 @@ def compiled_cross_entropy(
     size_average, reduce = (None if v is None else v is not False
                             for v in (size_average, reduce))
     device_type = input.device.type
-    out_dtype = autocast_dtype(input, device_type) if loss_dtype is None else loss_dtype
+    out_dtype = choose_loss_dtype(loss_dtype, input, target)  # the eager entry point's
     autocast = (torch.get_autocast_dtype(device_type)
                 if torch.is_autocast_enabled(device_type) else None)
     tensor_count, number = _num_items_args(num_items)
@@ -793,16 +799,17 @@ def _options_fields(options) -> tuple:
             options.acc_policy, options.acc_dtype, bool(options.allow_retain_graph))
 
 
-def _linear_loss_dtype(x: torch.Tensor, loss_dtype) -> torch.dtype:
+def _linear_loss_dtype(x: torch.Tensor, target: torch.Tensor, loss_dtype) -> torch.dtype:
     """The eager head's loss dtype: autocast casts ``x`` to its dtype (float64 stays),
-    then a low-precision ``x`` gives a float32 loss."""
+    then a low-precision ``x`` gives a float32 loss; a probability ``target`` promotes it
+    (:func:`._rules.choose_loss_dtype`)."""
     if loss_dtype is not None:
         return loss_dtype
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
-        return x.dtype
+        return promote_with_target(x.dtype, target)
     cast = torch.get_autocast_dtype(device_type)
-    return torch.float32 if cast in LOW_PRECISION else cast
+    return promote_with_target(torch.float32 if cast in LOW_PRECISION else cast, target)
 
 
 def compiled_linear_cross_entropy(
@@ -852,7 +859,7 @@ def compiled_linear_cross_entropy(
     loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
         want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-        *_options_fields(options), _linear_loss_dtype(input, loss_dtype), number, backend,
+        *_options_fields(options), _linear_loss_dtype(input, target, loss_dtype), number, backend,
         shift, autocast, names)
     return _with_statistics(loss, names, stats)
 

@@ -75,15 +75,20 @@ def choose_loss_dtype(loss_dtype, logits: torch.Tensor,
     the target: bfloat16 logits with a float32 target give a float32 loss, float32 with
     float64 a float64 one)."""
     if loss_dtype is None:
-        dtype = autocast_dtype(logits, logits.device.type)
-        if target is not None and target.is_floating_point():
-            dtype = torch.promote_types(dtype, autocast_dtype(target, target.device.type))
-        return dtype
+        return promote_with_target(autocast_dtype(logits, logits.device.type), target)
     if not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
             and not loss_dtype.is_complex):
         raise InputError(f"loss_dtype={loss_dtype!r} must be a floating torch.dtype "
                          f"(e.g. torch.float32) or None")
     return loss_dtype
+
+
+def promote_with_target(dtype: torch.dtype, target: torch.Tensor | None) -> torch.dtype:
+    """``dtype`` promoted with a probability ``target``'s dtype (after autocast), as torch
+    multiplies the log-probabilities by the target; class indices leave it as it is."""
+    if target is not None and target.is_floating_point():
+        return torch.promote_types(dtype, autocast_dtype(target, target.device.type))
+    return dtype
 
 
 def matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -163,7 +168,8 @@ class Rows:
     scale: torch.Tensor  # (M,) d(reduced loss)/d(row loss): 1/denominator, 1, or 0 when ignored
     target_mass: torch.Tensor | None  # (M,) (1 - eps) * w[y], index targets only
     denominator: torch.Tensor  # what "mean" divides the summed loss by
-    given: bool = False  # the denominator is the caller's num_items, not torch's
+    # torch's own "mean" with label smoothing: a zero denominator gives NaN (reduce_rows)
+    nan_at_zero: bool = False
 
 
 def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
@@ -264,7 +270,8 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
         if autocast_dtype(weight, like.device.type) != want:
             raise InputError(
                 f"weight has dtype {weight.dtype}; expected the input's {want} (as "
-                f"torch.nn.functional.cross_entropy, which raises too)"
+                f"torch.nn.functional.cross_entropy with class-index targets, which "
+                f"raises too; crossent asks it of probability targets as well)"
             )
         weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
     return Options(
@@ -348,17 +355,18 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
         scale = torch.full((num_rows,), 1.0, device=device, dtype=dtype)
         if opts.reduction == "mean":
             scale /= denominator
-        return Rows(None, None, scale, None, denominator, given is not None)
+        return Rows(None, None, scale, None, denominator)
     target, valid = check_index_target(target, num_classes, opts.ignore_index)
     index = torch.where(valid, target, 0)
     validf = valid.to(dtype)
-    w_y = validf if opts.weight is None else opts.weight[index] * validf
+    # where, not a product: an ignored row (index 0) must not read an inf/NaN w[0]
+    w_y = validf if opts.weight is None else torch.where(valid, opts.weight[index], 0.0)
     denominator = w_y.sum() if given is None else given
     # ignored rows: 0, even when every row is ignored (the "mean" loss is then 0/0 = NaN,
     # its gradient 0, as in torch)
     scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
     return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator,
-                given is not None)
+                given is None and opts.label_smoothing > 0)
 
 
 def kernel_reduction(opts: Options) -> str:
@@ -377,26 +385,31 @@ def divide_by_num_items(total: torch.Tensor, opts: Options) -> torch.Tensor:
 def reduce_losses(losses: torch.Tensor, rows: Rows, reduction: str) -> torch.Tensor:
     """Row losses reduced: as they are, their sum, or the sum over ``rows.denominator``
     (:func:`reduce_rows`)."""
-    return reduce_rows(losses, rows.denominator, reduction, given=rows.given)
+    return reduce_rows(losses, rows.denominator, reduction, nan_at_zero=rows.nan_at_zero)
 
 
 def reduce_rows(losses: torch.Tensor, denominator: torch.Tensor, reduction: str, *,
-                given: bool = False) -> torch.Tensor:
+                nan_at_zero: bool = False) -> torch.Tensor:
     """``"none"``: the row losses; ``"sum"``: their sum; ``"mean"``: the sum over
-    ``denominator``, NaN where torch's denominator is 0 (every row ignored, or every
-    counted target's class weight 0): torch divides its unsmoothed part 0/0 apart from
-    the smoothing part, so its mean is NaN even when the smoothing sum is not 0. A
-    caller's count (``given``: ``num_items``) divides the sum as it is, as Hugging Face's
-    ``sum / num_items_in_batch`` does. No host read; the NaN is added, not selected, so
-    autograd through this (the composable path) still differentiates ``sum / denominator``."""
+    ``denominator``, as torch divides (``0/0`` NaN, ``x/0`` +-inf).
+
+    ``nan_at_zero`` (torch's own denominator with label smoothing): NaN where it is 0.
+    torch divides the unsmoothed and the smoothing sums apart; with every counted target's
+    class weight 0 the first is ``0/0``, NaN, however large the second (a pad class of
+    weight 0 and a batch of padding). The NaN is ``sum x NaN``, so the gradient and a
+    ``jvp`` tangent are NaN too, as torch's. (Counted weights of mixed signs summing to 0
+    also give NaN here, where torch's two quotients may be infinities of one sign.) No
+    host read."""
     if reduction == "none":
         return losses
     total = losses.sum()
     if reduction == "sum":
         return total
-    if given:
-        return total / denominator
-    return total / denominator + torch.where(denominator != 0, 0.0, float("nan"))
+    out = total / denominator
+    if nan_at_zero:
+        zero = denominator == 0
+        out = out + torch.where(zero, total * torch.where(zero, math.nan, 0.0), 0.0)
+    return out
 
 
 # ---- backward: the stored gradient, backward twice, double backward

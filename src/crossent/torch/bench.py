@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .._checks import ascii_integer, ascii_number
 from .._files import check_files_in, check_output_path, save_figure, write_atomic
 from ..errors import InputError
 from . import _inductor
@@ -951,11 +952,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help=f"any of {', '.join(CONFIGS)}; default: {' '.join(DEFAULT)} on CPU, "
                         f"{' '.join(DEFAULT_CUDA)} on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=ascii_integer, default=5)
+    p.add_argument("--warmup", type=ascii_integer, default=1)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    p.add_argument("--load", type=int, default=0, metavar="N",
+    p.add_argument("--load", type=ascii_integer, default=0, metavar="N",
                    help="N busy processes compete while timing (one per core: "
                         f"{os.cpu_count()} here)")
     p.add_argument("--crossover", action="store_true",
@@ -964,7 +965,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--compiled-kernel", action="store_true",
                    help="also time crossent with set_compiled_kernel(True) on the bfloat16/"
                         "float16 cross-entropy configurations (CPU; compiles 10-25 s)")
-    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+    p.add_argument("--bandwidth", type=ascii_number, default=None, metavar="BYTES_PER_S",
                    help="memory bandwidth for the floor of the cross-entropy steps "
                         "(2 N V itemsize / bandwidth); default on CUDA: looked up from the "
                         "GPU's name (H200 4.8e12, H100 SXM 3.35e12, ...)")

@@ -116,6 +116,9 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         # torch's constructor checks (weight's shape, label_smoothing), and crossent's
         # other options, here rather than at the first forward
         check_options(reduction, label_smoothing, z_loss, softcap)
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
+                             f"{type(weight).__name__}")
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise InputError(f"weight has shape {tuple(weight.shape)}; expected "
                              f"({num_classes},), one weight per class")

@@ -202,7 +202,8 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
         _save_inputs(ctx, (input, target), opts, overwritten)
-        out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"]).to(loss_dtype)
+        out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"],
+                              nan_at_zero=opts["label_smoothing"] > 0).to(loss_dtype)
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
 
     @staticmethod
@@ -262,7 +263,8 @@ def triton_cross_entropy(
     with torch.no_grad():
         logits, flat_target, _ = _flatten(input, target)
         res = ops.cross_entropy_forward(logits, flat_target, compute_grad=False, **opts)
-        out = ops.reduce_rows(res.loss, res.denominator, reduction).to(out_dtype)
+        out = ops.reduce_rows(res.loss, res.denominator, reduction,
+                              nan_at_zero=opts["label_smoothing"] > 0).to(out_dtype)
     finish_check()
     return out.reshape(row_shape) if reduction == "none" else out
 
@@ -372,7 +374,8 @@ def _head(x, w, b, target, split, opts, chunk, need, ctx=None, dw_dtype=None):
     run = head_pass(x, w, b, kernel, chunk, need, split=split, dw_dtype=dw_dtype)
     if ctx is not None:
         ctx.grads = run.grads
-    return ops.reduce_rows(run.losses, denom, opts["reduction"])
+    return ops.reduce_rows(run.losses, denom, opts["reduction"],
+                           nan_at_zero=opts["label_smoothing"] > 0)
 
 
 def _head_grads(x, w, b, target, split, opts, chunk, need, grad_output, dw_dtype=None):

@@ -41,7 +41,13 @@ import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
 from .._backends import BACKENDS
-from .._rules import batched_grad_output, check_options, compute_dtype, records_graph
+from .._rules import (
+    batched_grad_output,
+    check_options,
+    compute_dtype,
+    records_graph,
+    reduce_rows,
+)
 
 __all__ = ["FIELDS", "compute_dtype"]
 
@@ -692,4 +698,6 @@ def reduce_loss(loss: torch.Tensor, wy: torch.Tensor, valid: torch.Tensor, spec:
             return total, 1.0
         return total / spec.num_items, 1.0 / spec.num_items
     denom = wy.sum() if spec.weight is not None else valid.sum().to(loss.dtype)
-    return total / denom, 1.0 / denom
+    # the single-process rule (_rules.reduce_rows): with smoothing, NaN where it is 0
+    return (reduce_rows(loss, denom, "mean", nan_at_zero=spec.label_smoothing > 0),
+            1.0 / denom)
