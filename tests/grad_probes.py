@@ -1,7 +1,9 @@
 """What the in-place and gradient-adoption tests share (tests/torch, tests/triton and the
 distributed tests import it as ``grad_probes``): torch's gradient in float64, a dtype's
 closeness, and the probe for a hidden copy (the data pointers of the gradients a fused
-Function's backward returns, compared afterwards with the leaves' ``.grad``)."""
+Function's backward returns, compared afterwards with the leaves' ``.grad``); and the
+float64 references of the contender-semantics and review tests (torch's loss with z-loss,
+softcap and ``num_items`` written out, the unfused head, NaN-exact comparison)."""
 
 from __future__ import annotations
 
@@ -147,3 +149,77 @@ def grad_node_name(loss) -> str:
                                                    "UnsafeViewBackward0", "ToCopyBackward0"):
         fn = fn.next_functions[0][0]
     return type(fn).__name__
+
+
+def ref_loss(z, y, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+             z_loss=0.0, softcap=None, num_items=None):
+    """torch in float64: ``F.cross_entropy`` on ``softcap * tanh(z / softcap)``, plus
+    ``z_loss * lse^2`` per counted row sharing torch's "mean" denominator (the count of
+    counted rows, or ``sum_n w[y_n]`` with class weights: crossent's documented rule);
+    ``num_items``: the sum divided by it (transformers' ``num_items_in_batch``)."""
+    zc = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    w = None if weight is None else weight.double().to(z.device)
+    red = "sum" if num_items is not None else reduction
+    loss = F.cross_entropy(zc, y, w, ignore_index=ignore_index, reduction=red,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        counted = y != ignore_index
+        term = torch.where(counted, z_loss * torch.logsumexp(zc, 1) ** 2, 0.0)
+        if red == "none":
+            loss = loss + term
+        elif red == "sum":
+            loss = loss + term.sum()
+        else:
+            # Liger's reference divides the z-loss by the count of counted rows even with
+            # class weights; crossent shares torch's weighted "mean" denominator
+            denom = counted.sum() if w is None else w[torch.where(counted, y, 0)][counted].sum()
+            loss = loss + term.sum() / denom
+    return loss if num_items is None else loss / num_items
+
+
+def ones_or(grad_output, loss):
+    """``grad_output`` in ``loss``'s dtype and device, or ones (``loss.backward()``)."""
+    return torch.ones_like(loss) if grad_output is None else grad_output.to(loss)
+
+
+def ref_ce(z, y, weight=None, grad_output=None, **kw):
+    """:func:`ref_loss` on CPU in float64, backward with ``grad_output``: (loss, dz)."""
+    leaf = z.detach().double().cpu().requires_grad_()
+    loss = ref_loss(leaf, y.cpu(), weight, **kw)
+    loss.backward(ones_or(grad_output, loss))
+    return loss.detach(), leaf.grad
+
+
+def ref_linear(x, w, b, y, grad_output=None, *, shift=False, **kw):
+    """The unfused head on CPU in float64: ``F.linear`` then :func:`ref_loss` (with
+    ``shift``, position ``t`` against ``y[:, t + 1]``, as CCE's and transformers'
+    references do): (loss, dx, dW, db)."""
+    leaves = [None if t is None else t.detach().double().cpu().requires_grad_()
+              for t in (x, w, b)]
+    xs, ys = leaves[0], y.cpu()
+    if shift:
+        xs, ys = xs[:, :-1].reshape(-1, xs.shape[-1]), ys[:, 1:].reshape(-1)
+    loss = ref_loss(F.linear(xs, leaves[1], leaves[2]), ys, **kw)
+    if shift and kw.get("reduction") == "none":
+        loss = loss.reshape(y.shape[0], -1)
+    loss.backward(ones_or(grad_output, loss))
+    return loss.detach(), *[None if t is None else t.grad for t in leaves]
+
+
+def assert_same_with_nans(got, want):
+    """Equal up to float64 rounding, NaN exactly where the reference is NaN, infinities
+    equal, shapes equal (on CPU in float64)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+    torch.testing.assert_close(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0),
+                               rtol=1e-9, atol=1e-12)
+
+
+def value_and_grad(fn, z0):
+    """``fn`` of a fresh leaf copy of ``z0`` and the gradient of its sum."""
+    z = z0.clone().requires_grad_()
+    loss = fn(z)
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss, grad
+

@@ -37,6 +37,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import ones_or, ref_ce, ref_linear, ref_loss  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 from crossent.errors import InputError  # noqa: E402
@@ -111,43 +112,6 @@ def row_grad_output(n, g):
     return w
 
 
-def ref_loss(z, y, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-             z_loss=0.0, softcap=None, num_items=None):
-    """torch in float64: ``F.cross_entropy`` on ``softcap * tanh(z / softcap)``, plus
-    ``z_loss * lse^2`` per counted row sharing torch's "mean" denominator (the count of
-    counted rows, or ``sum_n w[y_n]`` with class weights: crossent's documented rule);
-    ``num_items``: the sum divided by it (transformers' ``num_items_in_batch``)."""
-    zc = softcap * torch.tanh(z / softcap) if softcap is not None else z
-    w = None if weight is None else weight.double()
-    red = "sum" if num_items is not None else reduction
-    loss = F.cross_entropy(zc, y, w, ignore_index=ignore_index, reduction=red,
-                           label_smoothing=label_smoothing)
-    if z_loss:
-        counted = y != ignore_index
-        term = torch.where(counted, z_loss * torch.logsumexp(zc, 1) ** 2, 0.0)
-        if red == "none":
-            loss = loss + term
-        elif red == "sum":
-            loss = loss + term.sum()
-        else:
-            # Liger's reference divides the z-loss by the count of counted rows even with
-            # class weights; crossent shares torch's weighted "mean" denominator
-            denom = counted.sum() if w is None else w[torch.where(counted, y, 0)][counted].sum()
-            loss = loss + term.sum() / denom
-    return loss if num_items is None else loss / num_items
-
-
-def ones_or(grad_output, loss):
-    return torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
-
-
-def ref_ce(z, y, weight=None, grad_output=None, **kw):
-    leaf = z.detach().double().requires_grad_()
-    loss = ref_loss(leaf, y, weight, **kw)
-    loss.backward(ones_or(grad_output, loss))
-    return loss.detach(), leaf.grad
-
-
 def run_ce(backend, z, y, weight=None, grad_output=None, **kw):
     leaf = z.detach().clone().requires_grad_()
     loss = xt.cross_entropy(leaf, y, weight, backend=backend, **kw)
@@ -161,20 +125,6 @@ def check_ce(backend, z, y, weight=None, grad_output=None, rtol=RTOL, **kw):
     close(got[0], want[0], rtol)
     close(got[1], want[1], rtol)
     return got, want
-
-
-def ref_linear(x, w, b, y, grad_output=None, *, shift=False, **kw):
-    """The unfused head in float64: ``F.linear`` then :func:`ref_loss` (with ``shift``,
-    position ``t`` against ``y[:, t + 1]``, as CCE's and transformers' references do)."""
-    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
-    xs, ys = leaves[0], y
-    if shift:
-        xs, ys = xs[:, :-1].reshape(-1, xs.shape[-1]), y[:, 1:].reshape(-1)
-    loss = ref_loss(F.linear(xs, leaves[1], leaves[2]), ys, **kw)
-    if shift and kw.get("reduction") == "none":
-        loss = loss.reshape(y.shape[0], -1)
-    loss.backward(ones_or(grad_output, loss))
-    return loss.detach(), *[None if t is None else t.grad for t in leaves]
 
 
 def run_linear(backend, x, w, b, y, grad_output=None, needs=(True, True, True), **kw):

@@ -16,6 +16,8 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import assert_same_with_nans as _same
+from grad_probes import value_and_grad as _value_and_grad
 
 import crossent.torch as xt
 import crossent.torch._rowblock as rowblock
@@ -29,22 +31,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 def _logits(rows=4, classes=5, seed=0, dtype=F64):
     return torch.randn(rows, classes, generator=torch.Generator().manual_seed(seed),
                        dtype=dtype)
-
-
-def _same(got, want):
-    """Equal up to float64 rounding, NaN where the reference is NaN, infinities equal."""
-    got, want = got.detach().to(F64), want.detach().to(F64)
-    assert got.shape == want.shape
-    assert torch.equal(got.isnan(), want.isnan()), (got, want)
-    torch.testing.assert_close(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0),
-                               rtol=1e-9, atol=1e-12)
-
-
-def _value_and_grad(fn, z0):
-    z = z0.clone().requires_grad_()
-    loss = fn(z)
-    (grad,) = torch.autograd.grad(loss.sum(), z)
-    return loss, grad
 
 
 # ---- "mean" over a zero denominator: torch divides, NaN only where the numerator is 0 too

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import ones_or, ref_ce, ref_linear  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 from crossent.errors import UnsupportedError  # noqa: E402
@@ -60,41 +61,6 @@ def row_mask(n, g):
     return w
 
 
-def ref_loss(z, y, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-             z_loss=0.0, softcap=None):
-    """torch in float64 on ``softcap * tanh(z / softcap)``, plus ``z_loss * lse^2`` on
-    counted rows sharing torch's "mean" denominator (crossent's documented rule)."""
-    zc = softcap * torch.tanh(z / softcap) if softcap is not None else z
-    w = None if weight is None else weight.double()
-    loss = F.cross_entropy(zc, y, w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if z_loss:
-        counted = y != ignore_index
-        term = torch.where(counted, z_loss * torch.logsumexp(zc, 1) ** 2, 0.0)
-        if reduction == "none":
-            return loss + term
-        denom = counted.sum() if w is None else w[torch.where(counted, y, 0)][counted].sum()
-        loss = loss + (term.sum() if reduction == "sum" else term.sum() / denom)
-    return loss
-
-
-def ones_or(grad_output, loss):
-    return torch.ones_like(loss) if grad_output is None else grad_output.to(loss)
-
-
-def ref_linear(x, w, b, y, grad_output=None, *, shift=False, **kw):
-    leaves = [None if t is None else t.detach().double().cpu().requires_grad_()
-              for t in (x, w, b)]
-    xs, ys = leaves[0], y.cpu()
-    if shift:
-        xs, ys = xs[:, :-1].reshape(-1, xs.shape[-1]), ys[:, 1:].reshape(-1)
-    loss = ref_loss(F.linear(xs, leaves[1], leaves[2]), ys, **kw)
-    if shift and kw.get("reduction") == "none":
-        loss = loss.reshape(y.shape[0], -1)
-    loss.backward(ones_or(grad_output, loss))
-    return loss.detach(), *[None if t is None else t.grad for t in leaves]
-
-
 def run_linear(x, w, b, y, grad_output=None, needs=(True, True, True), **kw):
     leaves = [None if t is None else t.detach().clone().to(DEVICE).requires_grad_(need)
               for t, need in zip((x, w, b), needs, strict=True)]
@@ -120,13 +86,6 @@ def run_ce(z, y, weight=None, grad_output=None, **kw):
     loss = xt.cross_entropy(leaf, y.to(DEVICE), None if weight is None else weight.to(DEVICE),
                             backend="triton", **kw)
     loss.backward(ones_or(grad_output, loss).to(DEVICE))
-    return loss.detach(), leaf.grad
-
-
-def ref_ce(z, y, weight=None, grad_output=None, **kw):
-    leaf = z.detach().double().cpu().requires_grad_()
-    loss = ref_loss(leaf, y.cpu(), weight, **kw)
-    loss.backward(ones_or(grad_output, loss))
     return loss.detach(), leaf.grad
 
 

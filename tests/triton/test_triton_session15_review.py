@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import assert_same_with_nans as _same  # noqa: E402
+from grad_probes import value_and_grad as _value_and_grad  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 from crossent.torch._triton import ops  # noqa: E402
@@ -25,20 +27,6 @@ F64 = torch.float64
 def _logits(rows=4, classes=5, dtype=F64):
     g = torch.Generator().manual_seed(0)
     return torch.randn(rows, classes, generator=g, dtype=dtype).to(DEVICE)
-
-
-def _same(got, want):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert torch.equal(got.isnan(), want.isnan()), (got, want)
-    torch.testing.assert_close(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0),
-                               rtol=1e-9, atol=1e-12)
-
-
-def _value_and_grad(fn, z0):
-    z = z0.clone().requires_grad_()
-    loss = fn(z)
-    (grad,) = torch.autograd.grad(loss.sum(), z)
-    return loss, grad
 
 
 def test_negative_weights_summing_to_zero_mean():
