@@ -166,3 +166,34 @@ def test_cost_model_matches_the_counted_payload():
                                     label_smoothing=smoothing)
         assert cost["payload_bytes"] == 8 * 2 * len(FIELDS) + itemsize * (N + k * N)
         assert cost["all_reduces_forward"] == 3 and cost["all_reduces_backward"] == 0
+
+
+def _check_zero_total_weight(rank, world):
+    """Every counted target's class weight 0 (a pad class of weight 0 and a batch of padding),
+    each rank holding a vocabulary slice: "mean" is torch's on every rank, NaN with label
+    smoothing (torch's unsmoothed part is 0/0: crossent.torch._rules.reduce_rows, shared with
+    the single-process kernels), NaN without; the logits' gradient NaN on the counted rows
+    and 0 on the ignored one, as torch's."""
+    v = 3 * world
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(5, v, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 4, -100, 4])
+    w = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    w[0] = w[4] = 0.0
+    lo, hi = 3 * rank, 3 * (rank + 1)
+    for eps in (0.0, 0.1):
+        ref = z.clone().requires_grad_()
+        want = torch.nn.functional.cross_entropy(ref, y, w, label_smoothing=eps)
+        want.backward()
+        local = z[:, lo:hi].clone().requires_grad_()
+        got = vocab_parallel_cross_entropy(local, y, vocab_start=lo, weight=w[lo:hi],
+                                           label_smoothing=eps)
+        got.backward()
+        assert want.isnan() and got.isnan(), (rank, eps, got, want)
+        assert torch.equal(local.grad.isnan(), ref.grad[:, lo:hi].isnan()), (rank, eps)
+        assert not local.grad[3].any()  # the ignored row
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero_total_class_weight_is_torchs_nan_on_every_rank(world):
+    run_group(_check_zero_total_weight, world, timeout=120)
