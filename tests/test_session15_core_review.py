@@ -265,15 +265,29 @@ def test_check_file_apart_follows_links(tmp_path: Path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "losses.softmax_cross_entropy (index targets, label_smoothing=1.0): torch computes "
-    "(1 - eps) * w[y] * nll + ..., and 0 * inf is NaN when the target's logit is -inf; "
-    "crossent gives +inf (the docstring's 'a -inf logit makes the loss +inf, as in PyTorch' "
-    "holds for eps < 1 only). Same before this change. Fix: keep the (1 - eps) * nll term "
-    "as a product at eps = 1 (or document the difference)"))
-def test_full_label_smoothing_with_a_minus_inf_target_logit_is_torchs():
+@pytest.mark.parametrize("eps, w0", [(1.0, 1.0), (0.0, 0.0), (0.1, 0.0)])
+def test_zero_target_mass_on_a_minus_inf_logit_is_torchs_probability_target_form(eps, w0):
+    """The documented convention (docstring "Edge cases", PITFALLS 4): a class whose
+    effective target mass is 0 contributes 0 even where its logit is ``-inf``. For index
+    targets the target class's mass is ``((1 - eps) + eps / C) w[y]``: 0 for ``w[y] = 0``;
+    at ``eps = 1`` it is ``w[y] / C``, so the loss is +inf. torch's index path gives NaN
+    in all three (its ``0 * inf``); the reference is torch's own loss on the
+    same effective target ``T = ((1 - eps) e_y + eps / C) w`` as ``-sum_c T_c log p_c``
+    with ``0 log 0 = 0``: ``+inf`` where smoothed mass meets the ``-inf``, finite where no
+    mass does."""
     z = np.array([[-INF, 2.0, 3.0], [0.0, 1.0, 2.0]])
-    want = torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor([0, 1]),
-                                             label_smoothing=1.0, reduction="none")
-    same_nan_pattern(xe.softmax_cross_entropy(z, [0, 1], label_smoothing=1.0,
-                                              reduction="none"), want)
+    w = np.array([w0, 1.0, 0.5])
+    y = np.array([0, 1])
+    mass = torch.tensor(((1.0 - eps) * np.eye(3)[y] + eps / 3.0) * w)  # effective target
+    logp = torch.log_softmax(torch.tensor(z), dim=1)
+    want = -torch.where(mass == 0, 0.0, mass * logp).sum(1)  # 0 log 0 = 0, by hand
+    got = np.asarray(xe.softmax_cross_entropy(z, y, weight=w, label_smoothing=eps,
+                                              reduction="none"))
+    torch_index = torch.nn.functional.cross_entropy(
+        torch.tensor(z), torch.tensor(y), weight=torch.tensor(w), label_smoothing=eps,
+        reduction="none")
+    assert torch.isnan(torch_index[0])  # the difference documented
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)  # +inf where mass meets -inf
+    assert (eps > 0 and w0 > 0) == bool(np.isinf(got[0]))
+    # where no zero mass meets -inf, torch's own index-target loss agrees
+    np.testing.assert_allclose(got[1], torch_index[1].item(), rtol=1e-12)

@@ -120,9 +120,10 @@ def check_softcap(softcap: float | None) -> float | None:
     """None (no cap) or a finite number > 0."""
     if softcap is None:
         return None
-    value = check_nonnegative(softcap, "softcap")
-    if not value > 0:
-        raise InputError(f"softcap={softcap!r} must be > 0 (or None for no cap)")
+    value = check_real(softcap, "softcap")
+    if not (value > 0.0 and math.isfinite(value)):  # one message for -2 and 0 alike
+        raise InputError(f"softcap={softcap!r} must be a finite number > 0 (or None for no "
+                         f"cap)")
     return value
 
 

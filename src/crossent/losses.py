@@ -417,8 +417,13 @@ def softmax_cross_entropy(
 
     Edge cases: a target probability of exactly 0 contributes exactly 0 even where the logit
     is ``-inf`` (classes masked by hand; PyTorch's probability-target path gives NaN there,
-    PITFALLS 4). With label smoothing every class has target mass, so a ``-inf`` logit makes
-    the loss +inf, as in PyTorch. Logits of 1e4 do not overflow. NaN propagates.
+    PITFALLS 4). Class-index targets follow the same rule on their effective target
+    ``((1 - eps) e_y + eps / C) w``: where that mass is 0 (a zero class weight) a ``-inf``
+    logit contributes 0, where PyTorch's index path gives NaN (``0 * inf``). Where the
+    mass is positive a ``-inf`` logit makes the loss +inf, as in PyTorch, except at
+    ``label_smoothing=1``: every class then has mass ``w_c / C`` and the loss is +inf,
+    where PyTorch's ``(1 - eps) * nll`` is ``0 * inf``, NaN. Logits of 1e4 do not overflow.
+    NaN propagates.
 
     ``sample_weight`` (optional) multiplies each example's loss, broadcast against the
     per-example losses (``"none"``'s shape); ``"mean"`` then divides by the summed sample

@@ -628,3 +628,19 @@ def test_a_truncated_library_named_by_the_index_does_not_crash(
         return torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
     assert _in_forked_child(child) == 0
+
+
+def test_negated_view_is_read_with_its_sign(direct):
+    # a contiguous negated view (is_neg: a lazy sign bit over raw memory) would be read
+    # unnegated by the direct kernel's raw pointer (loss off by ~1): _inductor.serves sends
+    # it to the row-block kernel's torch operations, which resolve the sign (found by H38)
+    for dtype in (torch.bfloat16, torch.float32):
+        z, y = _logits(24, 50, 8, dtype)
+        neg = torch._neg_view(-z)
+        assert neg.is_neg() and neg.is_contiguous()
+        direct.clear()
+        x = neg.detach().requires_grad_()
+        loss = xt.cross_entropy(x, y, backend="rowblock")
+        loss.backward()
+        assert not any(c[0] == neg.data_ptr() for c in direct)
+        _assert_matches((loss.detach().double(), x.grad.double()), _reference(z, y), dtype, 3.0)

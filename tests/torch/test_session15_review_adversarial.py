@@ -127,20 +127,50 @@ def test_nonfinite_weight_of_class_zero_ignored_rows_gradient_sum():
     _same(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_rowblock.cross_entropy_rows: with smoothing and an inf class weight torch's ignored "
-    "rows get NaN gradients (masked_fill's 0 times w = inf in (logp * w).sum's backward, "
-    "spread by log_softmax's backward); the kernel leaves them 0 except the inf column"))
-def test_inf_unused_weight_smoothing_ignored_row_gradient_pattern():
-    w = torch.tensor([1.0, 1.0, 1.0, 1.0, math.inf], dtype=F64)
+@pytest.mark.parametrize("weight", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_nonfinite_weight_smoothing_ignored_row_gradient_pattern(weight, reduction):
+    # torch's ignored rows get NaN gradients here (masked_fill's 0 times w = inf in
+    # (logp * w).sum's backward, spread by log_softmax's backward): _rules.idle_rows_nan
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, weight], dtype=F64)
     y = torch.tensor([0, -100, 1, -100])
-    _, want = _value_and_grad(
-        lambda t: F.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction="sum"),
+    want, want_grad = _value_and_grad(
+        lambda t: F.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction=reduction),
         _logits())
-    _, got = _value_and_grad(
-        lambda t: xt.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction="sum",
-                                   backend="rowblock"), _logits())
-    _same(got, want)
+    for backend in ("auto", "rowblock"):
+        got, grad = _value_and_grad(
+            lambda t, b=backend: xt.cross_entropy(t, y, weight=w, label_smoothing=0.1,
+                                                  reduction=reduction, backend=b), _logits())
+        _same(got, want)
+        _same(grad, want_grad)
+
+
+@pytest.mark.parametrize("weight", [math.inf, math.nan])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_nonfinite_weight_smoothing_ignored_rows_reach_the_linear_heads_grads(weight,
+                                                                              reduction):
+    # the linear heads skip ignored rows, except where torch's gradient of them is NaN:
+    # dx of those rows NaN and dW all NaN, as the unfused F.linear + F.cross_entropy
+    g = torch.Generator().manual_seed(5)
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, weight], dtype=F64)
+    y = torch.tensor([0, -100, 1, -100])
+    x, lw, lb = (torch.randn(4, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g,
+                 dtype=F64), torch.randn(5, generator=g, dtype=F64))
+
+    def run(fn):
+        p = [t.clone().requires_grad_() for t in (x, lw, lb)]
+        out = fn(*p)
+        return (out, *torch.autograd.grad(out.sum(), p))
+
+    want = run(lambda a, b, c: F.cross_entropy(F.linear(a, b, c), y, weight=w,
+                                               label_smoothing=0.1, reduction=reduction))
+    assert want[1][1].isnan().all()  # the reference: ignored rows' dx is NaN
+    for backend in ("auto", "rowblock"):
+        got = run(lambda a, b, c, k=backend: xt.linear_cross_entropy(
+            a, b, y, linear_bias=c, weight=w, label_smoothing=0.1, reduction=reduction,
+            backend=k))
+        for u, v in zip(got, want, strict=True):
+            _same(u, v)
 
 
 @pytest.mark.parametrize("weight", [math.inf, -math.inf, math.nan])
@@ -171,17 +201,42 @@ def test_vocab_parallel_zero_weights_with_smoothing_mean_is_nan():
     _same(vocab_parallel_cross_entropy(_logits(), y, weight=w, label_smoothing=0.1), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distributed._common._finish: loss = A lse - ... with A = (eps/V) W; an inf class weight "
-    "makes W (lse - m) style terms inf - inf = NaN where torch's sum_c w_c (lse - z_c) is inf "
-    "(the row-block kernel's exact_smooth fix is not shared)"))
-def test_vocab_parallel_inf_unused_weight_with_smoothing():
-    w = torch.tensor([1.0, 1.0, 1.0, 1.0, math.inf], dtype=F64)
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0, math.inf],
+                                     [1.0, 1.0, 1.0, math.inf, -math.inf],
+                                     [1.0, math.nan, 1.0, 1.0, 1.0]])
+def test_vocab_parallel_smoothing_with_a_nonfinite_weight_is_refused(weights):
+    # torch's smoothing term sum_c w_c (lse - z_c) is inf or NaN in a pattern the split
+    # W lse - sum_c w_c z_c does not reproduce: refused, naming the feature (every rank
+    # reads the same weight total, so they raise together); inf + -inf no longer reaches
+    # math.fsum's ValueError
+    w = torch.tensor(weights, dtype=F64)
     y = torch.tensor([0, 1, 2, 3])
-    want = F.cross_entropy(_logits(), y, weight=w, label_smoothing=0.1, reduction="sum")
-    got = vocab_parallel_cross_entropy(_logits(), y, weight=w, label_smoothing=0.1,
-                                       reduction="sum")
+    with pytest.raises(UnsupportedError, match=r"label_smoothing=0\.1 with class weights"):
+        vocab_parallel_cross_entropy(_logits(), y, weight=w, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("case", ["inf_target_weight", "inf_and_minus_inf", "zero_weight_at_-inf",
+                                  "overflowing_weights"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_vocab_parallel_extreme_weights_without_smoothing_are_torchs(case, reduction):
+    # the loss as torch's w_y (lse - z_y): an inf w_y gives inf (was inf - inf = NaN), a
+    # zero w_y at a -inf target logit torch's NaN (was 0); overflowing weight sums no
+    # longer reach math.fsum's OverflowError
+    z = _logits()
+    w = {"inf_target_weight": [1.0, 1.0, 1.0, math.inf, 1.0],
+         "inf_and_minus_inf": [1.0, 1.0, 1.0, math.inf, -math.inf],
+         "zero_weight_at_-inf": [0.0, 1.0, 1.0, 1.0, 1.0],
+         "overflowing_weights": [1e308, 1e308, 1.0, 1.0, 1.0]}[case]
+    if case == "zero_weight_at_-inf":
+        z[0, 0] = -math.inf
+    w = torch.tensor(w, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3])
+    want, want_grad = _value_and_grad(
+        lambda t: F.cross_entropy(t, y, weight=w, reduction=reduction), z)
+    got, grad = _value_and_grad(
+        lambda t: vocab_parallel_cross_entropy(t, y, weight=w, reduction=reduction), z)
     _same(got, want)
+    _same(grad, want_grad)
 
 
 # ---- loss dtype with probability targets (choose_loss_dtype)
@@ -318,16 +373,46 @@ def test_jvp_zero_denominator_with_smoothing_is_nan():
     _same(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_rules.make_options requires weight's dtype == the input's for every target kind; "
-    "torch only for class indices (nll_loss): with probability targets it multiplies and "
-    "promotes, so bfloat16 logits, float32 target and float32 weight give a float32 loss; "
-    "crossent raises InputError saying torch raises too (pre-existing)"))
-def test_probability_target_weight_of_wider_dtype():
+WEIGHT_DTYPE_CASES = [  # (logits, target, weight): torch multiplies and promotes
+    (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float32, F64),
+    (torch.float32, F64, torch.float16), (torch.bfloat16, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("dtypes", WEIGHT_DTYPE_CASES, ids=str)
+@pytest.mark.parametrize("head", [False, True])
+def test_probability_target_weight_of_another_dtype_promotes_as_torch(dtypes, head):
+    # _rules.make_options(probability=True) takes any floating weight; choose_loss_dtype
+    # promotes the loss with it; values and gradients (logits, target, weight; linear
+    # weight) against torch's own float64 computation on the same rounded inputs
+    zd, td, wd = dtypes
     g = torch.Generator().manual_seed(4)
-    z = torch.randn(3, 5, generator=g).to(torch.bfloat16)
+    x, lw = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
     p, w = torch.rand(3, 5, generator=g).softmax(1), torch.rand(5, generator=g) + 0.5
-    want = F.cross_entropy(z, p, weight=w, label_smoothing=0.1)
-    got = xt.cross_entropy(z, p, weight=w, label_smoothing=0.1)
-    assert got.dtype == want.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+    x, lw, p, w = x.to(zd), lw.to(zd), p.to(td), w.to(wd)
+
+    def run(fn, cast):
+        a = [cast(t).requires_grad_() for t in (x, lw, p, w)]
+        out = fn(*a)
+        return out, torch.autograd.grad(out.sum(), a)
+
+    def torch_loss(a, b, c, d):
+        logits = F.linear(a, b) if head else a @ b.T
+        return F.cross_entropy(logits, c, weight=d, label_smoothing=0.1, reduction="none")
+
+    def crossent_loss(a, b, c, d):
+        if head:
+            return xt.linear_cross_entropy(a, b, c, weight=d, label_smoothing=0.1,
+                                           reduction="none")
+        return xt.cross_entropy(a @ b.T, c, weight=d, label_smoothing=0.1, reduction="none")
+
+    want_dtype = F.cross_entropy(x @ lw.T, p, weight=w).dtype
+    assert want_dtype == torch.promote_types(torch.promote_types(zd, td), wd)
+    ref, ref_grads = run(torch_loss, lambda t: t.double())
+    got, grads = run(crossent_loss, lambda t: t.clone())
+    assert got.dtype == want_dtype
+    low = torch.bfloat16 in dtypes or torch.float16 in dtypes
+    tol = dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    for a, b, t in zip(grads, ref_grads, (x, lw, p, w), strict=True):
+        assert a.dtype == t.dtype
+        torch.testing.assert_close(a.double(), b, **tol)

@@ -37,20 +37,36 @@ def test_negative_weights_summing_to_zero_mean():
     _same(xt.cross_entropy(_logits(), y, weight=w, backend="triton"), want)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "left alone (an infinite class weight with label smoothing): torch's gradient of an "
-    "ignored row is NaN throughout (its smoothing backward multiplies the ignored row's 0 "
-    "by the infinite weight); the Triton kernel writes the ignored row's exact 0"))
-def test_inf_weight_smoothing_ignored_row_gradient_pattern():
-    w = torch.tensor([math.inf, 1.0, 1.0, 1.0, 1.0], dtype=F64, device=DEVICE)
+@pytest.mark.parametrize("weight", [math.inf, math.nan])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_nonfinite_weight_smoothing_ignored_row_gradient_pattern(weight, reduction):
+    # torch's gradient of an ignored row is NaN throughout (its smoothing backward
+    # multiplies the row's 0 by the weight); ops' `idle` parameter, and the linear head
+    # keeps those rows (dx NaN, dW NaN) instead of skipping them
+    w = torch.tensor([weight, 1.0, 1.0, 1.0, 1.0], dtype=F64, device=DEVICE)
     y = torch.tensor([1, -100, 2, 3], device=DEVICE)
     _, want = _value_and_grad(
-        lambda t: F.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction="sum"),
+        lambda t: F.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction=reduction),
         _logits())
     _, got = _value_and_grad(
-        lambda t: xt.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction="sum",
+        lambda t: xt.cross_entropy(t, y, weight=w, label_smoothing=0.1, reduction=reduction,
                                    backend="triton"), _logits())
     _same(got, want)
+    g = torch.Generator().manual_seed(5)
+    x, lw = (torch.randn(4, 3, generator=g, dtype=F64).to(DEVICE),
+             torch.randn(5, 3, generator=g, dtype=F64).to(DEVICE))
+
+    def run(fn):
+        p = [x.clone().requires_grad_(), lw.clone().requires_grad_()]
+        out = fn(*p)
+        return (out, *torch.autograd.grad(out.sum(), p))
+
+    want = run(lambda a, b: F.cross_entropy(a @ b.T, y, weight=w, label_smoothing=0.1,
+                                            reduction=reduction))
+    got = run(lambda a, b: xt.linear_cross_entropy(a, b, y, weight=w, label_smoothing=0.1,
+                                                   reduction=reduction, backend="triton"))
+    for u, v in zip(got, want, strict=True):
+        _same(u, v)
 
 
 @pytest.mark.parametrize("weight", [math.inf, math.nan])
@@ -111,3 +127,25 @@ def test_loss_dtype_promotes_with_probability_target(logits_dtype, target_dtype)
     torch.testing.assert_close(got.double(), want.double(), rtol=5e-3, atol=0)
     got.backward()
     assert z.grad is not None and z.grad.dtype == logits_dtype
+
+
+@pytest.mark.parametrize("case", ["inf_target_weight", "zero_weight_at_-inf"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_vocab_parallel_extreme_target_weights_are_torchs(case, reduction):
+    # partials_kernel sends z_y unweighted: the loss is torch's w_y (lse - z_y) (an inf
+    # w_y gave inf - inf = NaN, a zero w_y at a -inf target logit 0 instead of NaN)
+    from crossent.torch.distributed import vocab_parallel_cross_entropy
+
+    z = _logits()
+    w = [1.0, 1.0, 1.0, math.inf, 1.0] if case == "inf_target_weight" else [0.0] + [1.0] * 4
+    if case == "zero_weight_at_-inf":
+        z[0, 0] = -math.inf
+    w = torch.tensor(w, dtype=F64, device=DEVICE)
+    y = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    want, want_grad = _value_and_grad(
+        lambda t: F.cross_entropy(t, y, weight=w, reduction=reduction), z)
+    got, grad = _value_and_grad(
+        lambda t: vocab_parallel_cross_entropy(t, y, weight=w, reduction=reduction,
+                                               backend="triton"), z)
+    _same(got, want)
+    _same(grad, want_grad)

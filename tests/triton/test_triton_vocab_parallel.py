@@ -84,11 +84,11 @@ def slice_partials(zs, t, start, ws, eps, cap):
     own = (t != -100) & (t >= start) & (t < start + size)
     idx = torch.where(own, t - start, 0)
     z_y = zc.gather(1, idx[:, None]).squeeze(1) if size else torch.zeros(n, dtype=zc.dtype)
+    zy = torch.where(own, z_y, 0.0)  # unweighted: the loss is w_y (lse - z_y), as torch's
     if ws is None:
-        w_y, zy, smooth = None, torch.where(own, z_y, 0.0), zc.sum(1)
-    else:  # zero weights contribute exactly 0 (no 0 * inf), NaN stays NaN
+        w_y, smooth = None, zc.sum(1)
+    else:  # zero weights contribute exactly 0 to the smoothing sum (no 0 * inf)
         w_y = torch.where(own, ws[idx], 0.0) if size else torch.zeros(n, dtype=zc.dtype)
-        zy = torch.where(w_y == 0, 0.0, w_y * z_y)
         smooth = torch.where(ws == 0, 0.0, zc * ws).sum(1)
     return m, s, zy, w_y, smooth
 
@@ -145,10 +145,10 @@ def test_kernels_on_slices_match_torch_float64(case):
     valid = t != -100
     wy = sum(p[3] for p in parts) if weighted else valid.double()
     wtot = float(w.sum()) if weighted else float(v)
-    a = (1 - eps) * wy + (eps / v) * wtot
-    loss = a * lse - (1 - eps) * zy + zeta * lse ** 2
+    a = (1 - eps) * wy + (eps / v) * wtot  # what multiplies p in the gradient
+    loss = (1 - eps) * wy * (lse - zy) + zeta * lse ** 2
     if eps:
-        loss = loss - (eps / v) * sum(p[4] for p in parts)
+        loss = loss + (eps / v) * (wtot * lse - sum(p[4] for p in parts))
     loss = torch.where(valid, loss, 0.0)
     ref_in = z.clone().requires_grad_()
     ref = torch_reference(ref_in, t, w if weighted else None, eps, zeta, cap, "none")

@@ -28,7 +28,8 @@ with the same arguments and computes, as transformers' ``ForCausalLMLoss`` does,
 with labels shifted left by one inside each sequence (or the caller's ``shift_labels``),
 ``D`` the number of counted tokens or the Trainer's ``num_items_in_batch``, and Gemma's
 ``final_logit_softcapping`` as ``softcap`` (Gemma 2/3 only: the other families ignore
-that attribute). The output is the model's ``CausalLMOutputWithPast`` with ``logits=None``;
+that attribute; its magnitude, as transformers' ``c tanh(z / c)`` is the same for ``-c``;
+0 is refused). The output is the model's ``CausalLMOutputWithPast`` with ``logits=None``;
 with ``return_dict=False`` the tuple keeps the logits' place: ``(loss, None, cache, ...)``.
 Labels of any integer dtype are accepted (int32, uint8: transformers raises for them);
 floating or bool labels, or a count that does not match the positions, raise
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import types
 from collections.abc import Callable
 from typing import Any, cast
@@ -304,6 +306,20 @@ def _bound_forward(model: Any, in_eval: bool, chunk_size: int | None) -> _FusedF
     return _FusedForward(original, in_eval, chunk_size, model=model)
 
 
+def _config_softcap(config) -> float | None:
+    """``config.final_logit_softcapping`` as crossent's ``softcap``: transformers applies
+    ``c tanh(z / c)``, the same for ``-c`` as for ``c`` (odd in both places), so its
+    magnitude; 0 (NaN logits there) is refused, naming the config field."""
+    cap = config.final_logit_softcapping
+    if cap is None:
+        return None
+    if not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap == 0 \
+            or not math.isfinite(cap):
+        raise InputError(f"config.final_logit_softcapping={cap!r}: transformers computes "
+                         f"c * tanh(logits / c), which needs a finite nonzero number")
+    return abs(float(cap))
+
+
 def _training_forward(model: Any, arguments: dict[str, Any], var_keyword: str | None,
                       chunk_size: int | None) -> Any:
     """The family's forward (base model, lm_head, softcap, ForCausalLMLoss) with the last
@@ -328,7 +344,7 @@ def _training_forward(model: Any, arguments: dict[str, Any], var_keyword: str | 
         shift_labels=extra.get("shift_labels"),
         num_items_in_batch=extra.get("num_items_in_batch"),
         ignore_index=extra.get("ignore_index", _IGNORE_INDEX),
-        softcap=model.config.final_logit_softcapping if softcapped else None,
+        softcap=_config_softcap(model.config) if softcapped else None,
         chunk_size=chunk_size,
     )
     output_class = _hf()["output"]

@@ -39,6 +39,8 @@ import threading
 
 import torch
 
+from ..errors import InputError
+
 __all__ = ["empty", "empty_cache", "set_buffer_reuse"]
 
 _CAPACITY = 4  # a linear head takes three: its logits chunk, dW and dx
@@ -145,9 +147,12 @@ def set_buffer_reuse(enabled: bool) -> bool:
     >>> set_buffer_reuse(previous)
     False
     """
+    if not isinstance(enabled, bool):  # bool("no") is True: refused, as its siblings do
+        raise InputError(f"set_buffer_reuse(enabled={enabled!r}): enabled must be True or "
+                         f"False")
     global _enabled
     with _lock:
-        previous, _enabled = _enabled, bool(enabled)
+        previous, _enabled = _enabled, enabled
         if not _enabled:
             _pool.clear()
     return previous

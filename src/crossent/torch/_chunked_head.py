@@ -21,6 +21,7 @@ circles).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -73,9 +74,12 @@ def rows_per_chunk(chunk_size: int | None, x: torch.Tensor, w: torch.Tensor) -> 
     return default_chunk(w.shape[0], w.shape[1], matmul_dtype(x, w).itemsize)
 
 
-def split_rows(counted: torch.Tensor | None, x: torch.Tensor) -> RowSplit | None:
+def split_rows(counted: torch.Tensor | None, x: torch.Tensor,
+               idle_nan: Callable[[], bool] | None = None) -> RowSplit | None:
     """The counted and the ignored rows when some rows are ignored and may be skipped,
-    else None (every row counts, or an ignored row's features are not finite).
+    else None (every row counts, an ignored row's features are not finite, or
+    ``idle_nan()``: torch's ignored rows have NaN gradients, :func:`._rules.idle_rows_nan`,
+    asked only when some row is ignored).
 
     An ignored row whose features are not finite is not skipped: torch's ``dW = G^T x``
     turns its zero gradient row times inf/NaN into NaN, and so does the unskipped pass
@@ -84,7 +88,7 @@ def split_rows(counted: torch.Tensor | None, x: torch.Tensor) -> RowSplit | None
     if counted is None:
         return None
     dropped = (~counted).nonzero().squeeze(1)
-    if dropped.numel() == 0:
+    if dropped.numel() == 0 or (idle_nan is not None and idle_nan()):
         return None
     if not bool(torch.isfinite(x.index_select(0, dropped)).all()):
         return None

@@ -115,7 +115,9 @@ def _target_weight_grads(ctx, grad_output):
     with ``T = ((1 - eps) t + eps / C) w`` and row scale ``r_n`` (the reduction's
     ``1/N`` or 1, times ``grad_output``), ``dL/dt_nc = -(1 - eps) w_c r_n log p_nc`` and
     ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, where a ``T_nc = 0``
-    facing ``log p_nc = -inf`` counts 0 (the loss's own rule)."""
+    facing ``log p_nc = -inf`` counts 0 in ``dw`` (the loss's own rule: its term is 0 for
+    every ``w_c``) but not in ``dt``: any ``t_nc > 0`` there makes the loss infinite, so
+    ``dL/dt_nc`` is torch's ``+inf`` times ``r_n`` (``NaN`` where ``w_c = 0``, as torch)."""
     z, t, weight = saved_inputs(ctx, "cross_entropy")
     opts, (num_rows, num_classes) = ctx.opts, z.shape
     cdtype = compute_dtype(z.dtype)
@@ -129,13 +131,12 @@ def _target_weight_grads(ctx, grad_output):
     for i in range(0, num_rows, block):
         j = min(i + block, num_rows)
         logp = torch.log_softmax(_composite.capped(z[i:j].detach().to(cdtype), opts), 1)
-        mix = t[i:j].detach().to(cdtype) * (1.0 - eps) + eps / num_classes
-        logp = _composite.zero_unused(mix if w is None else mix * w, logp)
-        logp.mul_(scale[i:j].unsqueeze(1))
+        r = scale[i:j].unsqueeze(1)
         if dt is not None:
-            dt[i:j] = logp * (-(1.0 - eps) if w is None else -(1.0 - eps) * w)
+            dt[i:j] = (logp * r) * (-(1.0 - eps) if w is None else -(1.0 - eps) * w)
         if dw is not None:
-            dw -= (mix * logp).sum(0)
+            mix = t[i:j].detach().to(cdtype) * (1.0 - eps) + eps / num_classes
+            dw -= (mix * _composite.zero_unused(mix * w, logp) * r).sum(0)
     return dt, None if dw is None else dw.to(weight.dtype)
 
 
@@ -152,6 +153,7 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                                    f"{t.layout}; dense (strided) tensors only")
     if input.dim() == 0:
         raise InputError("input must have a class dimension; got a 0-d tensor")
+    check_index_dtype(target)  # bool/complex named before any shape rule of the two kinds
     if input.device.type != "meta" or target.dim() != 0:  # a 0-d CPU target is fine for
         check_same_device(target, "target", input)  # shapes only (torch's own kernel)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
@@ -500,9 +502,10 @@ def cross_entropy(
     names = _statistics.check_statistics(statistics)
     logits, flat_target, row_shape = _flatten(input, target)
     num_classes = logits.shape[1]
-    out_dtype = choose_loss_dtype(loss_dtype, logits, flat_target)
+    out_dtype = choose_loss_dtype(loss_dtype, logits, flat_target, weight)
     opts = make_options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
-                    z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items)
+                    z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items,
+                    flat_target.is_floating_point())
     grad_on = records_graph()
     prob = flat_target.is_floating_point()
     _check_probability_ignore_index(prob, opts)

@@ -553,7 +553,7 @@ def compiled_cross_entropy(
     size_average, reduce = (None if v is None else v is not False
                             for v in (size_average, reduce))
     device_type = input.device.type
-    out_dtype = choose_loss_dtype(loss_dtype, input, target)  # the eager entry point's
+    out_dtype = choose_loss_dtype(loss_dtype, input, target, weight)  # the eager entry's
     autocast = (torch.get_autocast_dtype(device_type)
                 if torch.is_autocast_enabled(device_type) else None)
     tensor_count, number = _num_items_args(num_items)
@@ -799,17 +799,19 @@ def _options_fields(options) -> tuple:
             options.acc_policy, options.acc_dtype, bool(options.allow_retain_graph))
 
 
-def _linear_loss_dtype(x: torch.Tensor, target: torch.Tensor, loss_dtype) -> torch.dtype:
+def _linear_loss_dtype(x: torch.Tensor, target: torch.Tensor, weight, loss_dtype
+                       ) -> torch.dtype:
     """The eager head's loss dtype: autocast casts ``x`` to its dtype (float64 stays),
-    then a low-precision ``x`` gives a float32 loss; a probability ``target`` promotes it
-    (:func:`._rules.choose_loss_dtype`)."""
+    then a low-precision ``x`` gives a float32 loss; a probability ``target`` and its
+    class ``weight`` promote it (:func:`._rules.choose_loss_dtype`)."""
     if loss_dtype is not None:
         return loss_dtype
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
-        return promote_with_target(x.dtype, target)
+        return promote_with_target(x.dtype, target, weight)
     cast = torch.get_autocast_dtype(device_type)
-    return promote_with_target(torch.float32 if cast in LOW_PRECISION else cast, target)
+    return promote_with_target(torch.float32 if cast in LOW_PRECISION else cast, target,
+                               weight)
 
 
 def compiled_linear_cross_entropy(
@@ -859,7 +861,8 @@ def compiled_linear_cross_entropy(
     loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
         want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-        *_options_fields(options), _linear_loss_dtype(input, target, loss_dtype), number, backend,
+        *_options_fields(options), _linear_loss_dtype(input, target, weight, loss_dtype),
+        number, backend,
         shift, autocast, names)
     return _with_statistics(loss, names, stats)
 

@@ -123,10 +123,13 @@ def set_compiled_kernel(enabled: bool) -> bool:
 
 def serves(z: torch.Tensor, grad: torch.Tensor | None) -> bool:
     """The compiled kernel is on and takes these logits and gradient buffer (the caller
-    checks the options: index targets, no smoothing, z-loss, softcap or hooks)."""
+    checks the options: index targets, no smoothing, z-loss, softcap or hooks). A
+    negated view (``is_neg``, a lazy sign bit over raw memory the kernel would read as it
+    is) goes to the row-block kernel, whose torch operations resolve it."""
     return (grad is not None and z.device.type == "cpu" and _opted_in()
             and z.dtype in SERVED and grad.dtype == z.dtype
-            and grad.is_contiguous() and z.is_contiguous())
+            and grad.is_contiguous() and z.is_contiguous()
+            and not z.is_neg() and not grad.is_neg())
 
 
 @functools.cache

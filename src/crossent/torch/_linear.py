@@ -37,6 +37,7 @@ from ._rules import (
     compute_dtype,
     divide_by_num_items,
     double_backward,
+    idle_rows_nan,
     kernel_reduction,
     make_options,
     matmul_dtype,
@@ -56,11 +57,12 @@ from ._rules import (
 __all__ = ["linear_cross_entropy"]
 
 
-def _counted_rows(rows: Rows, x: torch.Tensor) -> RowSplit | None:
+def _counted_rows(rows: Rows, x: torch.Tensor, opts: Options) -> RowSplit | None:
     """The counted and the ignored rows when the pass may skip the ignored ones, else
     None: the shared rule (:func:`._chunked_head.split_rows`; an ignored row with
-    non-finite features is not skipped, so NaN reaches dW as in torch)."""
-    return split_rows(rows.valid, x)
+    non-finite features, or with torch's NaN gradient, is not skipped, so NaN reaches dW
+    as in torch)."""
+    return split_rows(rows.valid, x, lambda: idle_rows_nan(opts.weight, opts.label_smoothing))
 
 
 def _compact(rows: Rows, keep: torch.Tensor) -> Rows:
@@ -110,7 +112,7 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, 
     (:func:`_counted_rows`). ``dw_dtype``: :func:`._chunked_head.weight_grad_dtype`."""
     counted = None if names is None else _statistics.counted_rows(rows, x.shape[0])
     run = head_pass(x, w, b, _RowBlockChunks(target, rows, opts, names), chunk, need,
-                    row_multiplier=row_multiplier, split=_counted_rows(rows, x),
+                    row_multiplier=row_multiplier, split=_counted_rows(rows, x, opts),
                     dw_dtype=dw_dtype)
     if names is None:
         return run.losses, run.grads, None
@@ -197,8 +199,9 @@ def _autocast_linear(x, w, b):
         return x, w, b
     dtype = torch.get_autocast_dtype(device_type)
 
-    def cast(t):
-        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+    def cast(t):  # floating tensors only, as autocast
+        return (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
+                else t.to(dtype))
 
     return cast(x), cast(w), cast(b)
 
@@ -288,6 +291,12 @@ def _check_linear(x, w, b, t) -> None:
     if b is not None and tuple(b.shape) != tuple(w.shape[:-1]):
         raise InputError(f"linear_bias must have shape {tuple(w.shape[:-1])}, got "
                          f"{tuple(b.shape)}")
+
+
+def _check_one_dtype(x, w, b) -> None:
+    """input, linear_weight and linear_bias of one dtype, as ``F.linear`` sees them: after
+    autocast's casts (a bfloat16 body with a float32 head computes under autocast; a
+    float64 one, which autocast leaves alone, raises as in torch)."""
     if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
         raise InputError(
             f"input, linear_weight and linear_bias must share one dtype (torch raises "
@@ -436,9 +445,10 @@ def linear_cross_entropy(
     >>> stats.entropy, stats.accuracy  # uniform: ln 3; argmax 0; row 1 ignored
     (tensor([1.0986,    nan]), tensor([ True, False]))
     """
-    row_shape = None
+    row_shape, drop_last = None, True
     if shift is not False:
-        input, target, row_shape = _shift_labels(input, target, ignore_index, shift)
+        input, target, row_shape, drop_last = _shift_labels(
+            input, target, ignore_index, shift, weight, label_smoothing)
     _check_linear(input, linear_weight, linear_bias, target)
     if row_shape is not None and linear_weight.dim() > 2:
         raise UnsupportedError("crossent.torch.linear_cross_entropy: shift=True with a "
@@ -448,6 +458,7 @@ def linear_cross_entropy(
     _statistics.refuse_for_probabilities(names, target.is_floating_point(),
                                          "linear_cross_entropy")
     x, w, b = _autocast_linear(input, linear_weight, linear_bias)
+    _check_one_dtype(x, w, b)
     if target.is_floating_point() and ignore_index is not None:
         raise InputError(f"ignore_index={ignore_index!r} with probability targets: it only "
                          f"applies to class indices (torch raises too); leave it None")
@@ -457,9 +468,10 @@ def linear_cross_entropy(
     chunk_size, keep, acc_policy = _chunk_from_options(
         options, chunk_size, x.shape[0] if x.dim() == 2 else 1, num_classes, features,
         x.dtype)
-    out_dtype = choose_loss_dtype(loss_dtype, x, target)
+    out_dtype = choose_loss_dtype(loss_dtype, x, target, weight)
     opts = make_options(weight, num_classes, x, ignore_index, reduction, label_smoothing,
-                    z_loss, softcap, autocast_dtype(x, x.device.type), num_items)
+                    z_loss, softcap, autocast_dtype(x, x.device.type), num_items,
+                    isinstance(target, torch.Tensor) and target.is_floating_point())
     if w.dim() > 2:
         return _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype,
                                      chunk_size is not None, backend, names)
@@ -508,21 +520,28 @@ def linear_cross_entropy(
             out, stats = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names,
                                        weight_grad_dtype(acc_policy, x, w))
     if row_shape is not None and reduction == "none":  # drop the last positions
-        out = out.reshape(row_shape)[..., :-1]
+        out = out.reshape(row_shape)
+        out = out[..., :-1] if drop_last else out
     elif single and reduction == "none":
         out = out.reshape(())
     if names is None:
         return out
     assert stats is not None
     if row_shape is not None:
-        return out, _statistics.reshape(stats, row_shape, drop_last=True)
+        return out, _statistics.reshape(stats, row_shape, drop_last=drop_last)
     return out, _statistics.reshape(stats, () if single else (x.shape[0],))
 
 
-def _shift_labels(input, target, ignore_index, shift):
+def _shift_labels(input, target, ignore_index, shift, weight=None, label_smoothing=0.0):
     """``shift=True``: the ``(B T, D)`` view of ``(B, T, D)`` hidden states, the int64
-    targets ``target[..., 1:]`` with ``ignore_index`` at each last position, and the
-    target's shape (to cut ``reduction="none"`` back to ``(B, T - 1)``)."""
+    targets ``target[..., 1:]`` with ``ignore_index`` at each last position, the
+    target's shape and True (to cut ``reduction="none"`` back to ``(B, T - 1)``).
+
+    Where those padding rows would reach a gradient (a last position's features not
+    finite: ``0 x inf`` in ``dW``; label smoothing with a non-finite class weight: NaN
+    gradients of ignored rows) or a ``torch.func`` transform is active (no host read),
+    torch's own ``input[..., :-1, :]`` and ``target[..., 1:]`` instead, a copy of the
+    hidden states when ``B > 1``, with their row shape and False."""
     if not isinstance(shift, bool):
         raise InputError(f"shift={shift!r} must be True or False")
     for name, v in (("input", input), ("target", target)):
@@ -537,10 +556,27 @@ def _shift_labels(input, target, ignore_index, shift):
             f"shift=True takes (B, T, D) or (T, D) hidden states and (B, T) or (T) "
             f"targets; got input {tuple(input.shape)} and target {tuple(target.shape)}")
     ignore = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    if _padding_would_leak(input, weight, label_smoothing):
+        kept = target[..., 1:]
+        return (input[..., :-1, :].reshape(-1, input.shape[-1]), kept.reshape(-1),
+                tuple(kept.shape), False)
     shifted = torch.full(target.shape, ignore, dtype=torch.long, device=target.device)
     shifted[..., :-1] = target[..., 1:]
     return (input.reshape(-1, input.shape[-1]), shifted.reshape(-1),
-            tuple(target.shape))
+            tuple(target.shape), True)
+
+
+def _padding_would_leak(input: torch.Tensor, weight, label_smoothing) -> bool:
+    """Whether ``shift=True``'s ignored padding rows would reach a gradient torch never
+    forms (see :func:`_shift_labels`). One host read of the last positions' ``B x D``
+    features (and of the class weight with smoothing)."""
+    if _composite.composable_required(input):
+        return True
+    if input.shape[-2] and not bool(torch.isfinite(input[..., -1, :]).all()):
+        return True
+    return (isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+            and idle_rows_nan(weight, float(label_smoothing)))
 
 
 def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype, dw_dtype=None):

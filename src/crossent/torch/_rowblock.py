@@ -35,7 +35,7 @@ import torch
 
 from . import _inductor
 from ._blockpool import run_row_blocks
-from ._rules import Options, Rows, block_rows, compute_dtype
+from ._rules import Options, Rows, block_rows, compute_dtype, idle_rows_nan
 
 _TINY = 1e-30  # p_y below this: lse from the row max instead
 
@@ -116,6 +116,7 @@ def cross_entropy_rows(
     size = min(block, num_rows)
     w_sum = float(num_classes) if w is None else float(w.sum())
     exact_smooth = bool(eps) and not math.isfinite(w_sum)  # a class weight inf or NaN
+    nan_idle = exact_smooth and idle_rows_nan(w, eps)  # rows with scale 0: NaN, as torch's
     sel = slice(start, start + num_rows)
     m = torch.empty(num_rows, dtype=cdtype, device=dev)
     p_max = torch.ones(num_rows, dtype=cdtype, device=dev)
@@ -137,7 +138,9 @@ def cross_entropy_rows(
             rs = torch.where(rs != 0, rs * row_multiplier, 0.0)
         counted = rs != 0  # ignored rows: gradient exactly 0, even if their lse is NaN
         if not prob:
-            a = torch.where(counted, rs * t_sum, 0.0).unsqueeze(1)
+            # a row of scale 0 is 0 x (its target's weight): NaN for an infinite w_y, as
+            # torch's whole-row NaN (its nll backward forms 0 x w_y, spread by log_softmax)
+            a = torch.where(counted, rs * t_sum, 0.0 * mass).unsqueeze(1)
             c = (-rs * mass).unsqueeze(1)
             d = (-eps / num_classes) * rs.unsqueeze(1)
     if (not prob and not eps and not zl and cap is None and observe is None
@@ -235,8 +238,12 @@ def cross_entropy_rows(
             else:
                 g.mul_(a_b)
             g.scatter_add_(1, yb, c[i:j])
-        if cap is not None:  # d(c tanh(x/c))/dx = 1 - tanh^2
-            g.addcmul_(g * tanh[:n], tanh[:n], value=-1.0)
+            if nan_idle:
+                g.masked_fill_((rs[i:j] == 0).unsqueeze(1), math.nan)
+        if cap is not None:  # d(c tanh(x/c))/dx = 1 - tanh^2, as a factor (an infinite g
+            # stays infinite: g - g tanh^2 would be inf - inf)
+            t = tanh[:n]
+            g.mul_(t.mul_(t).neg_().add_(1.0))
         if g.data_ptr() != grad[i:j].data_ptr():
             # measured on CPU (32 x 32000 bfloat16 block, one thread): mul_ + copy_ 370 us,
             # torch.mul(g, a, out=bfloat16) 660 us; scatter_ into bfloat16 300 us, into the

@@ -68,14 +68,15 @@ def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     return t.dtype
 
 
-def choose_loss_dtype(loss_dtype, logits: torch.Tensor,
-                      target: torch.Tensor | None = None) -> torch.dtype:
+def choose_loss_dtype(loss_dtype, logits: torch.Tensor, target: torch.Tensor | None = None,
+                      weight: torch.Tensor | None = None) -> torch.dtype:
     """``loss_dtype`` if given, else torch's: the logits' dtype, float32 under autocast,
-    promoted with a probability ``target``'s (torch multiplies the log-probabilities by
-    the target: bfloat16 logits with a float32 target give a float32 loss, float32 with
-    float64 a float64 one)."""
+    promoted with a probability ``target``'s and then its class ``weight``'s (torch
+    multiplies the log-probabilities by both: bfloat16 logits with a float32 target give
+    a float32 loss, float32 with a float64 weight a float64 one)."""
     if loss_dtype is None:
-        return promote_with_target(autocast_dtype(logits, logits.device.type), target)
+        return promote_with_target(autocast_dtype(logits, logits.device.type), target,
+                                   weight)
     if not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point
             and not loss_dtype.is_complex):
         raise InputError(f"loss_dtype={loss_dtype!r} must be a floating torch.dtype "
@@ -83,11 +84,15 @@ def choose_loss_dtype(loss_dtype, logits: torch.Tensor,
     return loss_dtype
 
 
-def promote_with_target(dtype: torch.dtype, target: torch.Tensor | None) -> torch.dtype:
-    """``dtype`` promoted with a probability ``target``'s dtype (after autocast), as torch
-    multiplies the log-probabilities by the target; class indices leave it as it is."""
+def promote_with_target(dtype: torch.dtype, target: torch.Tensor | None,
+                        weight: torch.Tensor | None = None) -> torch.dtype:
+    """``dtype`` promoted with a probability ``target``'s dtype and a floating class
+    ``weight``'s (after autocast), as torch multiplies the log-probabilities by both;
+    class indices leave it as it is (their weight must have the input's dtype)."""
     if target is not None and target.is_floating_point():
-        return torch.promote_types(dtype, autocast_dtype(target, target.device.type))
+        dtype = torch.promote_types(dtype, autocast_dtype(target, target.device.type))
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            dtype = torch.promote_types(dtype, autocast_dtype(weight, weight.device.type))
     return dtype
 
 
@@ -172,6 +177,17 @@ class Rows:
     nan_at_zero: bool = False
 
 
+def idle_rows_nan(weight: torch.Tensor | None, label_smoothing: float) -> bool:
+    """Whether torch's gradient of a row it does not count (an ignored row, or a row whose
+    backward scale is 0) is NaN throughout: with label smoothing and a class weight that is
+    not finite. torch's smoothing backward forms the row's 0 upstream times ``w_c``,
+    ``0 x inf = NaN``, and its log_softmax backward spreads it over the row. The kernels
+    then write NaN rows and the linear heads keep ignored rows (``dx`` NaN, ``dW`` NaN, as
+    torch's). One host read of the (C,) weight, only with both options."""
+    return (bool(label_smoothing) and weight is not None
+            and not bool(weight.isfinite().all()))
+
+
 def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap) -> None:
     """The core's argument checks, so both paths reject the same values with one message."""
     _checks.check_reduction(reduction)
@@ -199,7 +215,18 @@ def check_num_items(num_items, reduction: str) -> float | None:
         if num_items.requires_grad:
             raise UnsupportedError("num_items that requires grad: crossent treats it as a "
                                    "constant count; detach it")
-        value = float(num_items.detach())
+        if torch._C._functorch.is_batchedtensor(num_items):  # no one value to read
+            raise UnsupportedError(
+                "num_items as a tensor that torch.func.vmap batches: crossent reads it as "
+                "one constant count; divide reduction='sum' by it yourself inside the "
+                "vmapped function (or pass a Python number)")
+        if num_items.device.type == "meta":
+            raise InputError("num_items is a meta tensor: it has no value to divide by")
+        try:
+            value = float(num_items.detach())
+        except RuntimeError as error:  # a transform's wrapper around a batched count
+            raise UnsupportedError(f"num_items: its value cannot be read here ({error}); "
+                                   f"pass a Python number") from error
     elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
         value = float(num_items)
     else:
@@ -247,10 +274,12 @@ def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
 
 
 def make_options(weight, num_classes, like, ignore_index, reduction, label_smoothing, z_loss,
-             softcap, input_dtype=None, num_items=None) -> Options:
+             softcap, input_dtype=None, num_items=None, probability=False) -> Options:
     """Checked options; ``opts.weight`` is a detached copy in the compute dtype (the
     fused kernels' constant). ``input_dtype``: the dtype torch would compare ``weight``
-    with (the logits' dtype, float32 for low-precision logits under autocast). With
+    with (the logits' dtype, float32 for low-precision logits under autocast), for
+    class-index targets; with ``probability`` targets torch multiplies and promotes, so
+    any floating weight is taken (the loss dtype: :func:`choose_loss_dtype`). With
     ``num_items`` the reduction is ``"mean"`` over that count (see
     :func:`check_num_items`)."""
     check_options(reduction, label_smoothing, z_loss, softcap)
@@ -267,11 +296,15 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
             )
         check_same_device(weight, "weight", like)
         want = like.dtype if input_dtype is None else input_dtype
-        if autocast_dtype(weight, like.device.type) != want:
+        if probability:
+            if not weight.is_floating_point() or weight.is_complex():
+                raise InputError(f"weight has dtype {weight.dtype}; class weights must be "
+                                 f"real floating point")
+        elif autocast_dtype(weight, like.device.type) != want:
             raise InputError(
                 f"weight has dtype {weight.dtype}; expected the input's {want} (as "
                 f"torch.nn.functional.cross_entropy with class-index targets, which "
-                f"raises too; crossent asks it of probability targets as well)"
+                f"raises too)"
             )
         weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
     return Options(
@@ -282,9 +315,15 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
 
 
 def check_index_dtype(target: torch.Tensor) -> None:
-    """Raise for a target dtype that holds neither class indices nor probabilities."""
+    """Raise for a target dtype that holds neither class indices nor probabilities, and
+    for uint64 ids of ``2**63`` or more (int64 would wrap them to negative ids, one of
+    them ``ignore_index``; a host read, for uint64 targets only)."""
     if target.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise InputError(f"target must hold class indices or probabilities, got {target.dtype}")
+    if (target.dtype == torch.uint64 and target.device.type != "meta"
+            and bool((target.view(torch.int64) < 0).any())):
+        raise InputError("target holds uint64 class ids of 2**63 or more, past int64 (torch "
+                         "refuses uint64 targets): no vocabulary has that many classes")
 
 
 def check_index_target(target: torch.Tensor, num_classes: int, ignore_index: int):
@@ -634,10 +673,14 @@ def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = T
             f"the logits (or the kernel's flattened copy of them) were overwritten by "
             f"their gradient"
         )
-    inputs = saved_inputs(ctx, name)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False)
-              if need and t is not None]
+    saved = saved_inputs(ctx, name)
     with torch.enable_grad(), no_autocast(ctx.device_type):
+        # fresh aliases: each input's own partial derivative, not the total one through
+        # another input computed from it (a target z * 1.0, a bias from W, the same
+        # tensor twice); their graphs still lead back to the saved inputs
+        inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in saved]
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad, strict=False)
+                  if need and t is not None]
         loss = loss_fn(*inputs).to(grad_output.dtype)
         grads = iter(torch.autograd.grad(loss, wanted, grad_output,
                                          create_graph=create_graph, allow_unused=True))

@@ -76,7 +76,7 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
         return (f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, inplace_backward={self.inplace_backward}, "
-                f"backend={self.backend!r}")
+                f"loss_dtype={self.loss_dtype}, backend={self.backend!r}")
 
 
 # torch >= 2.13 ships the module: subclass it (isinstance checks hold, as for
@@ -157,4 +157,4 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
                 f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, options={self.options}, "
                 f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}, "
-                f"backend={self.backend!r}, shift={self.shift}")
+                f"loss_dtype={self.loss_dtype}, backend={self.backend!r}, shift={self.shift}")

@@ -16,6 +16,7 @@ from .._rules import (  # the CPU head's rules
     check_options,
     check_target_intact,
     double_backward,
+    idle_rows_nan,
     matmul_dtype,
     may_overwrite,
     positive_int,
@@ -43,9 +44,14 @@ def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, lik
     if not isinstance(weight, torch.Tensor):
         raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
                          f"{type(weight).__name__}")
-    # torch wants the input's dtype; float32 with bf16/fp16 input is what torch computes
-    # in under autocast (and what crossent.torch's checked entry points may pass on)
-    if weight.dtype not in (like.dtype, ops.accumulate_dtype(like.dtype)):
+    # torch wants the input's dtype with class indices; float32 with bf16/fp16 input is
+    # what torch computes in under autocast (and what crossent.torch's checked entry points
+    # may pass on); with probability targets torch multiplies and promotes: any floating
+    if target.is_floating_point():
+        if not weight.is_floating_point() or weight.is_complex():
+            raise InputError(f"weight has dtype {weight.dtype}; class weights must be real "
+                             f"floating point")
+    elif weight.dtype not in (like.dtype, ops.accumulate_dtype(like.dtype)):
         raise InputError(f"weight has dtype {weight.dtype}; expected the input's {like.dtype} "
                          f"(torch.nn.functional.cross_entropy raises too)")
     if tuple(weight.shape) != (num_classes,):
@@ -53,7 +59,8 @@ def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, lik
                          f"one weight per class")
     if records_graph() and weight.requires_grad:
         raise UnsupportedError("crossent Triton cross-entropy: no gradient for weight")
-    return weight.detach().to(device=like.device, dtype=ops.accumulate_dtype(like.dtype))
+    return weight.detach().resolve_neg().to(device=like.device,
+                                            dtype=ops.accumulate_dtype(like.dtype))
 
 
 def _check_ignore_index(ignore_index, target: torch.Tensor) -> int:
@@ -459,7 +466,8 @@ def triton_linear_cross_entropy(
     x, t = x.contiguous(), t.contiguous()
     # ignored rows are skipped by the CPU head's rule (not where their features are not
     # finite: NaN reaches dW, as in torch)
-    split = split_rows(_counted_rows(t, ignore_index), x) if skip_ignored else None
+    split = (split_rows(_counted_rows(t, ignore_index), x,
+                        lambda: idle_rows_nan(w, label_smoothing)) if skip_ignored else None)
     params = (x, linear_weight, linear_bias)
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if records_graph() and any(p is not None and p.requires_grad for p in params):

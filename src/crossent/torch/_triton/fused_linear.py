@@ -163,8 +163,8 @@ def fused_linear_cross_entropy(
     ignore_index = _check_ignore_index(ignore_index, target)
     if check_targets:
         check_index_target(target, num_classes, ignore_index)
-    x = input.contiguous()
-    wt = linear_weight.contiguous()
-    b = None if linear_bias is None else linear_bias.contiguous()
+    x = input.resolve_neg().contiguous()  # raw pointers: a negated view's sign resolved
+    wt = linear_weight.resolve_neg().contiguous()
+    b = None if linear_bias is None else linear_bias.resolve_neg().contiguous()
     return _FusedLinear.apply(x, wt, b, target.long().contiguous(), w, ignore_index,
                               float(z_loss), reduction)

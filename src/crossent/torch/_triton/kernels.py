@@ -90,6 +90,7 @@ def ce_kernel(
     zl = tl.load(PARAMS + 1)
     cap = tl.load(PARAMS + 2)
     wsum = tl.load(PARAMS + 3)  # sum of class weights (V without weights)
+    idle = tl.load(PARAMS + 4)  # 0, or NaN for a non-finite class weight
     scale = tl.load(SCALE)
     pid = tl.program_id(0).to(tl.int64)
     if PERSISTENT:
@@ -97,17 +98,17 @@ def ce_kernel(
         # the bounds promote the row index to int64
         for row in range(pid, n_rows, tl.num_programs(0)):
             _ce_row(row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-                    V, ignore_index, eps, zl, cap, wsum, scale, PROB, HAS_WEIGHT,
+                    V, ignore_index, eps, zl, cap, wsum, idle, scale, PROB, HAS_WEIGHT,
                     HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
     else:
         _ce_row(pid, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-                V, ignore_index, eps, zl, cap, wsum, scale, PROB, HAS_WEIGHT,
+                V, ignore_index, eps, zl, cap, wsum, idle, scale, PROB, HAS_WEIGHT,
                 HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
 
 
 def ce_row_source(
     row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-    V, ignore_index, eps, zl, cap, wsum, scale,
+    V, ignore_index, eps, zl, cap, wsum, idle, scale,
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROWMULT: tl.constexpr,
     HAS_CAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
@@ -230,6 +231,8 @@ def ce_row_source(
         tl.store(LSE + row, tl.full((), 0.0, ACC))
         if GRAD:
             zeros = tl.zeros((BLOCK,), ACC)
+            if SMOOTH and HAS_WEIGHT:  # torch's 0 x w_c: NaN rows for a non-finite weight
+                zeros += idle
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 tl.store(grow + offs, zeros, mask=offs < V)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 
@@ -206,6 +206,16 @@ def denominator(target: torch.Tensor, num_classes: int, weight: torch.Tensor | N
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
 
 
+@overload
+def raw(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def raw(t: None) -> None: ...
+def raw(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with its values in its memory: a negated view (``is_neg``, a lazy sign bit that
+    a kernel's raw pointer would not see) materialized; anything else as it is."""
+    return t.resolve_neg() if t is not None and t.is_neg() else t
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -236,6 +246,8 @@ def cross_entropy_forward(
     rather than the kernel's NaN for an out-of-range class index). The launch (tile,
     warps, pass 2's order, grid) is :func:`ce_launch_config`'s.
     """
+    logits, target = raw(logits), raw(target)
+    weight, row_multiplier, scale = raw(weight), raw(row_multiplier), raw(scale)
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be 2-D with a contiguous class axis")
     if logits.dtype not in _SUPPORTED:
@@ -253,10 +265,14 @@ def cross_entropy_forward(
     scale = scale.to(device=dev, dtype=acc).reshape(1)
     wsum = w.sum().reshape(1) if w is not None else torch.full((1,), float(v), dtype=acc,
                                                                  device=dev)
+    # 0, or NaN when a class weight is not finite: torch's smoothing backward gives an
+    # ignored row 0 x w_c, NaN, spread over the row (read only with smoothing and weights)
+    idle = ((w * 0.0).sum().reshape(1) if w is not None and float(label_smoothing)
+            else torch.zeros_like(wsum))
     params = torch.cat([
         _to_device([float(label_smoothing), float(z_loss),
                     1.0 if softcap is None else float(softcap)], acc, dev),
-        wsum,
+        wsum, idle,
     ])
     grad: torch.Tensor | None = None
     if compute_grad:
@@ -305,7 +321,7 @@ def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> t
     if x2.dim() != 2 or x2.stride(1) != 1:
         raise ValueError("scale_ needs a 1-D or 2-D tensor with a contiguous last axis")
     rows, cols = x2.shape
-    factor = factor.to(device=x.device).reshape(-1).contiguous()
+    factor = raw(factor).to(device=x.device).reshape(-1).contiguous()
     if per_row and factor.numel() != rows:
         raise ValueError(f"per-row factor has {factor.numel()} values for {rows} rows")
     with _launching():

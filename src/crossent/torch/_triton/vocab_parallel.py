@@ -102,9 +102,7 @@ def partials_kernel(
         w_y = tl.load(W + tl.where(own, y_local, 0)).to(ACC)  # V > 0: launched only then
         w_y = tl.where(own, w_y, 0.0)
         tl.store(WY_OUT + row, w_y)
-        zy = tl.where(w_y == 0.0, 0.0, w_y * z_y)
-    else:
-        zy = tl.where(own, z_y, 0.0)
+    zy = tl.where(own, z_y, 0.0)  # unweighted: the loss is w_y (lse - z_y), as torch's
     bad = nans > 0
     tl.store(M_OUT + row, tl.where(bad, float("nan"), m))
     tl.store(S_OUT + row, tl.where(bad, float("nan"), s))
@@ -196,6 +194,7 @@ class VocabPartials(NamedTuple):
 def _rowwise(z: torch.Tensor) -> torch.Tensor:
     if z.dim() != 2:
         raise ValueError("logits must be 2-D (rows, local classes)")
+    z = z.resolve_neg()  # a negated view's sign bit is not in its memory
     return z if z.stride(1) == 1 or z.shape[1] <= 1 else z.contiguous()
 
 
@@ -229,7 +228,7 @@ def vocab_parallel_partials(
     if n == 0 or v == 0:  # nothing to read: the empty slice's partials
         return out
     y = target.reshape(n).to(device=dev, dtype=torch.int64).contiguous()
-    w = None if weight is None else weight.to(device=dev, dtype=acc).contiguous()
+    w = None if weight is None else weight.resolve_neg().to(device=dev, dtype=acc).contiguous()
     params = _to_device([1.0 if softcap is None else float(softcap)], acc, dev)
     blk, warps = kernel_config(v, z.element_size(), block)
     with kernels.launching():
@@ -277,7 +276,7 @@ def vocab_parallel_grad(
     if n == 0 or v == 0:
         return out
     y = target.reshape(n).to(device=dev, dtype=torch.int64).contiguous()
-    w = None if weight is None else weight.to(device=dev, dtype=acc).contiguous()
+    w = None if weight is None else weight.resolve_neg().to(device=dev, dtype=acc).contiguous()
     eps = float(label_smoothing)
     params = _to_device([1.0 if softcap is None else float(softcap), eps,
                          eps / num_classes if num_classes else 0.0], acc, dev)

@@ -43,6 +43,7 @@ from ...errors import InputError, UnsupportedError
 from .._backends import BACKENDS
 from .._rules import (
     batched_grad_output,
+    check_index_dtype,
     check_options,
     compute_dtype,
     records_graph,
@@ -354,7 +355,12 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device)
         problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
                       f"({rows} rows)")
     else:
-        return target.reshape(-1).to(device=device, dtype=torch.int64)
+        try:
+            check_index_dtype(target)  # uint64 ids past int64
+        except InputError as error:
+            problems.note(str(error))
+        else:
+            return target.reshape(-1).to(device=device, dtype=torch.int64)
     return torch.zeros(rows, dtype=torch.int64, device=device)
 
 
@@ -464,8 +470,25 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
     if spec.num_items is not None and not (items > 0 and math.isfinite(items)):
         raise InputError(f"num_items={items!r} must be a finite number > 0")
     spec.num_classes = num_classes
-    spec.weight_total = math.fsum(bits_float(b) for b in col("weight_sum"))
+    spec.weight_total = _weight_total([bits_float(b) for b in col("weight_sum")])
+    if spec.label_smoothing and not math.isfinite(spec.weight_total):
+        # every rank read the same table: they raise together
+        raise UnsupportedError(
+            f"label_smoothing={spec.label_smoothing} with class weights summing to "
+            f"{spec.weight_total} (a weight that is not finite, or finite weights whose sum "
+            f"leaves float64's range): the vocab-parallel smoothing term W lse - sum_c w_c "
+            f"z_c is then not torch's sum_c w_c (lse - z_c) (inf - inf); use crossent.torch."
+            f"cross_entropy on the whole vocabulary (it forms torch's sum)")
     lay.max_size = max(sizes)
+
+
+def _weight_total(sums: list[float]) -> float:
+    """The ranks' weight sums added exactly (``math.fsum``), or as floats add where fsum
+    refuses: ``inf + -inf`` is NaN and an overflow +-inf, as torch's own sum gives."""
+    try:
+        return math.fsum(sums)
+    except (ValueError, OverflowError):
+        return sum(sums, 0.0)
 
 
 def _show(name: str, value: int):
@@ -545,7 +568,7 @@ class Partials:
 
     m: torch.Tensor  # local row max (NaN if the row's slice holds a NaN)
     s: torch.Tensor  # sum_c exp(z_c - m_safe) over the slice
-    zy: torch.Tensor  # w_y z_y if this rank owns y_n, else 0
+    zy: torch.Tensor  # z_y if this rank owns y_n, else 0
     wy: torch.Tensor | None  # w_y if this rank owns y_n, else 0 (weighted only)
     smooth: torch.Tensor | None  # sum_c w_c z_c over the slice (label smoothing only)
 
@@ -574,9 +597,7 @@ class Partials:
             assert self.wy is not None  # empty() allocates wy exactly when weighted
             w_y = torch.where(own, spec.weight[idx], 0.0)
             self.wy[i:j] = w_y
-            self.zy[i:j] = torch.where(w_y == 0, 0.0, w_y * z_y)
-        else:
-            self.zy[i:j] = torch.where(own, z_y, 0.0)
+        self.zy[i:j] = torch.where(own, z_y, 0.0)
         if self.smooth is not None:
             if spec.weight is None:
                 self.smooth[i:j] = z.sum(dim=1)
@@ -647,11 +668,14 @@ def _finish(m, got, part, valid, num_classes, spec) -> RowStats:
     lse = m_safe + torch.log(s)
     wtot = float(num_classes) if spec.weight is None else spec.weight_total
     a = (1.0 - eps) * wy
+    # torch's w_y (lse - z_y), not w_y lse - w_y z_y: an infinite w_y gives inf, not
+    # inf - inf; a zero w_y at z_y = -inf gives torch's NaN; (m - z_y) + log s keeps a
+    # small loss at |z| ~ 1e38, where m + log s rounds to m
+    loss = a * ((m_safe - zy) + torch.log(s))
     if eps:
+        assert smooth is not None  # Partials.empty allocates it exactly with smoothing
         a = a + (eps / num_classes) * wtot
-    loss = a * lse - (1.0 - eps) * zy
-    if smooth is not None:
-        loss = loss - (eps / num_classes) * smooth
+        loss = loss + (eps / num_classes) * (wtot * lse - smooth)
     coef = a
     if zeta:
         loss = loss + zeta * lse * lse

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 from ...errors import InputError
+from .._rules import check_ignore_index, check_index_dtype
+from ._common import header_device
 
 __all__ = ["global_num_items"]
 
@@ -18,7 +20,8 @@ def global_num_items(
     group=None,
 ) -> torch.Tensor:
     """The number of non-ignored targets summed over ``group`` (one ``all_reduce(SUM)`` of
-    one int64): the ``num_items`` that makes ``reduction="sum"`` a full-batch mean.
+    two int64: the count and a bad-argument flag, so every rank raises together): the
+    ``num_items`` that makes ``reduction="sum"`` a full-batch mean.
 
     ``target`` is this rank's targets, or a list of them (all gradient-accumulation
     micro-batches of the step, counted together). Use the **data-parallel** group: ranks of
@@ -39,16 +42,56 @@ def global_num_items(
     >>> int(global_num_items([torch.tensor([1, -100, 2]), torch.tensor([0])]))
     3
     """
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized and group is not None:
+        raise InputError("a group was given but torch.distributed is not initialized")
+    targets, problem = _checked_targets(target, ignore_index)
+    # where the count travels, bad argument or not (an NCCL rank's flag on the CPU would
+    # fail its all-reduce while the others wait): the first tensor given, else the group's
+    given = [target] if isinstance(target, torch.Tensor) else (
+        list(target) if isinstance(target, (list, tuple)) else [])
+    device = header_device(group if initialized else None,
+                           *[t for t in given if isinstance(t, torch.Tensor)][:1])
+    if problem is None:
+        # in int64: a uint8/uint16 target compared with -100 in its own dtype would wrap it
+        # to 156/65436 and miss that class, which the losses count
+        counts = [(t.to(torch.int64) != ignore_index).sum() for t in targets]
+        # Start from the first count, not 0: the sum stays a tensor (typed so) on its device
+        count = sum(counts[1:], start=counts[0]).to(torch.int64)
+    else:
+        count = torch.zeros((), dtype=torch.int64, device=device)
+    if initialized and dist.get_world_size(group) > 1:
+        # a bad argument on one rank travels with the count: every rank raises together
+        # (a rank raising alone would leave the others waiting in the all-reduce)
+        both = torch.stack([count, torch.tensor(int(problem is not None), device=device)])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        if problem is None and int(both[1]):
+            raise InputError("global_num_items: another rank of the group passed a bad "
+                             "target or ignore_index (its error names it)")
+        count = both[0]
+    if problem is not None:
+        raise InputError(problem)
+    return count
+
+
+def _checked_targets(target, ignore_index) -> tuple[list[torch.Tensor], str | None]:
+    """The targets as a list of tensors, and the first problem with the arguments (None:
+    none): integer class-id tensors, an integer ``ignore_index``."""
+    try:
+        check_ignore_index(ignore_index)
+    except InputError as error:
+        return [], str(error)
     targets = [target] if isinstance(target, torch.Tensor) else list(target)
     if not targets:
-        raise InputError("target is an empty list")
-    counts = [(t != ignore_index).sum() for t in targets]
-    # Start from the first count, not 0: the sum stays a tensor (typed so) on its device.
-    count = sum(counts[1:], start=counts[0]).to(torch.int64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size(group) > 1:
-            count = count.clone()
-            dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    elif group is not None:
-        raise InputError("a group was given but torch.distributed is not initialized")
-    return count
+        return [], "target is an empty list"
+    for t in targets:
+        if not isinstance(t, torch.Tensor):
+            return [], (f"target must be a tensor of class ids or a list of them; got a "
+                        f"{type(t).__name__} inside")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            return [], f"target must hold integer class ids, got {t.dtype}"
+        try:
+            check_index_dtype(t)
+        except InputError as error:
+            return [], str(error)
+    return targets, None
