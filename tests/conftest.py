@@ -8,28 +8,53 @@ an independent reference (SciPy, PyTorch, scikit-learn, optax, finite difference
 
 from __future__ import annotations
 
+import importlib
 import os
+import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
 import pytest
+import torch
 
-jax.config.update("jax_enable_x64", True)
+# JAX and array-api-strict are imported (JAX with float64 enabled) before the first file
+# outside tests/triton is collected (pytest_collectstart below: before pytest imports a
+# test module or reads a file's doctests), not here: the Triton interpreter tests use
+# neither, and JAX's import is about a second of their run (issue 12). Every other test
+# module is imported after them, as before.
+_TRITON_TESTS = pathlib.Path(__file__).parent / "triton"
+_STRICT_ARRAY: list[type] = []  # array-api-strict's array type, once imported
 
-import array_api_strict  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
 
-_STRICT_ARRAY = type(array_api_strict.asarray(0.0))
+def _import_jax_with_float64() -> None:
+    if _STRICT_ARRAY:
+        return
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import array_api_strict
+    import jax.numpy
+
+    _STRICT_ARRAY.append(type(array_api_strict.asarray(0.0)))
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    if isinstance(collector, pytest.File) and _TRITON_TESTS not in collector.path.parents:
+        _import_jax_with_float64()
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    module: Any
+    module_name: str  # imported on first use (JAX with float64 enabled)
     device: Any = None
+
+    @property
+    def module(self) -> Any:
+        if self.module_name.startswith(("jax", "array_api_strict")):
+            _import_jax_with_float64()
+        return importlib.import_module(self.module_name)
 
     def asarray(self, a: Any, dtype: str | None = None) -> Any:
         a = np.asarray(a)
@@ -48,7 +73,7 @@ class Backend:
             if x.dtype == torch.bfloat16:
                 x = x.float()
             return x.numpy()
-        if isinstance(x, _STRICT_ARRAY):
+        if _STRICT_ARRAY and isinstance(x, _STRICT_ARRAY[0]):
             return np.from_dlpack(x)
         return np.asarray(x)
 
@@ -56,15 +81,15 @@ class Backend:
 def _backends() -> list[Any]:
     cuda = torch.cuda.is_available()
     return [
-        pytest.param(Backend("numpy", np), id="numpy"),
-        pytest.param(Backend("torch", torch, "cpu"), id="torch"),
+        pytest.param(Backend("numpy", "numpy"), id="numpy"),
+        pytest.param(Backend("torch", "torch", "cpu"), id="torch"),
         pytest.param(
-            Backend("torch-cuda", torch, "cuda"),
+            Backend("torch-cuda", "torch", "cuda"),
             id="torch-cuda",
             marks=pytest.mark.skipif(not cuda, reason="no CUDA device on this machine"),
         ),
-        pytest.param(Backend("jax", jnp), id="jax"),
-        pytest.param(Backend("array_api_strict", array_api_strict), id="array_api_strict"),
+        pytest.param(Backend("jax", "jax.numpy"), id="jax"),
+        pytest.param(Backend("array_api_strict", "array_api_strict"), id="array_api_strict"),
     ]
 
 

@@ -115,6 +115,26 @@ def rowloop_case() -> tuple[str, str, dict[str, Any], int]:
     return ce_case("bf16", {"GRAD", "PERSISTENT", "REVERSE", "HAS_ROWMULT"}, 32768, 32)
 
 
+def _kernels_module() -> Any:
+    """crossent's ``crossent/torch/_triton/kernels.py`` (it imports nothing but triton),
+    loaded from its file: importing it as ``crossent.torch._triton.kernels`` would run
+    ``crossent.torch``'s ``__init__``, which imports torch (about 2 s of CPU; this process
+    needs only triton)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("crossent")
+    assert spec is not None and spec.origin is not None, "crossent is not installed"
+    path = pathlib.Path(spec.origin).parent / "torch" / "_triton" / "kernels.py"
+    name = "crossent_triton_kernels"
+    kernels_spec = importlib.util.spec_from_file_location(name, path)
+    assert kernels_spec is not None and kernels_spec.loader is not None, path
+    module = importlib.util.module_from_spec(kernels_spec)
+    sys.modules[name] = module
+    kernels_spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str]) -> int:
     # here, not at import: pytest --doctest-modules imports this file into its process
     os.environ.pop("TRITON_INTERPRET", None)
@@ -123,9 +143,7 @@ def main(argv: list[str]) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from crossent.torch._triton import kernels
-
-    jitted = kernels.compiled()
+    jitted = _kernels_module().compiled()
     target = GPUTarget("cuda", 90, 32)
 
     def compile_one(case: tuple[str, str, dict[str, Any], int]) -> Any:
