@@ -114,8 +114,12 @@ def cross_entropy_rows(
     # pass that brings the block into cache, so it costs nothing.
     lazy_max = in_work and cap is None and not eps and dev.type == "cpu"
     size = min(block, num_rows)
-    w_sum = float(num_classes) if w is None else float(w.sum())
+    w_sum = float(num_classes) if w is None else float(w.double().sum())
     exact_smooth = bool(eps) and not math.isfinite(w_sum)  # a class weight inf or NaN
+    # the smoothing's target mass (eps / C) sum_c w_c, each term scaled before the sum: finite
+    # weights whose plain sum overflows keep torch's finite gradient
+    w_smooth = (eps if w is None or not eps
+                else float((w.double() * (eps / num_classes)).sum()))
     nan_idle = exact_smooth and idle_rows_nan(w, eps)  # rows with scale 0: NaN, as torch's
     sel = slice(start, start + num_rows)
     m = torch.empty(num_rows, dtype=cdtype, device=dev)
@@ -131,7 +135,7 @@ def cross_entropy_rows(
         mass = target_mass[sel]
         counted_rows = valid[sel]
         # (without smoothing W is not read: an unused class's inf/NaN weight stays out)
-        t_sum = mass + (eps / num_classes) * w_sum if eps else mass
+        t_sum = mass + w_smooth if eps else mass
     if grad is not None:
         rs = rows.scale[sel]
         if row_multiplier is not None:  # an ignored row's 0 stays 0 under a NaN/inf multiplier

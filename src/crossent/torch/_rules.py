@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .. import _checks
 from ..errors import InputError, UnsupportedError
@@ -220,6 +221,14 @@ def check_num_items(num_items, reduction: str) -> float | None:
                 "num_items as a tensor that torch.func.vmap batches: crossent reads it as "
                 "one constant count; divide reduction='sum' by it yourself inside the "
                 "vmapped function (or pass a Python number)")
+        if (torch._C._functorch.is_functorch_wrapped_tensor(num_items)
+                or fwAD.unpack_dual(num_items).tangent is not None):
+            # a count a transform differentiates (jvp, grad) or a dual: its tangent would
+            # be dropped silently, where torch's sum / n carries -sum / n^2
+            raise UnsupportedError(
+                "num_items that a torch.func transform or forward-mode AD differentiates: "
+                "crossent treats it as a constant count; compute it outside the transform "
+                "(or divide reduction='sum' by it yourself)")
         if num_items.device.type == "meta":
             raise InputError("num_items is a meta tensor: it has no value to divide by")
         try:

@@ -89,7 +89,7 @@ def ce_kernel(
     eps = tl.load(PARAMS + 0)
     zl = tl.load(PARAMS + 1)
     cap = tl.load(PARAMS + 2)
-    wsum = tl.load(PARAMS + 3)  # sum of class weights (V without weights)
+    w_smooth = tl.load(PARAMS + 3)  # the smoothing's target mass (eps / V) sum_c w_c
     idle = tl.load(PARAMS + 4)  # 0, or NaN for a non-finite class weight
     scale = tl.load(SCALE)
     pid = tl.program_id(0).to(tl.int64)
@@ -98,17 +98,17 @@ def ce_kernel(
         # the bounds promote the row index to int64
         for row in range(pid, n_rows, tl.num_programs(0)):
             _ce_row(row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-                    V, ignore_index, eps, zl, cap, wsum, idle, scale, PROB, HAS_WEIGHT,
+                    V, ignore_index, eps, zl, cap, w_smooth, idle, scale, PROB, HAS_WEIGHT,
                     HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
     else:
         _ce_row(pid, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-                V, ignore_index, eps, zl, cap, wsum, idle, scale, PROB, HAS_WEIGHT,
+                V, ignore_index, eps, zl, cap, w_smooth, idle, scale, PROB, HAS_WEIGHT,
                 HAS_ROWMULT, HAS_CAP, SMOOTH, ZLOSS, GRAD, ACC, BLOCK, REVERSE)
 
 
 def ce_row_source(
     row, Z, stride_z, G, stride_g, Y, T, stride_t, W, ROWMULT, LOSS, LSE,
-    V, ignore_index, eps, zl, cap, wsum, idle, scale,
+    V, ignore_index, eps, zl, cap, w_smooth, idle, scale,
     PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROWMULT: tl.constexpr,
     HAS_CAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
@@ -174,8 +174,8 @@ def ce_row_source(
             loss = tl.full((), 0.0, ACC)
         else:
             if SMOOTH:
-                a = (1.0 - eps) * w_y + eps / V * wsum
-            else:  # wsum unread: an unused class's inf/NaN weight stays out (0 x inf)
+                a = (1.0 - eps) * w_y + w_smooth
+            else:  # w_smooth unread: an unused class's inf/NaN weight stays out (0 x inf)
                 a = w_y
             loss = (1.0 - eps) * w_y * ((m - z_y) + log_s) + bad
         if ZLOSS:

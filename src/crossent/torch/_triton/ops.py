@@ -263,16 +263,20 @@ def cross_entropy_forward(
     if scale is None:
         scale = (1.0 / denom) if reduction == "mean" else torch.ones((), dtype=acc, device=dev)
     scale = scale.to(device=dev, dtype=acc).reshape(1)
-    wsum = w.sum().reshape(1) if w is not None else torch.full((1,), float(v), dtype=acc,
-                                                                 device=dev)
+    eps_v = float(label_smoothing) / v if v else 0.0
+    # the smoothing's target mass (eps / V) sum_c w_c, each term scaled first and summed in
+    # float64: finite weights near the dtype's largest would overflow a plain sum (torch's
+    # gradient scales each w_c by eps / V); read only with smoothing
+    smooth_mass = ((w.double() * eps_v).sum().to(acc).reshape(1) if w is not None
+                   else torch.full((1,), float(label_smoothing), dtype=acc, device=dev))
     # 0, or NaN when a class weight is not finite: torch's smoothing backward gives an
     # ignored row 0 x w_c, NaN, spread over the row (read only with smoothing and weights)
     idle = ((w * 0.0).sum().reshape(1) if w is not None and float(label_smoothing)
-            else torch.zeros_like(wsum))
+            else torch.zeros_like(smooth_mass))
     params = torch.cat([
         _to_device([float(label_smoothing), float(z_loss),
                     1.0 if softcap is None else float(softcap)], acc, dev),
-        wsum, idle,
+        smooth_mass, idle,
     ])
     grad: torch.Tensor | None = None
     if compute_grad:

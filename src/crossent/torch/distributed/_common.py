@@ -471,14 +471,17 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
         raise InputError(f"num_items={items!r} must be a finite number > 0")
     spec.num_classes = num_classes
     spec.weight_total = _weight_total([bits_float(b) for b in col("weight_sum")])
-    if spec.label_smoothing and not math.isfinite(spec.weight_total):
+    kind = col("dtype")[0]  # agreed above
+    largest = (torch.finfo(compute_dtype(_DTYPES[kind])).max if kind < len(_DTYPES)
+               else math.inf)
+    if spec.label_smoothing and not abs(spec.weight_total) <= largest:  # NaN too
         # every rank read the same table: they raise together
         raise UnsupportedError(
             f"label_smoothing={spec.label_smoothing} with class weights summing to "
             f"{spec.weight_total} (a weight that is not finite, or finite weights whose sum "
-            f"leaves float64's range): the vocab-parallel smoothing term W lse - sum_c w_c "
-            f"z_c is then not torch's sum_c w_c (lse - z_c) (inf - inf); use crossent.torch."
-            f"cross_entropy on the whole vocabulary (it forms torch's sum)")
+            f"leaves the compute dtype's range): the vocab-parallel smoothing term W lse - "
+            f"sum_c w_c z_c is then not torch's sum_c w_c (lse - z_c) (inf - inf); use "
+            f"crossent.torch.cross_entropy on the whole vocabulary (it forms torch's sum)")
     lay.max_size = max(sizes)
 
 

@@ -81,7 +81,11 @@ def _checked_targets(target, ignore_index) -> tuple[list[torch.Tensor], str | No
         check_ignore_index(ignore_index)
     except InputError as error:
         return [], str(error)
-    targets = [target] if isinstance(target, torch.Tensor) else list(target)
+    try:
+        targets = [target] if isinstance(target, torch.Tensor) else list(target)
+    except TypeError:  # a problem that travels with the flag, as any other
+        return [], (f"target must be a tensor of class ids or a list of them; got "
+                    f"{type(target).__name__}")
     if not targets:
         return [], "target is an empty list"
     for t in targets:
