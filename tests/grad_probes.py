@@ -223,3 +223,32 @@ def value_and_grad(fn, z0):
     (grad,) = torch.autograd.grad(loss.sum(), z)
     return loss, grad
 
+
+
+# ---- the CPU routes of crossent.torch, as the session-16 review files probe them
+
+ROUTES = ("auto", "auto_fused", "small", "native", "rowblock")
+
+
+def use_route(route, monkeypatch) -> str:
+    """The ``backend=`` value of a route, after setting the dispatch thresholds it needs
+    ("auto" with torch's thresholds, "auto_fused": the fused kernel at every size,
+    "small": the small-batch kernel)."""
+    from crossent.torch import _backends
+
+    monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0 if route == "auto_fused" else 1 << 19)
+    if route == "small":
+        monkeypatch.setattr(_backends, "SMALL_MIN_LOGITS", 1)
+    return route if route in ("native", "rowblock") else "auto"
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def one_thread():
+    """Body of an autouse fixture: torch single-threaded for the test (exact sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

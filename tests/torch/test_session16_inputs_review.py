@@ -37,10 +37,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import ROUTES, gen, one_thread, use_route
 
 import crossent.torch as xt
 from crossent.errors import InputError
-from crossent.torch import _backends, _rules
+from crossent.torch import _rules
 from crossent.torch.distributed import (
     global_num_items,
     vocab_parallel_cross_entropy,
@@ -52,29 +53,11 @@ from dist_harness import run_group
 
 pytestmark = [pytest.mark.native_dispatch, pytest.mark.timeout(120)]
 
-ROUTES = ("auto", "auto_fused", "small", "native", "rowblock")
 LOW = (torch.float16, torch.bfloat16)
 INF, NAN = math.inf, math.nan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def use_route(route, monkeypatch) -> str:
-    """The ``backend=`` value of a route, after setting the dispatch thresholds it needs."""
-    monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0 if route == "auto_fused" else 1 << 19)
-    if route == "small":
-        monkeypatch.setattr(_backends, "SMALL_MIN_LOGITS", 1)
-    return route if route in ("native", "rowblock") else "auto"
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def up(t):

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import ROUTES, gen, one_thread, use_route
 
 import crossent.torch as xt
 from crossent.torch import _backends
@@ -39,27 +40,10 @@ from crossent.torch.distributed import vocab_parallel_cross_entropy
 
 pytestmark = [pytest.mark.native_dispatch, pytest.mark.timeout(120)]
 
-ROUTES = ("auto", "auto_fused", "small", "native", "rowblock")
 N, C = 6, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def use_route(route, monkeypatch) -> str:
-    monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0 if route == "auto_fused" else 1 << 19)
-    if route == "small":
-        monkeypatch.setattr(_backends, "SMALL_MIN_LOGITS", 1)
-    return route if route in ("native", "rowblock") else "auto"
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def close(got, want, rtol=1e-5):
