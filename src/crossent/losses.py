@@ -206,15 +206,7 @@ def _index_hot(xp, z, target, ignore_index, validate, shape, axis):
             f"class axis {axis} need class indices of shape {expected}"
         )
     num_classes = z.shape[-1]
-    # Compare in a dtype that holds every class index and ignore_index: in uint8, -100 is
-    # 156 and class 257 is class 1.
-    wide = wide_integer(xp, target)
-    target = xp.astype(target, wide)
-    info = xp.iinfo(wide)
-    if info.min <= ignore_index <= info.max:
-        valid = target != ignore_index
-    else:  # no target value can equal it
-        valid = xp.ones(target.shape, dtype=xp.bool, device=device(target))
+    target, valid = widened_and_counted(xp, target, ignore_index)
     if validate and numel(target):
         bad = valid & ((target < 0) | (target >= num_classes))
         if any_true(xp, bad):
@@ -226,9 +218,21 @@ def _index_hot(xp, z, target, ignore_index, validate, shape, axis):
                 f"target holds class index {value}, outside [0, {num_classes}) and not "
                 f"ignore_index={ignore_index}"
             )
-    classes = xp.arange(num_classes, dtype=wide, device=device(target))
+    classes = xp.arange(num_classes, dtype=target.dtype, device=device(target))
     hot = (xp.expand_dims(target, axis=-1) == classes) & xp.expand_dims(valid, axis=-1)
     return hot, valid
+
+
+def widened_and_counted(xp: Any, target: Array, ignore_index: int) -> tuple[Array, Array]:
+    """Class indices in a dtype that holds every class index and ``ignore_index`` (in
+    uint8, -100 is 156 and class 257 is class 1), and the mask of rows not ignored."""
+    wide = wide_integer(xp, target)
+    target = xp.astype(target, wide)
+    info = xp.iinfo(wide)
+    if info.min <= ignore_index <= info.max:
+        return target, target != ignore_index
+    # no target value can equal it
+    return target, xp.ones(target.shape, dtype=xp.bool, device=device(target))
 
 
 def _index_target(xp, z, target, weight, ignore_index, eps, validate, shape, axis,

@@ -276,3 +276,19 @@ def test_edge_cases_against_the_libraries(case, ignore_index, eps):
             got = float(convention_loss(logits, torch.tensor(y) if torch.is_tensor(logits)
                                         else y, "keras-sparse", ignore_index=ignore_index))
             assert got == pytest.approx(float(ref), rel=2e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_narrow_unsigned_target_counts_as_the_loss_does(library, eps):
+    # a uint8 target's 156 is a class: compared with ignore_index=-100 in uint8 it wrapped
+    # to -100 (torch: counted as ignored, the mean's denominator too small; NumPy 2:
+    # OverflowError). Found by the session-16 review of global_num_items' same pattern.
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(3, 200, generator=g, dtype=torch.float64)
+    y = torch.tensor([156, 1, 2])
+    want = F.cross_entropy(z, y, label_smoothing=eps)
+    narrow = y.to(torch.uint8) if library == "torch" else y.numpy().astype(np.uint8)
+    got = convention_loss(z if library == "torch" else z.numpy(), narrow, "torch",
+                          label_smoothing=eps)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-12)

@@ -72,7 +72,7 @@ from array_api_compat import array_namespace
 
 from ..activations import log_softmax
 from ..errors import InputError
-from ..losses import softmax_cross_entropy
+from ..losses import softmax_cross_entropy, widened_and_counted
 
 __all__ = ["CONVENTIONS", "Convention", "Terms", "convention_loss", "convention_terms",
            "explain"]
@@ -176,7 +176,8 @@ def convention_terms(
         raise InputError(f"tensor_parallel_size: the {conv.name} convention's loss does not "
                          f"depend on the partition; leave it 1")
     rows = softmax_cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
-    kept = xp.astype(target != ignore_index, rows.dtype)
+    # compared as the loss compares (a uint8 target's 156 is a class, not -100)
+    kept = xp.astype(widened_and_counted(xp, target, ignore_index)[1], rows.dtype)
     if conv.smoothing == "none" and eps:
         raise InputError(f"label_smoothing={label_smoothing!r}: the {conv.name} convention "
                          f"has no label smoothing")
