@@ -255,3 +255,18 @@ def wide_integer(xp: Any, ref: Array) -> Any:
     and ``ignore_index`` (a narrow dtype would wrap: -100 is 156 in uint8).
     """
     return xp.__array_namespace_info__().default_dtypes(device=device(ref))["integral"]
+
+
+def past_integer_range(xp: Any, target: Array, info: Any) -> bool:
+    """Whether an unsigned ``target`` holds a value above ``info.max`` (one host read;
+    False at once for a dtype that cannot). torch has no ``>`` for uint64: there, the
+    int64 view's sign bit says it, as ``info`` is int64's."""
+    if xp.iinfo(target.dtype).max <= info.max or target.size == 0:
+        return False
+    if is_torch_array(target):
+        import torch
+
+        if target.dtype == torch.uint64 and info.max == 2**63 - 1:
+            return bool((target.view(torch.int64) < 0).any())
+    return bool(xp.any(target > info.max))
+

@@ -29,6 +29,7 @@ from ._array import (
     move_axis_last,
     normalize_axis,
     numel,
+    past_integer_range,
     restore_dtype,
     silent_infinities,
     stop_gradient,
@@ -227,8 +228,12 @@ def widened_and_counted(xp: Any, target: Array, ignore_index: int) -> tuple[Arra
     """Class indices in a dtype that holds every class index and ``ignore_index`` (in
     uint8, -100 is 156 and class 257 is class 1), and the mask of rows not ignored."""
     wide = wide_integer(xp, target)
-    target = xp.astype(target, wide)
     info = xp.iinfo(wide)
+    if past_integer_range(xp, target, info):  # uint64 (uint32 for JAX without x64)
+        raise InputError(f"target holds class ids past {info.max}, the largest {wide} the "
+                         f"indices are compared in: no vocabulary has that many classes "
+                         f"(the cast would wrap them, one onto ignore_index)")
+    target = xp.astype(target, wide)
     if info.min <= ignore_index <= info.max:
         return target, target != ignore_index
     # no target value can equal it

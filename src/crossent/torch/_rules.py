@@ -221,8 +221,7 @@ def check_num_items(num_items, reduction: str) -> float | None:
                 "num_items as a tensor that torch.func.vmap batches: crossent reads it as "
                 "one constant count; divide reduction='sum' by it yourself inside the "
                 "vmapped function (or pass a Python number)")
-        if (torch._C._functorch.is_functorch_wrapped_tensor(num_items)
-                or fwAD.unpack_dual(num_items).tangent is not None):
+        if _differentiated(num_items):
             # a count a transform differentiates (jvp, grad) or a dual: its tangent would
             # be dropped silently, where torch's sum / n carries -sum / n^2
             raise UnsupportedError(
@@ -245,6 +244,20 @@ def check_num_items(num_items, reduction: str) -> float | None:
         raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
                          f"summed loss is divided by)")
     return value
+
+
+def _differentiated(t: torch.Tensor) -> bool:
+    """Whether ``t`` carries a gradient or a forward-mode tangent at any ``torch.func``
+    level (a count made inside a transform from constants is wrapped but carries none).
+    Known gap: a tangent of an outer ``jvp`` seen through an inner ``grad`` is not visible
+    to these checks."""
+    functorch = torch._C._functorch
+    while True:
+        if t.requires_grad or fwAD.unpack_dual(t).tangent is not None:
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
 
 
 def check_ignore_index(ignore_index) -> int:
