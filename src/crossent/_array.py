@@ -261,7 +261,7 @@ def past_integer_range(xp: Any, target: Array, info: Any) -> bool:
     """Whether an unsigned ``target`` holds a value above ``info.max`` (one host read;
     False at once for a dtype that cannot). torch has no ``>`` for uint64: there, the
     int64 view's sign bit says it, as ``info`` is int64's."""
-    if xp.iinfo(target.dtype).max <= info.max or target.size == 0:
+    if xp.iinfo(target.dtype).max <= info.max or numel(target) == 0:
         return False
     if is_torch_array(target):
         import torch

@@ -114,12 +114,12 @@ def cross_entropy_rows(
     # pass that brings the block into cache, so it costs nothing.
     lazy_max = in_work and cap is None and not eps and dev.type == "cpu"
     size = min(block, num_rows)
-    w_sum = float(num_classes) if w is None else float(w.double().sum())
+    w64 = None if w is None else w.double()
+    w_sum = float(num_classes) if w64 is None else float(w64.sum())
     exact_smooth = bool(eps) and not math.isfinite(w_sum)  # a class weight inf or NaN
     # the smoothing's target mass (eps / C) sum_c w_c, each term scaled before the sum: finite
     # weights whose plain sum overflows keep torch's finite gradient
-    w_smooth = (eps if w is None or not eps
-                else float((w.double() * (eps / num_classes)).sum()))
+    w_smooth = eps if w64 is None or not eps else float((w64 * (eps / num_classes)).sum())
     nan_idle = exact_smooth and idle_rows_nan(w, eps)  # rows with scale 0: NaN, as torch's
     sel = slice(start, start + num_rows)
     m = torch.empty(num_rows, dtype=cdtype, device=dev)
@@ -184,8 +184,8 @@ def cross_entropy_rows(
                 # class weight torch's sum_c w_c (lse - z_c) itself (an extra pass), whose
                 # W (lse - m) + ... split would be inf - inf or 0 x inf
                 mb = (torch.logsumexp(zb, 1) if exact_smooth else m[i:j]).double()
-                gap[i:j] = (num_classes * mb - zb.sum(1, dtype=torch.float64) if w is None
-                            else (mb.unsqueeze(1) - zb.double()) @ w.double())
+                gap[i:j] = (num_classes * mb - zb.sum(1, dtype=torch.float64) if w64 is None
+                            else (mb.unsqueeze(1) - zb.double()) @ w64)
         else:
             tb = target[start + i : start + j].to(cdtype)
             if eps:

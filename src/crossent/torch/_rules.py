@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from .. import _checks
+from .._array import past_integer_range
 from ..errors import InputError, UnsupportedError
 
 # ---- dtypes
@@ -318,22 +319,31 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
             )
         check_same_device(weight, "weight", like)
         want = like.dtype if input_dtype is None else input_dtype
-        if probability:
-            if not weight.is_floating_point() or weight.is_complex():
-                raise InputError(f"weight has dtype {weight.dtype}; class weights must be "
-                                 f"real floating point")
-        elif autocast_dtype(weight, like.device.type) != want:
-            raise InputError(
-                f"weight has dtype {weight.dtype}; expected the input's {want} (as "
-                f"torch.nn.functional.cross_entropy with class-index targets, which "
-                f"raises too)"
-            )
+        check_weight_dtype(weight, probability, (want,),
+                           autocast_dtype(weight, like.device.type))
         weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
     return Options(
         weight, ignore, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap),
         reduction if count is None else "mean", count,
     )
+
+
+def check_weight_dtype(weight: torch.Tensor, probability: bool,
+                       allowed: tuple[torch.dtype, ...], seen: torch.dtype | None = None) -> None:
+    """A class ``weight``'s dtype as torch takes it: with class-index targets one of
+    ``allowed`` (the input's; ``seen`` is the weight's dtype after autocast), with
+    ``probability`` targets any real floating dtype (torch multiplies and promotes: the
+    loss dtype is :func:`choose_loss_dtype`'s)."""
+    if probability:
+        if not weight.is_floating_point() or weight.is_complex():
+            raise InputError(f"weight has dtype {weight.dtype}; class weights must be real "
+                             f"floating point")
+    elif (weight.dtype if seen is None else seen) not in allowed:
+        raise InputError(
+            f"weight has dtype {weight.dtype}; expected the input's {allowed[0]} (as "
+            f"torch.nn.functional.cross_entropy with class-index targets, which raises too)"
+        )
 
 
 def check_index_dtype(target: torch.Tensor) -> None:
@@ -343,7 +353,7 @@ def check_index_dtype(target: torch.Tensor) -> None:
     if target.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise InputError(f"target must hold class indices or probabilities, got {target.dtype}")
     if (target.dtype == torch.uint64 and target.device.type != "meta"
-            and bool((target.view(torch.int64) < 0).any())):
+            and past_integer_range(torch, target, torch.iinfo(torch.int64))):
         raise InputError("target holds uint64 class ids of 2**63 or more, past int64 (torch "
                          "refuses uint64 targets): no vocabulary has that many classes")
 

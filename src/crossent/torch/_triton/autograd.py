@@ -15,6 +15,7 @@ from .._rules import (  # the CPU head's rules
     check_index_target,
     check_options,
     check_target_intact,
+    check_weight_dtype,
     double_backward,
     idle_rows_nan,
     matmul_dtype,
@@ -44,16 +45,10 @@ def _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, lik
     if not isinstance(weight, torch.Tensor):
         raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
                          f"{type(weight).__name__}")
-    # torch wants the input's dtype with class indices; float32 with bf16/fp16 input is
-    # what torch computes in under autocast (and what crossent.torch's checked entry points
-    # may pass on); with probability targets torch multiplies and promotes: any floating
-    if target.is_floating_point():
-        if not weight.is_floating_point() or weight.is_complex():
-            raise InputError(f"weight has dtype {weight.dtype}; class weights must be real "
-                             f"floating point")
-    elif weight.dtype not in (like.dtype, ops.accumulate_dtype(like.dtype)):
-        raise InputError(f"weight has dtype {weight.dtype}; expected the input's {like.dtype} "
-                         f"(torch.nn.functional.cross_entropy raises too)")
+    # float32 with bf16/fp16 input is what torch computes in under autocast (and what
+    # crossent.torch's checked entry points may pass on)
+    check_weight_dtype(weight, target.is_floating_point(),
+                       (like.dtype, ops.accumulate_dtype(like.dtype)))
     if tuple(weight.shape) != (num_classes,):
         raise InputError(f"weight has shape {tuple(weight.shape)}; expected ({num_classes},), "
                          f"one weight per class")

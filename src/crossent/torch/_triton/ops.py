@@ -213,7 +213,7 @@ def raw(t: None) -> None: ...
 def raw(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with its values in its memory: a negated view (``is_neg``, a lazy sign bit that
     a kernel's raw pointer would not see) materialized; anything else as it is."""
-    return t.resolve_neg() if t is not None and t.is_neg() else t
+    return None if t is None else t.resolve_neg()  # itself where there is no sign bit
 
 
 def cross_entropy_forward(

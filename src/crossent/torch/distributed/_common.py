@@ -668,13 +668,14 @@ def _finish(m, got, part, valid, num_classes, spec) -> RowStats:
         wy = valid.to(s.dtype)
     smooth = got[col] if part.smooth is not None else None
     m_safe = torch.where(m == -math.inf, 0.0, m)
-    lse = m_safe + torch.log(s)
+    log_s = torch.log(s)
+    lse = m_safe + log_s
     wtot = float(num_classes) if spec.weight is None else spec.weight_total
     a = (1.0 - eps) * wy
     # torch's w_y (lse - z_y), not w_y lse - w_y z_y: an infinite w_y gives inf, not
     # inf - inf; a zero w_y at z_y = -inf gives torch's NaN; (m - z_y) + log s keeps a
     # small loss at |z| ~ 1e38, where m + log s rounds to m
-    loss = a * ((m_safe - zy) + torch.log(s))
+    loss = a * ((m_safe - zy) + log_s)
     if eps:
         assert smooth is not None  # Partials.empty allocates it exactly with smoothing
         a = a + (eps / num_classes) * wtot

@@ -45,11 +45,10 @@ def global_num_items(
     initialized = dist.is_available() and dist.is_initialized()
     if not initialized and group is not None:
         raise InputError("a group was given but torch.distributed is not initialized")
-    targets, problem = _checked_targets(target, ignore_index)
+    given, not_a_list = _as_list(target)
+    targets, problem = _checked_targets(given, not_a_list, ignore_index)
     # where the count travels, bad argument or not (an NCCL rank's flag on the CPU would
     # fail its all-reduce while the others wait): the first tensor given, else the group's
-    given = [target] if isinstance(target, torch.Tensor) else (
-        list(target) if isinstance(target, (list, tuple)) else [])
     device = header_device(group if initialized else None,
                            *[t for t in given if isinstance(t, torch.Tensor)][:1])
     if problem is None:
@@ -74,18 +73,29 @@ def global_num_items(
     return count
 
 
-def _checked_targets(target, ignore_index) -> tuple[list[torch.Tensor], str | None]:
-    """The targets as a list of tensors, and the first problem with the arguments (None:
-    none): integer class-id tensors, an integer ``ignore_index``."""
+def _as_list(target) -> tuple[list, str | None]:
+    """``target`` as a list (a tensor: one item), and the problem if it is not iterable
+    (one that travels with the flag, as any other)."""
+    if isinstance(target, torch.Tensor):
+        return [target], None
+    try:
+        return list(target), None
+    except TypeError:
+        return [], (f"target must be a tensor of class ids or a list of them; got "
+                    f"{type(target).__name__}")
+
+
+def _checked_targets(targets: list, not_a_list: str | None,
+                     ignore_index) -> tuple[list[torch.Tensor], str | None]:
+    """The targets, and the first problem with the arguments (None: none): an integer
+    ``ignore_index``, a list (``not_a_list``: :func:`_as_list`'s problem) of integer
+    class-id tensors."""
     try:
         check_ignore_index(ignore_index)
     except InputError as error:
         return [], str(error)
-    try:
-        targets = [target] if isinstance(target, torch.Tensor) else list(target)
-    except TypeError:  # a problem that travels with the flag, as any other
-        return [], (f"target must be a tensor of class ids or a list of them; got "
-                    f"{type(target).__name__}")
+    if not_a_list is not None:
+        return [], not_a_list
     if not targets:
         return [], "target is an empty list"
     for t in targets:
