@@ -252,3 +252,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- label smoothing with class weights up to the dtype's largest (session-16 wave 3)
+
+
+def smoothing_weights(kind, dtype, c, device="cpu"):
+    """Class weights for ``c <= 5`` classes: None, ``"near_max"`` (0.9 x the dtype's
+    largest each; float32's for bfloat16), ``"mixed_huge"`` (two of those of opposite
+    signs, then small ones) or moderate weights of mixed signs."""
+    if kind is None:
+        return None
+    big = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    if kind == "near_max":
+        w = torch.full((c,), 0.9 * big, dtype=torch.float64)
+    elif kind == "mixed_huge":
+        w = torch.tensor([0.9 * big, -0.9 * big, 1.0, 2.0, -0.5][:c], dtype=torch.float64)
+    else:  # mixed, moderate
+        w = torch.tensor([1.5, -2.0, 0.3, 4.0, -1.0][:c], dtype=torch.float64)
+    return w.to(dtype).to(device)
+
+
+def smoothed_loss_and_grad(fn, z, y, w, eps, reduction, **kw):
+    """``fn``'s loss (float64) and the logits' gradient under a ones ``grad_output``."""
+    zz = z.clone().requires_grad_()
+    out = fn(zz, y, weight=w, reduction=reduction, label_smoothing=eps, **kw)
+    out.backward(torch.ones_like(out))
+    return out.detach().double(), zz.grad.double()

@@ -20,8 +20,8 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from grad_probes import smoothed_loss_and_grad, smoothing_weights
 
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
@@ -29,7 +29,7 @@ from crossent.torch import _linear
 from crossent.torch.distributed import global_num_items, vocab_parallel_cross_entropy
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "distributed"))
-from dist_harness import run_group
+from dist_harness import agree, outcome, run_group
 
 F64 = torch.float64
 BIG32 = torch.finfo(torch.float32).max
@@ -63,26 +63,6 @@ def test_meta_shift_linear_cross_entropy_has_the_cpu_calls_shapes(kw):
 
 
 # ---------------------------------------------------------------- 2. smoothing mass
-def _weights(kind, dtype, c):
-    if kind is None:
-        return None
-    big = BIG64 if dtype == F64 else BIG32
-    if kind == "near_max":
-        w = torch.full((c,), 0.9 * big, dtype=F64)
-    elif kind == "mixed_huge":
-        w = torch.tensor([0.9 * big, -0.9 * big, 1.0, 2.0, -0.5][:c], dtype=F64)
-    else:  # mixed, moderate
-        w = torch.tensor([1.5, -2.0, 0.3, 4.0, -1.0][:c], dtype=F64)
-    return w.to(dtype)
-
-
-def _run(fn, z, y, w, eps, reduction, **kw):
-    zz = z.clone().requires_grad_()
-    out = fn(zz, y, weight=w, reduction=reduction, label_smoothing=eps, **kw)
-    out.backward(torch.ones_like(out))
-    return out.detach().double(), zz.grad.double()
-
-
 @pytest.mark.parametrize("backend", ["rowblock", "auto"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("eps", [0.1, 1.0])
@@ -97,9 +77,10 @@ def test_smoothing_gradient_is_torchs_with_weights_up_to_the_dtypes_largest(
     c = 5
     z = torch.randn(6, c, generator=g, dtype=F64).to(dtype)
     y = torch.tensor([0, 4, -100, 2, 1, 3])
-    w = _weights(kind, dtype, c)
-    ours_v, ours_g = _run(xt.cross_entropy, z, y, w, eps, reduction, backend=backend)
-    ref_v, ref_g = _run(F.cross_entropy, z, y, w, eps, reduction)
+    w = smoothing_weights(kind, dtype, c)
+    ours_v, ours_g = smoothed_loss_and_grad(xt.cross_entropy, z, y, w, eps, reduction,
+                                            backend=backend)
+    ref_v, ref_g = smoothed_loss_and_grad(F.cross_entropy, z, y, w, eps, reduction)
     if reduction == "mean" and kind in ("near_max", "mixed_huge"):
         return  # torch's own denominator sum_n w_yn overflows: NaN both, nothing to compare
     assert torch.isfinite(ref_g).all() and torch.isfinite(ours_g).all()
@@ -121,8 +102,8 @@ def test_single_class_smoothing_is_torchs(weighted, eps, reduction, backend):
     z = torch.tensor([[0.7], [-1.2], [3.0]], dtype=F64)
     y = torch.tensor([0, -100, 0])
     w = torch.tensor([2.5], dtype=F64) if weighted else None
-    ours = _run(xt.cross_entropy, z, y, w, eps, reduction, backend=backend)
-    ref = _run(F.cross_entropy, z, y, w, eps, reduction)
+    ours = smoothed_loss_and_grad(xt.cross_entropy, z, y, w, eps, reduction, backend=backend)
+    ref = smoothed_loss_and_grad(F.cross_entropy, z, y, w, eps, reduction)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
 
@@ -256,22 +237,6 @@ def test_global_num_items_non_iterable_target_is_an_input_error(target):
 VR = 3
 
 
-def _outcome(fn):
-    try:
-        fn()
-    except (InputError, UnsupportedError) as error:
-        return type(error).__name__ + ": " + str(error)[:60]
-    except Exception as error:  # reported to every rank: the test fails
-        return f"OTHER {type(error).__name__}: {error}"
-    return "returned"
-
-
-def _agree(outcome, expected_prefix, name, world):
-    seen: list = [None] * world
-    dist.all_gather_object(seen, outcome)
-    assert all(s.startswith(expected_prefix) for s in seen), (name, seen)
-
-
 def _check_ranks(rank, world):
     g = torch.Generator().manual_seed(5)
     lo = VR * rank
@@ -280,15 +245,15 @@ def _check_ranks(rank, world):
         full = torch.randn(5, VR * world, generator=g, dtype=F64).to(dtype)
         # each weight finite, the total 1.8 x the compute dtype's largest: refused everywhere
         over = torch.full((VR * world,), 0.3 * big, dtype=F64).to(dtype)[lo:lo + VR]
-        _agree(_outcome(lambda full=full, over=over: vocab_parallel_cross_entropy(
-            full[:, lo:lo + VR], t, weight=over, label_smoothing=0.1)),
+        agree(outcome(lambda full=full, over=over: vocab_parallel_cross_entropy(
+            full[:, lo:lo + VR], t, weight=over, label_smoothing=0.1), 60),
             "UnsupportedError: label_smoothing=0.1 with class weights summing", str(dtype),
-            world)
+            world, prefix=True)
         # mixed signs summing beyond -largest: refused too
         neg = torch.full((VR * world,), -0.3 * big, dtype=F64).to(dtype)[lo:lo + VR]
-        _agree(_outcome(lambda full=full, neg=neg: vocab_parallel_cross_entropy(
-            full[:, lo:lo + VR], t, weight=neg, label_smoothing=0.1)),
-            "UnsupportedError", f"{dtype} negative", world)
+        agree(outcome(lambda full=full, neg=neg: vocab_parallel_cross_entropy(
+            full[:, lo:lo + VR], t, weight=neg, label_smoothing=0.1), 60),
+            "UnsupportedError", f"{dtype} negative", world, prefix=True)
     # just inside float32's range (total 0.9 x largest): torch's gradient
     full = torch.randn(5, VR * world, generator=g, dtype=F64).float()
     w_full = torch.full((VR * world,), 0.9 * BIG32 / (VR * world), dtype=torch.float32)
@@ -303,7 +268,8 @@ def _check_ranks(rank, world):
     # a non-iterable global_num_items target on one rank: InputError on every rank
     good = torch.tensor([1, -100, 2])
     arg = 7 if rank == world - 1 else good
-    _agree(_outcome(lambda: global_num_items(arg)), "InputError", "non-iterable", world)
+    agree(outcome(lambda: global_num_items(arg), 60), "InputError", "non-iterable", world,
+          prefix=True)
     assert int(global_num_items(good)) == 2 * world  # the group still counts
 
 

@@ -15,35 +15,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import smoothed_loss_and_grad, smoothing_weights  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
 F64 = torch.float64
-BIG32 = torch.finfo(torch.float32).max
-BIG64 = torch.finfo(F64).max
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
-
-
-def _weights(kind, dtype, c):
-    if kind is None:
-        return None
-    big = BIG64 if dtype == F64 else BIG32
-    if kind == "near_max":
-        w = torch.full((c,), 0.9 * big, dtype=F64)
-    elif kind == "mixed_huge":
-        w = torch.tensor([0.9 * big, -0.9 * big, 1.0, 2.0][:c], dtype=F64)
-    else:
-        w = torch.tensor([1.5, -2.0, 0.3, 4.0][:c], dtype=F64)
-    return w.to(dtype).to(DEVICE)
-
-
-def _run(fn, z, y, w, eps, reduction, **kw):
-    zz = z.clone().requires_grad_()
-    out = fn(zz, y, weight=w, reduction=reduction, label_smoothing=eps, **kw)
-    out.backward(torch.ones_like(out))
-    return out.detach().double(), zz.grad.double()
 
 
 @pytest.mark.parametrize("dtype,kind,eps,reduction", [
@@ -62,9 +41,10 @@ def test_triton_smoothing_mass_is_torchs(dtype, kind, eps, reduction):
     c = 4
     z = torch.randn(4, c, generator=g, dtype=F64).to(dtype).to(DEVICE)
     y = torch.tensor([0, 3, -100, 1], device=DEVICE)
-    w = _weights(kind, dtype, c)
-    ours_v, ours_g = _run(xt.cross_entropy, z, y, w, eps, reduction, backend="triton")
-    ref_v, ref_g = _run(F.cross_entropy, z, y, w, eps, reduction)
+    w = smoothing_weights(kind, dtype, c, DEVICE)
+    ours_v, ours_g = smoothed_loss_and_grad(xt.cross_entropy, z, y, w, eps, reduction,
+                                            backend="triton")
+    ref_v, ref_g = smoothed_loss_and_grad(F.cross_entropy, z, y, w, eps, reduction)
     assert torch.isfinite(ref_g).all() and torch.isfinite(ours_g).all()
     tol = 2e-2 if dtype == torch.bfloat16 else (1e-5 if dtype == torch.float32 else 1e-12)
     assert (ours_g - ref_g).abs().max() <= tol * ref_g.abs().max(), (ours_g, ref_g)
@@ -80,7 +60,7 @@ def test_triton_single_class_smoothing_is_torchs(weighted, reduction):
     z = torch.tensor([[0.7], [-1.2], [3.0]], dtype=F64, device=DEVICE)
     y = torch.tensor([0, -100, 0], device=DEVICE)
     w = torch.tensor([2.5], dtype=F64, device=DEVICE) if weighted else None
-    ours = _run(xt.cross_entropy, z, y, w, 1.0, reduction, backend="triton")
-    ref = _run(F.cross_entropy, z, y, w, 1.0, reduction)
+    ours = smoothed_loss_and_grad(xt.cross_entropy, z, y, w, 1.0, reduction, backend="triton")
+    ref = smoothed_loss_and_grad(F.cross_entropy, z, y, w, 1.0, reduction)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)

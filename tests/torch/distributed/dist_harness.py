@@ -105,3 +105,28 @@ def torch_reference(z, t, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=
         return per.sum()
     denom = weight[t[valid]].sum() if weight is not None else valid.sum()
     return per.sum() / denom
+
+
+def outcome(fn, message_chars: int = 0) -> str:
+    """How ``fn()`` ended on this rank: ``"returned"``, crossent's error class name (and
+    the first ``message_chars`` of its message), or ``"OTHER ..."`` for any other exception
+    (reported to every rank by :func:`agree`, so the test fails on all of them)."""
+    from crossent.errors import InputError, UnsupportedError
+
+    try:
+        fn()
+    except (InputError, UnsupportedError) as error:
+        name = type(error).__name__
+        return name + ": " + str(error)[:message_chars] if message_chars else name
+    except Exception as error:
+        return f"OTHER {type(error).__name__}: {error}"
+    return "returned"
+
+
+def agree(seen_here: str, expected: str, name, world: int, prefix: bool = False) -> None:
+    """Every rank's :func:`outcome` equals ``expected`` (starts with it, with ``prefix``);
+    a collective: all ranks call it."""
+    seen: list = [None] * world
+    dist.all_gather_object(seen, seen_here)
+    ok = all(s.startswith(expected) if prefix else s == expected for s in seen)
+    assert ok, (name, seen)

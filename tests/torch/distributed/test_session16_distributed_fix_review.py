@@ -21,12 +21,11 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import agree, outcome, run_group
 
 import crossent.torch as xt
-from crossent.errors import InputError, UnsupportedError
+from crossent.errors import InputError
 from crossent.torch.distributed import (
     accumulate,
     global_num_items,
@@ -72,23 +71,6 @@ def _same_nan(got, want, what):
                                rtol=1e-9, atol=1e-12, msg=what)
 
 
-def _outcome(fn):
-    try:
-        fn()
-    except (InputError, UnsupportedError) as error:
-        return type(error).__name__
-    except Exception as error:  # reported to every rank: the test fails
-        return f"OTHER {type(error).__name__}: {error}"
-    return "returned"
-
-
-def _agree(outcome, expected, name, world):
-    """Every rank's outcome equals ``expected`` (a collective: all ranks call it)."""
-    seen: list = [None] * world
-    dist.all_gather_object(seen, outcome)
-    assert seen == [expected] * world, (name, seen)
-
-
 def _check_nonfinite_weight_smoothing_raises_together(rank, world):
     full, x, lin, t = _data(world)
     lo = VR * rank
@@ -104,7 +86,7 @@ def _check_nonfinite_weight_smoothing_raises_together(rank, world):
                  x, lin[lo:lo + VR].clone().requires_grad_(), t, weight=w,
                  label_smoothing=0.1)),
         ]:
-            _agree(_outcome(call), "UnsupportedError", (name, bad, where), world)
+            agree(outcome(call), "UnsupportedError", (name, bad, where), world)
     # the group is still usable: a finite call on every rank returns torch's loss
     w = _weights(world, 3.0, "last")
     loss = vocab_parallel_cross_entropy(full[:, lo:lo + VR], t, weight=w[lo:lo + VR],
@@ -152,7 +134,7 @@ def _check_bad_argument_on_one_rank_raises_together(rank, world):
     fine = t.clamp(min=0).to(torch.uint64)
     for name, target in [("uint64 2**63", huge), ("uint64 wrapping to -100", wraps)]:
         mine = target if rank == last else fine
-        _agree(_outcome(lambda mine=mine: vocab_parallel_cross_entropy(
+        agree(outcome(lambda mine=mine: vocab_parallel_cross_entropy(
             full[:, lo:lo + VR], mine)), "InputError", name, world)
     good = torch.tensor([1, -100, 2])  # 2 counted per rank
     bad_args = [
@@ -166,7 +148,7 @@ def _check_bad_argument_on_one_rank_raises_together(rank, world):
     ]
     for name, kw in bad_args:
         args = kw if rank == last else dict(target=good)
-        _agree(_outcome(lambda args=args: global_num_items(**args)), "InputError", name, world)
+        agree(outcome(lambda args=args: global_num_items(**args)), "InputError", name, world)
     # the group is still usable and counts as before
     assert int(global_num_items(good)) == 2 * world
     assert int(global_num_items([good, torch.tensor([0], dtype=torch.uint8)])) == 3 * world
