@@ -32,6 +32,8 @@ from ._checks import (
 )
 from .errors import InputError
 
+__all__ = ["log_sigmoid", "log_softmax", "logit", "logsumexp", "sigmoid", "softmax"]
+
 Axis = int | tuple[int, ...] | None
 
 

@@ -27,6 +27,9 @@ from .losses import (
     softmax_cross_entropy_parts,
 )
 
+__all__ = ["multilabel_cross_entropy_grad", "sigmoid_binary_cross_entropy_grad",
+           "softmax_cross_entropy_grad"]
+
 
 @silent_infinities
 def softmax_cross_entropy_grad(

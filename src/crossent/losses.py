@@ -39,6 +39,10 @@ from ._array import (
 from .activations import log_sigmoid, log_softmax_rows
 from .errors import InputError
 
+__all__ = ["binary_cross_entropy", "categorical_focal_loss", "multilabel_cross_entropy",
+           "nll_loss", "poly1_cross_entropy", "sigmoid_binary_cross_entropy",
+           "sigmoid_focal_loss", "softmax_cross_entropy", "softmax_focal_loss"]
+
 
 @dataclass
 class SoftmaxCEParts:

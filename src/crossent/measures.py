@@ -32,6 +32,9 @@ from ._array import (
 )
 from .errors import InputError
 
+__all__ = ["binary_entropy", "cross_entropy", "entropy", "generalized_kl_divergence",
+           "kl_divergence", "kl_divergence_terms", "surprisal"]
+
 
 def _in_base(xp: Any, nats: Array, base: float) -> Array:
     divisor = log_base_divisor(base)

@@ -30,6 +30,8 @@ from ._array import (
 )
 from .errors import InputError
 
+__all__ = ["mixup", "mixup_params", "one_hot", "smooth_labels"]
+
 
 def one_hot(labels: Any, num_classes: int, *, dtype: Any = None, validate: bool = True) -> Array:
     """One-hot encode integer class labels: ``out[..., c] = 1 if labels[...] == c else 0``.
@@ -107,6 +109,10 @@ def mixup_params(batch_size: int, *, alpha: float, seed: int) -> tuple[float, np
     Drawn with ``numpy.random.default_rng(seed)``, so the same seed gives the same mix in
     every array library. ``batch_size`` and ``seed`` are integers >= 0, ``alpha`` a finite
     number > 0. Returns ``(lam, permutation)``.
+
+    >>> lam, order = mixup_params(4, alpha=0.2, seed=0)
+    >>> 0.0 <= lam <= 1.0, sorted(order.tolist()), mixup_params(4, alpha=0.2, seed=0)[0] == lam
+    (True, [0, 1, 2, 3], True)
     """
     batch_size = _checks.check_integer(batch_size, "batch_size", minimum=0)
     alpha = _checks.check_positive(alpha, "alpha")

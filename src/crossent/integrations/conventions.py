@@ -84,7 +84,11 @@ class Convention:
     ``"others"``: the non-target classes of the tensor-parallel partition, or ``"none"``:
     the library has no label smoothing), what the mean divides by (``"kept"`` rows or
     ``"all"`` rows) and, for ``"kept"``, the loss when no row is kept (``"nan"``: 0 / 0,
-    or ``"zero"``)."""
+    or ``"zero"``).
+
+    >>> CONVENTIONS["megatron"].smoothing, CONVENTIONS["torch"].denominator
+    ('others', 'kept')
+    """
 
     name: str
     smoothing: str
@@ -112,7 +116,13 @@ CONVENTIONS = {
 
 
 class Terms(NamedTuple):
-    """``loss = (nll_weight * nll_sum + smoothing_weight * smoothing_sum) / denominator``."""
+    """``loss = (nll_weight * nll_sum + smoothing_weight * smoothing_sum) / denominator``.
+
+    >>> import numpy as np
+    >>> t = convention_terms(np.zeros((2, 4)), np.array([1, -100]), label_smoothing=0.1)
+    >>> float(t.denominator), t.smoothing_classes, t.nll_weight  # one kept row, all 4 classes
+    (1.0, (0, 4), 0.9)
+    """
 
     nll_sum: Any
     smoothing_sum: Any
@@ -156,7 +166,16 @@ def convention_terms(
     rank: int = 0,
 ) -> Terms:
     """The pieces of :func:`convention_loss` (see the module docstring), as arrays of the
-    logits' library (differentiable where it is)."""
+    logits' library (differentiable where it is).
+
+    Megatron on rank 1 of 2 smooths over that rank's classes 2 and 3 only:
+
+    >>> import numpy as np
+    >>> t = convention_terms(np.zeros((1, 4)), np.array([0]), "megatron", label_smoothing=0.1,
+    ...                      tensor_parallel_size=2, rank=1)
+    >>> t.smoothing_classes, round(t.smoothing_weight, 6)  # eps K / (K - 1), K = 2
+    ((2, 4), 0.2)
+    """
     conv = _convention(convention)
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:

@@ -378,6 +378,13 @@ def patch(model: Any, *, in_eval: bool = False, chunk_size: int | None = None) -
     Raises:
         crossent.UnsupportedError: the class, its loss or its LM head is not supported.
         crossent.InputError: ``model`` is not a transformers model or model class.
+
+    >>> import transformers
+    >>> config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> model = patch(transformers.LlamaForCausalLM(config), chunk_size=2)
+    >>> is_patched(model), is_patched(transformers.LlamaForCausalLM)  # this instance only
+    (True, False)
     """
     if isinstance(chunk_size, bool) or not (chunk_size is None or (
             isinstance(chunk_size, int) and chunk_size >= 1)):
@@ -401,7 +408,15 @@ def patch(model: Any, *, in_eval: bool = False, chunk_size: int | None = None) -
 
 def unpatch(model: Any) -> Any:
     """Undo :func:`patch` on that instance or class (a no-op if it is not patched; an
-    instance of a patched class stays patched until the class is unpatched)."""
+    instance of a patched class stays patched until the class is unpatched).
+
+    >>> import transformers
+    >>> config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> model = patch(transformers.LlamaForCausalLM(config))
+    >>> is_patched(unpatch(model)), is_patched(unpatch(model))  # twice: a no-op
+    (False, False)
+    """
     if isinstance(model, type):
         patched = vars(model).get("forward")
         if hasattr(patched, _ORIGINAL):
@@ -420,5 +435,13 @@ def unpatch(model: Any) -> Any:
 
 
 def is_patched(model: Any) -> bool:
-    """Whether ``model`` (instance or class) trains through crossent's fused loss."""
+    """Whether ``model`` (instance or class) trains through crossent's fused loss.
+
+    >>> import transformers
+    >>> config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    >>> model = transformers.LlamaForCausalLM(config)
+    >>> is_patched(model), is_patched(patch(model))
+    (False, True)
+    """
     return hasattr(getattr(model, "forward", None), _ORIGINAL)

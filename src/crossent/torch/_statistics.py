@@ -65,6 +65,16 @@ class TokenStatistics(NamedTuple):
     Under ``torch.func`` transforms (``vmap``, ``grad(has_aux=True)``, ``jvp``) return
     the wanted fields (``stats.entropy``), not the whole tuple: they take only tensors,
     and the statistics not asked for are ``None``.
+
+    >>> import math, torch, crossent.torch as xt
+    >>> z, y = torch.zeros(3, 4), torch.tensor([1, -100, 2])
+    >>> loss, stats = xt.cross_entropy(z, y, statistics=("entropy", "accuracy"))
+    >>> stats.counted.tolist(), stats.lse is None
+    ([True, False, True], True)
+    >>> math.isclose(stats.entropy.nanmean().item(), math.log(4), rel_tol=1e-6)  # uniform
+    True
+    >>> stats.accuracy.tolist()  # argmax of equal logits is class 0; ignored rows False
+    [False, False, False]
     """
 
     lse: torch.Tensor | None

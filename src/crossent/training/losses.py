@@ -167,7 +167,12 @@ def softmax_focal_grad(logits: Any, labels: Any, *, gamma: float = 2.0) -> np.nd
 def finite_difference_loss_grad(
     loss: Callable[..., float], logits: Any, labels: Any, *, h: float = 1e-6, **kwargs: Any
 ) -> np.ndarray:
-    """Central finite differences of ``loss(logits, labels, **kwargs)`` in every logit."""
+    """Central finite differences of ``loss(logits, labels, **kwargs)`` in every logit.
+
+    >>> g = finite_difference_loss_grad(make_loss("ce").value, np.zeros((1, 2)), np.array([0]))
+    >>> g.round(6).tolist()  # softmax - onehot
+    [[-0.5, 0.5]]
+    """
     z = np.array(logits, dtype=float)
     out = np.empty_like(z)
     for i in np.ndindex(z.shape):
@@ -184,7 +189,12 @@ def finite_difference_loss_grad(
 @dataclass(frozen=True)
 class Loss:
     """A training loss: its name, ``value(logits, labels) -> float`` (mean over rows) and
-    ``grad(logits, labels) -> dvalue/dlogits`` (shape of the logits)."""
+    ``grad(logits, labels) -> dvalue/dlogits`` (shape of the logits).
+
+    >>> loss = make_loss("ce")
+    >>> round(loss.value(np.zeros((1, 4)), np.array([0])), 6)  # ln 4
+    1.386294
+    """
 
     name: str
     value: Callable[[np.ndarray, np.ndarray], float]

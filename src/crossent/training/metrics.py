@@ -20,6 +20,10 @@ class Reliability:
     ``confidence[b]`` and ``accuracy[b]`` are the mean top-class probability and the fraction
     correct of the rows in bin b (NaN for an empty bin), ``count[b]`` their number, and
     ``ece`` the expected calibration error ``sum_b (count_b / n) |accuracy_b - confidence_b|``.
+
+    >>> rel = reliability([[0.9, 0.1], [0.6, 0.4]], [0, 1], n_bins=2)
+    >>> rel.edges.tolist(), rel.count.tolist()  # both confidences in (0.5, 1]
+    ([0.0, 0.5, 1.0], [0, 2])
     """
 
     edges: np.ndarray
@@ -34,6 +38,10 @@ def reliability(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> Reliability
 
     Bin b holds the confidences in ``(b / n_bins, (b + 1) / n_bins]`` (a confidence of exactly
     0 goes to the first bin), as in Guo et al.'s reference code.
+
+    >>> rel = reliability([[0.9, 0.1], [0.6, 0.4]], [0, 1], n_bins=2)
+    >>> rel.accuracy.tolist(), rel.ece  # empty bin NaN; |(1 + 0) - (0.9 + 0.6)| / 2
+    ([nan, 0.5], 0.25)
     """
     try:
         p = np.asarray(probs, dtype=float)

@@ -17,7 +17,12 @@ Params = dict[str, np.ndarray]
 def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.random.Generator
                 ) -> Params:
     """Initial weights: softmax regression starts at 0; the MLP's layers are drawn from
-    ``N(0, 2 / fan_in)`` (He et al. 2015, for ReLU) with zero biases."""
+    ``N(0, 2 / fan_in)`` (He et al. 2015, for ReLU) with zero biases.
+
+    >>> p = init_params("mlp", 64, 10, hidden=32, rng=np.random.default_rng(0))
+    >>> {k: v.shape for k, v in p.items()}
+    {'W1': (64, 32), 'b1': (32,), 'W2': (32, 10), 'b2': (10,)}
+    """
     if model == "softmax":
         return {"W": np.zeros((n_in, n_classes)), "b": np.zeros(n_classes)}
     if model == "mlp":
@@ -32,7 +37,12 @@ def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.r
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits ``z = x W + b`` (softmax regression) or ``z = relu(x W1 + b1) W2 + b2`` (MLP),
-    and what :func:`backward` needs."""
+    and what :func:`backward` needs.
+
+    >>> p = {"W": np.array([[1.0, 0.0], [0.0, 2.0]]), "b": np.array([0.5, 0.0])}
+    >>> forward(p, np.array([[1.0, 1.0]]))[0].tolist()
+    [[1.5, 2.0]]
+    """
     if "W" in params:
         return x @ params["W"] + params["b"], {"x": x}
     pre = x @ params["W1"] + params["b1"]
@@ -43,7 +53,14 @@ def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.nda
 def backward(params: Params, cache: dict[str, np.ndarray], dz: np.ndarray) -> Params:
     """Gradients of the loss with respect to every parameter, given ``dz = dloss/dlogits``:
     ``dW = x^T dz``, ``db = sum_n dz``; through the MLP's hidden layer
-    ``dh = dz W2^T`` and ``dpre = dh * [pre > 0]``."""
+    ``dh = dz W2^T`` and ``dpre = dh * [pre > 0]``.
+
+    >>> p = {"W": np.zeros((3, 2)), "b": np.zeros(2)}
+    >>> z, cache = forward(p, np.ones((4, 3)))
+    >>> grads = backward(p, cache, np.ones((4, 2)))  # dz = 1: dW = x^T 1, db = 4
+    >>> grads["W"].tolist(), grads["b"].tolist()
+    ([[4.0, 4.0], [4.0, 4.0], [4.0, 4.0]], [4.0, 4.0])
+    """
     x = cache["x"]
     if "W" in params:
         return {"W": x.T @ dz, "b": dz.sum(axis=0)}

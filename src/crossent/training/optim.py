@@ -11,7 +11,13 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 class SGD:
-    """Plain mini-batch gradient descent: ``w <- w - lr * g``."""
+    """Plain mini-batch gradient descent: ``w <- w - lr * g``.
+
+    >>> params = {"w": np.array([1.0, 2.0])}
+    >>> SGD(lr=0.5).step(params, {"w": np.array([2.0, -2.0])})
+    >>> params["w"].tolist()
+    [0.0, 3.0]
+    """
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
@@ -24,7 +30,16 @@ class SGD:
 class Adam:
     """Adam (Kingma and Ba 2015, arXiv:1412.6980): ``m <- b1 m + (1 - b1) g``,
     ``v <- b2 v + (1 - b2) g^2``, ``w <- w - lr * m_hat / (sqrt(v_hat) + eps)`` with the
-    bias corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``."""
+    bias corrections ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
+
+    The first step moves every weight by ``lr`` against its gradient's sign
+    (``m_hat / sqrt(v_hat) = g / |g|``):
+
+    >>> params = {"w": np.array([1.0, 2.0])}
+    >>> Adam(lr=0.1).step(params, {"w": np.array([3.0, -0.5])})
+    >>> params["w"].round(6).tolist()
+    [0.9, 2.1]
+    """
 
     def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                  ) -> None:
