@@ -102,8 +102,11 @@ _EAGER: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def compiling() -> bool:
-    """dynamo is tracing (``torch.compile``, ``torch.export``): the custom operators serve."""
-    return torch.compiler.is_compiling()
+    """dynamo is tracing (``torch.compile``, ``torch.export``), or a ``FakeTensorMode`` is
+    active (shape propagation without dynamo): the custom operators serve, whose fake
+    implementations give torch's shapes where the eager kernels would read values."""
+    return (torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
 def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -117,7 +120,7 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
         @functools.wraps(fn, updated=())  # not __dict__: no compiler.disable marks
         def entry(*args: P.args, **kwargs: P.kwargs) -> R:
-            if torch.compiler.is_compiling():
+            if compiling():
                 return compiled(*args, **kwargs)
             return fn(*args, **kwargs)
 
@@ -165,10 +168,8 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
     if statistics is not None:
         options = {**options, "statistics": _names(statistics)}
     device_type = next(t for t in tensors.values() if t is not None).device.type
-    # the inner graph is built and consumed here: the caller's saved-tensor hooks
-    # (save_on_cpu, checkpointing, memory tools) must neither see nor move its tensors
     with _autograd_recording(), torch.enable_grad(), _autocast_state(device_type, autocast), \
-            torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+            _without_callers_hooks():
         leaves = {k: None if t is None else t.detach().requires_grad_(bool(r))
                   for (k, t), r in zip(tensors.items(), requires, strict=True)}
         loss = _EAGER[name](**{**leaves, **options})  # a number num_items replaces None
@@ -192,8 +193,31 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
     return loss.detach().contiguous(), grads, stats
 
 
+def _without_callers_hooks() -> contextlib.AbstractContextManager:
+    """The inner graph is built and consumed in the operator: the caller's saved-tensor
+    hooks (save_on_cpu, checkpointing, memory tools) must neither see nor move its
+    tensors. Under ``disable_saved_tensors_hooks`` no hook can be active (torch refuses to
+    disable them then) and none may be registered: nothing to shield."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)
+
+
 def _as_is(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _run_time_requires(ctx, inputs, at: int) -> tuple[list[bool], bool, tuple]:
+    """``(requires, want_grads, inputs[at:])`` for this run (``inputs[at]`` is the traced
+    ``requires``, ``inputs[at + 1]`` ``want_grads``). ``torch.export`` bakes the example
+    inputs' ``requires_grad`` flags into the graph, with no guard: a run may need a
+    gradient the trace did not ask for. Then every gradient the run needs is recomputed
+    in backward (as when the trace asked for a target or weight gradient)."""
+    requires, want_grads = inputs[at], inputs[at + 1]
+    needs = [bool(n) for n in ctx.needs_input_grad[:len(requires)]]
+    if any(n and not r for n, r in zip(needs, requires, strict=True)):
+        return needs, False, (needs, False, *inputs[at + 2:])
+    return requires, want_grads, tuple(inputs[at:])
 
 
 def _no_logits(tensors: dict[str, torch.Tensor | None]) -> bool:
@@ -408,11 +432,11 @@ def _(grad_output, input, target, weight, num_items, requires, *rest):
 
 
 def _ce_setup(ctx, inputs, output) -> None:
-    input, target, weight, num_items, requires, want_grads = inputs[:6]
-    ctx.options = inputs[4:]  # requires, want_grads, and the options
-    ctx.want_grads, ctx.requires = want_grads, requires
+    input, target, weight, num_items = inputs[:4]
+    # ctx.options: requires, want_grads, and the options
+    ctx.requires, ctx.want_grads, ctx.options = _run_time_requires(ctx, inputs, 4)
     ctx.mark_non_differentiable(*output[1:])
-    if want_grads:  # the gradient of the input, stored in forward; class indices for
+    if ctx.want_grads:  # the gradient of the input, stored in forward; class indices for
         # the rows and entries a non-finite grad_output reaches (_scale_logits_grad;
         # probabilities: only their dtype, not an N x C tensor kept alive)
         ctx.save_for_backward(output[1], target.new_empty(0) if target.is_floating_point()
@@ -685,8 +709,7 @@ def _(grad_output, input, linear_weight, linear_bias, target, weight, num_items,
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    ctx.inputs_rest = inputs[6:]
-    ctx.want_grads, ctx.requires = inputs[7], inputs[6]
+    ctx.requires, ctx.want_grads, ctx.inputs_rest = _run_time_requires(ctx, inputs, 6)
     ctx.mark_non_differentiable(*output[1:])
     if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
         # target: the rows a non-finite grad_output reaches (neither x nor W is kept)
