@@ -198,7 +198,7 @@ def _without_callers_hooks() -> contextlib.AbstractContextManager:
     hooks (save_on_cpu, checkpointing, memory tools) must neither see nor move its
     tensors. Under ``disable_saved_tensors_hooks`` no hook can be active (torch refuses to
     disable them then) and none may be registered: nothing to shield."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():  # type: ignore[attr-defined]
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is)
 
