@@ -44,8 +44,8 @@ from ..errors import InputError, UnsupportedError
 from . import _composite
 
 __all__ = ["BACKENDS", "NATIVE_MAX_LOGITS", "SMALL_MIN_LOGITS", "Call", "check_backend",
-           "choose_backend", "composite_reason", "small_kernel_fits", "triton_importable",
-           "triton_refusal"]
+           "choose_backend", "composite_reason", "own_dispatch", "small_kernel_fits",
+           "triton_importable", "triton_refusal"]
 
 BACKENDS = ("auto", "native", "rowblock", "triton")
 
@@ -88,6 +88,20 @@ class Call:
     weighted: bool = False  # class weights given
     label_smoothing: float = 0.0
     plain: bool = False  # plain tensors (no subclass) and no torch-function mode active
+    subclass: str | None = None  # own_dispatch(): a tensor subclass with its own dispatch
+    fake: bool = False  # fake_values(): no value can be read
+
+
+def own_dispatch(*tensors) -> str | None:
+    """The type name of the first tensor whose class has its own ``__torch_dispatch__``
+    (``DTensor``, ``FakeTensor`` outside its mode, ...), or None. crossent's kernels
+    write into plain buffers and read values on the host, which such tensors cannot
+    serve (DTensor: "mixed torch.Tensor and DTensor"); torch's own kernel can."""
+    plain = torch.Tensor.__torch_dispatch__
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and type(t).__torch_dispatch__ is not plain:
+            return type(t).__name__
+    return None
 
 
 def composite_reason(num_classes: int, inplace_grads: bool, *tensors) -> str | None:
@@ -172,17 +186,25 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
                                        f"{feature}; use backend='auto' or 'rowblock'")
         return "native"
     if backend == "triton":
-        problem = _triton_unusable(call) or call.composite or call.triton_refusal
+        problem = (_triton_unusable(call) or call.composite or call.triton_refusal
+                   or (call.subclass and f"{call.subclass} inputs")
+                   or (call.fake and "fake tensors (FakeTensorMode)"))
         if problem is not None:
             raise UnsupportedError(f"{name}: backend='triton' does not support {problem}; "
                                    f"use backend='auto' (or 'rowblock')")
         return "triton"
-    if call.device.type == "meta":  # shapes only: torch's kernel propagates them
+    if call.fake:  # plain torch operations propagate fake tensors
+        return ("native" if backend == "auto" and call.composite is None
+                and _native_is_faster(call, math.inf) else "composite")
+    if call.device.type == "meta" or call.subclass is not None:  # torch's kernel only
         if backend == "auto" and _native_is_faster(call, math.inf):
             return "native"
-        raise UnsupportedError(f"{name}: meta tensors (shapes without data) run torch's own "
-                               f"kernel only: backend='native' or 'auto', index targets, "
-                               f"neither z_loss, softcap nor chunk_size")
+        what = ("meta tensors (shapes without data)" if call.subclass is None else
+                f"{call.subclass} inputs (a tensor subclass with its own dispatch; for "
+                f"vocab-parallel logits see crossent.torch.distributed)")
+        raise UnsupportedError(f"{name}: {what} run torch's own kernel only: "
+                               f"backend='native' or 'auto', index targets, neither z_loss, "
+                               f"softcap nor chunk_size")
     if call.composite is not None:
         return "composite"
     if backend == "rowblock":

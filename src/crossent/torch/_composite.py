@@ -26,7 +26,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._rules import Options, check_index_target, compute_dtype, reduce_rows
+from ._rules import Options, check_index_target, compute_dtype, fake_values, reduce_rows
 
 __all__ = ["capped", "composable_required", "cross_entropy", "linear_logits", "transforms_active",
            "zero_unused"]
@@ -88,7 +88,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         rows = float(z.shape[0]) if num_classes else math.nan
         denominator = torch.full((), rows, dtype=cdtype, device=z.device)
         return losses, denominator
-    if transforms_active():
+    if transforms_active() or fake_values(target):
         index = target.long()  # no data-dependent check here; gather checks the bounds
         valid = index != opts.ignore_index
     else:

@@ -20,6 +20,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn import _reduction
 
+from .._checks import check_bool
 from ..errors import InputError, UnsupportedError
 from . import _backends, _buffers, _composite, _small, _statistics
 from ._custom_ops import compilable
@@ -35,6 +36,7 @@ from ._rules import (
     compute_dtype,
     divide_by_num_items,
     double_backward,
+    fake_values,
     infinite_as_nan,
     kernel_reduction,
     make_options,
@@ -491,7 +493,8 @@ def cross_entropy(
     """
     if (weight is None and softcap is None and _is_zero(z_loss) and loss_dtype is None
             and num_items is None and statistics is None and size_average is None
-            and reduce is None and type(backend) is str and backend in ("auto", "native")):
+            and reduce is None and type(backend) is str and backend in ("auto", "native")
+            and type(inplace_backward) is bool):
         out = _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothing,
                                      backend)
         if out is not None:
@@ -499,6 +502,8 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     backend = _backends.check_backend(backend)
+    # bool("False") is True: a flag that destroys the logits takes True or False only
+    inplace_backward = check_bool(inplace_backward, "inplace_backward")
     names = _statistics.check_statistics(statistics)
     logits, flat_target, row_shape = _flatten(input, target)
     num_classes = logits.shape[1]
@@ -528,7 +533,9 @@ def cross_entropy(
         dtype=logits.dtype, needs_grad=grad_on and logits.requires_grad,
         weighted=weight is not None, label_smoothing=opts.label_smoothing,
         plain=(type(input) in _PLAIN and type(target) in _PLAIN
-               and not torch._C._is_torch_function_mode_enabled()))
+               and not torch._C._is_torch_function_mode_enabled()),
+        subclass=_backends.own_dispatch(input, target, weight),
+        fake=fake_values(input, target, weight))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
     if route == "native":  # torch checks the indices

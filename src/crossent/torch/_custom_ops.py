@@ -102,11 +102,11 @@ _EAGER: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def compiling() -> bool:
-    """dynamo is tracing (``torch.compile``, ``torch.export``), or a ``FakeTensorMode`` is
-    active (shape propagation without dynamo): the custom operators serve, whose fake
-    implementations give torch's shapes where the eager kernels would read values."""
-    return (torch.compiler.is_compiling()
-            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+    """dynamo is tracing (``torch.compile``, ``torch.export``): the custom operators serve.
+    (A ``FakeTensorMode`` without dynamo runs the eager entry point, whose checks and
+    autograd then hold; it routes fake tensors to plain torch operations,
+    :func:`crossent.torch._backends.fake_values`.)"""
+    return torch.compiler.is_compiling()
 
 
 def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -181,8 +181,11 @@ def _run_eager(name: str, tensors: dict[str, torch.Tensor | None], requires: Seq
         grads: list[torch.Tensor | None] = [None] * len(requires)
         if want_grads and wanted:
             # no logits (C = 0, every row ignored): eager's loss may have no graph; torch's
-            # gradients are zeros. A graphless loss of real logits still raises here.
-            empty = not loss.requires_grad and _no_logits(tensors)
+            # gradients are zeros. A graphless loss of real logits still raises here, but
+            # for an exported training graph run under inference_mode (nothing records,
+            # no backward can follow): placeholders of the promised shapes.
+            empty = not loss.requires_grad and (_no_logits(tensors)
+                                                or torch.is_inference_mode_enabled())
             found = iter([None] * len(wanted) if empty else torch.autograd.grad(
                 loss, wanted, torch.ones_like(loss) if grad_output is None else grad_output,
                 allow_unused=True))
@@ -323,6 +326,7 @@ _COUNT = ("a number, a 0-d tensor or None", (int, float, torch.Tensor, _NONE))
 _TEXT = ("a string", (str,))
 _DTYPE = ("a torch.dtype or None", (torch.dtype, _NONE))
 _FLAG = ("True or False", (bool, int, float))  # a number: the eager check names it
+_BOOL = ("True or False", (bool,))  # not passed on: checked here
 
 
 def _type_problem(function: str, checks) -> str | None:
@@ -561,14 +565,15 @@ def compiled_cross_entropy(
     """:func:`crossent.torch.cross_entropy` under ``torch.compile``: one
     ``crossent::cross_entropy_fwd`` operator (see the module docstring for the rules;
     ``inplace_backward`` is ignored)."""
-    del inplace_backward  # an operator may not mutate its inputs: the logits stay intact
     problem = _type_problem("cross_entropy", (
+        ("inplace_backward", inplace_backward, _BOOL),
         ("input", input, _TENSOR), ("target", target, _TENSOR),
         ("weight", weight, _OPTIONAL_TENSOR), ("ignore_index", ignore_index, _OPTIONAL_NUMBER),
         ("reduction", reduction, _TEXT), ("label_smoothing", label_smoothing, _NUMBER),
         ("z_loss", z_loss, _NUMBER), ("softcap", softcap, _OPTIONAL_NUMBER),
         ("loss_dtype", loss_dtype, _DTYPE), ("num_items", num_items, _COUNT),
         ("backend", backend, _TEXT)))
+    del inplace_backward  # an operator may not mutate its inputs: the logits stay intact
     names, problem = _statistics_arg("cross_entropy", statistics) if problem is None \
         else (None, problem)
     if problem is not None:

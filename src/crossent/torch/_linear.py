@@ -28,7 +28,7 @@ from ._rules import (
     Options,
     Rows,
     autocast_dtype,
-    autocast_enabled,
+    autocast_linear,
     check_ignore_index,
     check_index_dtype,
     check_same_device,
@@ -37,6 +37,7 @@ from ._rules import (
     compute_dtype,
     divide_by_num_items,
     double_backward,
+    fake_values,
     idle_rows_nan,
     kernel_reduction,
     make_options,
@@ -189,21 +190,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         out = [None if g is None else g.to(d)
                for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out, *nothing)
-
-
-def _autocast_linear(x, w, b):
-    """torch.autocast runs ``linear`` in the autocast dtype (float64 stays): cast the
-    floating arguments as it would, differentiably."""
-    device_type = x.device.type
-    if not autocast_enabled(device_type):
-        return x, w, b
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):  # floating tensors only, as autocast
-        return (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
-                else t.to(dtype))
-
-    return cast(x), cast(w), cast(b)
 
 
 def _next_pow2(n: int) -> int:
@@ -457,7 +443,7 @@ def linear_cross_entropy(
     names = _statistics.check_statistics(statistics)
     _statistics.refuse_for_probabilities(names, target.is_floating_point(),
                                          "linear_cross_entropy")
-    x, w, b = _autocast_linear(input, linear_weight, linear_bias)
+    x, w, b = autocast_linear(input, linear_weight, linear_bias)
     _check_one_dtype(x, w, b)
     if target.is_floating_point() and ignore_index is not None:
         raise InputError(f"ignore_index={ignore_index!r} with probability targets: it only "
@@ -501,7 +487,9 @@ def linear_cross_entropy(
         opts.softcap, composite,
         _statistics.triton_refusal(names) or _backends.triton_refusal(
             target_grad=target_grad, weight_grad=weight_grad, retain=keep),
-        sized=chunk_size is not None)
+        sized=chunk_size is not None,
+        subclass=_backends.own_dispatch(input, linear_weight, linear_bias, target, weight),
+        fake=fake_values(input, linear_weight, linear_bias, target, weight))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
     with no_autocast(x.device.type):
@@ -570,7 +558,8 @@ def _padding_would_leak(input: torch.Tensor, weight, label_smoothing) -> bool:
     """Whether ``shift=True``'s ignored padding rows would reach a gradient torch never
     forms (see :func:`_shift_labels`). One host read of the last positions' ``B x D``
     features (and of the class weight with smoothing)."""
-    if _composite.composable_required(input) or input.device.type == "meta":
+    if (_composite.composable_required(input) or input.device.type == "meta"
+            or fake_values(input, weight)):
         return True  # no host read there; torch's slicing gives the same shapes
     if input.shape[-2] and not bool(torch.isfinite(input[..., -1, :]).all()):
         return True

@@ -61,6 +61,19 @@ def records_graph() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
+def fake_values(*tensors) -> bool:
+    """Values cannot be read: a ``FakeTensorMode`` is active (shape propagation, memory
+    estimation) or one of ``tensors`` is a fake tensor. Such calls take torch's kernel or
+    the composable path (plain torch operations, no host read; ``_backends``), which
+    fake tensors propagate: torch's shapes, checks that read no values, autograd as
+    eager."""
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
+
+
 def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     """The dtype a cross-entropy argument has after autocast's float32 policy (torch lists
     cross_entropy among the ops autocast runs in float32: float16/bfloat16 become
@@ -68,6 +81,21 @@ def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     if t.dtype in LOW_PRECISION and autocast_enabled(device_type):
         return torch.float32
     return t.dtype
+
+
+def autocast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """``(x, w, b)`` as ``torch.autocast`` hands them to ``linear``: floating tensors cast
+    to the autocast dtype (float64 stays), differentiably; unchanged without autocast."""
+    device_type = x.device.type
+    if not autocast_enabled(device_type):
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):  # floating tensors only, as autocast
+        return (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
+                else t.to(dtype))
+
+    return cast(x), cast(w), cast(b)
 
 
 def choose_loss_dtype(loss_dtype, logits: torch.Tensor, target: torch.Tensor | None = None,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_bool
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
 from ._rules import check_options
@@ -56,7 +57,8 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
                  inplace_backward: bool = False, loss_dtype: torch.dtype | None = None,
                  backend: str = "auto") -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+        self.z_loss, self.softcap = z_loss, softcap
+        self.inplace_backward = check_bool(inplace_backward, "inplace_backward")
         self.loss_dtype, self.backend = loss_dtype, check_backend(backend)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *,

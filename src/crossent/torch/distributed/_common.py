@@ -40,12 +40,16 @@ import torch
 import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
-from .._backends import BACKENDS
+from .._backends import BACKENDS, own_dispatch
+from .._composite import composable_required
 from .._rules import (
+    autocast_dtype,
     batched_grad_output,
     check_index_dtype,
     check_options,
+    check_same_device,
     compute_dtype,
+    fake_values,
     records_graph,
     reduce_rows,
 )
@@ -293,7 +297,12 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
             problems.note(f"weight has shape {tuple(weight.shape)}; expected "
                           f"({local_classes},), this rank's slice of the per-class weights")
             weight = None
-        elif like is not None and weight.dtype != like.dtype:
+        elif like is not None and weight.device != like.device:
+            problems.check(check_same_device, weight, "weight", like)
+            weight = None
+        elif like is not None and (autocast_dtype(weight, like.device.type)
+                                   != autocast_dtype(like, like.device.type)):
+            # torch's rule, after autocast's float32 policy for cross_entropy
             problems.note(f"weight has dtype {weight.dtype}; expected {like.dtype}, the "
                           f"logits' dtype (as torch.nn.functional.cross_entropy)")
             weight = None
@@ -323,6 +332,10 @@ def _num_items(num_items, reduction: str, problems: Problems):
         if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
             problems.note(f"num_items must be a number or a one-element real tensor; got a "
                           f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+            return None
+        if records_graph() and num_items.requires_grad:  # its gradient would be dropped
+            problems.note("num_items that requires grad: crossent treats it as a constant "
+                          "count; detach it", UnsupportedError)
             return None
         return num_items  # its value is checked after the agreement collective
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
@@ -354,14 +367,53 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device)
     elif tuple(target.shape) != tuple(row_shape):
         problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
                       f"({rows} rows)")
+    elif target.device != device:  # never moved silently (torch raises too)
+        problems.note(f"target is on {target.device}, the input on {device}: every tensor "
+                      f"argument must be on the input's device (torch raises too); move it "
+                      f"with .to({str(device)!r})")
     else:
         try:
             check_index_dtype(target)  # uint64 ids past int64
         except InputError as error:
             problems.note(str(error))
         else:
-            return target.reshape(-1).to(device=device, dtype=torch.int64)
+            return target.reshape(-1).to(dtype=torch.int64)
     return torch.zeros(rows, dtype=torch.int64, device=device)
+
+
+def note_subclasses(name: str, problems: Problems, *tensors) -> None:
+    """Plain tensors only. Fake tensors (``FakeTensorMode``) raise here at once: the
+    agreement reads values, and no collective runs under a fake mode. A tensor subclass
+    with its own dispatch (DTensor) is noted (raised after the agreement, on every rank):
+    the kernels write plain buffers; its local shard is what these functions take."""
+    if fake_values(*tensors):
+        raise UnsupportedError(f"crossent.torch.distributed.{name}: fake tensors "
+                               f"(FakeTensorMode) are not supported (the agreement between "
+                               f"ranks reads values)")
+    kind = own_dispatch(*tensors)
+    if kind is not None:
+        problems.note(f"crossent.torch.distributed.{name}: {kind} inputs are not supported; "
+                      f"pass this rank's local tensors (DTensor: .to_local())",
+                      UnsupportedError)
+
+
+def note_transforms(name: str, problems: Problems, *, forward_ad: bool, tensors=()) -> None:
+    """The vocab-parallel autograd Functions have no ``torch.func`` rules (``grad``,
+    ``vmap``, ``jacrev``; with ``forward_ad=False`` also ``jvp`` and forward-mode dual
+    tensors among ``tensors``): refused by name, noted before the agreement so every rank
+    raises together. (``forward_ad=True``: forward mode runs through the no-graph path's
+    torch operations, torch's tangents.)"""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    refused = kinds - {TransformType.Jvp} if forward_ad else kinds
+    if refused or (not forward_ad and composable_required(*tensors)):
+        what = "torch.func transforms (grad, vmap, jacrev)" if forward_ad else \
+            "torch.func transforms and forward-mode AD"
+        problems.note(f"crossent.torch.distributed.{name}: {what} are not supported; use "
+                      f"crossent.torch.cross_entropy / linear_cross_entropy on one process",
+                      UnsupportedError)
 
 
 def header_device(group, *tensors) -> torch.device:

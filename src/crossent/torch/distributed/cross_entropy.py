@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from ...errors import UnsupportedError
 from .. import _buffers
-from .._rules import records_graph
+from .._rules import autocast_dtype, no_autocast, records_graph
 from ._common import (
     Layout,
     Problems,
@@ -27,6 +27,8 @@ from ._common import (
     header_device,
     make_layout,
     make_spec,
+    note_subclasses,
+    note_transforms,
     reduce_loss,
     refuse_double_backward,
 )
@@ -45,12 +47,12 @@ def _forward(logits: torch.Tensor, target: torch.Tensor, lay: Layout, spec: Spec
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, lay, spec, route):
+    def forward(ctx, logits, target, lay, spec, route, out_dtype):
         stats, valid = _forward(logits, target, lay, spec, route)
         out, scale = reduce_loss(stats.loss, stats.wy, valid, spec)
         ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef)
         ctx.lay, ctx.spec, ctx.scale, ctx.route = lay, spec, scale, route
-        return out.to(logits.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     @refuse_double_backward("vocab_parallel_cross_entropy")
@@ -63,7 +65,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         scale = scale.expand(lse.shape) if scale.dim() == 0 else scale
         grad = _buffers.empty(logits.shape, logits.dtype, logits)  # every row written below
         grad_rows(logits, target, valid, lse, coef, scale, ctx.lay, ctx.spec, ctx.route, grad)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -187,6 +189,8 @@ def vocab_parallel_cross_entropy(
     1.098612
     """
     problems = Problems()
+    note_subclasses("vocab_parallel_cross_entropy", problems, local_logits, target, weight,
+                    num_items)
     logits = _check_logits(local_logits, problems)
     row_shape = tuple(logits.shape[:-1]) if logits is not None else ()
     size = logits.shape[-1] if logits is not None else 0
@@ -198,18 +202,23 @@ def vocab_parallel_cross_entropy(
     rows = math.prod(row_shape)
     route = resolve_backend(backend, logits.device if logits is not None else None,
                             "vocab_parallel_cross_entropy", spec, problems)
+    note_transforms("vocab_parallel_cross_entropy", problems, forward_ad=True)
     agree(lay, spec, problems, flat, function=0, rows=rows,
           dtype=logits.dtype if logits is not None else None, device=device,
           backend=backend)
     assert logits is not None  # agree() raised otherwise
+    # torch.autocast runs cross_entropy in float32: the loss's dtype; the kernels choose
+    # their own (float32 arithmetic, the gradient in the logits' dtype)
+    out_dtype = autocast_dtype(logits, logits.device.type)
     logits = logits.reshape(rows, size)
-    if records_graph() and logits.requires_grad:
-        out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, route)
-    else:
-        with torch.no_grad():
-            stats, valid = _forward(logits, flat, lay, spec, route)
-            out, _ = reduce_loss(stats.loss, stats.wy, valid, spec)
-            out = out.to(logits.dtype)
+    with no_autocast(logits.device.type):
+        if records_graph() and logits.requires_grad:
+            out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, route, out_dtype)
+        else:
+            with torch.no_grad():
+                stats, valid = _forward(logits, flat, lay, spec, route)
+                out, _ = reduce_loss(stats.loss, stats.wy, valid, spec)
+                out = out.to(out_dtype)
     return out.reshape(row_shape) if spec.reduction == "none" else out
 
 

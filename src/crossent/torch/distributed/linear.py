@@ -19,7 +19,16 @@ from torch.autograd.function import once_differentiable
 
 from ...errors import UnsupportedError
 from .._chunked_head import head_pass
-from .._rules import CHUNK_BYTES, chunk_rows, records_graph, take_stored
+from .._rules import (
+    CHUNK_BYTES,
+    autocast_dtype,
+    autocast_linear,
+    check_same_device,
+    chunk_rows,
+    no_autocast,
+    records_graph,
+    take_stored,
+)
 from ._common import (
     Problems,
     agree,
@@ -30,6 +39,8 @@ from ._common import (
     header_device,
     make_layout,
     make_spec,
+    note_subclasses,
+    note_transforms,
     reduce_loss,
     refuse_double_backward,
 )
@@ -122,7 +133,8 @@ def _run(x, w, b, target, valid, lay, spec, chunk, need, route, scale=None, save
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad, route):
+    def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad, route,
+                out_dtype):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.lay, ctx.spec, ctx.chunk, ctx.need, ctx.route = lay, spec, chunk, need, route
         ctx.reduce_input_grad = reduce_input_grad
@@ -140,7 +152,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             # backward (float64 included, unlike the single-process head: no gradcheck here)
             ctx.grads, ctx.keep = grads, False
             ctx.valid = valid
-        return out.to(x.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     @refuse_double_backward("vocab_parallel_linear_cross_entropy")
@@ -172,7 +184,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if gx is not None and ctx.reduce_input_grad and ctx.lay.communicate:
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
 def _scale_stored(grads, factor, valid):
@@ -261,7 +273,9 @@ def vocab_parallel_linear_cross_entropy(
     1.098612
     """
     problems = Problems()
-    x, size, features = _check_inputs(input, local_weight, local_bias, problems)
+    note_subclasses("vocab_parallel_linear_cross_entropy", problems, input, local_weight,
+                    local_bias, target, weight, num_items)
+    x, w, b, size, features = _check_inputs(input, local_weight, local_bias, problems)
     row_shape = tuple(input.shape[:-1]) if x is not None else ()
     rows = math.prod(row_shape)
     lay = make_layout(group, size, vocab_start, problems)
@@ -273,12 +287,13 @@ def vocab_parallel_linear_cross_entropy(
     if not isinstance(reduce_input_grad, bool):
         problems.note(f"reduce_input_grad={reduce_input_grad!r} must be True or False")
         reduce_input_grad = False
-    params = (x, local_weight, local_bias)
     grad = records_graph() and any(isinstance(p, torch.Tensor) and p.requires_grad
-                                           for p in params)
+                                   for p in (x, w, b))
     input_grad = grad and x is not None and x.requires_grad
     route = resolve_backend(backend, x.device if x is not None else None,
                             "vocab_parallel_linear_cross_entropy", spec, problems)
+    note_transforms("vocab_parallel_linear_cross_entropy", problems, forward_ad=False,
+                    tensors=(input, local_weight, local_bias))
     agree(lay, spec, problems, flat, function=1, rows=rows,
           dtype=x.dtype if x is not None else None, device=device, features=features,
           chunk_size=chunk, reduce_input_grad=reduce_input_grad, input_grad=input_grad,
@@ -288,19 +303,24 @@ def vocab_parallel_linear_cross_entropy(
     # identical on every rank: from the largest slice, which agree() gathered
     chunk = chunk or default_chunk(lay.max_size)
     valid = flat != spec.ignore_index
-    if grad:
-        out = _VocabParallelLinearCE.apply(x, local_weight, local_bias, flat, valid, lay, spec,
-                                           chunk, reduce_input_grad, route)
-    else:
-        with torch.no_grad():
-            (loss, _, _, wy), _ = _run(x, local_weight, local_bias, flat, valid, lay, spec,
-                                       chunk, (False,) * 3, route)
-            out = reduce_loss(loss, wy, valid, spec)[0].to(x.dtype)
+    out_dtype = autocast_dtype(x, x.device.type)  # float32 under autocast, as torch's loss
+    with no_autocast(x.device.type):  # the matmuls in the compute dtype (see _run)
+        if grad:
+            out = _VocabParallelLinearCE.apply(x, w, b, flat, valid, lay, spec, chunk,
+                                               reduce_input_grad, route, out_dtype)
+        else:
+            with torch.no_grad():
+                (loss, _, _, wy), _ = _run(x, w, b, flat, valid, lay, spec, chunk,
+                                           (False,) * 3, route)
+                out = reduce_loss(loss, wy, valid, spec)[0].to(out_dtype)
     return out.reshape(row_shape) if spec.reduction == "none" else out
 
 
 def _check_inputs(input, local_weight, local_bias, problems: Problems):
-    """``(input or None, V_r, D)``; a problem is noted (raised after the agreement)."""
+    """``(input or None, local_weight, local_bias, V_r, D)``: the tensors as
+    ``torch.autocast`` hands them to ``linear`` (cast to its dtype, differentiably; as
+    they are without autocast). A problem is noted (raised after the agreement)."""
+    bad = None, local_weight, local_bias
     tensors = {"input": input, "local_weight": local_weight}
     if local_bias is not None:
         tensors["local_bias"] = local_bias
@@ -308,29 +328,33 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             problems.note(f"{name} must be a floating tensor, got {what}")
-            return None, 0, 0
+            return *bad, 0, 0
         if t.layout != torch.strided:
             problems.note(f"{name} with layout {t.layout}: dense (strided) tensors only",
                           UnsupportedError)
-            return None, 0, 0
-    size = local_weight.shape[0] if local_weight.dim() else 0
+            return *bad, 0, 0
     if local_weight.dim() != 2:
         problems.note(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
-        return None, 0, 0
+        return *bad, 0, 0
     size, features = local_weight.shape
     if input.dim() == 0 or input.shape[-1] != features:
         problems.note(f"input of shape {tuple(input.shape)} does not match local_weight "
                       f"{tuple(local_weight.shape)} (features last)")
-        return None, size, 0
+        return *bad, size, 0
     for name, t in tensors.items():
-        if t.dtype != input.dtype:  # torch.nn.functional.linear's rule
-            problems.note(f"{name} has dtype {t.dtype}; expected {input.dtype}, the dtype of "
+        if t.device != input.device:  # never moved silently (torch raises too)
+            problems.check(check_same_device, t, name, input)
+            return *bad, size, features
+    x, w, b = autocast_linear(input, local_weight, local_bias)
+    for name, t in (("local_weight", w), ("local_bias", b)):
+        if t is not None and t.dtype != x.dtype:  # torch.nn.functional.linear's rule
+            problems.note(f"{name} has dtype {t.dtype}; expected {x.dtype}, the dtype of "
                           f"input (as torch.nn.functional.linear)")
-            return None, size, features
-    if local_bias is not None and tuple(local_bias.shape) != (size,):
-        problems.note(f"local_bias has shape {tuple(local_bias.shape)}; expected ({size},)")
-        return None, size, features
-    return input, size, features
+            return *bad, size, features
+    if b is not None and tuple(b.shape) != (size,):
+        problems.note(f"local_bias has shape {tuple(b.shape)}; expected ({size},)")
+        return *bad, size, features
+    return x, w, b, size, features
 
 
 def _check_chunk(chunk_size, problems: Problems) -> int:
