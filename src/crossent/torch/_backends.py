@@ -187,8 +187,8 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
         return "native"
     if backend == "triton":
         problem = (_triton_unusable(call) or call.composite or call.triton_refusal
-                   or (call.subclass and f"{call.subclass} inputs")
-                   or (call.fake and "fake tensors (FakeTensorMode)"))
+                   or (None if call.subclass is None else f"{call.subclass} inputs")
+                   or ("fake tensors (FakeTensorMode)" if call.fake else None))
         if problem is not None:
             raise UnsupportedError(f"{name}: backend='triton' does not support {problem}; "
                                    f"use backend='auto' (or 'rowblock')")
@@ -197,7 +197,11 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
         return ("native" if backend == "auto" and call.composite is None
                 and _native_is_faster(call, math.inf) else "composite")
     if call.device.type == "meta" or call.subclass is not None:  # torch's kernel only
-        if backend == "auto" and _native_is_faster(call, math.inf):
+        # (probability targets too for a subclass: its values are torch's to compute)
+        torchs = _native_is_faster(call, math.inf) or (
+            call.subclass is not None and not call.sized and call.z_loss == 0.0
+            and call.softcap is None)
+        if backend == "auto" and torchs:
             return "native"
         what = ("meta tensors (shapes without data)" if call.subclass is None else
                 f"{call.subclass} inputs (a tensor subclass with its own dispatch; for "

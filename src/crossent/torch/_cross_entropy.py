@@ -20,7 +20,6 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from .._checks import check_bool
 from ..errors import InputError, UnsupportedError
 from . import _backends, _buffers, _composite, _small, _statistics
 from ._custom_ops import compilable
@@ -29,6 +28,7 @@ from ._rules import (
     Options,
     autocast_dtype,
     block_rows,
+    check_flag,
     check_index_dtype,
     check_same_device,
     check_target_intact,
@@ -52,6 +52,7 @@ from ._rules import (
     saved_inputs,
     scale_stored,
     take_stored,
+    within_fake_mode,
 )
 
 __all__ = ["cross_entropy", "native_cross_entropy"]
@@ -503,7 +504,7 @@ def cross_entropy(
         reduction = _legacy_reduction(size_average, reduce)
     backend = _backends.check_backend(backend)
     # bool("False") is True: a flag that destroys the logits takes True or False only
-    inplace_backward = check_bool(inplace_backward, "inplace_backward")
+    inplace_backward = check_flag(inplace_backward, "inplace_backward")
     names = _statistics.check_statistics(statistics)
     logits, flat_target, row_shape = _flatten(input, target)
     num_classes = logits.shape[1]
@@ -538,32 +539,32 @@ def cross_entropy(
         fake=fake_values(input, target, weight))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
-    if route == "native":  # torch checks the indices
-        out = native_cross_entropy(input, target, weight, opts, out_dtype)
-        if names is None:
-            return out
-        stats = _statistics.from_logits(names, logits, flat_target, opts)
-    else:
-        with no_autocast(logits.device.type):
-            if route in ("composite", "small"):  # statistics from the logits, as "native"
-                if route == "composite":
-                    out = _composite.cross_entropy(logits, flat_target, weight,
-                                                   opts).to(out_dtype)
+    with within_fake_mode(call.fake, input, target, weight):
+        if route == "native":  # torch checks the indices
+            out = native_cross_entropy(input, target, weight, opts, out_dtype)
+            if names is not None:
+                stats = _statistics.from_logits(names, logits, flat_target, opts)
+        else:
+            with no_autocast(logits.device.type):
+                if route in ("composite", "small"):  # statistics from the logits, as "native"
+                    if route == "composite":
+                        out = _composite.cross_entropy(logits, flat_target, weight,
+                                                       opts).to(out_dtype)
+                    else:
+                        out = _small_cross_entropy(input, target, logits, flat_target, opts,
+                                                   out_dtype)
+                    if names is not None:
+                        stats = _statistics.from_logits(names, logits, flat_target, opts)
                 else:
-                    out = _small_cross_entropy(input, target, logits, flat_target, opts,
-                                               out_dtype)
-                if names is not None:
-                    stats = _statistics.from_logits(names, logits, flat_target, opts)
-            else:
-                # decided once, here, on the caller's tensor (never a leaf's memory, nor a
-                # leaf's flattened copy: its double backward recomputes from the copy)
-                inplace = inplace_backward and may_overwrite(input)
-                if route == "triton":
-                    out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace,
-                                                out_dtype)
-                else:
-                    out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
-                                                      inplace, out_dtype, names)
+                    # decided once, here, on the caller's tensor (never a leaf's memory, nor a
+                    # leaf's flattened copy: its double backward recomputes from the copy)
+                    inplace = inplace_backward and may_overwrite(input)
+                    if route == "triton":
+                        out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace,
+                                                    out_dtype)
+                    else:
+                        out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
+                                                          inplace, out_dtype, names)
     out = out.reshape(row_shape) if reduction == "none" else out
     if names is None:
         return out

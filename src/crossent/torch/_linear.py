@@ -29,6 +29,7 @@ from ._rules import (
     Rows,
     autocast_dtype,
     autocast_linear,
+    check_flag,
     check_ignore_index,
     check_index_dtype,
     check_same_device,
@@ -53,6 +54,7 @@ from ._rules import (
     saved_inputs,
     scale_stored,
     take_stored,
+    within_fake_mode,
 )
 
 __all__ = ["linear_cross_entropy"]
@@ -492,7 +494,7 @@ def linear_cross_entropy(
         fake=fake_values(input, linear_weight, linear_bias, target, weight))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     stats = None
-    with no_autocast(x.device.type):
+    with no_autocast(x.device.type), within_fake_mode(call.fake, x, w, b, t, weight):
         if route in ("composite", "native"):
             logits = (_composite.linear_logits(x, w, b, matmul_dtype(x, w))
                       if route == "composite" else F.linear(x, w, b))
@@ -530,8 +532,7 @@ def _shift_labels(input, target, ignore_index, shift, weight=None, label_smoothi
     gradients of ignored rows) or a ``torch.func`` transform is active (no host read),
     torch's own ``input[..., :-1, :]`` and ``target[..., 1:]`` instead, a copy of the
     hidden states when ``B > 1``, with their row shape and False."""
-    if not isinstance(shift, bool):
-        raise InputError(f"shift={shift!r} must be True or False")
+    check_flag(shift, "shift")
     for name, v in (("input", input), ("target", target)):
         if not isinstance(v, torch.Tensor):
             raise InputError(f"{name} must be a tensor, got {type(v).__name__}")

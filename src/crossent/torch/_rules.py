@@ -74,6 +74,20 @@ def fake_values(*tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
 
 
+def within_fake_mode(fake: bool, *tensors) -> contextlib.AbstractContextManager:
+    """With ``fake`` (:func:`fake_values`), the fake tensors' own ``FakeTensorMode`` when
+    they are used outside it (after the ``with`` block that made them), else a null
+    context: torch's operations re-enter that mode, but crossent's Python scalars
+    (``torch.where(mask, x, 0.0)``) would become real tensors next to fake ones."""
+    if not fake or (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+                    is not None):
+        return contextlib.nullcontext()
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([t for t in tensors if isinstance(t, torch.Tensor)])
+    return contextlib.nullcontext() if mode is None else mode
+
+
 def autocast_dtype(t: torch.Tensor, device_type: str) -> torch.dtype:
     """The dtype a cross-entropy argument has after autocast's float32 policy (torch lists
     cross_entropy among the ops autocast runs in float32: float16/bfloat16 become
@@ -302,6 +316,15 @@ def check_ignore_index(ignore_index) -> int:
                          f"TypeError for a float, even an integral one)") from None
     if not -(1 << 63) <= value < (1 << 63):  # torch's class ids are int64
         raise InputError(f"ignore_index={value} is outside int64, the class ids' type")
+    return value
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False``; an :class:`InputError` naming ``name``
+    otherwise (``bool("False")`` is True; NumPy bools are refused as under
+    ``torch.compile``, which hands them over as arrays)."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name}={value!r} must be True or False")
     return value
 
 

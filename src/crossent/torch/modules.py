@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_bool
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
-from ._rules import check_options
+from ._rules import check_flag, check_options
 from .functional import cross_entropy, linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
@@ -58,7 +57,7 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
                  backend: str = "auto") -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss, self.softcap = z_loss, softcap
-        self.inplace_backward = check_bool(inplace_backward, "inplace_backward")
+        self.inplace_backward = check_flag(inplace_backward, "inplace_backward")
         self.loss_dtype, self.backend = loss_dtype, check_backend(backend)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *,

@@ -30,6 +30,7 @@ raises the same :class:`~crossent.errors.InputError`, or none.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -382,14 +383,16 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device)
 
 
 def note_subclasses(name: str, problems: Problems, *tensors) -> None:
-    """Plain tensors only. Fake tensors (``FakeTensorMode``) raise here at once: the
-    agreement reads values, and no collective runs under a fake mode. A tensor subclass
-    with its own dispatch (DTensor) is noted (raised after the agreement, on every rank):
-    the kernels write plain buffers; its local shard is what these functions take."""
+    """Plain tensors only, noted (raised after the agreement, on every rank together):
+    fake tensors (``FakeTensorMode``: the agreement reads values; :func:`agree` runs on
+    real tensors then, so the other ranks are answered) and a tensor subclass with its
+    own dispatch (DTensor: the kernels write plain buffers; its local shard is what
+    these functions take)."""
     if fake_values(*tensors):
-        raise UnsupportedError(f"crossent.torch.distributed.{name}: fake tensors "
-                               f"(FakeTensorMode) are not supported (the agreement between "
-                               f"ranks reads values)")
+        problems.note(f"crossent.torch.distributed.{name}: fake tensors (FakeTensorMode) "
+                      f"are not supported (the agreement between ranks reads values)",
+                      UnsupportedError)
+        return
     kind = own_dispatch(*tensors)
     if kind is not None:
         problems.note(f"crossent.torch.distributed.{name}: {kind} inputs are not supported; "
@@ -399,18 +402,22 @@ def note_subclasses(name: str, problems: Problems, *tensors) -> None:
 
 def note_transforms(name: str, problems: Problems, *, forward_ad: bool, tensors=()) -> None:
     """The vocab-parallel autograd Functions have no ``torch.func`` rules (``grad``,
-    ``vmap``, ``jacrev``; with ``forward_ad=False`` also ``jvp`` and forward-mode dual
-    tensors among ``tensors``): refused by name, noted before the agreement so every rank
-    raises together. (``forward_ad=True``: forward mode runs through the no-graph path's
-    torch operations, torch's tangents.)"""
+    ``vmap``, ``jacrev``) and no ``jvp``: refused by name, noted before the agreement so
+    every rank raises together. ``forward_ad=True``: ``jvp`` and forward-mode dual
+    tensors run through the no-graph path's torch operations (torch's tangents) when no
+    tensor among ``tensors`` also needs a gradient; otherwise they are refused too."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    forward = TransformType.Jvp in kinds or composable_required(*tensors)
+    graph = records_graph() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                    for t in tensors)
     refused = kinds - {TransformType.Jvp} if forward_ad else kinds
-    if refused or (not forward_ad and composable_required(*tensors)):
-        what = "torch.func transforms (grad, vmap, jacrev)" if forward_ad else \
-            "torch.func transforms and forward-mode AD"
+    if refused or (forward and (not forward_ad or graph)):
+        what = ("torch.func transforms and forward-mode AD" if not forward_ad else
+                "torch.func transforms (grad, vmap, jacrev)" if refused else
+                "forward-mode AD (jvp, dual tensors) on logits that also need a gradient")
         problems.note(f"crossent.torch.distributed.{name}: {what} are not supported; use "
                       f"crossent.torch.cross_entropy / linear_cross_entropy on one process",
                       UnsupportedError)
@@ -438,52 +445,65 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
     value (not the route it resolved to): every rank must pass the same. One host
     synchronisation in all (the table read back, with the target range check's flag)."""
     ok = problems.message is None
-    values = {
-        "problem": 0 if ok else 1,
-        "function": function,
-        "rows": rows,
-        "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
-        "ignore_index": spec.ignore_index,
-        "label_smoothing": float_bits(spec.label_smoothing),
-        "z_loss": float_bits(spec.z_loss),
-        "softcap": float_bits(spec.softcap or 0.0),
-        "reduction": _REDUCTIONS.index(spec.reduction),
-        "weighted": int(spec.weight is not None),
-        "num_items_given": int(spec.num_items is not None),
-        "num_items": float_bits(spec.num_items) if isinstance(spec.num_items, float) else 0,
-        "features": features,
-        "chunk_size": chunk_size,
-        "reduce_input_grad": int(reduce_input_grad),
-        "input_grad": int(input_grad and reduce_input_grad),
-        "backend": (BACKENDS.index(backend) if isinstance(backend, str) and backend in BACKENDS
-                    else len(BACKENDS)),
-        "vocab_start_given": int(not lay.even),
-        "start": lay.start,
-        "size": lay.size,
-    }
-    row = torch.tensor([values.get(name, 0) for name in FIELDS], dtype=torch.int64,
-                       device=device)
-    if ok:
-        if isinstance(spec.num_items, torch.Tensor):
-            row[_COL["num_items"]] = tensor_bits(spec.num_items)
-        if spec.weight is not None:
-            row[_COL["weight_sum"]] = tensor_bits(spec.weight.to(torch.float64).sum())
-        row[_COL["target_hash0"]:] = target_hashes(target)
-    table = torch.zeros((lay.world, len(FIELDS)), dtype=torch.int64, device=device)
-    table[lay.rank] = row
-    if lay.communicate:
-        _all_reduce(table, dist.ReduceOp.SUM, lay)
-    # The target check's device half rides along: V is the end of the slices (the largest
-    # start + size; _check_table raises unless they tile [0, V)), so the whole check costs
-    # this one host sync.
-    ends = (table[:, _COL["start"]] + table[:, _COL["size"]]).max()
-    bad = _out_of_range(target, spec.ignore_index, ends).any().to(torch.int64)
-    got = torch.cat([table.reshape(-1), bad.reshape(1)]).tolist()  # the one host sync
-    width = len(FIELDS)
-    _check_table([got[r * width:(r + 1) * width] for r in range(lay.world)], lay, spec,
-                 problems)
-    if got[-1]:
-        _raise_bad_target(target, spec)
+    with _real_tensors():  # under a FakeTensorMode: the other ranks must be answered
+        if not ok:  # every rank raises after the table: nothing of this rank's is read
+            target = torch.zeros(0, dtype=torch.int64, device=device)
+        values = {
+            "problem": 0 if ok else 1,
+            "function": function,
+            "rows": rows,
+            "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
+            "ignore_index": spec.ignore_index,
+            "label_smoothing": float_bits(spec.label_smoothing),
+            "z_loss": float_bits(spec.z_loss),
+            "softcap": float_bits(spec.softcap or 0.0),
+            "reduction": _REDUCTIONS.index(spec.reduction),
+            "weighted": int(spec.weight is not None),
+            "num_items_given": int(spec.num_items is not None),
+            "num_items": float_bits(spec.num_items) if isinstance(spec.num_items, float) else 0,
+            "features": features,
+            "chunk_size": chunk_size,
+            "reduce_input_grad": int(reduce_input_grad),
+            "input_grad": int(input_grad and reduce_input_grad),
+            "backend": (BACKENDS.index(backend) if isinstance(backend, str) and backend in BACKENDS
+                        else len(BACKENDS)),
+            "vocab_start_given": int(not lay.even),
+            "start": lay.start,
+            "size": lay.size,
+        }
+        row = torch.tensor([values.get(name, 0) for name in FIELDS], dtype=torch.int64,
+                           device=device)
+        if ok:
+            if isinstance(spec.num_items, torch.Tensor):
+                row[_COL["num_items"]] = tensor_bits(spec.num_items)
+            if spec.weight is not None:
+                row[_COL["weight_sum"]] = tensor_bits(spec.weight.to(torch.float64).sum())
+            row[_COL["target_hash0"]:] = target_hashes(target)
+        table = torch.zeros((lay.world, len(FIELDS)), dtype=torch.int64, device=device)
+        table[lay.rank] = row
+        if lay.communicate:
+            _all_reduce(table, dist.ReduceOp.SUM, lay)
+        # The target check's device half rides along: V is the end of the slices (the largest
+        # start + size; _check_table raises unless they tile [0, V)), so the whole check costs
+        # this one host sync.
+        ends = (table[:, _COL["start"]] + table[:, _COL["size"]]).max()
+        bad = _out_of_range(target, spec.ignore_index, ends).any().to(torch.int64)
+        got = torch.cat([table.reshape(-1), bad.reshape(1)]).tolist()  # the one host sync
+        width = len(FIELDS)
+        _check_table([got[r * width:(r + 1) * width] for r in range(lay.world)], lay, spec,
+                     problems)
+        if got[-1]:
+            _raise_bad_target(target, spec)
+
+
+def _real_tensors() -> contextlib.AbstractContextManager:
+    """Real tensors for the agreement even under a ``FakeTensorMode`` (a collective on a
+    fake buffer would leave the other ranks waiting)."""
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Problems) -> None:

@@ -202,7 +202,8 @@ def vocab_parallel_cross_entropy(
     rows = math.prod(row_shape)
     route = resolve_backend(backend, logits.device if logits is not None else None,
                             "vocab_parallel_cross_entropy", spec, problems)
-    note_transforms("vocab_parallel_cross_entropy", problems, forward_ad=True)
+    note_transforms("vocab_parallel_cross_entropy", problems, forward_ad=True,
+                    tensors=(local_logits,))
     agree(lay, spec, problems, flat, function=0, rows=rows,
           dtype=logits.dtype if logits is not None else None, device=device,
           backend=backend)

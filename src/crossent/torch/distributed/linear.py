@@ -23,6 +23,7 @@ from .._rules import (
     CHUNK_BYTES,
     autocast_dtype,
     autocast_linear,
+    check_flag,
     check_same_device,
     chunk_rows,
     no_autocast,
@@ -284,8 +285,7 @@ def vocab_parallel_linear_cross_entropy(
                      x, size, problems, softcap)
     flat = check_target(target, row_shape, problems, device)
     chunk = _check_chunk(chunk_size, problems)
-    if not isinstance(reduce_input_grad, bool):
-        problems.note(f"reduce_input_grad={reduce_input_grad!r} must be True or False")
+    if problems.check(check_flag, reduce_input_grad, "reduce_input_grad") is None:
         reduce_input_grad = False
     grad = records_graph() and any(isinstance(p, torch.Tensor) and p.requires_grad
                                    for p in (x, w, b))
