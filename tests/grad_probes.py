@@ -279,3 +279,28 @@ def smoothed_loss_and_grad(fn, z, y, w, eps, reduction, **kw):
     out = fn(zz, y, weight=w, reduction=reduction, label_smoothing=eps, **kw)
     out.backward(torch.ones_like(out))
     return out.detach().double(), zz.grad.double()
+
+
+class DispatchWrapper(torch.Tensor):
+    """A minimal wrapper subclass with its own ``__torch_dispatch__`` (what logging,
+    quantisation and tracing tools write): unwraps, runs the op, wraps the results."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
+                                                   device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def unwrap(t):
+            return t.inner if isinstance(t, DispatchWrapper) else t
+
+        def wrap(t):
+            return DispatchWrapper(t) if isinstance(t, torch.Tensor) else t
+
+        return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))

@@ -718,3 +718,38 @@ def test_vocab_parallel_num_items_that_requires_grad(entry):
         return
     (got,) = torch.autograd.grad(out, n)
     _close(got, -out.detach() / n.detach(), 1e-12, 1e-12, "d loss / d num_items")
+
+
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear"])
+def test_vocab_parallel_functions_under_torch_compile_run_eagerly(entry):
+    """A training step under ``torch.compile`` calling the vocab-parallel functions: one
+    graph break at the call (``torch.compiler.disable``; the agreement reads values on
+    the host), eager's loss and gradient; ``fullgraph=True`` names the function instead
+    of failing inside dynamo on crossent's internals."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(15)
+    z = torch.randn(6, 5, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=F64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, -100])
+
+    def step(a):
+        out = (vocab_parallel_cross_entropy(a, y) if entry == "cross_entropy"
+               else vocab_parallel_linear_cross_entropy(a, w, y.clamp(max=4)))
+        return 2 * out
+
+    a = z if entry == "cross_entropy" else z[:, :3].detach().requires_grad_()
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(step, backend="eager")(a)
+        got_grad, = torch.autograd.grad(got, a)
+        want = 2 * (F.cross_entropy(a, y) if entry == "cross_entropy"
+                    else F.cross_entropy(F.linear(a, w), y.clamp(max=4)))
+        want_grad, = torch.autograd.grad(want, a)
+        _close(got, want, 1e-12, 1e-12, "loss")
+        _close(got_grad, want_grad, 1e-12, 1e-12, "grad")
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="vocab_parallel"):
+            torch.compile(step, backend="eager", fullgraph=True)(a)
+    finally:
+        torch._dynamo.reset()

@@ -30,35 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dist_harness import outcome, run_group
-from torch.utils._pytree import tree_map
+from grad_probes import DispatchWrapper as _Wrapper
 
 pytestmark = pytest.mark.timeout(120)
 
 F64 = torch.float64
 BF16 = torch.bfloat16
 ROWS, FEATURES, PER_RANK = 8, 6, 5
-
-
-class _Wrapper(torch.Tensor):
-    """A minimal wrapper subclass with its own ``__torch_dispatch__``."""
-
-    @staticmethod
-    def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype,
-                                                   device=inner.device)
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def unwrap(t):
-            return t.inner if isinstance(t, _Wrapper) else t
-
-        def wrap(t):
-            return _Wrapper(t) if isinstance(t, torch.Tensor) else t
-
-        return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))
 
 
 def _data(world):
@@ -124,11 +102,11 @@ def _odd_calls(rank, world, odd, group=None):
                                                 lambda a: vpl(a, w_r, y))),
         "vpl-forward_ad": ("forward-mode", lambda: _forward_ad(lambda a: vpl(a, w_r, y), x)
                            if me else vpl(x, w_r, y)),
-        "vp-subclass-logits": ("_Wrapper", lambda: vp(_Wrapper(z_r) if me else z_r, y)),
-        "vp-subclass-num_items": ("_Wrapper", lambda: vp(
+        "vp-subclass-logits": (_Wrapper.__name__, lambda: vp(_Wrapper(z_r) if me else z_r, y)),
+        "vp-subclass-num_items": (_Wrapper.__name__, lambda: vp(
             z_r, y, reduction="sum",
             num_items=_Wrapper(torch.tensor(7.0)) if me else torch.tensor(7.0))),
-        "vpl-subclass-bias": ("_Wrapper", lambda: vpl(
+        "vpl-subclass-bias": (_Wrapper.__name__, lambda: vpl(
             x, w_r, y, local_bias=_Wrapper(b_r) if me else b_r)),
         # autocast on one rank only: a float32 head is cast to bfloat16 there alone
         "vpl-autocast-one-rank": ("dtype", lambda: _autocast_if(me, lambda: vpl(x, w_r, y))),

@@ -68,6 +68,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+# torch.compile: run eagerly, one graph break at the call (the agreement reads values on
+# the host, the collectives are made in order); fullgraph=True names the function
+@torch.compiler.disable
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
     target: torch.Tensor,

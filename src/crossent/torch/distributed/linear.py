@@ -203,6 +203,9 @@ def _scale_stored(grads, factor, valid):
     return [gx, *(None if g is None else g.mul_(factor) for g in (gw, gb))]
 
 
+# torch.compile: run eagerly, one graph break at the call (the agreement reads values on
+# the host, the collectives are made in order); fullgraph=True names the function
+@torch.compiler.disable
 def vocab_parallel_linear_cross_entropy(
     input: torch.Tensor,
     local_weight: torch.Tensor,
