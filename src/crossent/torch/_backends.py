@@ -203,11 +203,14 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
             and call.softcap is None)
         if backend == "auto" and torchs:
             return "native"
-        what = ("meta tensors (shapes without data)" if call.subclass is None else
-                f"{call.subclass} inputs (a tensor subclass with its own dispatch; for "
-                f"vocab-parallel logits see crossent.torch.distributed)")
+        if call.subclass is None:
+            what, targets = "meta tensors (shapes without data)", "index targets, "
+        else:
+            what, targets = (f"{call.subclass} inputs (a tensor subclass with its own "
+                             f"dispatch; for vocab-parallel logits see "
+                             f"crossent.torch.distributed)"), ""
         raise UnsupportedError(f"{name}: {what} run torch's own kernel only: "
-                               f"backend='native' or 'auto', index targets, neither z_loss, "
+                               f"backend='native' or 'auto', {targets}neither z_loss, "
                                f"softcap nor chunk_size")
     if call.composite is not None:
         return "composite"

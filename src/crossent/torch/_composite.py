@@ -60,7 +60,7 @@ def capped(z: torch.Tensor, opts: Options) -> torch.Tensor:
 def zero_unused(big_t: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """``logp`` with 0 where a zero ``T_c`` faces ``log p_c = -inf``, so that term is 0
     (the fused kernel's rule), not NaN."""
-    return torch.where((big_t == 0) & torch.isneginf(logp), 0.0, logp)
+    return logp.masked_fill((big_t == 0) & torch.isneginf(logp), 0.0)
 
 
 def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
@@ -93,14 +93,14 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         valid = index != opts.ignore_index
     else:
         index, valid = check_index_target(target, num_classes, opts.ignore_index)
-    index = torch.where(valid, index, 0)
+    index = index.masked_fill(~valid, 0)
     validf = valid.to(cdtype)
     if num_classes:
         nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
     else:  # C = 0: every row is ignored (anything else raised above); zeros that keep
         nll = -logp.sum(1)  # the graph, so backward gives torch's (N, 0) gradient
     # (C = 0: none; where, not a product: an ignored row must not read an inf/NaN w[0])
-    w_y = validf if w is None or not num_classes else torch.where(valid, w[index], 0.0)
+    w_y = validf if w is None or not num_classes else w[index].masked_fill(~valid, 0.0)
     losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
     if eps:
         smooth = -(logp.sum(1) if w is None else logp @ w)
@@ -108,7 +108,9 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
             losses = losses + (eps / num_classes) * smooth
     if zl:
         losses = losses + zl * lse.square()
-    losses = torch.where(valid, losses, 0.0)
+    # masked_fill, not where(valid, x, 0.0): where's derivative makes its scalar a tensor,
+    # which breaks a backward on fake tensors after their mode exited
+    losses = losses.masked_fill(~valid, 0.0)
     if eps and not num_classes:  # torch adds (eps / C) x the masked smoothing sum:
         losses = losses + smooth * math.inf  # 0 x inf, NaN on every row, as there
     return losses, w_y.sum()

@@ -71,7 +71,18 @@ def fake_values(*tensors) -> bool:
         return True
     from torch._subclasses.fake_tensor import is_fake
 
-    return any(isinstance(t, torch.Tensor) and is_fake(t) for t in tensors)
+    plain = torch.Tensor.__torch_dispatch__
+    return any(isinstance(t, torch.Tensor) and not _plainly_real(t, plain) and is_fake(t)
+               for t in tensors)
+
+
+def _plainly_real(t: torch.Tensor, plain) -> bool:
+    """No fake tensor can hide in ``t`` (the common case, decided without ``is_fake``'s
+    microseconds): a class without its own dispatch, not a functorch or functional
+    wrapper."""
+    return (type(t).__torch_dispatch__ is plain
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and not torch._is_functional_tensor(t))
 
 
 def within_fake_mode(fake: bool, *tensors) -> contextlib.AbstractContextManager:
@@ -264,7 +275,7 @@ def check_num_items(num_items, reduction: str) -> float | None:
                 "num_items as a tensor that torch.func.vmap batches: crossent reads it as "
                 "one constant count; divide reduction='sum' by it yourself inside the "
                 "vmapped function (or pass a Python number)")
-        if _differentiated(num_items):
+        if differentiated(num_items):
             # a count a transform differentiates (jvp, grad) or a dual: its tangent would
             # be dropped silently, where torch's sum / n carries -sum / n^2
             raise UnsupportedError(
@@ -289,14 +300,14 @@ def check_num_items(num_items, reduction: str) -> float | None:
     return value
 
 
-def _differentiated(t: torch.Tensor) -> bool:
-    """Whether ``t`` carries a gradient or a forward-mode tangent at any ``torch.func``
-    level (a count made inside a transform from constants is wrapped but carries none).
-    Known gap: a tangent of an outer ``jvp`` seen through an inner ``grad`` is not visible
-    to these checks."""
+def differentiated(t: torch.Tensor, *, gradient: bool = True) -> bool:
+    """Whether ``t`` carries a gradient (with ``gradient``) or a forward-mode tangent at
+    any ``torch.func`` level (a count made inside a transform from constants is wrapped
+    but carries none). Known gap: a tangent of an outer ``jvp`` seen through an inner
+    ``grad`` is not visible to these checks."""
     functorch = torch._C._functorch
     while True:
-        if t.requires_grad or fwAD.unpack_dual(t).tangent is not None:
+        if (gradient and t.requires_grad) or fwAD.unpack_dual(t).tangent is not None:
             return True
         if not functorch.is_functorch_wrapped_tensor(t):
             return False

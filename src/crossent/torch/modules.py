@@ -129,7 +129,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
         self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
         self.options, self.loss_dtype = options, loss_dtype
-        self.backend, self.shift = check_backend(backend), shift
+        self.backend, self.shift = check_backend(backend), check_flag(shift, "shift")
         self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes),
                                 bias=bias, device=device, dtype=dtype)
 

@@ -50,6 +50,7 @@ from .._rules import (
     check_options,
     check_same_device,
     compute_dtype,
+    differentiated,
     fake_values,
     records_graph,
     reduce_rows,
@@ -307,10 +308,11 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
             problems.note(f"weight has dtype {weight.dtype}; expected {like.dtype}, the "
                           f"logits' dtype (as torch.nn.functional.cross_entropy)")
             weight = None
-        elif records_graph() and weight.requires_grad:
-            problems.note("crossent.torch.distributed: no gradient for the class weight "
-                          "(it requires grad); detach it, or use crossent.torch.cross_entropy",
-                          UnsupportedError)
+        elif (records_graph() and weight.requires_grad) or differentiated(weight,
+                                                                           gradient=False):
+            problems.note("crossent.torch.distributed: no gradient or forward-mode tangent "
+                          "for the class weight (it requires grad or is a dual); detach it, "
+                          "or use crossent.torch.cross_entropy", UnsupportedError)
             weight = None
         else:
             weight = weight.detach().to(device=device, dtype=cdtype)
@@ -334,9 +336,11 @@ def _num_items(num_items, reduction: str, problems: Problems):
             problems.note(f"num_items must be a number or a one-element real tensor; got a "
                           f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
             return None
-        if records_graph() and num_items.requires_grad:  # its gradient would be dropped
-            problems.note("num_items that requires grad: crossent treats it as a constant "
-                          "count; detach it", UnsupportedError)
+        if (records_graph() and num_items.requires_grad) or differentiated(
+                num_items, gradient=False):  # its gradient or tangent would be dropped
+            problems.note("num_items that requires grad or carries a forward-mode tangent: "
+                          "crossent treats it as a constant count; detach it (or divide "
+                          "reduction='sum' by it yourself)", UnsupportedError)
             return None
         return num_items  # its value is checked after the agreement collective
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):

@@ -1,0 +1,287 @@
+"""Review (H47, session 17, wave 3) of the lead's vocab-parallel and DTensor fixes in
+a2658f2: ``_common.agree`` running on real tensors (``_real_tensors``) with a placeholder
+target once a problem is noted, ``note_subclasses`` noting fakes, ``note_transforms`` for
+``vocab_parallel_cross_entropy`` with ``tensors=(local_logits,)``, ``reduce_input_grad``
+through ``_rules.check_flag`` / ``problems.check``, and ``_backends.choose_backend``
+sending DTensor with probability targets under ``"auto"`` to torch's kernel. Not repeated
+from ``test_session17_wave2_distributed_review.py`` (one fake rank raising alone, the
+forward-mode refusal of logits that require grad, one odd rank per argument).
+
+References: torch's ``F.cross_entropy`` in float64 on the full (unsplit) logits.
+
+Found, fixed since (each test failed before):
+
+* ``vocab_parallel_cross_entropy`` under ``torch.func.jvp`` / forward-mode AD with the
+  tangent on ``num_items`` or on the class ``weight``: the tangent is silently 0 / None
+  (torch's is not); single-process ``crossent.torch.cross_entropy`` refuses a
+  differentiated ``num_items`` by name. ``note_transforms`` looks at the logits only.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_harness import free_port, outcome, run_group
+
+pytestmark = pytest.mark.timeout(120)
+
+F64 = torch.float64
+ROWS, FEATURES, PER_RANK = 6, 4, 3
+OTHER = "InputError: rank "  # what a rank without a problem of its own says
+
+
+def _data(world):
+    g = torch.Generator().manual_seed(47)  # the same on every rank
+    vocab = PER_RANK * world
+    x = torch.randn(ROWS, FEATURES, generator=g, dtype=F64)
+    w = torch.randn(vocab, FEATURES, generator=g, dtype=F64)
+    y = torch.randint(0, vocab, (ROWS,), generator=g)
+    y[2] = -100
+    return x, w, y
+
+
+# ------------------------------------------- fakes with other problems, 2 and 3 ranks ----
+
+
+def _scenarios(rank, world, group):
+    """``name: (expected start of this rank's outcome, call)``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from crossent.torch.distributed import (
+        vocab_parallel_cross_entropy as vp,
+    )
+    from crossent.torch.distributed import (
+        vocab_parallel_linear_cross_entropy as vpl,
+    )
+
+    x, w, y = _data(world)
+    lo = rank * PER_RANK
+    w_r = w[lo:lo + PER_RANK]
+    z_r = F.linear(x, w_r)
+    last = world - 1
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fz, fy, fx, fw = (mode.from_tensor(t) for t in (z_r, y, x, w_r))
+    fake_msg = "UnsupportedError: crossent.torch.distributed.vocab_parallel_"
+
+    def in_mode(fn):
+        with mode:
+            return fn()
+
+    return {
+        # every rank fake: every rank names FakeTensorMode
+        "all-fake-vp": (fake_msg, lambda: vp(fz, fy, group=group)),
+        "all-fake-vpl": (fake_msg, lambda: vpl(fx, fw, fy, group=group)),
+        "all-mode-vpl": (fake_msg, lambda: in_mode(lambda: vpl(x, w_r, y, group=group))),
+        # a fake on rank 0, a bad target device on the last rank: each names its own
+        "fake0-meta-last": (
+            fake_msg if rank == 0 else "InputError: target" if rank == last
+            else OTHER,
+            lambda: vp(fz if rank == 0 else z_r,
+                       y.to("meta") if rank == last else y, group=group)),
+        # an active mode on the last rank, reduce_input_grad='False' on rank 0
+        "mode-last-flag0": (
+            fake_msg if rank == last else "InputError: reduce_input_grad" if rank == 0
+            else OTHER,
+            lambda: (in_mode if rank == last else (lambda f: f()))(
+                lambda: vpl(x, w_r, y, group=group,
+                            reduce_input_grad="False" if rank == 0 else True))),
+        # a NumPy bool on one rank only (``problems.check(check_flag, ...)``)
+        "numpy-flag-last": (
+            "InputError: reduce_input_grad" if rank == last else OTHER,
+            lambda: vpl(x, w_r, y, group=group,
+                        reduce_input_grad=np.True_ if rank == last else True)),
+    }
+
+
+def _check_scenarios(rank, world, group):
+    problems = []
+    for name in _scenarios(rank, world, group):
+        expected, call = _scenarios(rank, world, group)[name]
+        here = outcome(call, 300)
+        seen = [None] * world
+        dist.all_gather_object(seen, (here, expected), group=group)
+        if not all(s.startswith(e) for s, e in seen):
+            problems.append((name, seen))
+    assert not problems, problems
+    # the group is still usable: a plain call gives torch's loss and gradient
+    from crossent.torch.distributed import vocab_parallel_linear_cross_entropy as vpl
+
+    x, w, y = _data(world)
+    lo = rank * PER_RANK
+    xr, wr = x.clone().requires_grad_(), w[lo:lo + PER_RANK].clone().requires_grad_()
+    got = vpl(xr, wr, y, group=group, label_smoothing=0.1)
+    got.backward()
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = F.cross_entropy(F.linear(xa, wa), y, label_smoothing=0.1)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xr.grad, xa.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(wr.grad, wa.grad[lo:lo + PER_RANK], rtol=1e-10, atol=1e-10)
+
+
+def _check_two_and_three(rank, world):
+    for size in (2, 3):
+        # a short collective timeout: a rank left waiting fails in 5 s, never hangs
+        group = dist.new_group(list(range(size)), timeout=datetime.timedelta(seconds=5))
+        failure = None
+        if rank < size:
+            try:
+                _check_scenarios(rank, size, group)
+            except Exception as error:  # raised after the barrier: no rank left alone
+                failure = error
+        dist.barrier()
+        if failure is not None:
+            raise failure
+
+
+def test_fakes_with_other_problems_raise_together_and_the_group_stays_usable():
+    """On 2 and 3 gloo ranks: fake inputs (or an active ``FakeTensorMode``) on every rank
+    or one, together with another problem (a meta target, ``reduce_input_grad='False'``
+    or a NumPy bool) on another rank: every rank raises crossent's error together, each
+    problem rank naming its own problem (the fake rank naming FakeTensorMode), the rest
+    pointing to a rank. Afterwards a plain call on the same group gives torch's float64
+    loss and gradients (the agreement left nothing half-done)."""
+    run_group(_check_two_and_three, 3, timeout=90)
+
+
+# --------------------------------- forward mode: the tangent on num_items or weight ----
+
+
+def _vp():
+    from crossent.torch.distributed import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy
+
+
+def _forward_data():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(5, 4, generator=g, dtype=F64)
+    y = torch.tensor([0, 3, 1, -100, 2])
+    cw = torch.rand(4, generator=g, dtype=F64) + 0.5
+    return z, y, cw
+
+
+def _torchs_tangent_or_refused(ours, theirs, primal, tangent):
+    """``torch.func.jvp`` of ``ours`` equals torch's, or UnsupportedError naming the
+    forward mode (never a silently different tangent). One process: world 1."""
+    from crossent.errors import UnsupportedError
+
+    want = torch.func.jvp(theirs, (primal,), (tangent,))
+    assert want[1].abs().item() > 1e-3  # torch's tangent is not 0: a dropped one shows
+    try:
+        got = torch.func.jvp(ours, (primal,), (tangent,))
+    except UnsupportedError as error:
+        assert "forward" in str(error) or "jvp" in str(error) or "num_items" in str(error)
+        return
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+
+
+def test_jvp_on_num_items_gives_torchs_tangent_or_is_refused():
+    z, y, _ = _forward_data()
+    vp = _vp()
+    _torchs_tangent_or_refused(
+        lambda n: vp(z, y, reduction="sum", num_items=n),
+        lambda n: F.cross_entropy(z, y, reduction="sum") / n,
+        torch.tensor(3.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+
+
+def test_dual_num_items_gives_torchs_tangent_or_is_refused():
+    import torch.autograd.forward_ad as fwAD
+
+    from crossent.errors import UnsupportedError
+
+    z, y, _ = _forward_data()
+    with fwAD.dual_level():
+        n = fwAD.make_dual(torch.tensor(3.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+        want = fwAD.unpack_dual(F.cross_entropy(z, y, reduction="sum") / n).tangent
+        try:
+            got = fwAD.unpack_dual(_vp()(z, y, reduction="sum", num_items=n)).tangent
+        except UnsupportedError as error:
+            assert "forward" in str(error) or "num_items" in str(error)
+            return
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_jvp_on_class_weight_with_smoothing_gives_torchs_tangent_or_is_refused():
+    z, y, cw = _forward_data()
+    vp = _vp()
+    # torch's own tangent here (its nll part has none) is not the derivative either;
+    # crossent.torch.cross_entropy gives the true one: both differ from 0
+    _torchs_tangent_or_refused(
+        lambda w: vp(z, y, weight=w, label_smoothing=0.1, reduction="sum"),
+        lambda w: F.cross_entropy(z, y, weight=w, label_smoothing=0.1, reduction="sum"),
+        cw, torch.ones_like(cw))
+
+
+def test_jvp_on_logits_that_require_grad_without_a_graph_gives_torchs_tangent():
+    """The wave-2 refusal is for logits that also record a graph (``records_graph``):
+    under ``torch.no_grad`` and ``torch.inference_mode`` the jvp is torch's (value and
+    tangent), also with label smoothing and ``z_loss=0`` options torch has."""
+    z, y, _ = _forward_data()
+    zr = z.clone().requires_grad_()
+    tangent = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    vp = _vp()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            got = torch.func.jvp(lambda a: vp(a, y, label_smoothing=0.2), (zr,), (tangent,))
+            want = torch.func.jvp(lambda a: F.cross_entropy(a, y, label_smoothing=0.2),
+                                  (z,), (tangent,))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------ DTensor, probability targets, "auto" (one rank) ----
+
+
+@pytest.fixture
+def one_rank_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_probability_targets_under_auto_are_torchs(one_rank_mesh):
+    """DTensor logits and probability targets (sharded over the classes or replicated)
+    under ``backend="auto"``: torch's loss, logits gradient and target gradient
+    (float64), with smoothing and class weights; a ``z_loss`` (crossent's kernels)
+    still refused naming DTensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import crossent.torch as xt
+    from crossent.errors import UnsupportedError
+
+    g = torch.Generator().manual_seed(5)
+    z0 = torch.randn(6, 5, generator=g, dtype=F64)
+    p0 = torch.softmax(torch.randn(6, 5, generator=g, dtype=F64), 1)
+    cw0 = torch.rand(5, generator=g, dtype=F64) + 0.5
+    for place in (Shard(1), Replicate()):
+        for kw in ({"reduction": "none"}, {"label_smoothing": 0.2, "weight": cw0}):
+            zd = distribute_tensor(z0.clone(), one_rank_mesh, [place]).requires_grad_()
+            pd = distribute_tensor(p0.clone(), one_rank_mesh, [place]).requires_grad_()
+            dkw = dict(kw)
+            if "weight" in kw:
+                dkw["weight"] = distribute_tensor(cw0, one_rank_mesh, [Replicate()])
+            got = xt.cross_entropy(zd, pd, **dkw)
+            gz, gp = torch.autograd.grad(got.sum(), (zd, pd))
+            zr, pr = z0.clone().requires_grad_(), p0.clone().requires_grad_()
+            want = F.cross_entropy(zr, pr, **kw)
+            wz, wp = torch.autograd.grad(want.sum(), (zr, pr))
+            assert type(got).__name__ == "DTensor"
+            for a, b in ((got, want), (gz, wz), (gp, wp)):
+                torch.testing.assert_close(a.full_tensor(), b, rtol=1e-12, atol=1e-12)
+        with pytest.raises(UnsupportedError, match="DTensor"):
+            xt.cross_entropy(distribute_tensor(z0, one_rank_mesh, [place]),
+                             distribute_tensor(p0, one_rank_mesh, [place]), z_loss=1e-3)
