@@ -99,7 +99,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         nll = -logp.gather(1, index.unsqueeze(1)).squeeze(1)
     else:  # C = 0: every row is ignored (anything else raised above); zeros that keep
         nll = -logp.sum(1)  # the graph, so backward gives torch's (N, 0) gradient
-    # (C = 0: none; where, not a product: an ignored row must not read an inf/NaN w[0])
+    # (C = 0: none; a fill, not a product: an ignored row must not read an inf/NaN w[0])
     w_y = validf if w is None or not num_classes else w[index].masked_fill(~valid, 0.0)
     losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
     if eps:

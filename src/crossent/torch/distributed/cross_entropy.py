@@ -121,7 +121,12 @@ def vocab_parallel_cross_entropy(
     ``p (A_n + 2 zeta lse_n) - (eps / V) w_c - (1 - eps) w_y [c = y]``,
     ``A_n = (1 - eps) w_y + (eps / V) sum_c w_c``, needs only the saved per-row ``lse_n``
     and ``A_n`` and the local slice. All arithmetic is float32 for bfloat16/float16 input
-    (float64 for float64); the loss and gradient come back in the input dtype.
+    (float64 for float64); the loss and gradient come back in the input dtype (the loss
+    in float32 under ``torch.autocast``, as torch's, which also takes a float32 ``weight``
+    next to bfloat16 logits there). Plain tensors only: fake tensors, a DTensor
+    (``.to_local()`` is this function's input) and ``torch.func`` transforms other than
+    ``jvp`` raise :class:`crossent.UnsupportedError` on every rank; under
+    ``torch.compile`` the call runs eagerly (one graph break).
 
     Args:
         local_logits: ``(..., V_r)`` this rank's slice of the logits.

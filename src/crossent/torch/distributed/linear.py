@@ -257,6 +257,14 @@ def vocab_parallel_linear_cross_entropy(
     the ``tanh`` is kept for the derivative) + ``N x D`` and ``V_r x D`` float32 gradients
     + ``O(N)`` row statistics.
 
+    The logits are float32 also for bfloat16/float16 input (torch's unfused head rounds
+    them to the input dtype: the loss differs by that rounding). Under ``torch.autocast``
+    ``input``, ``local_weight`` and ``local_bias`` are cast as ``F.linear``'s are
+    (differentiably) and the loss is float32, as torch's. Plain tensors only: fake
+    tensors, a DTensor (pass ``.to_local()``), ``torch.func`` transforms and forward-mode
+    AD raise :class:`crossent.UnsupportedError` on every rank; under ``torch.compile``
+    the call runs eagerly (one graph break).
+
     Args:
         chunk_size: rows per chunk ``B`` (the same on every rank); default about 16 MiB of
             float32 logits of the **largest** slice ``max_r V_r`` (gathered by the
