@@ -69,18 +69,20 @@ def fake_values(*tensors) -> bool:
     eager."""
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return True
-    from torch._subclasses.fake_tensor import is_fake
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not _plainly_real(t):
+            from torch._subclasses.fake_tensor import is_fake
 
-    plain = torch.Tensor.__torch_dispatch__
-    return any(isinstance(t, torch.Tensor) and not _plainly_real(t, plain) and is_fake(t)
-               for t in tensors)
+            if is_fake(t):
+                return True
+    return False
 
 
-def _plainly_real(t: torch.Tensor, plain) -> bool:
+def _plainly_real(t: torch.Tensor) -> bool:
     """No fake tensor can hide in ``t`` (the common case, decided without ``is_fake``'s
     microseconds): a class without its own dispatch, not a functorch or functional
     wrapper."""
-    return (type(t).__torch_dispatch__ is plain
+    return (type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__
             and not torch._C._functorch.is_functorch_wrapped_tensor(t)
             and not torch._is_functional_tensor(t))
 

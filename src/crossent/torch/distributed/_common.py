@@ -38,6 +38,7 @@ import struct
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
@@ -410,6 +411,8 @@ def note_transforms(name: str, problems: Problems, *, forward_ad: bool, tensors=
     every rank raises together. ``forward_ad=True``: ``jvp`` and forward-mode dual
     tensors run through the no-graph path's torch operations (torch's tangents) when no
     tensor among ``tensors`` also needs a gradient; otherwise they are refused too."""
+    if not torch._C._are_functorch_transforms_active() and fwAD._current_level < 0:
+        return  # the common call: no transform, no dual level open
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
