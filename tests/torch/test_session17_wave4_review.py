@@ -1,7 +1,8 @@
 """Review (H48, session 17, wave 4) of b5b9522 and 775abb4 on one process:
-``torch.compiler.disable`` on the vocab-parallel functions (eager behaviour, doctests,
-pickling, ``fullgraph=True``, ``torch.export``; a compiled caller's values and gradients on
-2 ranks are in ``distributed/test_session17_wave4_distributed_review.py``), the composable
+the vocab-parallel functions under ``torch.compile`` (eager behaviour, doctests,
+pickling, ``fullgraph=True``, ``torch.export``; written for a ``torch.compiler.disable``
+around them, since removed for its import cost; a 2-rank compiled/eager test was kept out of
+CI after one failure in 15 runs), the composable
 path's ``masked_fill`` (values, gradients, double backward, ``torch.func``, forward-mode
 AD, ``is_grads_batched``, NaN/inf on ignored rows), ``_rules.differentiated(...,
 gradient=False)`` for the vocab-parallel count and class weight, and
@@ -59,7 +60,7 @@ def _close(got, want):
     torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-10, atol=1e-12)
 
 
-# ------------------------------------------------ torch.compiler.disable, eager ----
+# ------------------------------------------------------- eager behaviour ----
 
 
 @pytest.mark.parametrize("module", [vp_module, vpl_module])
@@ -107,9 +108,10 @@ def test_fullgraph_names_the_function(which):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=name) as info:
         torch.compile(fn, fullgraph=True, backend="eager")(arg)
+    # dynamo's refusal of the graph breaks inside the call; its user-code traceback names
+    # the function (a torch.compiler.disable around it would cost a dynamo import, 2.4 s,
+    # in every process that imports crossent.torch.distributed)
     assert "Unsupported" in type(info.value).__name__
-    # named by dynamo's own explanation, not only in the traceback of a failure inside
-    assert name in str(info.value).split("from user code")[0]
 
 
 def test_compiled_caller_hands_autocast_and_no_grad_to_the_eager_call():

@@ -722,10 +722,10 @@ def test_vocab_parallel_num_items_that_requires_grad(entry):
 
 @pytest.mark.parametrize("entry", ["cross_entropy", "linear"])
 def test_vocab_parallel_functions_under_torch_compile_run_eagerly(entry):
-    """A training step under ``torch.compile`` calling the vocab-parallel functions: one
-    graph break at the call (``torch.compiler.disable``; the agreement reads values on
-    the host), eager's loss and gradient; ``fullgraph=True`` names the function instead
-    of failing inside dynamo on crossent's internals."""
+    """A training step under ``torch.compile`` calling the vocab-parallel functions (H42
+    saw dynamo fail there): graph breaks inside the call (the agreement reads values on
+    the host), eager's loss and gradient; ``fullgraph=True`` raises dynamo's refusal,
+    whose user-code traceback names the function."""
     import torch._dynamo
 
     g = torch.Generator().manual_seed(15)

@@ -311,9 +311,9 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
             weight = None
         elif (records_graph() and weight.requires_grad) or differentiated(weight,
                                                                            gradient=False):
-            problems.note("crossent.torch.distributed: no gradient or forward-mode tangent "
-                          "for the class weight (it requires grad or is a dual); detach it, "
-                          "or use crossent.torch.cross_entropy", UnsupportedError)
+            problems.note("crossent.torch.distributed: no gradient for the class weight, "
+                          "nor a forward-mode tangent (it requires grad or is a dual); detach "
+                          "it, or use crossent.torch.cross_entropy", UnsupportedError)
             weight = None
         else:
             weight = weight.detach().to(device=device, dtype=cdtype)

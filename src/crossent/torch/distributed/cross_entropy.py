@@ -68,9 +68,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-# torch.compile: run eagerly, one graph break at the call (the agreement reads values on
-# the host, the collectives are made in order); fullgraph=True names the function
-@torch.compiler.disable
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
     target: torch.Tensor,
@@ -126,7 +123,8 @@ def vocab_parallel_cross_entropy(
     next to bfloat16 logits there). Plain tensors only: fake tensors, a DTensor
     (``.to_local()`` is this function's input) and ``torch.func`` transforms other than
     ``jvp`` raise :class:`crossent.UnsupportedError` on every rank; under
-    ``torch.compile`` the call runs eagerly (one graph break).
+    ``torch.compile`` dynamo breaks the graph inside the call (the agreement reads values
+    on the host), so ``fullgraph=True`` cannot take it.
 
     Args:
         local_logits: ``(..., V_r)`` this rank's slice of the logits.

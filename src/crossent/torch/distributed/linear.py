@@ -203,9 +203,6 @@ def _scale_stored(grads, factor, valid):
     return [gx, *(None if g is None else g.mul_(factor) for g in (gw, gb))]
 
 
-# torch.compile: run eagerly, one graph break at the call (the agreement reads values on
-# the host, the collectives are made in order); fullgraph=True names the function
-@torch.compiler.disable
 def vocab_parallel_linear_cross_entropy(
     input: torch.Tensor,
     local_weight: torch.Tensor,
@@ -263,7 +260,8 @@ def vocab_parallel_linear_cross_entropy(
     (differentiably) and the loss is float32, as torch's. Plain tensors only: fake
     tensors, a DTensor (pass ``.to_local()``), ``torch.func`` transforms and forward-mode
     AD raise :class:`crossent.UnsupportedError` on every rank; under ``torch.compile``
-    the call runs eagerly (one graph break).
+    dynamo breaks the graph inside the call (the agreement reads values on the host), so
+    ``fullgraph=True`` cannot take it.
 
     Args:
         chunk_size: rows per chunk ``B`` (the same on every rank); default about 16 MiB of
