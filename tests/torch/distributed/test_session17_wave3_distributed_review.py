@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import free_port, outcome, run_group
+from dist_harness import outcome, run_group
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,20 +237,6 @@ def test_jvp_on_logits_that_require_grad_without_a_graph_gives_torchs_tangent():
 
 
 # ------------------------------------ DTensor, probability targets, "auto" (one rank) ----
-
-
-@pytest.fixture
-def one_rank_mesh():
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1, timeout=datetime.timedelta(seconds=30))
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dtensor_probability_targets_under_auto_are_torchs(one_rank_mesh):
