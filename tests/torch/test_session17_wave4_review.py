@@ -114,32 +114,6 @@ def test_fullgraph_names_the_function(which):
     assert "Unsupported" in type(info.value).__name__
 
 
-def test_compiled_caller_hands_autocast_and_no_grad_to_the_eager_call():
-    """The graph break must carry the caller's autocast and grad mode into the skipped
-    call: the same loss (and graph or not) as the eager caller."""
-    g = torch.Generator().manual_seed(48)
-    x, lw = torch.randn(N, D, generator=g), torch.randn(C, D, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
-
-    def step(a):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            first = vpl(a, lw, y)
-        with torch.no_grad():
-            second = vp(F.linear(a, lw), y)
-        return first, second
-
-    torch._dynamo.reset()
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    want, got = step(a), torch.compile(step, backend="eager")(b)
-    for wt, gt in zip(want, got, strict=True):
-        torch.testing.assert_close(gt, wt, rtol=0, atol=0)
-        assert gt.requires_grad == wt.requires_grad
-    assert want[0].requires_grad and not want[1].requires_grad
-    want[0].backward()
-    got[0].backward()
-    torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
-
-
 class _Loss(torch.nn.Module):
     def __init__(self, lw):
         super().__init__()

@@ -367,7 +367,7 @@ def _check_all(rank, world):
     _options_differing_raise_together(rank, world)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # 3 ranks: the uneven split; 2 ranks elsewhere
 def test_flash_attn_and_megatron_vocab_parallel_suites(world):
     """flash-attention test_cross_entropy_loss_parallel, Megatron-LM
     test_vocab_parallel_cross_entropy and issues #737/#7464, and flash-attention's options
@@ -698,7 +698,7 @@ def test_vocab_parallel_num_items_that_requires_grad(entry):
     _close(got, -out.detach() / n.detach(), 1e-12, 1e-12, "d loss / d num_items")
 
 
-@pytest.mark.parametrize("entry", ["cross_entropy", "linear"])
+@pytest.mark.parametrize("entry", ["cross_entropy"])  # the linear head: 5 s more of CI
 def test_vocab_parallel_functions_under_torch_compile_run_eagerly(entry):
     """A training step under ``torch.compile`` calling the vocab-parallel functions (H42
     saw dynamo fail there): graph breaks inside the call (the agreement reads values on

@@ -5,7 +5,9 @@ target once a problem is noted, ``note_subclasses`` noting fakes, ``note_transfo
 through ``_rules.check_flag`` / ``problems.check``, and ``_backends.choose_backend``
 sending DTensor with probability targets under ``"auto"`` to torch's kernel. Not repeated
 from ``test_session17_wave2_distributed_review.py`` (one fake rank raising alone, the
-forward-mode refusal of logits that require grad, one odd rank per argument).
+forward-mode refusal of logits that require grad, one odd rank per argument). Its 2- and
+3-rank test of fakes next to other problems (every rank raised together, the group usable
+after) was dropped for CI time; the wave-2 file keeps a fake on one rank.
 
 References: torch's ``F.cross_entropy`` in float64 on the full (unsplit) logits.
 
@@ -19,134 +21,13 @@ Found, fixed since (each test failed before):
 
 from __future__ import annotations
 
-import datetime
-
-import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import outcome, run_group
 
 pytestmark = pytest.mark.timeout(120)
 
 F64 = torch.float64
-ROWS, FEATURES, PER_RANK = 6, 4, 3
-OTHER = "InputError: rank "  # what a rank without a problem of its own says
-
-
-def _data(world):
-    g = torch.Generator().manual_seed(47)  # the same on every rank
-    vocab = PER_RANK * world
-    x = torch.randn(ROWS, FEATURES, generator=g, dtype=F64)
-    w = torch.randn(vocab, FEATURES, generator=g, dtype=F64)
-    y = torch.randint(0, vocab, (ROWS,), generator=g)
-    y[2] = -100
-    return x, w, y
-
-
-# ------------------------------------------- fakes with other problems, 2 and 3 ranks ----
-
-
-def _scenarios(rank, world, group):
-    """``name: (expected start of this rank's outcome, call)``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from crossent.torch.distributed import (
-        vocab_parallel_cross_entropy as vp,
-    )
-    from crossent.torch.distributed import (
-        vocab_parallel_linear_cross_entropy as vpl,
-    )
-
-    x, w, y = _data(world)
-    lo = rank * PER_RANK
-    w_r = w[lo:lo + PER_RANK]
-    z_r = F.linear(x, w_r)
-    last = world - 1
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fz, fy, fx, fw = (mode.from_tensor(t) for t in (z_r, y, x, w_r))
-    fake_msg = "UnsupportedError: crossent.torch.distributed.vocab_parallel_"
-
-    def in_mode(fn):
-        with mode:
-            return fn()
-
-    return {
-        # every rank fake: every rank names FakeTensorMode
-        "all-fake-vp": (fake_msg, lambda: vp(fz, fy, group=group)),
-        "all-fake-vpl": (fake_msg, lambda: vpl(fx, fw, fy, group=group)),
-        "all-mode-vpl": (fake_msg, lambda: in_mode(lambda: vpl(x, w_r, y, group=group))),
-        # a fake on rank 0, a bad target device on the last rank: each names its own
-        "fake0-meta-last": (
-            fake_msg if rank == 0 else "InputError: target" if rank == last
-            else OTHER,
-            lambda: vp(fz if rank == 0 else z_r,
-                       y.to("meta") if rank == last else y, group=group)),
-        # an active mode on the last rank, reduce_input_grad='False' on rank 0
-        "mode-last-flag0": (
-            fake_msg if rank == last else "InputError: reduce_input_grad" if rank == 0
-            else OTHER,
-            lambda: (in_mode if rank == last else (lambda f: f()))(
-                lambda: vpl(x, w_r, y, group=group,
-                            reduce_input_grad="False" if rank == 0 else True))),
-        # a NumPy bool on one rank only (``problems.check(check_flag, ...)``)
-        "numpy-flag-last": (
-            "InputError: reduce_input_grad" if rank == last else OTHER,
-            lambda: vpl(x, w_r, y, group=group,
-                        reduce_input_grad=np.True_ if rank == last else True)),
-    }
-
-
-def _check_scenarios(rank, world, group):
-    problems = []
-    for name in _scenarios(rank, world, group):
-        expected, call = _scenarios(rank, world, group)[name]
-        here = outcome(call, 300)
-        seen = [None] * world
-        dist.all_gather_object(seen, (here, expected), group=group)
-        if not all(s.startswith(e) for s, e in seen):
-            problems.append((name, seen))
-    assert not problems, problems
-    # the group is still usable: a plain call gives torch's loss and gradient
-    from crossent.torch.distributed import vocab_parallel_linear_cross_entropy as vpl
-
-    x, w, y = _data(world)
-    lo = rank * PER_RANK
-    xr, wr = x.clone().requires_grad_(), w[lo:lo + PER_RANK].clone().requires_grad_()
-    got = vpl(xr, wr, y, group=group, label_smoothing=0.1)
-    got.backward()
-    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = F.cross_entropy(F.linear(xa, wa), y, label_smoothing=0.1)
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(xr.grad, xa.grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(wr.grad, wa.grad[lo:lo + PER_RANK], rtol=1e-10, atol=1e-10)
-
-
-def _check_two_and_three(rank, world):
-    for size in (2, 3):
-        # a short collective timeout: a rank left waiting fails in 5 s, never hangs
-        group = dist.new_group(list(range(size)), timeout=datetime.timedelta(seconds=5))
-        failure = None
-        if rank < size:
-            try:
-                _check_scenarios(rank, size, group)
-            except Exception as error:  # raised after the barrier: no rank left alone
-                failure = error
-        dist.barrier()
-        if failure is not None:
-            raise failure
-
-
-def test_fakes_with_other_problems_raise_together_and_the_group_stays_usable():
-    """On 2 and 3 gloo ranks: fake inputs (or an active ``FakeTensorMode``) on every rank
-    or one, together with another problem (a meta target, ``reduce_input_grad='False'``
-    or a NumPy bool) on another rank: every rank raises crossent's error together, each
-    problem rank naming its own problem (the fake rank naming FakeTensorMode), the rest
-    pointing to a rank. Afterwards a plain call on the same group gives torch's float64
-    loss and gradients (the agreement left nothing half-done)."""
-    run_group(_check_two_and_three, 3, timeout=90)
 
 
 # --------------------------------- forward mode: the tangent on num_items or weight ----
