@@ -105,7 +105,7 @@ def compiling() -> bool:
     """dynamo is tracing (``torch.compile``, ``torch.export``): the custom operators serve.
     (A ``FakeTensorMode`` without dynamo runs the eager entry point, whose checks and
     autograd then hold; it routes fake tensors to plain torch operations,
-    :func:`crossent.torch._backends.fake_values`.)"""
+    :func:`crossent.torch._rules.fake_values`.)"""
     return torch.compiler.is_compiling()
 
 

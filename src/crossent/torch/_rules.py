@@ -351,13 +351,16 @@ def positive_int(value, name: str) -> int:
     return n
 
 
-def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
-    """``t`` (named ``name``) is on ``like``'s device, as torch requires of every tensor
-    argument (it raises a device mismatch); crossent never moves one silently."""
-    if t.device != like.device:
-        raise InputError(f"{name} is on {t.device}, the input on {like.device}: every tensor "
+def check_same_device(t: torch.Tensor, name: str,
+                      like: torch.Tensor | torch.device) -> None:
+    """``t`` (named ``name``) is on ``like``'s device (``like``: the input or its device),
+    as torch requires of every tensor argument (it raises a device mismatch); crossent
+    never moves one silently."""
+    device = like if isinstance(like, torch.device) else like.device
+    if t.device != device:
+        raise InputError(f"{name} is on {t.device}, the input on {device}: every tensor "
                          f"argument must be on the input's device (torch raises too); move "
-                         f"it with .to({str(like.device)!r})")
+                         f"it with .to({str(device)!r})")
 
 
 def make_options(weight, num_classes, like, ignore_index, reduction, label_smoothing, z_loss,

@@ -373,10 +373,8 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device)
     elif tuple(target.shape) != tuple(row_shape):
         problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
                       f"({rows} rows)")
-    elif target.device != device:  # never moved silently (torch raises too)
-        problems.note(f"target is on {target.device}, the input on {device}: every tensor "
-                      f"argument must be on the input's device (torch raises too); move it "
-                      f"with .to({str(device)!r})")
+    elif target.device != device:  # never moved silently
+        problems.check(check_same_device, target, "target", device)
     else:
         try:
             check_index_dtype(target)  # uint64 ids past int64
