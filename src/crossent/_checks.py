@@ -41,6 +41,15 @@ def is_zero(value: Any) -> bool:
     return not is_traced(value) and bool(value == 0)
 
 
+def as_float(value: Any) -> float:
+    """``float(value)``, where an int beyond float's range rounds to +-inf (IEEE's
+    rounding of it) instead of raising ``OverflowError``: a range check then names it."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_real(value: Any, name: str) -> Any:
     """A real Python or NumPy number (not a bool, not text), as a float.
 
@@ -48,18 +57,33 @@ def check_real(value: Any, name: str) -> Any:
     hyperparameter passed through ``jax.jit``) as it is, unchecked, since its value is
     not known until it runs (the range checks below skip it too).
     """
-    if type(value) is float or type(value) is int:  # the common case, without the probes
-        return float(value)
+    if type(value) is float:  # the common case, without the probes
+        return value
+    if type(value) is int:
+        return as_float(value)
     if is_jax_array(value) and value.ndim == 0 and value.dtype.kind in "fiu":
         return value if is_traced(value) else float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{name}={value!r} is not a number")
-    return float(value)
+    return as_float(value)
 
 
-def check_integer(value: Any, name: str, *, minimum: int | None = None) -> int:
-    """A Python or NumPy integer (not a bool, not a float such as 1.5), optionally >= minimum."""
-    if isinstance(value, bool):
+INDEX_MAX = 2**63 - 1  # the largest size or class id an int64 (numpy's intp) holds
+
+
+def is_bool(value: Any) -> bool:
+    """``value`` is a bool: Python's, NumPy's, or a bool 0-d array or tensor
+    (``operator.index(torch.tensor(True))`` is 1, so an integer check must ask first)."""
+    return isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in (
+        "bool", "torch.bool")
+
+
+def check_integer(value: Any, name: str, *, minimum: int | None = None,
+                  maximum: int | None = None) -> int:
+    """A Python or NumPy integer or integer 0-d array/tensor (not a bool, not a float
+    such as 1.5), optionally within ``[minimum, maximum]`` (a size beyond ``INDEX_MAX``
+    makes NumPy's ``arange`` silently empty)."""
+    if is_bool(value):
         raise InputError(f"{name}={value!r} must be an integer, not a bool")
     try:
         v = operator.index(value)
@@ -67,6 +91,8 @@ def check_integer(value: Any, name: str, *, minimum: int | None = None) -> int:
         raise InputError(f"{name}={value!r} must be an integer") from None
     if minimum is not None and v < minimum:
         raise InputError(f"{name}={value!r} must be an integer >= {minimum}")
+    if maximum is not None and v > maximum:
+        raise InputError(f"{name}={value!r} must be an integer <= {maximum}")
     return v
 
 
@@ -125,6 +151,18 @@ def check_softcap(softcap: float | None) -> float | None:
         raise InputError(f"softcap={softcap!r} must be a finite number > 0 (or None for no "
                          f"cap)")
     return value
+
+
+def check_softcap_fits(softcap: Any, finfo: Any, dtype: Any) -> None:
+    """``softcap`` (checked by :func:`check_softcap`) is a normal number of the compute
+    dtype (``finfo``: its ``finfo``): one that rounds to 0 or inf there makes
+    ``c tanh(z / c)`` NaN (``0 x inf``, ``inf x 0``), and a subnormal one loses its digits."""
+    if softcap is None or is_traced(softcap):
+        return
+    if not finfo.smallest_normal <= softcap <= finfo.max:
+        raise InputError(f"softcap={softcap!r} is outside {dtype}'s normal range "
+                         f"[{float(finfo.smallest_normal):.3g}, {float(finfo.max):.3g}], the "
+                         f"dtype c tanh(z / c) is computed in")
 
 
 def check_floating(xp: Any, x: Array, name: str) -> None:

@@ -101,6 +101,7 @@ def softmax_cross_entropy_parts(
     _checks.check_classes(logits, axis, "logits")
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
+    _checks.check_softcap_fits(softcap, xp.finfo(raw.dtype), raw.dtype)
     class_mask, row_where = class_or_row_where(xp, where, logits, axis, "logits")
     keep = _kept_entries(xp, raw, class_mask, row_where)
     if keep is not None:  # masked logits (NaN, inf) reach no value and no gradient

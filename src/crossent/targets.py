@@ -46,7 +46,8 @@ def one_hot(labels: Any, num_classes: int, *, dtype: Any = None, validate: bool 
     >>> one_hot([2, 0], 3).tolist()
     [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
-    num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1)
+    num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1,
+                                         maximum=_checks.INDEX_MAX)
     validate = _checks.check_bool(validate, "validate")
     xp, (labels,) = arrays(labels, names=("labels",))
     return _one_hot(xp, labels, num_classes, dtype, validate, "labels")
@@ -114,7 +115,8 @@ def mixup_params(batch_size: int, *, alpha: float, seed: int) -> tuple[float, np
     >>> 0.0 <= lam <= 1.0, sorted(order.tolist()), mixup_params(4, alpha=0.2, seed=0)[0] == lam
     (True, [0, 1, 2, 3], True)
     """
-    batch_size = _checks.check_integer(batch_size, "batch_size", minimum=0)
+    batch_size = _checks.check_integer(batch_size, "batch_size", minimum=0,
+                                        maximum=_checks.INDEX_MAX)
     alpha = _checks.check_positive(alpha, "alpha")
     seed = _checks.check_integer(seed, "seed", minimum=0)
     rng = np.random.default_rng(seed)
@@ -151,7 +153,8 @@ def mixup(
     if is_integer(xp, targets):
         if num_classes is None:
             raise InputError("num_classes is required when targets are integer labels")
-        num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1)
+        num_classes = _checks.check_integer(num_classes, "num_classes", minimum=1,
+                                             maximum=_checks.INDEX_MAX)
         # one-hot in the dtype x is mixed in, so the labels' library default (float32
         # for torch) does not set the precision of t_mix
         targets = _one_hot(xp, targets, num_classes, compute_dtype(xp, x), True, "targets")

@@ -151,8 +151,8 @@ def test_other_calls_take_the_checked_path(case, checked_calls):
         ref = F.cross_entropy(x.double(), y).float()
     elif case == "weight":
         kwargs["weight"] = torch.ones(5)
-    elif case == "num_items":
-        kwargs["num_items"] = 7
+    elif case == "num_items":  # a tensor count (a Python number goes direct: stop 18)
+        kwargs["num_items"] = torch.tensor(7)
     elif case == "loss_dtype":
         kwargs["loss_dtype"] = torch.float64
         ref = F.cross_entropy(x.double(), y)

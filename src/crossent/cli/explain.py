@@ -11,6 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
+from .._checks import as_float
 from ..errors import InputError
 from ..teaching import curves
 from .common import Base, columns, fmt, units
@@ -35,7 +36,8 @@ def compute(
     # then inf, which is the float64 value; NumPy's overflow warnings would be noise on stderr
     with np.errstate(over="ignore"):
         if binary or multilabel:
-            t = [float(target)] if isinstance(target, int) else target
+            # a 401-digit index becomes inf (not OverflowError): the range check names it
+            t = [as_float(target)] if isinstance(target, int) else target
             return curves.label_breakdown(probs=probs, logits=logits, target=t,
                                           label_smoothing=label_smoothing, base=base,
                                           multilabel=multilabel)

@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
+from .._checks import check_fraction, check_integer
 from ..activations import log_softmax
 from ..errors import InputError
 from ..losses import softmax_cross_entropy, widened_and_counted
@@ -177,9 +178,10 @@ def convention_terms(
     ((2, 4), 0.2)
     """
     conv = _convention(convention)
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:
-        raise InputError(f"label_smoothing={label_smoothing!r} must be in [0, 1]")
+    eps = float(check_fraction(label_smoothing, "label_smoothing"))
+    # a NumPy integer or a 0-d tensor becomes an int here: the mask below compares with it
+    ignore_index = check_integer(ignore_index, "ignore_index")
+    rank = check_integer(rank, "rank", minimum=0)
     xp = array_namespace(logits, target)
     if logits.ndim != 2 or tuple(target.shape) != (logits.shape[0],):
         raise InputError(f"logits must be (N, C) and target (N,); got shapes "

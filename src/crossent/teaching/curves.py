@@ -14,6 +14,7 @@ plotting or terminal library: ``crossent.cli`` draws and prints what these retur
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,11 @@ from ..targets import smooth_labels
 SUM_TOLERANCE = _checks.SUM_TOLERANCE
 Numbers = Sequence[float] | np.ndarray
 """A 1-d list of numbers or a NumPy vector."""
+MAX_POINTS = 10**7
+"""The most evenly spaced points :func:`grid` (and every ``*_curve`` function's ``n``) takes:
+10 million float64 points are 80 MB per series and thousands of times more than any
+screen or print has pixels across, so a larger ``n`` is a mistake, refused naming ``n``
+rather than left to NumPy's raw ``MemoryError`` / ``IndexError``."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,34 @@ class Curves:
 def grid(lo: float, hi: float, n: int, include: Sequence[float] = ()) -> np.ndarray:
     """``n`` evenly spaced points in [lo, hi] plus the points in ``include``, sorted, unique.
 
+    ``lo`` and ``hi`` are finite numbers and ``n`` an integer in [1, :data:`MAX_POINTS`],
+    each refused otherwise with an :class:`~crossent.errors.InputError` naming it.
+
     >>> grid(0.0, 1.0, 3, include=[0.25]).tolist()
     [0.0, 0.25, 0.5, 1.0]
     """
+    lo = _checks.check_finite(lo, "lo")
+    hi = _checks.check_finite(hi, "hi")
+    n = _check_points(n)
     return np.unique(np.concatenate([np.linspace(lo, hi, n), np.asarray(include, float)]))
+
+
+def _check_points(n: int) -> int:
+    """``n``, a number of points: an integer in [1, :data:`MAX_POINTS`]."""
+    if isinstance(n, np.bool_):
+        raise InputError(f"n={n!r} must be an integer, not a bool")
+    value = _checks.check_integer(n, "n", minimum=1)
+    if value > MAX_POINTS:
+        raise InputError(f"n={n!r} must be an integer <= {MAX_POINTS} (points of a curve)")
+    return value
+
+
+def _check_lo(lo: float, below: float) -> float:
+    """``lo``, where a curve's x starts: a finite number in [0, below)."""
+    value = _checks.check_finite(lo, "lo")
+    if not 0.0 <= value < below:
+        raise InputError(f"lo={lo!r} must lie in [0, {below:g})")
+    return float(value)
 
 
 def surprisal_curve(*, base: float = 2.0, lo: float = 1e-3, n: int = 400) -> Curves:
@@ -60,7 +90,7 @@ def surprisal_curve(*, base: float = 2.0, lo: float = 1e-3, n: int = 400) -> Cur
     >>> float(c.series["surprisal"][c.x == 0.5][0])  # a bird: 1 bit
     1.0
     """
-    p = grid(lo, 1.0, n, include=[0.001, 0.5])
+    p = grid(_check_lo(lo, 1.0), 1.0, n, include=[0.001, 0.5])
     return Curves(p, {"surprisal": np.asarray(surprisal(p, base=base))})
 
 
@@ -83,7 +113,7 @@ def log_loss_curves(*, lo: float = 1e-4, n: int = 400) -> Curves:
     ``1 - q`` and ``(1 - q)^2`` never leave [0, 1]: too narrow to punish a confident mistake.
     In nats (the article's plot uses the natural log).
     """
-    return loss_comparison(grid(lo, 1.0, n, include=[0.5]))
+    return loss_comparison(grid(_check_lo(lo, 1.0), 1.0, n, include=[0.5]))
 
 
 def coin_cross_entropy_curve(
@@ -93,9 +123,15 @@ def coin_cross_entropy_curve(
 
     ``series["cross-entropy"]`` never drops below ``series["entropy"]`` (the constant
     ``H(p)``) and touches it only at b = p[0] (Gibbs' inequality). The article's loaded coin:
-    p = [0.99, 0.01], believed to be [0.01, 0.99].
+    p = [0.99, 0.01], believed to be [0.01, 0.99]. ``truth`` is two probabilities summing
+    to 1 and ``lo`` (the beliefs run over [lo, 1 - lo]) a number in [0, 0.5).
     """
-    truth_arr = np.asarray(truth, float)
+    truth_arr = _vector(truth, "truth")
+    if truth_arr.size != 2:
+        raise InputError(f"truth must hold 2 probabilities (heads, tails); got {truth_arr.size}")
+    _checks.check_in_unit_interval(np, truth_arr, "truth")
+    _check_sums_to_one(truth_arr, "truth")
+    lo = _check_lo(lo, 0.5)
     b = grid(lo, 1.0 - lo, n, include=[truth_arr[0], truth_arr[1], 0.5])
     beliefs = np.stack([b, 1.0 - b], axis=-1)
     ce = np.asarray(cross_entropy(truth_arr, beliefs, base=base))
@@ -108,15 +144,23 @@ def finite_difference_grad(
 ) -> np.ndarray:
     """Central differences ``(f(x + h e_i) - f(x - h e_i)) / 2h`` for every coordinate i.
 
+    ``h`` is a finite number > 0 that changes every coordinate (``x_i + h != x_i - h`` in
+    float64); otherwise an :class:`~crossent.errors.InputError` names it (a step of 0 gives
+    0/0, a step lost in a large coordinate's rounding a silent 0).
+
     >>> finite_difference_grad(lambda v: float((v**2).sum()), [1.0, -2.0]).round(6).tolist()
     [2.0, -4.0]
     """
-    x0 = np.asarray(x, float)
+    h = _checks.check_positive(h, "h")
+    x0 = _vector(x, "x")
     out = np.empty_like(x0)
     for i in range(x0.size):
+        if math.isfinite(x0[i]) and x0[i] + h == x0[i] - h:
+            raise InputError(f"h={h!r} is too small to change x[{i}] = {x0[i]!r} (in float64); "
+                             f"use a larger step")
         step = np.zeros_like(x0)
         step[i] = h
-        out[i] = (f(x0 + step) - f(x0 - step)) / (2 * h)
+        out[i] = (f(x0 + step) - f(x0 - step)) / 2 / h  # not / (2 * h): 2 * 1e308 is inf
     return out
 
 
@@ -137,12 +181,15 @@ def softmax_gradient_check(
 ) -> GradientCheck:
     """Check ``d/da cross_entropy(softmax(a), b) = softmax(a) - b`` on one row of logits.
 
+    ``h`` is the finite-difference step, as for :func:`finite_difference_grad`.
+
     >>> g = softmax_gradient_check([2.0, 1.0, 0.1], [1.0, 0.0, 0.0])
     >>> g.max_abs_diff < 1e-8
     True
     """
-    a = np.asarray(logits, float)
-    b = np.asarray(target, float)
+    h = _checks.check_positive(h, "h")
+    a = _vector(logits, "logits")
+    b = _vector(target, "target")
 
     def loss(z: np.ndarray) -> float:
         return float(softmax_cross_entropy(z[None], b[None], reduction="sum"))
@@ -182,7 +229,19 @@ class Breakdown:
 
 
 def _vector(values: Numbers, name: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=float).reshape(-1)
+    """``values`` as a flat float64 vector; an :class:`InputError` naming ``name`` for text,
+    None (which NumPy would make NaN), a ragged list, a number beyond float64's range
+    (``10**400``) or nothing at all."""
+    try:
+        raw = np.asarray(values)
+        if raw.dtype.kind not in "biufO" or (raw.dtype.kind == "O" and not all(
+                isinstance(v, numbers.Real) for v in raw.reshape(-1).tolist())):
+            raise TypeError("found text, None or a complex number")
+        arr = raw.astype(float).reshape(-1)
+    except OverflowError:
+        raise InputError(f"{name} holds a number beyond float64's range") from None
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{name} must be real numbers ({err})") from None
     if arr.size == 0:
         raise InputError(f"{name} is empty; give at least one number")
     return arr

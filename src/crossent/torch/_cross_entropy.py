@@ -39,6 +39,7 @@ from ._rules import (
     fake_values,
     infinite_as_nan,
     kernel_reduction,
+    legacy_flag,
     make_options,
     may_overwrite,
     nan_at_targets,
@@ -190,8 +191,11 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
-    """torch's mapping of the deprecated ``size_average``/``reduce`` (None counts as True)."""
-    name = "none" if reduce is False else "sum" if size_average is False else "mean"
+    """torch's mapping of the deprecated ``size_average``/``reduce`` (None counts as True,
+    any other value by its truth: :func:`._rules.legacy_flag`)."""
+    average, reduced = (legacy_flag(v, n) is not False
+                        for v, n in ((size_average, "size_average"), (reduce, "reduce")))
+    name = "none" if not reduced else "mean" if average else "sum"
     warnings.warn(f"size_average and reduce are deprecated (as in torch); use "
                   f"reduction={name!r}", UserWarning, stacklevel=3)
     return name
@@ -232,18 +236,35 @@ _REDUCTION_CODE = {name: _reduction.get_enum(name) for name in ("none", "mean", 
 _FULL_PRECISION = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter has no __torch_function__ of its own
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_MAX_COUNT = 1e300  # a count float() converts exactly enough and never overflows
+
+
+def _plain_count(num_items) -> float | None:
+    """``num_items`` as the float the checked path divides by, where it is a Python
+    number that :func:`._rules.check_num_items` accepts without a question (a finite
+    int or float > 0); ``None`` otherwise (a tensor, a bad value: the checked path)."""
+    if (type(num_items) is int or type(num_items) is float) and 0 < num_items <= _MAX_COUNT:
+        return float(num_items)
+    return None
 
 
 def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothing,
-                           backend):
+                           backend, num_items=None):
     """The common small call (float32/float64 ``(N, C)`` logits under ``2**19`` entries,
-    int64 ``(N,)`` targets, torch's options only; no transform, tracing, forward-mode AD
-    or torch-function mode; plain tensors) handed straight to the C++ operator that
-    ``torch.nn.functional.cross_entropy`` calls, with the same arguments: the route
-    ``"auto"`` takes for it anyway (``native_cross_entropy``), without the ~35 us of
-    checks and option objects around it, which at 256 x 1000 were 5-10% of a
-    forward + backward step. Bad input raises there exactly as it does in torch; ``None``
-    (the checked path) for anything else."""
+    int64 ``(N,)`` targets, torch's options only, or a Python number as ``num_items``; no
+    transform, tracing, forward-mode AD or torch-function mode; plain tensors) handed
+    straight to the C++ operator that ``torch.nn.functional.cross_entropy`` calls, with
+    the same arguments: the route ``"auto"`` takes for it anyway
+    (``native_cross_entropy``), without the ~35 us of checks and option objects around
+    it, which at 256 x 1000 were 5-10% of a forward + backward step. With ``num_items``:
+    the ``"sum"`` divided by it, as the checked path divides. Bad input raises there
+    exactly as it does in torch; ``None`` (the checked path) for anything else."""
+    count = None
+    if num_items is not None:
+        count = _plain_count(num_items)
+        if count is None or reduction == "none":
+            return None
+        reduction = "sum"
     if (type(input) is not torch.Tensor or type(target) is not torch.Tensor
             or type(ignore_index) is not int or not _I64_MIN <= ignore_index <= _I64_MAX
             or type(reduction) is not str
@@ -266,9 +287,10 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
             input.requires_grad and records_graph(), label_smoothing):
         out = _small.cross_entropy(input, target, ignore_index, reduction)
         if out is not None:  # else an index out of range: torch's error below
-            return out
-    return torch._C._nn.cross_entropy_loss(input, target, None, _REDUCTION_CODE[reduction],
-                                           ignore_index, label_smoothing)
+            return out if count is None else out / count
+    out = torch._C._nn.cross_entropy_loss(input, target, None, _REDUCTION_CODE[reduction],
+                                          ignore_index, label_smoothing)
+    return out if count is None else out / count
 
 
 def _is_zero(value) -> bool:
@@ -493,11 +515,11 @@ def cross_entropy(
     (tensor([ True, False]), tensor([ True, False]), [False, True])
     """
     if (weight is None and softcap is None and _is_zero(z_loss) and loss_dtype is None
-            and num_items is None and statistics is None and size_average is None
+            and statistics is None and size_average is None
             and reduce is None and type(backend) is str and backend in ("auto", "native")
             and type(inplace_backward) is bool):
         out = _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothing,
-                                     backend)
+                                     backend, num_items)
         if out is not None:
             return out
     if size_average is not None or reduce is not None:

@@ -82,6 +82,7 @@ from ._rules import (
     choose_loss_dtype,
     compute_dtype,
     infinite_as_nan,
+    legacy_flag,
     promote_with_target,
 )
 from ._statistics import STATISTICS, TokenStatistics
@@ -578,9 +579,9 @@ def compiled_cross_entropy(
         else (None, problem)
     if problem is not None:
         return _deferred_error(input, problem, statistics)
-    # torch's legacy rule reads only ``is False``: any other value counts as True
-    size_average, reduce = (None if v is None else v is not False
-                            for v in (size_average, reduce))
+    # torch's legacy rule reads the values' truth (0 and tensor(False) are False)
+    size_average, reduce = (legacy_flag(v, n) for v, n in ((size_average, "size_average"),
+                                                           (reduce, "reduce")))
     device_type = input.device.type
     out_dtype = choose_loss_dtype(loss_dtype, input, target, weight)  # the eager entry's
     autocast = (torch.get_autocast_dtype(device_type)

@@ -253,6 +253,13 @@ def check_options(reduction: str, label_smoothing: float, z_loss: float, softcap
     _checks.check_softcap(softcap)
 
 
+def check_softcap_dtype(softcap, dtype: torch.dtype) -> None:
+    """``softcap`` (already checked > 0 and finite) is a normal number of ``dtype``'s
+    compute dtype, where ``c tanh(z / c)`` runs (:func:`crossent._checks.check_softcap_fits`)."""
+    cdtype = compute_dtype(dtype)
+    _checks.check_softcap_fits(softcap, torch.finfo(cdtype), cdtype)
+
+
 def check_num_items(num_items, reduction: str) -> float | None:
     """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None.
 
@@ -292,7 +299,7 @@ def check_num_items(num_items, reduction: str) -> float | None:
             raise UnsupportedError(f"num_items: its value cannot be read here ({error}); "
                                    f"pass a Python number") from error
     elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
-        value = float(num_items)
+        value = _checks.as_float(num_items)  # an int beyond float's range: inf, refused
     else:
         raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
                          f"0-d tensor) or None")
@@ -320,7 +327,7 @@ def check_ignore_index(ignore_index) -> int:
     """An integer (Python int, NumPy integer, integer 0-d tensor). torch raises
     ``TypeError`` for a float, even 3.0; crossent raises :class:`InputError`, never
     truncates (3.7 is not 3)."""
-    if isinstance(ignore_index, bool):
+    if _checks.is_bool(ignore_index):  # tensor(True) too: operator.index takes it as 1
         raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
     try:
         value = operator.index(ignore_index)
@@ -341,9 +348,22 @@ def check_flag(value, name: str) -> bool:
     return value
 
 
+def legacy_flag(value, name: str) -> bool | None:
+    """The deprecated ``size_average``/``reduce`` as torch reads them
+    (``torch.nn._reduction.legacy_get_string``): ``None``, or the value's truth, so ``0``,
+    ``-0.0``, ``np.False_`` and ``tensor(False)`` are False; a value with no single truth
+    (a tensor of several entries) raises an :class:`InputError` naming ``name``."""
+    if value is None:
+        return None
+    try:
+        return bool(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"{name}={value!r} has no single truth value: {error}") from error
+
+
 def positive_int(value, name: str) -> int:
     try:
-        n = None if isinstance(value, bool) else operator.index(value)
+        n = None if _checks.is_bool(value) else operator.index(value)
     except TypeError:
         n = None
     if n is None or n < 1:
@@ -373,6 +393,7 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
     ``num_items`` the reduction is ``"mean"`` over that count (see
     :func:`check_num_items`)."""
     check_options(reduction, label_smoothing, z_loss, softcap)
+    check_softcap_dtype(softcap, like.dtype)
     count = check_num_items(num_items, reduction)
     ignore = -100 if ignore_index is None else check_ignore_index(ignore_index)
     if weight is not None:

@@ -95,7 +95,11 @@ def check_statistics(statistics) -> tuple[str, ...] | None:
     elif not isinstance(statistics, Iterable):
         raise InputError(f"statistics={statistics!r} must be None, a name or a tuple of "
                          f"names from {STATISTICS}")
-    names = tuple(statistics)
+    try:
+        names = tuple(statistics)
+    except TypeError:  # a 0-d array or tensor: Iterable by type, not by value
+        raise InputError(f"statistics={statistics!r} must be None, a name or a tuple of "
+                         f"names from {STATISTICS}") from None
     bad = [n for n in names if not isinstance(n, str) or n not in STATISTICS]
     if bad:
         raise InputError(f"statistics holds {bad[0]!r}: each must be one of {STATISTICS}")

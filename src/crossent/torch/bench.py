@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._checks import ascii_integer, ascii_number
+from .._checks import as_float, ascii_integer, ascii_number
 from .._files import check_files_in, check_output_path, save_figure, write_atomic
 from ..errors import InputError
 from . import _inductor
@@ -704,12 +704,13 @@ class CompetingLoad:
     """``processes`` busy processes (a Python loop each) while the block runs: the machine of
     a training job that also runs data loaders or a second job per core. ``with
     CompetingLoad(os.cpu_count()):`` puts one on every core; they are killed on exit, also
-    after an error or ^C."""
+    after an error or ^C. ``processes`` is an integer in [0, :func:`max_load`], refused
+    otherwise (an :class:`~crossent.errors.InputError` naming it)."""
 
     active: ClassVar[list[subprocess.Popen]] = []  # the running children (the tests look)
 
     def __init__(self, processes: int) -> None:
-        self.processes = processes
+        self.processes = check_load(processes, "processes")
 
     def __enter__(self) -> CompetingLoad:
         try:
@@ -737,6 +738,29 @@ def _check_count(value: object, name: str, least: int) -> int:
     return value
 
 
+LOAD_PER_CPU = 4
+"""At most this many competing processes per CPU (:func:`max_load`)."""
+
+
+def max_load() -> int:
+    """The most busy processes ``--load`` (:class:`CompetingLoad`) starts:
+    :data:`LOAD_PER_CPU` per CPU (``os.cpu_count()``). One per core is the heavy load the
+    option is for; a few per core still measures a crowded machine, while thousands would
+    only exhaust the process table and memory (each child is a Python interpreter, ~10 MB)
+    before the first timed step."""
+    return LOAD_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_load(value: object, name: str = "--load") -> int:
+    """``--load``: an integer in [0, :func:`max_load`] (an :class:`InputError` naming
+    ``name`` otherwise)."""
+    count = _check_count(value, name, 0)
+    if count > max_load():
+        raise InputError(f"{name} must be an integer <= {max_load()} ({LOAD_PER_CPU} busy "
+                         f"processes per CPU, {os.cpu_count() or 1} CPUs here; got {value!r})")
+    return count
+
+
 def default_configs(device: str) -> list[str]:
     """The configurations run when none is named: :data:`DEFAULT_CUDA` on a CUDA device,
     :data:`DEFAULT` otherwise."""
@@ -748,7 +772,7 @@ def check_bandwidth(value: object) -> float | None:
     if value is None:
         return None
     if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value <= 0):
+            or not math.isfinite(as_float(value)) or value <= 0):  # 10**400: not OverflowError
         raise InputError(f"--bandwidth must be a number of bytes per second above 0, e.g. "
                          f"4.8e12 (got {value!r})")
     return float(value)
@@ -810,7 +834,8 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     ``out/bench.json`` and ``out/bench.png`` and return the results.
 
     ``load``: that many busy processes compete for the cores while the steps are timed
-    (:class:`CompetingLoad`; ``os.cpu_count()`` puts one on every core); every contender's
+    (:class:`CompetingLoad`; ``os.cpu_count()`` puts one on every core; at most
+    :func:`max_load`, 4 per CPU); every contender's
     1-min load average at its first timed step and after its last is recorded either way.
     ``crossover``: also sweep :data:`CROSSOVER_SIZES` (:func:`time_crossover`), a table and
     ``out/crossover.png``; ``configs=[]`` with it runs the sweep alone.
@@ -832,7 +857,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         raise InputError(f"{what}; choose from {', '.join(CONFIGS)}")
     _check_count(repeats, "--repeats", 1)
     _check_count(warmup, "--warmup", 0)
-    _check_count(load, "--load", 0)
+    check_load(load)
     bandwidth = check_bandwidth(bandwidth)
     if compiled_kernel and not device.startswith("cpu"):
         raise InputError(f"--compiled-kernel: the compiled kernel runs on CPU tensors only "
@@ -958,7 +983,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     p.add_argument("--load", type=ascii_integer, default=0, metavar="N",
                    help="N busy processes compete while timing (one per core: "
-                        f"{os.cpu_count()} here)")
+                        f"{os.cpu_count()} here; at most {max_load()})")
     p.add_argument("--crossover", action="store_true",
                    help="sweep small to large N x V: crossent / eager against the size "
                         "(alone unless configurations are named)")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
 from ._rules import check_flag, check_options
@@ -87,6 +88,25 @@ _LinearLossBase: type[nn.Module] = getattr(nn, "LinearCrossEntropyLoss",
                                           nn.modules.loss._WeightedLoss)
 
 
+def _check_head_sizes(in_features, num_classes, out_features) -> None:
+    """Integers >= 0 whose weight, ``(num_classes * prod(out_features), in_features)``,
+    fits int64 (``nn.Linear`` would raise a raw TypeError/RuntimeError)."""
+    size = _checks.check_integer(in_features, "in_features", minimum=0,
+                                 maximum=_checks.INDEX_MAX)
+    size *= _checks.check_integer(num_classes, "num_classes", minimum=0,
+                                  maximum=_checks.INDEX_MAX)
+    try:
+        extra = tuple(out_features)
+    except TypeError:
+        raise InputError(f"out_features={out_features!r} must be a tuple of integers") from None
+    for n in extra:
+        size *= _checks.check_integer(n, "out_features", minimum=0, maximum=_checks.INDEX_MAX)
+    if size > _checks.INDEX_MAX:
+        raise InputError(f"in_features={in_features!r}, num_classes={num_classes!r} and "
+                         f"out_features={extra!r} make a weight of {size} entries, beyond "
+                         f"int64")
+
+
 class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[misc, valid-type]
     """A linear head and its cross-entropy, fused: :func:`crossent.torch.linear_cross_entropy`.
 
@@ -117,6 +137,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         # torch's constructor checks (weight's shape, label_smoothing), and crossent's
         # other options, here rather than at the first forward
         check_options(reduction, label_smoothing, z_loss, softcap)
+        _check_head_sizes(in_features, num_classes, out_features)
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
                              f"{type(weight).__name__}")

@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import as_float
 from ..activations import log_softmax
 from ..errors import InputError
 from ..losses import softmax_cross_entropy
 from .data import Dataset, load_digits_split
 from .losses import LOSSES, Loss, _check_gamma, make_loss
-from .metrics import N_BINS, Reliability, reliability
+from .metrics import MAX_BINS, N_BINS, Reliability, reliability
 from .model import MODELS, Params, backward, forward, init_params
 from .optim import OPTIMIZERS, SGD, Adam
 
@@ -55,7 +56,7 @@ class TrainConfig:
             raise InputError(f"optimizer={self.optimizer!r}: unknown optimizer; choose from "
                              f"{', '.join(OPTIMIZERS)}")
         for name, low, high in (("epochs", 1, None), ("batch_size", 1, None),
-                                ("hidden", 1, MAX_HIDDEN), ("n_bins", 1, None),
+                                ("hidden", 1, MAX_HIDDEN), ("n_bins", 1, MAX_BINS),
                                 ("seed", 0, None)):
             object.__setattr__(self, name, _integer(name, getattr(self, name), low, high))
         lr = _real("lr", self.lr)
@@ -87,10 +88,11 @@ def _integer(name: str, value: Any, low: int, high: int | None) -> int:
 
 def _real(name: str, value: Any) -> float:
     """``value`` as a ``float``; an :class:`InputError` naming ``name`` when it is not a real
-    number (a bool or a string is not)."""
+    number (a bool or a string is not). An int beyond float's range becomes +-inf (not an
+    ``OverflowError``), which the range checks then refuse."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
         raise InputError(f"{name} must be a number (got {value!r})")
-    return float(value)
+    return as_float(value)
 
 
 @dataclass(frozen=True)

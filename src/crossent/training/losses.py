@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import as_float, check_fraction, check_positive
 from ..activations import log_softmax
 from ..errors import InputError
 from ..grad import softmax_cross_entropy_grad
@@ -112,11 +113,13 @@ def softmax_abs_grad(logits: Any, labels: Any) -> np.ndarray:
 
 def _check_gamma(gamma: float) -> float:
     """``gamma`` as a float; an :class:`~crossent.errors.InputError` naming it unless it is a
-    finite number >= 0."""
+    finite number >= 0 (an int beyond float's range, 10**400, included: it is refused, not
+    an ``OverflowError``)."""
     ok = isinstance(gamma, numbers.Real) and not isinstance(gamma, bool | np.bool_)
-    if not (ok and math.isfinite(gamma) and gamma >= 0):
+    value = as_float(gamma) if ok else math.nan
+    if not (math.isfinite(value) and value >= 0):
         raise InputError(f"gamma={gamma!r} must be a finite number >= 0")
-    return float(gamma)
+    return value
 
 
 def softmax_focal_loss(logits: Any, labels: Any, *, gamma: float = 2.0) -> float:
@@ -167,22 +170,31 @@ def softmax_focal_grad(logits: Any, labels: Any, *, gamma: float = 2.0) -> np.nd
 def finite_difference_loss_grad(
     loss: Callable[..., float], logits: Any, labels: Any, *, h: float = 1e-6, **kwargs: Any
 ) -> np.ndarray:
-    """Central finite differences of ``loss(logits, labels, **kwargs)`` in every logit.
+    """Central finite differences of ``loss(logits, labels, **kwargs)`` in every logit:
+    ``(loss(z + h e_i) - loss(z - h e_i)) / (2 h)``.
+
+    ``h`` is a finite number > 0 that changes every logit (``z_i + h != z_i - h`` in
+    float64); otherwise an :class:`~crossent.errors.InputError` names it (a step of 0, or
+    one lost in a large logit's rounding, would give 0/0 or a silent 0).
 
     >>> g = finite_difference_loss_grad(make_loss("ce").value, np.zeros((1, 2)), np.array([0]))
     >>> g.round(6).tolist()  # softmax - onehot
     [[-0.5, 0.5]]
     """
+    h = check_positive(h, "h")
     z = np.array(logits, dtype=float)
     out = np.empty_like(z)
     for i in np.ndindex(z.shape):
         old = z[i]
+        if math.isfinite(old) and old + h == old - h:
+            raise InputError(f"h={h!r} is too small to change the logit {old!r} at {i} "
+                             f"(in float64); use a larger step")
         z[i] = old + h
         up = loss(z, labels, **kwargs)
         z[i] = old - h
         down = loss(z, labels, **kwargs)
         z[i] = old
-        out[i] = (up - down) / (2 * h)
+        out[i] = (up - down) / 2 / h  # not / (2 * h): 2 * 1e308 overflows to inf
     return out
 
 
@@ -207,11 +219,17 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
     ``ce`` and ``smoothed-ce`` use :func:`crossent.softmax_cross_entropy` and
     :func:`crossent.softmax_cross_entropy_grad`; the others the functions above.
 
+    ``label_smoothing`` (a number in [0, 1], used by ``smoothed-ce``) and ``gamma`` (a
+    finite number >= 0, used by ``focal``) are checked whatever the loss, each refused with
+    an :class:`~crossent.errors.InputError` naming it.
+
     >>> make_loss("ce").grad(np.array([[0.0, 0.0]]), np.array([0])).tolist()
     [[-0.5, 0.5]]
     """
+    smoothing = check_fraction(label_smoothing, "label_smoothing")
+    gamma = _check_gamma(gamma)
     if name in ("ce", "smoothed-ce"):
-        eps = 0.0 if name == "ce" else float(label_smoothing)
+        eps = 0.0 if name == "ce" else smoothing
         return Loss(
             name,
             lambda z, y: float(softmax_cross_entropy(z, y, label_smoothing=eps)),
@@ -222,7 +240,6 @@ def make_loss(name: str, *, label_smoothing: float = 0.1, gamma: float = 2.0) ->
     if name == "abs":
         return Loss(name, softmax_abs_loss, softmax_abs_grad)
     if name == "focal":
-        _check_gamma(gamma)
         return Loss(
             name,
             lambda z, y: softmax_focal_loss(z, y, gamma=gamma),

@@ -7,10 +7,18 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_integer
 from ..errors import InputError
 
 N_BINS = 15
 """Bins of the expected calibration error (Guo et al. 2017 use 15)."""
+MAX_BINS = 2**31 - 1
+"""The most bins :func:`reliability` takes. Each bin costs several float64 arrays' entries
+(its edge, count, sums: ~40 bytes), so 2**31 bins would already need ~80 GiB; and beyond
+2**53 the edges ``b / n_bins`` are no longer distinct float64 numbers, so the bins would be
+wrong, not just large. A bound of 2**31 - 1 (the largest 32-bit signed integer) refuses
+such a number loudly, naming ``n_bins``, instead of NumPy's raw ``IndexError`` (2**63) or
+``ValueError`` (2**64)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,9 @@ def reliability(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> Reliability
     """Bin the rows of ``probs`` (N, C) by their confidence ``max_c p_c`` (Guo et al. 2017).
 
     Bin b holds the confidences in ``(b / n_bins, (b + 1) / n_bins]`` (a confidence of exactly
-    0 goes to the first bin), as in Guo et al.'s reference code.
+    0 goes to the first bin), as in Guo et al.'s reference code. ``n_bins`` is an integer in
+    [1, :data:`MAX_BINS`] (2**31 - 1); anything else raises an
+    :class:`~crossent.errors.InputError` naming it.
 
     >>> rel = reliability([[0.9, 0.1], [0.6, 0.4]], [0, 1], n_bins=2)
     >>> rel.accuracy.tolist(), rel.ece  # empty bin NaN; |(1 + 0) - (0.9 + 0.6)| / 2
@@ -51,8 +61,7 @@ def reliability(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> Reliability
     if p.ndim != 2 or y.shape != (p.shape[0],):
         raise InputError(f"probs (N, C) and labels (N,) expected; got shapes {p.shape} and "
                          f"{y.shape}")
-    if isinstance(n_bins, bool) or not (isinstance(n_bins, int) and n_bins >= 1):
-        raise InputError(f"n_bins={n_bins!r} must be a positive integer")
+    n_bins = _check_bins(n_bins)
     conf = np.max(p, axis=-1)
     correct = (np.argmax(p, axis=-1) == y).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -68,11 +77,23 @@ def reliability(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> Reliability
     return Reliability(edges, mean_conf, mean_acc, count, ece)
 
 
+def _check_bins(n_bins: Any) -> int:
+    """``n_bins`` as an int in [1, :data:`MAX_BINS`]; an :class:`InputError` naming it
+    otherwise (a bool or a float such as 2.0 is not a number of bins)."""
+    if isinstance(n_bins, bool | np.bool_):
+        raise InputError(f"n_bins={n_bins!r} must be a positive integer, not a bool")
+    value = check_integer(n_bins, "n_bins", minimum=1)
+    if value > MAX_BINS:
+        raise InputError(f"n_bins={n_bins!r} must be a positive integer <= {MAX_BINS}")
+    return value
+
+
 def expected_calibration_error(probs: Any, labels: Any, *, n_bins: int = N_BINS) -> float:
     """Expected calibration error (Guo, Pleiss, Sun and Weinberger 2017, "On Calibration of
     Modern Neural Networks", arXiv:1706.04599):
     ``ECE = sum_b (|B_b| / n) |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width bins of
-    the top-class probability. 0 for a perfectly calibrated model.
+    the top-class probability. 0 for a perfectly calibrated model. ``n_bins`` is an integer
+    in [1, :data:`MAX_BINS`] (2**31 - 1), as for :func:`reliability`.
 
     >>> expected_calibration_error([[0.9, 0.1], [0.6, 0.4]], [0, 1])  # (|1-.9| + |0-.6|) / 2
     0.35

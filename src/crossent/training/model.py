@@ -4,9 +4,11 @@ hand (the weights are a plain dict of NumPy arrays)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
+from .._checks import check_integer
 from ..errors import InputError
 
 MODELS = ("softmax", "mlp")
@@ -19,10 +21,16 @@ def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.r
     """Initial weights: softmax regression starts at 0; the MLP's layers are drawn from
     ``N(0, 2 / fan_in)`` (He et al. 2015, for ReLU) with zero biases.
 
+    ``n_in``, ``n_classes`` and ``hidden`` (used by the MLP) are positive integers, each
+    refused otherwise with an :class:`~crossent.errors.InputError` naming it.
+
     >>> p = init_params("mlp", 64, 10, hidden=32, rng=np.random.default_rng(0))
     >>> {k: v.shape for k, v in p.items()}
     {'W1': (64, 32), 'b1': (32,), 'W2': (32, 10), 'b2': (10,)}
     """
+    n_in = _size(n_in, "n_in")
+    n_classes = _size(n_classes, "n_classes")
+    hidden = _size(hidden, "hidden")
     if model == "softmax":
         return {"W": np.zeros((n_in, n_classes)), "b": np.zeros(n_classes)}
     if model == "mlp":
@@ -33,6 +41,14 @@ def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.r
             "b2": np.zeros(n_classes),
         }
     raise InputError(f"model={model!r}: unknown model; choose from {', '.join(MODELS)}")
+
+
+def _size(value: Any, name: str) -> int:
+    """A layer's size: an integer >= 1 (0 would divide by 0 in the He scale ``2 / fan_in``;
+    a bool or 1.5 is not a size)."""
+    if isinstance(value, np.bool_):
+        raise InputError(f"{name}={value!r} must be an integer, not a bool")
+    return check_integer(value, name, minimum=1)
 
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

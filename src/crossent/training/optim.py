@@ -3,11 +3,25 @@ dict in place."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from .._checks import check_positive, check_real
+from ..errors import InputError
 from .model import Params
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def _check_decay(value: Any, name: str) -> float:
+    """A moment's decay rate ``b1`` / ``b2``: a number in [0, 1). At 1 the bias correction
+    ``1 - b^t`` is 0 and every weight turns NaN; above 1 or below 0 the moments diverge or
+    flip sign."""
+    v = check_real(value, name)
+    if not 0.0 <= v < 1.0:
+        raise InputError(f"{name}={value!r} must lie in [0, 1)")
+    return float(v)
 
 
 class SGD:
@@ -17,10 +31,13 @@ class SGD:
     >>> SGD(lr=0.5).step(params, {"w": np.array([2.0, -2.0])})
     >>> params["w"].tolist()
     [0.0, 3.0]
+
+    ``lr`` is a finite number > 0, checked here (an :class:`~crossent.errors.InputError`
+    naming it), not at the first step.
     """
 
     def __init__(self, lr: float) -> None:
-        self.lr = lr
+        self.lr = check_positive(lr, "lr")
 
     def step(self, params: Params, grads: Params) -> None:
         for k, g in grads.items():
@@ -39,11 +56,17 @@ class Adam:
     >>> Adam(lr=0.1).step(params, {"w": np.array([3.0, -0.5])})
     >>> params["w"].round(6).tolist()
     [0.9, 2.1]
+
+    Checked here, each refused with an :class:`~crossent.errors.InputError` naming it:
+    ``lr`` and ``eps`` finite numbers > 0, ``b1`` and ``b2`` numbers in [0, 1).
     """
 
     def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                  ) -> None:
-        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.lr = check_positive(lr, "lr")
+        self.b1 = _check_decay(b1, "b1")
+        self.b2 = _check_decay(b2, "b2")
+        self.eps = check_positive(eps, "eps")
         self.t = 0
         self.m: Params = {}
         self.v: Params = {}

@@ -41,6 +41,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
+from ... import _checks
 from ...errors import InputError, UnsupportedError
 from .._backends import BACKENDS, own_dispatch
 from .._composite import composable_required
@@ -50,6 +51,7 @@ from .._rules import (
     check_index_dtype,
     check_options,
     check_same_device,
+    check_softcap_dtype,
     compute_dtype,
     differentiated,
     fake_values,
@@ -264,7 +266,7 @@ def make_layout(group, local_classes: int, vocab_start, problems: Problems) -> L
 # Not crossent.torch._rules.check_ignore_index: this one also checks vocab_start, and the
 # value must fit the int64 agreement table; its problems are noted, not raised (below).
 def _index(value, name: str) -> int:
-    if isinstance(value, bool):
+    if _checks.is_bool(value):  # tensor(True) too: operator.index takes it as 1
         raise InputError(f"{name}={value!r} must be an integer")
     try:
         index = operator.index(value)
@@ -280,6 +282,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
     """Check the options; problems are noted (raised after the agreement collective)."""
     try:
         check_options(reduction, label_smoothing, z_loss, softcap)
+        check_softcap_dtype(softcap, torch.float32 if like is None else like.dtype)
         eps, zeta = float(label_smoothing), float(z_loss)
         cap = None if softcap is None else float(softcap)
     except InputError as e:
