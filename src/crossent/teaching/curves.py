@@ -67,12 +67,7 @@ def grid(lo: float, hi: float, n: int, include: Sequence[float] = ()) -> np.ndar
 
 def _check_points(n: int) -> int:
     """``n``, a number of points: an integer in [1, :data:`MAX_POINTS`]."""
-    if isinstance(n, np.bool_):
-        raise InputError(f"n={n!r} must be an integer, not a bool")
-    value = _checks.check_integer(n, "n", minimum=1)
-    if value > MAX_POINTS:
-        raise InputError(f"n={n!r} must be an integer <= {MAX_POINTS} (points of a curve)")
-    return value
+    return _checks.check_integer(n, "n", minimum=1, maximum=MAX_POINTS)
 
 
 def _check_lo(lo: float, below: float) -> float:

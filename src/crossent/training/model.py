@@ -46,8 +46,6 @@ def init_params(model: str, n_in: int, n_classes: int, *, hidden: int, rng: np.r
 def _size(value: Any, name: str) -> int:
     """A layer's size: an integer >= 1 (0 would divide by 0 in the He scale ``2 / fan_in``;
     a bool or 1.5 is not a size)."""
-    if isinstance(value, np.bool_):
-        raise InputError(f"{name}={value!r} must be an integer, not a bool")
     return check_integer(value, name, minimum=1)
 
 
