@@ -78,6 +78,15 @@ def is_bool(value: Any) -> bool:
         "bool", "torch.bool")
 
 
+def integer_value(value: Any) -> int:
+    """``operator.index(value)``; a meta tensor (no value to read: torch raises
+    ``RuntimeError``) raises ``TypeError`` as any other non-integer does. Every other
+    error (a ``vmap``-batched tensor's, an ``__index__`` of the caller's) propagates."""
+    if getattr(getattr(value, "device", None), "type", None) == "meta":
+        raise TypeError("a meta tensor has no value")
+    return operator.index(value)
+
+
 def check_integer(value: Any, name: str, *, minimum: int | None = None,
                   maximum: int | None = None) -> int:
     """A Python or NumPy integer or integer 0-d array/tensor (not a bool, not a float
@@ -86,7 +95,7 @@ def check_integer(value: Any, name: str, *, minimum: int | None = None,
     if is_bool(value):
         raise InputError(f"{name}={value!r} must be an integer, not a bool")
     try:
-        v = operator.index(value)
+        v = integer_value(value)
     except TypeError:
         raise InputError(f"{name}={value!r} must be an integer") from None
     if minimum is not None and v < minimum:
@@ -143,10 +152,13 @@ def check_positive(value: float, name: str) -> float:
 
 
 def check_softcap(softcap: float | None) -> float | None:
-    """None (no cap) or a finite number > 0."""
+    """None (no cap) or a finite number > 0 (a traced JAX value as it is: unchecked, as
+    :func:`check_real` takes it)."""
     if softcap is None:
         return None
     value = check_real(softcap, "softcap")
+    if is_traced(value):
+        return value
     if not (value > 0.0 and math.isfinite(value)):  # one message for -2 and 0 alike
         raise InputError(f"softcap={softcap!r} must be a finite number > 0 (or None for no "
                          f"cap)")

@@ -106,7 +106,7 @@ def softmax_cross_entropy_parts(
     keep = _kept_entries(xp, raw, class_mask, row_where)
     if keep is not None:  # masked logits (NaN, inf) reach no value and no gradient
         raw = xp.where(keep, raw, 0.0)
-    z = raw if softcap is None else float(softcap) * xp.tanh(raw / float(softcap))
+    z = raw if softcap is None else softcap * xp.tanh(raw / softcap)  # a float or traced
     if weight is not None:
         weight = _class_weight(xp, to_float(xp, weight), z, "weight")
     if class_mask is not None:  # masked classes leave the normaliser
@@ -132,7 +132,7 @@ def softmax_cross_entropy_parts(
         eff = xp.where(keep, eff, 0.0)
     return SoftmaxCEParts(
         xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(lse, axis=-1), log_probs,
-        denominator, z_loss, None if softcap is None else float(softcap), reduction, row_weight,
+        denominator, z_loss, softcap, reduction, row_weight,
         class_mask, row_where,
     )
 

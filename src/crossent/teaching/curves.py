@@ -125,7 +125,7 @@ def coin_cross_entropy_curve(
     if truth_arr.size != 2:
         raise InputError(f"truth must hold 2 probabilities (heads, tails); got {truth_arr.size}")
     _checks.check_in_unit_interval(np, truth_arr, "truth")
-    _check_sums_to_one(truth_arr, "truth")
+    truth_arr = _check_sums_to_one(truth_arr, "truth", truth)
     lo = _check_lo(lo, 0.5)
     b = grid(lo, 1.0 - lo, n, include=[truth_arr[0], truth_arr[1], 0.5])
     beliefs = np.stack([b, 1.0 - b], axis=-1)
@@ -223,12 +223,19 @@ class Breakdown:
     grad: np.ndarray
 
 
+def _as_array(values: object) -> np.ndarray:
+    """``np.asarray(values)``, a tensor that requires grad detached first (NumPy cannot
+    read it; the curves are numbers, not a graph)."""
+    detach = getattr(values, "detach", None)
+    return np.asarray(detach() if callable(detach) else values)
+
+
 def _vector(values: Numbers, name: str) -> np.ndarray:
     """``values`` as a flat float64 vector; an :class:`InputError` naming ``name`` for text,
     None (which NumPy would make NaN), a ragged list, a number beyond float64's range
     (``10**400``) or nothing at all."""
     try:
-        raw = np.asarray(values)
+        raw = _as_array(values)
         if raw.dtype.kind not in "biufO" or (raw.dtype.kind == "O" and not all(
                 isinstance(v, numbers.Real) for v in raw.reshape(-1).tolist())):
             raise TypeError("found text, None or a complex number")
@@ -242,10 +249,17 @@ def _vector(values: Numbers, name: str) -> np.ndarray:
     return arr
 
 
-def _check_sums_to_one(v: np.ndarray, name: str) -> None:
+def _check_sums_to_one(v: np.ndarray, name: str, given: object) -> np.ndarray:
+    """``v`` (``given`` as float64) if it sums to 1 within the tolerance of ``given``'s own
+    dtype (:func:`crossent._checks.sum_tolerance`: ``[0.99, 0.01]`` in float16 sums to
+    0.99974); a sum further from 1 than float64's tolerance (1e-4) is divided out, so the
+    float64 formulas the curves call take it."""
+    dtype = _as_array(given).dtype  # _vector read it the same way
+    tolerance = _checks.sum_tolerance(np, dtype) if dtype.kind == "f" else SUM_TOLERANCE
     total = float(v.sum())
-    if abs(total - 1.0) > SUM_TOLERANCE:
+    if abs(total - 1.0) > tolerance:
         raise InputError(f"{name} must sum to 1 (they sum to {total:.6g})")
+    return v / total if abs(total - 1.0) > SUM_TOLERANCE else v
 
 
 def _multiclass_target(target: int | Numbers, num_classes: int) -> np.ndarray:
@@ -265,7 +279,7 @@ def _multiclass_target(target: int | Numbers, num_classes: int) -> np.ndarray:
             f"{num_classes} classes; give a class index (an integer) or one probability per class"
         )
     _checks.check_in_unit_interval(np, t, "target")
-    _check_sums_to_one(t, "target")
+    t = _check_sums_to_one(t, "target", target)
     return t
 
 
@@ -302,7 +316,7 @@ def multiclass_breakdown(
     else:
         q = _vector(probs, "probs")  # type: ignore[arg-type]
         _checks.check_in_unit_interval(np, q, "probs")
-        _check_sums_to_one(q, "probs")
+        q = _check_sums_to_one(q, "probs", probs)
         with np.errstate(divide="ignore"):
             log_q = np.log(q)
         z = log_q

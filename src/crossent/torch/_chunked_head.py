@@ -75,22 +75,29 @@ def rows_per_chunk(chunk_size: int | None, x: torch.Tensor, w: torch.Tensor) -> 
 
 
 def split_rows(counted: torch.Tensor | None, x: torch.Tensor,
-               idle_nan: Callable[[], bool] | None = None) -> RowSplit | None:
+               idle_nan: Callable[[], bool] | None = None,
+               params: tuple[torch.Tensor | None, ...] = ()) -> RowSplit | None:
     """The counted and the ignored rows when some rows are ignored and may be skipped,
-    else None (every row counts, an ignored row's features are not finite, or
-    ``idle_nan()``: torch's ignored rows have NaN gradients, :func:`._rules.idle_rows_nan`,
-    asked only when some row is ignored).
+    else None (every row counts, an ignored row's features are not finite, a weight or
+    bias in ``params`` is not finite, or ``idle_nan()``: torch's ignored rows have NaN
+    gradients, :func:`._rules.idle_rows_nan`; each asked only when some row is ignored).
 
     An ignored row whose features are not finite is not skipped: torch's ``dW = G^T x``
     turns its zero gradient row times inf/NaN into NaN, and so does the unskipped pass
-    (NaN propagates, as in torch). Host synchronisations: three (the two index lists,
-    the finiteness of the ignored rows' features, read from those rows only)."""
+    (NaN propagates, as in torch). Nor where the weight or bias holds inf/NaN: the row's
+    logits then hold NaN or +inf, and torch's softmax backward turns its zero gradient
+    into NaN (``0 - exp(NaN) x 0``), in dx and dW. (Finite features and weights whose
+    product overflows to +inf in an ignored row are not looked for: that would cost the
+    logits the skip saves.) Host synchronisations: three, four with ``params`` (the two
+    index lists, the finiteness of the ignored rows' features and of the parameters)."""
     if counted is None:
         return None
     dropped = (~counted).nonzero().squeeze(1)
     if dropped.numel() == 0 or (idle_nan is not None and idle_nan()):
         return None
     if not bool(torch.isfinite(x.index_select(0, dropped)).all()):
+        return None
+    if not all(bool(torch.isfinite(p).all()) for p in params if p is not None):
         return None
     return RowSplit(counted.nonzero().squeeze(1), dropped)
 

@@ -239,12 +239,16 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _MAX_COUNT = 1e300  # a count float() converts exactly enough and never overflows
 
 
-def _plain_count(num_items) -> float | None:
-    """``num_items`` as the float the checked path divides by, where it is a Python
-    number that :func:`._rules.check_num_items` accepts without a question (a finite
-    int or float > 0); ``None`` otherwise (a tensor, a bad value: the checked path)."""
-    if (type(num_items) is int or type(num_items) is float) and 0 < num_items <= _MAX_COUNT:
-        return float(num_items)
+def _plain_count(num_items) -> int | float | None:
+    """``num_items`` as the number the checked path divides by
+    (:func:`._rules.check_num_items`), where it is a Python number that function accepts
+    without a question: an int in ``[1, 2**64)`` (kept an int: torch rounds it to the
+    loss's dtype once) or a finite float > 0; ``None`` otherwise (a tensor, a bad value:
+    the checked path)."""
+    if type(num_items) is int:
+        return num_items if 0 < num_items < 1 << 64 else None
+    if type(num_items) is float and 0 < num_items <= _MAX_COUNT:
+        return num_items
     return None
 
 
@@ -262,7 +266,8 @@ def _torch_kernel_directly(input, target, ignore_index, reduction, label_smoothi
     count = None
     if num_items is not None:
         count = _plain_count(num_items)
-        if count is None or reduction == "none":
+        # only a valid "mean"/"sum" becomes "sum" (anything else: the checked path's error)
+        if count is None or type(reduction) is not str or reduction not in ("mean", "sum"):
             return None
         reduction = "sum"
     if (type(input) is not torch.Tensor or type(target) is not torch.Tensor

@@ -76,6 +76,7 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 from torch.nn import _reduction
 
+from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._rules import (
     LOW_PRECISION,
@@ -539,9 +540,13 @@ def _requires(*tensors: torch.Tensor | None) -> list[bool]:
 
 
 def _num_items_args(num_items):
-    """``(tensor or None, number or None)``: a tensor travels as an operator input."""
+    """``(tensor or None, number or None)``: a tensor travels as an operator input; an int
+    past ``2**64`` as the float eager divides by (the operator's ``Scalar`` holds no
+    more: ``OverflowError`` while tracing)."""
     if isinstance(num_items, torch.Tensor):
         return num_items, None
+    if type(num_items) is int and not -(1 << 63) <= num_items < 1 << 64:
+        return None, _checks.as_float(num_items)
     return None, num_items
 
 

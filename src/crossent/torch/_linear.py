@@ -60,12 +60,14 @@ from ._rules import (
 __all__ = ["linear_cross_entropy"]
 
 
-def _counted_rows(rows: Rows, x: torch.Tensor, opts: Options) -> RowSplit | None:
+def _counted_rows(rows: Rows, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  opts: Options) -> RowSplit | None:
     """The counted and the ignored rows when the pass may skip the ignored ones, else
     None: the shared rule (:func:`._chunked_head.split_rows`; an ignored row with
-    non-finite features, or with torch's NaN gradient, is not skipped, so NaN reaches dW
-    as in torch)."""
-    return split_rows(rows.valid, x, lambda: idle_rows_nan(opts.weight, opts.label_smoothing))
+    non-finite features, non-finite weights or bias, or torch's NaN gradient, is not
+    skipped, so NaN reaches dx and dW as in torch)."""
+    return split_rows(rows.valid, x, lambda: idle_rows_nan(opts.weight, opts.label_smoothing),
+                      (w, b))
 
 
 def _compact(rows: Rows, keep: torch.Tensor) -> Rows:
@@ -115,7 +117,7 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, 
     (:func:`_counted_rows`). ``dw_dtype``: :func:`._chunked_head.weight_grad_dtype`."""
     counted = None if names is None else _statistics.counted_rows(rows, x.shape[0])
     run = head_pass(x, w, b, _RowBlockChunks(target, rows, opts, names), chunk, need,
-                    row_multiplier=row_multiplier, split=_counted_rows(rows, x, opts),
+                    row_multiplier=row_multiplier, split=_counted_rows(rows, x, w, b, opts),
                     dw_dtype=dw_dtype)
     if names is None:
         return run.losses, run.grads, None

@@ -218,7 +218,7 @@ class Options:
     reduction: str
     # the "mean" denominator given by the caller (``num_items=``), or None for torch's;
     # with one, ``reduction`` is "mean" (sum / num_items) whether the caller said so or "sum"
-    num_items: float | None = None
+    num_items: int | float | None = None
 
 
 @dataclass
@@ -260,8 +260,11 @@ def check_softcap_dtype(softcap, dtype: torch.dtype) -> None:
     _checks.check_softcap_fits(softcap, torch.finfo(cdtype), cdtype)
 
 
-def check_num_items(num_items, reduction: str) -> float | None:
-    """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None.
+def check_num_items(num_items, reduction: str) -> int | float | None:
+    """``num_items`` (a positive number: int, float or 0-d tensor) as a float, or None; an
+    integer count under ``2**64`` as an int (``sum / n`` then rounds ``n`` to the loss's
+    dtype once, as torch's ``sum / n`` does; ``float(n)`` first would round twice:
+    :func:`count_tensor`).
 
     It replaces the ``"mean"`` denominator: the loss is ``sum / num_items`` (for
     ``"mean"`` and ``"sum"`` alike), so gradient-accumulation micro-batches divided by the
@@ -294,19 +297,21 @@ def check_num_items(num_items, reduction: str) -> float | None:
         if num_items.device.type == "meta":
             raise InputError("num_items is a meta tensor: it has no value to divide by")
         try:
-            value = float(num_items.detach())
+            number = num_items.detach().item()  # an int for an integer tensor: exact
         except RuntimeError as error:  # a transform's wrapper around a batched count
             raise UnsupportedError(f"num_items: its value cannot be read here ({error}); "
                                    f"pass a Python number") from error
     elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
-        value = _checks.as_float(num_items)  # an int beyond float's range: inf, refused
+        number = (operator.index(num_items) if isinstance(num_items, numbers.Integral)
+                  else _checks.as_float(num_items))
     else:
         raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
                          f"0-d tensor) or None")
+    value = _checks.as_float(number)  # an int beyond float's range: inf, refused
     if not (math.isfinite(value) and value > 0):
         raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
                          f"summed loss is divided by)")
-    return value
+    return number if type(number) is int and number < 1 << 64 else value
 
 
 def differentiated(t: torch.Tensor, *, gradient: bool = True) -> bool:
@@ -329,8 +334,12 @@ def check_ignore_index(ignore_index) -> int:
     truncates (3.7 is not 3)."""
     if _checks.is_bool(ignore_index):  # tensor(True) too: operator.index takes it as 1
         raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
+    if isinstance(ignore_index, torch.Tensor) and torch._C._functorch.is_batchedtensor(
+            ignore_index):  # one per vmapped call: no single value to compare targets with
+        raise UnsupportedError("ignore_index as a tensor that torch.func.vmap batches: pass "
+                               "a Python int (the same for every vmapped call)")
     try:
-        value = operator.index(ignore_index)
+        value = _checks.integer_value(ignore_index)
     except TypeError:
         raise InputError(f"ignore_index={ignore_index!r} must be an integer (torch raises "
                          f"TypeError for a float, even an integral one)") from None
@@ -363,7 +372,7 @@ def legacy_flag(value, name: str) -> bool | None:
 
 def positive_int(value, name: str) -> int:
     try:
-        n = None if _checks.is_bool(value) else operator.index(value)
+        n = None if _checks.is_bool(value) else _checks.integer_value(value)
     except TypeError:
         n = None
     if n is None or n < 1:
@@ -507,7 +516,7 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
     """Validate ``target`` ((M,) indices or (M, C) probabilities) and build :class:`Rows`."""
     device = target.device
     given = (None if opts.num_items is None
-             else torch.tensor(opts.num_items, device=device, dtype=dtype))
+             else count_tensor(opts.num_items, device, dtype))
     if target.is_floating_point():
         denominator = (torch.tensor(float(num_rows), device=device, dtype=dtype)
                        if given is None else given)
@@ -526,6 +535,16 @@ def prepare_rows(target: torch.Tensor, num_rows: int, num_classes: int, opts: Op
     scale = torch.where(valid, validf / denominator, 0.0) if opts.reduction == "mean" else validf
     return Rows(index, valid, scale, (1.0 - opts.label_smoothing) * w_y, denominator,
                 given is None and opts.label_smoothing > 0)
+
+
+def count_tensor(count: int | float, device, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` (:func:`check_num_items`'s) as a 0-d ``dtype`` tensor, an int rounded
+    once, from an integer tensor (``torch.tensor(n, dtype=float32)`` goes through float64:
+    two roundings, where torch's ``sum / n`` makes one)."""
+    if type(count) is int:
+        wide = torch.int64 if count < 1 << 63 else torch.uint64
+        return torch.tensor(count, device=device, dtype=wide).to(dtype)
+    return torch.tensor(count, device=device, dtype=dtype)
 
 
 def kernel_reduction(opts: Options) -> str:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .._checks import as_float, ascii_integer, ascii_number
+from .._checks import as_float, ascii_integer, ascii_number, check_integer
 from .._files import check_files_in, check_output_path, save_figure, write_atomic
 from ..errors import InputError
 from . import _inductor
@@ -754,7 +754,7 @@ def max_load() -> int:
 def check_load(value: object, name: str = "--load") -> int:
     """``--load``: an integer in [0, :func:`max_load`] (an :class:`InputError` naming
     ``name`` otherwise)."""
-    count = _check_count(value, name, 0)
+    count = check_integer(value, name, minimum=0)  # NumPy integers too
     if count > max_load():
         raise InputError(f"{name} must be an integer <= {max_load()} ({LOAD_PER_CPU} busy "
                          f"processes per CPU, {os.cpu_count() or 1} CPUs here; got {value!r})")
@@ -857,7 +857,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
         raise InputError(f"{what}; choose from {', '.join(CONFIGS)}")
     _check_count(repeats, "--repeats", 1)
     _check_count(warmup, "--warmup", 0)
-    check_load(load)
+    load = check_load(load)  # a plain int: the results are written as JSON
     bandwidth = check_bandwidth(bandwidth)
     if compiled_kernel and not device.startswith("cpu"):
         raise InputError(f"--compiled-kernel: the compiled kernel runs on CPU tensors only "

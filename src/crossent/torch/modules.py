@@ -88,9 +88,10 @@ _LinearLossBase: type[nn.Module] = getattr(nn, "LinearCrossEntropyLoss",
                                           nn.modules.loss._WeightedLoss)
 
 
-def _check_head_sizes(in_features, num_classes, out_features) -> None:
+def _check_head_sizes(in_features, num_classes, out_features) -> tuple[int, ...]:
     """Integers >= 0 whose weight, ``(num_classes * prod(out_features), in_features)``,
-    fits int64 (``nn.Linear`` would raise a raw TypeError/RuntimeError)."""
+    fits int64 (``nn.Linear`` would raise a raw TypeError/RuntimeError); returns
+    ``out_features`` as a tuple (read once: an iterator is consumed)."""
     size = _checks.check_integer(in_features, "in_features", minimum=0,
                                  maximum=_checks.INDEX_MAX)
     size *= _checks.check_integer(num_classes, "num_classes", minimum=0,
@@ -105,6 +106,7 @@ def _check_head_sizes(in_features, num_classes, out_features) -> None:
         raise InputError(f"in_features={in_features!r}, num_classes={num_classes!r} and "
                          f"out_features={extra!r} make a weight of {size} entries, beyond "
                          f"int64")
+    return extra
 
 
 class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[misc, valid-type]
@@ -137,7 +139,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         # torch's constructor checks (weight's shape, label_smoothing), and crossent's
         # other options, here rather than at the first forward
         check_options(reduction, label_smoothing, z_loss, softcap)
-        _check_head_sizes(in_features, num_classes, out_features)
+        out_features = _check_head_sizes(in_features, num_classes, out_features)
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
                              f"{type(weight).__name__}")

@@ -462,7 +462,8 @@ def triton_linear_cross_entropy(
     # ignored rows are skipped by the CPU head's rule (not where their features are not
     # finite: NaN reaches dW, as in torch)
     split = (split_rows(_counted_rows(t, ignore_index), x,
-                        lambda: idle_rows_nan(w, label_smoothing)) if skip_ignored else None)
+                        lambda: idle_rows_nan(w, label_smoothing),
+                        (linear_weight, linear_bias)) if skip_ignored else None)
     params = (x, linear_weight, linear_bias)
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if records_graph() and any(p is not None and p.requires_grad for p in params):

@@ -71,7 +71,7 @@ _BLOCK_ELEMS = 1 << 20
 # The agreement table's columns (int64; floats travel as their IEEE-754 float64 bits, so
 # equality is exact). Order matters only for the message order of the checks.
 FIELDS = (
-    "problem",  # 1 if this rank's own arguments are bad (it raises its own message)
+    "problem",  # 0, or the kind of this rank's bad arguments (_KINDS; it raises its message)
     "function",  # which public function this rank called
     "rows",  # N
     "dtype",  # the logits' (input's) dtype
@@ -184,6 +184,10 @@ def target_hashes(y: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+# the error types a noted problem may have, by their code in the table's "problem" column
+_KINDS: tuple[type[Exception], ...] = (InputError, UnsupportedError)
+
+
 class Problems:
     """The first bad-argument message of this rank. Checks on one rank must not raise
     before the agreement collective (the other ranks would wait in it): they are noted
@@ -215,7 +219,7 @@ class Spec:
     z_loss: float
     weight: torch.Tensor | None  # (V_r,) compute dtype: this rank's slice of the class weights
     reduction: str
-    num_items: torch.Tensor | float | None
+    num_items: torch.Tensor | int | float | None
     softcap: float | None = None
     weight_total: float = 0.0  # sum_c w_c over all V classes, set by agree()
     num_classes: int = 0  # V, set by agree()
@@ -270,7 +274,7 @@ def _index(value, name: str) -> int:
         raise InputError(f"{name}={value!r} must be an integer")
     try:
         index = operator.index(value)
-    except TypeError:
+    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
         raise InputError(f"{name}={value!r} must be an integer") from None
     if not -(1 << 63) <= index < 1 << 63:
         raise InputError(f"{name}={value!r} does not fit in int64")
@@ -350,10 +354,12 @@ def _num_items(num_items, reduction: str, problems: Problems):
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         problems.note(f"num_items={num_items!r} must be a number > 0 or a tensor")
         return None
-    value = float(num_items)
+    value = _checks.as_float(num_items)  # never OverflowError on one rank alone
     if not (value > 0 and math.isfinite(value)):
         problems.note(f"num_items={num_items!r} must be a finite number > 0")
         return None
+    if isinstance(num_items, numbers.Integral) and num_items < 1 << 64:
+        return operator.index(num_items)  # divided as an int: rounded once, as torch's
     return value
 
 
@@ -432,10 +438,11 @@ def note_transforms(name: str, problems: Problems, *, forward_ad: bool, tensors=
 
 
 def header_device(group, *tensors) -> torch.device:
-    """Where the agreement buffer lives: the first tensor argument's device, else the
+    """Where the agreement buffer lives: the first tensor argument's device (not a meta
+    tensor's: its problem is noted, and the other ranks must be answered), else the
     backend's (CUDA for NCCL)."""
     for t in tensors:
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":  # meta: no collective
             return t.device
     if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -457,7 +464,7 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
         if not ok:  # every rank raises after the table: nothing of this rank's is read
             target = torch.zeros(0, dtype=torch.int64, device=device)
         values = {
-            "problem": 0 if ok else 1,
+            "problem": 0 if ok else 1 + _KINDS.index(problems.kind),
             "function": function,
             "rows": rows,
             "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
@@ -468,7 +475,8 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
             "reduction": _REDUCTIONS.index(spec.reduction),
             "weighted": int(spec.weight is not None),
             "num_items_given": int(spec.num_items is not None),
-            "num_items": float_bits(spec.num_items) if isinstance(spec.num_items, float) else 0,
+            "num_items": (float_bits(float(spec.num_items))
+                          if isinstance(spec.num_items, (int, float)) else 0),
             "features": features,
             "chunk_size": chunk_size,
             "reduce_input_grad": int(reduce_input_grad),
@@ -518,12 +526,20 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
     def col(name):
         return [r[_COL[name]] for r in rows]
 
-    bad = [r for r, flag in enumerate(col("problem")) if flag]
+    bad = [(r, code) for r, code in enumerate(col("problem")) if code]
     if bad:
+        # every rank raises one type, the first bad rank's (an `except UnsupportedError`
+        # that falls back must not fall back on one rank alone); the message is the
+        # rank's own where it has one
+        first, code = bad[0]
+        kind = _KINDS[code - 1] if 0 < code <= len(_KINDS) else InputError
         if problems.message is not None:
-            raise problems.kind(problems.message)
-        raise InputError(f"rank {bad[0]} of the group reported invalid input (its error says "
-                         f"which); every rank stops")
+            if problems.kind is kind:
+                raise kind(problems.message)
+            raise kind(f"{problems.message} (rank {first} of the group reported a problem "
+                       f"first: its error, a {kind.__name__}, says which; every rank stops)")
+        raise kind(f"rank {first} of the group reported invalid input (its error says "
+                   f"which); every rank stops")
     for name in FIELDS:
         if name in _PER_RANK or name.startswith("target_hash"):
             continue

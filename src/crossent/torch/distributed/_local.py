@@ -125,6 +125,8 @@ def grad_rows(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: torch.
     ``z`` holds the capped logits already and ``tanh`` their ``tanh(z / c)`` (the linear
     head's chunk buffer); the Triton kernel caps the raw logits itself."""
     n, size = z.shape
+    if out.numel() == 0:  # no classes here (or no rows): nothing to write, and two empty
+        return out        # tensors share data_ptr 0, which would pass for "in place"
     if route == "triton":
         from .._triton.vocab_parallel import vocab_parallel_grad
 

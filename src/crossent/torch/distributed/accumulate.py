@@ -20,7 +20,8 @@ def global_num_items(
     group=None,
 ) -> torch.Tensor:
     """The number of non-ignored targets summed over ``group`` (one ``all_reduce(SUM)`` of
-    two int64: the count and a bad-argument flag, so every rank raises together): the
+    a ``world x 3`` int64 table: each rank's count, bad-argument flag and ``ignore_index``,
+    so every rank raises together, also where the ranks' ``ignore_index`` differ): the
     ``num_items`` that makes ``reduction="sum"`` a full-batch mean.
 
     ``target`` is this rank's targets, or a list of them (all gradient-accumulation
@@ -35,8 +36,9 @@ def global_num_items(
     over micro-batches and ranks. ``DistributedDataParallel`` *averages* gradients over its
     ``W`` ranks, so with DDP multiply the loss by ``W`` (or divide ``num_items`` by ``W``).
 
-    Returns a 0-d int64 tensor on the targets' device (no host synchronisation). Without an
-    initialized ``torch.distributed`` (and ``group=None``) it is the local count.
+    Returns a 0-d int64 tensor on the targets' device (no host synchronisation in one
+    process; on a group one, reading the table back). Without an initialized
+    ``torch.distributed`` (and ``group=None``) it is the local count.
 
     >>> import torch
     >>> int(global_num_items([torch.tensor([1, -100, 2]), torch.tensor([0])]))
@@ -61,13 +63,23 @@ def global_num_items(
         count = torch.zeros((), dtype=torch.int64, device=device)
     if initialized and dist.get_world_size(group) > 1:
         # a bad argument on one rank travels with the count: every rank raises together
-        # (a rank raising alone would leave the others waiting in the all-reduce)
-        both = torch.stack([count, torch.tensor(int(problem is not None), device=device)])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        if problem is None and int(both[1]):
+        # (a rank raising alone would leave the others waiting in the all-reduce), and so
+        # does an ignore_index that differs (a count mixing two rules would be wrong)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        table = torch.zeros((world, 3), dtype=torch.int64, device=device)
+        table[rank, 0] = count
+        table[rank, 1] = int(problem is not None)
+        table[rank, 2] = check_ignore_index(ignore_index) if problem is None else 0
+        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+        rows = table.tolist()  # the one host synchronisation
+        if problem is None and any(flag for _, flag, _ in rows):
             raise InputError("global_num_items: another rank of the group passed a bad "
                              "target or ignore_index (its error names it)")
-        count = both[0]
+        if problem is None and len({ii for _, _, ii in rows}) > 1:
+            shown = ", ".join(f"rank {r}: {ii}" for r, (_, _, ii) in enumerate(rows))
+            raise InputError(f"ignore_index differs across the ranks of the group ({shown}); "
+                             f"every rank must pass the same value")
+        count = table[:, 0].sum()
     if problem is not None:
         raise InputError(problem)
     return count
@@ -104,6 +116,8 @@ def _checked_targets(targets: list, not_a_list: str | None,
                         f"{type(t).__name__} inside")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             return [], f"target must hold integer class ids, got {t.dtype}"
+        if t.device.type == "meta":
+            return [], "target on the meta device has no class ids to count"
         try:
             check_index_dtype(t)
         except InputError as error:

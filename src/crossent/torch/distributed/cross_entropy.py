@@ -239,6 +239,9 @@ def _check_logits(local_logits, problems: Problems) -> torch.Tensor | None:
                       f"tensors only", UnsupportedError)
     elif local_logits.dim() == 0:
         problems.note("local_logits must have a class dimension; got a 0-d tensor")
+    elif local_logits.device.type == "meta":
+        problems.note("local_logits on the meta device: the vocab-parallel loss needs the "
+                      "values of every rank's logits (collectives)", UnsupportedError)
     else:
         return local_logits
     return None

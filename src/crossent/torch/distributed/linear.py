@@ -342,6 +342,10 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
             problems.note(f"{name} with layout {t.layout}: dense (strided) tensors only",
                           UnsupportedError)
             return *bad, 0, 0
+        if t.device.type == "meta":
+            problems.note(f"{name} on the meta device: the vocab-parallel loss needs the "
+                          f"values of every rank's tensors (collectives)", UnsupportedError)
+            return *bad, 0, 0
     if local_weight.dim() != 2:
         problems.note(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
         return *bad, 0, 0
