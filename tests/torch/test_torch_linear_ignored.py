@@ -94,7 +94,7 @@ def test_skipping_equals_the_unskipped_pass(kw, monkeypatch):
     kw = dict(kw, weight=cw) if kw.get("weight") else kw
     go = torch.tensor(1.0, dtype=torch.float64)
     got, grads = _run(xt.linear_cross_entropy, x, w, b, y, go, chunk_size=6, **kw)
-    monkeypatch.setattr(_linear, "_counted_rows", lambda rows, x, opts: None)
+    monkeypatch.setattr(_linear, "_counted_rows", lambda *args: None)
     full, full_grads = _run(xt.linear_cross_entropy, x, w, b, y, go, chunk_size=6, **kw)
     close(got, full, rtol=1e-12)
     for g, r in zip(grads, full_grads, strict=True):

@@ -168,7 +168,9 @@ def _check_accumulation(rank, world):
     counter = CollectiveCounter()
     with counter:
         num_items = global_num_items(list(ts[dp]), group=dp_group)
-        assert [(op, n) for op, n, _ in counter.take()] == [("SUM", 2)]  # count, problem flag
+        # each rank's count, problem flag and ignore_index
+        assert [(op, n) for op, n, _ in counter.take()] == [
+            ("SUM", 3 * dist.get_world_size(dp_group))]
     assert int(num_items) == int((ts != -100).sum())
 
     def accumulate(reduction, num_items=None):

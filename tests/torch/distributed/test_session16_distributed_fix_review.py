@@ -171,21 +171,28 @@ def test_one_bad_rank_raises_together_and_nonfinite_weights_are_torchs(world):
 
 def test_global_num_items_problem_flag_is_made_on_the_targets_device(monkeypatch):
     # meta stands in for CUDA (no GPU here): the tensor handed to the all-reduce must sit
-    # on the target's device on a bad rank as on a good one
-    seen = []
+    # where header_device puts it (the target's device) on a bad rank as on a good one.
+    # (A meta target itself is refused since stop 18, and header_device skips it: a
+    # collective cannot run on meta; so the stand-in is header_device's answer.)
+    seen, asked = [], []
     monkeypatch.setattr(accumulate.dist, "is_available", lambda: True)
     monkeypatch.setattr(accumulate.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(accumulate.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(accumulate.dist, "get_rank", lambda group=None: 0)
+
+    def header_device(group, *tensors):
+        asked.append([t.device.type for t in tensors])
+        return torch.device("meta")
 
     def all_reduce(tensor, op=None, group=None):
         seen.append(tensor.device.type)
-        tensor.fill_(1) if tensor.device.type == "cpu" else None
 
+    monkeypatch.setattr(accumulate, "header_device", header_device)
     monkeypatch.setattr(accumulate.dist, "all_reduce", all_reduce)
-    target = torch.zeros(3, dtype=torch.int64, device="meta")
+    target = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(InputError, match="ignore_index"):
         global_num_items(target, ignore_index=1.5)
-    assert seen == ["meta"]
+    assert asked == [["cpu"]] and seen == ["meta"]
 
 
 @pytest.mark.parametrize("dtype,wrapped", [(torch.uint8, 156), (torch.uint16, 65436)])

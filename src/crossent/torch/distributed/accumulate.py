@@ -71,11 +71,13 @@ def global_num_items(
         table[rank, 1] = int(problem is not None)
         table[rank, 2] = check_ignore_index(ignore_index) if problem is None else 0
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+        if problem is not None:  # this rank's own message; nothing of the table is read
+            raise InputError(problem)
         rows = table.tolist()  # the one host synchronisation
-        if problem is None and any(flag for _, flag, _ in rows):
+        if any(flag for _, flag, _ in rows):
             raise InputError("global_num_items: another rank of the group passed a bad "
                              "target or ignore_index (its error names it)")
-        if problem is None and len({ii for _, _, ii in rows}) > 1:
+        if len({ii for _, _, ii in rows}) > 1:
             shown = ", ".join(f"rank {r}: {ii}" for r, (_, _, ii) in enumerate(rows))
             raise InputError(f"ignore_index differs across the ranks of the group ({shown}); "
                              f"every rank must pass the same value")

@@ -342,10 +342,6 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
             problems.note(f"{name} with layout {t.layout}: dense (strided) tensors only",
                           UnsupportedError)
             return *bad, 0, 0
-        if t.device.type == "meta":
-            problems.note(f"{name} on the meta device: the vocab-parallel loss needs the "
-                          f"values of every rank's tensors (collectives)", UnsupportedError)
-            return *bad, 0, 0
     if local_weight.dim() != 2:
         problems.note(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
         return *bad, 0, 0
@@ -358,6 +354,10 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
         if t.device != input.device:  # never moved silently (torch raises too)
             problems.check(check_same_device, t, name, input)
             return *bad, size, features
+    if input.device.type == "meta":  # all on meta (checked above): no values to exchange
+        problems.note("input on the meta device: the vocab-parallel loss needs the values "
+                      "of every rank's tensors (collectives)", UnsupportedError)
+        return *bad, size, features
     x, w, b = autocast_linear(input, local_weight, local_bias)
     for name, t in (("local_weight", w), ("local_bias", b)):
         if t is not None and t.dtype != x.dtype:  # torch.nn.functional.linear's rule
