@@ -204,6 +204,44 @@ ce_cases = st.fixed_dictionaries({
 })
 
 
+
+def _index_targets(case, index, m, c, g, opts):
+    """Class-index targets from ``index``: some rows ignored (``case["ignore"]``: the
+    default -100, an in-range class, a value no row has, a class + 256 that a uint8/int8
+    comparison would wrap onto a real class), in ``case["index_dtype"]``; ``opts`` gets
+    the ``ignore_index`` unless it is the default. Returns ``(targets, ignore_index)``."""
+    ignore_index = -100
+    idt = case["index_dtype"]
+    t = index.clone()
+    drop = torch.rand(m, generator=g) < case["ignored"]
+    if case["ignore"] == "class":
+        ignore_index = int(torch.randint(0, c, (), generator=g))
+        t[drop] = ignore_index
+    elif case["ignore"] == "absent":
+        ignore_index = -7 if idt != torch.uint8 else 200
+    elif case["ignore"] == "wrapped":
+        ignore_index = int(index[0]) + 256 if m else 256
+    elif idt != torch.uint8:  # -100 is no uint8 value: nothing ignored there
+        t[drop] = -100
+    if case["ignore"] != "default":
+        opts["ignore_index"] = ignore_index
+    return t.to(idt), ignore_index
+
+
+def _class_weight(case, c, g, dtype, prob):
+    """``case["weight"]``: None, positive, signed (torch takes negative class weights) or
+    with zeros; in the logits' dtype, or (probability targets: torch multiplies and
+    promotes, so any floating weight) in ``case["weight_dtype"]``."""
+    if case["weight"] is None:
+        return None
+    w = torch.rand(c, generator=g, dtype=F64) + 0.25
+    if case["weight"] == "signed":
+        w = w * torch.randint(0, 2, (c,), generator=g).mul(2).sub(1)
+    if case["weight"] == "zeros":
+        w[torch.rand(c, generator=g) < 0.5] = 0.0
+    same = not prob or case["weight_dtype"] == "same"
+    return w.to(dtype if same else case["weight_dtype"])
+
 def _ce_data(case):
     """Tensors of one case: the leaf the logits are a view of (and its layout), target,
     class weight, the flattening to (M, C) rows, the grad_output and the options."""
@@ -236,32 +274,9 @@ def _ce_data(case):
         t[mask] = 0.0
         t = (t / t.sum(1, keepdim=True).clamp_min(1e-3)).to(tdtype)
     else:
-        idt = case["index_dtype"]
-        t = index.clone()
-        drop = torch.rand(m, generator=g) < case["ignored"]
-        if case["ignore"] == "class":
-            ignore_index = int(torch.randint(0, c, (), generator=g))
-            t[drop] = ignore_index
-        elif case["ignore"] == "absent":
-            ignore_index = -7 if idt != torch.uint8 else 200
-        elif case["ignore"] == "wrapped":
-            ignore_index = int(index[0]) + 256 if m else 256
-        elif idt != torch.uint8:  # -100 is no uint8 value: nothing ignored there
-            t[drop] = -100
-        t = t.to(idt)
-        if case["ignore"] != "default":
-            opts["ignore_index"] = ignore_index
-    w = None
+        t, ignore_index = _index_targets(case, index, m, c, g, opts)
     prob = case["prob"]
-    if case["weight"] is not None:
-        w = torch.rand(c, generator=g, dtype=F64) + 0.25
-        if case["weight"] == "signed":  # torch takes negative class weights too
-            w = w * torch.randint(0, 2, (c,), generator=g).mul(2).sub(1)
-        if case["weight"] == "zeros":
-            w[torch.rand(c, generator=g) < 0.5] = 0.0
-        # probability targets take any floating weight (torch multiplies and promotes)
-        same = not prob or case["weight_dtype"] == "same"
-        w = w.to(dtype if same else case["weight_dtype"])
+    w = _class_weight(case, c, g, dtype, prob)
     # the caller's layout: rows (M, C) -> (N, C) / (N, C, d1) / (C,), a view of a leaf
     layout = case["layout"] if kind == "2d" else "contig"
     if layout == "transposed":
@@ -596,32 +611,9 @@ def _linear_data(case):
         t[:, masked] = 0.0
         t = (t / t.sum(1, keepdim=True).clamp_min(1e-3)).to(dtype)
     else:
-        idt = case["index_dtype"]
-        t = index.clone()
-        drop = torch.rand(m, generator=g) < case["ignored"]
-        if case["ignore"] == "class":
-            ignore_index = int(torch.randint(0, c, (), generator=g))
-            t[drop] = ignore_index
-        elif case["ignore"] == "absent":
-            ignore_index = -7 if idt != torch.uint8 else 200
-        elif case["ignore"] == "wrapped":
-            ignore_index = int(index[0]) + 256 if m else 256
-        elif idt != torch.uint8:
-            t[drop] = -100
-        t = t.to(idt)
-        if case["ignore"] != "default":
-            opts["ignore_index"] = ignore_index
-    w = None
+        t, ignore_index = _index_targets(case, index, m, c, g, opts)
     prob = case["prob"]
-    if case["weight"] is not None:
-        w = torch.rand(c, generator=g, dtype=F64) + 0.25
-        if case["weight"] == "signed":  # torch takes negative class weights too
-            w = w * torch.randint(0, 2, (c,), generator=g).mul(2).sub(1)
-        if case["weight"] == "zeros":
-            w[torch.rand(c, generator=g) < 0.5] = 0.0
-        # probability targets take any floating weight (torch multiplies and promotes)
-        same = not prob or case["weight_dtype"] == "same"
-        w = w.to(dtype if same else case["weight_dtype"])
+    w = _class_weight(case, c, g, dtype, prob)
     if n is None:
         x, t = x[0], t[0]
     xs = _stored(x, case["x_layout"], dtype)

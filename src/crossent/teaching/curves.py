@@ -224,10 +224,17 @@ class Breakdown:
 
 
 def _as_array(values: object) -> np.ndarray:
-    """``np.asarray(values)``, a tensor that requires grad detached first (NumPy cannot
-    read it; the curves are numbers, not a graph)."""
-    detach = getattr(values, "detach", None)
-    return np.asarray(detach() if callable(detach) else values)
+    """``np.asarray(values)``, a tensor that requires grad (given whole, or as an entry of
+    a list or tuple) detached first: NumPy cannot read it, and the curves are numbers,
+    not a graph."""
+    if isinstance(values, list | tuple):
+        values = [_detached(v) for v in values]
+    return np.asarray(_detached(values))
+
+
+def _detached(value: object) -> object:
+    detach = getattr(value, "detach", None)
+    return detach() if callable(detach) else value
 
 
 def _vector(values: Numbers, name: str) -> np.ndarray:

@@ -334,8 +334,7 @@ def check_ignore_index(ignore_index) -> int:
     truncates (3.7 is not 3)."""
     if _checks.is_bool(ignore_index):  # tensor(True) too: operator.index takes it as 1
         raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
-    if isinstance(ignore_index, torch.Tensor) and torch._C._functorch.is_batchedtensor(
-            ignore_index):  # one per vmapped call: no single value to compare targets with
+    if vmapped(ignore_index):  # one per vmapped call: no single value to compare with
         raise UnsupportedError("ignore_index as a tensor that torch.func.vmap batches: pass "
                                "a Python int (the same for every vmapped call)")
     try:
@@ -370,7 +369,24 @@ def legacy_flag(value, name: str) -> bool | None:
         raise InputError(f"{name}={value!r} has no single truth value: {error}") from error
 
 
+def vmapped(value) -> bool:
+    """``value`` is a tensor that ``torch.func.vmap`` batches at some level (under
+    ``grad``/``jacrev`` too, whose wrappers hide the batching): it holds one value per
+    vmapped call, so no single integer option can be read from it."""
+    functorch = torch._C._functorch
+    while isinstance(value, torch.Tensor):
+        if functorch.is_batchedtensor(value):
+            return True
+        if not functorch.is_functorch_wrapped_tensor(value):
+            return False
+        value = functorch.get_unwrapped(value)
+    return False
+
+
 def positive_int(value, name: str) -> int:
+    if vmapped(value):
+        raise UnsupportedError(f"{name} as a tensor that torch.func.vmap batches: pass a "
+                               f"Python int (the same for every vmapped call)")
     try:
         n = None if _checks.is_bool(value) else _checks.integer_value(value)
     except TypeError:
@@ -543,7 +559,9 @@ def count_tensor(count: int | float, device, dtype: torch.dtype) -> torch.Tensor
     two roundings, where torch's ``sum / n`` makes one)."""
     if type(count) is int:
         wide = torch.int64 if count < 1 << 63 else torch.uint64
-        return torch.tensor(count, device=device, dtype=wide).to(dtype)
+        # rounded on the host (not every device has uint64), then copied as torch.tensor
+        # would copy it
+        return torch.tensor(count, dtype=wide).to(dtype).to(device)
     return torch.tensor(count, device=device, dtype=dtype)
 
 

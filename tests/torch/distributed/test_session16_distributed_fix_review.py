@@ -170,29 +170,40 @@ def test_one_bad_rank_raises_together_and_nonfinite_weights_are_torchs(world):
 
 
 def test_global_num_items_problem_flag_is_made_on_the_targets_device(monkeypatch):
-    # meta stands in for CUDA (no GPU here): the tensor handed to the all-reduce must sit
-    # where header_device puts it (the target's device) on a bad rank as on a good one.
-    # (A meta target itself is refused since stop 18, and header_device skips it: a
-    # collective cannot run on meta; so the stand-in is header_device's answer.)
+    # the tensor handed to the all-reduce must sit where header_device puts it (the
+    # target's device: CUDA for NCCL) on a bad rank as on a good one. (A meta target
+    # stood in for CUDA until stop 18; a meta target is refused now and the bad rank
+    # reads the table back, so header_device's answer is watched instead: a device
+    # object of its own, equal to the CPU's.)
     seen, asked = [], []
     monkeypatch.setattr(accumulate.dist, "is_available", lambda: True)
     monkeypatch.setattr(accumulate.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(accumulate.dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(accumulate.dist, "get_rank", lambda group=None: 0)
 
+    answer = torch.device("cpu", 0)  # an object of its own, told apart from "cpu" below
+    zeros = torch.zeros
+
     def header_device(group, *tensors):
         asked.append([t.device.type for t in tensors])
-        return torch.device("meta")
+        return answer
+
+    def table_on(*shape, device=None, **kwargs):  # where the (world, 3) table is made
+        if shape == ((2, 3),):
+            seen.append(device)
+        return zeros(*shape, device=device, **kwargs)
 
     def all_reduce(tensor, op=None, group=None):
-        seen.append(tensor.device.type)
+        pass
+
+    monkeypatch.setattr(accumulate.torch, "zeros", table_on)
 
     monkeypatch.setattr(accumulate, "header_device", header_device)
     monkeypatch.setattr(accumulate.dist, "all_reduce", all_reduce)
     target = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(InputError, match="ignore_index"):
         global_num_items(target, ignore_index=1.5)
-    assert asked == [["cpu"]] and seen == ["meta"]
+    assert asked == [["cpu"]] and seen == [answer]
 
 
 @pytest.mark.parametrize("dtype,wrapped", [(torch.uint8, 156), (torch.uint16, 65436)])

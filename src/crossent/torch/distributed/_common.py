@@ -83,6 +83,7 @@ FIELDS = (
     "weighted",  # class weights given
     "num_items_given",
     "num_items",
+    "num_items_rest",  # an int count's n - int(float(n)): counts one float cannot tell apart
     "features",  # D (linear only)
     "chunk_size",  # the explicit chunk size, 0 for the default (linear only)
     "reduce_input_grad",  # linear only
@@ -103,6 +104,7 @@ _LABELS = {  # how a disagreement is named in the error (the argument it comes f
     "dtype": "the dtype of local_logits / input",
     "weighted": "weight given (not None)",
     "num_items_given": "num_items given (not None)",
+    "num_items_rest": "num_items (beyond float64's precision: n - float(n))",
     "features": "D (the last dimension of input)",
     "chunk_size": "chunk_size (0: None)",
     "input_grad": "input.requires_grad (its gradient is all-reduced in backward)",
@@ -344,6 +346,9 @@ def _num_items(num_items, reduction: str, problems: Problems):
             problems.note(f"num_items must be a number or a one-element real tensor; got a "
                           f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
             return None
+        if num_items.device.type == "meta":  # no value to read, nor to send
+            problems.note("num_items is a meta tensor: it has no value to divide by")
+            return None
         if (records_graph() and num_items.requires_grad) or differentiated(
                 num_items, gradient=False):  # its gradient or tangent would be dropped
             problems.note("num_items that requires grad or carries a forward-mode tangent: "
@@ -464,7 +469,8 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
         if not ok:  # every rank raises after the table: nothing of this rank's is read
             target = torch.zeros(0, dtype=torch.int64, device=device)
         values = {
-            "problem": 0 if ok else 1 + _KINDS.index(problems.kind),
+            "problem": 0 if ok else 1 + (_KINDS.index(problems.kind)
+                                         if problems.kind in _KINDS else 0),
             "function": function,
             "rows": rows,
             "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
@@ -477,6 +483,10 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
             "num_items_given": int(spec.num_items is not None),
             "num_items": (float_bits(float(spec.num_items))
                           if isinstance(spec.num_items, (int, float)) else 0),
+            # an int is divided as itself: ranks whose ints round to one float must agree
+            # on the rest too (a float count's rest is 0)
+            "num_items_rest": (spec.num_items - int(float(spec.num_items))
+                               if type(spec.num_items) is int else 0),
             "features": features,
             "chunk_size": chunk_size,
             "reduce_input_grad": int(reduce_input_grad),

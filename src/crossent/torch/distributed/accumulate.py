@@ -7,11 +7,21 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ...errors import InputError
+from ...errors import InputError, UnsupportedError
 from .._rules import check_ignore_index, check_index_dtype
 from ._common import header_device
 
 __all__ = ["global_num_items"]
+
+# a problem message with this prefix is raised as UnsupportedError (the rest of the
+# message), any other as InputError; every rank raises the first bad rank's type
+_UNSUPPORTED = "unsupported: "
+
+
+def _raise(problem: str) -> None:
+    if problem.startswith(_UNSUPPORTED):
+        raise UnsupportedError(problem[len(_UNSUPPORTED):])
+    raise InputError(problem)
 
 
 def global_num_items(
@@ -68,22 +78,27 @@ def global_num_items(
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         table = torch.zeros((world, 3), dtype=torch.int64, device=device)
         table[rank, 0] = count
-        table[rank, 1] = int(problem is not None)
+        # 0: fine; 1: InputError; 2: UnsupportedError (the type every rank raises)
+        table[rank, 1] = 0 if problem is None else 1 + problem.startswith(_UNSUPPORTED)
         table[rank, 2] = check_ignore_index(ignore_index) if problem is None else 0
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
-        if problem is not None:  # this rank's own message; nothing of the table is read
-            raise InputError(problem)
         rows = table.tolist()  # the one host synchronisation
-        if any(flag for _, flag, _ in rows):
-            raise InputError("global_num_items: another rank of the group passed a bad "
-                             "target or ignore_index (its error names it)")
+        first = next((flag for _, flag, _ in rows if flag), 0)
+        if problem is not None:  # this rank's own message, the first bad rank's type
+            kind = UnsupportedError if first == 2 else InputError
+            own = problem[len(_UNSUPPORTED):] if problem.startswith(_UNSUPPORTED) else problem
+            raise kind(own)
+        if first:
+            kind = UnsupportedError if first == 2 else InputError
+            raise kind("global_num_items: another rank of the group passed a bad target or "
+                       "ignore_index (its error names it)")
         if len({ii for _, _, ii in rows}) > 1:
             shown = ", ".join(f"rank {r}: {ii}" for r, (_, _, ii) in enumerate(rows))
             raise InputError(f"ignore_index differs across the ranks of the group ({shown}); "
                              f"every rank must pass the same value")
         count = table[:, 0].sum()
     if problem is not None:
-        raise InputError(problem)
+        _raise(problem)
     return count
 
 
@@ -106,6 +121,8 @@ def _checked_targets(targets: list, not_a_list: str | None,
     class-id tensors."""
     try:
         check_ignore_index(ignore_index)
+    except UnsupportedError as error:  # a vmapped ignore_index: raised after the reduce
+        return [], f"{_UNSUPPORTED}{error}"
     except InputError as error:
         return [], str(error)
     if not_a_list is not None:
