@@ -559,9 +559,9 @@ def count_tensor(count: int | float, device, dtype: torch.dtype) -> torch.Tensor
     two roundings, where torch's ``sum / n`` makes one)."""
     if type(count) is int:
         wide = torch.int64 if count < 1 << 63 else torch.uint64
-        # rounded on the host (not every device has uint64), then copied as torch.tensor
-        # would copy it
-        return torch.tensor(count, dtype=wide).to(dtype).to(device)
+        # rounded on the host (not every device has uint64; the host named: a default
+        # device of meta must not take it), then copied as torch.tensor would copy it
+        return torch.tensor(count, dtype=wide, device="cpu").to(dtype).to(device)
     return torch.tensor(count, device=device, dtype=dtype)
 
 
