@@ -224,15 +224,15 @@ class Breakdown:
 
 
 def _as_array(values: object) -> np.ndarray:
-    """``np.asarray(values)``, a tensor that requires grad (given whole, or as an entry of
-    a list or tuple) detached first: NumPy cannot read it, and the curves are numbers,
+    """``np.asarray(values)``, a tensor that requires grad (given whole, or an entry of
+    lists or tuples at any depth) detached first: NumPy cannot read it, and the curves are numbers,
     not a graph."""
-    if isinstance(values, list | tuple):
-        values = [_detached(v) for v in values]
     return np.asarray(_detached(values))
 
 
 def _detached(value: object) -> object:
+    if isinstance(value, list | tuple):  # nested lists too: [[p, 1 - p]]
+        return [_detached(v) for v in value]
     detach = getattr(value, "detach", None)
     return detach() if callable(detach) else value
 

@@ -57,6 +57,7 @@ from .._rules import (
     fake_values,
     records_graph,
     reduce_rows,
+    vmapped,
 )
 
 __all__ = ["FIELDS", "compute_dtype"]
@@ -297,7 +298,12 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
         cap = None
     if reduction not in _REDUCTIONS:
         reduction = "mean"
-    index = problems.check(_index, ignore_index, "ignore_index")
+    if vmapped(ignore_index):  # the single-process rule (_rules.check_ignore_index)
+        problems.note("ignore_index as a tensor that torch.func.vmap batches: pass a Python "
+                      "int (the same for every vmapped call)", UnsupportedError)
+        index = None
+    else:
+        index = problems.check(_index, ignore_index, "ignore_index")
     cdtype = compute_dtype(like.dtype) if like is not None else torch.float32
     device = like.device if like is not None else None
     if weight is not None:

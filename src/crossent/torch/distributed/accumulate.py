@@ -13,15 +13,9 @@ from ._common import header_device
 
 __all__ = ["global_num_items"]
 
-# a problem message with this prefix is raised as UnsupportedError (the rest of the
-# message), any other as InputError; every rank raises the first bad rank's type
-_UNSUPPORTED = "unsupported: "
-
-
-def _raise(problem: str) -> None:
-    if problem.startswith(_UNSUPPORTED):
-        raise UnsupportedError(problem[len(_UNSUPPORTED):])
-    raise InputError(problem)
+# the problem types, by their code in the table's flag column (0: no problem); every rank
+# raises the first bad rank's type
+_KINDS: tuple[type[Exception], ...] = (InputError, UnsupportedError)
 
 
 def global_num_items(
@@ -58,7 +52,7 @@ def global_num_items(
     if not initialized and group is not None:
         raise InputError("a group was given but torch.distributed is not initialized")
     given, not_a_list = _as_list(target)
-    targets, problem = _checked_targets(given, not_a_list, ignore_index)
+    targets, problem, kind = _checked_targets(given, not_a_list, ignore_index)
     # where the count travels, bad argument or not (an NCCL rank's flag on the CPU would
     # fail its all-reduce while the others wait): the first tensor given, else the group's
     device = header_device(group if initialized else None,
@@ -78,27 +72,24 @@ def global_num_items(
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         table = torch.zeros((world, 3), dtype=torch.int64, device=device)
         table[rank, 0] = count
-        # 0: fine; 1: InputError; 2: UnsupportedError (the type every rank raises)
-        table[rank, 1] = 0 if problem is None else 1 + problem.startswith(_UNSUPPORTED)
+        # 0: fine; else 1 + the index of the problem's type in _KINDS
+        table[rank, 1] = 0 if problem is None else 1 + _KINDS.index(kind)
         table[rank, 2] = check_ignore_index(ignore_index) if problem is None else 0
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
         rows = table.tolist()  # the one host synchronisation
         first = next((flag for _, flag, _ in rows if flag), 0)
         if problem is not None:  # this rank's own message, the first bad rank's type
-            kind = UnsupportedError if first == 2 else InputError
-            own = problem[len(_UNSUPPORTED):] if problem.startswith(_UNSUPPORTED) else problem
-            raise kind(own)
+            raise _KINDS[first - 1](problem)
         if first:
-            kind = UnsupportedError if first == 2 else InputError
-            raise kind("global_num_items: another rank of the group passed a bad target or "
-                       "ignore_index (its error names it)")
+            raise _KINDS[first - 1]("global_num_items: another rank of the group passed a "
+                                    "bad target or ignore_index (its error names it)")
         if len({ii for _, _, ii in rows}) > 1:
             shown = ", ".join(f"rank {r}: {ii}" for r, (_, _, ii) in enumerate(rows))
             raise InputError(f"ignore_index differs across the ranks of the group ({shown}); "
                              f"every rank must pass the same value")
         count = table[:, 0].sum()
     if problem is not None:
-        _raise(problem)
+        raise kind(problem)
     return count
 
 
@@ -114,31 +105,42 @@ def _as_list(target) -> tuple[list, str | None]:
                     f"{type(target).__name__}")
 
 
-def _checked_targets(targets: list, not_a_list: str | None,
-                     ignore_index) -> tuple[list[torch.Tensor], str | None]:
-    """The targets, and the first problem with the arguments (None: none): an integer
-    ``ignore_index``, a list (``not_a_list``: :func:`_as_list`'s problem) of integer
-    class-id tensors."""
+def _checked_targets(targets: list, not_a_list: str | None, ignore_index,
+                     ) -> tuple[list[torch.Tensor], str | None, type[Exception]]:
+    """The targets, the first problem with the arguments (None: none) and its type
+    (:data:`_KINDS`): an integer ``ignore_index``, a list (``not_a_list``:
+    :func:`_as_list`'s problem) of integer class-id tensors."""
+    problem, kind = _targets_problem(targets, not_a_list, ignore_index)
+    return ([] if problem else targets), problem, kind
+
+
+def _targets_problem(targets: list, not_a_list: str | None,
+                     ignore_index) -> tuple[str | None, type[Exception]]:
     try:
         check_ignore_index(ignore_index)
     except UnsupportedError as error:  # a vmapped ignore_index: raised after the reduce
-        return [], f"{_UNSUPPORTED}{error}"
-    except InputError as error:
-        return [], str(error)
+        return str(error), UnsupportedError
+    except Exception as error:  # also a caller's __index__ failing: never before the reduce
+        return (str(error) if isinstance(error, InputError)
+                else f"ignore_index={ignore_index!r}: {error}"), InputError
+    return _list_problem(targets, not_a_list), InputError
+
+
+def _list_problem(targets: list, not_a_list: str | None) -> str | None:
     if not_a_list is not None:
-        return [], not_a_list
+        return not_a_list
     if not targets:
-        return [], "target is an empty list"
+        return "target is an empty list"
     for t in targets:
         if not isinstance(t, torch.Tensor):
-            return [], (f"target must be a tensor of class ids or a list of them; got a "
-                        f"{type(t).__name__} inside")
+            return (f"target must be a tensor of class ids or a list of them; got a "
+                    f"{type(t).__name__} inside")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            return [], f"target must hold integer class ids, got {t.dtype}"
+            return f"target must hold integer class ids, got {t.dtype}"
         if t.device.type == "meta":
-            return [], "target on the meta device has no class ids to count"
+            return "target on the meta device has no class ids to count"
         try:
             check_index_dtype(t)
         except InputError as error:
-            return [], str(error)
-    return targets, None
+            return str(error)
+    return None
