@@ -168,14 +168,8 @@ def _reference(z, t, w, *, ignore_index, reduction, ls, zl, cap, num_items, zero
 
 # ---------------------------------------------------------------- cross_entropy cases
 
-ce_cases = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**31 - 1),
-    "dtype": st.sampled_from(DTYPES),
-    "kind": st.sampled_from(["2d", "2d", "2d", "kdim", "unbatched"]),
-    "n": st.sampled_from([0, 1, 2, 3, 5, 7, 12]),
-    "d1": st.integers(1, 3),
-    "c": st.sampled_from([1, 2, 3, 5, 8, 11]),
-    "prob": st.booleans(),
+# what both losses draw: targets, class weights, the options, the reduction, the count
+OPTION_STRATEGIES = {
     "index_dtype": st.sampled_from(INDEX_DTYPES),
     # "wrapped": a class id + 256, which a uint8/int8 comparison would wrap onto the class
     "ignore": st.sampled_from(["default", "class", "absent", "wrapped"]),
@@ -184,25 +178,35 @@ ce_cases = st.fixed_dictionaries({
     "weight_dtype": st.sampled_from(["same", "same", torch.float32, torch.float64]),
     "target_grad": st.booleans(),
     "weight_grad": st.booleans(),
-    "prob_dtype": st.sampled_from(["same", torch.float32, torch.float64]),
     "ls": st.sampled_from([0.0, 0.0, 0.1, 0.6, 1.0]),
     "zl": st.sampled_from([0.0, 0.0, 1e-3, 0.5]),
     "cap": st.sampled_from([None, None, 5.0, 0.7]),
     "reduction": st.sampled_from(["mean", "sum", "none"]),
     "num_items": st.sampled_from([None, None, 3, 2.5, "tensor"]),
+    "loss_dtype": st.sampled_from([None, None, torch.float32, torch.float64]),
+    "grad_out": st.sampled_from([1.0, 1.0, 0.5, -2.0, 0.0]),
+}
+
+ce_cases = st.fixed_dictionaries({
+    **OPTION_STRATEGIES,
+    "seed": st.integers(0, 2**31 - 1),
+    "dtype": st.sampled_from(DTYPES),
+    "kind": st.sampled_from(["2d", "2d", "2d", "kdim", "unbatched"]),
+    "n": st.sampled_from([0, 1, 2, 3, 5, 7, 12]),
+    "d1": st.integers(1, 3),
+    "c": st.sampled_from([1, 2, 3, 5, 8, 11]),
+    "prob": st.booleans(),
+    "prob_dtype": st.sampled_from(["same", torch.float32, torch.float64]),
     "layout": st.sampled_from(["contig", "transposed", "sliced"]),
     # -inf logits on some non-target classes (or on the target class too: an infinite
     # loss), logits of 1e4
     "special": st.sampled_from(["none", "none", "neg_inf", "neg_inf_target", "large"]),
     "inplace": st.booleans(),
-    "loss_dtype": st.sampled_from([None, None, torch.float32, torch.float64]),
-    "grad_out": st.sampled_from([1.0, 1.0, 0.5, -2.0, 0.0]),
     "block": st.integers(1, 4),
     "module": st.booleans(),
     "plain": st.booleans(),  # torch's options only (the direct call, the small kernel)
     "views": st.booleans(),  # target and class weight as non-contiguous views
 })
-
 
 
 def _index_targets(case, index, m, c, g, opts):
@@ -541,6 +545,7 @@ def test_cross_entropy_every_route_matches_float64_torch(case):
 # ---------------------------------------------------------------- linear_cross_entropy
 
 linear_cases = st.fixed_dictionaries({
+    **OPTION_STRATEGIES,
     "seed": st.integers(0, 2**31 - 1),
     "dtype": st.sampled_from(DTYPES),
     "n": st.sampled_from([0, 1, 2, 3, 5, 9, None]),  # None: unbatched (D,) input
@@ -548,24 +553,9 @@ linear_cases = st.fixed_dictionaries({
     "c": st.sampled_from([1, 2, 3, 5, 8]),
     "bias": st.booleans(),
     "prob": st.booleans(),
-    "index_dtype": st.sampled_from(INDEX_DTYPES),
-    # "wrapped": a class id + 256, which a uint8/int8 comparison would wrap onto the class
-    "ignore": st.sampled_from(["default", "class", "absent", "wrapped"]),
-    "ignored": st.sampled_from([0.0, 0.3, 1.0]),
-    "weight": st.sampled_from([None, "positive", "zeros", "signed"]),
-    "weight_dtype": st.sampled_from(["same", "same", torch.float32, torch.float64]),
-    "target_grad": st.booleans(),
-    "weight_grad": st.booleans(),
-    "ls": st.sampled_from([0.0, 0.0, 0.1, 0.6, 1.0]),
-    "zl": st.sampled_from([0.0, 0.0, 1e-3, 0.5]),
-    "cap": st.sampled_from([None, None, 5.0, 0.7]),
-    "reduction": st.sampled_from(["mean", "sum", "none"]),
-    "num_items": st.sampled_from([None, None, 3, 2.5, "tensor"]),
     "x_layout": st.sampled_from(["contig", "transposed", "sliced"]),
     "w_layout": st.sampled_from(["contig", "transposed"]),
     "special": st.sampled_from(["none", "none", "neg_inf_bias", "large"]),
-    "loss_dtype": st.sampled_from([None, None, torch.float32, torch.float64]),
-    "grad_out": st.sampled_from([1.0, 1.0, 0.5, -2.0, 0.0]),
     "chunk": st.integers(1, 5),
     "block": st.integers(1, 3),
     "module": st.booleans(),

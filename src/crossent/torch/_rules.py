@@ -302,8 +302,7 @@ def check_num_items(num_items, reduction: str) -> int | float | None:
             raise UnsupportedError(f"num_items: its value cannot be read here ({error}); "
                                    f"pass a Python number") from error
     elif isinstance(num_items, numbers.Real) and not isinstance(num_items, bool):
-        number = (operator.index(num_items) if isinstance(num_items, numbers.Integral)
-                  else _checks.as_float(num_items))
+        number = num_items  # type: ignore[assignment]  # a Real: int, float, NumPy, Fraction
     else:
         raise InputError(f"num_items={num_items!r} must be a positive number (int, float or "
                          f"0-d tensor) or None")
@@ -311,7 +310,16 @@ def check_num_items(num_items, reduction: str) -> int | float | None:
     if not (math.isfinite(value) and value > 0):
         raise InputError(f"num_items={value!r} must be a finite number > 0 (the count the "
                          f"summed loss is divided by)")
-    return number if type(number) is int and number < 1 << 64 else value
+    return count_value(number)
+
+
+def count_value(count) -> int | float:
+    """A checked count (a real number > 0) as crossent divides by it: an integer under
+    ``2**64`` as an int (:func:`count_tensor` rounds it to the loss's dtype once, as
+    torch's ``sum / n`` does), anything else as its float."""
+    if isinstance(count, numbers.Integral) and count < 1 << 64:
+        return operator.index(count)
+    return _checks.as_float(count)
 
 
 def differentiated(t: torch.Tensor, *, gradient: bool = True) -> bool:
@@ -334,9 +342,7 @@ def check_ignore_index(ignore_index) -> int:
     truncates (3.7 is not 3)."""
     if _checks.is_bool(ignore_index):  # tensor(True) too: operator.index takes it as 1
         raise InputError(f"ignore_index={ignore_index!r} must be an integer, not a bool")
-    if vmapped(ignore_index):  # one per vmapped call: no single value to compare with
-        raise UnsupportedError("ignore_index as a tensor that torch.func.vmap batches: pass "
-                               "a Python int (the same for every vmapped call)")
+    refuse_vmapped(ignore_index, "ignore_index")  # no single value to compare targets with
     try:
         value = _checks.integer_value(ignore_index)
     except TypeError:
@@ -383,10 +389,16 @@ def vmapped(value) -> bool:
     return False
 
 
-def positive_int(value, name: str) -> int:
+def refuse_vmapped(value, name: str) -> None:
+    """An :class:`UnsupportedError` naming ``name`` where ``value`` is :func:`vmapped`: an
+    integer option holds one value per call there, and crossent reads one."""
     if vmapped(value):
         raise UnsupportedError(f"{name} as a tensor that torch.func.vmap batches: pass a "
                                f"Python int (the same for every vmapped call)")
+
+
+def positive_int(value, name: str) -> int:
+    refuse_vmapped(value, name)
     try:
         n = None if _checks.is_bool(value) else _checks.integer_value(value)
     except TypeError:

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import outcome, run_group
 
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
@@ -36,16 +36,6 @@ from crossent.torch.distributed import (
 pytestmark = pytest.mark.timeout(60)
 
 _OURS = (InputError, UnsupportedError)
-
-
-def _outcome(fn) -> str:
-    try:
-        fn()
-    except _OURS as error:
-        return type(error).__name__
-    except Exception as error:  # any other exception is reported, then fails
-        return f"OTHER {type(error).__name__}: {error}"
-    return "returned"
 
 
 def _same_everywhere(name: str, here: str, world: int, expected: str | None = None) -> None:
@@ -126,7 +116,7 @@ def _kinds_and_meta(rank: int, world: int) -> None:
     # a meta tensor's kind (InputError or UnsupportedError) is the code's choice; one kind
     # on every rank, and no hang, is the contract
     for name, make, per_rank, expected in cases:
-        _same_everywhere(name, _outcome(make(**per_rank.get(rank, {}))), world, expected)
+        _same_everywhere(name, outcome(make(**per_rank.get(rank, {}))), world, expected)
     # the group is still usable: a valid call returns torch's loss
     full = _gathered(z, world, 1)
     got = vocab_parallel_cross_entropy(z, y)
@@ -178,7 +168,7 @@ def _global_counts(rank: int, world: int) -> None:
     ]
     for name, per_rank in raised:
         kw = dict(target=y) | per_rank.get(rank, {})
-        _same_everywhere(name, _outcome(lambda kw=kw: global_num_items(**kw)), world, "InputError")
+        _same_everywhere(name, outcome(lambda kw=kw: global_num_items(**kw)), world, "InputError")
     assert int(global_num_items(y)) == sum(torch_count([y + r - rank], -100) for r in range(world))
 
 
@@ -207,7 +197,7 @@ def _empty_slices(rank: int, world: int) -> None:
             torch.testing.assert_close(z.grad, ref_z.grad[:, start:start + sizes[rank]],
                                        equal_nan=True)
         loss2 = vocab_parallel_cross_entropy(z, y[:rows], vocab_start=start)
-        here = _outcome(lambda loss2=loss2, z=z: torch.autograd.grad(
+        here = outcome(lambda loss2=loss2, z=z: torch.autograd.grad(
             loss2, z, create_graph=True)[0].sum().backward())
         _same_everywhere(f"double backward, {rows} rows", here, world)
     # the linear head: a rank with a (0, D) weight slice and a (0,) bias
@@ -246,7 +236,7 @@ def _count_spellings(rank: int, world: int) -> None:
         torch.testing.assert_close(loss, total / n)
     for per_rank in ({0: 5}, {1: 4.5}, {world - 1: torch.tensor(3)}):
         given = per_rank.get(rank, 4)
-        _same_everywhere(f"num_items {per_rank}", _outcome(
+        _same_everywhere(f"num_items {per_rank}", outcome(
             lambda given=given: vocab_parallel_cross_entropy(z, y, reduction="sum",
                                                              num_items=given)),
             world, "InputError")
@@ -329,10 +319,10 @@ def _int_and_float_counts(rank: int, world: int) -> None:
     # the agreement compares float64 bits: int _TIE + 1, its float and int _TIE - 1 agree
     # (all round to _TIE in float64); float32 rounds them (once) to different numbers
     count = [_TIE + 1, float(_TIE + 1), _TIE - 1][rank % 3]
-    outcome = _outcome(lambda: vocab_parallel_cross_entropy(z, y, reduction="sum",
-                                                            num_items=count))
-    _same_everywhere("int / float num_items", outcome, world)
-    if outcome == "returned":
+    here = outcome(lambda: vocab_parallel_cross_entropy(z, y, reduction="sum",
+                                                        num_items=count))
+    _same_everywhere("int / float num_items", here, world)
+    if here == "returned":
         loss = vocab_parallel_cross_entropy(z, y, reduction="sum", num_items=count)
         losses = [None] * world
         dist.all_gather_object(losses, loss.item())

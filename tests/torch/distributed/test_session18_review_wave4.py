@@ -13,26 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import outcome, run_group
 
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
 from crossent.torch.distributed import accumulate, global_num_items, vocab_parallel_cross_entropy
 
 pytestmark = pytest.mark.timeout(60)
-
-_OURS = (InputError, UnsupportedError)
-
-
-def _outcome(fn) -> str:
-    try:
-        fn()
-    except _OURS as error:
-        return type(error).__name__
-    except Exception as error:  # reported, then fails
-        return f"OTHER {type(error).__name__}: {error}"
-    return "returned"
-
 
 def _everywhere(name: str, here: str, world: int, expected: str) -> None:
     seen: list = [None] * world
@@ -61,7 +48,7 @@ def _group_cases(rank: int, world: int) -> None:
             y, ignore_index=1.5 if rank == 1 else -100)),
     }
     for name, (want, call) in mixes.items():
-        _everywhere(name, _outcome(call), world, want)
+        _everywhere(name, outcome(call), world, want)
     # valid calls still count as torch does, over the group
     def held(r):  # rank r's micro-batches (a uint8 -100 is class 156, counted)
         return [torch.tensor([r, -100, 2]).to(torch.uint8 if r else torch.int64),
@@ -79,7 +66,7 @@ def _group_cases(rank: int, world: int) -> None:
     z = full[:, 2 * rank:2 * rank + 2]
     t = torch.tensor([0, 1, 2, 3])
     n = 2**53 + (rank == 0)  # float(2**53 + 1) == 2**53: only the rest differs
-    _everywhere("int 2**53+1@0 vs 2**53", _outcome(lambda: vocab_parallel_cross_entropy(
+    _everywhere("int 2**53+1@0 vs 2**53", outcome(lambda: vocab_parallel_cross_entropy(
         z, t, reduction="sum", num_items=n)), world, "InputError")
     # an int and its exact float agree (rest 0) and give torch's number
     for count in ([2**53, float(2**53)][rank], [7, 7.0][rank], [3, torch.tensor(3)][rank]):
@@ -88,7 +75,7 @@ def _group_cases(rank: int, world: int) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # a meta num_items on rank 1 (wave 3 put it on rank 0): InputError everywhere
     meta = torch.tensor(4.0, device="meta" if rank == 1 else "cpu")
-    _everywhere("meta num_items@1", _outcome(lambda: vocab_parallel_cross_entropy(
+    _everywhere("meta num_items@1", outcome(lambda: vocab_parallel_cross_entropy(
         z, t, reduction="sum", num_items=meta)), world, "InputError")
 
 

@@ -53,11 +53,12 @@ from .._rules import (
     check_same_device,
     check_softcap_dtype,
     compute_dtype,
+    count_value,
     differentiated,
     fake_values,
     records_graph,
     reduce_rows,
-    vmapped,
+    refuse_vmapped,
 )
 
 __all__ = ["FIELDS", "compute_dtype"]
@@ -205,11 +206,12 @@ class Problems:
             self.message, self.kind = message, kind
 
     def check(self, fn, *args):
-        """``fn(*args)``; an :class:`InputError` it raises is noted and ``None`` returned."""
+        """``fn(*args)``; an :class:`InputError` or :class:`UnsupportedError` it raises is
+        noted (with its type) and ``None`` returned."""
         try:
             return fn(*args)
-        except InputError as e:
-            self.note(str(e))
+        except _KINDS as e:
+            self.note(str(e), type(e))
             return None
 
 
@@ -270,6 +272,11 @@ def make_layout(group, local_classes: int, vocab_start, problems: Problems) -> L
     return Layout(group, rank, world, start, int(local_classes), vocab_start is None)
 
 
+def _ignore_index(value) -> int:
+    refuse_vmapped(value, "ignore_index")  # the single-process rule
+    return _index(value, "ignore_index")
+
+
 # Not crossent.torch._rules.check_ignore_index: this one also checks vocab_start, and the
 # value must fit the int64 agreement table; its problems are noted, not raised (below).
 def _index(value, name: str) -> int:
@@ -298,12 +305,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
         cap = None
     if reduction not in _REDUCTIONS:
         reduction = "mean"
-    if vmapped(ignore_index):  # the single-process rule (_rules.check_ignore_index)
-        problems.note("ignore_index as a tensor that torch.func.vmap batches: pass a Python "
-                      "int (the same for every vmapped call)", UnsupportedError)
-        index = None
-    else:
-        index = problems.check(_index, ignore_index, "ignore_index")
+    index = problems.check(_ignore_index, ignore_index)
     cdtype = compute_dtype(like.dtype) if like is not None else torch.float32
     device = like.device if like is not None else None
     if weight is not None:
@@ -369,9 +371,7 @@ def _num_items(num_items, reduction: str, problems: Problems):
     if not (value > 0 and math.isfinite(value)):
         problems.note(f"num_items={num_items!r} must be a finite number > 0")
         return None
-    if isinstance(num_items, numbers.Integral) and num_items < 1 << 64:
-        return operator.index(num_items)  # divided as an int: rounded once, as torch's
-    return value
+    return count_value(num_items)  # an int divided as an int: rounded once, as torch's
 
 
 def _describe(x) -> str:

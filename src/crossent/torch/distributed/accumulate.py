@@ -9,13 +9,9 @@ import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
 from .._rules import check_ignore_index, check_index_dtype
-from ._common import header_device
+from ._common import _KINDS, header_device
 
 __all__ = ["global_num_items"]
-
-# the problem types, by their code in the table's flag column (0: no problem); every rank
-# raises the first bad rank's type
-_KINDS: tuple[type[Exception], ...] = (InputError, UnsupportedError)
 
 
 def global_num_items(
@@ -52,7 +48,7 @@ def global_num_items(
     if not initialized and group is not None:
         raise InputError("a group was given but torch.distributed is not initialized")
     given, not_a_list = _as_list(target)
-    targets, problem, kind = _checked_targets(given, not_a_list, ignore_index)
+    index, problem, kind = _checked(given, not_a_list, ignore_index)
     # where the count travels, bad argument or not (an NCCL rank's flag on the CPU would
     # fail its all-reduce while the others wait): the first tensor given, else the group's
     device = header_device(group if initialized else None,
@@ -60,7 +56,7 @@ def global_num_items(
     if problem is None:
         # in int64: a uint8/uint16 target compared with -100 in its own dtype would wrap it
         # to 156/65436 and miss that class, which the losses count
-        counts = [(t.to(torch.int64) != ignore_index).sum() for t in targets]
+        counts = [(t.to(torch.int64) != index).sum() for t in given]
         # Start from the first count, not 0: the sum stays a tensor (typed so) on its device
         count = sum(counts[1:], start=counts[0]).to(torch.int64)
     else:
@@ -74,7 +70,7 @@ def global_num_items(
         table[rank, 0] = count
         # 0: fine; else 1 + the index of the problem's type in _KINDS
         table[rank, 1] = 0 if problem is None else 1 + _KINDS.index(kind)
-        table[rank, 2] = check_ignore_index(ignore_index) if problem is None else 0
+        table[rank, 2] = 0 if index is None else index
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
         rows = table.tolist()  # the one host synchronisation
         first = next((flag for _, flag, _ in rows if flag), 0)
@@ -105,25 +101,19 @@ def _as_list(target) -> tuple[list, str | None]:
                     f"{type(target).__name__}")
 
 
-def _checked_targets(targets: list, not_a_list: str | None, ignore_index,
-                     ) -> tuple[list[torch.Tensor], str | None, type[Exception]]:
-    """The targets, the first problem with the arguments (None: none) and its type
-    (:data:`_KINDS`): an integer ``ignore_index``, a list (``not_a_list``:
-    :func:`_as_list`'s problem) of integer class-id tensors."""
-    problem, kind = _targets_problem(targets, not_a_list, ignore_index)
-    return ([] if problem else targets), problem, kind
-
-
-def _targets_problem(targets: list, not_a_list: str | None,
-                     ignore_index) -> tuple[str | None, type[Exception]]:
+def _checked(targets: list, not_a_list: str | None, ignore_index,
+             ) -> tuple[int | None, str | None, type[Exception]]:
+    """``ignore_index`` as an int (None if it is bad), the first problem with the arguments
+    (None: none) and its type (:data:`._common._KINDS`): an integer ``ignore_index``, a
+    list (``not_a_list``: :func:`_as_list`'s problem) of integer class-id tensors."""
     try:
-        check_ignore_index(ignore_index)
+        index = check_ignore_index(ignore_index)
     except UnsupportedError as error:  # a vmapped ignore_index: raised after the reduce
-        return str(error), UnsupportedError
+        return None, str(error), UnsupportedError
     except Exception as error:  # also a caller's __index__ failing: never before the reduce
-        return (str(error) if isinstance(error, InputError)
-                else f"ignore_index={ignore_index!r}: {error}"), InputError
-    return _list_problem(targets, not_a_list), InputError
+        return None, (str(error) if isinstance(error, InputError)
+                      else f"ignore_index={ignore_index!r}: {error}"), InputError
+    return index, _list_problem(targets, not_a_list), InputError
 
 
 def _list_problem(targets: list, not_a_list: str | None) -> str | None:
