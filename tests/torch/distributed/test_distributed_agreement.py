@@ -64,6 +64,12 @@ def _swapped(t):  # same multiset, same sum, different order
     return t
 
 
+def _nudged(x, at):  # the next float64 above one element: a difference of one ulp
+    x = x.clone()
+    x[at] = torch.nextafter(x[at], torch.tensor(math.inf, dtype=x.dtype))
+    return x
+
+
 def _cases(world):
     """(name, kwargs(rank) on each rank, expected message regex (same on every rank, or a
     function of the rank for a problem local to one rank))."""
@@ -78,6 +84,9 @@ def _cases(world):
 
     def on_last(**kw):
         return lambda r: kw if r == last else {}
+
+    def lin_on_last(**kw):  # the linear head on every rank, kw on the last
+        return lambda r: dict(kind="lin", **(kw if r == last else {}))
 
     def local(message):  # a problem on the last rank: its own message; the others name it
         return lambda r: message if r == last else f"rank {last} of the group reported"
@@ -156,6 +165,14 @@ def _cases(world):
             kind="lin", input=torch.zeros(N, D + 1, dtype=torch.float64),
             local_weight=torch.zeros(VR, D + 1, dtype=torch.float64)) if r == last
          else dict(kind="lin"), r"D \(the last dimension of input\) differs"),
+        ("linear: input one ulp apart on one rank",
+         lin_on_last(input=_nudged(_data(world)[2], (4, 1))), "input differs"),
+        ("linear: input rows swapped on one rank",
+         lin_on_last(input=_swapped(_data(world)[2])), "input differs"),
+        ("linear: input of another batch on one rank",
+         lin_on_last(input=torch.randn(N, D, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(99))),
+         "input differs"),
         ("linear: local_weight dtype on one rank", lambda r: dict(
             kind="lin", local_weight=torch.zeros(VR, D)) if r == last else dict(kind="lin"),
          local("local_weight has dtype")),
@@ -210,6 +227,44 @@ def _check_agreement(rank, world):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     _check_nan(rank, world)
     _check_adversarial_targets_pass_when_equal(rank, world)
+    _check_equal_inputs_in_other_layouts_pass(rank, world)
+
+
+def _check_equal_inputs_in_other_layouts_pass(rank, world):
+    """Control for the input hashes: the same values held differently on each rank (a
+    transposed copy's view, a slice of a wider tensor, -0.0 for 0.0, NaNs of other signs and
+    payloads, bfloat16 in slices of rows) pass and give single-process crossent's loss and
+    gradients."""
+    from crossent.torch.distributed import _common
+
+    _, t, x, w = _data(world)
+    x = x.clone()
+    x[0, 0], x[5, 3] = 0.0, math.nan
+    held = [x.t().contiguous().t(), torch.cat([x, x], 1)[:, :D], x.clone()][rank % 3]
+    if rank == world - 1:
+        held = held.clone()
+        held[0, 0] = -0.0
+        held[5, 3] = -math.nan
+    lo = VR * rank
+    mine = held.clone().requires_grad_()
+    local_w = w[lo:lo + VR].clone().requires_grad_()
+    got = vocab_parallel_linear_cross_entropy(mine, local_w, t, reduction="none")
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = xt.linear_cross_entropy(ref_x, ref_w, t, reduction="none")
+    go = torch.arange(1.0, N + 1, dtype=torch.float64)
+    got.backward(go)
+    want.backward(go)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    torch.testing.assert_close(local_w.grad, ref_w.grad[lo:lo + VR], equal_nan=True)
+    # bfloat16 hidden states hashed in slices of two rows (the slicing cannot matter)
+    saved = _common._HASH_WORDS
+    _common._HASH_WORDS = 2 * D
+    try:
+        xb = torch.cat([x, x], 1)[:, :D].bfloat16() if rank else x.bfloat16()
+        out = vocab_parallel_linear_cross_entropy(xb, w[lo:lo + VR].bfloat16(), t)
+    finally:
+        _common._HASH_WORDS = saved
+    assert torch.isnan(out)  # the NaN row counts
 
 
 def _check_adversarial_targets_pass_when_equal(rank, world):

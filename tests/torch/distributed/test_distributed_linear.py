@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dist_harness import CollectiveCounter, run_group
 
 import crossent.torch as xt
+from crossent.errors import InputError
 from crossent.torch.distributed import global_num_items, vocab_parallel_linear_cross_entropy
 from crossent.torch.distributed._common import FIELDS
 from crossent.torch.distributed.costs import vocab_parallel_costs
@@ -206,17 +207,22 @@ def test_num_items_gives_the_full_batch_gradient_under_accumulation():
 
 
 def _check_inf_on_one_rank(rank, world):
-    """An ignored row whose hidden state is inf on rank 0 only: the shared chunk loop must
-    make the same collectives on every rank (no per-rank row skipping), so the call
-    returns on both ranks with the loss torch gives for that input."""
+    """An ignored row whose hidden state is inf on rank 0 only: the ranks hold different
+    inputs, so every rank raises InputError together (nothing hangs); with the inf on every
+    rank, the shared chunk loop makes the same collectives on every rank (no per-rank row
+    skipping) and the call returns the loss torch gives for that input."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(N, D, generator=g)
     w = torch.randn(8, D, generator=g)
     t = torch.randint(0, 8, (N,), generator=g)
     t[2] = -100
-    if rank == 0:
-        x[2] = math.inf
     lo, hi = 4 * rank, 4 * rank + 4
+    one = x.clone()
+    if rank == 0:
+        one[2] = math.inf
+    with pytest.raises(InputError, match="input differs across the ranks"):
+        vocab_parallel_linear_cross_entropy(one, w[lo:hi], t, vocab_start=lo, chunk_size=3)
+    x[2] = math.inf
     xr = x.clone().requires_grad_()
     out = vocab_parallel_linear_cross_entropy(xr, w[lo:hi].clone().requires_grad_(), t,
                                               vocab_start=lo, chunk_size=3)

@@ -95,6 +95,9 @@ FIELDS = (
     "start",  # per rank: checked as a partition of [0, V), not for equality
     "size",
     "weight_sum",  # per rank: sum of its weight slice (float64 bits), summed
+    "input_hash0",  # linear only: the hidden states, which every rank must hold alike
+    "input_hash1",
+    "input_hash2",
     "target_hash0",
     "target_hash1",
     "target_hash2",
@@ -117,6 +120,7 @@ _FUNCTIONS = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entro
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _PER_RANK = ("start", "size", "weight_sum", "problem", "vocab_start_given")
+_HASHES = ("_hash0", "_hash1", "_hash2")  # compared after the partition, with their own messages
 _FLOATS = ("label_smoothing", "z_loss", "softcap", "num_items")
 
 # Target hashes: three independent position-keyed nonlinear hashes modulo the Mersenne
@@ -186,6 +190,36 @@ def target_hashes(y: torch.Tensor) -> torch.Tensor:
         u = (u * d + top) % _P
         out.append(u.sum() % _P)  # N < 2^32 terms below 2^31: no overflow
     return torch.stack(out)
+
+
+# input_hashes takes its rows in slices of this many 16-bit words (32 MiB of float64)
+_HASH_WORDS = 1 << 22
+
+
+def input_hashes(x: torch.Tensor) -> torch.Tensor:
+    """Three hashes ``(3,)`` int64 of the values of the ``(N, D)`` floating tensor ``x``:
+    equal values give equal hashes on every rank and device, whatever the strides
+    (``-0.0`` hashes as ``0.0``, every NaN alike). Each row is read as signed 16-bit words
+    ``u_j`` and summed as ``sum_j u_j k_j`` with keys ``k_j`` in ``[1, 2^16)``: one float64
+    matrix-vector product, exact in any summation order, since every partial sum is an
+    integer below ``2^53`` (rows of fewer than ``2^21`` words; a word changed by ``d != 0``
+    changes the sum by ``d k_j != 0``). The ``N`` row sums then go through
+    :func:`target_hashes` (position-keyed and nonlinear: rows swapped are caught). Slices of
+    rows bound the temporaries; no host synchronisation."""
+    x = x.detach()
+    rows = x.shape[0]
+    nan = torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    per_row = x.shape[1] * x.element_size() // 2
+    j = torch.arange(per_row, dtype=torch.int64, device=x.device)
+    keys = ((j * 1103515245 + 12345) % 65521 + 1).to(torch.float64)  # 65521: prime < 2^16
+    sums = torch.empty(rows, dtype=torch.int64, device=x.device)
+    step = max(1, _HASH_WORDS // max(per_row, 1))
+    for lo in range(0, rows, step):
+        part = x[lo:lo + step]
+        canonical = torch.where(torch.isnan(part), nan, part + 0.0).contiguous()  # -0.0 -> 0.0
+        words = canonical.view(torch.int16).to(torch.float64)
+        sums[lo:lo + step] = (words @ keys).to(torch.int64)
+    return target_hashes(sums)
 
 
 # the error types a noted problem may have, by their code in the table's "problem" column
@@ -463,12 +497,13 @@ def header_device(group, *tensors) -> torch.device:
 def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
           function: int, rows: int, dtype, device, features: int = 0, chunk_size: int = 0,
           reduce_input_grad: bool = False, input_grad: bool = False,
-          backend: object = "auto") -> None:
+          backend: object = "auto", input: torch.Tensor | None = None) -> None:
     """The first collective of a call: one all-reduce SUM of a ``world x F`` int64 table
     (each rank's arguments in its row), then the same checks on every rank. Raises
     :class:`InputError` on every rank together, or sets ``spec.num_classes``,
     ``spec.weight_total`` and ``lay.max_size``. ``backend`` is the requested ``backend=``
-    value (not the route it resolved to): every rank must pass the same. One host
+    value (not the route it resolved to): every rank must pass the same. ``input`` (the
+    linear head's ``(N, D)`` hidden states) must hold the same values on every rank. One host
     synchronisation in all (the table read back, with the target range check's flag)."""
     ok = problems.message is None
     with _real_tensors():  # under a FakeTensorMode: the other ranks must be answered
@@ -510,7 +545,9 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
                 row[_COL["num_items"]] = tensor_bits(spec.num_items)
             if spec.weight is not None:
                 row[_COL["weight_sum"]] = tensor_bits(spec.weight.to(torch.float64).sum())
-            row[_COL["target_hash0"]:] = target_hashes(target)
+            row[_COL["target_hash0"]:_COL["target_hash0"] + 3] = target_hashes(target)
+            if input is not None:
+                row[_COL["input_hash0"]:_COL["input_hash0"] + 3] = input_hashes(input)
         table = torch.zeros((lay.world, len(FIELDS)), dtype=torch.int64, device=device)
         table[lay.rank] = row
         if lay.communicate:
@@ -557,7 +594,7 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
         raise kind(f"rank {first} of the group reported invalid input (its error says "
                    f"which); every rank stops")
     for name in FIELDS:
-        if name in _PER_RANK or name.startswith("target_hash"):
+        if name in _PER_RANK or name.endswith(_HASHES):
             continue
         values = col(name)
         if len(set(values)) > 1:
@@ -575,9 +612,13 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
         raise InputError(f"the ranks hold different numbers of classes ({min(sizes)} to "
                          f"{max(sizes)}): pass vocab_start for an uneven split")
     num_classes = _check_partition(starts, sizes)
-    if any(len(set(col(h))) > 1 for h in ("target_hash0", "target_hash1", "target_hash2")):
+    if any(len(set(col(f"target_hash{i}"))) > 1 for i in range(3)):
         raise InputError("target differs across the ranks of the group; every rank must "
                          "pass the same global class ids")
+    if any(len(set(col(f"input_hash{i}"))) > 1 for i in range(3)):
+        raise InputError("input differs across the ranks of the group; every rank must "
+                         "pass the same hidden states (the vocab-parallel head splits the "
+                         "classes, not the rows)")
     items = bits_float(rows[0][_COL["num_items"]])
     if spec.num_items is not None and not (items > 0 and math.isfinite(items)):
         raise InputError(f"num_items={items!r} must be a finite number > 0")

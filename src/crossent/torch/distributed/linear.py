@@ -235,7 +235,9 @@ def vocab_parallel_linear_cross_entropy(
 
     First, once per call, the agreement all-reduce of :func:`vocab_parallel_cross_entropy`
     (``world x F`` int64), which here also checks that ``D``, ``chunk_size``,
-    ``reduce_input_grad`` and whether ``input`` needs a gradient agree. Then per chunk of
+    ``reduce_input_grad`` and whether ``input`` needs a gradient agree, and that ``input``
+    holds the same values on every rank (three hashes of its bits, one pass over it, so a
+    rank fed other hidden states raises instead of mixing two batches). Then per chunk of
     ``B`` rows: local logits ``Z = X_c W_r^T + b_r`` (``B x V_r`` float32, the only logits
     buffer, reused), their per-row statistics, **one all_reduce(MAX) of B and one
     all_reduce(SUM) of k B values** (``k = 2 + [weight] + [eps > 0]``), then
@@ -306,7 +308,7 @@ def vocab_parallel_linear_cross_entropy(
     agree(lay, spec, problems, flat, function=1, rows=rows,
           dtype=x.dtype if x is not None else None, device=device, features=features,
           chunk_size=chunk, reduce_input_grad=reduce_input_grad, input_grad=input_grad,
-          backend=backend)
+          backend=backend, input=x.reshape(rows, features) if x is not None else None)
     assert x is not None  # agree() raised otherwise
     x = x.reshape(rows, features).contiguous()
     # identical on every rank: from the largest slice, which agree() gathered
