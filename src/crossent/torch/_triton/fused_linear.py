@@ -80,7 +80,7 @@ class _FusedLinear(torch.autograd.Function):
         rows = torch.where(valid, w_y * (lse - zy) + z_loss * lse.square(), 0.0)
         denom = w_y.sum()
         ctx.save_for_backward(x, w, b, y, lse, w_y, denom)
-        ctx.z_loss, ctx.reduction = z_loss, reduction
+        ctx.z_loss, ctx.reduction, ctx.ignore_index = z_loss, reduction, ignore_index
         out = ops.reduce_rows(rows, denom, reduction)
         return out.to(x.dtype)
 
@@ -98,9 +98,14 @@ class _FusedLinear(torch.autograd.Function):
         r = go.reshape(-1) if ctx.reduction == "none" else go.expand(x.shape[0])
         if ctx.reduction == "mean":
             r = r / denom
-        r = torch.where(w_y != 0, r, 0.0)  # ignored rows (and zero-weight ones): no gradient
-        coef_p = r * (w_y + 2.0 * ctx.z_loss * lse)
+        # ignored rows: no gradient. A counted row whose class weighs 0 keeps r: its z-loss
+        # term has a gradient, and a "mean" over a zero weight sum is NaN (r = 1/0 times 0),
+        # as torch's
+        r = torch.where(y != ctx.ignore_index, r, 0.0)
         coef_y = r * w_y
+        # a NaN target coefficient (0 x 1/0: a zero w_y over a zero "mean" denominator) is
+        # NaN on the whole row, as torch's log_softmax backward spreads the NaN
+        coef_p = torch.where(coef_y.isnan(), coef_y, r * (w_y + 2.0 * ctx.z_loss * lse))
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dev = x.device
         dx = torch.zeros(x.shape, dtype=torch.float32, device=dev) if need_x else None

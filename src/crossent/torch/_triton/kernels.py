@@ -66,14 +66,16 @@ _cache: dict[tuple[int, bool], dict[str, Any]] = {}
 
 
 def tanh_source(x, ACC: tl.constexpr):
-    # tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)); expm1(u) = (e^u - 1) u / log(e^u)
-    # (Kahan: exact to a few ulps, also near 0 where e^u - 1 cancels). Written with exp and
-    # log only: libdevice's tanh is not available to the interpreter.
+    # tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)). Near 0, where e^u - 1 cancels,
+    # expm1(u) = (e^u - 1) u / log(e^u) (Kahan: exact to a few ulps); for e^u <= 1/2 plain
+    # e^u - 1 is within an ulp, also where e^u is subnormal and keeps few bits (a ratio
+    # with log(e^u) there would be off by 1e-3). Written with exp and log only:
+    # libdevice's tanh is not available to the interpreter.
     u = -2.0 * tl.abs(x)
     e = tl.exp(u)
-    edge = (e == 1.0) | (e == 0.0)
-    em = (e - 1.0) * u / tl.log(tl.where(edge, 0.5, e))  # no log(0), no 0/0 lanes
-    em = tl.where(e == 1.0, u, tl.where(e == 0.0, -1.0, em))
+    kahan = (e > 0.5) & (e < 1.0)
+    em = tl.where(kahan, (e - 1.0) * u / tl.log(tl.where(kahan, e, 0.5)), e - 1.0)
+    em = tl.where(e == 1.0, u, em)  # |u| below an ulp of 1: expm1(u) = u
     t = -em / (2.0 + em)
     return tl.where(x < 0, -t, t).to(ACC)
 
@@ -181,8 +183,11 @@ def ce_row_source(
         if ZLOSS:
             a += 2.0 * zl * lse
             loss += zl * lse * lse
-        a = a * r + bad
         target_mass = r * (1.0 - eps) * w_y
+        # a NaN target term (a zero w_y over a zero "mean" denominator: 0 x 1/0) is NaN on
+        # the whole row, as torch's log_softmax backward spreads its NaN at the target;
+        # a p - c would leave the z-loss's and smoothing's inf off the target
+        a = tl.where(target_mass != target_mass, target_mass, a * r + bad)
         if GRAD or SMOOTH or PROB:
             acc = tl.zeros((BLOCK,), ACC)  # loss terms T_c (lse - z_c), summed per lane
             last = ((V - 1) // BLOCK) * BLOCK
@@ -341,7 +346,8 @@ def linear_grad_kernel(
     c = tl.load(COEF_Y + rows, mask=rmask, other=0.0)
     g = a[:, None] * tl.exp(z - lse[:, None]) - tl.where(cols64[None, :] == y[:, None],
                                                          c[:, None], 0.0)
-    g = tl.where(rmask[:, None] & cmask[None, :] & (a != 0.0)[:, None], g, 0.0)
+    # rows with no coefficient (ignored ones) add nothing, also where their p is not finite
+    g = tl.where(rmask[:, None] & cmask[None, :] & ((a != 0.0) | (c != 0.0))[:, None], g, 0.0)
     if NEED_B:
         tl.atomic_add(DB + cols64, tl.sum(g, 0), mask=cmask)
     gm = g.to(X.dtype.element_ty)  # the gradient block, rounded once

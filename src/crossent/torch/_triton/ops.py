@@ -27,6 +27,7 @@ __all__ = [
     "kernel_config",
     "override_ce_launch",
     "reduce_rows",
+    "rows_of_unit_class_stride",
     "scale_",
     "sm_count",
 ]
@@ -248,7 +249,7 @@ def cross_entropy_forward(
     """
     logits, target = raw(logits), raw(target)
     weight, row_multiplier, scale = raw(weight), raw(row_multiplier), raw(scale)
-    if logits.dim() != 2 or logits.stride(1) != 1:
+    if not rows_of_unit_class_stride(logits):
         raise ValueError("logits must be 2-D with a contiguous class axis")
     if logits.dtype not in _SUPPORTED:
         raise TypeError(f"logits dtype {logits.dtype} is not supported by the Triton kernel")
@@ -256,7 +257,7 @@ def cross_entropy_forward(
     dev = logits.device
     acc = accumulate_dtype(logits.dtype)
     prob = target.is_floating_point()
-    if prob and (target.shape != logits.shape or target.stride(1) != 1):
+    if prob and (target.shape != logits.shape or not rows_of_unit_class_stride(target)):
         target = target.reshape(n, v).contiguous()
     w = None if weight is None else weight.to(device=dev, dtype=acc).contiguous()
     denom = denominator(target, v, w, ignore_index, acc)
@@ -281,7 +282,7 @@ def cross_entropy_forward(
     grad: torch.Tensor | None = None
     if compute_grad:
         grad = logits if grad_out is None else grad_out
-        if grad.shape != logits.shape or grad.stride(1) != 1:
+        if grad.shape != logits.shape or not rows_of_unit_class_stride(grad):
             raise ValueError("grad_out must have the logits' shape and a contiguous class axis")
     loss = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty(n, dtype=acc, device=dev)
@@ -310,6 +311,13 @@ def cross_entropy_forward(
     return CrossEntropyRows(loss, lse, grad, denom)
 
 
+def rows_of_unit_class_stride(t: torch.Tensor) -> bool:
+    """Whether the kernels may read 2-D ``t`` as rows of adjacent classes: class stride 1,
+    or one class or no rows, where torch calls any stride contiguous (``.contiguous()``
+    keeps it) and the kernels never step along the class axis."""
+    return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1 or t.shape[0] == 0)
+
+
 def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
     """``x *= factor`` in place, on the device, one rounding; returns ``x``.
 
@@ -322,7 +330,7 @@ def scale_(x: torch.Tensor, factor: torch.Tensor, *, per_row: bool = False) -> t
     # (V, D) dW would otherwise be V programs of D elements)
     flat = x.dim() == 1 or (not per_row and x.is_contiguous())
     x2 = x.view(1, -1) if flat and x.is_contiguous() else x
-    if x2.dim() != 2 or x2.stride(1) != 1:
+    if not rows_of_unit_class_stride(x2):
         raise ValueError("scale_ needs a 1-D or 2-D tensor with a contiguous last axis")
     rows, cols = x2.shape
     factor = raw(factor).to(device=x.device).reshape(-1).contiguous()

@@ -16,7 +16,8 @@ and keeps, in ``ACC`` (float32; float64 for float64 input):
   ``s <- s exp(m_old - m_new) + sum_tile exp(z - m_new)``, one exponential per logit;
   ``m`` of an all ``-inf`` row stays ``-inf`` and ``s`` 0);
 * ``w_y z_y`` if this rank owns ``y`` (0 otherwise, and 0 where ``w_y = 0``), ``w_y``;
-* the smoothing sum ``sum_c w_c z_c`` (zero weights contribute exactly 0).
+* the smoothing sum ``sum_c w_c z_c`` (NaN where a zero weight meets an infinite logit,
+  as torch's ``0 x inf`` in ``sum_c w_c log p_c``).
 
 NaN exactly as :meth:`~crossent.torch.distributed._common.Partials.fill`: a NaN logit in
 the slice makes the row's ``m`` and ``s`` NaN (counted per tile; ``tl.max`` alone may drop
@@ -45,7 +46,7 @@ import torch
 
 from .._rules import compute_dtype as accumulate_dtype
 from . import kernels
-from .ops import _tl_dtype, _to_device, kernel_config
+from .ops import _tl_dtype, _to_device, kernel_config, rows_of_unit_class_stride
 
 __all__ = ["VocabPartials", "vocab_parallel_grad", "vocab_parallel_partials"]
 
@@ -92,9 +93,9 @@ def partials_kernel(
         m = m_new
         zy_acc += tl.where(offs == y_local, x, 0.0)  # one lane at most: exact
         if SMOOTH:
-            if HAS_WEIGHT:  # a zero weight gives exactly 0, even at z = -inf (no 0 * inf)
+            if HAS_WEIGHT:  # a zero weight at z = +-inf gives torch's 0 x inf = NaN
                 wv = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-                sm_acc += tl.where(mask & (wv != 0.0), x, 0.0) * wv
+                sm_acc += tl.where(mask, x, 0.0) * wv
             else:
                 sm_acc += tl.where(mask, x, 0.0)
     z_y = tl.sum(zy_acc, 0)
@@ -195,7 +196,7 @@ def _rowwise(z: torch.Tensor) -> torch.Tensor:
     if z.dim() != 2:
         raise ValueError("logits must be 2-D (rows, local classes)")
     z = z.resolve_neg()  # a negated view's sign bit is not in its memory
-    return z if z.stride(1) == 1 or z.shape[1] <= 1 else z.contiguous()
+    return z if rows_of_unit_class_stride(z) else z.contiguous()
 
 
 def vocab_parallel_partials(
@@ -271,7 +272,7 @@ def vocab_parallel_grad(
     dev = z.device
     if out is None:
         out = torch.empty((n, v), dtype=z.dtype, device=dev)
-    elif tuple(out.shape) != (n, v) or (v > 1 and out.stride(1) != 1):
+    elif tuple(out.shape) != (n, v) or not rows_of_unit_class_stride(out):
         raise ValueError("out must have the logits' shape and a contiguous class axis")
     if n == 0 or v == 0:
         return out

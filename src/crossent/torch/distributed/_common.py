@@ -758,8 +758,8 @@ class Partials:
             if spec.weight is None:
                 self.smooth[i:j] = z.sum(dim=1)
             else:
-                w = spec.weight[None, :]
-                self.smooth[i:j] = torch.where(w == 0, 0.0, z * w).sum(dim=1)
+                # a zero weight at an infinite logit is NaN, as torch's w_c log p_c
+                self.smooth[i:j] = (z * spec.weight[None, :]).sum(dim=1)
 
 
 @dataclass
@@ -839,6 +839,17 @@ def _finish(m, got, part, valid, num_classes, spec) -> RowStats:
         coef = a + (2.0 * zeta) * lse
     loss = torch.where(valid, loss, 0.0)  # an ignored row contributes nothing, even NaN
     return RowStats(loss, lse, coef, torch.where(valid, wy, 0.0), num_classes)
+
+
+def nan_target_rows(wy: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
+                    spec: Spec) -> torch.Tensor:
+    """``(n,)`` bool: the counted rows whose target term's gradient coefficient
+    ``(1 - eps) w_y scale`` is NaN (``w_y`` the global target weight, ``scale`` ``d
+    reduced / d l_n``): a zero ``w_y`` (or ``eps = 1``) over a zero "mean" denominator or
+    ``num_items``. torch's NLL backward puts that NaN at the target and log_softmax's
+    backward spreads it over the row, so these rows' gradient is NaN everywhere (the
+    kernels' ``coef p - c onehot`` would leave the z-loss's and smoothing's ``inf``)."""
+    return valid & torch.isnan((1.0 - spec.label_smoothing) * wy * scale)
 
 
 def grad_block(z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse: torch.Tensor,

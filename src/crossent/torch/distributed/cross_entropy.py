@@ -27,6 +27,7 @@ from ._common import (
     header_device,
     make_layout,
     make_spec,
+    nan_target_rows,
     note_subclasses,
     note_transforms,
     reduce_loss,
@@ -50,7 +51,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, lay, spec, route, out_dtype):
         stats, valid = _forward(logits, target, lay, spec, route)
         out, scale = reduce_loss(stats.loss, stats.wy, valid, spec)
-        ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef)
+        ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef, stats.wy)
         ctx.lay, ctx.spec, ctx.scale, ctx.route = lay, spec, scale, route
         return out.to(out_dtype)
 
@@ -58,11 +59,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @refuse_double_backward("vocab_parallel_cross_entropy")
     @once_differentiable
     def backward(ctx, grad_output):
-        logits, target, valid, lse, coef = ctx.saved_tensors
+        logits, target, valid, lse, coef, wy = ctx.saved_tensors
         cdtype = lse.dtype
         go = grad_output.to(cdtype)
         scale = go.reshape(-1) if ctx.spec.reduction == "none" else go * ctx.scale
         scale = scale.expand(lse.shape) if scale.dim() == 0 else scale
+        coef = torch.where(nan_target_rows(wy, scale, valid, ctx.spec), math.nan, coef)
         grad = _buffers.empty(logits.shape, logits.dtype, logits)  # every row written below
         grad_rows(logits, target, valid, lse, coef, scale, ctx.lay, ctx.spec, ctx.route, grad)
         return grad, None, None, None, None, None

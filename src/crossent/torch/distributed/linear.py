@@ -40,6 +40,7 @@ from ._common import (
     header_device,
     make_layout,
     make_spec,
+    nan_target_rows,
     note_subclasses,
     note_transforms,
     reduce_loss,
@@ -147,7 +148,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         # "none": the gradient depends on grad_output row by row, recomputed in backward;
         # "mean"/"sum" keep the same (references and (N,) statistics) for an infinite
         # grad_output, which the stored gradients cannot take (torch gives NaN there)
-        ctx.save_for_backward(x, w, b, target, valid, lse, coef)
+        ctx.save_for_backward(x, w, b, target, valid, lse, coef, wy)
         if not none:
             # backward scales the stored gradients in place, so none is kept for a second
             # backward (float64 included, unlike the single-process head: no gradcheck here)
@@ -167,11 +168,12 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         # the stored gradients times +-inf give +-inf where torch gives NaN (documented).
         if spec.reduction == "none" or (ctx.route != "triton"
                                         and bool(grad_output.isinf())):
-            x, w, b, target, valid, lse, coef = ctx.saved_tensors
+            x, w, b, target, valid, lse, coef, wy = ctx.saved_tensors
             if spec.reduction == "none":
                 go = grad_output.reshape(-1).to(lse.dtype)
             else:
                 go = (grad_output.to(lse.dtype) * ctx.scale).expand(x.shape[0])
+            coef = torch.where(nan_target_rows(wy, go, valid, spec), math.nan, coef)
             if spec.reduction != "none":  # consumed as on the other branch: backward
                 take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")  # twice raises
             _, grads = _run(x, w, b, target, valid, ctx.lay, spec, ctx.chunk, ctx.need,
@@ -180,7 +182,9 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             grads = take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")
             factor = grad_output.to(grads[0].dtype if grads[0] is not None else
                                     next(g for g in grads if g is not None).dtype) * ctx.scale
-            grads = _scale_stored(grads, factor, ctx.valid)
+            wy = ctx.saved_tensors[-1]
+            grads = _scale_stored(grads, factor, ctx.valid,
+                                  nan_target_rows(wy, factor.to(wy.dtype), ctx.valid, spec))
         gx = grads[0]
         if gx is not None and ctx.reduce_input_grad and ctx.lay.communicate:
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
@@ -188,18 +192,21 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
-def _scale_stored(grads, factor, valid):
+def _scale_stored(grads, factor, valid, nan_rows):
     """The stored (unscaled) gradients times ``factor``, in place (``"mean"`` and
     ``"sum"``). ``"mean"`` over a zero denominator makes ``factor`` infinite (and a NaN
     ``grad_output`` makes it NaN), which must reach only what torch's gradient
     makes non-finite: a row that counts nothing keeps its stored input gradient (0, or NaN
     from NaN logits), and with no counted row at all dW and db keep theirs (no device
-    sync: the choices are made by ``torch.where``)."""
+    sync: the choices are made by ``torch.where``). ``nan_rows``
+    (:func:`~._common.nan_target_rows`): rows whose logit gradient is NaN everywhere, so
+    their input gradient and all of dW and db are NaN, as torch's."""
     gx, gw, gb = grads
     # "sum" too: a NaN grad_output leaves the ignored rows' input gradient as torch does
     if gx is not None:
-        gx.mul_(torch.where(valid, factor, 1.0)[:, None].to(gx.dtype))
-    factor = torch.where(valid.any(), factor, 1.0)
+        row = torch.where(nan_rows, math.nan, torch.where(valid, factor, 1.0))
+        gx.mul_(row[:, None].to(gx.dtype))
+    factor = torch.where(nan_rows.any(), math.nan, torch.where(valid.any(), factor, 1.0))
     return [gx, *(None if g is None else g.mul_(factor) for g in (gw, gb))]
 
 
