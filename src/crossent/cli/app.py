@@ -221,8 +221,12 @@ def tour(
             check_file_apart(html, "--html", out, "--out", files.values())
     figures: dict[str, Path] = {}
     unit = units(base)[0]
+    # every figure drawn before the first is written: Ctrl-C while drawing (seconds) leaves
+    # the folder as it was, not holding some of the figures
+    drawn = {name: plots.draw(name, out / file, unit.base, unit.name)
+             for name, file in files.items()}
     for name, file in files.items():
-        figures[name] = plots.save(name, out / file, unit.base, unit.name)
+        figures[name] = plots.write(out / file, drawn[name])
     con = console()
     tour_mod.render(content, con, figures)
     if html is not None:

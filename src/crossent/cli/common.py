@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -123,7 +124,18 @@ def columns(rows: list[list[str]], *, left: int | None = 0) -> list[str]:
 
 def console() -> Console:
     """A console on the current stdout (so test runners can capture it)."""
-    return Console(highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=False, width=_width_unless_columns_unusable())
+
+
+def _width_unless_columns_unusable() -> int | None:
+    """``None`` (rich's own reading), unless ``COLUMNS`` is 0 or negative: a serial console or
+    ``docker exec`` without a tty reports 0, which rich takes as zero columns and then prints
+    nothing; the terminal's size (or 80) as :func:`shutil.get_terminal_size` reads it then."""
+    try:
+        unusable = int(os.environ.get("COLUMNS", "")) <= 0
+    except ValueError:
+        return None
+    return shutil.get_terminal_size().columns if unusable else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -152,10 +152,19 @@ def render(name: str, fmt: str = "png", base: float = 2.0, unit: str = "bits") -
 
 def save(name: str, path: Path, base: float = 2.0, unit: str = "bits") -> Path:
     """Write figure ``name`` to ``path``; its suffix (.png or .svg) picks the format."""
+    return write(path, draw(name, path, base, unit))
+
+
+def draw(name: str, path: Path, base: float = 2.0, unit: str = "bits") -> bytes:
+    """Figure ``name`` in the format ``path``'s suffix (.png or .svg) picks, in memory."""
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
         raise InputError(f"--out {str(path)!r} must end in .png or .svg")
-    data = render(name, fmt, base, unit)
+    return render(name, fmt, base, unit)
+
+
+def write(path: Path, data: bytes) -> Path:
+    """``data`` written atomically to ``path`` (missing folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
     return path

@@ -172,6 +172,14 @@ def stdin_reader(con: Console) -> Callable[[str], str]:
     """``input()`` on a terminal; from a pipe, one line of at most :data:`MAX_ANSWER_CHARS`
     characters, echoed after the prompt (a terminal echoes it)."""
     def read(prompt: str) -> str:
+        try:
+            return read_decoded(prompt)
+        except UnicodeDecodeError as error:  # a strict stdin encoding (a UTF-8 locale)
+            raise InputError(f"standard input: an answer is not {error.encoding} text "
+                             f"(byte {error.object[error.start:error.start + 1]!r}); give "
+                             f"one answer per line") from None
+
+    def read_decoded(prompt: str) -> str:
         if sys.stdin.isatty():
             return input(prompt)
         sys.stdout.write(prompt)

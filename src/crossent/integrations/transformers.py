@@ -39,8 +39,9 @@ head's weight is the embedding's, and its gradient reaches it.
 Supported classes: :data:`SUPPORTED_CLASSES` (and subclasses that keep their ``forward``).
 Anything the fused path could not reproduce raises :class:`crossent.UnsupportedError`
 (another model class, a custom ``loss_function``/``loss_type``, an LM head that is not a
-plain ``torch.nn.Linear`` or carries hooks, a sharded (DTensor) head, a head whose rows do
-not match ``config.vocab_size``).
+plain ``torch.nn.Linear`` or carries hooks (forward or backward, also torch's global module
+hooks: the fused loss skips the head's forward and backward), a sharded (DTensor) head, a
+head whose rows do not match ``config.vocab_size``).
 
 The loss is float32 for every model dtype, as transformers' (it upcasts the logits with
 ``.float()``); for a bfloat16 model it equals the unpatched loss, both computed in float32 from
@@ -221,6 +222,16 @@ def _check_class(cls: Any) -> Any:
     return base
 
 
+def _head_hooks(head: torch.nn.Module) -> bool:
+    """Whether a hook would see the head's forward or backward, which the fused loss skips."""
+    own = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks,
+           head._backward_pre_hooks)
+    module_hooks = torch.nn.modules.module
+    everyone = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
+                module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
+    return any(own) or any(everyone) or hasattr(head, "_hf_hook")
+
+
 def _check_model(model: Any) -> Any:
     """The LM head (an ``nn.Linear``) if the fused path reproduces ``model``'s loss."""
     if model.loss_function is not _hf()["loss"]:
@@ -232,10 +243,11 @@ def _check_model(model: Any) -> Any:
         raise UnsupportedError(
             f"crossent.integrations.transformers: LM head of type {type(head).__name__} "
             f"is not supported (a plain torch.nn.Linear is)")
-    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
+    if _head_hooks(head):
         raise UnsupportedError(
-            "crossent.integrations.transformers: an LM head with forward hooks "
-            "(offloading, FSDP, adapters) is not supported: the fused loss skips its forward")
+            "crossent.integrations.transformers: an LM head with hooks (forward or backward, "
+            "its own or torch's global module hooks: offloading, FSDP, adapters, profilers) "
+            "is not supported: the fused loss skips its forward and backward")
     vocab = getattr(model.config, "vocab_size", None)
     if head.weight.shape[0] != vocab:
         raise UnsupportedError(
@@ -422,7 +434,9 @@ def unpatch(model: Any) -> Any:
         if hasattr(patched, _ORIGINAL):
             original = getattr(patched, _ORIGINAL)
             delattr(model, "forward")
-            if getattr(model, "forward", None) is not original:  # the class defined it itself
+            # the class defined it itself (what it inherits now is neither the original nor
+            # a patched parent's wrapper of it)
+            if _unwrapped(getattr(model, "forward", original)) is not original:
                 cls: Any = model
                 cls.forward = original
         return model

@@ -329,9 +329,16 @@ def multiclass_breakdown(
         z = log_q
     t = _multiclass_target(target, q.size)
     used = np.asarray(smooth_labels(t, label_smoothing))
-    terms = np.where(used == 0, 0.0, -used * np.where(used == 0, 0.0, log_q)) / ln_base
-    loss_nats = float(softmax_cross_entropy(z[None], t[None], label_smoothing=label_smoothing,
-                                            reduction="sum", validate=False))
+    nats = np.where(used == 0, 0.0, -used * np.where(used == 0, 0.0, log_q))
+    terms = nats / ln_base
+    if logits is None:
+        # the loss is the sum of the terms shown: q as given (a sum within 1e-4 of 1 is
+        # kept, not divided out, so the printed q column is the user's)
+        loss_nats = float(nats.sum())
+    else:
+        loss_nats = float(softmax_cross_entropy(z[None], t[None],
+                                                label_smoothing=label_smoothing,
+                                                reduction="sum", validate=False))
     grad = np.asarray(softmax_cross_entropy_grad(
         z[None], t[None], label_smoothing=label_smoothing, reduction="sum", validate=False
     ))[0]

@@ -768,13 +768,14 @@ def default_configs(device: str) -> list[str]:
 
 
 def check_bandwidth(value: object) -> float | None:
-    """``--bandwidth``: None, or a finite number of bytes per second above 0."""
+    """``--bandwidth``: None, or a finite number of bytes per second, at least 1 (a
+    subnormal one would make the floor infinite, which strict JSON cannot hold)."""
     if value is None:
         return None
     if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(as_float(value)) or value <= 0):  # 10**400: not OverflowError
-        raise InputError(f"--bandwidth must be a number of bytes per second above 0, e.g. "
-                         f"4.8e12 (got {value!r})")
+            or not math.isfinite(as_float(value)) or value < 1):  # 10**400: not OverflowError
+        raise InputError(f"--bandwidth must be a number of bytes per second, at least 1, "
+                         f"e.g. 4.8e12 (got {value!r})")
     return float(value)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
-from ._rules import check_flag, check_options
+from ._rules import check_flag, check_options, legacy_flag
 from .functional import cross_entropy, linear_cross_entropy
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
@@ -33,6 +33,18 @@ class _NotScriptable:
         raise UnsupportedError(f"torch.jit.script of crossent.torch.{type(self).__name__}: "
                                f"TorchScript cannot compile crossent's kernels; use "
                                f"torch.compile (or torch.jit.trace)")
+
+
+def _check_weight_tensor(weight: Any, num_classes: int | None = None) -> None:
+    """A class weight given to a module's constructor is ``None`` or a tensor (of
+    ``num_classes`` entries when that is known): it becomes the ``weight`` buffer."""
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        expected = "a tensor of class weights" if num_classes is None else (
+            f"a tensor of {num_classes} class weights")
+        raise InputError(f"weight must be {expected}, got {type(weight).__name__}")
+    if weight is not None and num_classes is not None and tuple(weight.shape) != (num_classes,):
+        raise InputError(f"weight has shape {tuple(weight.shape)}; expected "
+                         f"({num_classes},), one weight per class")
 
 
 class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
@@ -56,6 +68,10 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
                  z_loss: float = 0.0, softcap: float | None = None,
                  inplace_backward: bool = False, loss_dtype: torch.dtype | None = None,
                  backend: str = "auto") -> None:
+        # torch's constructor reads these with raw errors (TypeError, ambiguous truth)
+        _check_weight_tensor(weight)
+        size_average, reduce = legacy_flag(size_average, "size_average"), legacy_flag(
+            reduce, "reduce")
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss, self.softcap = z_loss, softcap
         self.inplace_backward = check_flag(inplace_backward, "inplace_backward")
@@ -140,12 +156,9 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         # other options, here rather than at the first forward
         check_options(reduction, label_smoothing, z_loss, softcap)
         out_features = _check_head_sizes(in_features, num_classes, out_features)
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise InputError(f"weight must be a tensor of {num_classes} class weights, got "
-                             f"{type(weight).__name__}")
-        if weight is not None and tuple(weight.shape) != (num_classes,):
-            raise InputError(f"weight has shape {tuple(weight.shape)}; expected "
-                             f"({num_classes},), one weight per class")
+        _check_weight_tensor(weight, num_classes)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype={dtype!r}: the head's parameters need a floating dtype")
         nn.modules.loss._WeightedLoss.__init__(self, weight=weight, size_average=None,
                                                reduce=None, reduction=reduction)
         self.num_classes, self.out_features = num_classes, tuple(out_features)
@@ -163,6 +176,13 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         :func:`crossent.torch.linear_cross_entropy`)."""
         w: torch.Tensor = self.linear.weight
         b: torch.Tensor | None = self.linear.bias
+        rows = math.prod(self.out_features, start=self.num_classes)
+        if w.dim() != 2 or w.shape[0] != rows:
+            # torch's module reshapes the weight to these sizes and raises; a head that
+            # changed after construction must not score another number of classes silently
+            raise InputError(f"linear.weight has shape {tuple(w.shape)}, but "
+                             f"num_classes={self.num_classes!r} and "
+                             f"out_features={self.out_features!r} need {rows} rows")
         if self.out_features:  # stored 2-D, as torch's module stores it
             w = w.reshape(self.num_classes, *self.out_features, self.linear.in_features)
             b = None if b is None else b.reshape(self.num_classes, *self.out_features)
