@@ -221,18 +221,20 @@ def tour(
             check_file_apart(html, "--html", out, "--out", files.values())
     figures: dict[str, Path] = {}
     unit = units(base)[0]
-    # every figure drawn before the first is written: Ctrl-C while drawing (seconds) leaves
-    # the folder as it was, not holding some of the figures
+    # every figure and the page drawn before the first file is written: Ctrl-C while
+    # drawing (seconds) leaves the folder as it was, not holding some of the outputs
     drawn = {name: plots.draw(name, out / file, unit.base, unit.name)
              for name, file in files.items()}
+    if html is not None:
+        from . import html as html_mod
+
+        page = html_mod.page(content, with_figures=not no_plots)
     for name, file in files.items():
         figures[name] = plots.write(out / file, drawn[name])
     con = console()
     tour_mod.render(content, con, figures)
     if html is not None:
-        from . import html as html_mod
-
-        html_mod.write(content, html, with_figures=not no_plots)
+        html_mod.write(content, html, text=page)
         con.print(f"\nweb page written: {html}")
 
 

@@ -125,6 +125,11 @@ def _check_head_sizes(in_features, num_classes, out_features) -> tuple[int, ...]
     return extra
 
 
+_HEAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""What ``nn.Linear`` can initialise and crossent's head computes with (float8 cannot be
+initialised; integers and complex numbers have no cross-entropy gradient here)."""
+
+
 class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[misc, valid-type]
     """A linear head and its cross-entropy, fused: :func:`crossent.torch.linear_cross_entropy`.
 
@@ -157,8 +162,9 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         check_options(reduction, label_smoothing, z_loss, softcap)
         out_features = _check_head_sizes(in_features, num_classes, out_features)
         _check_weight_tensor(weight, num_classes)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise InputError(f"dtype={dtype!r}: the head's parameters need a floating dtype")
+        if dtype is not None and dtype not in _HEAD_DTYPES:
+            raise InputError(f"dtype={dtype!r}: the head's parameters take one of "
+                             f"{', '.join(map(str, _HEAD_DTYPES))}")
         nn.modules.loss._WeightedLoss.__init__(self, weight=weight, size_average=None,
                                                reduce=None, reduction=reduction)
         self.num_classes, self.out_features = num_classes, tuple(out_features)
@@ -177,14 +183,15 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         w: torch.Tensor = self.linear.weight
         b: torch.Tensor | None = self.linear.bias
         rows = math.prod(self.out_features, start=self.num_classes)
-        if w.dim() != 2 or w.shape[0] != rows:
+        if w.dim() != 2 or w.shape[0] != rows or (b is not None and b.shape != (rows,)):
             # torch's module reshapes the weight to these sizes and raises; a head that
             # changed after construction must not score another number of classes silently
-            raise InputError(f"linear.weight has shape {tuple(w.shape)}, but "
+            bias = "" if b is None else f" (linear.bias {tuple(b.shape)})"
+            raise InputError(f"linear.weight has shape {tuple(w.shape)}{bias}, but "
                              f"num_classes={self.num_classes!r} and "
                              f"out_features={self.out_features!r} need {rows} rows")
         if self.out_features:  # stored 2-D, as torch's module stores it
-            w = w.reshape(self.num_classes, *self.out_features, self.linear.in_features)
+            w = w.reshape(self.num_classes, *self.out_features, w.shape[1])
             b = None if b is None else b.reshape(self.num_classes, *self.out_features)
         return linear_cross_entropy(
             input, w, target, b, weight=self.weight,
