@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 CHROMIUM = "/usr/bin/chromium"
+DRIVER = "/usr/bin/chromedriver"
 
 
 def log_b(x: float, base: float) -> float:
@@ -44,16 +47,51 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def install_with_apt(packages: str, paths: tuple[str, ...]) -> None:
+    """Debian ``packages`` installed with apt-get unless every one of ``paths`` exists
+    (CI runs as root); the test is skipped where they cannot be. A file lock makes the
+    pytest-xdist workers install them one at a time: two apt-gets at once fail on dpkg's
+    lock."""
+    if all(Path(p).exists() for p in paths):
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{packages} missing and cannot be installed here (needs root and apt-get)")
+    with open(Path(tempfile.gettempdir()) / "crossent-apt-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if all(Path(p).exists() for p in paths):  # another worker installed them
+            return
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = f"apt-get update -qq && apt-get install -y -qq {packages}"
+        try:
+            done = subprocess.run(["sh", "-c", cmd], env=env, capture_output=True, text=True,
+                                  timeout=900, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"installing {packages} with apt-get timed out")
+        if done.returncode != 0 or not all(Path(p).exists() for p in paths):
+            pytest.skip(f"installing {packages} with apt-get failed: {done.stderr[-300:]}")
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Path of Debian's chromium, installed with apt-get when missing (CI runs as root)."""
-    if not Path(CHROMIUM).exists():
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is missing and cannot be installed (needs root and apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = "apt-get update -qq && apt-get install -y -qq chromium"
-        done = subprocess.run(["sh", "-c", cmd], env=env, capture_output=True, text=True,
-                              timeout=900, check=False)
-        if done.returncode != 0 or not Path(CHROMIUM).exists():
-            pytest.skip(f"installing chromium with apt-get failed: {done.stderr[-300:]}")
+    """Path of Debian's chromium, installed with apt-get when missing."""
+    install_with_apt("chromium", (CHROMIUM,))
     return CHROMIUM
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("chromium is missing and cannot be installed (needs root and apt-get)")
+    with open(Path(tempfile.gettempdir()) / "crossent-chromium-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not Path(CHROMIUM).exists():
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            cmd = "apt-get update -qq && apt-get install -y -qq chromium"
+            done = subprocess.run(["sh", "-c", cmd], env=env, capture_output=True, text=True,
+                                  timeout=900, check=False)
+            if done.returncode != 0 or not Path(CHROMIUM).exists():
+                pytest.skip(f"installing chromium with apt-get failed: {done.stderr[-300:]}")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def chromedriver() -> str:
+    """Debian's chromium and chromedriver, installed with apt-get when missing."""
+    install_with_apt("chromium chromium-driver", (CHROMIUM, DRIVER))
+    return DRIVER

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,32 +33,12 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="pip install seleni
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage"]
 BASES = {name: u.base for name, u in UNITS.items()}
 
 pytestmark = pytest.mark.timeout(600)  # the first run may install chromium
-
-
-@pytest.fixture(scope="session")
-def chromedriver() -> str:
-    """Debian's chromium and chromedriver, installed with apt-get when missing."""
-    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium/chromium-driver missing and cannot be installed here "
-                        "(needs root and apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = "apt-get update -qq && apt-get install -y -qq chromium chromium-driver"
-        try:
-            done = subprocess.run(["sh", "-c", cmd], env=env, capture_output=True, text=True,
-                                  timeout=900, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.skip("installing chromium and chromium-driver with apt-get timed out")
-        if done.returncode != 0 or not Path(DRIVER).exists():
-            pytest.skip(f"installing chromium and chromium-driver failed: {done.stderr[-300:]}")
-    return DRIVER
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +49,14 @@ def page_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser(chromedriver, tmp_path_factory) -> Iterator[webdriver.Chrome]:
+def browser(chromium, chromedriver, tmp_path_factory) -> Iterator[webdriver.Chrome]:
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     for flag in FLAGS:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('profile')}")
-    opts.binary_location = CHROMIUM
+    opts.binary_location = chromium
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(chromedriver), options=opts)
     driver.set_page_load_timeout(60)
