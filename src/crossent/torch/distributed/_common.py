@@ -101,6 +101,7 @@ FIELDS = (
     "target_hash0",
     "target_hash1",
     "target_hash2",
+    "target_range",  # per rank: its largest counted id, -2 for a negative one (target_range)
 )
 _COL = {name: i for i, name in enumerate(FIELDS)}
 _LABELS = {  # how a disagreement is named in the error (the argument it comes from)
@@ -119,7 +120,8 @@ _LABELS = {  # how a disagreement is named in the error (the argument it comes f
 _FUNCTIONS = ("vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-_PER_RANK = ("start", "size", "weight_sum", "problem", "vocab_start_given")
+_PER_RANK = ("start", "size", "weight_sum", "problem", "vocab_start_given",
+             "target_range")  # target_range: compared with the target hashes
 _HASHES = ("_hash0", "_hash1", "_hash2")  # compared after the partition, with their own messages
 _FLOATS = ("label_smoothing", "z_loss", "softcap", "num_items")
 
@@ -127,6 +129,7 @@ _FLOATS = ("label_smoothing", "z_loss", "softcap", "num_items")
 # prime 2^31 - 1 of the full 64-bit class ids (a sum, a permutation or a shift by 2^31 of
 # the targets changes them). Every product stays below 2^62: exact in int64 on any device.
 _P = (1 << 31) - 1
+_DIGIT = (1 << 30) - 1
 _HASH_KEYS = ((1103515245, 12345, 1664525, 22695477),
               (214013, 2531011, 134775813, 1140671485),
               (69069, 1013904223, 1597334677, 747796405))
@@ -180,7 +183,9 @@ def target_hashes(y: torch.Tensor) -> torch.Tensor:
     """Three hashes ``(3,)`` int64 in ``[0, 2^31 - 1)`` of the int64 vector ``y`` (position
     included): equal targets give equal hashes on every rank and device."""
     pos = torch.arange(1, y.numel() + 1, dtype=torch.int64, device=y.device) % _P
-    lo, hi, top = y & _P, (y >> 31) & _P, (y >> 62) + 2
+    # base-2^30 digits, each below _P (a 31-bit digit of 2^31 - 1 would be 0 mod _P: 0 and
+    # INT32_MAX hashed alike)
+    lo, hi, top = y & _DIGIT, (y >> 30) & _DIGIT, (y >> 60) + 9
     out = []
     for a, b, c, d in _HASH_KEYS:
         u = (lo * a + pos * b) % _P
@@ -199,27 +204,48 @@ _HASH_WORDS = 1 << 22
 def input_hashes(x: torch.Tensor) -> torch.Tensor:
     """Three hashes ``(3,)`` int64 of the values of the ``(N, D)`` floating tensor ``x``:
     equal values give equal hashes on every rank and device, whatever the strides
-    (``-0.0`` hashes as ``0.0``, every NaN alike). Each row is read as signed 16-bit words
-    ``u_j`` and summed as ``sum_j u_j k_j`` with keys ``k_j`` in ``[1, 2^16)``: one float64
-    matrix-vector product, exact in any summation order, since every partial sum is an
-    integer below ``2^53`` (rows of fewer than ``2^21`` words; a word changed by ``d != 0``
-    changes the sum by ``d k_j != 0``). The ``N`` row sums then go through
-    :func:`target_hashes` (position-keyed and nonlinear: rows swapped are caught). Slices of
-    rows bound the temporaries; no host synchronisation."""
+    (``-0.0`` hashes as ``0.0``, every NaN alike; read from the bits, so a rank that flushes
+    subnormals reads them as the others do). Each row is read as signed 16-bit words
+    ``u_j`` and summed twice, ``sum_j u_j k_j`` and ``sum_j u_j k'_j``, with two key
+    sequences in ``[1, 2^16)`` of different prime periods (65521 and 65519: no pair of
+    words shares both keys below ``4.3e9`` words): one float64 matrix product, exact in any
+    summation order, since every partial sum is an integer below ``2^53`` (rows of fewer
+    than ``2^21`` words). A word changed by ``d != 0`` changes both sums; two words changed
+    so that one sum cancels leave the other changed unless the key pairs are
+    proportional. The ``2N`` sums then go through :func:`target_hashes` (position-keyed and
+    nonlinear: rows swapped are caught). Slices of rows bound the temporaries; no host
+    synchronisation."""
     x = x.detach()
     rows = x.shape[0]
-    nan = torch.tensor(math.nan, dtype=x.dtype, device=x.device)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    nan = torch.tensor(math.nan, dtype=x.dtype, device=x.device).view(bits)
+    negative_zero = torch.iinfo(bits).min  # the sign bit alone
     per_row = x.shape[1] * x.element_size() // 2
     j = torch.arange(per_row, dtype=torch.int64, device=x.device)
-    keys = ((j * 1103515245 + 12345) % 65521 + 1).to(torch.float64)  # 65521: prime < 2^16
-    sums = torch.empty(rows, dtype=torch.int64, device=x.device)
+    keys = torch.stack([(j * 1103515245 + 12345) % 65521 + 1,  # primes < 2^16
+                        (j * 22695477 + 1) % 65519 + 1], dim=1).to(torch.float64)
+    sums = torch.empty((rows, 2), dtype=torch.int64, device=x.device)
     step = max(1, _HASH_WORDS // max(per_row, 1))
     for lo in range(0, rows, step):
         part = x[lo:lo + step]
-        canonical = torch.where(torch.isnan(part), nan, part + 0.0).contiguous()  # -0.0 -> 0.0
+        raw = part.contiguous().view(bits)
+        canonical = torch.where(torch.isnan(part), nan,
+                                torch.where(raw == negative_zero, 0, raw)).contiguous()
         words = canonical.view(torch.int16).to(torch.float64)
         sums[lo:lo + step] = (words @ keys).to(torch.int64)
-    return target_hashes(sums)
+    return target_hashes(sums.reshape(-1))
+
+
+def target_range(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """A 0-d int64 for the agreement table: the largest counted class index of ``target``
+    (-1 if none), or -2 where a counted index is negative (no host sync). Every rank judges
+    every rank's targets against ``V`` from the shared table, so a bad id raises on every
+    rank together even if the target hashes were to collide."""
+    counted = target != ignore_index
+    if target.numel() == 0:
+        return torch.tensor(-1, dtype=torch.int64, device=target.device)
+    top = torch.where(counted, target, -1).max().to(torch.int64)
+    return torch.where((counted & (target < 0)).any(), -2, top)
 
 
 # the error types a noted problem may have, by their code in the table's "problem" column
@@ -546,6 +572,7 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
             if spec.weight is not None:
                 row[_COL["weight_sum"]] = tensor_bits(spec.weight.to(torch.float64).sum())
             row[_COL["target_hash0"]:_COL["target_hash0"] + 3] = target_hashes(target)
+            row[_COL["target_range"]] = target_range(target, spec.ignore_index)
             if input is not None:
                 row[_COL["input_hash0"]:_COL["input_hash0"] + 3] = input_hashes(input)
         table = torch.zeros((lay.world, len(FIELDS)), dtype=torch.int64, device=device)
@@ -556,7 +583,8 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
         # start + size; _check_table raises unless they tile [0, V)), so the whole check costs
         # this one host sync.
         ends = (table[:, _COL["start"]] + table[:, _COL["size"]]).max()
-        bad = _out_of_range(target, spec.ignore_index, ends).any().to(torch.int64)
+        ranges = table[:, _COL["target_range"]]
+        bad = ((ranges == -2) | (ranges >= ends)).any().to(torch.int64)
         got = torch.cat([table.reshape(-1), bad.reshape(1)]).tolist()  # the one host sync
         width = len(FIELDS)
         _check_table([got[r * width:(r + 1) * width] for r in range(lay.world)], lay, spec,
@@ -612,7 +640,8 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
         raise InputError(f"the ranks hold different numbers of classes ({min(sizes)} to "
                          f"{max(sizes)}): pass vocab_start for an uneven split")
     num_classes = _check_partition(starts, sizes)
-    if any(len(set(col(f"target_hash{i}"))) > 1 for i in range(3)):
+    if any(len(set(col(name))) > 1 for name in
+           ("target_hash0", "target_hash1", "target_hash2", "target_range")):
         raise InputError("target differs across the ranks of the group; every rank must "
                          "pass the same global class ids")
     if any(len(set(col(f"input_hash{i}"))) > 1 for i in range(3)):
@@ -696,6 +725,10 @@ def _raise_bad_target(target: torch.Tensor, spec: Spec) -> None:
     IndexError; the vocab-parallel functions raise InputError for every bad argument, on
     every rank together.)"""
     bad = _out_of_range(target, spec.ignore_index, spec.num_classes)
+    if not bool(bad.any()):  # another rank's target: their hashes collided
+        raise InputError(f"target: another rank's holds a class index outside "
+                         f"[0, {spec.num_classes}) that is not ignore_index="
+                         f"{spec.ignore_index}; the ranks' targets differ")
     value = int(target[bad][0])
     raise InputError(f"target holds class index {value}, outside [0, {spec.num_classes}) "
                      f"and not ignore_index={spec.ignore_index}")
