@@ -15,22 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_models import SEQ, VOCAB, make  # noqa: E402
+
 from crossent import UnsupportedError  # noqa: E402
 from crossent.integrations import transformers as xhf  # noqa: E402
-
-VOCAB, SEQ = 97, 10
-COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
-          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "max_position_embeddings": 64}
-
-
-def make(config_name="LlamaConfig", model_name="LlamaForCausalLM", seed=0, **extra):
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).train()
-    with torch.no_grad():  # near-uniform logits at init; make them informative
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
 
 
 def ids(seed=1, rows=3, vocab=VOCAB):

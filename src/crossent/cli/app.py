@@ -234,7 +234,7 @@ def tour(
     con = console()
     tour_mod.render(content, con, figures)
     if html is not None:
-        html_mod.write(content, html, text=page)
+        html_mod.write_page(html, page)
         con.print(f"\nweb page written: {html}")
 
 

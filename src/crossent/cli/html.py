@@ -365,11 +365,13 @@ def page(tour: Tour, *, with_figures: bool = True) -> str:
     )
 
 
-def write(tour: Tour, path: Path, *, with_figures: bool = True, text: str | None = None
-          ) -> Path:
-    """Write the page (``text``, made by :func:`page` when not given) to ``path``
-    (atomically: a failed run leaves no half-written file)."""
-    text = page(tour, with_figures=with_figures) if text is None else text
+def write(tour: Tour, path: Path, *, with_figures: bool = True) -> Path:
+    """Write the page to ``path`` (atomically: a failed run leaves no half-written file)."""
+    return write_page(path, page(tour, with_figures=with_figures))
+
+
+def write_page(path: Path, text: str) -> Path:
+    """``text`` (a :func:`page`) written atomically to ``path`` (missing folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
     return path

@@ -237,14 +237,14 @@ def input_hashes(x: torch.Tensor) -> torch.Tensor:
 
 
 def target_range(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """A 0-d int64 for the agreement table: the largest counted class index of ``target``
-    (-1 if none), or -2 where a counted index is negative (no host sync). Every rank judges
-    every rank's targets against ``V`` from the shared table, so a bad id raises on every
-    rank together even if the target hashes were to collide."""
-    counted = target != ignore_index
+    """A 0-d int64 for the agreement table: the largest counted class index of the int64
+    ``target`` (-1 if none), or -2 where a counted index is negative (no host sync). Every
+    rank judges every rank's targets against ``V`` from the shared table, so a bad id raises
+    on every rank together even if the target hashes were to collide."""
     if target.numel() == 0:
         return torch.tensor(-1, dtype=torch.int64, device=target.device)
-    top = torch.where(counted, target, -1).max().to(torch.int64)
+    counted = target != ignore_index
+    top = torch.where(counted, target, -1).max()
     return torch.where((counted & (target < 0)).any(), -2, top)
 
 
@@ -878,10 +878,11 @@ def nan_target_rows(wy: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
                     spec: Spec) -> torch.Tensor:
     """``(n,)`` bool: the counted rows whose target term's gradient coefficient
     ``(1 - eps) w_y scale`` is NaN (``w_y`` the global target weight, ``scale`` ``d
-    reduced / d l_n``): a zero ``w_y`` (or ``eps = 1``) over a zero "mean" denominator or
-    ``num_items``. torch's NLL backward puts that NaN at the target and log_softmax's
-    backward spreads it over the row, so these rows' gradient is NaN everywhere (the
-    kernels' ``coef p - c onehot`` would leave the z-loss's and smoothing's ``inf``)."""
+    reduced / d l_n``): a zero ``w_y`` (or ``eps = 1``) over a zero "mean" denominator
+    (``num_items`` is refused unless > 0). torch's NLL backward puts that NaN at the target
+    and log_softmax's backward spreads it over the row, so these rows' gradient is NaN
+    everywhere (the kernels' ``coef p - c onehot`` would leave the z-loss's and smoothing's
+    ``inf``)."""
     return valid & torch.isnan((1.0 - spec.label_smoothing) * wy * scale)
 
 

@@ -162,12 +162,11 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     def backward(ctx, grad_output):
         spec = ctx.spec
         # An infinite row scale ("mean"/"sum": an infinite grad_output, or "mean" over
-        # class weights of mixed signs summing to 0, or num_items=0) is recomputed as "none"
-        # is, with no collective (the branch may differ between ranks: no hang): the
-        # kernel's a p + c is torch's NaN where an infinite row scale meets p - 1. Not on
-        # the Triton route, whose backward makes no host synchronisation (a per-step cost on
-        # the GPU): there the stored gradients times +-inf give +-inf where torch gives NaN
-        # (documented).
+        # class weights of mixed signs summing to 0) is recomputed as "none" is, with no
+        # collective (the branch may differ between ranks: no hang): the kernel's a p + c is
+        # torch's NaN where an infinite row scale meets p - 1. Not on the Triton route, whose
+        # backward makes no host synchronisation (a per-step cost on the GPU): there the
+        # stored gradients times +-inf give +-inf where torch gives NaN (documented).
         if spec.reduction == "none" or (ctx.route != "triton"
                                         and bool((grad_output * ctx.scale).isinf())):
             x, w, b, target, valid, lse, coef, wy = ctx.saved_tensors
