@@ -50,7 +50,8 @@ def reference(z, target, weight=None, ignore_index=-100, reduction="mean", eps=0
         counted = (target != ignore_index).double()
         safe = torch.where(target != ignore_index, target, 0)
         denom = (counted if w is None else w[safe] * counted).sum()
-    rows = rows + z_loss * torch.logsumexp(zc, 1).square() * counted
+    # where, not a product: an ignored row's NaN lse adds nothing (0 x NaN would)
+    rows = rows + torch.where(counted > 0, z_loss * torch.logsumexp(zc, 1).square(), 0.0)
     out = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
     return z, out
 
@@ -495,11 +496,56 @@ def test_all_minus_inf_rows_nan_rows_and_ignored_rows():
     got = triton_cross_entropy(leaf, target, reduction="none", block=16)
     got.backward(torch.ones_like(got))
     assert torch.isnan(got[:2]).all() and torch.isfinite(got[2:]).all()
-    # ignored rows: gradient exactly 0 even with NaN/-inf logits (torch leaks NaN there
-    # through log_softmax's backward; crossent's CPU kernel gives 0 too)
-    assert torch.isnan(leaf.grad[:2]).all() and float(leaf.grad[2:4].abs().max()) == 0.0
+    # ignored rows with NaN / all -inf logits: NaN gradient rows, as torch's log_softmax
+    # backward makes them (0 - exp(NaN) x 0); the counted finite row is finite
+    ref = z.double().cpu().requires_grad_()
+    F.cross_entropy(ref, target.cpu(), reduction="none").sum().backward()
+    assert torch.equal(leaf.grad.isnan().cpu(), ref.grad.isnan())
+    assert leaf.grad[:4].isnan().all() and torch.isfinite(leaf.grad[4]).all()
     mean = triton_cross_entropy(z[2:], target[2:], block=16)  # ignored NaN row: finite
     close(mean, F.cross_entropy(z[2:].double().cpu(), target[2:].cpu()), 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [
+    {}, {"softcap": 2.0}, {"eps": 0.1, "weight": True}, {"z_loss": 1e-2},
+    {"softcap": 5.0, "eps": 0.2, "z_loss": 1e-3, "weight": True},
+])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignored_rows_gradient_nan_pattern_is_torchs(dtype, options, inplace):
+    """An ignored row's gradient is torch's: 0 where its logits are finite, NaN throughout
+    where its max is not finite (a NaN, a +inf anywhere, every entry -inf; under softcap
+    only a NaN, ``c tanh(z / c)`` being finite at +-inf), in every tile of a ragged row."""
+    inf, nan = math.inf, math.nan
+    z, target, w = make(9, dtype=dtype, seed=37)
+    z[0, 140] = nan  # in the ragged last tile
+    z[1, 3] = inf
+    z[2] = -inf
+    z[3, :64] = -inf  # one whole tile of -inf, the others finite
+    z[4, 70] = -inf
+    z[5, 10], z[5, 100] = inf, -inf
+    z[6, 149] = inf
+    target[:7] = -100  # rows 7 and 8 count
+    weight = w.to(dtype) if options.get("weight") else None
+    kw = {k: v for k, v in options.items() if k != "weight"}
+    ref_leaf, want = reference(z.cpu(), target.cpu(), None if weight is None else weight.cpu(),
+                               reduction="sum", **kw)
+    want.backward()
+    leaf = z.clone().requires_grad_()
+    src = leaf * 1 if inplace else leaf
+    got = triton_cross_entropy(src, target, weight, reduction="sum",
+                               label_smoothing=kw.get("eps", 0.0),
+                               z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"),
+                               inplace_backward=inplace, block=BLOCK)
+    got.backward()
+    assert torch.equal(leaf.grad.isnan().cpu(), ref_leaf.grad.isnan())
+    nan_rows = [0] if "softcap" in kw else [0, 1, 2, 5, 6]
+    assert leaf.grad.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert float(leaf.grad[3:5].abs().max()) == 0.0
+    finite = ~ref_leaf.grad.isnan()
+    close(leaf.grad.cpu().double()[finite], ref_leaf.grad[finite], TOL[dtype])
+    close(got.cpu().double(), want.detach(), TOL[dtype])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

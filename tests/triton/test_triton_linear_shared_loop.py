@@ -161,8 +161,9 @@ def test_the_kernel_sees_only_counted_rows(monkeypatch):
 
 
 def test_non_finite_features_of_an_ignored_row_reach_dw_as_in_torch():
-    """torch's ``dW = G^T x`` turns an ignored row's zero gradient times NaN into NaN:
-    such a row is not skipped (the CPU head's rule), so the head gives torch's NaN."""
+    """torch's ``dW = G^T x`` turns an ignored row's zero gradient times NaN into NaN, and
+    its softmax backward makes that row's logit gradient NaN: such a row is not skipped
+    (the CPU head's rule), so the head gives torch's NaN in dx, dW and db."""
     x, w, b, y, _ = data("half")
     x[0] = torch.nan  # y[0] is ignored
     go = grad_output("mean")
@@ -170,9 +171,11 @@ def test_non_finite_features_of_an_ignored_row_reach_dw_as_in_torch():
     got, grads = run(triton_head, x, w, b, y, go, chunk_size=CHUNK)
     close(got, want, 1e-10)
     assert grads[1].isnan().all() and want_grads[1].isnan().all()  # dW: NaN, as torch
+    # the NaN row's own logit gradient is NaN, as torch's log_softmax backward makes it
+    # (0 - exp(NaN) x 0): dx's row 0 and db are NaN too
+    assert grads[0][0].isnan().all() and want_grads[0][0].isnan().all()
     close(grads[0][1:], want_grads[0][1:], 1e-10)
-    # (the NaN row's own gradient: the Triton kernel documents an ignored row's logit
-    # gradient as exactly 0 even for NaN logits, where torch's is NaN: its dx and db)
+    assert torch.equal(grads[2].isnan(), want_grads[2].isnan()) and grads[2].isnan().all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -68,9 +68,10 @@ target ``t``: ``sum_c T_c (lse - z_c) + z_loss lse^2`` with ``T = ((1 - eps) t +
 (a zero ``T_c`` contributes exactly 0). "mean" divides by ``sum_n w[y_n]`` over non-ignored
 rows (index targets) or by ``N`` (probabilities); z-loss is not class-weighted but shares
 that denominator; a zero denominator gives NaN (torch: 0/0). Ignored rows: loss 0,
-gradient exactly 0 (also where their logits are NaN or -inf; torch's gradient is NaN
-there). Differences from torch, on purpose: a zero target probability contributes exactly
-0 where its logit is -inf (torch: 0 * inf = NaN; pitfall 4), and loss terms are summed as
+gradient torch's: 0, or NaN throughout where the row's max is not finite (a NaN, a +inf,
+every logit -inf; torch's log_softmax backward forms ``0 x exp(NaN)``).
+Differences from torch, on purpose: a zero target probability contributes exactly 0
+where its logit is -inf (torch: 0 * inf = NaN; pitfall 4), and loss terms are summed as
 ``T_c ((m - z_c) + log s)`` in float32, so logits near 3e38 give torch's float64 values
 where torch's float32 overflows. Gradient
 ``r (A p - B) * (1 - tanh^2(z / c))`` as in :mod:`.kernels`. float32 arithmetic (float64

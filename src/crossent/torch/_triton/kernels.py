@@ -29,7 +29,8 @@ cancellation, and no ``lse = m + log s`` rounded to ``m`` at logits near 3e38; a
 All arithmetic runs in ``ACC`` (float32; float64 for float64 input) and the gradient is
 rounded once, by the store, to the gradient buffer's dtype. ``G`` may be ``Z`` itself: each
 tile is read before it is overwritten by the same program. A row whose target equals
-``ignore_index`` gets loss 0, lse 0 and a zero gradient without reading its logits; a
+``ignore_index`` gets loss 0, lse 0 and torch's gradient of a row it does not count: 0,
+or NaN throughout when the row's max is not finite (read once, written once); a
 target outside ``[0, V)`` (and not ignored) gets a NaN loss and gradient (no device-to-host
 check in the kernel).
 
@@ -235,12 +236,29 @@ def ce_row_source(
         tl.store(LOSS + row, tl.full((), 0.0, ACC))
         tl.store(LSE + row, tl.full((), 0.0, ACC))
         if GRAD:
+            # torch's log_softmax backward of the row's zero upstream, 0 - exp(log p) x 0:
+            # NaN throughout when the row's max is not finite (a NaN, a +inf, or every logit
+            # -inf: log p is NaN somewhere), else 0. One read and one write, as a counted
+            # row's floor; the rare NaN row is written again.
             zeros = tl.zeros((BLOCK,), ACC)
             if SMOOTH and HAS_WEIGHT:  # torch's 0 x w_c: NaN rows for a non-finite weight
                 zeros += idle
+            m = tl.full((), float("-inf"), ACC)
+            odd = tl.full((), 0, tl.int32)  # NaN or +inf entries seen
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                tl.store(grow + offs, zeros, mask=offs < V)
+                mask = offs < V
+                x = tl.load(zrow + offs, mask=mask, other=float("-inf")).to(ACC)
+                if HAS_CAP:  # c tanh(z / c) is finite for z = +-inf: only a NaN stays odd
+                    x = tl.where(mask, cap * _tanh(x / cap, ACC), float("-inf"))
+                odd += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), 0)
+                m = tl.maximum(m, tl.max(x, 0))
+                tl.store(grow + offs, zeros, mask=mask)
+            if (odd > 0) | (m == float("-inf")):
+                nans = tl.full((BLOCK,), float("nan"), ACC)
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    tl.store(grow + offs, nans, mask=offs < V)
 
 
 def scale_kernel(X, stride_x, GO, ncols, tiles, PER_ROW: tl.constexpr, ACC: tl.constexpr,
