@@ -170,14 +170,19 @@ codecs.register_error("crossent-ascii", _to_ascii)
 def plain_text_streams() -> None:
     """Make stdout and stderr write plain ASCII stand-ins (``·`` -> ``*``, ``≥`` -> ``>=``)
     for what their encoding cannot hold (a C locale, ``PYTHONIOENCODING=ascii``, latin-1)
-    instead of failing with ``UnicodeEncodeError``. UTF-8 streams are left alone."""
+    instead of failing with ``UnicodeEncodeError``. A strict UTF-8 stream
+    (``PYTHONIOENCODING=utf-8``, a UTF-8 locale) writes what UTF-8 cannot hold, the lone
+    surrogates of a file name that is not UTF-8 (``$'\\xe9.html'``), as ``\\udce9``."""
     for stream in (sys.stdout, sys.stderr):
         encoding = getattr(stream, "encoding", None) or "ascii"
+        errors = "crossent-ascii"
         with contextlib.suppress(LookupError):
             if codecs.lookup(encoding).name.startswith("utf"):
-                continue
+                if getattr(stream, "errors", None) != "strict":
+                    continue  # surrogateescape (C.UTF-8) already writes the name's bytes
+                errors = "backslashreplace"
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.reconfigure(errors="crossent-ascii")  # type: ignore[union-attr]
+            stream.reconfigure(errors=errors)  # type: ignore[union-attr]
 
 
 def open_closed_streams() -> bool:

@@ -51,18 +51,36 @@ class Curves:
 
 
 def grid(lo: float, hi: float, n: int, include: Sequence[float] = ()) -> np.ndarray:
-    """``n`` evenly spaced points in [lo, hi] plus the points in ``include``, sorted, unique.
+    """``n`` evenly spaced points in [lo, hi] plus the points of ``include`` that lie in
+    [lo, hi] (a curve's x never leaves the range it was asked for), sorted, unique.
 
-    ``lo`` and ``hi`` are finite numbers and ``n`` an integer in [1, :data:`MAX_POINTS`],
-    each refused otherwise with an :class:`~crossent.errors.InputError` naming it.
+    ``lo`` and ``hi`` are finite numbers, ``n`` an integer in [1, :data:`MAX_POINTS`] and
+    ``include`` finite real numbers, each refused otherwise with an
+    :class:`~crossent.errors.InputError` naming it.
 
-    >>> grid(0.0, 1.0, 3, include=[0.25]).tolist()
+    >>> grid(0.0, 1.0, 3, include=[0.25, 2.0]).tolist()
     [0.0, 0.25, 0.5, 1.0]
     """
-    lo = _checks.check_finite(lo, "lo")
-    hi = _checks.check_finite(hi, "hi")
+    lo = float(_checks.check_finite(lo, "lo"))
+    hi = float(_checks.check_finite(hi, "hi"))
     n = _check_points(n)
-    return np.unique(np.concatenate([np.linspace(lo, hi, n), np.asarray(include, float)]))
+    extra = _finite_points(include, "include")
+    if math.isfinite(hi - lo):
+        even = np.linspace(lo, hi, n)
+    else:  # hi - lo overflows (-1.7e308 to 1.7e308): halves, then doubled exactly
+        even = 2.0 * np.linspace(lo / 2.0, hi / 2.0, n)
+    low, high = min(lo, hi), max(lo, hi)
+    return np.unique(np.concatenate([even, extra[(extra >= low) & (extra <= high)]]))
+
+
+def _finite_points(values: object, name: str) -> np.ndarray:
+    """``values`` as finite float64 points (none for an empty sequence)."""
+    if np.size(_as_array(values)) == 0:
+        return np.zeros(0)
+    points = _vector(values, name)  # type: ignore[arg-type]
+    if not np.isfinite(points).all():
+        raise InputError(f"{name} must hold finite numbers")
+    return points
 
 
 def _check_points(n: int) -> int:
@@ -155,8 +173,16 @@ def finite_difference_grad(
                              f"use a larger step")
         step = np.zeros_like(x0)
         step[i] = h
-        out[i] = (f(x0 + step) - f(x0 - step)) / 2 / h  # not / (2 * h): 2 * 1e308 is inf
+        out[i] = _central_difference(f(x0 + step), f(x0 - step), h)
     return out
+
+
+def _central_difference(up: float, down: float, h: float) -> float:
+    """``(up - down) / 2h``, without overflowing where ``up - down`` (or ``2h``) would."""
+    diff = up - down
+    if math.isinf(diff) and math.isfinite(up) and math.isfinite(down):
+        return (up / 2 - down / 2) / h  # 1e308 - (-1e308) is inf; the halves' difference not
+    return diff / 2 / h  # not / (2 * h): 2 * 1e308 is inf
 
 
 @dataclass(frozen=True)
@@ -273,7 +299,8 @@ def _multiclass_target(target: int | Numbers, num_classes: int) -> np.ndarray:
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
         if not 0 <= int(target) < num_classes:
             raise InputError(
-                f"target class index {int(target)} is out of range for {num_classes} classes "
+                f"target class index {_integer_text(int(target))} is out of range for "
+                f"{num_classes} classes "
                 f"(valid: 0..{num_classes - 1})"
             )
         row = np.zeros(num_classes)  # not np.eye(C)[k]: C x C floats for 10^5 classes
@@ -288,6 +315,14 @@ def _multiclass_target(target: int | Numbers, num_classes: int) -> np.ndarray:
     _checks.check_in_unit_interval(np, t, "target")
     t = _check_sums_to_one(t, "target", target)
     return t
+
+
+def _integer_text(k: int) -> str:
+    """``str(k)``, or its size where Python refuses to print it (beyond 4300 digits)."""
+    try:
+        return str(k)
+    except ValueError:
+        return f"{'-' if k < 0 else ''}<an integer of {k.bit_length()} bits>"
 
 
 def _log_in(base: float, label_smoothing: float) -> float:
@@ -411,6 +446,6 @@ def loss_comparison(q_true: Numbers) -> Curves:
     >>> round(float(loss_comparison([0.5]).series["-ln q"][0]), 6)
     0.693147
     """
-    q = np.asarray(q_true, float)
+    q = _vector(q_true, "q_true")
     series = {"-ln q": np.asarray(surprisal(q)), "1 - q": 1.0 - q, "(1 - q)^2": (1.0 - q) ** 2}
     return Curves(q, series)

@@ -39,7 +39,9 @@ screen wraps it between terms (MathML itself never breaks a line).
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from html import escape
 
@@ -47,8 +49,9 @@ from ..errors import InputError
 
 
 def fmt(x: float) -> str:
-    """A computed number as the tour prints it: 6 decimals (the article's precision)."""
-    return f"{float(x):.6f}"
+    """A computed number as the tour prints it: 6 decimals (the article's precision);
+    ``-0.0`` prints as 0, as the CLI's numbers do."""
+    return f"{float(x) + 0.0:.6f}"  # -0.0 + 0.0 is 0.0
 
 
 def short(x: float) -> str:
@@ -152,8 +155,10 @@ class _Parser:
     def postfix(self) -> Node:
         node = self.atom()
         while self.peek()[1] in ("_", "^"):
-            kind = "sub" if self.take() == "_" else "sup"
-            node = Node(kind, parts=(node, self.atom()))
+            if self.take() == "_":
+                node = Node("sub", parts=(node, self.atom()))
+            else:  # right-associative, as Python's **: a^b^c is a^(b^c)
+                return Node("sup", parts=(node, self.postfix()))
         return node
 
     def atom(self) -> Node:
@@ -167,8 +172,12 @@ class _Parser:
         name = self.take()
         if name == "sum" and self.peek()[1] == "_":
             self.take()
-            index = self.take()
-            return Node("sum", index, (self.product(),))
+            if self.peek()[0] not in ("name", "num"):
+                raise InputError(f"formula {self.text!r}: a sum's index must be a name or a "
+                                 f"number, not {self.peek()[1]!r}")
+            return Node("sum", self.take(), (self.product(),))
+        if name.startswith("sum_"):  # sum_ij: one name token, as q_true is
+            return Node("sum", name[4:], (self.product(),))
         if name in LOGS:
             arg = self._bracket() if self.peek()[1] == "(" else self.postfix()
             return Node("log", name, (arg,))
@@ -195,7 +204,18 @@ class _Parser:
 
 def parse(text: str) -> list[Node]:
     """The formulas in ``text`` (separated by ``;``), each a tree of :class:`Node`."""
-    return [_Parser(part.strip()).formula() for part in text.split(";") if part.strip()]
+    with _not_too_deep(text):
+        return [_Parser(part.strip()).formula() for part in text.split(";") if part.strip()]
+
+
+@contextlib.contextmanager
+def _not_too_deep(text: str) -> Iterator[None]:
+    """A formula nested beyond Python's recursion limit (hundreds of brackets or signs) is
+    refused naming it, not left to a raw ``RecursionError``."""
+    try:
+        yield
+    except RecursionError:
+        raise InputError(f"formula {text[:40]!r}...: nested too deeply to typeset") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +300,9 @@ def mathml(text: str, *, display: bool = False) -> str:
     attr = ' display="block"' if display else ""
     out = []
     for tree in parse(text):
-        out.append("<wbr>".join(f"<math{attr}>{''.join(_ml(n) for n in piece)}</math>"
-                            for piece in _pieces(tree)))
+        with _not_too_deep(text):
+            out.append("<wbr>".join(f"<math{attr}>{''.join(_ml(n) for n in piece)}</math>"
+                                for piece in _pieces(tree)))
     return '<span class="sep">; </span>'.join(out)
 
 

@@ -277,6 +277,9 @@ class RowStatistics:
             if self.m is not None:
                 assert self.p_max is not None
                 torch.sub(self.m, self.p_max.log(), out=self.lse)
+                # a row holding +inf, or all -inf, has NaN probabilities: its lse is its
+                # max, as torch.logsumexp's (a NaN row's max is NaN)
+                torch.where(self.m.isinf(), self.m, self.lse, out=self.lse)
             out["lse"] = self.lse
             out["z_loss"] = self.lse.square()  # times the coefficient in result()
         if self.p_y is not None and self.z_y is not None:
