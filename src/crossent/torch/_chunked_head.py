@@ -78,28 +78,43 @@ def split_rows(counted: torch.Tensor | None, x: torch.Tensor,
                idle_nan: Callable[[], bool] | None = None,
                params: tuple[torch.Tensor | None, ...] = ()) -> RowSplit | None:
     """The counted and the ignored rows when some rows are ignored and may be skipped,
-    else None (every row counts, an ignored row's features are not finite, a weight or
-    bias in ``params`` is not finite, or ``idle_nan()``: torch's ignored rows have NaN
-    gradients, :func:`._rules.idle_rows_nan`; each asked only when some row is ignored).
+    else None (every row counts, an ignored row's logits may not be finite, or
+    ``idle_nan()``: torch's ignored rows have NaN gradients, :func:`._rules.idle_rows_nan`;
+    each asked only when some row is ignored). ``params``: the head's ``(weight, bias)``.
 
-    An ignored row whose features are not finite is not skipped: torch's ``dW = G^T x``
-    turns its zero gradient row times inf/NaN into NaN, and so does the unskipped pass
-    (NaN propagates, as in torch). Nor where the weight or bias holds inf/NaN: the row's
-    logits then hold NaN or +inf, and torch's softmax backward turns its zero gradient
-    into NaN (``0 - exp(NaN) x 0``), in dx and dW. (Finite features and weights whose
-    product overflows to +inf in an ignored row are not looked for: that would cost the
-    logits the skip saves.) Host synchronisations: three, four with ``params`` (the two
-    index lists, the finiteness of the ignored rows' features and of the parameters)."""
+    An ignored row whose logits may hold inf/NaN is not skipped: torch's softmax backward
+    turns its zero gradient into NaN (``0 - exp(NaN) x 0``), in dx and dW, and so does the
+    unskipped pass (NaN propagates, as in torch). "May": the bound
+    ``|z_nv| <= ||x_n||_1 max|W| + max|b|`` (float64) reaches half the largest finite
+    number of ``x``'s or ``W``'s dtype, or is itself inf/NaN (a non-finite feature, weight
+    or bias). A cheap bound: it reads the ignored rows' features and the parameters once,
+    not the logits the skip saves; where it is loose the rows are merely not skipped (the
+    same result, slower). Host synchronisations: three (the two index lists, the bound)."""
     if counted is None:
         return None
     dropped = (~counted).nonzero().squeeze(1)
     if dropped.numel() == 0 or (idle_nan is not None and idle_nan()):
         return None
-    if not bool(torch.isfinite(x.index_select(0, dropped)).all()):
-        return None
-    if not all(bool(torch.isfinite(p).all()) for p in params if p is not None):
+    if not _logits_surely_finite(x.index_select(0, dropped), *params):
         return None
     return RowSplit(counted.nonzero().squeeze(1), dropped)
+
+
+def _logits_surely_finite(x: torch.Tensor, weight: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None) -> bool:
+    """Whether ``x @ weight.T + bias`` is surely finite, by the bound of
+    :func:`split_rows` (without ``weight``: whether ``x`` is finite)."""
+    wide = torch.float64 if x.device.type != "mps" else torch.float32
+    if weight is None:
+        return bool(torch.isfinite(x).all())
+    limit = min(torch.finfo(t.dtype).max for t in (x, weight)) / 2
+    bound = x.to(wide).abs().sum(1).amax() if x.numel() else x.new_zeros((), dtype=wide)
+    w_max = weight.abs().amax().to(wide) if weight.numel() else bound.new_zeros(())
+    bound = bound * w_max
+    if bias is not None and bias.numel():
+        bound = bound + bias.abs().amax().to(wide)
+    # NaN compares False: a NaN feature, weight or bias is not surely finite
+    return bool(bound < limit)
 
 
 # low-precision dW: partial products per vocabulary tile (CPU: the tile's product stays in

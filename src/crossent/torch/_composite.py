@@ -73,8 +73,9 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     num_classes = z.shape[1]
     eps, zl = opts.label_smoothing, opts.z_loss
     w = None if weight is None else weight.to(cdtype)
-    lse = torch.logsumexp(z, 1)
-    logp = z - lse.unsqueeze(1)
+    # log_softmax, not z - lse: its backward is torch's (a row holding +inf is NaN
+    # throughout, where z - lse's is NaN only at the inf)
+    logp = torch.log_softmax(z, 1)
     if target.is_floating_point():
         t = target.to(cdtype)
         # (C = 0: no classes to smooth over; torch's sums over no classes give 0 too)
@@ -83,7 +84,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
             big_t = big_t * w
         losses = -(big_t * zero_unused(big_t, logp)).sum(1)
         if zl:
-            losses = losses + zl * lse.square()
+            losses = losses + zl * torch.logsumexp(z, 1).square()
         # torch divides by numel / C: NaN for C = 0, as there
         rows = float(z.shape[0]) if num_classes else math.nan
         denominator = torch.full((), rows, dtype=cdtype, device=z.device)
@@ -107,7 +108,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         if num_classes:
             losses = losses + (eps / num_classes) * smooth
     if zl:
-        losses = losses + zl * lse.square()
+        losses = losses + zl * torch.logsumexp(z, 1).square()
     # masked_fill, not where(valid, x, 0.0): where's derivative makes its scalar a tensor,
     # which breaks a backward on fake tensors after their mode exited
     losses = losses.masked_fill(~valid, 0.0)

@@ -385,7 +385,10 @@ def cross_entropy(
             Only an activation's memory is overwritten: for leaf logits, or a view of a
             leaf, the gradient goes to a new buffer and the logits stay intact (their
             ``.grad`` would otherwise share the leaf's memory).
-            For ``(N, C, d1, ...)`` or non-contiguous input the kernel works on a copy.
+            Where moving the class axis last needs a copy (``(N, C, d1, ...)`` with a
+            spatial size above 1, non-contiguous input) the kernel works on the copy
+            and the logits stay intact; ``(N, C, 1, ...)`` flattens to a view, which
+            is overwritten.
             Double backward through overwritten logits (or an activation's overwritten
             copy) raises :class:`crossent.UnsupportedError`; on a leaf it is torch's.
             Under saved-tensor hooks (``save_on_cpu``, checkpointing) nothing is

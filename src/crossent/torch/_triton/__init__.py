@@ -53,8 +53,9 @@ softcap=None, chunk_size=None, skip_ignored=True, check_targets=True, block=None
     unfused head does; input, weight and bias of one dtype (``F.linear`` raises for a
     mix, so does this). Ignored rows are skipped by the matmuls (``skip_ignored``), by the
     rule both linear heads share (:func:`crossent.torch._chunked_head.split_rows`): not
-    where an ignored row's features are not finite (NaN reaches dW, as in torch); three
-    host syncs per call. Double backward as above. ``"mean"``/``"sum"``:
+    where an ignored row's logits may not be finite (a non-finite feature, weight or
+    bias, or finite ones whose product may overflow, by a cheap bound: torch's NaN then
+    reaches dx and dW); three host syncs per call. Double backward as above. ``"mean"``/``"sum"``:
     gradients in forward; ``"none"``: the backward recomputes the chunks with each row scaled by its
     ``grad_output``. Default chunk: logits of a quarter of the float32 dW's bytes
     (2048 rows at V=128256, D=4096, bf16).
