@@ -36,6 +36,8 @@ def check_output_path(path: Path | str, option: str, *, directory: bool = False)
         raise InputError(f"{option}: the path is empty")
     if "\0" in text:  # from Python callers (argv has none); pathlib answers "does not exist"
         raise InputError(f"{option} {text!r}: a path cannot hold a NUL character")
+    if not directory and _names_a_folder(text):
+        raise InputError(f"{option} {text}: a trailing slash names a folder; expected a file")
     p = Path(text)
     try:
         _no_broken_link(p, option, text)
@@ -67,8 +69,16 @@ def check_files_in(directory: Path, names: Iterable[str], option: str) -> None:
     :func:`check_output_path`): none of them is a folder, or a broken link (or loop), that
     the file could not replace. Raises :class:`~crossent.errors.InputError` naming ``option``
     and the file, before the work that would end in writing them."""
+    seen: dict[str, str] = {}
     for name in names:
         p = directory / name
+        # a link among the outputs (metrics.json -> accuracy.png) makes two outputs one
+        # file: the second write would replace the first after it was reported written
+        real = os.path.realpath(p)
+        if real in seen:
+            raise InputError(f"{option} {directory}: {seen[real]} and {name} there are the "
+                             f"same file ({real}); one would replace the other")
+        seen[real] = name
         if p.is_dir():
             raise InputError(f"{option} {directory}: {name} there is a folder; the file "
                              f"cannot replace it")
@@ -92,6 +102,13 @@ def check_file_apart(path: Path, option: str, directory: Path, dir_option: str,
         if file == written or written in file.parents:
             raise InputError(f"{option} {path}: {dir_option} {directory} writes its {name} "
                              f"there; give them different paths")
+
+
+def _names_a_folder(text: str) -> bool:
+    """``text`` ends in a separator (``new.svg/``) or in ``/.``: a folder for the system (the
+    shell's ``>`` says "Is a directory"), which pathlib would turn into the file ``new.svg``."""
+    seps = tuple({os.sep, os.altsep or os.sep})
+    return text.endswith(seps) or text.endswith(tuple(sep + "." for sep in seps))
 
 
 def _no_broken_link(p: Path, option: str, text: str) -> None:
@@ -151,7 +168,9 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
     target = Path(os.path.realpath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # a short fixed prefix, not ".{name}.": with the name, the temporary file is 14 bytes
+        # longer than the target, and a legal name of 242..255 bytes fails (ENAMETOOLONG)
+        fd, tmp = tempfile.mkstemp(prefix=".crossent.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -194,10 +213,16 @@ def _mode(target: Path) -> int:
 
 def save_figure(fig: Any, path: Path | str, **savefig_kwargs: Any) -> None:
     """``fig.savefig`` to ``path`` atomically (format from the suffix, as matplotlib does)."""
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or None
+    write_atomic(target, figure_bytes(fig, fmt, **savefig_kwargs))
+
+
+def figure_bytes(fig: Any, fmt: str | None, **savefig_kwargs: Any) -> bytes:
+    """``fig`` saved in memory as ``fmt`` (``"png"``, ``"svg"``; None: matplotlib's default):
+    a command draws every figure before it writes the first file."""
     import io
 
-    target = Path(path)
     buf = io.BytesIO()
-    fmt = target.suffix.lstrip(".").lower() or None
     fig.savefig(buf, format=fmt, **savefig_kwargs)
-    write_atomic(target, buf.getvalue())
+    return buf.getvalue()

@@ -383,7 +383,7 @@ def _stub_crossover(monkeypatch):
     monkeypatch.setattr(bench, "time_crossover", lambda device, repeats, sizes, say: [])
     monkeypatch.setattr(bench, "crossover_table", lambda results: "")
     monkeypatch.setattr(bench, "crossover_figure", lambda results, title: None)
-    monkeypatch.setattr(bench, "save_figure", lambda fig, path, dpi=None: None)
+    monkeypatch.setattr(bench, "figure_bytes", lambda fig, fmt, dpi=None: b"")
 
 
 def test_run_records_a_python_load(monkeypatch, tmp_path):

@@ -5,7 +5,8 @@ What a user can cause ends as ONE line on stderr, never a traceback:
 - a bad option or bad numbers (click's usage errors, :class:`crossent.errors.InputError` from
   the library's checks and the CLI's own) and an output that cannot be written (a path that is
   not writable, a full disk, ``/dev/full``): exit code 2;
-- Ctrl-C: ``crossent CMD: interrupted``, exit code 130;
+- Ctrl-C: ``crossent CMD: interrupted``, exit code 130; SIGTERM (``kill``, a job scheduler,
+  ``timeout``): ``crossent CMD: terminated``, exit code 143 (128 + 15), after the same clean-up;
 - a reader that goes away (``crossent tour | head``): nothing said, exit code 1 (as rich,
   click and Python's documentation do).
 
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ..errors import InputError
@@ -53,6 +58,32 @@ _OUTPUT_ERRNOS = frozenset({
     errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EIO,
 })
 BROKEN_PIPE_EXIT = 1
+TERMINATED_EXIT = 128 + signal.SIGTERM  # as the shell reports a process SIGTERM ended
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt: the clean-ups
+    run (:func:`crossent.cli.files.write_atomic` removes its temporary file), where Python's
+    default action would end the process at once. A BaseException, so that no ``except
+    Exception`` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block; the previous handler is restored after
+    it (the command may run inside a test runner, or another program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals (a runner's worker thread)
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back; the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class _Failure(Exception):
@@ -71,6 +102,8 @@ def _failure(err: BaseException, where: str) -> _Failure | None:
         return _Failure(f"{where}: error: {err}", 2)
     if isinstance(err, KeyboardInterrupt):
         return _Failure(f"{where}: interrupted", 130)
+    if isinstance(err, Terminated):
+        return _Failure(f"{where}: terminated", TERMINATED_EXIT)
     if isinstance(err, BrokenPipeError):
         return _Failure(None, BROKEN_PIPE_EXIT, stdout_failed=True)
     top = (err.name or "").partition(".")[0] if isinstance(err, ModuleNotFoundError) else ""
@@ -92,7 +125,7 @@ class OneLineErrors(TyperGroup):
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (Exception, KeyboardInterrupt) as err:
+        except (Exception, KeyboardInterrupt, Terminated) as err:
             # here, not in main(): typer turns KeyboardInterrupt into a silent exit 130
             if isinstance(err, clickx.ClickException | typer.Exit | typer.Abort):
                 raise
@@ -114,10 +147,13 @@ class OneLineErrors(TyperGroup):
             return code
         plain_text_streams()
         try:
-            rv = super().main(args=argv, prog_name="crossent",  # also under a test runner
-                              standalone_mode=False, **extra)
-            sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
+            with _sigterm_raises():
+                rv = super().main(args=argv, prog_name="crossent",  # also under a test runner
+                                  standalone_mode=False, **extra)
+                sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
             code = rv if isinstance(rv, int) else 0
+        except Terminated:  # outside a command: while the options were read
+            code = _report(_Failure("crossent: terminated", TERMINATED_EXIT))
         except _Failure as f:
             code = _report(f)
         except clickx.UsageError as e:
@@ -229,13 +265,16 @@ def tour(
         from . import html as html_mod
 
         page = html_mod.page(content, with_figures=not no_plots)
+    # and every file written before the tour is printed: a reader that leaves while it
+    # prints (crossent tour --html page.html | head) must not leave the figures without page
     for name, file in files.items():
         figures[name] = plots.write(out / file, drawn[name])
+    if html is not None:
+        html_mod.write_page(html, page)
     con = console()
     tour_mod.render(content, con, figures)
     if html is not None:
-        html_mod.write_page(html, page)
-        con.print(f"\nweb page written: {html}")
+        con.print(f"\nweb page written: {escape(str(html))}")
 
 
 @app.command(short_help="One loss, every intermediate: softmax, terms, sum, gradient.")
@@ -316,7 +355,7 @@ def plot(
     data = plots.render(name, fmt, unit.base, unit.name)
     out.parent.mkdir(parents=True, exist_ok=True)  # documented: --out creates its folders
     write_atomic(out, data)
-    console().print(f"figure written: {out}")
+    console().print(f"figure written: {escape(str(out))}")  # a path is no rich markup
 
 
 @app.command(short_help="Train on the digits with each loss: accuracy, calibration.")

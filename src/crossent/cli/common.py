@@ -123,8 +123,10 @@ def columns(rows: list[list[str]], *, left: int | None = 0) -> list[str]:
 
 
 def console() -> Console:
-    """A console on the current stdout (so test runners can capture it)."""
-    return Console(highlight=False, soft_wrap=False, width=_width_unless_columns_unusable())
+    """A console on the current stdout (so test runners can capture it). No emoji codes:
+    ``:smile:`` in a path or an answer is printed as typed (escape() does not stop them)."""
+    return Console(highlight=False, soft_wrap=False, emoji=False,
+                   width=_width_unless_columns_unusable())
 
 
 def _width_unless_columns_unusable() -> int | None:

@@ -6,9 +6,10 @@ from .._files import (
     check_file_apart,
     check_files_in,
     check_output_path,
+    figure_bytes,
     save_figure,
     write_atomic,
 )
 
-__all__ = ["check_file_apart", "check_files_in", "check_output_path", "save_figure",
-           "write_atomic"]
+__all__ = ["check_file_apart", "check_files_in", "check_output_path", "figure_bytes",
+           "save_figure", "write_atomic"]

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table as RichTable
 
 from .. import training as tr
-from .files import save_figure, write_atomic
+from .files import figure_bytes, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,6 +55,21 @@ SUMMARY_HEADERS = ["loss", "epochs to 95%", "val accuracy", "val CE (nats)", "va
                    "train loss"]
 
 
+def summary_table(results: dict[str, tr.RunResult], config: tr.TrainConfig) -> RichTable:
+    """The :func:`summary_rows` as a table. Each column is at least as wide as its widest
+    cell: rich would otherwise crop the numbers of metrics.json to fit a narrow terminal
+    ('0.91...'); only the headers wrap (or fold)."""
+    rows = summary_rows(results)
+    table = RichTable(title=f"{config.model}, seed {config.seed}: after epoch {config.epochs} "
+                      "(ECE: 15 bins)")
+    for i, h in enumerate(SUMMARY_HEADERS):
+        table.add_column(h, justify="right", overflow="fold",
+                         min_width=max((len(row[i]) for row in rows), default=None))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _epoch_line(name: str, m: tr.EpochMetrics, epochs: int, width: int) -> str:
     return (f"{name:<{width}} {m.epoch:>{len(str(epochs))}}/{epochs}  train loss "
             f"{m.train_loss:.4f}  val acc {m.val_accuracy:.4f}  CE "
@@ -65,9 +80,10 @@ def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
         plots: bool = True) -> dict[str, tr.RunResult]:
     """Train, report each epoch, print the summary, write metrics.json and the figures.
 
-    ``out`` is created (with its parents) after the training, so a failed or interrupted run
-    leaves nothing behind; the caller checks beforehand that it can be written
-    (:func:`crossent.cli.files.check_output_path`). Every file is written atomically."""
+    ``out`` is created (with its parents) after the training and the drawing, so a failed
+    or interrupted run leaves nothing behind; the caller checks beforehand that it can be
+    written (:func:`crossent.cli.files.check_output_path`). Every file is written
+    atomically."""
     data = _dataset()
     con.print(f"[bold]crossent train[/]: {config.model} on the digits "
               f"({data.x_train.shape[0]} training / {data.x_val.shape[0]} validation images, "
@@ -84,24 +100,24 @@ def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
             progress.advance(tasks[name])
 
         results = tr.compare(losses, config, data, on_epoch)
-    table = RichTable(title=f"{config.model}, seed {config.seed}: after epoch {config.epochs} "
-                      "(ECE: 15 bins)")
-    for h in SUMMARY_HEADERS:
-        table.add_column(h, justify="right")
-    for row in summary_rows(results):
-        table.add_row(*row)
-    con.print(table)
+    # crop=False: at a narrow terminal the table is wider than it (see summary_table), and
+    # its lines wrap there rather than lose their ends
+    con.print(summary_table(results, config), crop=False)
     diverged = [n for n, r in results.items() if not math.isfinite(r.final.train_loss)]
     if diverged:
         con.print(f"diverged (the training loss became NaN or infinite): "
                   f"{', '.join(diverged)}; a smaller --lr may help")
+    # every output in memory before the first is written: Ctrl-C while drawing (seconds)
+    # leaves no folder holding metrics.json and some of the figures
+    metrics = json.dumps(tr.metrics_json(results), indent=2, allow_nan=False) + "\n"
+    outputs = {METRICS_FILE: metrics.encode("utf-8"),
+               **(draw_figures(results) if plots else {})}
     out.mkdir(parents=True, exist_ok=True)
-    metrics = out / METRICS_FILE
-    write_atomic(metrics, json.dumps(tr.metrics_json(results), indent=2, allow_nan=False) + "\n")
-    con.print(f"metrics written: {escape(str(metrics))}")
-    if plots:
-        for path in save_figures(results, out):
-            con.print(f"figure written: {escape(str(path))}")
+    for name, payload in outputs.items():
+        write_atomic(out / name, payload)
+    for name in outputs:
+        what = "metrics" if name == METRICS_FILE else "figure"
+        con.print(f"{what} written: {escape(str(out / name))}")
     return results
 
 
@@ -167,15 +183,14 @@ def _figure_files(losses: Iterable[str]) -> list[str]:
     return ["accuracy.png", *(f"reliability-{name}.png" for name in losses)]
 
 
-def save_figures(results: dict[str, tr.RunResult], out: Path) -> list[Path]:
-    """``accuracy.png`` and ``reliability-LOSS.png`` for every loss, in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in _figure_files(results)]
+def draw_figures(results: dict[str, tr.RunResult]) -> dict[str, bytes]:
+    """``accuracy.png`` and ``reliability-LOSS.png`` for every loss: file name -> PNG bytes."""
+    names = _figure_files(results)
     fig = _new_figure()
     draw_accuracy(fig, results)
-    save_figure(fig, paths[0], dpi=100)
-    for path, r in zip(paths[1:], results.values(), strict=True):
+    figures = {names[0]: figure_bytes(fig, "png", dpi=100)}
+    for name, r in zip(names[1:], results.values(), strict=True):
         fig = _new_figure()
         draw_reliability(fig, r)
-        save_figure(fig, path, dpi=100)
-    return paths
+        figures[name] = figure_bytes(fig, "png", dpi=100)
+    return figures

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import as_float, ascii_integer, ascii_number, check_integer
-from .._files import check_files_in, check_output_path, save_figure, write_atomic
+from .._files import check_files_in, check_output_path, figure_bytes, save_figure, write_atomic
 from ..errors import InputError
 from . import _inductor
 from . import functional as xf
@@ -953,18 +953,23 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
             results["crossover"] = time_crossover(device, repeats, sizes, say)
         print(crossover_table(results["crossover"]), flush=True)
     results["loadavg_after"] = os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
+    # every figure drawn before the first file is written: an interruption (Ctrl-C,
+    # SIGTERM) while drawing leaves the --out folder as it was
+    files: dict[str, bytes] = {}
     if configs:
-        plot(results, out / "bench.png")
-        written.append(out / "bench.png")
+        files["bench.png"] = figure_bytes(figure(results), "png", dpi=110)
     if crossover:
         title = (f"crossent.torch.cross_entropy vs torch {results['torch']} eager on "
                  f"{results['device_name']}" + (f", {load} competing process(es)" if load
                                                 else ""))
-        save_figure(crossover_figure(results["crossover"], title), out / "crossover.png",
-                    dpi=110)
-        written.append(out / "crossover.png")
-    write_atomic(out / "bench.json", json.dumps(results, indent=1) + "\n")
+        files["crossover.png"] = figure_bytes(crossover_figure(results["crossover"], title),
+                                              "png", dpi=110)
+    report = json.dumps(results, indent=1) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(out / name, data)
+        written.append(out / name)
+    write_atomic(out / "bench.json", report)
     print(f"\nwrote {out / 'bench.json'} and {' and '.join(map(str, written))}; load average "
           f"{results['loadavg_before']} -> {results['loadavg_after']}", flush=True)
     return results
