@@ -63,9 +63,10 @@ __all__ = ["linear_cross_entropy"]
 def _counted_rows(rows: Rows, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   opts: Options) -> RowSplit | None:
     """The counted and the ignored rows when the pass may skip the ignored ones, else
-    None: the shared rule (:func:`._chunked_head.split_rows`; an ignored row with
-    non-finite features, non-finite weights or bias, or torch's NaN gradient, is not
-    skipped, so NaN reaches dx and dW as in torch)."""
+    None: the shared rule (:func:`._chunked_head.split_rows`; an ignored row whose logits
+    may not be finite (non-finite features, weights or bias, or finite ones whose product
+    may overflow), or with torch's NaN gradient, is not skipped, so NaN reaches dx and dW
+    as in torch)."""
     return split_rows(rows.valid, x, lambda: idle_rows_nan(opts.weight, opts.label_smoothing),
                       (w, b))
 

@@ -430,8 +430,8 @@ def triton_linear_cross_entropy(
     rounded once from float32. The chunk loop is the CPU head's
     (:func:`crossent.torch._chunked_head.head_pass`): with ``skip_ignored`` the ignored
     rows are skipped by its rule (their ``dx`` exactly 0; not where an ignored row's
-    features are not finite, so NaN reaches dW as in torch; three host synchronisations
-    per call). See the package docstring."""
+    logits may not be finite, so NaN reaches dx and dW as in torch; three host
+    synchronisations per call). See the package docstring."""
     if linear_weight.dim() != 2:
         raise UnsupportedError("linear_weight must be (C, D); K-dimensional heads unsupported")
     if input.dim() not in (1, 2):
@@ -459,8 +459,8 @@ def triton_linear_cross_entropy(
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
     x, t = x.contiguous(), t.contiguous()
-    # ignored rows are skipped by the CPU head's rule (not where their features are not
-    # finite: NaN reaches dW, as in torch)
+    # ignored rows are skipped by the CPU head's rule (not where their logits may not be
+    # finite: NaN reaches dx and dW, as in torch)
     split = (split_rows(_counted_rows(t, ignore_index), x,
                         lambda: idle_rows_nan(w, label_smoothing),
                         (linear_weight, linear_bias)) if skip_ignored else None)
