@@ -68,12 +68,20 @@ def as_array(x: Any, name: str = "x") -> Array:
     """
     if x is None:
         raise InputError(f"{name} is None; expected an array of numbers")
+    if isinstance(x, np.ma.MaskedArray):
+        # NumPy's masked ufuncs would skip the masked entries in some steps and not in
+        # others (a softmax renormalised over part of a row): refuse rather than guess
+        raise InputError(f"{name} is a NumPy masked array, which crossent does not support "
+                         f"(its mask would be ignored or half-applied); fill it first "
+                         f"({name}.filled(value)), or pass the mask as where= where the "
+                         f"function takes one")
     if not is_array_api_obj(x):
         if isinstance(x, (str, bytes)):
             raise InputError(f"{name}={x!r} is text; expected an array of numbers")
         try:
             x = np.asarray(x)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
+            # RuntimeError: torch's, for a list holding a tensor that requires grad
             raise InputError(f"{name} is not an array of numbers: {err}") from None
     _check_dtype(x, name)
     return x
@@ -82,8 +90,14 @@ def as_array(x: Any, name: str = "x") -> Array:
 def _check_dtype(x: Array, name: str) -> None:
     """Real numbers (floating, integer or boolean) only."""
     xp = array_namespace(x)
-    if xp.isdtype(x.dtype, ("bool", "integral", "real floating")):
-        return
+    try:
+        if xp.isdtype(x.dtype, ("bool", "integral", "real floating")):
+            return
+    except TypeError:
+        # a NumPy array of an extension dtype (ml_dtypes' bfloat16, what np.asarray gives
+        # for a JAX bfloat16 array): NumPy's array API has no such dtype to compute in
+        raise InputError(f"{name} has dtype {x.dtype}, which NumPy's array API does not "
+                         f"support; cast it to float32 first") from None
     is_complex = getattr(x.dtype, "kind", "") == "c" or (
         not isinstance(x.dtype, np.dtype) and xp.isdtype(x.dtype, "complex floating")
     )
@@ -112,7 +126,8 @@ def arrays(
     first = next((c for c in passed if not is_numpy_array(c)),
                  passed[0] if passed else checked[0])
     xp = array_namespace(first)
-    return xp, [None if v is None else like(xp, v, first) for v in checked]
+    return xp, [None if v is None else like(xp, v, first, name=n)
+                for v, n in zip(checked, names, strict=True)]
 
 
 def namespace(x: Array) -> Any:
@@ -120,19 +135,103 @@ def namespace(x: Array) -> Any:
     return array_namespace(x)
 
 
-def like(xp: Any, value: Any, ref: Array, *, dtype: Any = None) -> Array:
+def like(xp: Any, value: Any, ref: Array, *, dtype: Any = None, name: str = "x") -> Array:
     """``value`` as an array of ``ref``'s namespace and device (optionally cast to ``dtype``).
 
     Used for the secondary arguments (targets, weights): a NumPy weight passed with
-    torch logits becomes a torch tensor on the logits' device.
+    torch logits becomes a torch tensor on the logits' device. Another library's array
+    travels through NumPy (:func:`_host_copy`); one that cannot, or whose integers the
+    namespace would wrap, or a torch tensor on another device than ``ref``, raises
+    ``InputError`` naming ``name``.
     """
-    if not is_array_api_obj(value) or array_namespace(value) is not xp:
-        if is_array_api_obj(value):
-            value = np.asarray(value)
-        value = xp.asarray(value, device=device(ref))
+    if is_array_api_obj(value) and array_namespace(value) is xp:
+        _check_same_device(value, ref, name)
+    else:
+        narrow = _widened_dtype_name(value)
+        host = _host_copy(value, name)
+        value = xp.asarray(host, device=device(ref))
+        _check_integers_kept(xp, host, value, name)
+        if narrow is not None and getattr(xp, narrow, None) is not None:
+            # the caller's bfloat16 again where the namespace has it: the loss checks a
+            # target's sums with its dtype's tolerance
+            value = xp.astype(value, getattr(xp, narrow))
     if dtype is not None and value.dtype != dtype:
         value = xp.astype(value, dtype)
     return value
+
+
+def _check_same_device(value: Array, ref: Array, name: str) -> None:
+    """A torch ``value`` lives on ``ref``'s device: torch refuses to mix devices in one
+    operation (its own ``RuntimeError`` would name no argument); moving it silently would
+    hide a copy per call. A 0-d CPU tensor is refused too: torch mixes one into a single
+    operation, but not once the core has broadcast it."""
+    if is_torch_array(value) and is_torch_array(ref) and value.device != ref.device:
+        raise InputError(f"{name} is on device {value.device}, but the call computes on "
+                         f"{ref.device} (its first torch argument's device); move {name} "
+                         f"there first (.to({str(ref.device)!r}))")
+
+
+def _widened_dtype_name(value: Any) -> str | None:
+    """The name of ``value``'s floating dtype if NumPy has none (``"bfloat16"``, a float8):
+    :func:`_host_copy` widens such arrays to float32. None for every other dtype."""
+    dtype_name = str(getattr(value, "dtype", "")).removeprefix("torch.")
+    if "float" not in dtype_name or dtype_name in ("float16", "float32", "float64"):
+        return None
+    return dtype_name
+
+
+def _host_copy(value: Array, name: str) -> np.ndarray:
+    """Another library's array as a NumPy array any library can take: native byte order,
+    NumPy's canonical dtype objects, no extension dtype. A torch tensor that requires grad
+    raises ``InputError`` (its gradient could not follow into the other library)."""
+    if is_torch_array(value):
+        value = _torch_to_host(value, name)
+    host = np.asarray(value)
+    if not host.dtype.isnative:  # np.load of a '>f8' file: torch and JAX refuse it
+        host = host.astype(host.dtype.newbyteorder("="))
+    if host.dtype.kind == "V" and "float" in host.dtype.name:
+        # ml_dtypes' bfloat16/float8 (a JAX array's): torch and array-api-strict cannot
+        # take them; float32 holds each of their values exactly
+        return host.astype(np.float32)
+    # np.dtype(str) is the canonical dtype object: torch refuses NumPy's ulonglong ('Q'),
+    # which equals uint64 ('L') but is another type (Python ints past int64 give it)
+    return host.view(np.dtype(host.dtype.str))
+
+
+def _torch_to_host(value: Array, name: str) -> Array:
+    """A torch tensor ready for ``np.asarray``: on the CPU, bfloat16 widened to float32
+    (exactly; NumPy has no bfloat16). One that requires grad or has no values (meta)
+    raises ``InputError``."""
+    if value.requires_grad:
+        raise InputError(f"{name} is a torch tensor that requires grad, passed with arrays "
+                         f"of another library: its gradient cannot follow there; pass "
+                         f"{name}.detach(), or torch tensors throughout")
+    if value.device.type == "meta":
+        raise InputError(f"{name} is a meta tensor (no values), passed with arrays of "
+                         f"another library; pass torch tensors throughout")
+    import torch
+
+    if value.dtype == torch.bfloat16 or (value.is_floating_point() and value.element_size() < 2):
+        value = value.float()  # bfloat16, float8: NumPy has neither
+    return value.cpu()
+
+
+def _check_integers_kept(xp: Any, host: np.ndarray, value: Array, name: str) -> None:
+    """``value`` (``host`` converted by ``xp``) holds ``host``'s integers: JAX without x64
+    makes an int64 array int32, wrapping ``2**32 + 1`` onto 1 (class ids, ignore_index)."""
+    if host.dtype.kind not in "iu" or host.size == 0 or not is_integer(xp, value):
+        return
+    info = xp.iinfo(value.dtype)
+    wide = np.iinfo(host.dtype)
+    if wide.min >= info.min and wide.max <= info.max:
+        return
+    low, high = int(host.min()), int(host.max())
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise InputError(f"{name} holds {bad}, outside [{info.min}, {info.max}], the range of "
+                         f"{value.dtype} that {xp.__name__} computes in here (JAX without "
+                         f"x64 narrows 64-bit integers to 32 bits, wrapping them); enable "
+                         f"jax_enable_x64 or pass smaller values")
 
 
 def is_floating(xp: Any, x: Array) -> bool:
@@ -176,12 +275,19 @@ def restore_dtype(xp: Any, y: Array, dtype: Any) -> Array:
     return xp.astype(y, dtype)
 
 
-def normalize_axis(axis: int, ndim: int, *, name: str = "axis") -> int:
+def axis_index(axis: Any, ndim: int, *, name: str = "axis") -> int:
+    """``axis``, one dimension of an ``ndim``-d array, as a Python int with the caller's
+    sign (messages quote it): torch's reductions refuse a NumPy integer."""
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise InputError(f"{name}={axis!r} must be an integer")
     if not -ndim <= axis < ndim:
         raise InputError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
-    return int(axis) % ndim
+    return int(axis)
+
+
+def normalize_axis(axis: Any, ndim: int, *, name: str = "axis") -> int:
+    """:func:`axis_index` counted from 0 (``-1`` is ``ndim - 1``)."""
+    return axis_index(axis, ndim, name=name) % ndim
 
 
 def move_axis_last(xp: Any, x: Array, axis: int) -> Array:
@@ -216,20 +322,30 @@ def numel(x: Array) -> int:
 def any_true(xp: Any, mask: Array) -> bool:
     """Python bool of ``any(mask)``; a device sync on accelerators (skip with validate=False).
 
-    Traced values (``jax.jit``, ``torch.func.vmap``) have no concrete value to check: the
-    library's own error is replaced by an ``InputError`` that says how to call crossent there
-    (every function that checks values has ``validate``).
+    Arrays without concrete values (traced by ``jax.jit`` or ``torch.func.vmap``, torch
+    meta and fake tensors) have nothing to check: the library's own error is replaced by
+    an ``InputError`` that says how to call crossent there (every function that checks
+    values has ``validate``).
     """
+    if is_torch_array(mask) and mask.device.type == "meta":
+        raise _no_values_error()
     try:
         return bool(xp.any(mask))
     except (TypeError, RuntimeError) as err:
-        # jax.jit: TypeError; torch.func.vmap: RuntimeError ("data-dependent control flow")
-        if isinstance(err, RuntimeError) and "data-dependent" not in str(err):
+        # jax.jit: TypeError; torch.func.vmap: RuntimeError ("data-dependent control
+        # flow"); FakeTensorMode: DataDependentOutputException, a RuntimeError
+        if isinstance(err, RuntimeError) and not (
+                "data-dependent" in str(err)
+                or type(err).__name__ == "DataDependentOutputException"):
             raise
-        raise InputError(
-            "validate=True checks values, which needs concrete arrays; inside jax.jit or "
-            "another tracing transform pass validate=False"
-        ) from err
+        raise _no_values_error() from err
+
+
+def _no_values_error() -> InputError:
+    return InputError(
+        "validate=True checks values, which needs concrete arrays; inside jax.jit or "
+        "another tracing transform, or with torch meta or fake tensors, pass validate=False"
+    )
 
 
 def stop_gradient(x: Array) -> Array:

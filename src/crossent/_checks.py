@@ -235,16 +235,17 @@ def check_classes(x: Array, axis: int, name: str) -> None:
         raise InputError(f"{name} has 0 classes along axis {axis}; there is nothing to score")
 
 
-def check_matching_distributions(p: Array, q: Array, axis: int) -> tuple[int, ...]:
+def check_matching_distributions(p: Array, q: Array, axis: int) -> int:
     """``p`` and ``q`` broadcast to one shape without stretching the class axis ``axis``
-    (``cross_entropy([1.0], [0.3, 0.7])`` is a mistake, not a broadcast); returns that shape."""
+    (``cross_entropy([1.0], [0.3, 0.7])`` is a mistake, not a broadcast); returns ``axis``
+    as a Python int (:func:`check_axis`)."""
     ndim = max(p.ndim, q.ndim)
     if min(p.ndim, q.ndim) == 0:
         name = "p" if p.ndim == 0 else "q"
         raise InputError(f"{name} must have a class axis; got a 0-d array")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise InputError(f"axis={axis!r} must be an integer")
-    check_axis(axis, ndim)
+    axis = operator.index(check_axis(axis, ndim))
     ps = (1,) * (ndim - p.ndim) + tuple(p.shape)
     qs = (1,) * (ndim - q.ndim) + tuple(q.shape)
     a = axis % ndim
@@ -255,16 +256,30 @@ def check_matching_distributions(p: Array, q: Array, axis: int) -> tuple[int, ..
         )
     if ps[a] == 0:
         raise InputError(f"p and q have 0 classes along axis {axis}; there is nothing to score")
-    return tuple(x if y == 1 else y for x, y in zip(ps, qs, strict=True))
+    return axis
 
 
-def check_axis(axis: int | tuple[int, ...] | None, ndim: int) -> None:
-    """``axis`` (an int, a tuple of ints, or None) names existing dimensions of an ndim array."""
-    axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
+def check_axis(axis: int | tuple[int, ...] | None, ndim: int) -> int | tuple[int, ...] | None:
+    """``axis`` (an int, a tuple of ints, or None) names existing, distinct dimensions of an
+    ndim array; returned with Python ints (torch's reductions refuse a NumPy integer), in
+    the caller's form and signs."""
+    if axis is None:
+        return None
+    axes = axis if isinstance(axis, tuple) else (axis,)
     for a in axes:
         if (not isinstance(a, (int, numbers.Integral)) or isinstance(a, bool)
                 or not -ndim <= a < max(ndim, 1)):
             raise InputError(f"axis={axis!r} is out of range for an array with {ndim} dimensions")
+    ints = tuple(operator.index(a) for a in axes)
+    check_distinct_axes(axis, ints, ndim)
+    return ints if isinstance(axis, tuple) else ints[0]
+
+
+def check_distinct_axes(axis: Any, ints: tuple[int, ...], ndim: int) -> None:
+    """No dimension is named twice (``(1, -1)`` of a 2-d array): torch, NumPy and JAX
+    each refuse it with their own error, naming no argument."""
+    if len({a % max(ndim, 1) for a in ints}) < len(ints):
+        raise InputError(f"axis={axis!r} names a dimension twice; name each axis once")
 
 
 def check_same_shape(a: Array, b: Array, name_a: str, name_b: str) -> None:

@@ -18,6 +18,8 @@ logsumexp is ``-inf``. Their gradient is exactly 0.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
 
 from array_api_compat import device
@@ -27,6 +29,7 @@ from ._checks import (
     check_axis,
     check_bool,
     check_broadcastable,
+    check_distinct_axes,
     check_in_unit_interval,
     check_mask,
 )
@@ -38,7 +41,7 @@ Axis = int | tuple[int, ...] | None
 
 
 def _reduced_axes(x: Array, axis: Axis) -> tuple[int, ...]:
-    check_axis(axis, x.ndim)
+    axis = check_axis(axis, x.ndim)
     if axis is None:
         return tuple(range(x.ndim))
     axes = axis if isinstance(axis, tuple) else (axis,)
@@ -101,7 +104,7 @@ def where_mask(xp: Any, where: Any, x: Array, name: str = "x") -> Array | None:
     ``InputError`` naming ``where`` if it is not boolean or does not broadcast."""
     if where is None:
         return None
-    mask = like(xp, as_array(where, "where"), x)
+    mask = like(xp, as_array(where, "where"), x, name="where")
     check_mask(xp, mask)
     check_broadcastable(mask, tuple(x.shape), "where", name)
     return xp.broadcast_to(mask, tuple(x.shape))
@@ -127,12 +130,12 @@ def _flatten_0d(xp: Any, x: Array, axis: Axis) -> tuple[Array, Axis, bool]:
     """A 0-d ``x`` as a 1-element vector reduced along axis 0 (SciPy takes 0-d input with
     any of ``axis=None, 0, -1, ()``); other inputs unchanged. The flag says to squeeze back."""
     if x.ndim != 0:
-        check_axis(axis, x.ndim)
-        return x, axis, False
+        return x, check_axis(axis, x.ndim), False
     axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
-    for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int) or a not in (0, -1):
+    for a in axes:  # a NumPy integer too, as SciPy takes it
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral) or a not in (0, -1):
             raise InputError(f"axis={axis!r} is out of range for a 0-d array")
+    check_distinct_axes(axis, tuple(operator.index(a) for a in axes), 1)
     return xp.reshape(x, (1,)), 0, True
 
 

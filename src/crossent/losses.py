@@ -160,7 +160,7 @@ def class_or_row_where(
     """
     if where is None:
         return None, None
-    mask = like(xp, as_array(where, "where"), x)
+    mask = like(xp, as_array(where, "where"), x, name="where")
     _checks.check_mask(xp, mask)
     shape = tuple(x.shape)
     rows = shape[:axis] + shape[axis + 1 :]
@@ -234,7 +234,9 @@ def widened_and_counted(xp: Any, target: Array, ignore_index: int) -> tuple[Arra
     uint8, -100 is 156 and class 257 is class 1), and the mask of rows not ignored."""
     wide = wide_integer(xp, target)
     info = xp.iinfo(wide)
-    if past_integer_range(xp, target, info):  # uint64 (uint32 for JAX without x64)
+    # uint64 (uint32 for JAX without x64); a traced target (jax.jit, validate=False) has
+    # no values to read: its ids are taken as valid, as the range check skips them
+    if not _checks.is_traced(target) and past_integer_range(xp, target, info):
         raise InputError(f"target holds class ids past {info.max}, the largest {wide} the "
                          f"indices are compared in: no vocabulary has that many classes "
                          f"(the cast would wrap them, one onto ignore_index)")
@@ -368,7 +370,7 @@ def example_weights(
         mask = _mask(xp, where, ref, shape)
         share = xp.where(mask, share, 0.0)
     if sample_weight is not None:
-        sw = like(xp, as_array(sample_weight, "sample_weight"), ref)
+        sw = like(xp, as_array(sample_weight, "sample_weight"), ref, name="sample_weight")
         _checks.check_broadcastable(sw, shape, "sample_weight", "the per-example loss")
         sw = xp.broadcast_to(xp.astype(sw, ref.dtype), shape)
         if mask is not None:  # a masked example's weight (even NaN, inf) counts nowhere
@@ -501,7 +503,7 @@ def safe_log_probs(xp: Any, parts: SoftmaxCEParts) -> Array:
 def _mask(xp: Any, where: Any, ref: Array, shape: tuple[int, ...]) -> Array:
     """The boolean mask ``where`` broadcast to the per-example loss's ``shape``
     (``InputError`` naming ``where`` otherwise)."""
-    mask = like(xp, as_array(where, "where"), ref)
+    mask = like(xp, as_array(where, "where"), ref, name="where")
     _checks.check_mask(xp, mask)
     _checks.check_broadcastable(mask, shape, "where", "the per-example loss")
     return xp.broadcast_to(mask, shape)
@@ -1050,21 +1052,22 @@ def softmax_focal_loss(
     terms = parts.target * log_p
     if not _checks.is_zero(gamma):
         terms = terms * _focal_factor(xp, -xp.expm1(parts.log_probs), gamma)
-    terms = terms * _focal_alpha(xp, alpha, parts.logits)
+    terms = terms * _focal_alpha(xp, alpha, parts.logits, validate)
     per_row = -xp.sum(terms, axis=-1)
     return _reduce_softmax_rows(per_row, parts, sample_weight)
 
 
-def _focal_alpha(xp: Any, alpha: Any, z: Array) -> Any:
+def _focal_alpha(xp: Any, alpha: Any, z: Array, validate: bool) -> Any:
     """``alpha`` as a factor on the (..., C) terms: 1, a number in [0, 1] (a 0-d JAX array,
-    traced or not, counts as one), or non-negative per-class weights of shape ``(C,)``."""
+    traced or not, counts as one), or per-class weights of shape ``(C,)``, checked to be
+    non-negative with ``validate`` (a value read, as the loss's other value checks)."""
     if alpha is None:
         return 1.0
     if isinstance(alpha, numbers.Real) or (is_jax_array(alpha) and alpha.ndim == 0):
         return _checks.check_fraction(alpha, "alpha")
     _, (raw,) = arrays(alpha, names=("alpha",))
-    a: Any = _class_weight(xp, like(xp, raw, z), z, "alpha")
-    if not _checks.is_traced(a) and any_true(xp, a < 0):
+    a: Any = _class_weight(xp, like(xp, raw, z, name="alpha"), z, "alpha")
+    if validate and not _checks.is_traced(a) and any_true(xp, a < 0):
         raise InputError("alpha must hold non-negative per-class weights")
     return a
 
@@ -1150,7 +1153,7 @@ def categorical_focal_loss(
     terms = t * log_p
     if not _checks.is_zero(gamma):
         terms = terms * _focal_factor(xp, 1.0 - p, gamma)
-    per_row = -xp.sum(terms * _focal_alpha(xp, alpha, p), axis=-1)
+    per_row = -xp.sum(terms * _focal_alpha(xp, alpha, p, validate), axis=-1)
     counted = None if row_mask is None else row_mask > 0
     return _reduce_rows(
         xp, per_row, sample_weight, row_where, p, row_weight, denominator, counted, reduction,

@@ -24,6 +24,7 @@ from ._array import (
     Array,
     any_true,
     arrays,
+    axis_index,
     log_base_divisor,
     normalize_axis,
     restore_dtype,
@@ -94,7 +95,8 @@ def entropy(p: Any, *, axis: int = -1, base: float = math.e, validate: bool = Tr
     xp, (p,) = arrays(p, names=("p",))
     dtype = p.dtype
     _checks.check_has_axis(p, "p")
-    _checks.check_classes(p, normalize_axis(axis, p.ndim), "p")
+    axis = axis_index(axis, p.ndim)
+    _checks.check_classes(p, axis, "p")
     p = to_float(xp, p)
     if validate:
         _checks.check_distribution(xp, p, "p", axis, dtype)
@@ -121,7 +123,7 @@ def cross_entropy(
     >>> round(float(cross_entropy([0, 0, 1], [0.1, 0.2, 0.7], base=2)), 6)
     0.514573
     """
-    xp, p, q, dtype = _pair(p, q, axis, base, validate)
+    xp, p, q, dtype, axis = _pair(p, q, axis, base, validate)
     h = 0.0 - xp.sum(_xlogy(xp, p, q), axis=axis)  # +0.0 for H(p, p) of a certain p
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
@@ -143,7 +145,7 @@ def kl_divergence(
     >>> round(float(kl_divergence([0.5, 0.5], [0.9, 0.1], base=2)), 4)
     0.737
     """
-    xp, p, q, dtype = _pair(p, q, axis, base, validate)
+    xp, p, q, dtype, axis = _pair(p, q, axis, base, validate)
     terms = _rel_entr(xp, p, q)
     return restore_dtype(xp, _in_base(xp, xp.sum(terms, axis=axis), base), dtype)
 
@@ -271,20 +273,23 @@ def binary_entropy(p: Any, *, base: float = math.e, validate: bool = True) -> Ar
     return restore_dtype(xp, _in_base(xp, h, base), dtype)
 
 
-def _pair(p: Any, q: Any, axis: int, base: float, validate: bool) -> tuple[Any, Array, Array, Any]:
+def _pair(
+    p: Any, q: Any, axis: int, base: float, validate: bool
+) -> tuple[Any, Array, Array, Any, int]:
     """The checked arguments of a two-distribution measure: namespace, p and q in one
-    floating dtype, and the dtype to return (p's if floating, else q's)."""
+    floating dtype, the dtype to return (p's if floating, else q's), and ``axis`` as a
+    Python int."""
     _checks.check_base(base)
     validate = _checks.check_bool(validate, "validate")
     xp, (p, q) = arrays(p, q, names=("p", "q"))
-    _checks.check_matching_distributions(p, q, axis)
+    axis = _checks.check_matching_distributions(p, q, axis)
     dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
     p_dtype, q_dtype = p.dtype, q.dtype
     p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
     if validate:
         _checks.check_distribution(xp, p, "p", axis, p_dtype)
         _checks.check_distribution(xp, q, "q", axis, q_dtype)
-    return xp, p, q, dtype
+    return xp, p, q, dtype, axis
 
 
 def _common_float(xp: Any, a: Array, b: Array) -> tuple[Array, Array]:

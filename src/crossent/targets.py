@@ -24,6 +24,7 @@ from ._array import (
     like,
     normalize_axis,
     numel,
+    past_integer_range,
     restore_dtype,
     to_float,
     wide_integer,
@@ -57,7 +58,12 @@ def _one_hot(xp: Any, labels: Array, num_classes: int, dtype: Any, validate: boo
              name: str) -> Array:
     if not is_integer(xp, labels):
         raise InputError(f"{name} must be integers (class indices), got dtype {labels.dtype}")
-    labels = xp.astype(labels, wide_integer(xp, labels))
+    wide = wide_integer(xp, labels)
+    if validate and past_integer_range(xp, labels, xp.iinfo(wide)):
+        # checked before the cast, which would report 2**64 - 1 as -1
+        raise InputError(f"{name} must lie in [0, {num_classes}); found a label past "
+                         f"{xp.iinfo(wide).max}, the largest {wide} labels are compared in")
+    labels = xp.astype(labels, wide)
     if validate and numel(labels) and any_true(xp, (labels < 0) | (labels >= num_classes)):
         raise InputError(
             f"{name} must lie in [0, {num_classes}); found {int(xp.min(labels))}..."
@@ -170,7 +176,7 @@ def mixup(
             f"targets has {targets.shape[0]} rows but x has {x.shape[0]}; they must match"
         )
     lam, perm = mixup_params(x.shape[0], alpha=alpha, seed=seed)
-    perm = like(xp, perm, x)
+    perm = like(xp, perm, x, name="perm")
     x = to_float(xp, x)
     targets = to_float(xp, targets)
     x_mix = lam * x + (1.0 - lam) * xp.take(x, perm, axis=0)
