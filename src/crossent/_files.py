@@ -105,10 +105,12 @@ def check_file_apart(path: Path, option: str, directory: Path, dir_option: str,
 
 
 def _names_a_folder(text: str) -> bool:
-    """``text`` ends in a separator (``new.svg/``) or in ``/.``: a folder for the system (the
-    shell's ``>`` says "Is a directory"), which pathlib would turn into the file ``new.svg``."""
+    """``text`` ends in a separator (``new.svg/``), ``/.`` or ``/..`` (or is ``.`` or
+    ``..``): a folder for the system (the shell's ``>`` says "Is a directory"), which
+    pathlib would turn into the file ``new.svg``."""
     seps = tuple({os.sep, os.altsep or os.sep})
-    return text.endswith(seps) or text.endswith(tuple(sep + "." for sep in seps))
+    dots = tuple(sep + d for sep in seps for d in (".", ".."))
+    return text.endswith(seps) or text.endswith(dots) or text in (".", "..")
 
 
 def _no_broken_link(p: Path, option: str, text: str) -> None:

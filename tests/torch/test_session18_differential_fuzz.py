@@ -622,9 +622,9 @@ def _linear_reference(case, xs, ws, bs, t, w, ignore_index, go, opts, *, torch_l
                       need_t, need_w, zero_term):
     """float64 loss, ``G = dL/dlogits`` and the gradients of x, W, b (logical shapes),
     target and class weight. ``torch_logits``: the logits' values are torch's unfused
-    ``F.linear`` in the input dtype (bf16 on every route; fp16 on torch's kernel, where
-    crossent's CPU head multiplies fp16 in float32, docs/guarantees.md); their gradient
-    flows through the exact float64 product."""
+    ``F.linear`` in the input dtype (bf16 and fp16 on every route: crossent's CPU head
+    multiplies fp16 in float32 and rounds the logits to fp16, docs/guarantees.md); their
+    gradient flows through the exact float64 product."""
     x64 = xs[1](xs[0]).detach().to(F64).requires_grad_()
     w64 = ws[1](ws[0]).detach().to(F64).requires_grad_()
     b64 = None if bs is None else bs[0].detach().to(F64).requires_grad_()
@@ -745,7 +745,8 @@ def _check_linear_case(case):
         composite = chosen[0] == "composite"
         if route == "rowblock":
             assert chosen[0] in ("rowblock", "composite"), seen
-        torch_logits = dtype == torch.bfloat16 or (torch_kernel and dtype == torch.float16)
+        # float16 on CPU: multiplied in float32, rounded to float16 as torch's F.linear
+        torch_logits = dtype in (torch.bfloat16, torch.float16)
         key = (torch_logits, not torch_kernel)
         if key not in refs:
             refs[key] = _linear_reference(case, xs, ws, bs, t, w, ignore_index, go, opts,

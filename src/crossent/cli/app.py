@@ -76,8 +76,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` in the block; the previous handler is restored after
     it (the command may run inside a test runner, or another program)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may handle signals (a runner's worker thread)
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN):
+        # only the main thread may handle signals (a runner's worker thread); a SIGTERM
+        # the process was started ignoring stays ignored (as Python's SIGINT handler is
+        # not installed where SIGINT is ignored, nohup and `trap '' TERM`)
+        yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

@@ -447,5 +447,6 @@ def loss_comparison(q_true: Numbers) -> Curves:
     0.693147
     """
     q = _vector(q_true, "q_true")
+    _checks.check_in_unit_interval(np, q, "q_true")
     series = {"-ln q": np.asarray(surprisal(q)), "1 - q": 1.0 - q, "(1 - q)^2": (1.0 - q) ** 2}
     return Curves(q, series)

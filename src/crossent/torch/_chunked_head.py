@@ -108,7 +108,9 @@ def _logits_surely_finite(x: torch.Tensor, weight: torch.Tensor | None = None,
     if weight is None:
         return bool(torch.isfinite(x).all())
     limit = min(torch.finfo(t.dtype).max for t in (x, weight)) / 2
-    bound = x.to(wide).abs().sum(1).amax() if x.numel() else x.new_zeros((), dtype=wide)
+    # |x| in x's dtype (exact), summed in the wide dtype: no wide copy of the rows
+    bound = (x.abs().sum(1, dtype=wide).amax() if x.numel()
+             else x.new_zeros((), dtype=wide))
     w_max = weight.abs().amax().to(wide) if weight.numel() else bound.new_zeros(())
     bound = bound * w_max
     if bias is not None and bias.numel():
@@ -204,6 +206,9 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
     num_rows = x.shape[0]
     cdtype = compute_dtype(x.dtype)
     mdtype = matmul_dtype(x, w) if matmul is None else matmul
+    # float16 multiplied in float32 (CPU): the logits rounded to float16 as the unfused
+    # F.linear's are, so that a logit past 65504 is inf (torch's NaN loss and gradients)
+    rounds_logits = matmul is None and x.dtype == torch.float16 and mdtype != x.dtype
     wm = w.to(mdtype)
     bm = None if b is None else b.to(mdtype)
     need_x, need_w, need_b = need
@@ -231,6 +236,8 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
             torch.mm(xc, wm.t(), out=lg)
         else:
             torch.addmm(bm, xc, wm.t(), out=lg)
+        if rounds_logits:  # torch's float16 logits: its rounding, its overflow to inf
+            lg.copy_(lg.to(x.dtype))
         rm = None if row_multiplier is None else row_multiplier[i:j]
         # the gradient overwrites the chunk's logits
         losses[i:j] = kernel(lg, i, grad=want, row_multiplier=rm)

@@ -104,7 +104,9 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     w_y = validf if w is None or not num_classes else w[index].masked_fill(~valid, 0.0)
     losses = w_y * nll if not eps else (1.0 - eps) * w_y * nll
     if eps:
-        smooth = -(logp.sum(1) if w is None else logp @ w)
+        # a product, not logp @ w: forward-mode AD of mm multiplies logp by w's zero
+        # tangent, 0 x (-inf) = NaN at a -inf logit (torch's jvp is finite there)
+        smooth = -(logp.sum(1) if w is None else (logp * w).sum(1))
         if num_classes:
             losses = losses + (eps / num_classes) * smooth
     if zl:
@@ -136,6 +138,11 @@ def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
 
 def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   mdtype: torch.dtype) -> torch.Tensor:
-    """``x W^T + b`` in the matmul dtype of the fused head (all of it at once)."""
-    return torch.nn.functional.linear(x.to(mdtype), w.to(mdtype),
-                                      None if b is None else b.to(mdtype))
+    """``x W^T + b`` in the matmul dtype of the fused head (all of it at once); float16
+    multiplied in float32 (CPU) is rounded to float16, as the chunked head rounds it
+    (:func:`._chunked_head.head_pass`) and torch's ``F.linear`` does."""
+    logits = torch.nn.functional.linear(x.to(mdtype), w.to(mdtype),
+                                        None if b is None else b.to(mdtype))
+    if x.dtype == torch.float16 and mdtype != x.dtype:
+        logits = logits.to(x.dtype).to(mdtype)
+    return logits

@@ -10,6 +10,7 @@ path (:mod:`._composite`). Public as :func:`crossent.torch.cross_entropy`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from ._rules import (
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
+    defers_mean_scale,
     divide_by_num_items,
     double_backward,
     fake_values,
@@ -52,6 +54,7 @@ from ._rules import (
     save_inputs,
     saved_inputs,
     scale_stored,
+    split_scale,
     take_stored,
     within_fake_mode,
 )
@@ -70,12 +73,16 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = logits.detach() if inplace else _buffers.empty(logits.shape, logits.dtype,
                                                                   logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
-        losses = cross_entropy_rows(logits, target, rows, opts, grad, **extra)
+        ctx.deferred, kernel_rows = None, rows
+        if grad is not None and defers_mean_scale(logits.dtype, opts.reduction):
+            stored, ctx.deferred = split_scale(rows.scale)
+            kernel_rows = dataclasses.replace(rows, scale=stored)
+        losses = cross_entropy_rows(logits, target, kernel_rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
         ctx.keep, ctx.loss_dtype = logits.dtype == torch.float64, losses.dtype
         ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
         save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
-        remember_target(ctx, target)
+        remember_target(ctx, target, weight=opts.weight if weight is None else weight)
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
@@ -96,8 +103,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = take_stored(ctx, "grad")
             grad = grad.clone() if ctx.keep else grad
             whole_rows = ctx.rows.index is None or ctx.opts.label_smoothing != 0
-            scale_stored(grad, infinite_as_nan(grad_output) if whole_rows else grad_output,
-                         ctx.reduction, ctx.rows.valid)
+            go = infinite_as_nan(grad_output) if whole_rows else grad_output
+            if ctx.deferred is None:
+                scale_stored(grad, go, ctx.reduction, ctx.rows.valid)
+            else:  # the mean's 1/denominator too, per row (defers_mean_scale)
+                scale_stored(grad, go * ctx.deferred, "none", ctx.rows.valid)
             if not whole_rows:
                 nan_at_targets(grad, grad_output, ctx.rows.valid, ctx.rows.index.unsqueeze(1),
                                ctx.reduction)

@@ -39,6 +39,7 @@ from ._rules import (
     divide_by_num_items,
     double_backward,
     fake_values,
+    head_inputs_read,
     idle_rows_nan,
     kernel_reduction,
     make_options,
@@ -139,7 +140,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
         ctx.rows = rows
         save_inputs(ctx, x, w, b, target)
-        remember_target(ctx, target)
+        remember_target(ctx, target, **head_inputs_read(need, x, w, opts.weight))
         names = None if holder is None else holder.names
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,

@@ -157,7 +157,9 @@ def matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype the chunk matmuls run in: bfloat16 stays bfloat16 (and float16 on
     accelerators), as in the unfused ``x @ W.T`` (the hardware accumulates in float32 and
     rounds the logits once, about twice as fast as float32 on an AVX512-BF16 CPU);
-    everything else runs in the compute dtype (float32, or float64)."""
+    everything else runs in the compute dtype (float32, or float64). float16 on CPU
+    (no fast float16 matmul there) multiplies in float32 and the heads then round the
+    logits to float16 (:func:`._chunked_head.head_pass`), as torch's ``F.linear``."""
     low = x.dtype == w.dtype and (
         x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type != "cpu"))
     return x.dtype if low else compute_dtype(x.dtype)
@@ -645,6 +647,29 @@ def scale_stored(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str,
     grad.mul_(factor.unsqueeze(1) if factor.dim() == 1 else factor)
 
 
+def defers_mean_scale(dtype: torch.dtype, reduction: str) -> bool:
+    """Whether a kernel stores the ``"mean"`` gradient of ``dtype`` logits without its
+    ``1 / denominator``, which backward then applies together with ``grad_output`` (one
+    float32 multiplication, one rounding): for float16, whose exponent range is narrower
+    than the float32 it is computed in. Stored scaled, ``(p - onehot) / N`` rounded to
+    float16 loses every entry under its subnormals (6e-8), which a loss scale
+    (``torch.amp.GradScaler``'s 65536) cannot bring back, where torch scales before
+    rounding: at N = 2048, C = 8192, 42% of the entries became 0 and an AMP step's
+    first-layer gradients were 16-50% off. bfloat16 has float32's range: stored scaled."""
+    return reduction == "mean" and torch.finfo(dtype).tiny > torch.finfo(
+        compute_dtype(dtype)).tiny
+
+
+def split_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` (the gradient's ``1 / denominator``, per row or 0-d) as ``(stored,
+    deferred)`` for :func:`defers_mean_scale`: ``(1, scale)`` where it is finite and not 0,
+    ``(scale, 1)`` elsewhere (an ignored row's 0; a zero denominator's inf or NaN, whose
+    patterns the kernel forms as it does without deferring). No host read."""
+    movable = scale.isfinite() & (scale != 0)
+    one = torch.ones((), dtype=scale.dtype, device=scale.device)
+    return torch.where(movable, one, scale), torch.where(movable, scale, one)
+
+
 def infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
     """``grad_output`` with NaN for +-inf: torch's pattern where every class's ``dlogp``
     of a row is infinite (label smoothing, probability targets), ``inf - inf``."""
@@ -652,16 +677,19 @@ def infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
 
 
 def nan_at_targets(grad: torch.Tensor, grad_output: torch.Tensor, valid: torch.Tensor,
-                   index: torch.Tensor, reduction: str) -> None:
+                   index: torch.Tensor, reduction: str, *, sync: bool = True) -> None:
     """NaN at the target entry (``index`` (M, 1)) of the counted rows whose ``grad_output``
     is infinite, in place. torch's backward forms ``dlogp`` (the target's ``-w_y g / W``)
     and then ``dz = dlogp - p sum(dlogp)``: ``inf - inf = NaN`` there, where the stored
     gradient times ``g`` gives an infinity. Index targets without smoothing (only there is
-    just the target's ``dlogp`` infinite). O(M); one host sync unless ``"none"``."""
-    if reduction != "none":
+    just the target's ``dlogp`` infinite). O(M); one host sync unless ``"none"`` or
+    ``sync=False`` (the GPU kernels: the O(M) gather and scatter run every time instead)."""
+    if reduction != "none" and sync:
         if bool(torch.isfinite(grad_output)):  # the common case: nothing to do
             return
         hit = valid
+    elif reduction != "none":
+        hit = valid & grad_output.isinf()
     else:  # no host sync
         hit = valid & grad_output.reshape(-1).isinf()
     grad.scatter_(1, index, torch.where(hit.unsqueeze(1), torch.nan, grad.gather(1, index)))
@@ -729,21 +757,49 @@ def check_not_freed(ctx) -> None:
         # the stored gradient is forward's: a later change of an input does not matter
 
 
-def remember_target(ctx, target: torch.Tensor) -> None:
+def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> None:
     """torch's losses save the target, so an in-place change of it before backward raises
     there: the target (a reference for class indices, O(N); a weak one for
     probabilities) and its version, checked by :func:`check_target_intact` on every
-    backward (the saved inputs are not unpacked on the plain one)."""
+    backward (the saved inputs are not unpacked on the plain one).
+
+    ``saved``: the other inputs torch's own backward would read, by argument name (the
+    class ``weight``, which ``nll_loss`` saves; the head's ``input`` and
+    ``linear_weight``, which ``F.linear`` saves): weakly, with their versions, so that
+    an in-place change (an optimizer step between forward and backward, a class weight
+    buffer refilled) raises as torch's does instead of giving the forward-time gradient.
+    Not under saved-tensor hooks, where torch checks no version either."""
     ctx.target_ref = (weakref.ref(target) if target.is_floating_point()
                       else (lambda t=target: t))
     ctx.target_version = target._version
+    ctx.watched = () if _saved_tensor_hooks_active() else tuple(
+        (arg, weakref.ref(t), t._version) for arg, t in saved.items()
+        if isinstance(t, torch.Tensor) and _forward_state(t) is not None)
 
 
 def check_target_intact(ctx, name: str) -> None:
+    """Raise torch's ``RuntimeError`` where the target, or an input given to
+    :func:`remember_target`, was modified in place since the forward pass."""
     target = ctx.target_ref()
     if target is not None and target._version != ctx.target_version:
         raise RuntimeError(f"crossent.torch.{name}: the target was modified in place "
                            f"after the forward pass (torch raises here too)")
+    for arg, ref, version in getattr(ctx, "watched", ()):
+        t = ref()
+        if t is not None and t._version != version:
+            raise RuntimeError(f"crossent.torch.{name}: {arg} was modified by an inplace "
+                               f"operation after the forward pass; torch raises here too "
+                               f"(its backward needs the forward's {arg})")
+
+
+def head_inputs_read(need: tuple[bool, ...], x: torch.Tensor, w: torch.Tensor,
+                     weight: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The inputs of a linear head whose in-place change torch's unfused backward
+    (``F.linear`` then ``cross_entropy``) notices, for :func:`remember_target`: the class
+    ``weight`` always, ``linear_weight`` where ``dx`` is needed (``dx = G W``), ``input``
+    where ``dW`` is (``dW = G^T x``). ``need``: ``needs_input_grad`` of (x, W, b)."""
+    return {"weight": weight, "linear_weight": w if need[0] else None,
+            "input": x if need[1] else None}
 
 
 def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> bool:

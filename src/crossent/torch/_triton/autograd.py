@@ -16,16 +16,21 @@ from .._rules import (  # the CPU head's rules
     check_options,
     check_target_intact,
     check_weight_dtype,
+    defers_mean_scale,
     double_backward,
+    head_inputs_read,
     idle_rows_nan,
+    infinite_as_nan,
     matmul_dtype,
     may_overwrite,
+    nan_at_targets,
     positive_int,
     recompute_in_backward,
     records_graph,
     remember_target,
     save_inputs,
     saved_inputs,
+    split_scale,
     start_index_check,
     take_stored,
 )
@@ -139,11 +144,12 @@ def _scale_grad(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> to
     return g.mul_(grad_output.reshape(-1, 1) if per_row else grad_output)
 
 
-def _save_inputs(ctx, inputs, opts, inplace: bool) -> None:
+def _save_inputs(ctx, inputs, opts, inplace: bool, **read) -> None:
     """The inputs (with their history) for a double backward (a later in-place change
-    raises instead of misleading), and the target's version (the last input)."""
+    raises instead of misleading), and the versions of the target (the last input) and
+    of ``read``, the inputs torch's backward reads (:func:`remember_target`)."""
     save_inputs(ctx, *((None,) * len(inputs) if inplace else inputs))
-    remember_target(ctx, inputs[-1])
+    remember_target(ctx, inputs[-1], **read)
     ctx.opts, ctx.inplace, ctx.device_type = opts, inplace, inputs[0].device.type
 
 
@@ -187,7 +193,11 @@ class _CrossEntropy(torch.autograd.Function):
         logits, flat_target, row_shape = _flatten(input, target)
         inplace = inplace and may_overwrite(input, logits)  # never a leaf's memory
         grad = None if inplace else torch.empty_like(logits)
-        res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, **opts)
+        defer = defers_mean_scale(logits.dtype, opts["reduction"])
+        res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, defer_mean=defer,
+                                        **opts)
+        # the mean's 1/denominator, applied with grad_output in backward (float16)
+        ctx.deferred = split_scale(1.0 / res.denominator)[1] if defer else None
         # overwritten: the caller's memory, not a flattened copy of it (then the caller's
         # input is intact, saved, and a double backward recomputes from it)
         overwritten = inplace and logits.untyped_storage().data_ptr() == \
@@ -203,7 +213,11 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.keep = logits.dtype == torch.float64
         ctx.input_shape = input.shape
         ctx.ignored = _ignored_rows(flat_target, opts["ignore_index"])
-        _save_inputs(ctx, (input, target), opts, overwritten)
+        # index targets without smoothing: an infinite grad_output is NaN at the target
+        # entries only (torch's inf - inf), set in backward; elsewhere whole rows
+        ctx.index = (None if ctx.ignored is None or opts["label_smoothing"]
+                     else torch.where(ctx.ignored, 0, flat_target.reshape(-1).long()))
+        _save_inputs(ctx, (input, target), opts, overwritten, weight=opts["weight"])
         out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"],
                               nan_at_zero=opts["label_smoothing"] > 0).to(loss_dtype)
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
@@ -217,10 +231,18 @@ class _CrossEntropy(torch.autograd.Function):
         grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
         grad_output = grad_output.to(ctx.loss_dtype)  # as torch's ToCopyBackward rounds it
+        # an infinite grad_output: torch's NaN (inf - inf) over whole rows, or (index ctx)
+        # at the target entries; on the device, no host read
+        factor = grad_output if ctx.index is not None else infinite_as_nan(grad_output)
+        if ctx.deferred is not None:
+            factor = factor * ctx.deferred
         if ctx.ignored is None:
-            _scale_grad(grad, grad_output.reshape(-1).contiguous(), ctx.reduction == "none")
+            _scale_grad(grad, factor.reshape(-1).contiguous(), ctx.reduction == "none")
         else:
-            _scale_grad(grad, _row_factors(grad_output, ctx.ignored).contiguous(), True)
+            _scale_grad(grad, _row_factors(factor, ctx.ignored).contiguous(), True)
+        if ctx.index is not None and grad.numel():
+            nan_at_targets(grad, grad_output, ~ctx.ignored, ctx.index.unsqueeze(1),
+                           ctx.reduction, sync=False)
         return _unflatten(grad, ctx.input_shape), None, None, None, None
 
 
@@ -324,7 +346,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = _head(x, w, b, target, split, opts, chunk, need if opts["reduction"] != "none"
                      else (False,) * 3, ctx, dw_dtype)
         # "none": the gradient depends on grad_output row by row (recomputed from these)
-        _save_inputs(ctx, (x, w, b, target), opts, False)
+        _save_inputs(ctx, (x, w, b, target), opts, False,
+                     **head_inputs_read(need, x, w, opts["weight"]))
         return loss.to(loss_dtype)
 
     @staticmethod

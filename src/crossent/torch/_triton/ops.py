@@ -15,7 +15,10 @@ from typing import NamedTuple, overload
 import torch
 
 from .._rules import compute_dtype as accumulate_dtype  # the CPU kernels' rule
-from .._rules import reduce_rows  # one "mean" rule for every kernel
+from .._rules import (
+    reduce_rows,  # one "mean" rule for every kernel
+    split_scale,
+)
 
 __all__ = [
     "CeLaunch",
@@ -232,6 +235,7 @@ def cross_entropy_forward(
     row_multiplier: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     block: int | None = None,
+    defer_mean: bool = False,
 ) -> CrossEntropyRows:
     """Row losses, lse and (optionally) the gradient of ``(N, V)`` logits in one launch.
 
@@ -240,7 +244,10 @@ def cross_entropy_forward(
     ``d(reduced loss)/d(logits)`` for ``reduction`` (``"mean"``: rows scaled by
     ``1/denominator``; ``"sum"``/``"none"``: unscaled), times ``row_multiplier[n]`` if
     given (the ``grad_output`` of ``"none"``), times ``scale`` (a 0-d device tensor) if
-    given in place of the reduction's own. It is written into ``grad_out`` ((N, V), any
+    given in place of the reduction's own. ``defer_mean``: ``"mean"``'s finite
+    ``1/denominator`` is left out of the gradient, for the caller to apply
+    (:func:`crossent.torch._rules.defers_mean_scale`, :func:`~crossent.torch._rules.split_scale`
+    of ``1 / denominator``). It is written into ``grad_out`` ((N, V), any
     float dtype, class axis contiguous) or, with ``grad_out=None``, into ``logits``
     themselves (which are then destroyed). No argument checks here beyond shapes the
     kernel needs: callers validate options (and index bounds, if they want an exception
@@ -263,6 +270,8 @@ def cross_entropy_forward(
     denom = denominator(target, v, w, ignore_index, acc)
     if scale is None:
         scale = (1.0 / denom) if reduction == "mean" else torch.ones((), dtype=acc, device=dev)
+        if defer_mean and reduction == "mean":
+            scale = split_scale(scale)[0]
     scale = scale.to(device=dev, dtype=acc).reshape(1)
     eps_v = float(label_smoothing) / v if v else 0.0
     # the smoothing's target mass (eps / V) sum_c w_c, each term scaled first and summed in
