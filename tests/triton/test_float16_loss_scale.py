@@ -143,3 +143,91 @@ def test_float16_mean_over_zero_weight_keeps_torchs_pattern(backend):
     want = ref.grad.half()
     assert torch.equal(zz.grad.isnan(), want.isnan())
     assert torch.equal(zz.grad.isinf(), want.isinf())
+
+
+# ---- the linear heads with float16 chunks (as on GPUs, where the chunk matmuls run in
+# float16): the gradient formed in each chunk's float16 logits, then multiplied into
+# dx and dW. Here the CPU is made to multiply float16 in float16 (matmul_dtype patched).
+
+
+def _float16_chunks(monkeypatch):
+    from crossent.torch import _chunked_head, _linear
+    from crossent.torch._triton import autograd as triton_autograd
+
+    real = _chunked_head.matmul_dtype
+
+    def accelerator_like(x, w):
+        return torch.float16 if x.dtype == w.dtype == torch.float16 else real(x, w)
+
+    for module in (_chunked_head, _linear, triton_autograd):
+        monkeypatch.setattr(module, "matmul_dtype", accelerator_like)
+
+
+def _head_errors(backend, monkeypatch, defer=True, num_items=None, reduction="mean"):
+    from crossent.torch import _linear, _rules
+    from crossent.torch._triton import autograd as triton_autograd
+
+    _float16_chunks(monkeypatch)
+    if not defer:  # the behaviour before review H72: the 1/N stored in the float16 chunk
+        for module in (_linear, triton_autograd):
+            monkeypatch.setattr(module, "defers_mean_scale", lambda *a: False)
+    assert _rules.defers_mean_scale(torch.float16, "mean")
+    g = torch.Generator().manual_seed(6)
+    n, d, c = 256, 16, 300
+    x0 = torch.randn(n, d, generator=g, dtype=torch.float64).half()
+    w0 = (torch.randn(c, d, generator=g, dtype=torch.float64) * 0.9).half()
+    y = torch.randint(0, c, (n,), generator=g)
+    y[::7] = -100
+    x64, w64 = x0.double().requires_grad_(), w0.double().requires_grad_()
+    # reference: torch's float16 logits, their gradient through the exact product
+    exact = x64 @ w64.T
+    z = exact + ((x0 @ w0.T).double() - exact).detach()
+    count = (int((y != -100).sum()) if num_items is None else num_items) \
+        if reduction == "mean" else 1
+    (F.cross_entropy(z, y, reduction="sum") / count * SCALE).backward()
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    kw = ({} if num_items is None else {"reduction": "sum", "num_items": num_items}) \
+        if reduction == "mean" else {"reduction": "sum"}
+    (xt.linear_cross_entropy(x, w, y, backend=backend, chunk_size=64,
+                             loss_dtype=torch.float32, **kw) * SCALE).backward()
+    return _err(x.grad, x64.grad), _err(w.grad, w64.grad)
+
+
+@pytest.mark.parametrize("num_items", [None, 10 ** 6])
+@pytest.mark.parametrize("backend", ["triton", "rowblock"])
+def test_float16_chunked_head_mean_gradient_under_a_loss_scale(backend, num_items,
+                                                               monkeypatch):
+    """``num_items`` a global count far above the micro-batch's rows (gradient
+    accumulation): the scale 1e-6 would flush nearly every entry of a float16 chunk."""
+    dx_err, dw_err = _head_errors(backend, monkeypatch, num_items=num_items)
+    # float16 logits, gradient and products: a few float16 roundings
+    assert dx_err < 2e-3 and dw_err < 2e-3, (dx_err, dw_err)
+
+
+def test_float16_chunked_head_with_the_scale_stored_in_float16_was_off(monkeypatch):
+    """The same check fails with the old rule (1/num_items inside the float16 chunk): the
+    test above can fail."""
+    dx_err, dw_err = _head_errors("rowblock", monkeypatch, defer=False, num_items=10 ** 6)
+    assert min(dx_err, dw_err) > 3e-2, (dx_err, dw_err)
+
+
+
+@pytest.mark.parametrize("backend", ["triton", "rowblock"])
+def test_float16_chunked_head_sum_takes_a_loss_scale_of_65536(backend, monkeypatch):
+    """"sum" times 65536: the stored float16 gradients are multiplied in float32 and
+    rounded once, so every entry under float16's largest (65504) stays finite (the
+    row-block head cast the factor to float16 first: 65536 is inf there, inf everywhere)."""
+    _float16_chunks(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    x0 = (torch.randn(64, 16, generator=g, dtype=torch.float64) * 0.1).half()
+    w0 = torch.randn(40, 16, generator=g, dtype=torch.float64).half()
+    y = torch.randint(0, 40, (64,), generator=g)
+    x64, w64 = x0.double().requires_grad_(), w0.double().requires_grad_()
+    (F.cross_entropy(x64 @ w64.T, y, reduction="sum") * SCALE).backward()
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    (xt.linear_cross_entropy(x, w, y, backend=backend, chunk_size=16, reduction="sum",
+                             loss_dtype=torch.float32) * SCALE).backward()
+    for got, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        small = ref.abs() < 6e4
+        assert bool(small.any()) and bool(got[small].isfinite().all())
+        assert _err(got[small], ref[small]) < 5e-3

@@ -10,6 +10,7 @@ place (:class:`_RowBlockChunks`); the routes, option checks and sizing are those
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from ._rules import (
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
+    defers_mean_scale,
     divide_by_num_items,
     double_backward,
     fake_values,
@@ -54,6 +56,7 @@ from ._rules import (
     save_inputs,
     saved_inputs,
     scale_stored,
+    split_scale,
     take_stored,
     within_fake_mode,
 )
@@ -146,8 +149,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
                                             names=names)  # backward: from the saved inputs
         else:
-            losses, ctx.grads, stats = _linear_pass(x, w, b, target, rows, opts, chunk, need,
-                                                    names=names, dw_dtype=dw_dtype)
+            # float16 chunks (accelerators): the gradients without the mean's 1/denominator,
+            # applied in backward with grad_output (_rules.defers_mean_scale)
+            ctx.deferred, kernel_rows = None, rows
+            if any(need) and defers_mean_scale(ctx.mdtype, opts.reduction):
+                _, ctx.deferred = split_scale(1.0 / rows.denominator)
+                kernel_rows = dataclasses.replace(rows, scale=rows.scale / ctx.deferred)
+            losses, ctx.grads, stats = _linear_pass(x, w, b, target, kernel_rows, opts, chunk,
+                                                    need, names=names, dw_dtype=dw_dtype)
         if holder is not None:
             holder.stats = stats
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
@@ -168,7 +177,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # the 0-d grad_output of "mean"/"sum" read to the host once (one sync on an
         # accelerator; on the CPU the tensor itself): the infinite check and
         # scale_stored's test for 1 both read this copy
-        scale = None if ctx.reduction == "none" else grad_output.to("cpu")
+        deferred = getattr(ctx, "deferred", None)
+        scale = (None if ctx.reduction == "none"
+                 else (grad_output if deferred is None
+                       else grad_output.to(deferred.dtype) * deferred).to("cpu"))
         if scale is not None and bool(scale.isinf()):
             # torch's dlogits is NaN where inf - inf meets (the targets), +-inf elsewhere,
             # and dx, dW, db sum those; the stored gradients times inf cannot give that
@@ -191,8 +203,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             counted = (valid, None, None) if valid is None else (valid, valid.any(),
                                                                  valid.any())
             for g, rows in zip(grads, counted, strict=True):
-                if g is not None:
-                    scale_stored(g, scale.to(g.dtype), ctx.reduction, rows)
+                if g is not None:  # the factor in float32, one rounding: a float16
+                    scale_stored(g, scale, ctx.reduction, rows)  # 65536 would be inf
         out = [None if g is None else g.to(d)
                for g, d in zip(grads, ctx.dtypes, strict=True)]
         return (*out, *nothing)

@@ -365,6 +365,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = take_stored(ctx, "grads", _TRITON)
             grads = [g.clone() if ctx.keep and g is not None else g for g in grads]
             go = grad_output.reshape(1)
+            if ctx.deferred is not None:
+                go = go.to(ctx.deferred.dtype) * ctx.deferred
             if grads[0] is not None:  # dx: ignored rows stay exactly 0
                 _scale_grad(grads[0], _row_factors(go, ctx.ignored).contiguous(),
                             ctx.ignored is not None)
@@ -395,10 +397,13 @@ def _head(x, w, b, target, split, opts, chunk, need, ctx=None, dw_dtype=None):
     denom = ops.denominator(target, w.shape[0], opts["weight"], opts["ignore_index"], acc)
     scale = 1.0 / denom if opts["reduction"] == "mean" else torch.ones((), dtype=acc,
                                                                        device=x.device)
+    deferred = None  # float16 chunks: the mean's 1/denominator applied in backward
+    if any(need) and defers_mean_scale(matmul_dtype(x, w), opts["reduction"]):
+        scale, deferred = split_scale(scale)
     kernel = _TritonChunks(target, _kernel_options(opts), scale)
     run = head_pass(x, w, b, kernel, chunk, need, split=split, dw_dtype=dw_dtype)
     if ctx is not None:
-        ctx.grads = run.grads
+        ctx.grads, ctx.deferred = run.grads, deferred
     return ops.reduce_rows(run.losses, denom, opts["reduction"],
                            nan_at_zero=opts["label_smoothing"] > 0)
 
