@@ -82,7 +82,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.keep, ctx.loss_dtype = logits.dtype == torch.float64, losses.dtype
         ctx.inplace, ctx.opts, ctx.device_type = inplace, opts, logits.device.type
         save_inputs(ctx, *((None, None, None) if inplace else (logits, target, weight)))
-        remember_target(ctx, target, weight=opts.weight if weight is None else weight)
+        remember_target(ctx, target, weight=opts.saved_weight)
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
@@ -636,7 +636,8 @@ def _triton_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype)
         logits, flat_target, None if weight is None else weight.detach(),
         ignore_index=opts.ignore_index, reduction=kernel_reduction(opts),
         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
-        inplace_backward=inplace, loss_dtype=compute_dtype(logits.dtype))
+        inplace_backward=inplace, loss_dtype=compute_dtype(logits.dtype),
+        saved_weight=opts.saved_weight)
     return divide_by_num_items(out, opts).to(out_dtype)  # rounded once, from float32
 
 

@@ -135,7 +135,7 @@ def _linear_pass(x, w, b, target, rows, opts, chunk, need, row_multiplier=None, 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, target, rows, opts, chunk, keep, out_dtype, holder=None,
-                dw_dtype=None):
+                dw_dtype=None, x_source=None):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need, ctx.dw_dtype = opts.reduction, chunk, need, dw_dtype
         ctx.keep = keep or x.dtype == torch.float64
@@ -143,7 +143,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.device_type, ctx.mdtype = opts, x.device.type, matmul_dtype(x, w)
         ctx.rows = rows
         save_inputs(ctx, x, w, b, target)
-        remember_target(ctx, target, **head_inputs_read(need, x, w, opts.weight))
+        # x_source: the caller's input where x is its contiguous copy
+        remember_target(ctx, target, **head_inputs_read(
+            need, x if x_source is None else x_source, w, opts.saved_weight))
         names = None if holder is None else holder.names
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
@@ -163,7 +165,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        nothing = (None,) * 8
+        nothing = (None,) * 9
         check_target_intact(ctx, "linear_cross_entropy")
 
         def loss(x, w, b, t):
@@ -594,7 +596,8 @@ def _triton_linear(x, w, b, t, weight, opts, chunk_size, out_dtype, dw_dtype=Non
         reduction=kernel_reduction(opts),
         ignore_index=None if t.is_floating_point() else opts.ignore_index,
         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
-        chunk_size=chunk_size, loss_dtype=compute_dtype(x.dtype), dw_dtype=dw_dtype)
+        chunk_size=chunk_size, loss_dtype=compute_dtype(x.dtype), dw_dtype=dw_dtype,
+        saved_weight=opts.saved_weight)
     return divide_by_num_items(out, opts).to(out_dtype)  # rounded once, from float32
 
 
@@ -610,11 +613,11 @@ def _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names=None, dw_
     """The chunked head's loss, and with statistics ``names`` their values (else None)."""
     rows = prepare_rows(t, x.shape[0], w.shape[0], opts, compute_dtype(x.dtype))
     chunk = rows_per_chunk(chunk_size, x, w)
-    x = x.contiguous()
+    source, x = x, x.contiguous()
     if records_graph() and any(p is not None and p.requires_grad for p in (x, w, b)):
         holder = None if names is None else _StatisticsHolder(names)
         out = _LinearCrossEntropyFunction.apply(x, w, b, t, rows, opts, chunk, keep,
-                                                out_dtype, holder, dw_dtype)
+                                                out_dtype, holder, dw_dtype, source)
         return out, None if holder is None else holder.stats
     with torch.no_grad():
         losses, _, stats = _linear_pass(x, w, b, t, rows, opts, chunk, (False,) * 3,

@@ -221,6 +221,9 @@ class Options:
     # the "mean" denominator given by the caller (``num_items=``), or None for torch's;
     # with one, ``reduction`` is "mean" (sum / num_items) whether the caller said so or "sum"
     num_items: int | float | None = None
+    # the caller's class weight where torch's backward saves that very tensor, for the
+    # in-place check (:func:`weight_torch_saves`; ``weight`` above is a float32 copy)
+    saved_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -448,11 +451,13 @@ def make_options(weight, num_classes, like, ignore_index, reduction, label_smoot
         want = like.dtype if input_dtype is None else input_dtype
         check_weight_dtype(weight, probability, (want,),
                            autocast_dtype(weight, like.device.type))
+    saved = weight_torch_saves(weight, like.device.type)
+    if weight is not None:
         weight = weight.detach().to(device=like.device, dtype=compute_dtype(like.dtype))
     return Options(
         weight, ignore, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap),
-        reduction if count is None else "mean", count,
+        reduction if count is None else "mean", count, saved,
     )
 
 
@@ -790,6 +795,17 @@ def check_target_intact(ctx, name: str) -> None:
             raise RuntimeError(f"crossent.torch.{name}: {arg} was modified by an inplace "
                                f"operation after the forward pass; torch raises here too "
                                f"(its backward needs the forward's {arg})")
+
+
+def weight_torch_saves(weight: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
+    """The class weight torch's own backward saves, whose in-place change before backward
+    raises there: the caller's tensor, except under autocast, which casts a float16 or
+    bfloat16 weight to a float32 copy for cross_entropy (a change of the caller's then goes
+    unnoticed by torch, and must here too). Read at the entry point, where autocast is
+    the caller's."""
+    if weight is None or autocast_dtype(weight, device_type) != weight.dtype:
+        return None
+    return weight
 
 
 def head_inputs_read(need: tuple[bool, ...], x: torch.Tensor, w: torch.Tensor,

@@ -33,6 +33,7 @@ from .._rules import (  # the CPU head's rules
     split_scale,
     start_index_check,
     take_stored,
+    weight_torch_saves,
 )
 from . import ops
 
@@ -116,6 +117,13 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
     return logits.contiguous(), target.contiguous(), row_shape
 
 
+def _saved(given, weight, like):
+    """The class weight whose in-place change raises (``saved_weight`` of the entry points:
+    ``"auto"``, :func:`weight_torch_saves` under the caller's autocast; crossent.torch's
+    functions pass what they read before turning autocast off)."""
+    return weight_torch_saves(weight, like.device.type) if isinstance(given, str) else given
+
+
 def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """(M,) bool: rows whose class index is ``ignore_index`` (int64 compare); None for
     probability targets."""
@@ -189,7 +197,7 @@ class _CrossEntropy(torch.autograd.Function):
     kept alive from forward to backward."""
 
     @staticmethod
-    def forward(ctx, input, target, opts, inplace, loss_dtype):
+    def forward(ctx, input, target, opts, inplace, loss_dtype, saved_weight=None):
         logits, flat_target, row_shape = _flatten(input, target)
         inplace = inplace and may_overwrite(input, logits)  # never a leaf's memory
         grad = None if inplace else torch.empty_like(logits)
@@ -217,7 +225,7 @@ class _CrossEntropy(torch.autograd.Function):
         # entries only (torch's inf - inf), set in backward; elsewhere whole rows
         ctx.index = (None if ctx.ignored is None or opts["label_smoothing"]
                      else torch.where(ctx.ignored, 0, flat_target.reshape(-1).long()))
-        _save_inputs(ctx, (input, target), opts, overwritten, weight=opts["weight"])
+        _save_inputs(ctx, (input, target), opts, overwritten, weight=saved_weight)
         out = ops.reduce_rows(res.loss, res.denominator, opts["reduction"],
                               nan_at_zero=opts["label_smoothing"] > 0).to(loss_dtype)
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
@@ -227,7 +235,7 @@ class _CrossEntropy(torch.autograd.Function):
         check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             g, _ = _double_backward(ctx, grad_output, _composite_loss, "cross_entropy")
-            return g, None, None, None, None
+            return g, None, None, None, None, None
         grad = take_stored(ctx, "grad", _TRITON)
         grad = grad.clone() if ctx.keep else grad
         grad_output = grad_output.to(ctx.loss_dtype)  # as torch's ToCopyBackward rounds it
@@ -243,7 +251,7 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.index is not None and grad.numel():
             nan_at_targets(grad, grad_output, ~ctx.ignored, ctx.index.unsqueeze(1),
                            ctx.reduction, sync=False)
-        return _unflatten(grad, ctx.input_shape), None, None, None, None
+        return _unflatten(grad, ctx.input_shape), None, None, None, None, None
 
 
 def triton_cross_entropy(
@@ -260,6 +268,7 @@ def triton_cross_entropy(
     check_targets: bool = True,
     block: int | None = None,
     loss_dtype: torch.dtype | None = None,
+    saved_weight: torch.Tensor | str | None = "auto",
 ) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` (plus ``z_loss``, ``softcap``) on the Triton
     kernel: loss and gradient in one launch during forward; backward scales the stored
@@ -268,8 +277,10 @@ def triton_cross_entropy(
     kernel, :func:`.._rules.start_index_check`, so the GPU does not wait for the host;
     with ``inplace_backward`` read before the kernel, so the logits are intact when it
     raises); without it such a row gets a NaN loss. ``loss_dtype``: the returned loss's
-    dtype, rounded once from the float32 sum (default: the input's). See the package
-    docstring for everything else."""
+    dtype, rounded once from the float32 sum (default: the input's). ``saved_weight``:
+    the class weight whose in-place change before backward raises, as torch's
+    (``"auto"``: ``weight``, unless autocast makes torch save a float32 copy of it).
+    See the package docstring for everything else."""
     num_classes, index_target, row_shape = _shapes(input, target)
     w = _check(reduction, label_smoothing, z_loss, softcap, weight, num_classes, input,
                target)
@@ -281,7 +292,8 @@ def triton_cross_entropy(
                 reduction=reduction, block=block)
     out_dtype = input.dtype if loss_dtype is None else loss_dtype
     if records_graph() and input.requires_grad:
-        out = _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype)
+        out = _CrossEntropy.apply(input, target, opts, bool(inplace_backward), out_dtype,
+                                  _saved(saved_weight, weight, input))
         finish_check()
         return out
     with torch.no_grad():
@@ -335,7 +347,8 @@ class _TritonChunks:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, split, opts, chunk, loss_dtype, dw_dtype=None):
+    def forward(ctx, x, w, b, target, split, opts, chunk, loss_dtype, dw_dtype=None,
+                x_source=None, saved_weight=None):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.reduction, ctx.chunk, ctx.need, ctx.opts = opts["reduction"], chunk, need, opts
         ctx.dw_dtype = dw_dtype
@@ -346,8 +359,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = _head(x, w, b, target, split, opts, chunk, need if opts["reduction"] != "none"
                      else (False,) * 3, ctx, dw_dtype)
         # "none": the gradient depends on grad_output row by row (recomputed from these)
-        _save_inputs(ctx, (x, w, b, target), opts, False,
-                     **head_inputs_read(need, x, w, opts["weight"]))
+        # x_source: the caller's input where x is its contiguous copy
+        _save_inputs(ctx, (x, w, b, target), opts, False, **head_inputs_read(
+            need, x if x_source is None else x_source, w, saved_weight))
         return loss.to(loss_dtype)
 
     @staticmethod
@@ -356,7 +370,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
             return (*_double_backward(ctx, grad_output, _composite_linear_loss,
                                       "linear_cross_entropy")[:3],
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None)
         if ctx.reduction == "none":
             x, w, b, target = saved_inputs(ctx, "linear_cross_entropy")
             grads = _head_grads(x, w, b, target, ctx.split, ctx.opts, ctx.chunk, ctx.need,
@@ -370,11 +384,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grads[0] is not None:  # dx: ignored rows stay exactly 0
                 _scale_grad(grads[0], _row_factors(go, ctx.ignored).contiguous(),
                             ctx.ignored is not None)
+            if ctx.ignored is not None:  # no row counts: torch forms nothing for dW, db
+                go = torch.where((~ctx.ignored).any(), go, 0.0)  # (0, not NaN x 0)
             for g in grads[1:]:
                 if g is not None:
                     _scale_grad(g, go, False)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None, None, None, None
 
 
 def _composite_linear_loss(opts, x, w, b, target):
@@ -449,6 +465,7 @@ def triton_linear_cross_entropy(
     block: int | None = None,
     loss_dtype: torch.dtype | None = None,
     dw_dtype: torch.dtype | None = None,
+    saved_weight: torch.Tensor | str | None = "auto",
 ) -> torch.Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` through row
     chunks: matmul, the Triton kernel in place on the chunk's logits, then dx, dW, db
@@ -459,7 +476,9 @@ def triton_linear_cross_entropy(
     (:func:`crossent.torch._chunked_head.head_pass`): with ``skip_ignored`` the ignored
     rows are skipped by its rule (their ``dx`` exactly 0; not where an ignored row's
     logits may not be finite, so NaN reaches dx and dW as in torch; three host
-    synchronisations per call). See the package docstring."""
+    synchronisations per call). ``saved_weight``: as :func:`triton_cross_entropy`'s (an
+    in-place change of it, of ``linear_weight`` where dx is needed, or of ``input`` where
+    dW is, raises at backward as torch's). See the package docstring."""
     if linear_weight.dim() != 2:
         raise UnsupportedError("linear_weight must be (C, D); K-dimensional heads unsupported")
     if input.dim() not in (1, 2):
@@ -486,6 +505,7 @@ def triton_linear_cross_entropy(
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
                 z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                 reduction=reduction, block=block)
+    source = x  # the caller's, for the in-place check (x may become a copy)
     x, t = x.contiguous(), t.contiguous()
     # ignored rows are skipped by the CPU head's rule (not where their logits may not be
     # finite: NaN reaches dx and dW, as in torch)
@@ -496,7 +516,8 @@ def triton_linear_cross_entropy(
     out_dtype = x.dtype if loss_dtype is None else loss_dtype
     if records_graph() and any(p is not None and p.requires_grad for p in params):
         out = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, split, opts, chunk,
-                                        out_dtype, dw_dtype)
+                                        out_dtype, dw_dtype, source,
+                                        _saved(saved_weight, weight, x))
     else:
         with torch.no_grad():
             out = _head(x, linear_weight, linear_bias, t, split, opts, chunk,
