@@ -304,3 +304,34 @@ class DispatchWrapper(torch.Tensor):
             return DispatchWrapper(t) if isinstance(t, torch.Tensor) else t
 
         return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))
+
+
+def same_nonfinite_pattern(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN where ``b`` has NaN and inf where it has inf (torch's pattern)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+
+
+def relative_error(g: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|g - ref| / |ref|`` (Frobenius norms) in float64."""
+    return ((g.double() - ref).norm() / ref.norm()).item()
+
+
+def inplace_outcome(fn) -> str:
+    """``"ok"``, ``"raise"`` (torch's or crossent's in-place ``RuntimeError``) or the
+    other error's text."""
+    try:
+        fn()
+    except RuntimeError as exc:
+        text = str(exc)
+        if "inplace" in text or "in place" in text:
+            return "raise"
+        return f"RuntimeError: {text[:120]}"
+    return "ok"
+
+
+def same_inplace_outcome(build) -> str:
+    """``build("xt")`` and ``build("torch")`` end alike (both refuse an in-place change
+    before backward, or neither does); that outcome."""
+    got, want = inplace_outcome(lambda: build("xt")), inplace_outcome(lambda: build("torch"))
+    assert got == want, (got, want)
+    return got

@@ -23,6 +23,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import (
+    relative_error,
+    same_inplace_outcome,
+    same_nonfinite_pattern,
+)
 from torch.utils.checkpoint import checkpoint
 
 import crossent.torch as xt
@@ -32,12 +37,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 
-def _pattern(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
 
 
-def _err(g: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((g.double() - ref).norm() / ref.norm()).item()
 
 
 def _as_accurate_as_torch(got: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor,
@@ -45,24 +46,15 @@ def _as_accurate_as_torch(got: torch.Tensor, theirs: torch.Tensor, ref: torch.Te
     """``got`` has torch's dtype and NaN/inf pattern (``theirs``: torch in the same dtype)
     and, on the finite entries, an error against the float64 ``ref`` within 2.5x torch's
     own (or ``floor``, a few float16 ulps, where torch happens to be exact)."""
-    assert got.dtype == theirs.dtype and _pattern(got, theirs)
+    assert got.dtype == theirs.dtype and same_nonfinite_pattern(got, theirs)
     fin = torch.isfinite(theirs)
     if not bool(fin.any()) or float(ref[fin].double().norm()) == 0.0:
         return
-    mine, torchs = _err(got[fin], ref[fin].double()), _err(theirs[fin], ref[fin].double())
+    want = ref[fin].double()
+    mine, torchs = relative_error(got[fin], want), relative_error(theirs[fin], want)
     assert mine <= max(2.5 * torchs, floor), (mine, torchs)
 
 
-def _outcome(fn) -> str:
-    """"ok", "raise" (torch's/crossent's in-place RuntimeError) or the other error."""
-    try:
-        fn()
-    except RuntimeError as exc:
-        text = str(exc)
-        if "inplace" in text or "in place" in text:
-            return "raise"
-        return f"RuntimeError: {text[:120]}"
-    return "ok"
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ def test_float16_mean_gradient_under_a_loss_scale_is_as_accurate_as_torch(wname,
     loss = out[0] if isinstance(out, tuple) else out
     (loss * scale).backward()
     assert z.grad.dtype == F16 and bool(torch.isfinite(z.grad).all())
-    assert _err(z.grad, ref) < 2.5 * _err(torch_amp, ref)
+    assert relative_error(z.grad, ref) < 2.5 * relative_error(torch_amp, ref)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -150,10 +142,10 @@ def test_float16_mean_degenerate_denominators_keep_torchs_pattern(case, ls):
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
     la = xt.cross_entropy(a, y, w, label_smoothing=ls)
     lb = F.cross_entropy(b, y, w, label_smoothing=ls)
-    assert _pattern(la, lb)
+    assert same_nonfinite_pattern(la, lb)
     la.backward()
     lb.backward()
-    assert _pattern(a.grad, b.grad)
+    assert same_nonfinite_pattern(a.grad, b.grad)
     torch.testing.assert_close(a.grad.nan_to_num(0, 0, 0), b.grad.nan_to_num(0, 0, 0),
                                rtol=1e-2, atol=1e-4)
 
@@ -194,7 +186,7 @@ def test_float16_infinite_grad_output_with_a_tiny_probability_is_torchs_inf(redu
     la.backward(torch.full_like(la, math.inf))
     lb.backward(torch.full_like(lb, math.inf))
     assert b.grad[0].isinf().tolist() == [True, False, True]  # torch: inf, NaN, inf
-    assert _pattern(a.grad, b.grad)
+    assert same_nonfinite_pattern(a.grad, b.grad)
 
 
 def test_bfloat16_mean_is_unchanged_torchs_numbers():
@@ -234,7 +226,7 @@ def test_float16_double_backward_batched_and_func_grad_are_torchs():
             assert a.dtype == b.dtype == F16
             torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-4)
     a, b = batched(xt.cross_entropy), batched(F.cross_entropy)
-    assert a.dtype == F16 and _pattern(a, b)
+    assert a.dtype == F16 and same_nonfinite_pattern(a, b)
     torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(func_grad(xt.cross_entropy), func_grad(F.cross_entropy),
                                rtol=1e-2, atol=2e-4)
@@ -272,10 +264,6 @@ def _ce(lib):
     return xt.cross_entropy if lib == "xt" else F.cross_entropy
 
 
-def _same_outcome(build):
-    got, want = _outcome(lambda: build("xt")), _outcome(lambda: build("torch"))
-    assert got == want, (got, want)
-    return got
 
 
 def _weight_case(dtype, make, mutate, ls=0.0, prob=False, reduction="mean"):
@@ -324,7 +312,7 @@ def test_cross_entropy_class_weight_changed_in_place_raises_as_torch(dtype, kind
         mutate = lambda w, b: w[0:2].mul_(2)  # noqa: E731
     elif kind == ".data":  # bypasses version counting in torch too
         mutate = lambda w, b: w.data.mul_(2)  # noqa: E731
-    outcome = _same_outcome(_weight_case(dtype, make, mutate, **kw))
+    outcome = same_inplace_outcome(_weight_case(dtype, make, mutate, **kw))
     assert outcome == ("ok" if kind == ".data" else "raise")
 
 
@@ -341,7 +329,7 @@ def test_logits_changed_after_forward_are_not_refused_as_torch(dtype, ls, inplac
         loss = _ce(lib)(h, y, label_smoothing=ls, **kw)
         h.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -361,9 +349,9 @@ def test_save_on_cpu_and_checkpoint_are_not_refused_as_torch(dtype):
         w.mul_(2)
         loss.backward()
 
-    assert _same_outcome(save_on_cpu) == "ok"
-    assert _same_outcome(lambda lib: ckpt(lib, True)) == "ok"
-    assert _same_outcome(lambda lib: ckpt(lib, False)) == "ok"
+    assert same_inplace_outcome(save_on_cpu) == "ok"
+    assert same_inplace_outcome(lambda lib: ckpt(lib, True)) == "ok"
+    assert same_inplace_outcome(lambda lib: ckpt(lib, False)) == "ok"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -380,7 +368,7 @@ def test_module_weight_refilled_raises_replaced_does_not_as_torch(dtype, replace
         else:
             mod.weight.fill_(1.0)
         loss.backward()
-    assert _same_outcome(build) == ("ok" if replace else "raise")
+    assert same_inplace_outcome(build) == ("ok" if replace else "raise")
 
 
 @pytest.mark.parametrize("auto", [BF16, F16])
@@ -392,7 +380,7 @@ def test_autocast_float32_class_weight_changed_raises_as_torch(auto):
             loss = _ce(lib)(F.linear(z, torch.eye(_CB)), _YB, w)
         w.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.parametrize("auto", [BF16, F16])
@@ -404,7 +392,7 @@ def test_autocast_low_precision_class_weight_changed_is_not_refused_as_torch(aut
             loss = _ce(lib)(F.linear(z, torch.eye(_CB)), _YB, w)
         w.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 # ---- the linear head
@@ -453,19 +441,19 @@ _HEAD_CASES = {
 @pytest.mark.parametrize("name", list(_HEAD_CASES))
 def test_head_input_changed_in_place_raises_exactly_where_torch_does(dtype, name):
     x_grad, w_grad, mutate, extra, want = _HEAD_CASES[name]
-    assert _same_outcome(_head_case(dtype, x_grad, w_grad, mutate, **extra)) == want
+    assert same_inplace_outcome(_head_case(dtype, x_grad, w_grad, mutate, **extra)) == want
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_head_float32_class_weight_changed_raises_as_torch(dtype):
     build = _head_case(dtype, True, True, lambda x, w, b, c: c.mul_(2), class_weight=True)
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_head_low_precision_class_weight_changed_raises_as_torch(dtype):
     build = _head_case(dtype, True, True, lambda x, w, b, c: c.mul_(2), class_weight=True)
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
@@ -474,7 +462,7 @@ def test_head_non_contiguous_input_changed_raises_as_torch(layout):
         return (torch.randn(_DB, _NB).t() if layout == "transposed"
                 else torch.randn(_NB, 2 * _DB)[:, ::2])
     build = _head_case(F32, False, True, lambda x, w, b, c: x.add_(1), x_make=make)
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -485,7 +473,7 @@ def test_head_non_contiguous_input_changed_raises_as_torch(layout):
 def test_head_none_reduction_refuses_only_where_torch_does(name):
     x_grad, w_grad, mutate, extra, want = _HEAD_CASES[name]
     build = _head_case(F32, x_grad, w_grad, mutate, reduction="none", **extra)
-    assert _same_outcome(build) == want == "ok"
+    assert same_inplace_outcome(build) == want == "ok"
 
 
 @pytest.mark.parametrize("auto", [BF16, F16])
@@ -502,7 +490,7 @@ def test_head_under_autocast_is_not_refused_as_torch(auto, what):
         with torch.no_grad():
             {"linear_weight": w, "input": xin, "class weight": cw}[what].mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -520,7 +508,7 @@ def test_head_optimizer_between_forward_and_backward_as_torch(dtype, step):
             lin.weight.grad = torch.ones_like(lin.weight)
             opt.step()
         loss.backward()
-    assert _same_outcome(build) == ("raise" if step else "ok")
+    assert same_inplace_outcome(build) == ("raise" if step else "ok")
 
 
 @pytest.mark.parametrize("how", ["save_on_cpu", "reentrant", "non-reentrant"])
@@ -537,7 +525,7 @@ def test_head_saved_tensor_hooks_and_checkpoint_are_not_refused_as_torch(how):
         with torch.no_grad():
             w.add_(1)
         loss.backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -555,7 +543,7 @@ def test_compiled_class_weight_changed_raises_as_torch():
         loss.backward()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert _same_outcome(build) == "raise"
+        assert same_inplace_outcome(build) == "raise"
 
 
 # ---------------------------------------------------------------------------------------
@@ -611,7 +599,7 @@ def test_float16_head_overflowing_logit_is_torchs_nan_also_on_an_ignored_row(red
     x[5] = 6e4  # ignored row (index 5 is a multiple of 5)
     got, want = _head_pair(x, w, reduction=reduction, chunk_size=chunk_size)
     for a, b in zip(got, want, strict=False):
-        assert a.dtype == b.dtype and _pattern(a, b)
+        assert a.dtype == b.dtype and same_nonfinite_pattern(a, b)
     assert bool(want[2].isnan().any())
 
 
@@ -621,7 +609,7 @@ def test_low_precision_head_non_finite_inputs_and_loss_dtype(dtype):
     x[2, 0], x[5, 1] = -math.inf, math.nan
     got, want = _head_pair(x, _WH.to(dtype))
     for a, b in zip(got, want, strict=False):
-        assert _pattern(a, b)
+        assert same_nonfinite_pattern(a, b)
     xa = _XH.to(dtype).requires_grad_()
     loss = xt.linear_cross_entropy(xa, _WH.to(dtype), _YH, loss_dtype=F32)
     assert loss.dtype == F32
@@ -694,9 +682,9 @@ def test_float16_head_float32_loss_under_a_loss_scale_is_as_accurate_as_torch(ca
                                    loss_dtype=F32)
     (loss * scale).backward()
     for got, theirs, r in zip((xx.grad, ww.grad), amp, ref, strict=False):
-        assert got.dtype == F16 and _pattern(got, theirs)
+        assert got.dtype == F16 and same_nonfinite_pattern(got, theirs)
         fin = torch.isfinite(theirs)
-        assert _err(got[fin], r[fin]) < 2.5 * _err(theirs[fin], r[fin])
+        assert relative_error(got[fin], r[fin]) < 2.5 * relative_error(theirs[fin], r[fin])
 
 
 @pytest.mark.parametrize("auto", [F16, BF16])
@@ -724,7 +712,7 @@ def test_cross_entropy_under_cpu_autocast_matches_torch(auto, ls):
     ref = F.cross_entropy(F.linear(hr, lin.to(auto).double()), y, w.double(),
                           label_smoothing=ls)
     (ref * 65536.0).backward()
-    assert _err(ga, hr.grad) <= 2.5 * _err(gb, hr.grad) + 1e-6
+    assert relative_error(ga, hr.grad) <= 2.5 * relative_error(gb, hr.grad) + 1e-6
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

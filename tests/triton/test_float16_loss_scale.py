@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import relative_error  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 
@@ -82,10 +83,6 @@ def _crossent(z, y, w, case, backend):
     return zz.grad
 
 
-def _err(g, ref):
-    return ((g.double() - ref).norm() / ref.norm()).item()
-
-
 @pytest.mark.parametrize("backend", ["triton", "rowblock"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_scaled_float16_mean_gradient_keeps_torchs_accuracy(name, backend):
@@ -95,10 +92,10 @@ def test_scaled_float16_mean_gradient_keeps_torchs_accuracy(name, backend):
     torch_amp = _reference(z, y, w, case, torch.float32).half()  # autocast's float32 + cast
     got = _crossent(z, y, w, case, backend)
     assert got.dtype == torch.float16
-    torch_err = _err(torch_amp, ref)
+    torch_err = relative_error(torch_amp, ref)
     assert torch_err < 1e-3
     # two roundings (the stored gradient, then the scaled one) against torch's one
-    assert _err(got, ref) < 2.5 * torch_err
+    assert relative_error(got, ref) < 2.5 * torch_err
     # stored at unit scale, only entries under float16's subnormals there (p < 6e-8) are
     # 0 where torch's scaled-first gradient is not: a negligible part of the gradient
     # (stored with the 1/N, 40-60% of the entries here were 0)
@@ -164,14 +161,14 @@ def _float16_chunks(monkeypatch):
 
 
 def _head_errors(backend, monkeypatch, defer=True, num_items=None, reduction="mean"):
-    from crossent.torch import _linear, _rules
+    from crossent.torch import _rules
     from crossent.torch._triton import autograd as triton_autograd
 
     _float16_chunks(monkeypatch)
-    if not defer:  # the behaviour before review H72: the 1/N stored in the float16 chunk
-        for module in (_linear, triton_autograd):
-            monkeypatch.setattr(module, "defers_mean_scale", lambda *a: False)
     assert _rules.defers_mean_scale(torch.float16, "mean")
+    if not defer:  # the behaviour before review H72: the 1/N stored in the float16 chunk
+        for module in (_rules, triton_autograd):  # _rules: the row-block kernels' rule
+            monkeypatch.setattr(module, "defers_mean_scale", lambda *a: False)
     g = torch.Generator().manual_seed(6)
     n, d, c = 256, 16, 300
     x0 = torch.randn(n, d, generator=g, dtype=torch.float64).half()
@@ -190,7 +187,7 @@ def _head_errors(backend, monkeypatch, defer=True, num_items=None, reduction="me
         if reduction == "mean" else {"reduction": "sum"}
     (xt.linear_cross_entropy(x, w, y, backend=backend, chunk_size=64,
                              loss_dtype=torch.float32, **kw) * SCALE).backward()
-    return _err(x.grad, x64.grad), _err(w.grad, w64.grad)
+    return relative_error(x.grad, x64.grad), relative_error(w.grad, w64.grad)
 
 
 @pytest.mark.parametrize("num_items", [None, 10 ** 6])
@@ -230,4 +227,4 @@ def test_float16_chunked_head_sum_takes_a_loss_scale_of_65536(backend, monkeypat
     for got, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
         small = ref.abs() < 6e4
         assert bool(small.any()) and bool(got[small].isfinite().all())
-        assert _err(got[small], ref[small]) < 5e-3
+        assert relative_error(got[small], ref[small]) < 5e-3

@@ -22,6 +22,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from grad_probes import (  # noqa: E402
+    relative_error,
+    same_inplace_outcome,
+    same_nonfinite_pattern,
+)
 
 import crossent.torch as xt  # noqa: E402
 
@@ -33,29 +38,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-def _pattern(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
 
 
-def _err(g: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((g.double() - ref).norm() / ref.norm()).item()
 
 
-def _outcome(fn) -> str:
-    try:
-        fn()
-    except RuntimeError as exc:
-        text = str(exc)
-        if "inplace" in text or "in place" in text:
-            return "raise"
-        return f"RuntimeError: {text[:120]}"
-    return "ok"
 
 
-def _same_outcome(build) -> str:
-    got, want = _outcome(lambda: build("xt")), _outcome(lambda: build("torch"))
-    assert got == want, (got, want)
-    return got
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +72,7 @@ def test_non_finite_grad_output_pattern_is_torchs(dtype, reduction, go, ls, kind
     la.backward(torch.full(la.shape, go, dtype=la.dtype))
     lb.backward(torch.full(lb.shape, go, dtype=lb.dtype))
     assert a.grad.dtype == b.grad.dtype
-    assert _pattern(a.grad, b.grad)
+    assert same_nonfinite_pattern(a.grad, b.grad)
     if kind != "probability":  # ignored rows: torch's exact values (0, or NaN)
         torch.testing.assert_close(a.grad[_Y == -100], b.grad[_Y == -100], rtol=0, atol=0,
                                    equal_nan=True)
@@ -103,7 +91,7 @@ def test_float16_infinite_grad_output_with_a_tiny_probability_is_torchs_inf(redu
     lb = F.cross_entropy(b, y, reduction=reduction)
     la.backward(torch.full_like(la, math.inf))
     lb.backward(torch.full_like(lb, math.inf))
-    assert _pattern(a.grad, b.grad)
+    assert same_nonfinite_pattern(a.grad, b.grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +124,7 @@ def test_float16_mean_under_a_loss_scale_is_as_accurate_as_torch(weight, ls, sca
     assert bool((w is None) or (w < 0).any())
     assert zz.grad.dtype == F16 and bool(torch.isfinite(zz.grad).all())
     assert bool(torch.isfinite(torch_amp).all())
-    assert _err(zz.grad, ref) < 2.5 * _err(torch_amp, ref)
+    assert relative_error(zz.grad, ref) < 2.5 * relative_error(torch_amp, ref)
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.1])
@@ -148,10 +136,10 @@ def test_float16_mean_degenerate_denominator_pattern_is_torchs(case, ls):
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
     la = xt.cross_entropy(a * 1, y, w, label_smoothing=ls, backend="triton")
     lb = F.cross_entropy(b * 1, y, w, label_smoothing=ls)
-    assert _pattern(la, lb)
+    assert same_nonfinite_pattern(la, lb)
     la.backward()
     lb.backward()
-    assert _pattern(a.grad, b.grad)
+    assert same_nonfinite_pattern(a.grad, b.grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +169,7 @@ def test_cross_entropy_class_weight_changed_raises_as_torch(dtype):
                 else F.cross_entropy(z * 1, _YI, w))
         w.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.parametrize("auto", [BF16, F16])
@@ -195,7 +183,7 @@ def test_cross_entropy_autocast_low_precision_weight_is_not_refused_as_torch(aut
                     else F.cross_entropy(h, _YI, w))
         w.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 @pytest.mark.parametrize("name", ["dx+dW linear_weight", "dW only linear_weight",
@@ -212,7 +200,7 @@ def test_head_raises_exactly_where_torch_does(name):
             (cw if cw is not None else w if "linear_weight" in name else xin).add_(1)
         loss.backward()
     want = "ok" if name in ("dW only linear_weight", "dx only input") else "raise"
-    assert _same_outcome(build) == want
+    assert same_inplace_outcome(build) == want
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
@@ -224,7 +212,7 @@ def test_head_low_precision_class_weight_changed_raises_as_torch(dtype):
         loss = _head(lib, x * 1, w, weight=cw)
         cw.mul_(2)
         loss.backward()
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -235,7 +223,7 @@ def test_head_non_contiguous_input_changed_raises_as_torch(dtype):
         loss = _head(lib, x, w)
         x.add_(1)
         loss.backward()
-    assert _same_outcome(build) == "raise"
+    assert same_inplace_outcome(build) == "raise"
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -254,7 +242,7 @@ def test_head_none_reduction_refuses_only_where_torch_does(what):
         with torch.no_grad():
             {"bias": b, "input": xin, "linear_weight": w}[what].add_(1)
         loss.sum().backward()
-    assert _same_outcome(build) == "ok"
+    assert same_inplace_outcome(build) == "ok"
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -270,7 +258,7 @@ def test_head_nan_grad_output_with_every_row_ignored_keeps_dw_zero(dtype):
         loss.backward(torch.tensor(math.nan, dtype=loss.dtype))
         grads.append((xx.grad, ww.grad))
     (dxa, dwa), (dxb, dwb) = grads
-    assert _pattern(dxa, dxb) and _pattern(dwa, dwb)
+    assert same_nonfinite_pattern(dxa, dxb) and same_nonfinite_pattern(dwa, dwb)
     assert not dwb.any() and not dwa.any()
 
 
@@ -297,4 +285,4 @@ def test_float16_head_float32_loss_under_a_loss_scale_is_as_accurate_as_torch(ca
     (loss * 65536.0).backward()
     for got, theirs, r in zip((xx.grad, ww.grad), amp, ref, strict=False):
         assert got.dtype == F16 and bool(torch.isfinite(got).all())
-        assert _err(got, r) < 2.5 * _err(theirs, r)
+        assert relative_error(got, r) < 2.5 * relative_error(theirs, r)

@@ -27,7 +27,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from . import _buffers
-from ._rules import compute_dtype, default_chunk, matmul_dtype
+from ._rules import compute_dtype, default_chunk, matmul_dtype, rounds_logits
 
 __all__ = ["ChunkKernel", "HeadPass", "RowSplit", "accumulate_dw", "head_pass",
            "rows_per_chunk", "split_rows", "weight_grad_dtype"]
@@ -206,9 +206,8 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
     num_rows = x.shape[0]
     cdtype = compute_dtype(x.dtype)
     mdtype = matmul_dtype(x, w) if matmul is None else matmul
-    # float16 multiplied in float32 (CPU): the logits rounded to float16 as the unfused
-    # F.linear's are, so that a logit past 65504 is inf (torch's NaN loss and gradients)
-    rounds_logits = matmul is None and x.dtype == torch.float16 and mdtype != x.dtype
+    # (not the vocab-parallel head's float32 logits, ``matmul`` given)
+    rounded = matmul is None and rounds_logits(x.dtype, mdtype)
     wm = w.to(mdtype)
     bm = None if b is None else b.to(mdtype)
     need_x, need_w, need_b = need
@@ -236,7 +235,7 @@ def head_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: 
             torch.mm(xc, wm.t(), out=lg)
         else:
             torch.addmm(bm, xc, wm.t(), out=lg)
-        if rounds_logits:  # torch's float16 logits: its rounding, its overflow to inf
+        if rounded:  # torch's float16 logits: its rounding, its overflow to inf
             lg.copy_(lg.to(x.dtype))
         rm = None if row_multiplier is None else row_multiplier[i:j]
         # the gradient overwrites the chunk's logits

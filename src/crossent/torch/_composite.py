@@ -26,7 +26,14 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._rules import Options, check_index_target, compute_dtype, fake_values, reduce_rows
+from ._rules import (
+    Options,
+    check_index_target,
+    compute_dtype,
+    fake_values,
+    reduce_rows,
+    rounds_logits,
+)
 
 __all__ = ["capped", "composable_required", "cross_entropy", "linear_logits", "transforms_active",
            "zero_unused"]
@@ -143,6 +150,6 @@ def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     (:func:`._chunked_head.head_pass`) and torch's ``F.linear`` does."""
     logits = torch.nn.functional.linear(x.to(mdtype), w.to(mdtype),
                                         None if b is None else b.to(mdtype))
-    if x.dtype == torch.float16 and mdtype != x.dtype:
+    if rounds_logits(x.dtype, mdtype):
         logits = logits.to(x.dtype).to(mdtype)
     return logits

@@ -10,7 +10,6 @@ path (:mod:`._composite`). Public as :func:`crossent.torch.cross_entropy`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,6 @@ from ._rules import (
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
-    defers_mean_scale,
     divide_by_num_items,
     double_backward,
     fake_values,
@@ -51,10 +49,10 @@ from ._rules import (
     records_graph,
     reduce_losses,
     remember_target,
+    rows_deferring_mean,
     save_inputs,
     saved_inputs,
     scale_stored,
-    split_scale,
     take_stored,
     within_fake_mode,
 )
@@ -73,10 +71,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = logits.detach() if inplace else _buffers.empty(logits.shape, logits.dtype,
                                                                   logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
-        ctx.deferred, kernel_rows = None, rows
-        if grad is not None and defers_mean_scale(logits.dtype, opts.reduction):
-            stored, ctx.deferred = split_scale(rows.scale)
-            kernel_rows = dataclasses.replace(rows, scale=stored)
+        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, logits.dtype, opts.reduction)
+                                     if grad is not None else (rows, None))
         losses = cross_entropy_rows(logits, target, kernel_rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows
         ctx.keep, ctx.loss_dtype = logits.dtype == torch.float64, losses.dtype
@@ -104,10 +100,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = grad.clone() if ctx.keep else grad
             whole_rows = ctx.rows.index is None or ctx.opts.label_smoothing != 0
             go = infinite_as_nan(grad_output) if whole_rows else grad_output
-            if ctx.deferred is None:
-                scale_stored(grad, go, ctx.reduction, ctx.rows.valid)
-            else:  # the mean's 1/denominator too, per row (defers_mean_scale)
-                scale_stored(grad, go * ctx.deferred, "none", ctx.rows.valid)
+            if ctx.deferred is not None:  # the mean's 1/denominator (defers_mean_scale)
+                go = go * ctx.deferred
+            scale_stored(grad, go, ctx.reduction, ctx.rows.valid)
             if not whole_rows:
                 nan_at_targets(grad, grad_output, ctx.rows.valid, ctx.rows.index.unsqueeze(1),
                                ctx.reduction)

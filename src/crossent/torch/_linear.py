@@ -10,7 +10,6 @@ place (:class:`_RowBlockChunks`); the routes, option checks and sizing are those
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,7 +36,6 @@ from ._rules import (
     check_target_intact,
     choose_loss_dtype,
     compute_dtype,
-    defers_mean_scale,
     divide_by_num_items,
     double_backward,
     fake_values,
@@ -53,10 +51,10 @@ from ._rules import (
     records_graph,
     reduce_losses,
     remember_target,
+    rows_deferring_mean,
     save_inputs,
     saved_inputs,
     scale_stored,
-    split_scale,
     take_stored,
     within_fake_mode,
 )
@@ -147,16 +145,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         remember_target(ctx, target, **head_inputs_read(
             need, x if x_source is None else x_source, w, opts.saved_weight))
         names = None if holder is None else holder.names
+        # float16 chunks (accelerators): the gradients without the mean's 1/denominator,
+        # applied in backward with grad_output (_rules.defers_mean_scale)
+        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, ctx.mdtype, opts.reduction)
+                                     if any(need) else (rows, None))
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,
                                             names=names)  # backward: from the saved inputs
         else:
-            # float16 chunks (accelerators): the gradients without the mean's 1/denominator,
-            # applied in backward with grad_output (_rules.defers_mean_scale)
-            ctx.deferred, kernel_rows = None, rows
-            if any(need) and defers_mean_scale(ctx.mdtype, opts.reduction):
-                _, ctx.deferred = split_scale(1.0 / rows.denominator)
-                kernel_rows = dataclasses.replace(rows, scale=rows.scale / ctx.deferred)
             losses, ctx.grads, stats = _linear_pass(x, w, b, target, kernel_rows, opts, chunk,
                                                     need, names=names, dw_dtype=dw_dtype)
         if holder is not None:
@@ -179,10 +175,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # the 0-d grad_output of "mean"/"sum" read to the host once (one sync on an
         # accelerator; on the CPU the tensor itself): the infinite check and
         # scale_stored's test for 1 both read this copy
-        deferred = getattr(ctx, "deferred", None)
         scale = (None if ctx.reduction == "none"
-                 else (grad_output if deferred is None
-                       else grad_output.to(deferred.dtype) * deferred).to("cpu"))
+                 else (grad_output if ctx.deferred is None
+                       else grad_output.to(ctx.deferred.dtype) * ctx.deferred).to("cpu"))
         if scale is not None and bool(scale.isinf()):
             # torch's dlogits is NaN where inf - inf meets (the targets), +-inf elsewhere,
             # and dx, dW, db sum those; the stored gradients times inf cannot give that

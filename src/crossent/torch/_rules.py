@@ -21,6 +21,7 @@ Imports nothing of ``crossent.torch`` (no import circles: everything else import
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import operator
@@ -163,6 +164,13 @@ def matmul_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     low = x.dtype == w.dtype and (
         x.dtype == torch.bfloat16 or (x.dtype == torch.float16 and x.device.type != "cpu"))
     return x.dtype if low else compute_dtype(x.dtype)
+
+
+def rounds_logits(x_dtype: torch.dtype, mdtype: torch.dtype) -> bool:
+    """Whether a head multiplying ``x_dtype`` input in ``mdtype`` rounds its logits to
+    ``x_dtype`` afterwards: float16 multiplied in float32 (CPU, :func:`matmul_dtype`), so
+    that the logits are torch's ``F.linear``'s (its rounding, a logit past 65504 inf)."""
+    return x_dtype == torch.float16 and mdtype != x_dtype
 
 
 # ---- sizing: row blocks of the kernels, row chunks of the linear heads
@@ -675,6 +683,18 @@ def split_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(movable, one, scale), torch.where(movable, scale, one)
 
 
+def rows_deferring_mean(rows: Rows, dtype: torch.dtype,
+                        reduction: str) -> tuple[Rows, torch.Tensor | None]:
+    """The row-block kernels' side of :func:`defers_mean_scale`: ``rows`` for the kernel,
+    with the finite ``1 / denominator`` left out of their scale, and that 0-d factor for
+    backward to multiply with ``grad_output`` (None, ``rows`` unchanged, where ``dtype``
+    keeps the scale in the stored gradient). ``(1/d) / (1/d)`` is exactly 1."""
+    if not defers_mean_scale(dtype, reduction):
+        return rows, None
+    _, deferred = split_scale(1.0 / rows.denominator)
+    return dataclasses.replace(rows, scale=rows.scale / deferred), deferred
+
+
 def infinite_as_nan(grad_output: torch.Tensor) -> torch.Tensor:
     """``grad_output`` with NaN for +-inf: torch's pattern where every class's ``dlogp``
     of a row is infinite (label smoothing, probability targets), ``inf - inf``."""
@@ -693,9 +713,7 @@ def nan_at_targets(grad: torch.Tensor, grad_output: torch.Tensor, valid: torch.T
         if bool(torch.isfinite(grad_output)):  # the common case: nothing to do
             return
         hit = valid
-    elif reduction != "none":
-        hit = valid & grad_output.isinf()
-    else:  # no host sync
+    else:  # no host sync (a 0-d grad_output broadcasts as one row's)
         hit = valid & grad_output.reshape(-1).isinf()
     grad.scatter_(1, index, torch.where(hit.unsqueeze(1), torch.nan, grad.gather(1, index)))
 
