@@ -452,17 +452,6 @@ def test_narrow_floats_are_computed_in_float32_and_returned_in_their_dtype(backe
     np.testing.assert_allclose(_np(out), ref, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG H70 (not fixed, a design decision): a "
-                   "mixed-precision call returns the first argument's dtype (measures._pair: "
-                   "p's; losses: the logits'), the core's documented rule ('returned in the "
-                   "input's dtype'), where torch promotes: cross_entropy(p float16, q float64) "
-                   "is float16, softmax_cross_entropy(bfloat16 logits, float32 target) "
-                   "bfloat16, sigmoid BCE(float32, float64) float32. Promoting needs a rule "
-                   "for secondary arguments the core converts itself: a list or NumPy array "
-                   "becomes float64 via NumPy, so plain promotion would make every float32 "
-                   "torch/JAX loss with a list/NumPy target or weight float64, where "
-                   "torch.tensor(list) is float32; crossent.torch promotes as torch "
-                   "(docs/guarantees.md, _rules.choose_loss_dtype)")
 @pytest.mark.parametrize("case", ["cross_entropy f16 p, f64 q", "loss bf16 z, f32 target",
                                   "sigmoid bce f32 z, f64 target"])
 def test_mixed_precision_inputs_promote_like_torch(case):

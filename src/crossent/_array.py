@@ -130,6 +130,30 @@ def arrays(
                 for v, n in zip(checked, names, strict=True)]
 
 
+def promoted_dtype(xp: Any, x: Array, other: Array, given_x: Any, given_other: Any) -> Any:
+    """The dtype ``x`` and ``other`` promote to (``result_type``: float16 logits with
+    a float64 target give float64, bfloat16 with float32 float32), as torch and NumPy
+    promote a loss's input with its floating target.
+
+    Only arrays the caller passed in ``xp``'s own library promote (``given_x`` and
+    ``given_other`` are the arguments as passed): a list, a number or another library's
+    array joins ``x``'s dtype, as ``torch.tensor([0.2, 0.8])`` takes torch's default and
+    not NumPy's float64. ``x``'s dtype unless both are floating.
+    """
+    if not (is_floating(xp, x) and is_floating(xp, other)) or x.dtype == other.dtype:
+        return x.dtype
+    if not all(is_array_api_obj(g) and array_namespace(g) is xp
+               for g in (given_x, given_other)):
+        return x.dtype
+    return xp.result_type(x.dtype, other.dtype)
+
+
+def promoted(xp: Any, x: Array, other: Array, given_x: Any, given_other: Any) -> Array:
+    """``x`` cast to :func:`promoted_dtype` (unchanged where that is its own)."""
+    dtype = promoted_dtype(xp, x, other, given_x, given_other)
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
 def namespace(x: Array) -> Any:
     """The array-API namespace of ``x`` (NumPy, torch, jax.numpy, array_api_strict...)."""
     return array_namespace(x)

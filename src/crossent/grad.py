@@ -103,7 +103,8 @@ def softmax_cross_entropy_grad(
         grad = xp.where(xp.expand_dims(mask, axis=-1), grad, 0.0)
     if parts.softcap is not None:
         grad = grad * (1.0 - xp.tanh(parts.raw / parts.softcap) ** 2)
-    return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.dtype)
+    # the logits' dtype, as autograd's, also where a wider target promoted the loss
+    return restore_dtype(xp, move_last_to_axis(xp, grad, parts.axis), parts.logits_dtype)
 
 
 @silent_infinities

@@ -3,7 +3,10 @@
 Where PyTorch has the same argument, these give PyTorch's answer (tests compare against
 ``torch.nn.functional``); where PyTorch has no opinion, optax's. Every loss takes
 ``reduction="mean" | "sum" | "none"``, accepts float16/bfloat16 inputs (computed in float32
-inside, returned in the input's dtype, PITFALLS 6) and propagates NaN from its inputs.
+inside, returned in the input's dtype, PITFALLS 6) and propagates NaN from its inputs. An
+input and a floating target of mixed precision promote as torch and NumPy do (bfloat16
+logits with a float32 target: float32); a list, a number or another library's array takes
+the input's dtype (:func:`crossent._array.promoted_dtype`).
 ``validate=False`` skips the value checks (class ranges, probability ranges and sums),
 which cost a device synchronisation on accelerators and cannot run under ``jax.jit``.
 """
@@ -30,6 +33,7 @@ from ._array import (
     normalize_axis,
     numel,
     past_integer_range,
+    promoted,
     restore_dtype,
     silent_infinities,
     stop_gradient,
@@ -69,6 +73,7 @@ class SoftmaxCEParts:
     row_weight: Array | None = None  # each row's share of `denominator` (None: 1 per row)
     class_mask: Array | None = None  # where's class mask, class axis last (None: none)
     row_where: Array | None = None  # the rows where keeps (None: all)
+    logits_dtype: Any = None  # the caller's logits' (a gradient's); dtype: the loss's
 
 
 def softmax_cross_entropy_parts(
@@ -92,6 +97,7 @@ def softmax_cross_entropy_parts(
     softcap = _checks.check_softcap(softcap)
     ignore_index = _checks.check_integer(ignore_index, "ignore_index")
     validate = _checks.check_bool(validate, "validate")
+    given = logits, target
     xp, (logits, target, weight) = arrays(
         logits, target, weight, names=("logits", "target", "weight"), optional=("weight",)
     )
@@ -99,6 +105,8 @@ def softmax_cross_entropy_parts(
     _checks.check_has_axis(logits, "logits")
     axis = normalize_axis(axis, logits.ndim)
     _checks.check_classes(logits, axis, "logits")
+    logits_dtype = logits.dtype
+    logits = promoted(xp, logits, target, *given)  # bfloat16 logits, float32 target: float32
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
     _checks.check_softcap_fits(softcap, xp.finfo(raw.dtype), raw.dtype)
@@ -133,7 +141,7 @@ def softmax_cross_entropy_parts(
     return SoftmaxCEParts(
         xp, dtype, axis, raw, z, eff, row_mask, xp.squeeze(lse, axis=-1), log_probs,
         denominator, z_loss, softcap, reduction, row_weight,
-        class_mask, row_where,
+        class_mask, row_where, logits_dtype,
     )
 
 
@@ -593,9 +601,11 @@ def binary_cross_entropy(
     >>> round(float(binary_cross_entropy([0.7], [1.0])), 6)  # ln(1/0.7)
     0.356675
     """
+    given = probs, target
     xp, (probs, target, weight) = arrays(
         probs, target, weight, names=("probs", "target", "weight"), optional=("weight",)
     )
+    probs = promoted(xp, probs, target, *given)
     dtype = probs.dtype
     label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
     q = _elementwise_prep(xp, probs, target, weight, reduction, "probs")
@@ -689,10 +699,12 @@ def sigmoid_binary_cross_entropy(
     >>> round(float(sigmoid_binary_cross_entropy([0.0], [1.0])), 6)  # ln 2
     0.693147
     """
+    given = logits, target
     xp, (logits, target, weight, pos_weight) = arrays(
         logits, target, weight, pos_weight, names=("logits", "target", "weight", "pos_weight"),
         optional=("weight", "pos_weight"),
     )
+    logits = promoted(xp, logits, target, *given)
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, target, weight, reduction)
     if pos_weight is not None:
@@ -745,11 +757,13 @@ def multilabel_cross_entropy(
     >>> round(float(multilabel_cross_entropy([[0.0, 0.0]], [[1.0, 0.0]])), 6)  # 2 ln 2
     1.386294
     """
+    given = logits, targets
     xp, (logits, targets, weight, pos_weight) = arrays(
         logits, targets, weight, pos_weight, names=("logits", "targets", "weight", "pos_weight"),
         optional=("weight", "pos_weight"),
     )
     _checks.check_has_axis(logits, "logits", "label")
+    logits = promoted(xp, logits, targets, *given)
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, targets, weight, reduction, target_name="targets")
     if pos_weight is not None:
@@ -829,7 +843,9 @@ def sigmoid_focal_loss(
         alpha = _checks.check_fraction(alpha, "alpha")
     gamma = _checks.check_nonnegative(gamma, "gamma")
     label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
+    given = logits, target
     xp, (logits, target) = arrays(logits, target, names=("logits", "target"))
+    logits = promoted(xp, logits, target, *given)
     dtype = logits.dtype
     x = _elementwise_prep(xp, logits, target, None, reduction)
     t = _as_target(xp, target, x, validate, label_smoothing=label_smoothing)
@@ -1118,15 +1134,18 @@ def categorical_focal_loss(
     eps = _checks.check_fraction(label_smoothing, "label_smoothing")
     ignore_index = _checks.check_integer(ignore_index, "ignore_index")
     validate = _checks.check_bool(validate, "validate")
+    given = probs, target
     xp, (probs, target) = arrays(probs, target, names=("probs", "target"))
     _checks.check_floating(xp, probs, "probs")
     _checks.check_has_axis(probs, "probs")
     axis = normalize_axis(axis, probs.ndim)
     _checks.check_classes(probs, axis, "probs")
+    probs_dtype = probs.dtype  # the sum-to-1 tolerance is the caller's dtype's
+    probs = promoted(xp, probs, target, *given)
     dtype = probs.dtype
     p = move_axis_last(xp, to_float(xp, probs), axis)
     if validate:
-        _checks.check_distribution(xp, p, "probs", -1, dtype)
+        _checks.check_distribution(xp, p, "probs", -1, probs_dtype)
     class_mask, row_where = class_or_row_where(xp, where, probs, axis, "probs")
     if class_mask is not None:
         p = _renormalise_kept(xp, p, class_mask)

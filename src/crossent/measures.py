@@ -27,6 +27,7 @@ from ._array import (
     axis_index,
     log_base_divisor,
     normalize_axis,
+    promoted_dtype,
     restore_dtype,
     silent_infinities,
     to_float,
@@ -180,8 +181,9 @@ def _elementwise_pair(
     ``check(xp, array, name)`` validates each entry."""
     _checks.check_base(base)
     validate = _checks.check_bool(validate, "validate")
+    given = p, q
     xp, (p, q) = arrays(p, q, names=("p", "q"))
-    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
+    dtype = _returned_dtype(xp, p, q, given)
     p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
     try:
         p, q = xp.broadcast_arrays(p, q)
@@ -281,15 +283,25 @@ def _pair(
     Python int."""
     _checks.check_base(base)
     validate = _checks.check_bool(validate, "validate")
+    given = p, q
     xp, (p, q) = arrays(p, q, names=("p", "q"))
     axis = _checks.check_matching_distributions(p, q, axis)
-    dtype = p.dtype if xp.isdtype(p.dtype, "real floating") else q.dtype
+    dtype = _returned_dtype(xp, p, q, given)
     p_dtype, q_dtype = p.dtype, q.dtype
     p, q = _common_float(xp, to_float(xp, p), to_float(xp, q))
     if validate:
         _checks.check_distribution(xp, p, "p", axis, p_dtype)
         _checks.check_distribution(xp, q, "q", axis, q_dtype)
     return xp, p, q, dtype, axis
+
+
+def _returned_dtype(xp: Any, p: Array, q: Array, given: tuple[Any, Any]) -> Any:
+    """The dtype a two-distribution measure returns: the two arrays' promotion where both
+    are floating arrays of the caller's library (see :func:`promoted_dtype`), else p's if
+    floating, else q's."""
+    if not xp.isdtype(p.dtype, "real floating"):
+        return q.dtype
+    return promoted_dtype(xp, p, q, *given)
 
 
 def _common_float(xp: Any, a: Array, b: Array) -> tuple[Array, Array]:
