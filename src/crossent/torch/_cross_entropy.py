@@ -359,7 +359,8 @@ def cross_entropy(
     ``softcap=c`` replaces the logits by ``c * tanh(z / c)`` first. The gradient
     ``p * sum_c T_c - T + 2 z_loss lse p`` (times the softcap derivative) is written while
     the block is in cache, so the logits are read once and the gradient written once;
-    backward only multiplies the stored gradient by ``grad_output``.
+    backward only multiplies the stored gradient by ``grad_output`` (float16 with
+    ``"mean"`` or ``num_items``: by ``grad_output / denominator``, see below).
 
     Args:
         input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; float32, bfloat16 or
@@ -369,11 +370,15 @@ def cross_entropy(
         target: class indices ``()``, ``(N)`` or ``(N, d1, ...)`` (integer), or class
             probabilities shaped like ``input`` (floating; a target that requires grad
             gets torch's gradient, in closed form from the saved logits).
-        weight: per-class weights ``(C)``, of the input's dtype (torch raises for another
-            dtype; so does crossent, :class:`crossent.InputError`). With probability
-            targets a weight that requires grad gets torch's gradient (closed form);
-            with index targets torch raises ("not differentiable with respect to
-            weight"), and so does crossent (:class:`crossent.UnsupportedError`).
+        weight: per-class weights ``(C)``. With class-index targets: of the input's
+            dtype (torch raises for another dtype; so does crossent,
+            :class:`crossent.InputError`), after ``torch.autocast``'s casts under autocast
+            (float16/bfloat16 logits and weight become float32, as torch's). With
+            probability targets: any floating dtype, promoting the loss's dtype as torch's
+            multiplication does (a float64 weight: a float64 loss), and a weight that
+            requires grad gets torch's gradient (closed form); with index targets torch
+            raises ("not differentiable with respect to weight"), and so does crossent
+            (:class:`crossent.UnsupportedError`).
         size_average, reduce: torch's deprecated pair, mapped to ``reduction`` as torch maps
             them (with a warning); they keep the positional order of torch's signature.
         ignore_index: index targets equal to it give loss 0, gradient 0, and are not counted.
@@ -505,8 +510,15 @@ def cross_entropy(
     (``dL/dt_nc = -(1 - eps) w_c r_n log p_nc``,
     ``dL/dw_c = -sum_n r_n ((1 - eps) t_nc + eps / C) log p_nc``, ``r_n`` the row's
     ``grad_output`` times ``1/N`` or 1). Low-precision gradients: formed in float32 and
-    rounded once in forward; a ``grad_output`` other than 1 multiplies the rounded
-    gradient (a second rounding, as torch's own bf16 backward rounds more than once).
+    stored in the logits' dtype in forward; a ``grad_output`` other than 1 multiplies the
+    stored gradient (a second rounding, as torch's own bf16 backward rounds more than
+    once). float16 with ``"mean"`` (or ``num_items``) on the row-block and Triton kernels
+    is rounded twice also at ``grad_output = 1``: ``p - onehot`` is stored in float16 and
+    backward multiplies it by ``grad_output / denominator`` in float32
+    (:func:`crossent.torch._rules.defers_mean_scale`), so a loss scale's small gradients
+    survive, where ``(p - onehot) / N`` fell under float16's subnormals before a
+    ``GradScaler`` could lift them (2048 x 8192, a ``GradScaler``'s 65536: error 1.08e-4
+    against float64, torch's own float16 error 1.08e-4).
 
     Reference: ``torch.nn.functional.cross_entropy``; :func:`crossent.softmax_cross_entropy`
     for ``z_loss`` and ``softcap``; the fused-kernel idea of Liger-Kernel (Hsu et al. 2024,

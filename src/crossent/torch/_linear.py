@@ -362,11 +362,18 @@ def linear_cross_entropy(
     float32). Ignored rows (class-index targets equal to ``ignore_index``: the masked
     prompt of SFT batches, padding) are skipped: the chunks are gathered from the counted
     rows only, so neither the matmuls nor the kernel run on them (half the work when half
-    the tokens are ignored); their ``dx`` is exactly 0 and every other number is the
-    unskipped computation's.
+    the tokens are ignored). A skipped row's ``dx`` is exactly 0 and every other number
+    is the unskipped computation's. Only rows whose logits cannot overflow are skipped
+    (finite features, ``||x_n||_1 max|W| + max|b|`` under half the dtype's largest
+    number), and none where torch's ignored rows get NaN gradients (a non-finite class
+    weight with label smoothing): other ignored rows are computed and get torch's
+    numbers, so NaN or infinite features (or logits past the dtype's range) give torch's
+    NaN ``dx`` for that row and NaN ``dW``.
     For ``"mean"`` and ``"sum"`` the gradients are computed in the forward pass (a
     ``grad_output`` other than 1 then scales the stored low-precision ``dx``: a second
-    rounding); for ``"none"`` the backward recomputes the logits chunk by chunk, scaling
+    rounding; so does float16 ``"mean"`` (or ``num_items``) on accelerators, whose chunks
+    store the gradient without ``1 / denominator`` and apply it with ``grad_output`` in
+    backward); for ``"none"`` the backward recomputes the logits chunk by chunk, scaling
     each row by its ``grad_output`` in float32 (so any ``grad_output`` is right).
 
     Args:

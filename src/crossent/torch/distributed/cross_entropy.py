@@ -107,8 +107,8 @@ def vocab_parallel_cross_entropy(
     ``sum exp(z - m_r)``, ``w_y z_y`` (only the rank owning ``y``), ``w_y`` (with weights)
     and ``sum_c w_c z_c`` (with smoothing) over its slice. Communication per call:
 
-    * ONE ``all_reduce(SUM)`` of ``world x F`` int64 (``F = 24``): every rank's arguments
-      (the agreement, below), then
+    * ONE ``all_reduce(SUM)`` of ``world x F`` int64 (``F = len(_common.FIELDS)``, 29):
+      every rank's arguments (the agreement, below), then
     * ONE ``all_reduce(MAX)`` of the ``N`` row maxima, then
     * ONE ``all_reduce(SUM)`` of ``k N`` values, ``k = 2 + [weight] + [eps > 0]``
       (the rescaled exp-sums ``sum_r S_r exp(m_r - M)``, the target terms, ...),
