@@ -9,8 +9,8 @@ buffers are reused from step to step (:func:`empty_cache`, :func:`set_buffer_reu
 never while anything (a tensor, a view, another process through shared memory) can
 still see them, and the row blocks run on worker threads with one OpenMP thread each
 (:func:`set_block_workers`), so that a busy machine does not stall them at barriers.
-:func:`set_compiled_kernel` opts bfloat16/float16 CPU logits into a compiled (inductor)
-kernel: faster per step, 10-25 s to compile on first use.
+:func:`set_compiled_kernel` opts bfloat16, float16 and float32 CPU logits into a compiled
+(inductor) kernel: faster per step, 5-25 s to compile on first use.
 
 The contract: torch's numbers or an error naming what is unsupported. Double backward,
 ``torch.func`` transforms, forward-mode AD and ``jit.trace`` work (through a composable

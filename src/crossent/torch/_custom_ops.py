@@ -73,7 +73,9 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
+import numpy as np
 import torch
+import torch.fx
 from torch.nn import _reduction
 
 from .. import _checks
@@ -124,11 +126,38 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         def entry(*args: P.args, **kwargs: P.kwargs) -> R:
             if compiling():
                 return compiled(*args, **kwargs)
+            if fx_tracing(*args, *kwargs.values()):
+                return record_fx_call(entry, args, kwargs, f"crossent.torch.{name}")
             return fn(*args, **kwargs)
 
         return entry
 
     return decorate
+
+
+def fx_tracing(*values: Any) -> bool:
+    """Whether a value is a ``torch.fx`` proxy: ``symbolic_trace`` is tracing the caller."""
+    return any(isinstance(v, torch.fx.Proxy) for v in values)
+
+
+def record_fx_call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
+                   name: str) -> Any:
+    """``fn(*args, **kwargs)`` recorded as one ``call_function`` node of the ``torch.fx``
+    graph being traced (as torch's own functions are recorded): the checks and kernels read
+    values, which a proxy does not have; the traced graph runs ``fn`` on tensors. ``name``
+    (the public function or module) is what an error names."""
+    tracer = next(v.tracer for v in (*args, *kwargs.values()) if isinstance(v, torch.fx.Proxy))
+    args = tuple(_python_number(v) for v in args)
+    kwargs = {k: _python_number(v) for k, v in kwargs.items()}
+    try:
+        return tracer.create_proxy("call_function", fn, args, kwargs)
+    except (NotImplementedError, NameError) as err:  # what fx cannot put in a graph
+        raise UnsupportedError(f"torch.fx tracing of {name}: {err}") from None
+
+
+def _python_number(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds: fx's generated code has no ``np``."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # ---- running the eager entry point inside an operator

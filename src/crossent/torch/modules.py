@@ -13,6 +13,7 @@ from torch import nn
 from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
+from ._custom_ops import fx_tracing, record_fx_call
 from ._rules import check_flag, check_options, legacy_flag
 from .functional import cross_entropy, linear_cross_entropy
 
@@ -45,6 +46,22 @@ def _check_weight_tensor(weight: Any, num_classes: int | None = None) -> None:
     if weight is not None and num_classes is not None and tuple(weight.shape) != (num_classes,):
         raise InputError(f"weight has shape {tuple(weight.shape)}; expected "
                          f"({num_classes},), one weight per class")
+
+
+def _traced_inside_a_model(module: nn.Module, input: Any) -> bool:
+    """``torch.fx.symbolic_trace`` of a model holding ``module``: torch's loss modules are
+    leaves there (one ``call_module`` node reading the module's attributes when the graph
+    runs); crossent's become one ``call_function`` node of :func:`_module_loss` on the
+    module, for the same effect. A trace of the module itself records the functional call
+    with the attributes as constants, as a trace of torch's module records
+    ``F.cross_entropy``."""
+    return fx_tracing(input) and input.tracer.root is not module
+
+
+def _module_loss(module: Any, input: torch.Tensor, target: torch.Tensor,
+                 num_items: Any = None, statistics: Any = None) -> Any:
+    """A crossent loss module's forward as a traced ``torch.fx`` graph runs it."""
+    return module._loss(input, target, num_items, statistics)
 
 
 class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
@@ -82,6 +99,14 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
                 statistics: str | Sequence[str] | None = None) -> Any:
         """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
         :func:`crossent.torch.cross_entropy`)."""
+        if _traced_inside_a_model(self, input):
+            return record_fx_call(_module_loss, (self, input, target),
+                                  {"num_items": num_items, "statistics": statistics},
+                                  "crossent.torch.CrossEntropyLoss")
+        return self._loss(input, target, num_items, statistics)
+
+    def _loss(self, input: torch.Tensor, target: torch.Tensor, num_items: Any,
+              statistics: Any) -> Any:
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
@@ -104,25 +129,48 @@ _LinearLossBase: type[nn.Module] = getattr(nn, "LinearCrossEntropyLoss",
                                           nn.modules.loss._WeightedLoss)
 
 
-def _check_head_sizes(in_features, num_classes, out_features) -> tuple[int, ...]:
+def _check_head_sizes(in_features, num_classes, out_features) -> tuple[int, tuple[int, ...]]:
     """Integers >= 0 whose weight, ``(num_classes * prod(out_features), in_features)``,
     fits int64 (``nn.Linear`` would raise a raw TypeError/RuntimeError); returns
-    ``out_features`` as a tuple (read once: an iterator is consumed)."""
+    ``num_classes`` and ``out_features`` as Python ints (``out_features`` a tuple, read
+    once: an iterator is consumed)."""
     size = _checks.check_integer(in_features, "in_features", minimum=0,
                                  maximum=_checks.INDEX_MAX)
-    size *= _checks.check_integer(num_classes, "num_classes", minimum=0,
-                                  maximum=_checks.INDEX_MAX)
+    classes = _checks.check_integer(num_classes, "num_classes", minimum=0,
+                                    maximum=_checks.INDEX_MAX)
+    size *= classes
     try:
-        extra = tuple(out_features)
+        extra = tuple(_checks.check_integer(n, "out_features", minimum=0,
+                                            maximum=_checks.INDEX_MAX) for n in out_features)
     except TypeError:
         raise InputError(f"out_features={out_features!r} must be a tuple of integers") from None
-    for n in extra:
-        size *= _checks.check_integer(n, "out_features", minimum=0, maximum=_checks.INDEX_MAX)
+    size *= math.prod(extra)
     if size > _checks.INDEX_MAX:
         raise InputError(f"in_features={in_features!r}, num_classes={num_classes!r} and "
                          f"out_features={extra!r} make a weight of {size} entries, beyond "
                          f"int64")
-    return extra
+    return classes, extra
+
+
+def _head_parameters(w: torch.Tensor, b: torch.Tensor | None, num_classes: Any,
+                     out_features: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias shaped for :func:`linear_cross_entropy`, after checking
+    the module's sizes, which may have been assigned after construction (torch's module
+    reshapes the weight to them and raises; a head must not score another number of
+    classes silently, nor take a size the constructor refuses)."""
+    if not isinstance(out_features, (tuple, list)):  # an iterator would be read once
+        raise InputError(f"out_features={out_features!r} must be a tuple of integers")
+    num_classes, out_features = _check_head_sizes(0, num_classes, out_features)
+    rows = math.prod(out_features, start=num_classes)
+    if w.dim() != 2 or w.shape[0] != rows or (b is not None and b.shape != (rows,)):
+        bias = "" if b is None else f" (linear.bias {tuple(b.shape)})"
+        raise InputError(f"linear.weight has shape {tuple(w.shape)}{bias}, but "
+                         f"num_classes={num_classes!r} and out_features={out_features!r} "
+                         f"need {rows} rows")
+    if out_features:  # stored 2-D, as torch's module stores it
+        w = w.reshape(num_classes, *out_features, w.shape[1])
+        b = None if b is None else b.reshape(num_classes, *out_features)
+    return w, b
 
 
 _HEAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,7 +208,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
         # torch's constructor checks (weight's shape, label_smoothing), and crossent's
         # other options, here rather than at the first forward
         check_options(reduction, label_smoothing, z_loss, softcap)
-        out_features = _check_head_sizes(in_features, num_classes, out_features)
+        num_classes, out_features = _check_head_sizes(in_features, num_classes, out_features)
         _check_weight_tensor(weight, num_classes)
         if dtype is not None and dtype not in _HEAD_DTYPES:
             raise InputError(f"dtype={dtype!r}: the head's parameters take one of "
@@ -180,19 +228,22 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
                 statistics: str | Sequence[str] | None = None) -> Any:
         """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
         :func:`crossent.torch.linear_cross_entropy`)."""
+        if _traced_inside_a_model(self, input):
+            return record_fx_call(_module_loss, (self, input, target),
+                                  {"num_items": num_items, "statistics": statistics},
+                                  "crossent.torch.LinearCrossEntropyLoss")
+        return self._loss(input, target, num_items, statistics)
+
+    def _loss(self, input: torch.Tensor, target: torch.Tensor, num_items: Any,
+              statistics: Any) -> Any:
         w: torch.Tensor = self.linear.weight
         b: torch.Tensor | None = self.linear.bias
-        rows = math.prod(self.out_features, start=self.num_classes)
-        if w.dim() != 2 or w.shape[0] != rows or (b is not None and b.shape != (rows,)):
-            # torch's module reshapes the weight to these sizes and raises; a head that
-            # changed after construction must not score another number of classes silently
-            bias = "" if b is None else f" (linear.bias {tuple(b.shape)})"
-            raise InputError(f"linear.weight has shape {tuple(w.shape)}{bias}, but "
-                             f"num_classes={self.num_classes!r} and "
-                             f"out_features={self.out_features!r} need {rows} rows")
-        if self.out_features:  # stored 2-D, as torch's module stores it
-            w = w.reshape(self.num_classes, *self.out_features, w.shape[1])
-            b = None if b is None else b.reshape(self.num_classes, *self.out_features)
+        if fx_tracing(w):  # tracing this module itself: its weights are proxies
+            head = record_fx_call(_head_parameters, (w, b, self.num_classes, self.out_features),
+                                  {}, "crossent.torch.LinearCrossEntropyLoss")
+            w, b = head[0], head[1]
+        else:
+            w, b = _head_parameters(w, b, self.num_classes, self.out_features)
         return linear_cross_entropy(
             input, w, target, b, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
