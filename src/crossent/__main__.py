@@ -5,6 +5,10 @@ away early (``python -m crossent | head -1``) ends it quietly (exit code 1); a s
 cannot be written (``> /dev/full``) is one line on stderr (exit code 2); a stdout that cannot
 encode Unicode gets ``?`` in place of the characters it lacks; a closed stdout (``>&-``) is
 one line on stderr (exit code 2).
+
+With arguments it is the ``crossent`` command (``python -m crossent tour --html page.html``
+runs ``crossent tour --html page.html``, for when the console script is not on PATH), which
+needs the ``cli`` extra: without it, one line on stderr names the extra (exit code 1).
 """
 
 import os
@@ -22,6 +26,11 @@ def _silence_stdout() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:]:  # never ignored: they are the crossent command's
+        from .cli import main as command  # here: the table must not look for typer
+
+        command()
+        return
     if sys.stdout is None:  # python -m crossent >&-
         if sys.stderr is not None:
             sys.stderr.write("crossent: error: cannot write standard output: it is closed\n")

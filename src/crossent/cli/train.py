@@ -29,6 +29,12 @@ def _epochs(value: int | None) -> str:
     return "never" if value is None else str(value)
 
 
+def _check_matplotlib() -> None:
+    # imported before the training, not at the figures after it: without matplotlib,
+    # ModuleNotFoundError 'matplotlib' (reported in one line with the extra) loses no run
+    import matplotlib.figure  # noqa: F401
+
+
 def _dataset() -> tr.Dataset:
     # without scikit-learn: ModuleNotFoundError 'sklearn', which the command reports in one
     # line with the extra to install
@@ -83,7 +89,9 @@ def run(losses: list[str], config: tr.TrainConfig, out: Path, con: Console, *,
     ``out`` is created (with its parents) after the training and the drawing, so a failed
     or interrupted run leaves nothing behind; the caller checks beforehand that it can be
     written (:func:`crossent.cli.files.check_output_path`). Every file is written
-    atomically."""
+    atomically. With ``plots``, matplotlib is imported before the training starts."""
+    if plots:
+        _check_matplotlib()
     data = _dataset()
     con.print(f"[bold]crossent train[/]: {config.model} on the digits "
               f"({data.x_train.shape[0]} training / {data.x_val.shape[0]} validation images, "

@@ -66,7 +66,15 @@ import types
 from collections.abc import Callable
 from typing import Any, cast
 
-import torch
+# a missing torch is named with the extra that brings it, and keeps name='torch' (as in
+# crossent.torch); transformers itself is imported only when a model is patched
+try:
+    import torch
+except ModuleNotFoundError as err:
+    if err.name != "torch":  # torch is there but broken: its own error
+        raise
+    raise ModuleNotFoundError("crossent.integrations.transformers needs PyTorch: "
+                              "pip install 'crossent[hf]'", name="torch") from None
 
 from ..errors import InputError, UnsupportedError
 from ..torch import linear_cross_entropy
@@ -98,9 +106,11 @@ def _transformers() -> Any:
     # crossent itself never needs it
     try:
         return importlib.import_module("transformers")
-    except ImportError as e:  # pragma: no cover - the hf extra is missing
-        raise ImportError("crossent.integrations.transformers needs transformers: "
-                          "pip install 'crossent[hf]'") from e
+    except ModuleNotFoundError as e:  # pragma: no cover - the hf extra is missing
+        if e.name != "transformers":  # transformers is there but broken: its own error
+            raise
+        raise ModuleNotFoundError("crossent.integrations.transformers needs transformers: "
+                                  "pip install 'crossent[hf]'", name="transformers") from None
 
 
 _HF: dict[str, Any] = {}
@@ -112,10 +122,11 @@ def _hf() -> dict[str, Any]:
     """``ForCausalLMLoss``, ``CausalLMOutputWithPast`` and ``slice_logits_to_keep`` (None
     before transformers 5), imported on first use."""
     if not _HF:
+        transformers = _transformers()  # first: a missing hf extra is named
         modeling_utils = importlib.import_module("transformers.modeling_utils")
         _HF.update(
             loss=importlib.import_module("transformers.loss.loss_utils").ForCausalLMLoss,
-            output=_transformers().modeling_outputs.CausalLMOutputWithPast,
+            output=transformers.modeling_outputs.CausalLMOutputWithPast,
             slicer=getattr(modeling_utils, "slice_logits_to_keep", None))
     return _HF
 

@@ -49,7 +49,15 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
+# the first torch import of crossent.torch (its __init__ imports this module first): a
+# missing torch is named with its extra, and keeps name='torch' (the command maps that name)
+try:
+    import torch
+except ModuleNotFoundError as err:
+    if err.name != "torch":  # torch is there but broken: its own error
+        raise
+    raise ModuleNotFoundError("crossent.torch needs PyTorch: pip install 'crossent[torch]'",
+                              name="torch") from None
 
 from ..errors import InputError
 

@@ -14,7 +14,8 @@ Prints progress and the estimated time left on stderr, a table per configuration
 and writes ``<out>/bench.json`` and ``<out>/bench.png`` (time and memory per contender;
 default ``--out crossent-bench``, so that a run from the repository root does not replace
 the committed ``benchmarks/results``). ``--out`` and ``--device`` are checked before the
-first step. ``--quick`` shrinks every size (a smoke test, seconds).
+first step, and matplotlib (for the figures) is imported then: without it, one line naming
+the extra (exit code 1). ``--quick`` shrinks every size (a smoke test, seconds).
 
 On CUDA the default configurations are the GPU sizes (``gpu-*``: N x V = 16384 x 128256
 and 8192 x 256000 in bfloat16 and float32, the linear head N=16384 D=4096 V=128256 in
@@ -557,6 +558,19 @@ def plot(results: dict, path: Path) -> None:
     save_figure(figure(results), path, dpi=110)
 
 
+def check_matplotlib() -> None:
+    """Import matplotlib now: the figures are drawn after the timing (minutes), and a missing
+    matplotlib must not throw the timings away. Without it: ``ModuleNotFoundError``
+    (``name='matplotlib'``, which the ``crossent`` command maps to its extra)."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":  # matplotlib is there but broken: its own error
+            raise
+        raise ModuleNotFoundError("the benchmark's figures need matplotlib: pip install "
+                                  "'crossent[cli]' (or matplotlib)", name="matplotlib") from None
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -849,7 +863,8 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     Peak memory: on CPU one fresh process per contender (:func:`memory_config`), on CUDA
     ``torch.cuda.max_memory_allocated`` above the inputs in the timed steps.
     The options are checked before the first step (an :class:`~crossent.errors.InputError`
-    naming the option); progress goes to ``say`` (default: a line on stderr)."""
+    naming the option), and so is matplotlib (:func:`check_matplotlib`); progress goes to
+    ``say`` (default: a line on stderr)."""
     device = check_device(device)
     configs = list(default_configs(device) if configs is None else configs)
     unknown = [c for c in configs if c not in CONFIGS]
@@ -869,6 +884,7 @@ def run(configs: list[str] | None = None, *, device: str | None = None, repeats:
     out = check_output_path(out, "--out", directory=True)
     check_files_in(out, ["bench.json", *(["bench.png"] if configs else []),
                          *(["crossover.png"] if crossover else [])], "--out")
+    check_matplotlib()  # every run draws bench.png or crossover.png
     say = say or _to_stderr
     results: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(),
@@ -1016,6 +1032,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                    bandwidth=args.bandwidth)
     except InputError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    except ModuleNotFoundError as e:  # as crossent bench: one line, exit code 1
+        # (torch: crossent.torch itself fails first, when it is imported)
+        if (e.name or "").partition(".")[0] != "matplotlib":
+            raise
+        p.exit(1, f"{p.prog}: error: needs matplotlib: pip install 'crossent[cli]'\n")
     except KeyboardInterrupt:
         p.exit(130, f"{p.prog}: interrupted\n")
 

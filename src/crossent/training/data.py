@@ -35,9 +35,19 @@ def load_digits_split(*, val_fraction: float = 0.2, split_seed: int = 0) -> Data
     ((1437, 64), (360, 64), 10)
     >>> bool(abs(data.x_train.mean(axis=0)).max() < 1e-12)  # centred on the training set
     True
+
+    Without scikit-learn: a ``ModuleNotFoundError`` (``name='sklearn'``, which the
+    ``crossent`` command maps to its extra) naming the package and the extra to install.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:  # imported here: the rest of crossent.training needs only NumPy
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ModuleNotFoundError as err:
+        if err.name != "sklearn":  # scikit-learn is there but broken: its own error
+            raise
+        # the pip name: `pip install sklearn` is a package that deliberately fails
+        raise ModuleNotFoundError("the digits data set needs scikit-learn: pip install "
+                                  "'crossent[demos]' (or scikit-learn)", name="sklearn") from None
 
     x, y = load_digits(return_X_y=True)
     x_tr, x_va, y_tr, y_va = train_test_split(
