@@ -131,21 +131,34 @@ def arrays(
 
 
 def promoted_dtype(xp: Any, x: Array, other: Array, given_x: Any, given_other: Any) -> Any:
-    """The dtype ``x`` and ``other`` promote to (``result_type``: float16 logits with
-    a float64 target give float64, bfloat16 with float32 float32), as torch and NumPy
-    promote a loss's input with its floating target.
+    """The dtype ``x`` and ``other`` promote to, as their library promotes a loss's input
+    with its floating target: float16 logits with a float64 target give float64, bfloat16
+    with float32 float32, and a 0-d torch tensor or a weakly typed JAX scalar does not
+    widen (``torch.result_type``, ``jnp.result_type`` on the arrays).
 
     Only arrays the caller passed in ``xp``'s own library promote (``given_x`` and
     ``given_other`` are the arguments as passed): a list, a number or another library's
-    array joins ``x``'s dtype, as ``torch.tensor([0.2, 0.8])`` takes torch's default and
-    not NumPy's float64. ``x``'s dtype unless both are floating.
+    array takes the dtype of the one that was (as ``torch.tensor([0.2, 0.8])`` takes
+    torch's default and not NumPy's float64), and neither: ``x``'s. ``x``'s dtype unless
+    both are floating.
     """
     if not (is_floating(xp, x) and is_floating(xp, other)) or x.dtype == other.dtype:
         return x.dtype
-    if not all(is_array_api_obj(g) and array_namespace(g) is xp
-               for g in (given_x, given_other)):
+    own_x, own_other = is_native(xp, given_x), is_native(xp, given_other)
+    if not own_x:
+        return other.dtype if own_other else x.dtype
+    if not own_other:
         return x.dtype
-    return xp.result_type(x.dtype, other.dtype)
+    if is_torch_array(x):  # array-api-compat's result_type drops torch's 0-d rule
+        import torch
+
+        return torch.result_type(x, other)
+    return xp.result_type(x, other)
+
+
+def is_native(xp: Any, given: Any) -> bool:
+    """Whether the argument ``given`` (as passed) is an array of ``xp``'s own library."""
+    return is_array_api_obj(given) and array_namespace(given) is xp
 
 
 def promoted(xp: Any, x: Array, other: Array, given_x: Any, given_other: Any) -> Array:

@@ -14,7 +14,9 @@ from . import _checks
 from ._array import (
     Array,
     arrays,
+    is_native,
     move_last_to_axis,
+    promoted,
     restore_dtype,
     silent_infinities,
     to_float,
@@ -178,6 +180,7 @@ def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction
     _checks.check_reduction(reduction)
     validate = _checks.check_bool(validate, "validate")
     label_smoothing = _checks.check_fraction(label_smoothing, "label_smoothing")
+    given = logits, target
     xp, (logits, target, weight, pos_weight) = arrays(
         logits, target, weight, pos_weight, names=("logits", target_name, "weight", "pos_weight"),
         optional=("weight", "pos_weight"),
@@ -186,8 +189,11 @@ def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction
     if per_sample:
         _checks.check_has_axis(logits, "logits", "label")
     _checks.check_same_shape(logits, target, "logits", target_name)
-    dtype = logits.dtype
-    x = to_float(xp, logits)
+    # computed where the loss is (a float64 target: float64), returned as autograd
+    # returns a gradient: in the logits' dtype
+    wide = promoted(xp, logits, target, *given)
+    dtype = logits.dtype if is_native(xp, given[0]) else wide.dtype
+    x = to_float(xp, wide)
     t = xp.astype(target, x.dtype)
     if validate:
         _checks.check_in_unit_interval(xp, t, target_name)

@@ -28,6 +28,7 @@ from ._array import (
     arrays,
     as_array,
     is_integer,
+    is_native,
     like,
     move_axis_last,
     normalize_axis,
@@ -105,8 +106,9 @@ def softmax_cross_entropy_parts(
     _checks.check_has_axis(logits, "logits")
     axis = normalize_axis(axis, logits.ndim)
     _checks.check_classes(logits, axis, "logits")
-    logits_dtype = logits.dtype
-    logits = promoted(xp, logits, target, *given)  # bfloat16 logits, float32 target: float32
+    wide = promoted(xp, logits, target, *given)  # bfloat16 logits, float32 target: float32
+    logits_dtype = logits.dtype if is_native(xp, given[0]) else wide.dtype
+    logits = wide
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
     _checks.check_softcap_fits(softcap, xp.finfo(raw.dtype), raw.dtype)

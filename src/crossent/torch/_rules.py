@@ -67,8 +67,11 @@ def fake_values(*tensors) -> bool:
     estimation) or one of ``tensors`` is a fake tensor. Such calls take torch's kernel or
     the composable path (plain torch operations, no host read; ``_backends``), which
     fake tensors propagate: torch's shapes, checks that read no values, autograd as
-    eager."""
+    eager. ``make_fx`` tracing with real tensors counts too: a value read there would
+    fail (or be baked into the graph)."""
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
         return True
     for t in tensors:
         if isinstance(t, torch.Tensor) and not _plainly_real(t):

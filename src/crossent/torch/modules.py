@@ -48,20 +48,30 @@ def _check_weight_tensor(weight: Any, num_classes: int | None = None) -> None:
                          f"({num_classes},), one weight per class")
 
 
-def _traced_inside_a_model(module: nn.Module, input: Any) -> bool:
-    """``torch.fx.symbolic_trace`` of a model holding ``module``: torch's loss modules are
-    leaves there (one ``call_module`` node reading the module's attributes when the graph
-    runs); crossent's become one ``call_function`` node of :func:`_module_loss` on the
-    module, for the same effect. A trace of the module itself records the functional call
-    with the attributes as constants, as a trace of torch's module records
-    ``F.cross_entropy``."""
-    return fx_tracing(input) and input.tracer.root is not module
+def _traced_inside_a_model(module: nn.Module, *values: Any) -> bool:
+    """``torch.fx.symbolic_trace`` of a model holding ``module`` (a proxy among the
+    forward's ``values``): torch's loss modules are leaves there (one ``call_module`` node
+    reading the module's attributes when the graph runs); crossent's become one
+    ``call_function`` node of their forward's function on the module, which reads them
+    when the graph runs too. (A forward hook on the module runs where the module was
+    traced, and one added after tracing does not run: torch's leaf runs its hooks when
+    the graph runs.) A trace of the module itself records the functional call with the
+    attributes as constants, as a trace of torch's module records ``F.cross_entropy``."""
+    tracers = [v.tracer for v in values if isinstance(v, torch.fx.Proxy)]
+    return bool(tracers) and getattr(tracers[0], "root", None) is not module
 
 
-def _module_loss(module: Any, input: torch.Tensor, target: torch.Tensor,
-                 num_items: Any = None, statistics: Any = None) -> Any:
-    """A crossent loss module's forward as a traced ``torch.fx`` graph runs it."""
-    return module._loss(input, target, num_items, statistics)
+def _cross_entropy_forward(module: CrossEntropyLoss, input: torch.Tensor,
+                           target: torch.Tensor, num_items: Any = None,
+                           statistics: Any = None) -> Any:
+    """:meth:`CrossEntropyLoss.forward` (also as a traced ``torch.fx`` graph runs it)."""
+    return cross_entropy(
+        input, target, module.weight, ignore_index=module.ignore_index,
+        reduction=module.reduction, label_smoothing=module.label_smoothing,
+        z_loss=module.z_loss, softcap=module.softcap,
+        inplace_backward=module.inplace_backward, loss_dtype=module.loss_dtype,
+        num_items=num_items, backend=module.backend, **_statistics_keyword(statistics),
+    )
 
 
 class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
@@ -99,21 +109,11 @@ class CrossEntropyLoss(_NotScriptable, nn.CrossEntropyLoss):
                 statistics: str | Sequence[str] | None = None) -> Any:
         """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
         :func:`crossent.torch.cross_entropy`)."""
-        if _traced_inside_a_model(self, input):
-            return record_fx_call(_module_loss, (self, input, target),
+        if _traced_inside_a_model(self, input, target, num_items):
+            return record_fx_call(_cross_entropy_forward, (self, input, target),
                                   {"num_items": num_items, "statistics": statistics},
                                   "crossent.torch.CrossEntropyLoss")
-        return self._loss(input, target, num_items, statistics)
-
-    def _loss(self, input: torch.Tensor, target: torch.Tensor, num_items: Any,
-              statistics: Any) -> Any:
-        return cross_entropy(
-            input, target, self.weight, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward,
-            loss_dtype=self.loss_dtype, num_items=num_items, backend=self.backend,
-            **_statistics_keyword(statistics),
-        )
+        return _cross_entropy_forward(self, input, target, num_items, statistics)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
@@ -228,30 +228,11 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
                 statistics: str | Sequence[str] | None = None) -> Any:
         """The loss; with ``statistics`` a ``(loss, TokenStatistics)`` pair (see
         :func:`crossent.torch.linear_cross_entropy`)."""
-        if _traced_inside_a_model(self, input):
-            return record_fx_call(_module_loss, (self, input, target),
+        if _traced_inside_a_model(self, input, target, num_items):
+            return record_fx_call(_linear_forward, (self, input, target),
                                   {"num_items": num_items, "statistics": statistics},
                                   "crossent.torch.LinearCrossEntropyLoss")
-        return self._loss(input, target, num_items, statistics)
-
-    def _loss(self, input: torch.Tensor, target: torch.Tensor, num_items: Any,
-              statistics: Any) -> Any:
-        w: torch.Tensor = self.linear.weight
-        b: torch.Tensor | None = self.linear.bias
-        if fx_tracing(w):  # tracing this module itself: its weights are proxies
-            head = record_fx_call(_head_parameters, (w, b, self.num_classes, self.out_features),
-                                  {}, "crossent.torch.LinearCrossEntropyLoss")
-            w, b = head[0], head[1]
-        else:
-            w, b = _head_parameters(w, b, self.num_classes, self.out_features)
-        return linear_cross_entropy(
-            input, w, target, b, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size, options=self.options, loss_dtype=self.loss_dtype,
-            num_items=num_items, backend=self.backend, shift=self.shift,
-            **_statistics_keyword(statistics),
-        )
+        return _linear_forward(self, input, target, num_items, statistics)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
@@ -260,3 +241,27 @@ class LinearCrossEntropyLoss(_NotScriptable, _LinearLossBase):  # type: ignore[m
                 f"label_smoothing={self.label_smoothing}, options={self.options}, "
                 f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}, "
                 f"loss_dtype={self.loss_dtype}, backend={self.backend!r}, shift={self.shift}")
+
+
+def _linear_forward(module: LinearCrossEntropyLoss, input: torch.Tensor,
+                    target: torch.Tensor, num_items: Any = None,
+                    statistics: Any = None) -> Any:
+    """:meth:`LinearCrossEntropyLoss.forward` (also as a traced ``torch.fx`` graph runs
+    it)."""
+    w: torch.Tensor = module.linear.weight
+    b: torch.Tensor | None = module.linear.bias
+    if fx_tracing(w):  # tracing the module itself: its parameters are proxies
+        head = record_fx_call(_head_parameters, (w, b, module.num_classes,
+                                                 module.out_features), {},
+                              "crossent.torch.LinearCrossEntropyLoss")
+        w, b = head[0], head[1]
+    else:
+        w, b = _head_parameters(w, b, module.num_classes, module.out_features)
+    return linear_cross_entropy(
+        input, w, target, b, weight=module.weight,
+        reduction=module.reduction, ignore_index=module.ignore_index,
+        label_smoothing=module.label_smoothing, z_loss=module.z_loss, softcap=module.softcap,
+        chunk_size=module.chunk_size, options=module.options, loss_dtype=module.loss_dtype,
+        num_items=num_items, backend=module.backend, shift=module.shift,
+        **_statistics_keyword(statistics),
+    )
