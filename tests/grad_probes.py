@@ -230,13 +230,31 @@ def value_and_grad(fn, z0):
 ROUTES = ("auto", "auto_fused", "small", "native", "rowblock")
 
 
+_FEW_CLASSES = ("SMALL_MAX_LOGITS", "FEW_CLASSES", "FEW_CLASSES_NATIVE", "SPATIAL_FEW_CLASSES")
+
+
+def _shipped_thresholds() -> dict:
+    """The few-class dispatch thresholds as crossent ships them (read at import, before
+    any fixture lowers them)."""
+    try:
+        from crossent.torch import _backends
+    except ImportError:  # no torch: the torch tests are skipped
+        return {}
+    return {name: getattr(_backends, name) for name in _FEW_CLASSES}
+
+
+_SHIPPED = _shipped_thresholds()
+
+
 def use_route(route, monkeypatch) -> str:
     """The ``backend=`` value of a route, after setting the dispatch thresholds it needs
-    ("auto" with torch's thresholds, "auto_fused": the fused kernel at every size,
-    "small": the small-batch kernel)."""
+    ("auto" with crossent's shipped thresholds, "auto_fused": the fused kernel at every
+    size and class count, "small": the small-batch kernel)."""
     from crossent.torch import _backends
 
     monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0 if route == "auto_fused" else 1 << 19)
+    for name in _FEW_CLASSES:
+        monkeypatch.setattr(_backends, name, 0 if route == "auto_fused" else _SHIPPED[name])
     if route == "small":
         monkeypatch.setattr(_backends, "SMALL_MIN_LOGITS", 1)
     return route if route in ("native", "rowblock") else "auto"

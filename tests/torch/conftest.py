@@ -1,6 +1,8 @@
-"""crossent.torch tests exercise the fused kernel at every size: small inputs would
-otherwise go to torch's own kernel (see ``_backends.NATIVE_MAX_LOGITS``), and the tests
-would compare torch with itself. Tests marked ``native_dispatch`` keep the dispatch."""
+"""crossent.torch tests exercise the fused kernel at every size and class count: small
+inputs, and CPU rows of few classes, would otherwise go to torch's own kernel or the
+small-batch kernel (see ``_backends.NATIVE_MAX_LOGITS``, ``_backends.FEW_CLASSES``), and
+the tests would compare torch with itself. Tests marked ``native_dispatch`` keep the
+dispatch."""
 
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from crossent.torch import _backends
 def _fused_kernel_at_every_size(request, monkeypatch):
     if request.node.get_closest_marker("native_dispatch") is None:
         monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0)
+        for few in ("SMALL_MAX_LOGITS", "FEW_CLASSES", "FEW_CLASSES_NATIVE",
+                    "SPATIAL_FEW_CLASSES"):
+            monkeypatch.setattr(_backends, few, 0)
 
 
 @pytest.fixture

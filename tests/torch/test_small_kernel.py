@@ -741,9 +741,14 @@ def test_size_limits_of_the_route(monkeypatch):
     first = -(-REAL_SMALL_MIN_LOGITS // classes)  # the fewest rows at or above the limit
     below = torch.randn(first - 1, classes)
     at = torch.randn(first, classes)
-    top = torch.randn(_backends.NATIVE_MAX_LOGITS // classes, classes)
-    just_under_top = torch.randn(_backends.NATIVE_MAX_LOGITS // classes - 1, classes)
-    for z, taken in ((below, False), (at, True), (just_under_top, True), (top, False)):
+    # past NATIVE_MAX_LOGITS the kernel keeps rows of few classes (_backends.FEW_CLASSES),
+    # and others up to SMALL_MAX_LOGITS, where the row-block kernel takes over
+    assert classes >= _backends.FEW_CLASSES
+    top = torch.randn(_backends.SMALL_MAX_LOGITS // classes, classes)
+    just_under_top = torch.randn(_backends.SMALL_MAX_LOGITS // classes - 1, classes)
+    past_native = torch.randn(_backends.NATIVE_MAX_LOGITS // classes, classes)
+    for z, taken in ((below, False), (at, True), (past_native, True), (just_under_top, True),
+                     (top, False)):
         t = torch.randint(0, classes, (z.shape[0],))
         t[::7] = -100
         tol = {} if taken or z is below else {"rtol": 1e-5, "atol": 1e-6}

@@ -66,6 +66,21 @@ NATIVE_MAX_LOGITS = 1 << 19
 SMALL_MIN_LOGITS = 240_000
 
 
+# Rows of few classes on CPU (token tagging, segmentation): the row-block kernel's per-row
+# reductions over a short row cost more than they save. Measured (float32 forward +
+# backward, 2-core EPYC, benchmarks/few_classes.py, paired medians):
+SMALL_MAX_LOGITS = 1 << 23  # the small kernel up to here at any C (8192 x 1000: 0.3-0.5x
+#                             eager, the row-block kernel 0.5-0.7x; 16384 x 1000: 0.42x
+#                             against the row-block kernel's 0.18x: fresh pages per step)
+FEW_CLASSES = 64  # below: the small kernel at any size (1048576 x 21: 0.71x eager, the
+#                   row-block kernel 0.77x; 262144 x 2: 1.03x against 2.3x)
+FEW_CLASSES_NATIVE = 32  # below: torch's kernel where the small one does not serve
+#                          (262144 x 2: 0.93x eager, the row-block kernel 2.3x)
+SPATIAL_FEW_CLASSES = 256  # (N, C, d1, ...) below: torch's kernel, which reads that
+#                            layout as it is (8 x 21 x 128 x 128: the row-block kernel
+#                            2.7x eager, its transposing copies; 8 x 300 x 64 x 64: 0.84x)
+
+
 @dataclass(frozen=True)
 class Call:
     """What the choice depends on, gathered by the entry point.
@@ -90,6 +105,8 @@ class Call:
     plain: bool = False  # plain tensors (no subclass) and no torch-function mode active
     subclass: str | None = None  # own_dispatch(): a tensor subclass with its own dispatch
     fake: bool = False  # fake_values(): no value can be read
+    num_classes: int = 0  # C (cross_entropy only; 0: not known)
+    spatial: bool = False  # (N, C, d1, ...) logits: the kernels' rows are a transposing copy
 
 
 def own_dispatch(*tensors) -> str | None:
@@ -225,4 +242,20 @@ def choose_backend(backend: str, call: Call, native_max_logits: int) -> str:
     if (call.device.type == "cuda" and call.triton_refusal is None
             and triton_importable()):
         return "triton"
-    return "rowblock"
+    return _few_classes_route(call) or "rowblock"
+
+
+def _few_classes_route(call: Call) -> str | None:
+    """``"small"`` or ``"native"`` for a CPU cross-entropy whose rows are too short for
+    the row-block kernel to pay (see :data:`FEW_CLASSES`), with options torch has; None:
+    the row-block kernel."""
+    if (call.device.type != "cpu" or call.function != "cross_entropy"
+            or not _native_is_faster(call, math.inf)):
+        return None
+    if (not call.spatial and call.plain and not call.weighted
+            and small_kernel_fits(call.device, call.dtype, call.num_logits, call.needs_grad,
+                                  call.label_smoothing)
+            and (call.num_logits < SMALL_MAX_LOGITS or call.num_classes < FEW_CLASSES)):
+        return "small"
+    limit = SPATIAL_FEW_CLASSES if call.spatial else FEW_CLASSES_NATIVE
+    return "native" if 0 < call.num_classes < limit else None

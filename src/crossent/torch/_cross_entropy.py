@@ -151,6 +151,22 @@ def _target_weight_grads(ctx, grad_output):
 
 def _flatten(input: torch.Tensor, target: torch.Tensor):
     """(N, C, d1, ...) -> (M, C) logits, (M,) or (M, C) target, and the per-row shape."""
+    source, target, row_shape = _checked_shapes(input, target)
+    return logit_rows(source, row_shape), target, row_shape
+
+
+def logit_rows(source: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """The ``(M, C)`` contiguous logits of ``(N, C, d1, ...)`` (or ``(N, C)``) ``source``:
+    a copy for ``d1, ...`` (the classes become the last axis) or a strided input."""
+    logits = (source if source.dim() == 2
+              else source.movedim(1, -1).reshape(math.prod(row_shape), source.shape[1]))
+    return logits if logits.is_contiguous() else logits.contiguous()
+
+
+def _checked_shapes(input: torch.Tensor, target: torch.Tensor):
+    """The checks of :func:`_flatten`: ``input`` (``(1, C)`` for unbatched ``(C,)``), the
+    flattened target and the per-row shape; the logits are not copied yet (torch's own
+    kernel takes ``(N, C, d1, ...)`` as it is)."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise InputError(f"input must be a floating tensor of logits, got "
                          f"{getattr(input, 'dtype', type(input).__name__)}")
@@ -190,9 +206,7 @@ def _flatten(input: torch.Tensor, target: torch.Tensor):
                 f"{(input.shape[0], *input.shape[2:])} for input of shape {tuple(input.shape)}"
             )
         target = target if target.dim() == 1 else target.reshape(-1)
-    logits = (input if input.dim() == 2
-              else input.movedim(1, -1).reshape(math.prod(row_shape), num_classes))
-    return logits if logits.is_contiguous() else logits.contiguous(), target, row_shape
+    return input, target, row_shape
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
@@ -554,11 +568,13 @@ def cross_entropy(
     # bool("False") is True: a flag that destroys the logits takes True or False only
     inplace_backward = check_flag(inplace_backward, "inplace_backward")
     names = _statistics.check_statistics(statistics)
-    logits, flat_target, row_shape = _flatten(input, target)
-    num_classes = logits.shape[1]
-    out_dtype = choose_loss_dtype(loss_dtype, logits, flat_target, weight)
-    opts = make_options(weight, num_classes, logits, ignore_index, reduction, label_smoothing,
-                    z_loss, softcap, autocast_dtype(logits, logits.device.type), num_items,
+    # the (M, C) logits are formed once the route is known: torch's kernel takes
+    # (N, C, d1, ...) as it is, where the rows would be a transposing copy
+    source, flat_target, row_shape = _checked_shapes(input, target)
+    num_classes = source.shape[1]
+    out_dtype = choose_loss_dtype(loss_dtype, source, flat_target, weight)
+    opts = make_options(weight, num_classes, source, ignore_index, reduction, label_smoothing,
+                    z_loss, softcap, autocast_dtype(source, source.device.type), num_items,
                     flat_target.is_floating_point())
     grad_on = records_graph()
     prob = flat_target.is_floating_point()
@@ -573,19 +589,22 @@ def cross_entropy(
         )
     target_grad = grad_on and prob and flat_target.requires_grad
     call = _backends.Call(
-        "cross_entropy", logits.device, logits.numel(), not prob, opts.z_loss, opts.softcap,
+        "cross_entropy", source.device, source.numel(), not prob, opts.z_loss, opts.softcap,
         _backends.composite_reason(num_classes,
                                    inplace_backward and (weight_grad or target_grad),
-                                   logits, flat_target, weight),
+                                   source, flat_target, weight),
         _statistics.triton_refusal(names) or _backends.triton_refusal(
             target_grad=target_grad, weight_grad=weight_grad),
-        dtype=logits.dtype, needs_grad=grad_on and logits.requires_grad,
+        dtype=source.dtype, needs_grad=grad_on and source.requires_grad,
         weighted=weight is not None, label_smoothing=opts.label_smoothing,
         plain=(type(input) in _PLAIN and type(target) in _PLAIN
                and not torch._C._is_torch_function_mode_enabled()),
         subclass=_backends.own_dispatch(input, target, weight),
-        fake=fake_values(input, target, weight))
+        fake=fake_values(input, target, weight), num_classes=num_classes,
+        spatial=source.dim() > 2)
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
+    if route != "native" or names is not None:
+        logits = logit_rows(source, row_shape)
     stats = None
     with within_fake_mode(call.fake, input, target, weight):
         if route == "native":  # torch checks the indices

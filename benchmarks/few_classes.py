@@ -1,0 +1,106 @@
+"""Few classes, many rows (token classification, segmentation), float32 forward + backward:
+torch eager against ``crossent.torch.cross_entropy`` on each of its CPU routes, in one
+process on the same logits: the row-block kernel (``backend="rowblock"``), torch's own
+kernel through crossent (``"native"``), the small-batch kernel (``crossent.torch._small``,
+``(N, C)`` logits only; forced by lifting ``_backends.NATIVE_MAX_LOGITS``) and what
+``"auto"`` chooses.
+
+Every round runs each contender once, in an order that rotates and reverses from round to
+round; per shape it prints the medians (ms) and the median of the per-round ratios to eager.
+
+    python benchmarks/few_classes.py                        # the default shapes
+    python benchmarks/few_classes.py 131072x21 8x21x128x128 # N x C [x d1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import crossent.torch as xt
+from crossent.torch import _backends
+
+SHAPES = ["262144x2", "131072x9", "131072x21", "65536x64", "32768x150", "16384x300",
+          "8192x1000", "8x21x128x128", "4x150x64x64", "2x19x256x256"]
+
+
+@contextlib.contextmanager
+def small_kernel_everywhere():
+    """``"auto"`` sends every float32 ``(N, C)`` call that fits to the small kernel."""
+    saved = _backends.NATIVE_MAX_LOGITS, _backends.SMALL_MIN_LOGITS
+    _backends.NATIVE_MAX_LOGITS, _backends.SMALL_MIN_LOGITS = 1 << 62, 1
+    try:
+        yield
+    finally:
+        _backends.NATIVE_MAX_LOGITS, _backends.SMALL_MIN_LOGITS = saved
+
+
+def paired(contenders: dict, rounds: int) -> tuple[dict, dict]:
+    names = list(contenders)
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + 2):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order[::-1] if r % 2 else order:
+            t0 = time.perf_counter()
+            contenders[name]()
+            if r >= 2:  # two warm-up rounds
+                runs[name].append(time.perf_counter() - t0)
+    medians = {k: statistics.median(v) * 1e3 for k, v in runs.items()}
+    ratios = {k: statistics.median(a / b for a, b in zip(runs[k], runs["eager"], strict=True))
+              for k in names}
+    return medians, ratios
+
+
+def contenders_for(shape: tuple[int, ...]) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+
+    def step(fn, context=contextlib.nullcontext):
+        def run():
+            with context():
+                z = x.detach().requires_grad_()
+                torch.autograd.grad(fn(z, t), z)
+        return run
+
+    out = {
+        "eager": step(F.cross_entropy),
+        "auto": step(xt.cross_entropy),
+        "rowblock": step(lambda z, t: xt.cross_entropy(z, t, backend="rowblock")),
+        "native": step(lambda z, t: xt.cross_entropy(z, t, backend="native")),
+    }
+    if len(shape) == 2:
+        out["small"] = step(xt.cross_entropy, small_kernel_everywhere)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("shapes", nargs="*", default=SHAPES, help="N x C [x d1 ...]")
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    names = ["eager", "auto", "rowblock", "native", "small"]
+    print(f"{'shape':>16} " + " ".join(f"{n + ' ms':>11}" for n in names)
+          + "  " + " ".join(f"{n + '/eager':>14}" for n in names[1:]))
+    for spec in args.shapes:
+        shape = tuple(int(k) for k in spec.split("x"))
+        assert math.prod(shape) > 0
+        med, rat = paired(contenders_for(shape), args.rounds)
+        print(f"{spec:>16} " + " ".join(f"{med[n]:11.1f}" if n in med else f"{'-':>11}"
+                                        for n in names)
+              + "  " + " ".join(f"{rat[n]:14.2f}" if n in rat else f"{'-':>14}"
+                                for n in names[1:]), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
