@@ -51,7 +51,8 @@ def _rows(classes, spatial=False):
 
 CASES = [
     # (what, shape, dtype, options, route)
-    ("2 classes", _rows(2), torch.float32, {}, "small"),
+    ("2 classes", _rows(2), torch.float32, {}, "native"),  # under SMALL_MIN_CLASSES
+    ("4 classes", _rows(4), torch.float32, {}, "small"),
     ("21 classes", _rows(21), torch.float32, {}, "small"),
     ("1000 classes under 2^23 logits", _rows(1000), torch.float32, {}, "small"),
     ("float64", _rows(9), torch.float64, {"reduction": "sum"}, "small"),

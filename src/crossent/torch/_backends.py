@@ -9,9 +9,14 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     :data:`SMALL_MIN_LOGITS` on the small-batch fused kernel (route ``"small"``, below);
     on CUDA/ROCm
     tensors the Triton kernels when triton imports and the call needs nothing they refuse;
-    otherwise crossent's row-block kernel. Where autograd needs what a fused kernel cannot
-    give (a ``torch.func`` transform, forward-mode AD, ``jit.trace``, ``C = 0``, ...), the
-    composable path (plain torch ops, :mod:`._composite`).
+    on CPU, for rows of few classes with torch's options (:func:`_few_classes_route`,
+    not with ``inplace_backward``), the small-batch kernel below :data:`FEW_CLASSES`
+    classes or under :data:`SMALL_MAX_LOGITS` logits, else torch's kernel below
+    :data:`FEW_CLASSES_NATIVE` classes (:data:`SPATIAL_FEW_CLASSES` for
+    ``(N, C, d1, ...)`` logits); otherwise crossent's row-block kernel. Where autograd
+    needs what a fused kernel cannot give (a ``torch.func`` transform, forward-mode AD,
+    ``jit.trace``, ``C = 0``, ...), the composable path (plain torch ops,
+    :mod:`._composite`).
 ``"native"``
     ``torch.nn.functional.cross_entropy`` itself (arithmetic in float32, float64 stays):
     torch's numbers, torch's memory. ``z_loss``/``softcap`` raise
@@ -74,6 +79,9 @@ SMALL_MAX_LOGITS = 1 << 23  # the small kernel up to here at any C (8192 x 1000:
 #                             against the row-block kernel's 0.18x: fresh pages per step)
 FEW_CLASSES = 64  # below: the small kernel at any size (1048576 x 21: 0.71x eager, the
 #                   row-block kernel 0.77x; 262144 x 2: 1.03x against 2.3x)
+SMALL_MIN_CLASSES = 4  # the small kernel's O(N) temporaries (index, p_y, log p_y, scale)
+#                       outweigh 2- and 3-class logits: 262144 x 2 with padding peaked at
+#                       5x the logits against eager's 3x, and ran 1.04x eager (torch's: 0.99x)
 FEW_CLASSES_NATIVE = 32  # below: torch's kernel where the small one does not serve
 #                          (262144 x 2: 0.93x eager, the row-block kernel 2.3x)
 SPATIAL_FEW_CLASSES = 256  # (N, C, d1, ...) below: torch's kernel, which reads that
@@ -107,6 +115,7 @@ class Call:
     fake: bool = False  # fake_values(): no value can be read
     num_classes: int = 0  # C (cross_entropy only; 0: not known)
     spatial: bool = False  # (N, C, d1, ...) logits: the kernels' rows are a transposing copy
+    inplace: bool = False  # inplace_backward=True on logits the kernel may overwrite
 
 
 def own_dispatch(*tensors) -> str | None:
@@ -249,10 +258,11 @@ def _few_classes_route(call: Call) -> str | None:
     """``"small"`` or ``"native"`` for a CPU cross-entropy whose rows are too short for
     the row-block kernel to pay (see :data:`FEW_CLASSES`), with options torch has; None:
     the row-block kernel."""
-    if (call.device.type != "cpu" or call.function != "cross_entropy"
+    if (call.device.type != "cpu" or call.function != "cross_entropy" or call.inplace
             or not _native_is_faster(call, math.inf)):
-        return None
+        return None  # inplace_backward asks for the row-block kernel's memory
     if (not call.spatial and call.plain and not call.weighted
+            and call.num_classes >= SMALL_MIN_CLASSES
             and small_kernel_fits(call.device, call.dtype, call.num_logits, call.needs_grad,
                                   call.label_smoothing)
             and (call.num_logits < SMALL_MAX_LOGITS or call.num_classes < FEW_CLASSES)):

@@ -54,6 +54,7 @@ from ._rules import (
     saved_inputs,
     scale_stored,
     take_stored,
+    watch_inputs,
     within_fake_mode,
 )
 
@@ -242,6 +243,20 @@ def native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
                           label_smoothing=opts.label_smoothing)
     out = divide_by_num_items(out, opts)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _copies_reach_the_kernel(target: torch.Tensor, saved_weight: torch.Tensor | None,
+                             dtype: torch.dtype) -> bool:
+    """Whether torch's kernel (or the small one) is handed a converted copy of the
+    caller's target or class weight (:func:`native_cross_entropy`: a uint8/int32 target
+    as int64, a bfloat16 target or weight in float32), whose in-place change before
+    backward torch's own checks would then not see."""
+    cdtype = compute_dtype(dtype)
+    if target.is_floating_point():
+        converted = target.dtype != cdtype
+    else:
+        converted = target.dtype != torch.int64
+    return converted or (saved_weight is not None and saved_weight.dtype != cdtype)
 
 
 def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
@@ -436,9 +451,12 @@ def cross_entropy(
             ``1 / num_items``, on every backend and autograd path.
         backend: which kernel computes the loss (:mod:`crossent.torch._backends`):
             ``"auto"`` (default: torch's own kernel or the small-batch fused kernel
-            for small inputs with torch's options, the Triton kernels for CUDA/ROCm
-            tensors when triton is installed and the call needs nothing they lack,
-            else crossent's row-block kernel);
+            for small inputs with torch's options, and on CPU for rows of few classes
+            with torch's options (below 64 classes, or under ``2**23`` logits for the
+            small-batch kernel; below 32 classes, or 256 for ``(N, C, d1, ...)``
+            logits, torch's kernel) unless ``inplace_backward`` asks for the logits'
+            memory, the Triton kernels for CUDA/ROCm tensors when triton is installed
+            and the call needs nothing they lack, else crossent's row-block kernel);
             ``"native"`` (``torch.nn.functional.cross_entropy`` in float32: torch's
             numbers, torch's probability-target NaN included; ``z_loss``/``softcap``
             raise :class:`crossent.UnsupportedError`); ``"rowblock"`` (crossent's
@@ -601,7 +619,10 @@ def cross_entropy(
                and not torch._C._is_torch_function_mode_enabled()),
         subclass=_backends.own_dispatch(input, target, weight),
         fake=fake_values(input, target, weight), num_classes=num_classes,
-        spatial=source.dim() > 2)
+        spatial=source.dim() > 2,
+        # decided once, here, on the caller's tensor (never a leaf's memory, nor a
+        # leaf's flattened copy: its double backward recomputes from the copy)
+        inplace=inplace_backward and may_overwrite(input))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     if route != "native" or names is not None:
         logits = logit_rows(source, row_shape)
@@ -623,15 +644,17 @@ def cross_entropy(
                     if names is not None:
                         stats = _statistics.from_logits(names, logits, flat_target, opts)
                 else:
-                    # decided once, here, on the caller's tensor (never a leaf's memory, nor a
-                    # leaf's flattened copy: its double backward recomputes from the copy)
-                    inplace = inplace_backward and may_overwrite(input)
+                    inplace = call.inplace
                     if route == "triton":
                         out = _triton_cross_entropy(logits, flat_target, weight, opts, inplace,
                                                     out_dtype)
                     else:
                         out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
                                                           inplace, out_dtype, names)
+    if (route in ("native", "small") and not call.fake and records_graph()
+            and _copies_reach_the_kernel(target, opts.saved_weight, source.dtype)
+            and not _composite.composable_required(input, target, weight)):
+        out = watch_inputs(out, "cross_entropy", target, opts.saved_weight)
     out = out.reshape(row_shape) if reduction == "none" else out
     if names is None:
         return out

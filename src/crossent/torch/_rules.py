@@ -818,6 +818,35 @@ def check_target_intact(ctx, name: str) -> None:
                                f"(its backward needs the forward's {arg})")
 
 
+class _WatchInputs(torch.autograd.Function):
+    """The identity on a loss, whose backward raises torch's ``RuntimeError`` where the
+    caller's target or class weight changed in place since forward
+    (:func:`watch_inputs`)."""
+
+    @staticmethod
+    def forward(ctx, out, name, watched):  # type: ignore[override]
+        target, weight = watched  # in a tuple: not inputs of this node
+        remember_target(ctx, target, weight=weight)
+        ctx.loss_name = name  # not ctx.name: the node's name() method
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        check_target_intact(ctx, ctx.loss_name)
+        return grad, None, None
+
+
+def watch_inputs(out: torch.Tensor, name: str, target: torch.Tensor,
+                 weight: torch.Tensor | None) -> torch.Tensor:
+    """``out``, with an in-place change of the caller's ``target`` or ``weight`` before
+    backward raising as torch's: for routes that hand torch's kernel (or the small
+    kernel) a converted copy (a uint8/int32 target as int64, a bfloat16 weight as
+    float32), which is all their own backward would watch."""
+    if not out.requires_grad:
+        return out
+    return _WatchInputs.apply(out, name, (target, weight))
+
+
 def weight_torch_saves(weight: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
     """The class weight torch's own backward saves, whose in-place change before backward
     raises there: the caller's tensor, except under autocast, which casts a float16 or
