@@ -11,6 +11,8 @@ InputError True
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class InputError(ValueError):
     """Bad input to a crossent function: the message names the argument and what was wrong.
@@ -26,3 +28,13 @@ class UnsupportedError(NotImplementedError):
 
     Raised instead of returning a number that could differ from the reference.
     """
+
+
+def missing_extra(err: ModuleNotFoundError, package: str, message: str) -> NoReturn:
+    """Re-raise ``err`` (from importing ``package``) as a ``ModuleNotFoundError`` whose
+    message names the extra to install, keeping ``name=package`` (the ``crossent`` command
+    maps that name to its one-line message); a package that is there but fails to import
+    one of its own modules keeps its own error."""
+    if err.name != package:
+        raise err
+    raise ModuleNotFoundError(message, name=package) from None

@@ -68,15 +68,13 @@ from typing import Any, cast
 
 # a missing torch is named with the extra that brings it, and keeps name='torch' (as in
 # crossent.torch); transformers itself is imported only when a model is patched
+from ..errors import InputError, UnsupportedError, missing_extra
+
 try:
     import torch
 except ModuleNotFoundError as err:
-    if err.name != "torch":  # torch is there but broken: its own error
-        raise
-    raise ModuleNotFoundError("crossent.integrations.transformers needs PyTorch: "
-                              "pip install 'crossent[hf]'", name="torch") from None
-
-from ..errors import InputError, UnsupportedError
+    missing_extra(err, "torch", "crossent.integrations.transformers needs PyTorch: "
+                                "pip install 'crossent[hf]'")
 from ..torch import linear_cross_entropy
 
 __all__ = ["SUPPORTED_CLASSES", "causal_lm_loss", "is_patched", "patch", "unpatch"]

@@ -51,15 +51,12 @@ from typing import Any
 
 # the first torch import of crossent.torch (its __init__ imports this module first): a
 # missing torch is named with its extra, and keeps name='torch' (the command maps that name)
+from ..errors import InputError, missing_extra
+
 try:
     import torch
 except ModuleNotFoundError as err:
-    if err.name != "torch":  # torch is there but broken: its own error
-        raise
-    raise ModuleNotFoundError("crossent.torch needs PyTorch: pip install 'crossent[torch]'",
-                              name="torch") from None
-
-from ..errors import InputError
+    missing_extra(err, "torch", "crossent.torch needs PyTorch: pip install 'crossent[torch]'")
 
 __all__ = ["run_blocks", "run_row_blocks", "set_block_workers", "workers_enabled"]
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from .._checks import as_float, ascii_integer, ascii_number, check_integer
 from .._files import check_files_in, check_output_path, figure_bytes, save_figure, write_atomic
-from ..errors import InputError
+from ..errors import InputError, missing_extra
 from . import _inductor
 from . import functional as xf
 from ._buffers import empty_cache
@@ -565,10 +565,8 @@ def check_matplotlib() -> None:
     try:
         import matplotlib.figure  # noqa: F401
     except ModuleNotFoundError as err:
-        if err.name != "matplotlib":  # matplotlib is there but broken: its own error
-            raise
-        raise ModuleNotFoundError("the benchmark's figures need matplotlib: pip install "
-                                  "'crossent[cli]' (or matplotlib)", name="matplotlib") from None
+        missing_extra(err, "matplotlib", "the benchmark's figures need matplotlib: pip "
+                                         "install 'crossent[cli]' (or matplotlib)")
 
 
 # --------------------------------------------------------------------------------------------

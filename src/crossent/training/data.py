@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import missing_extra
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -43,11 +45,9 @@ def load_digits_split(*, val_fraction: float = 0.2, split_seed: int = 0) -> Data
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ModuleNotFoundError as err:
-        if err.name != "sklearn":  # scikit-learn is there but broken: its own error
-            raise
         # the pip name: `pip install sklearn` is a package that deliberately fails
-        raise ModuleNotFoundError("the digits data set needs scikit-learn: pip install "
-                                  "'crossent[demos]' (or scikit-learn)", name="sklearn") from None
+        missing_extra(err, "sklearn", "the digits data set needs scikit-learn: pip install "
+                                      "'crossent[demos]' (or scikit-learn)")
 
     x, y = load_digits(return_X_y=True)
     x_tr, x_va, y_tr, y_va = train_test_split(
