@@ -6,7 +6,8 @@ kernel through crossent (``"native"``), the small-batch kernel (``crossent.torch
 ``"auto"`` chooses.
 
 Every round runs each contender once, in an order that rotates and reverses from round to
-round; per shape it prints the medians (ms) and the median of the per-round ratios to eager.
+round (``small_inputs.paired``, three warm-up rounds); per shape it prints the medians (ms)
+and the median of the per-round ratios to eager.
 
     python benchmarks/few_classes.py                        # the default shapes
     python benchmarks/few_classes.py 131072x21 8x21x128x128 # N x C [x d1 ...]
@@ -18,11 +19,10 @@ import argparse
 import contextlib
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from small_inputs import paired  # benchmarks/ is on the path when run as a script
 
 import crossent.torch as xt
 from crossent.torch import _backends
@@ -40,22 +40,6 @@ def small_kernel_everywhere():
         yield
     finally:
         _backends.NATIVE_MAX_LOGITS, _backends.SMALL_MIN_LOGITS = saved
-
-
-def paired(contenders: dict, rounds: int) -> tuple[dict, dict]:
-    names = list(contenders)
-    runs: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds + 2):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order[::-1] if r % 2 else order:
-            t0 = time.perf_counter()
-            contenders[name]()
-            if r >= 2:  # two warm-up rounds
-                runs[name].append(time.perf_counter() - t0)
-    medians = {k: statistics.median(v) * 1e3 for k, v in runs.items()}
-    ratios = {k: statistics.median(a / b for a, b in zip(runs[k], runs["eager"], strict=True))
-              for k in names}
-    return medians, ratios
 
 
 def contenders_for(shape: tuple[int, ...]) -> dict:
@@ -95,6 +79,7 @@ def main() -> None:
         shape = tuple(int(k) for k in spec.split("x"))
         assert math.prod(shape) > 0
         med, rat = paired(contenders_for(shape), args.rounds)
+        med = {name: us / 1e3 for name, us in med.items()}  # ms
         print(f"{spec:>16} " + " ".join(f"{med[n]:11.1f}" if n in med else f"{'-':>11}"
                                         for n in names)
               + "  " + " ".join(f"{rat[n]:14.2f}" if n in rat else f"{'-':>14}"

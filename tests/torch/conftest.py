@@ -62,3 +62,17 @@ def checked_calls(monkeypatch):
 
     monkeypatch.setattr(_cross_entropy, "make_options", spy)
     return calls
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """The routes ``_backends.choose_backend`` returned, in order (a spy)."""
+    seen = []
+    real = _backends.choose_backend
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(_backends, "choose_backend", spy)
+    return seen

@@ -19,20 +19,6 @@ pytestmark = pytest.mark.native_dispatch  # the dispatch as shipped
 ABOVE = _backends.NATIVE_MAX_LOGITS + 1
 
 
-@pytest.fixture
-def routes(monkeypatch):
-    """The routes ``choose_backend`` returned, in order."""
-    seen = []
-    real = _backends.choose_backend
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(_backends, "choose_backend", spy)
-    return seen
-
-
 def _data(shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)

@@ -39,20 +39,6 @@ U8, I16, I32 = torch.uint8, torch.int16, torch.int32
 ABOVE = _backends.NATIVE_MAX_LOGITS + 1
 
 
-@pytest.fixture
-def routes(monkeypatch):
-    """The routes ``choose_backend`` returned, in order."""
-    seen = []
-    real = _backends.choose_backend
-
-    def spy(*args, **kwargs):
-        seen.append(real(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(_backends, "choose_backend", spy)
-    return seen
-
-
 def _rows(classes, logits=ABOVE):
     """``(N, classes)`` with at least ``logits`` logits."""
     return (-(-logits // classes), classes)
