@@ -48,7 +48,11 @@ CASES = [
     ("bfloat16, 21 classes", _rows(21), torch.bfloat16, {}, "native"),
     ("class weights, 100 classes", _rows(100), torch.float32, {"weight": True}, "rowblock"),
     ("z_loss, 21 classes", _rows(21), torch.float32, {"z_loss": 1e-3}, "rowblock"),
-    ("probability targets, 21 classes", _rows(21), torch.float32, {"prob": True}, "rowblock"),
+    ("probability targets, 21 classes", _rows(21), torch.float32, {"prob": True}, "native"),
+    ("probability targets, 64 classes", _rows(64), torch.float32, {"prob": True}, "rowblock"),
+    ("probability targets, spatial", _rows(21, True), torch.float32, {"prob": True},
+     "native"),
+    ("small probability targets", (16, 10), torch.float32, {"prob": True}, "native"),
     ("(N, C, H, W), 21 classes", _rows(21, True), torch.float32, {}, "native"),
     ("(N, C, H, W), 300 classes", _rows(300, True), torch.float32, {}, "rowblock"),
 ]
@@ -128,3 +132,28 @@ def test_forced_backends_are_kept(routes):
     xt.cross_entropy(z, y, backend="rowblock")
     xt.cross_entropy(z, y, backend="native")
     assert routes == ["rowblock", "native"]
+
+
+@pytest.mark.parametrize("shape", [(16, 10), _rows(21), _rows(21, True)],
+                         ids=["small", "21 classes", "spatial"])
+def test_probability_targets_with_a_minus_inf_logit_keep_the_fused_kernel(routes, shape):
+    # torch: 0 * log(0) = NaN for a zero target on a -inf logit; crossent's documented 0
+    z, _ = _data(shape)
+    g = torch.Generator().manual_seed(2)
+    t = torch.softmax(torch.randn(z.shape, generator=g), 1)
+    first = (0, 0) + (0,) * (z.dim() - 2)
+    z[first] = -float("inf")
+    t[first] = 0.0
+    t = t / t.sum(1, keepdim=True)
+    assert torch.isnan(F.cross_entropy(z, t))
+    a = z.clone().requires_grad_()
+    loss = xt.cross_entropy(a, t)
+    assert routes == ["rowblock"] and torch.isfinite(loss)
+    loss.backward()
+    keep = torch.ones_like(z, dtype=torch.bool)
+    keep[first] = False
+    r = z.double().masked_fill(~keep, -1e300).requires_grad_()  # the limit, in float64
+    want = F.cross_entropy(r, t.double())
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-5, atol=1e-7)

@@ -10,6 +10,7 @@ path (:mod:`._composite`). Public as :func:`crossent.torch.cross_entropy`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -623,6 +624,8 @@ def cross_entropy(
         # decided once, here, on the caller's tensor (never a leaf's memory, nor a
         # leaf's flattened copy: its double backward recomputes from the copy)
         inplace=inplace_backward and may_overwrite(input))
+    if _backends.wants_neg_inf_check(backend, call, _backends.NATIVE_MAX_LOGITS):
+        call = dataclasses.replace(call, no_neg_inf=not bool(torch.isneginf(source).any()))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     if route != "native" or names is not None:
         logits = logit_rows(source, row_shape)
