@@ -442,3 +442,24 @@ def test_a_tiny_compiled_k_dimensional_head_is_torchs():
         model = torch.compile(head, backend="aot_eager", fullgraph=True) if lib is xt else head
         out.append(_values_and_grads(model, x, y))
     _assert_all_close(*out)
+
+
+def test_a_compiled_head_whose_sizes_dynamo_makes_symbolic_is_torchs():
+    """CI found it: with the head's int attributes unspecialised (dynamo does this after a
+    recompile, or under allow_unspec_int_on_nn_module), _head_parameters' Python checks met
+    a SymInt (hasattr on it: Unsupported). Under dynamo the reshape checks the sizes."""
+    out = []
+    for lib in (xt, nn):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            head = lib.LinearCrossEntropyLoss(4, 5, bias=True, dtype=F64, out_features=(2,))
+        x = torch.randn(3, 4, generator=_gen(35), dtype=F64)
+        y = torch.randint(0, 5, (3, 2), generator=_gen(36))
+        if lib is xt:
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+                model = torch.compile(head, backend="aot_eager", fullgraph=True, dynamic=True)
+                out.append(_values_and_grads(model, x, y))
+        else:
+            out.append(_values_and_grads(head, x, y))
+    _assert_all_close(*out)

@@ -13,7 +13,7 @@ from torch import nn
 from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
-from ._custom_ops import fx_tracing, record_fx_call
+from ._custom_ops import compiling, fx_tracing, record_fx_call
 from ._rules import check_flag, check_options, legacy_flag
 from .functional import cross_entropy, linear_cross_entropy
 
@@ -158,9 +158,10 @@ def _head_parameters(w: torch.Tensor, b: torch.Tensor | None, num_classes: Any,
     the module's sizes, which may have been assigned after construction (torch's module
     reshapes the weight to them and raises; a head must not score another number of
     classes silently, nor take a size the constructor refuses)."""
-    if not isinstance(out_features, (tuple, list)):  # an iterator would be read once
-        raise InputError(f"out_features={out_features!r} must be a tuple of integers")
-    num_classes, out_features = _check_head_sizes(0, num_classes, out_features)
+    if not compiling():  # dynamo may make the sizes symbolic: its reshape checks them
+        if not isinstance(out_features, (tuple, list)):  # an iterator would be read once
+            raise InputError(f"out_features={out_features!r} must be a tuple of integers")
+        num_classes, out_features = _check_head_sizes(0, num_classes, out_features)
     rows = math.prod(out_features, start=num_classes)
     if w.dim() != 2 or w.shape[0] != rows or (b is not None and b.shape != (rows,)):
         bias = "" if b is None else f" (linear.bias {tuple(b.shape)})"
