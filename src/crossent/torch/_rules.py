@@ -795,10 +795,12 @@ def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> 
     an in-place change (an optimizer step between forward and backward, a class weight
     buffer refilled) raises as torch's does instead of giving the forward-time gradient.
     Not under saved-tensor hooks, where torch checks no version either."""
-    ctx.target_ref = (weakref.ref(target) if target.is_floating_point()
-                      else (lambda t=target: t))
+    hooked = _saved_tensor_hooks_active()
+    ctx.target_ref = (
+        (lambda: None) if hooked  # torch checks no version under saved-tensor hooks
+        else weakref.ref(target) if target.is_floating_point() else (lambda t=target: t))
     ctx.target_version = target._version
-    ctx.watched = () if _saved_tensor_hooks_active() else tuple(
+    ctx.watched = () if hooked else tuple(
         (arg, weakref.ref(t), t._version) for arg, t in saved.items()
         if isinstance(t, torch.Tensor) and _forward_state(t) is not None)
 
