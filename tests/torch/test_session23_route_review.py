@@ -398,6 +398,28 @@ def test_uint8_target_changed_in_place_raises_as_torchs(routes, dtype, opts, rou
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_linear_head_uint8_target_changed_in_place_raises_as_torchs(routes, dtype):
+    """The small linear head takes torch's kernel too (_linear: route "native"), with the
+    uint8 target as an int64 copy: the watch sits where the copy is made
+    (native_cross_entropy), so the head's in-place check holds as well."""
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(6, 4, generator=g).to(dtype)
+    w = torch.randn(5, 4, generator=g).to(dtype)
+    y8 = torch.randint(0, 5, (6,), generator=g).to(U8)
+
+    def change():
+        y8[0] = 1 - y8[0].clamp(max=1)
+
+    _torch_raises_on_change(
+        lambda: F.cross_entropy(F.linear(x.clone().requires_grad_(), w), y8), change)
+    loss = xt.linear_cross_entropy(x.clone().requires_grad_(), w, y8)
+    assert routes == ["native"]
+    change()
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: the target was modified"):
+        loss.backward()
+
+
 def test_float32_weight_changed_in_place_raises_on_the_native_route(routes):
     z, y = _data(_rows(21))
     w = torch.linspace(0.5, 1.5, 21)

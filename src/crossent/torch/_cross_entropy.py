@@ -224,40 +224,43 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
 
 def native_cross_entropy(input: torch.Tensor, target: torch.Tensor,
                           weight: torch.Tensor | None, opts: Options,
-                          out_dtype: torch.dtype) -> torch.Tensor:
+                          out_dtype: torch.dtype, name: str = "cross_entropy") -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` with the arithmetic in float32 (float64
     stays): low-precision logits are converted first and the gradient rounded once.
     Every cast is differentiable, so torch computes the target's and the weight's
-    gradients itself (and double backward, transforms); ``num_items`` divides the sum."""
+    gradients itself (and double backward, transforms); ``num_items`` divides the sum.
+    ``name``: the entry point an in-place error names (:func:`_watch_copies`)."""
     cdtype = compute_dtype(input.dtype)
     # each .to() that changes nothing still costs microseconds: skip them on the hot path
+    handed = target
     if target.is_floating_point():
-        target = target.to(cdtype)
+        handed = target.to(cdtype)
     elif target.dtype != torch.int64:
         check_index_dtype(target)
-        target = target.long()
-    if weight is not None:
-        weight = weight.to(device=input.device, dtype=cdtype)
-    out = F.cross_entropy(input if input.dtype == cdtype else input.to(cdtype), target,
-                          weight, ignore_index=opts.ignore_index,
+        handed = target.long()
+    handed_weight = None if weight is None else weight.to(device=input.device, dtype=cdtype)
+    out = F.cross_entropy(input if input.dtype == cdtype else input.to(cdtype), handed,
+                          handed_weight, ignore_index=opts.ignore_index,
                           reduction=kernel_reduction(opts),
                           label_smoothing=opts.label_smoothing)
     out = divide_by_num_items(out, opts)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
+    copied = handed is not target or (opts.saved_weight is not None
+                                      and handed_weight is not weight)
+    return _watch_copies(out, name, input, target, opts, copied)
 
 
-def _copies_reach_the_kernel(target: torch.Tensor, saved_weight: torch.Tensor | None,
-                             dtype: torch.dtype) -> bool:
-    """Whether torch's kernel (or the small one) is handed a converted copy of the
-    caller's target or class weight (:func:`native_cross_entropy`: a uint8/int32 target
-    as int64, a bfloat16 target or weight in float32), whose in-place change before
-    backward torch's own checks would then not see."""
-    cdtype = compute_dtype(dtype)
-    if target.is_floating_point():
-        converted = target.dtype != cdtype
-    else:
-        converted = target.dtype != torch.int64
-    return converted or (saved_weight is not None and saved_weight.dtype != cdtype)
+def _watch_copies(out: torch.Tensor, name: str, input: torch.Tensor, target: torch.Tensor,
+                  opts: Options, copied: bool) -> torch.Tensor:
+    """``out``, watched (:func:`._rules.watch_inputs`) where ``copied``: torch's kernel
+    (or the small one) was handed a converted copy of the caller's ``target`` or class
+    weight (a uint8/int32 target as int64, a bfloat16 target or weight in float32), whose
+    in-place change before backward its own version checks would not see. Not where no
+    value can be read or a transform is active (plain torch operations only there)."""
+    if (not copied or fake_values(input, target)
+            or _composite.composable_required(input, target)):
+        return out
+    return watch_inputs(out, name, target, opts.saved_weight)
 
 
 def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
@@ -654,10 +657,6 @@ def cross_entropy(
                     else:
                         out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
                                                           inplace, out_dtype, names)
-    if (route in ("native", "small") and not call.fake and records_graph()
-            and _copies_reach_the_kernel(target, opts.saved_weight, source.dtype)
-            and not _composite.composable_required(input, target, weight)):
-        out = watch_inputs(out, "cross_entropy", target, opts.saved_weight)
     out = out.reshape(row_shape) if reduction == "none" else out
     if names is None:
         return out
@@ -669,14 +668,16 @@ def _small_cross_entropy(input, target, logits, flat_target, opts, out_dtype):
     """The few-operation fused kernel (:mod:`._small`) on the flattened ``(M, C)`` logits;
     ``num_items`` divides its sum. A class index out of range: torch's kernel raises
     torch's error (as on the ``"native"`` route)."""
-    if flat_target.dtype != torch.int64:
+    copied = flat_target.dtype != torch.int64
+    if copied:
         check_index_dtype(flat_target)
         flat_target = flat_target.long()
     out = _small.cross_entropy(logits, flat_target, opts.ignore_index, kernel_reduction(opts))
     if out is None:
         return native_cross_entropy(input, target, None, opts, out_dtype)
     out = divide_by_num_items(out, opts)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
+    return _watch_copies(out, "cross_entropy", input, target, opts, copied)
 
 
 def _triton_cross_entropy(logits, flat_target, weight, opts, inplace, out_dtype):

@@ -520,7 +520,8 @@ def linear_cross_entropy(
                       if route == "composite" else F.linear(x, w, b))
             out = (_composite.cross_entropy(logits, t, weight, opts).to(out_dtype)
                    if route == "composite"  # one torch matmul, torch's kernel:
-                   else native_cross_entropy(logits, t, weight, opts, out_dtype))
+                   else native_cross_entropy(logits, t, weight, opts, out_dtype,
+                                             "linear_cross_entropy"))
             if names is not None:
                 stats = _statistics.from_logits(names, logits, t, opts)
         elif route == "triton":
