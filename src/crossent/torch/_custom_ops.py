@@ -135,9 +135,15 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
+def fx_tracer(*values: Any) -> Any:
+    """The tracer of the first ``torch.fx`` proxy among ``values`` (``symbolic_trace`` is
+    tracing the caller), or None."""
+    return next((v.tracer for v in values if isinstance(v, torch.fx.Proxy)), None)
+
+
 def fx_tracing(*values: Any) -> bool:
     """Whether a value is a ``torch.fx`` proxy: ``symbolic_trace`` is tracing the caller."""
-    return any(isinstance(v, torch.fx.Proxy) for v in values)
+    return fx_tracer(*values) is not None
 
 
 def record_fx_call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
@@ -146,7 +152,7 @@ def record_fx_call(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str
     graph being traced (as torch's own functions are recorded): the checks and kernels read
     values, which a proxy does not have; the traced graph runs ``fn`` on tensors. ``name``
     (the public function or module) is what an error names."""
-    tracer = next(v.tracer for v in (*args, *kwargs.values()) if isinstance(v, torch.fx.Proxy))
+    tracer = fx_tracer(*args, *kwargs.values())
     args = tuple(_python_number(v) for v in args)
     kwargs = {k: _python_number(v) for k, v in kwargs.items()}
     try:

@@ -13,7 +13,7 @@ from torch import nn
 from .. import _checks
 from ..errors import InputError, UnsupportedError
 from ._backends import check_backend
-from ._custom_ops import compiling, fx_tracing, record_fx_call
+from ._custom_ops import compiling, fx_tracer, fx_tracing, record_fx_call
 from ._rules import check_flag, check_options, legacy_flag
 from .functional import cross_entropy, linear_cross_entropy
 
@@ -57,8 +57,8 @@ def _traced_inside_a_model(module: nn.Module, *values: Any) -> bool:
     traced, and one added after tracing does not run: torch's leaf runs its hooks when
     the graph runs.) A trace of the module itself records the functional call with the
     attributes as constants, as a trace of torch's module records ``F.cross_entropy``."""
-    tracers = [v.tracer for v in values if isinstance(v, torch.fx.Proxy)]
-    return bool(tracers) and getattr(tracers[0], "root", None) is not module
+    tracer = fx_tracer(*values)
+    return tracer is not None and getattr(tracer, "root", None) is not module
 
 
 def _cross_entropy_forward(module: CrossEntropyLoss, input: torch.Tensor,
