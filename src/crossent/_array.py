@@ -167,6 +167,13 @@ def promoted(xp: Any, x: Array, other: Array, given_x: Any, given_other: Any) ->
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
+def gradient_dtype(xp: Any, x: Array, wide: Array, given_x: Any) -> Any:
+    """The dtype a gradient with respect to ``x`` is returned in, as autograd returns it:
+    ``x``'s where the caller passed an array of ``xp``'s library, else (a list, another
+    library's array) that of ``wide``, ``x`` :func:`promoted` with its target."""
+    return x.dtype if is_native(xp, given_x) else wide.dtype
+
+
 def namespace(x: Array) -> Any:
     """The array-API namespace of ``x`` (NumPy, torch, jax.numpy, array_api_strict...)."""
     return array_namespace(x)

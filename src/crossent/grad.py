@@ -14,7 +14,7 @@ from . import _checks
 from ._array import (
     Array,
     arrays,
-    is_native,
+    gradient_dtype,
     move_last_to_axis,
     promoted,
     restore_dtype,
@@ -192,7 +192,7 @@ def _sigmoid_grad(logits, target, weight, pos_weight, label_smoothing, reduction
     # computed where the loss is (a float64 target: float64), returned as autograd
     # returns a gradient: in the logits' dtype
     wide = promoted(xp, logits, target, *given)
-    dtype = logits.dtype if is_native(xp, given[0]) else wide.dtype
+    dtype = gradient_dtype(xp, logits, wide, given[0])
     x = to_float(xp, wide)
     t = xp.astype(target, x.dtype)
     if validate:

@@ -27,8 +27,8 @@ from ._array import (
     any_true,
     arrays,
     as_array,
+    gradient_dtype,
     is_integer,
-    is_native,
     like,
     move_axis_last,
     normalize_axis,
@@ -107,7 +107,7 @@ def softmax_cross_entropy_parts(
     axis = normalize_axis(axis, logits.ndim)
     _checks.check_classes(logits, axis, "logits")
     wide = promoted(xp, logits, target, *given)  # bfloat16 logits, float32 target: float32
-    logits_dtype = logits.dtype if is_native(xp, given[0]) else wide.dtype
+    logits_dtype = gradient_dtype(xp, logits, wide, given[0])
     logits = wide
     dtype = logits.dtype
     raw = move_axis_last(xp, to_float(xp, logits), axis)
