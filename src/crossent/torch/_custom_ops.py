@@ -135,9 +135,19 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return decorate
 
 
+try:  # torch's flag (a global read): proxies exist only while symbolic_trace runs
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_active
+except ImportError:  # an older torch: look at the values every call
+    def _fx_active() -> bool:
+        return True
+
+
 def fx_tracer(*values: Any) -> Any:
     """The tracer of the first ``torch.fx`` proxy among ``values`` (``symbolic_trace`` is
-    tracing the caller), or None."""
+    tracing the caller), or None. Outside tracing it reads one flag: it is on the path of
+    every call (about 1 us to scan the arguments, against the small-input path's 2.6)."""
+    if not _fx_active():
+        return None
     return next((v.tracer for v in values if isinstance(v, torch.fx.Proxy)), None)
 
 
