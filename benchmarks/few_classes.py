@@ -1,4 +1,5 @@
-"""Few classes, many rows (token classification, segmentation), float32 forward + backward:
+"""Few classes, many rows (token classification, segmentation), forward + backward (float32,
+or ``--dtype``):
 torch eager against ``crossent.torch.cross_entropy`` on each of its CPU routes, in one
 process on the same logits: the row-block kernel (``backend="rowblock"``), torch's own
 kernel through crossent (``"native"``), the small-batch kernel (``crossent.torch._small``,
@@ -42,10 +43,14 @@ def small_kernel_everywhere():
         _backends.NATIVE_MAX_LOGITS, _backends.SMALL_MIN_LOGITS = saved
 
 
-def contenders_for(shape: tuple[int, ...]) -> dict:
+def contenders_for(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                   prob: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g)
-    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    if prob:  # soft labels (distillation, mixup): rows of a softmax
+        t = torch.softmax(torch.randn(*shape, generator=g), 1).to(dtype)
+    else:
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
 
     def step(fn, context=contextlib.nullcontext):
         def run():
@@ -60,7 +65,7 @@ def contenders_for(shape: tuple[int, ...]) -> dict:
         "rowblock": step(lambda z, t: xt.cross_entropy(z, t, backend="rowblock")),
         "native": step(lambda z, t: xt.cross_entropy(z, t, backend="native")),
     }
-    if len(shape) == 2:
+    if len(shape) == 2 and dtype in (torch.float32, torch.float64) and not prob:
         out["small"] = step(xt.cross_entropy, small_kernel_everywhere)
     return out
 
@@ -69,16 +74,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shapes", nargs="*", default=SHAPES, help="N x C [x d1 ...]")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--probabilities", action="store_true",
+                   help="probability targets instead of class indices")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{os.getloadavg()[0]:.2f}, {args.dtype}"
+          f"{', probability targets' if args.probabilities else ''}")
     names = ["eager", "auto", "rowblock", "native", "small"]
     print(f"{'shape':>16} " + " ".join(f"{n + ' ms':>11}" for n in names)
           + "  " + " ".join(f"{n + '/eager':>14}" for n in names[1:]))
     for spec in args.shapes:
         shape = tuple(int(k) for k in spec.split("x"))
         assert math.prod(shape) > 0
-        med, rat = paired(contenders_for(shape), args.rounds)
+        med, rat = paired(contenders_for(shape, dtype, args.probabilities), args.rounds)
         med = {name: us / 1e3 for name, us in med.items()}  # ms
         print(f"{spec:>16} " + " ".join(f"{med[n]:11.1f}" if n in med else f"{'-':>11}"
                                         for n in names)

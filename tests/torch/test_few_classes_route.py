@@ -157,3 +157,31 @@ def test_probability_targets_with_a_minus_inf_logit_keep_the_fused_kernel(routes
     want.backward()
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("where", ["same row", "other row", "nan only"])
+def test_a_nan_logit_does_not_hide_a_minus_inf_from_the_route(routes, dtype, where):
+    # the -inf check reads the logits' minimum; a NaN minimum must not read as "no -inf"
+    # (torch's kernel would then give NaN for the -inf logit's zero target in other rows)
+    z, _ = _data((16, 10), dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    t = torch.softmax(torch.randn(z.shape, generator=g, dtype=torch.float64), 1).to(dtype)
+    if where != "nan only":
+        z[0, 0], t[0, 0] = -float("inf"), 0.0
+    z[0 if where == "same row" else 5, 3] = float("nan")
+    loss = xt.cross_entropy(z, t, reduction="none")
+    assert routes == ["native" if where == "nan only" else "rowblock"]
+    want = F.cross_entropy(z.double(), t.double(), reduction="none")
+    finite = want.isfinite()
+    if where == "other row":  # torch: 0 * log(0) = NaN there; crossent's documented limit
+        assert torch.isnan(want[0]) and torch.isfinite(loss[0])
+        finite[0] = False
+        r = z.double().clone()
+        r[0, 0] = -1e300
+        torch.testing.assert_close(loss[0].double(),
+                                   F.cross_entropy(r[:1], t[:1].double(), reduction="none")[0],
+                                   rtol=2e-2, atol=2e-3)
+    assert torch.isnan(loss[~want.isfinite() & ~(torch.arange(16) == 0)]).all()
+    assert torch.isnan(loss[5 if where != "same row" else 0])
+    torch.testing.assert_close(loss[finite].double(), want[finite], rtol=2e-2, atol=2e-3)

@@ -628,7 +628,7 @@ def cross_entropy(
         # leaf's flattened copy: its double backward recomputes from the copy)
         inplace=inplace_backward and may_overwrite(input))
     if _backends.wants_neg_inf_check(backend, call, _backends.NATIVE_MAX_LOGITS):
-        call = dataclasses.replace(call, no_neg_inf=not bool(torch.isneginf(source).any()))
+        call = dataclasses.replace(call, no_neg_inf=not _backends.has_neg_inf(source))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)
     if route != "native" or names is not None:
         logits = logit_rows(source, row_shape)
