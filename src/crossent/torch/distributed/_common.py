@@ -31,11 +31,14 @@ raises the same :class:`~crossent.errors.InputError`, or none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -135,15 +138,21 @@ _HASH_KEYS = ((1103515245, 12345, 1664525, 22695477),
               (69069, 1013904223, 1597334677, 747796405))
 
 
-def refuse_double_backward(name: str):
+def refuse_double_backward(name: str, collective: bool = False):
     """Decorates a Function's (``once_differentiable``) backward so that a backward that
     records a graph (``create_graph=True``) raises instead of returning a gradient with no
     ``grad_fn``: ``once_differentiable`` alone only guards when the incoming gradient requires
-    grad, and a Hessian or gradient penalty would otherwise see a constant (PITFALLS 18)."""
+    grad, and a Hessian or gradient penalty would otherwise see a constant (PITFALLS 18).
+    ``collective``: the backward makes a collective (the linear head's input gradient), so
+    a rank asking for ``create_graph`` alone runs it first: the other ranks waiting in it
+    get their gradients (torch's own collectives would give them), this one the error."""
 
     def decorate(backward):
         def guarded(ctx, *grads):
             if torch.is_grad_enabled():
+                if collective:
+                    with torch.no_grad():
+                        backward(ctx, *grads)
                 raise UnsupportedError(
                     f"{name}: double backward (create_graph=True) is not supported by the "
                     f"vocab-parallel functions; use crossent.torch on the gathered logits"
@@ -250,6 +259,9 @@ def target_range(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 # the error types a noted problem may have, by their code in the table's "problem" column
 _KINDS: tuple[type[Exception], ...] = (InputError, UnsupportedError)
+# The agreement's problem codes: 1 + the index of the error type every rank raises (the
+# first bad rank's). TypeError: a call that Python could not bind (raises_together).
+CODES: tuple[type[Exception], ...] = (*_KINDS, TypeError)
 
 
 class Problems:
@@ -344,7 +356,7 @@ def _index(value, name: str) -> int:
         raise InputError(f"{name}={value!r} must be an integer")
     try:
         index = operator.index(value)
-    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
+    except Exception:  # a meta tensor has no value; a caller's __index__ may raise anything
         raise InputError(f"{name}={value!r} must be an integer") from None
     if not -(1 << 63) <= index < 1 << 63:
         raise InputError(f"{name}={value!r} does not fit in int64")
@@ -363,8 +375,8 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
         problems.note(str(e))
         eps = zeta = 0.0
         cap = None
-    if reduction not in _REDUCTIONS:
-        reduction = "mean"
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        reduction = "mean"  # (check_options noted it; a numpy array's `in` would raise)
     index = problems.check(_ignore_index, ignore_index)
     cdtype = compute_dtype(like.dtype) if like is not None else torch.float32
     device = like.device if like is not None else None
@@ -372,6 +384,9 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             problems.note(f"weight must be a floating tensor, this rank's slice of the "
                           f"per-class weights; got {_describe(weight)}")
+            weight = None
+        elif not_dense("weight", weight) is not None:
+            problems.note(str(not_dense("weight", weight)), UnsupportedError)
             weight = None
         elif tuple(weight.shape) != (local_classes,):
             problems.note(f"weight has shape {tuple(weight.shape)}; expected "
@@ -410,6 +425,9 @@ def _num_items(num_items, reduction: str, problems: Problems):
         problems.note("num_items divides the summed loss: use it with reduction='sum'")
         return None
     if isinstance(num_items, torch.Tensor):
+        if not_dense("num_items", num_items) is not None:
+            problems.note(str(not_dense("num_items", num_items)), UnsupportedError)
+            return None
         if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
             problems.note(f"num_items must be a number or a one-element real tensor; got a "
                           f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
@@ -434,22 +452,37 @@ def _num_items(num_items, reduction: str, problems: Problems):
     return count_value(num_items)  # an int divided as an int: rounded once, as torch's
 
 
+def not_dense(name: str, t: torch.Tensor) -> str | None:
+    """Why ``t`` is not a dense strided tensor (sparse, nested), or None. A nested tensor's
+    layout is ``torch.strided`` too, but its ``shape`` raises: noted before it is read."""
+    if t.is_nested:
+        return f"{name} is a nested tensor: dense (strided) tensors only"
+    if t.layout != torch.strided:
+        return f"{name} with layout {t.layout}: dense (strided) tensors only"
+    return None
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return f"{type(x).__name__}"
 
 
-def check_target(target, row_shape: tuple[int, ...], problems: Problems, device):
-    """The flat int64 target (``(N,)``), or ignored placeholders after noting a problem."""
+def check_target(target, row_shape: tuple[int, ...], problems: Problems, device,
+                 saved: bool = False):
+    """The flat int64 target (``(N,)``), or ignored placeholders after noting a problem.
+    ``saved``: backward will need it (a graph is recorded)."""
     rows = math.prod(row_shape)
     if not isinstance(target, torch.Tensor):
         problems.note(f"target must be a tensor of class ids; got {_describe(target)}")
     elif target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         problems.note(f"target must hold integer class ids, got {target.dtype}")
-    elif target.layout != torch.strided:
-        problems.note(f"target with layout {target.layout}: dense (strided) tensors only",
-                      UnsupportedError)
+    elif not_dense("target", target) is not None:
+        problems.note(str(not_dense("target", target)), UnsupportedError)
+    elif saved and target.is_inference():  # torch's save_for_backward would raise, later
+        problems.note("target was created under torch.inference_mode and cannot be saved "
+                      "for backward (torch raises too); make it outside inference_mode or "
+                      "clone it there")
     elif tuple(target.shape) != tuple(row_shape):
         problems.note(f"target has shape {tuple(target.shape)}; expected {tuple(row_shape)} "
                       f"({rows} rows)")
@@ -536,8 +569,8 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
         if not ok:  # every rank raises after the table: nothing of this rank's is read
             target = torch.zeros(0, dtype=torch.int64, device=device)
         values = {
-            "problem": 0 if ok else 1 + (_KINDS.index(problems.kind)
-                                         if problems.kind in _KINDS else 0),
+            "problem": 0 if ok else 1 + (CODES.index(problems.kind)
+                                         if problems.kind in CODES else 0),
             "function": function,
             "rows": rows,
             "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES),
@@ -593,6 +626,65 @@ def agree(lay: Layout, spec: Spec, problems: Problems, target: torch.Tensor, *,
             _raise_bad_target(target, spec)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+Report = Callable[[tuple[Any, ...], dict[str, Any], str], None]
+
+
+def raises_together(report: Report) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator of a collective entry point. Python matches a call's arguments to the
+    signature before the function runs, so an unknown keyword or a missing or extra
+    argument on one rank would raise ``TypeError`` there while the other ranks wait in the
+    first collective until it times out. Such a call runs ``report(args, kwargs, message)``
+    instead: the function's first collective, with this rank's problem in it, so that
+    every rank raises ``TypeError`` together (this rank Python's own). A ``TypeError``
+    from inside the function passes as it is: a call that could not bind has no frame of
+    the function in its traceback."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except TypeError as error:
+                if error.__traceback__ is None or error.__traceback__.tb_next is not None:
+                    raise  # raised inside fn, after the agreement
+                try:
+                    report(args, kwargs, str(error))
+                except Exception as agreed:
+                    if type(agreed) is TypeError and str(agreed) == str(error):
+                        raise error from None  # this rank's, with its own traceback
+                    raise agreed from error
+                raise  # report() always raises
+
+        return call
+
+    return decorate
+
+
+def _is_group(value: object) -> bool:
+    return dist.is_available() and isinstance(value, dist.ProcessGroup)
+
+
+def report_unbound_call(function: int) -> Report:
+    """The ``report`` of :func:`raises_together` for the two losses: the agreement of
+    ``_FUNCTIONS[function]`` with a problem noted (every rank raises; nothing of this
+    call's arguments is read but ``group`` and the device of a tensor among them)."""
+
+    def report(args: tuple[Any, ...], kwargs: dict[str, Any], message: str) -> None:
+        # a group passed by position (the parameter is keyword-only) is still the group
+        group = kwargs.get("group", next((a for a in args if _is_group(a)), None))
+        rank, world = group_rank_world(group)
+        device = header_device(group, *args, *kwargs.values())
+        problems = Problems()
+        problems.note(message, TypeError)
+        agree(Layout(group, rank, world, 0, 0, True), Spec(-100, 0.0, 0.0, None, "mean", None),
+              problems, torch.zeros(0, dtype=torch.int64, device=device), function=function,
+              rows=0, dtype=None, device=device)
+
+    return report
+
+
 def _real_tensors() -> contextlib.AbstractContextManager:
     """Real tensors for the agreement even under a ``FakeTensorMode`` (a collective on a
     fake buffer would leave the other ranks waiting)."""
@@ -613,7 +705,7 @@ def _check_table(rows: list[list[int]], lay: Layout, spec: Spec, problems: Probl
         # that falls back must not fall back on one rank alone); the message is the
         # rank's own where it has one
         first, code = bad[0]
-        kind = _KINDS[code - 1] if 0 < code <= len(_KINDS) else InputError
+        kind = CODES[code - 1] if 0 < code <= len(CODES) else InputError
         if problems.message is not None:
             if problems.kind is kind:
                 raise kind(problems.message)

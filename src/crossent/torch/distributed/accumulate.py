@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ...errors import InputError, UnsupportedError
 from .._rules import check_ignore_index, check_index_dtype
-from ._common import _KINDS, header_device
+from ._common import CODES, header_device, not_dense, raises_together
 
 __all__ = ["global_num_items"]
 
 
+def _report_unbound_call(args: tuple[Any, ...], kwargs: dict[str, Any], message: str) -> None:
+    """A call of :func:`global_num_items` Python could not bind (see
+    :func:`._common.raises_together`): its all-reduce with this rank's problem noted."""
+    group = kwargs["group"] if "group" in kwargs else args[2] if len(args) > 2 else None
+    if not (dist.is_available() and dist.is_initialized()):
+        group = None
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    _count_together(tensors[:1], None, message, TypeError, group)
+
+
+@raises_together(_report_unbound_call)
 def global_num_items(
     target: torch.Tensor | Sequence[torch.Tensor],
     ignore_index: int = -100,
@@ -49,6 +61,14 @@ def global_num_items(
         raise InputError("a group was given but torch.distributed is not initialized")
     given, not_a_list = _as_list(target)
     index, problem, kind = _checked(given, not_a_list, ignore_index)
+    return _count_together(given, index, problem, kind, group)
+
+
+def _count_together(given: list, index: int | None, problem: str | None,
+                    kind: type[Exception], group) -> torch.Tensor:
+    """The count of ``given`` (checked: ``problem`` is None) summed over ``group``, or the
+    ``problem`` raised on every rank together."""
+    initialized = dist.is_available() and dist.is_initialized()
     # where the count travels, bad argument or not (an NCCL rank's flag on the CPU would
     # fail its all-reduce while the others wait): the first tensor given, else the group's
     device = header_device(group if initialized else None,
@@ -68,17 +88,17 @@ def global_num_items(
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         table = torch.zeros((world, 3), dtype=torch.int64, device=device)
         table[rank, 0] = count
-        # 0: fine; else 1 + the index of the problem's type in _KINDS
-        table[rank, 1] = 0 if problem is None else 1 + _KINDS.index(kind)
+        # 0: fine; else 1 + the index of the problem's type in CODES
+        table[rank, 1] = 0 if problem is None else 1 + CODES.index(kind)
         table[rank, 2] = 0 if index is None else index
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
         rows = table.tolist()  # the one host synchronisation
         first = next((flag for _, flag, _ in rows if flag), 0)
         if problem is not None:  # this rank's own message, the first bad rank's type
-            raise _KINDS[first - 1](problem)
+            raise CODES[first - 1](problem)
         if first:
-            raise _KINDS[first - 1]("global_num_items: another rank of the group passed a "
-                                    "bad target or ignore_index (its error names it)")
+            raise CODES[first - 1]("global_num_items: another rank of the group passed a "
+                                   "bad argument (its error names it); every rank stops")
         if len({ii for _, _, ii in rows}) > 1:
             shown = ", ".join(f"rank {r}: {ii}" for r, (_, _, ii) in enumerate(rows))
             raise InputError(f"ignore_index differs across the ranks of the group ({shown}); "
@@ -129,6 +149,8 @@ def _list_problem(targets: list, not_a_list: str | None) -> str | None:
             return f"target must hold integer class ids, got {t.dtype}"
         if t.device.type == "meta":
             return "target on the meta device has no class ids to count"
+        if not_dense("target", t) is not None:
+            return not_dense("target", t)
         try:
             check_index_dtype(t)
         except InputError as error:

@@ -28,10 +28,13 @@ from ._common import (
     make_layout,
     make_spec,
     nan_target_rows,
+    not_dense,
     note_subclasses,
     note_transforms,
+    raises_together,
     reduce_loss,
     refuse_double_backward,
+    report_unbound_call,
 )
 from ._local import grad_rows, partial_rows, resolve_backend
 
@@ -70,6 +73,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+@raises_together(report_unbound_call(0))
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor,
     target: torch.Tensor,
@@ -180,7 +184,9 @@ def vocab_parallel_cross_entropy(
     ``> 0``. A bad argument on one rank (a wrong shape or dtype, an invalid option) is
     raised there with its own message after that collective, and as "rank r of the group
     reported invalid input" on the others: no rank is left waiting in a collective, and the
-    group stays usable.
+    group stays usable. A call Python cannot bind on one rank (an unknown keyword, a
+    missing or extra argument) takes part in that collective too: ``TypeError`` on every
+    rank.
 
     NaN: a NaN logit on any rank makes its row's loss (and ``"mean"``/``"sum"``) NaN on
     every rank, as single-process; an ignored row contributes 0 to the loss even if it
@@ -206,7 +212,8 @@ def vocab_parallel_cross_entropy(
     device = header_device(group, local_logits, target)
     spec = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_items,
                      logits, size, problems, softcap)
-    flat = check_target(target, row_shape, problems, device)
+    flat = check_target(target, row_shape, problems, device,
+                        saved=records_graph() and logits is not None and logits.requires_grad)
     rows = math.prod(row_shape)
     route = resolve_backend(backend, logits.device if logits is not None else None,
                             "vocab_parallel_cross_entropy", spec, problems)
@@ -236,9 +243,8 @@ def _check_logits(local_logits, problems: Problems) -> torch.Tensor | None:
         problems.note(f"local_logits must be a tensor; got {type(local_logits).__name__}")
     elif not local_logits.is_floating_point():
         problems.note(f"local_logits must be floating, got {local_logits.dtype}")
-    elif local_logits.layout != torch.strided:
-        problems.note(f"local_logits with layout {local_logits.layout}: dense (strided) "
-                      f"tensors only", UnsupportedError)
+    elif not_dense("local_logits", local_logits) is not None:
+        problems.note(str(not_dense("local_logits", local_logits)), UnsupportedError)
     elif local_logits.dim() == 0:
         problems.note("local_logits must have a class dimension; got a 0-d tensor")
     elif local_logits.device.type == "meta":

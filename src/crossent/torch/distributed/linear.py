@@ -31,6 +31,7 @@ from .._rules import (
     take_stored,
 )
 from ._common import (
+    _DTYPES,
     Problems,
     agree,
     cap_logits,
@@ -41,10 +42,13 @@ from ._common import (
     make_layout,
     make_spec,
     nan_target_rows,
+    not_dense,
     note_subclasses,
     note_transforms,
+    raises_together,
     reduce_loss,
     refuse_double_backward,
+    report_unbound_call,
 )
 from ._local import grad_rows, partial_rows, resolve_backend
 
@@ -157,7 +161,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return out.to(out_dtype)
 
     @staticmethod
-    @refuse_double_backward("vocab_parallel_linear_cross_entropy")
+    @refuse_double_backward("vocab_parallel_linear_cross_entropy", collective=True)
     @once_differentiable
     def backward(ctx, grad_output):
         spec = ctx.spec
@@ -211,6 +215,7 @@ def _scale_stored(grads, factor, valid, nan_rows):
     return [gx, *(None if g is None else g.mul_(factor) for g in (gw, gb))]
 
 
+@raises_together(report_unbound_call(1))
 def vocab_parallel_linear_cross_entropy(
     input: torch.Tensor,
     local_weight: torch.Tensor,
@@ -302,12 +307,12 @@ def vocab_parallel_linear_cross_entropy(
     device = header_device(group, input, local_weight, target)
     spec = make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_items,
                      x, size, problems, softcap)
-    flat = check_target(target, row_shape, problems, device)
+    grad = records_graph() and any(isinstance(p, torch.Tensor) and p.requires_grad
+                                   for p in (x, w, b))
+    flat = check_target(target, row_shape, problems, device, saved=grad)
     chunk = _check_chunk(chunk_size, problems)
     if problems.check(check_flag, reduce_input_grad, "reduce_input_grad") is None:
         reduce_input_grad = False
-    grad = records_graph() and any(isinstance(p, torch.Tensor) and p.requires_grad
-                                   for p in (x, w, b))
     input_grad = grad and x is not None and x.requires_grad
     route = resolve_backend(backend, x.device if x is not None else None,
                             "vocab_parallel_linear_cross_entropy", spec, problems)
@@ -348,9 +353,12 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
             what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             problems.note(f"{name} must be a floating tensor, got {what}")
             return *bad, 0, 0
-        if t.layout != torch.strided:
-            problems.note(f"{name} with layout {t.layout}: dense (strided) tensors only",
-                          UnsupportedError)
+        if not_dense(name, t) is not None:
+            problems.note(str(not_dense(name, t)), UnsupportedError)
+            return *bad, 0, 0
+        if t.dtype not in _DTYPES:  # float8: no matmul on CPU, no input hash
+            problems.note(f"{name} has dtype {t.dtype}: float16, bfloat16, float32 or "
+                          f"float64 only", UnsupportedError)
             return *bad, 0, 0
     if local_weight.dim() != 2:
         problems.note(f"local_weight must be (V_r, D); got shape {tuple(local_weight.shape)}")
