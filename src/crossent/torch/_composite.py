@@ -92,10 +92,12 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         losses = -(big_t * zero_unused(big_t, logp)).sum(1)
         if zl:
             losses = losses + zl * torch.logsumexp(z, 1).square()
-        # torch divides by numel / C: NaN for C = 0, as there
-        rows = float(z.shape[0]) if num_classes else math.nan
-        denominator = torch.full((), rows, dtype=cdtype, device=z.device)
-        return losses, denominator
+        # torch divides by numel / C (NaN for C = 0, as there): counted by a tensor
+        # operation, so a traced graph (make_fx, jit.trace, export) divides by the rows
+        # it is run on, not the traced batch's (float(z.shape[0]) would be a constant)
+        if not num_classes:
+            return losses, torch.full((), math.nan, dtype=cdtype, device=z.device)
+        return losses, torch.ones_like(losses).sum()
     if transforms_active() or fake_values(target):
         index = target.long()  # no data-dependent check here; gather checks the bounds
         valid = index != opts.ignore_index

@@ -488,10 +488,11 @@ def _ce_setup(ctx, inputs, output) -> None:
     ctx.requires, ctx.want_grads, ctx.options = _run_time_requires(ctx, inputs, 4)
     ctx.mark_non_differentiable(*output[1:])
     if ctx.want_grads:  # the gradient of the input, stored in forward; class indices for
-        # the rows and entries a non-finite grad_output reaches (_scale_logits_grad;
-        # probabilities: only their dtype, not an N x C tensor kept alive)
-        ctx.save_for_backward(output[1], target.new_empty(0) if target.is_floating_point()
-                              else target)
+        # the rows and entries a non-finite grad_output reaches (_scale_logits_grad); the
+        # target (probabilities too) and the class weight saved as torch's kernel saves
+        # them, so that an in-place change of either before backward raises as there
+        # (the saved tensors' versions are checked when backward unpacks them)
+        ctx.save_for_backward(output[1], target, weight)
     else:  # recomputed in backward from the inputs
         ctx.save_for_backward(input, target, weight, num_items)
 
@@ -500,7 +501,7 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
     _refuse_double_backward("cross_entropy")
     rest = (None,) * len(ctx.options)
     if ctx.want_grads:
-        grad, target = ctx.saved_tensors
+        grad, target, _ = ctx.saved_tensors  # (the weight: unpacked for its version)
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         return (_scale_logits_grad(grad, target, grad_loss, named["ignore_index"],
                                    named["label_smoothing"] != 0),
