@@ -230,7 +230,8 @@ def value_and_grad(fn, z0):
 ROUTES = ("auto", "auto_fused", "small", "native", "rowblock")
 
 
-_FEW_CLASSES = ("SMALL_MAX_LOGITS", "FEW_CLASSES", "FEW_CLASSES_NATIVE", "SPATIAL_FEW_CLASSES")
+_FEW_CLASSES = ("SMALL_MAX_LOGITS", "SMALL_MAX_LOGITS_FLOAT32", "FEW_CLASSES",
+                "FEW_CLASSES_NATIVE", "FEW_CLASSES_PROBABILITIES", "SPATIAL_FEW_CLASSES")
 
 
 def _shipped_thresholds() -> dict:

@@ -16,8 +16,8 @@ from crossent.torch import _backends
 def _fused_kernel_at_every_size(request, monkeypatch):
     if request.node.get_closest_marker("native_dispatch") is None:
         monkeypatch.setattr(_backends, "NATIVE_MAX_LOGITS", 0)
-        for few in ("SMALL_MAX_LOGITS", "FEW_CLASSES", "FEW_CLASSES_NATIVE",
-                    "SPATIAL_FEW_CLASSES"):
+        for few in ("SMALL_MAX_LOGITS", "SMALL_MAX_LOGITS_FLOAT32", "FEW_CLASSES",
+                    "FEW_CLASSES_NATIVE", "FEW_CLASSES_PROBABILITIES", "SPATIAL_FEW_CLASSES"):
             monkeypatch.setattr(_backends, few, 0)
 
 

@@ -68,10 +68,11 @@ def test_every_backend_gives_torchs_numbers(backend, kw):
 
 
 def test_native_is_torch_above_the_small_input_threshold_too():
-    # past the small kernel's range too (it keeps up to 2^23 logits of 1000 classes)
+    # past the small kernel's range too (it keeps up to 2^23 float64 logits of 1000
+    # classes; float32 at any size)
     rows = _backends.SMALL_MAX_LOGITS // 1000 + 1
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(rows, 1000, generator=g)
+    z = torch.randn(rows, 1000, generator=g, dtype=torch.float64)
     y = torch.randint(0, 1000, (rows,), generator=g)
     assert kind(xt.cross_entropy(z.requires_grad_(), y)) == "rowblock"  # auto: fused
     out = xt.cross_entropy(z, y, backend="native")

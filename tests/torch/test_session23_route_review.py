@@ -81,7 +81,8 @@ CASES = [
     ("class weights", _rows(21), F32, None, {"weight": True}, "native"),
     ("smoothing none", _rows(21), F32, None, {"label_smoothing": 0.1, "reduction": "none"},
      "native"),
-    ("bfloat16", _rows(21), BF16, None, {}, "native"),
+    ("bfloat16", _rows(21), BF16, None, {}, "small"),  # native until stop 33
+    ("float16", _rows(21), F16, None, {}, "native"),
     ("float16 none", _rows(21), F16, None, {"reduction": "none"}, "native"),
     ("int32 target, weights", _rows(21), F32, I32, {"weight": True}, "native"),
     ("spatial 21 none", (2, 21, 112, 112), F32, None, {"reduction": "none"}, "native"),
@@ -188,9 +189,10 @@ def test_non_finite_logits_give_torchs_pattern_on_the_small_route(routes):
 BOUNDARIES = [
     # (id, shape, needs grad, route)
     ("63 classes at 2^23 logits", _rows(63, 1 << 23), True, "small"),
-    ("64 classes at 2^23 logits", _rows(64, 1 << 23), True, "rowblock"),
+    # float32 at any size since stop 33 (SMALL_MAX_LOGITS_FLOAT32); float64 below
+    ("64 classes at 2^23 logits", _rows(64, 1 << 23), True, "small"),
     ("2^23 - 1 logits, 178481 classes", (47, 178481), True, "small"),
-    ("2^23 logits, 128 classes", (65536, 128), True, "rowblock"),
+    ("2^23 logits, 128 classes", (65536, 128), True, "small"),
     ("31 classes, no gradient", _rows(31), False, "native"),
     ("32 classes, no gradient", _rows(32), False, "rowblock"),
     ("spatial 255 classes", (1, 255, 46, 46), True, "native"),
@@ -202,7 +204,20 @@ BOUNDARIES = [
                          ids=[b[0] for b in BOUNDARIES])
 def test_thresholds_take_the_documented_route_with_torchs_numbers(routes, shape, grad,
                                                                  route):
-    z, y = _data(shape)
+    _threshold_case(shape, grad, route, routes)
+
+
+@pytest.mark.parametrize(("shape", "route"), [(_rows(63, 1 << 23), "small"),
+                                              (_rows(64, 1 << 23), "rowblock"),
+                                              ((8191, 1024), "small"),
+                                              ((65536, 128), "rowblock")],
+                         ids=["63 classes", "64 classes", "2^23 - 1024", "2^23, 128 classes"])
+def test_float64_keeps_the_small_kernel_under_2_23_logits(routes, shape, route):
+    _threshold_case(shape, True, route, routes, F64)
+
+
+def _threshold_case(shape, grad, route, routes, dtype=F32):
+    z, y = _data(shape, dtype)
     a = z.clone().requires_grad_(grad)
     loss = xt.cross_entropy(a, y, reduction="sum")
     assert routes == [route]
@@ -261,8 +276,7 @@ def test_transform_and_forward_ad_never_reach_the_new_routes(routes):
 
 
 @pytest.mark.parametrize("autocast", [BF16, F16])
-@pytest.mark.parametrize(("dtype", "route"), [(F32, "small"), (BF16, "native"),
-                                              (F16, "native")])
+@pytest.mark.parametrize(("dtype", "route"), [(F32, "small"), (BF16, "small"), (F16, "native")])
 def test_cpu_autocast_on_the_new_routes(routes, autocast, dtype, route):
     z, y = _data(_rows(21), dtype)
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
@@ -368,7 +382,7 @@ def _torch_raises_on_change(fn, change):
 
 @pytest.mark.parametrize(("dtype", "opts", "route"), [
     (F32, {}, "small"), (F32, {"label_smoothing": 0.1}, "native"),
-    (BF16, {}, "native")])
+    (BF16, {}, "small"), (F16, {}, "native")])
 def test_int64_target_changed_in_place_raises_on_the_new_routes(routes, dtype, opts, route):
     z, y = _data(_rows(21), dtype)
     a = z.clone().requires_grad_()
@@ -380,7 +394,8 @@ def test_int64_target_changed_in_place_raises_on_the_new_routes(routes, dtype, o
 
 
 @pytest.mark.parametrize(("dtype", "opts", "route"), [
-    (F32, {}, "small"), (F32, {"weight": True}, "native"), (BF16, {}, "native")])
+    (F32, {}, "small"), (F32, {"weight": True}, "native"), (BF16, {}, "small"),
+    (F16, {}, "native")])
 def test_uint8_target_changed_in_place_raises_as_torchs(routes, dtype, opts, route):
     z, y = _data(_rows(21), dtype, ignored=None)
     y8 = y.to(U8)
@@ -467,7 +482,8 @@ def test_inplace_backward_on_the_row_block_route_writes_into_the_activation():
     assert _inplace_gradient_storage(BF16, "rowblock", _rows(21))
 
 
-@pytest.mark.parametrize(("dtype", "route"), [(F32, "small"), (BF16, "native")])
+@pytest.mark.parametrize(("dtype", "route"), [(F32, "small"), (BF16, "small"),
+                                              (F16, "native")])
 def test_inplace_backward_writes_into_the_activation_on_the_new_routes(routes, dtype,
                                                                          route):
     # fixed by keeping inplace_backward on the row-block kernel (its memory is asked for)
@@ -556,7 +572,8 @@ def test_readme_and_guarantees_name_the_shipped_thresholds():
     assert _backends.SPATIAL_FEW_CLASSES == 256 and "fewer than 256 classes" in bullet
     guarantees = " ".join(open(os.path.join(root, "docs", "guarantees.md"),
                                encoding="utf-8").read().split())
-    assert re.search(r"under `2\*\*23` logits or of fewer than 64 classes .*fewer than 32 "
+    assert re.search(r"float32 at any size; float64 and bfloat16 under `2\*\*23` logits or of "
+                     r"fewer than 64 classes.*fewer than 32 "
                      r"classes, and `\(N, C, d1, \.\.\.\)` logits of fewer than 256", guarantees)
 
 

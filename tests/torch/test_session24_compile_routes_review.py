@@ -38,10 +38,12 @@ INF = math.inf
 # tiny thresholds with the shipped ones' order: past NATIVE_MAX_LOGITS (16) the few-class
 # routes decide; small kernel from 4 classes (SMALL_MIN_CLASSES) below 8 classes
 # (FEW_CLASSES) or under 120 logits (SMALL_MAX_LOGITS); torch's kernel below 6 classes
-# (FEW_CLASSES_NATIVE), below 5 for (N, C, d1, ...) (SPATIAL_FEW_CLASSES)
+# (FEW_CLASSES_NATIVE), below 5 for (N, C, d1, ...) (SPATIAL_FEW_CLASSES), probability
+# targets below 8 (FEW_CLASSES_PROBABILITIES)
 _THRESHOLDS = {"NATIVE_MAX_LOGITS": 16, "SMALL_MIN_LOGITS": 1, "SMALL_MAX_LOGITS": 120,
+               "SMALL_MAX_LOGITS_FLOAT32": 120,
                "FEW_CLASSES": 8, "SMALL_MIN_CLASSES": 4, "FEW_CLASSES_NATIVE": 6,
-               "SPATIAL_FEW_CLASSES": 5}
+               "FEW_CLASSES_PROBABILITIES": 8, "SPATIAL_FEW_CLASSES": 5}
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +233,7 @@ def test_threshold_changed_between_calls_of_one_compiled_graph(routes, monkeypat
     _against_torch(fn, z, t)
     monkeypatch.setattr(_backends, "FEW_CLASSES", 4)
     monkeypatch.setattr(_backends, "SMALL_MAX_LOGITS", 8)
+    monkeypatch.setattr(_backends, "SMALL_MAX_LOGITS_FLOAT32", 8)
     _against_torch(fn, z, t)
     assert routes == ["small", "native"]
 

@@ -541,8 +541,9 @@ def test_choose_backend_small_only_for_its_calls():
     limit = 1 << 19
     assert _backends.choose_backend("auto", _call(), limit) == "small"
     assert _backends.choose_backend("auto", _call(dtype=torch.float64), limit) == "small"
+    assert _backends.choose_backend("auto", _call(dtype=torch.bfloat16), limit) == "small"
     native = [dict(device=torch.device("cuda")), dict(device=torch.device("meta")),
-              dict(dtype=torch.bfloat16), dict(dtype=torch.float16), dict(needs_grad=False),
+              dict(dtype=torch.float16), dict(needs_grad=False),
               dict(plain=False), dict(weighted=True), dict(label_smoothing=0.1),
               dict(function="linear_cross_entropy"),
               dict(num_logits=_backends.SMALL_MIN_LOGITS - 1)]

@@ -637,14 +637,20 @@ def test_autocast_bfloat16_around_full_precision_logits(dtype):
         assert results[0][0].dtype == results[1][0].dtype
         _close(results[0][0], results[1][0])
         _close(results[0][1], results[1][1])
-    # bfloat16 logits from a matmul under autocast: torch's route, torch's numbers
+    # bfloat16 logits from a matmul under autocast: the small kernel in float32 (since
+    # stop 33; torch's route before), torch's float32 loss and its gradients
     x = torch.randn(6, 3, requires_grad=True)
     w = torch.randn(5, 3)
+    xr = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with route(False):
+        with route(True):
             loss = xt.cross_entropy(x @ w.T, t)
-        want = F.cross_entropy(x @ w.T, t)
+        want = F.cross_entropy(xr @ w.T, t)
+    assert loss.dtype == want.dtype == torch.float32
     _close(loss, want)
+    loss.backward()
+    want.backward()
+    _close(x.grad, xr.grad, rtol=2e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("options", [{}, {"reduction": "sum", "ignore_index": 1},
@@ -695,9 +701,9 @@ def test_calls_that_must_not_take_the_route_give_torchs_numbers():
     with route(False):
         smooth = xt.cross_entropy(leaf, t, label_smoothing=0.1)
     _close(smooth, F.cross_entropy(z, t, label_smoothing=0.1))
-    for low in (torch.bfloat16, torch.float16):
+    for low, taken in ((torch.bfloat16, True), (torch.float16, False)):  # bf16: stop 33
         leaf = z.to(low).requires_grad_()
-        with route(False):
+        with route(taken):
             loss = xt.cross_entropy(leaf, t)
         _close(loss, F.cross_entropy(z.to(low), t), rtol=1e-2, atol=1e-2)
     class Mode(TorchFunctionMode):
@@ -742,13 +748,15 @@ def test_size_limits_of_the_route(monkeypatch):
     below = torch.randn(first - 1, classes)
     at = torch.randn(first, classes)
     # past NATIVE_MAX_LOGITS the kernel keeps rows of few classes (_backends.FEW_CLASSES),
-    # and others up to SMALL_MAX_LOGITS, where the row-block kernel takes over
+    # and others up to SMALL_MAX_LOGITS, where the row-block kernel takes over: for float64
+    # (and bfloat16); float32 at every size (SMALL_MAX_LOGITS_FLOAT32, since stop 33)
     assert classes >= _backends.FEW_CLASSES
     top = torch.randn(_backends.SMALL_MAX_LOGITS // classes, classes)
     just_under_top = torch.randn(_backends.SMALL_MAX_LOGITS // classes - 1, classes)
     past_native = torch.randn(_backends.NATIVE_MAX_LOGITS // classes, classes)
+    assert _backends.SMALL_MAX_LOGITS_FLOAT32 > 1 << 40
     for z, taken in ((below, False), (at, True), (past_native, True), (just_under_top, True),
-                     (top, False)):
+                     (top.double(), False), (just_under_top.double(), True), (top, True)):
         t = torch.randint(0, classes, (z.shape[0],))
         t[::7] = -100
         tol = {} if taken or z is below else {"rtol": 1e-5, "atol": 1e-6}

@@ -25,9 +25,10 @@ def fused(out: torch.Tensor) -> bool:
 def test_small_index_input_runs_torchs_kernel_and_large_the_fused_one():
     small = torch.randn(16, C, requires_grad=True)
     assert not fused(xt.cross_entropy(small, torch.randint(0, C, (16,))))
-    # past the small kernel's range too (it keeps up to 2^23 logits of 1000 classes)
+    # past the small kernel's range too (it keeps up to 2^23 float64 logits of 1000
+    # classes; float32 at any size)
     rows = _backends.SMALL_MAX_LOGITS // 1000 + 1
-    large = torch.randn(rows, 1000, requires_grad=True)
+    large = torch.randn(rows, 1000, dtype=torch.float64, requires_grad=True)
     assert fused(xt.cross_entropy(large, torch.randint(0, 1000, (rows,))))
 
 

@@ -13,7 +13,8 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     not with ``inplace_backward``), the small-batch kernel below :data:`FEW_CLASSES`
     classes or under :data:`SMALL_MAX_LOGITS` logits, else torch's kernel below
     :data:`FEW_CLASSES_NATIVE` classes (:data:`SPATIAL_FEW_CLASSES` for
-    ``(N, C, d1, ...)`` logits; probability targets below :data:`FEW_CLASSES`, and small
+    ``(N, C, d1, ...)`` logits; probability targets below
+    :data:`FEW_CLASSES_PROBABILITIES`, and small
     ones, when no logit is ``-inf``: :func:`wants_neg_inf_check`); otherwise crossent's
     row-block kernel. Where autograd needs what a fused kernel cannot give (a
     ``torch.func`` transform, forward-mode AD, ``jit.trace``, ``C = 0``, ...), the
@@ -70,14 +71,23 @@ NATIVE_MAX_LOGITS = 1 << 19
 # eager 1.20-1.22x at 128 x 1000, 1.06-1.17x at 192 x 1000, 1.01-1.12x at 224 x 1000,
 # 0.78-0.99x at 256 x 1000 (five runs), 0.65-0.89x at 384 x 1000, 0.66-0.81x at 512 x 1000.
 SMALL_MIN_LOGITS = 240_000
+# bfloat16 too (converted to float32 once, the gradient rounded once); not float16, whose
+# "mean" gradient is stored unscaled (_rules.defers_mean_scale): the row-block kernel's
+SMALL_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 # Rows of few classes on CPU (token tagging, segmentation): the row-block kernel's per-row
 # reductions over a short row cost more than they save. Measured (float32 forward +
 # backward, 2-core EPYC, benchmarks/few_classes.py, paired medians):
 SMALL_MAX_LOGITS = 1 << 23  # the small kernel up to here at any C (8192 x 1000: 0.3-0.5x
-#                             eager, the row-block kernel 0.5-0.7x; 16384 x 1000: 0.42x
-#                             against the row-block kernel's 0.18x: fresh pages per step)
+#                             eager, the row-block kernel 0.5-0.7x) for bfloat16 (its float32
+#                             work buffer: 2x the logits' bytes) and float64 (backward copies
+#                             the gradient); float32: SMALL_MAX_LOGITS_FLOAT32
+SMALL_MAX_LOGITS_FLOAT32 = 1 << 62  # float32 at any size since its buffers are pooled (idle:
+#                             16384 x 1000 0.13x eager, the row-block kernel 0.19x; 2048 x
+#                             32000 0.13-0.14x against 0.16x; with 2 busy processes level,
+#                             0.15-0.20x against 0.16-0.19x): the same memory, one N x C
+#                             gradient
 FEW_CLASSES = 64  # below: the small kernel at any size (1048576 x 21: 0.71x eager, the
 #                   row-block kernel 0.77x; 262144 x 2: 1.03x against 2.3x)
 SMALL_MIN_CLASSES = 4  # the small kernel's O(N) temporaries (index, p_y, log p_y, scale)
@@ -85,6 +95,9 @@ SMALL_MIN_CLASSES = 4  # the small kernel's O(N) temporaries (index, p_y, log p_
 #                       5x the logits against eager's 3x, and ran 1.04x eager (torch's: 0.99x)
 FEW_CLASSES_NATIVE = 32  # below: torch's kernel where the small one does not serve
 #                          (262144 x 2: 0.93x eager, the row-block kernel 2.3x)
+FEW_CLASSES_PROBABILITIES = 128  # probability targets below: torch's kernel (65536 x 64:
+#                                  0.94-0.99x eager, the row-block kernel 1.3-1.7x; at
+#                                  32768 x 150 and up the two were level within the noise)
 SPATIAL_FEW_CLASSES = 256  # (N, C, d1, ...) below: torch's kernel, which reads that
 #                            layout as it is (8 x 21 x 128 x 128: the row-block kernel
 #                            2.7x eager, its transposing copies; 8 x 300 x 64 x 64: 0.84x)
@@ -201,9 +214,8 @@ def wants_neg_inf_check(backend: str, call: Call, native_max_logits: int) -> boo
             or call.softcap is not None or call.composite is not None or call.fake
             or call.subclass is not None):
         return False
-    few = SPATIAL_FEW_CLASSES if call.spatial else FEW_CLASSES
     return call.num_logits < native_max_logits or (
-        not call.inplace and 0 < call.num_classes < few)
+        not call.inplace and 0 < call.num_classes < _torchs_few_classes(call))
 
 
 def has_neg_inf(logits: torch.Tensor) -> bool:
@@ -226,7 +238,7 @@ def small_kernel_fits(device: torch.device, dtype: torch.dtype | None, num_logit
     that torch's kernel would otherwise serve (under ``NATIVE_MAX_LOGITS``; the caller
     checks the weights and plain tensors)."""
     return (needs_grad and label_smoothing == 0 and device.type == "cpu"
-            and dtype in (torch.float32, torch.float64)
+            and dtype in SMALL_KERNEL_DTYPES
             and num_logits >= max(SMALL_MIN_LOGITS, 1))
 
 
@@ -298,11 +310,22 @@ def _few_classes_route(call: Call) -> str | None:
             and call.num_classes >= SMALL_MIN_CLASSES
             and small_kernel_fits(call.device, call.dtype, call.num_logits, call.needs_grad,
                                   call.label_smoothing)
-            and (call.num_logits < SMALL_MAX_LOGITS or call.num_classes < FEW_CLASSES)):
+            and (call.num_logits < _small_max_logits(call.dtype)
+                 or call.num_classes < FEW_CLASSES)):
         return "small"
-    # probability targets (checked free of -inf): torch's kernel below FEW_CLASSES
-    # (131072 x 21: 18.2 ms with the check's 1.7, the row-block kernel 28.2, eager 11.7;
-    # at 32768 x 150 the row-block kernel beat eager, 20.7 ms against 25.3)
-    limit = (SPATIAL_FEW_CLASSES if call.spatial
-             else FEW_CLASSES_NATIVE if call.index_target else FEW_CLASSES)
-    return "native" if 0 < call.num_classes < limit else None
+    # probability targets (checked free of -inf): torch's kernel below
+    # FEW_CLASSES_PROBABILITIES (131072 x 21: 1.10x eager with the check, the row-block
+    # kernel 2.2x)
+    return "native" if 0 < call.num_classes < _torchs_few_classes(call) else None
+
+
+def _small_max_logits(dtype: torch.dtype | None) -> int:
+    return SMALL_MAX_LOGITS_FLOAT32 if dtype == torch.float32 else SMALL_MAX_LOGITS
+
+
+def _torchs_few_classes(call: Call) -> int:
+    """Below this many classes a large CPU call goes to torch's kernel (where the small
+    one does not serve it)."""
+    if call.spatial:
+        return SPATIAL_FEW_CLASSES
+    return FEW_CLASSES_NATIVE if call.index_target else FEW_CLASSES_PROBABILITIES

@@ -1,19 +1,24 @@
-"""A fused softmax cross-entropy of a dozen tensor operations, for small batches on CPU.
+"""A fused softmax cross-entropy of a dozen tensor operations on CPU: small batches, rows
+of few classes, and float32 logits of any size (:func:`._backends.choose_backend` decides).
 
 At a few hundred thousand logits torch's own kernel is hard to beat with the row-block
 kernel (:mod:`._rowblock`): that kernel's ~60 tensor operations of Python dispatch cost
 more than the arithmetic. torch eager, though, makes three ``N x C`` passes that write
 memory (``log_softmax`` forward; ``nll_loss_backward``'s zero-filled ``dlogp``;
-``log_softmax_backward``), three fresh ``N x C`` tensors a step. This kernel writes one:
-for float32/float64 ``(N, C)`` logits, int64 ``(N,)`` targets and torch's options without
-class weights or label smoothing,
+``log_softmax_backward``), three fresh ``N x C`` tensors a step. This kernel writes one,
+taken from crossent's buffer pool (:mod:`._buffers`: no fresh pages in a training loop):
+for float32/float64/bfloat16 ``(N, C)`` logits, int64 ``(N,)`` targets and torch's options
+without class weights or label smoothing,
 
     p = softmax(z)                                   one N x C pass
     nll_n = -log p_ny                                (log_softmax where p_ny underflows)
     g = (p - onehot(y)) a,  a_n = [y_n counted] / D  D = number counted ("mean"), else 1
 
 the gradient formed in forward (the true-class entry ``(p_y - 1) a`` from the unscaled
-``p_y``); backward hands it over, times ``grad_output`` unless that is 1. Ignored rows
+``p_y``); backward hands it over, times ``grad_output`` unless that is 1. bfloat16 logits
+are converted to float32 once (a pooled work buffer), computed as float32 and the finished
+gradient rounded once (float16 is not served: its ``"mean"`` gradient is stored unscaled,
+:func:`._rules.defers_mean_scale`, which the row-block kernel does). Ignored rows
 (``y_n == ignore_index``) give loss 0 and gradient ``p * 0`` (0, NaN where the softmax is
 NaN: torch's ``exp(logp) * 0``). Measured against ``torch.nn.functional.cross_entropy``
 (forward + backward, float32, 2-core CPU): see :data:`._backends.SMALL_MIN_LOGITS`.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _buffers
 from ._rules import (
     check_not_freed,
     check_target_intact,
@@ -56,13 +62,26 @@ class _SmallCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, index, valid, counted, ignore_index, reduction):
         # valid: (N,) bool where some row is ignored, None where none is (the common call:
         # no mask operations at all); index: (N, 1), the target with ignored rows at 0
-        p = torch.softmax(logits, 1)
+        low = logits.dtype == torch.bfloat16
+        # the N x C buffers from the pool (._buffers): fresh pages every step cost more
+        # than the softmax at a few million logits
+        p = _buffers.empty(tuple(logits.shape), torch.float32 if low else logits.dtype,
+                           logits)
+        if low:  # float32 arithmetic: converted once, the softmax in place
+            p.copy_(logits)
+            torch.ops.aten._softmax.out(p, 1, False, out=p)
+        else:
+            torch.ops.aten._softmax.out(logits, 1, False, out=p)
         p_y = p.gather(1, index)
         counted_p_y = p_y if valid is None else torch.where(valid.unsqueeze(1), p_y, 1.0)
-        if float(counted_p_y.min()) >= _TINY:  # one host sync (CPU only); False for NaN
-            logp_y = p_y.log()
-        else:
-            logp_y = torch.log_softmax(logits, 1).gather(1, index)
+        logp_y = p_y.log()
+        if not float(counted_p_y.min()) >= _TINY:  # one host sync (CPU only); NaN too
+            # those rows from log_softmax (only them: at an LLM's vocabulary the whole
+            # logits would be another N x C)
+            rows = (~(counted_p_y.view(-1) >= _TINY)).nonzero().view(-1)
+            some = logits.index_select(0, rows)
+            logp_y[rows] = torch.log_softmax(some.float() if low else some, 1).gather(
+                1, index.index_select(0, rows))
         # the true-class entry p_y - 1 formed in full precision before the row scale, which
         # then multiplies every entry once (ignored rows: p_y - 0, then times 0)
         if valid is None:
@@ -75,7 +94,10 @@ class _SmallCrossEntropy(torch.autograd.Function):
             if reduction == "mean":
                 scale /= max(counted, 1)  # all ignored: gradient 0, as torch's
             p.mul_(scale.unsqueeze(1))
-        ctx.grad, ctx.reduction, ctx.valid, ctx.index = p, reduction, valid, index
+        # bfloat16 (float32's exponent range): the finished gradient rounded once
+        ctx.grad = (_buffers.empty(tuple(logits.shape), logits.dtype, logits).copy_(p)
+                    if low else p)
+        ctx.reduction, ctx.valid, ctx.index, ctx.low = reduction, valid, index, low
         ctx.ignore_index, ctx.device_type = ignore_index, logits.device.type
         ctx.keep = logits.dtype == torch.float64
         save_inputs(ctx, logits, target)
@@ -96,7 +118,8 @@ class _SmallCrossEntropy(torch.autograd.Function):
         if recompute_in_backward(grad_output) or ctx.grad is None:  # or backward twice
             dz, _ = double_backward(
                 ctx, grad_output, "cross_entropy",
-                lambda z, t: F.cross_entropy(z, t, ignore_index=ctx.ignore_index,
+                lambda z, t: F.cross_entropy(z.float() if ctx.low else z, t,
+                                             ignore_index=ctx.ignore_index,
                                              reduction=ctx.reduction),
                 create_graph=torch.is_grad_enabled())
             return dz, *none
@@ -119,7 +142,8 @@ class _SmallCrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                   reduction: str) -> torch.Tensor | None:
-    """Loss of float32/float64 CPU ``logits`` (N, C), N > 0, for int64 ``target`` (N,),
+    """Loss of float32/float64/bfloat16 CPU ``logits`` (N, C), N > 0, for int64 ``target``
+    (N,),
     with its gradient formed for backward (the caller checked that the logits need one
     and that ``torch.is_grad_enabled()``). ``reduction``: ``"mean"``, ``"sum"`` or
     ``"none"``. ``None`` where a target is outside ``0 .. C-1`` and not ``ignore_index``:
