@@ -39,6 +39,7 @@ from ._rules import (
     double_backward,
     fake_values,
     infinite_as_nan,
+    infinite_on_cpu,
     kernel_reduction,
     legacy_flag,
     make_options,
@@ -86,7 +87,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         check_target_intact(ctx, "cross_entropy")
-        if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
+        if recompute_in_backward(grad_output) or (  # create_graph, is_grads_batched, or an
+                not ctx.inplace  # (rounded to the loss's dtype: a float64 1e300 is inf)
+                and infinite_on_cpu(grad_output.to(ctx.loss_dtype), ctx.device_type)):
             grads = double_backward(
                 ctx, grad_output, "cross_entropy",
                 lambda z, t, w: _composite.cross_entropy(z, t, w, ctx.opts),

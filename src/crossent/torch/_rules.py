@@ -950,6 +950,21 @@ def recompute_in_backward(grad_output: torch.Tensor) -> bool:
     return torch.is_grad_enabled() or batched_grad_output(grad_output)
 
 
+def infinite_on_cpu(grad_output: torch.Tensor, device_type: str) -> bool:
+    """An infinite ``grad_output`` on CPU (one host read, O(N) for ``"none"``): the fused
+    kernels' stored gradient cannot take it. Its entries that rounded to 0 (a ``p_j``, or
+    ``p_j / N`` for ``"mean"``, under the smallest subnormal: a logit some 90 nats below its
+    row's top in bfloat16/float32, 740 in float64) give ``0 x inf = NaN`` where torch's,
+    which multiplies first, gives ``+-inf``; so backward recomputes with torch operations
+    (:func:`double_backward`, ``create_graph=False``). Accelerators keep the stored
+    gradient: no host synchronisation there (documented)."""
+    if device_type != "cpu":
+        return False
+    if grad_output.dim() == 0:  # "mean"/"sum": a scalar read, no tensor operation
+        return math.isinf(grad_output.item())
+    return bool(torch.isinf(grad_output).any())
+
+
 def double_backward(ctx, grad_output, name: str, loss_fn, create_graph: bool = True):
     """Backward with ``create_graph=True`` (grad mode on inside backward): the fused
     kernel's stored gradient is a constant to autograd, so the gradient is recomputed

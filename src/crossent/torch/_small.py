@@ -42,6 +42,7 @@ from ._rules import (
     check_not_freed,
     check_target_intact,
     double_backward,
+    infinite_on_cpu,
     nan_at_targets,
     no_autocast,
     recompute_in_backward,
@@ -115,7 +116,8 @@ class _SmallCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         none = (None,) * 6
         check_target_intact(ctx, "cross_entropy")
-        if recompute_in_backward(grad_output) or ctx.grad is None:  # or backward twice
+        if (recompute_in_backward(grad_output) or ctx.grad is None  # or backward twice
+                or infinite_on_cpu(grad_output, ctx.device_type)):
             dz, _ = double_backward(
                 ctx, grad_output, "cross_entropy",
                 lambda z, t: F.cross_entropy(z.float() if ctx.low else z, t,
