@@ -145,8 +145,7 @@ class _SmallCrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                   reduction: str) -> torch.Tensor | None:
     """Loss of float32/float64/bfloat16 CPU ``logits`` (N, C), N > 0, for int64 ``target``
-    (N,),
-    with its gradient formed for backward (the caller checked that the logits need one
+    (N,), with its gradient formed for backward (the caller checked that the logits need one
     and that ``torch.is_grad_enabled()``). ``reduction``: ``"mean"``, ``"sum"`` or
     ``"none"``. ``None`` where a target is outside ``0 .. C-1`` and not ``ignore_index``:
     the caller lets torch's kernel raise torch's error.

@@ -385,8 +385,8 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
             problems.note(f"weight must be a floating tensor, this rank's slice of the "
                           f"per-class weights; got {_describe(weight)}")
             weight = None
-        elif not_dense("weight", weight) is not None:
-            problems.note(str(not_dense("weight", weight)), UnsupportedError)
+        elif (why := not_dense("weight", weight)) is not None:
+            problems.note(why, UnsupportedError)
             weight = None
         elif tuple(weight.shape) != (local_classes,):
             problems.note(f"weight has shape {tuple(weight.shape)}; expected "
@@ -425,8 +425,8 @@ def _num_items(num_items, reduction: str, problems: Problems):
         problems.note("num_items divides the summed loss: use it with reduction='sum'")
         return None
     if isinstance(num_items, torch.Tensor):
-        if not_dense("num_items", num_items) is not None:
-            problems.note(str(not_dense("num_items", num_items)), UnsupportedError)
+        if (why := not_dense("num_items", num_items)) is not None:
+            problems.note(why, UnsupportedError)
             return None
         if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
             problems.note(f"num_items must be a number or a one-element real tensor; got a "
@@ -477,8 +477,8 @@ def check_target(target, row_shape: tuple[int, ...], problems: Problems, device,
         problems.note(f"target must be a tensor of class ids; got {_describe(target)}")
     elif target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         problems.note(f"target must hold integer class ids, got {target.dtype}")
-    elif not_dense("target", target) is not None:
-        problems.note(str(not_dense("target", target)), UnsupportedError)
+    elif (why := not_dense("target", target)) is not None:
+        problems.note(why, UnsupportedError)
     elif saved and target.is_inference():  # torch's save_for_backward would raise, later
         problems.note("target was created under torch.inference_mode and cannot be saved "
                       "for backward (torch raises too); make it outside inference_mode or "

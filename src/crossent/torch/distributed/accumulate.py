@@ -149,8 +149,8 @@ def _list_problem(targets: list, not_a_list: str | None) -> str | None:
             return f"target must hold integer class ids, got {t.dtype}"
         if t.device.type == "meta":
             return "target on the meta device has no class ids to count"
-        if not_dense("target", t) is not None:
-            return not_dense("target", t)
+        if (why := not_dense("target", t)) is not None:
+            return why
         try:
             check_index_dtype(t)
         except InputError as error:

@@ -243,8 +243,8 @@ def _check_logits(local_logits, problems: Problems) -> torch.Tensor | None:
         problems.note(f"local_logits must be a tensor; got {type(local_logits).__name__}")
     elif not local_logits.is_floating_point():
         problems.note(f"local_logits must be floating, got {local_logits.dtype}")
-    elif not_dense("local_logits", local_logits) is not None:
-        problems.note(str(not_dense("local_logits", local_logits)), UnsupportedError)
+    elif (why := not_dense("local_logits", local_logits)) is not None:
+        problems.note(why, UnsupportedError)
     elif local_logits.dim() == 0:
         problems.note("local_logits must have a class dimension; got a 0-d tensor")
     elif local_logits.device.type == "meta":

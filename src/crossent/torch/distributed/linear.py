@@ -353,8 +353,8 @@ def _check_inputs(input, local_weight, local_bias, problems: Problems):
             what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             problems.note(f"{name} must be a floating tensor, got {what}")
             return *bad, 0, 0
-        if not_dense(name, t) is not None:
-            problems.note(str(not_dense(name, t)), UnsupportedError)
+        if (why := not_dense(name, t)) is not None:
+            problems.note(why, UnsupportedError)
             return *bad, 0, 0
         if t.dtype not in _DTYPES:  # float8: no matmul on CPU, no input hash
             problems.note(f"{name} has dtype {t.dtype}: float16, bfloat16, float32 or "
