@@ -465,6 +465,8 @@ def _linear_args(x, w, b, t, requires, want_grads, reduction, statistics=None):
 def test_opcheck():
     z = torch.randn(6, 5, requires_grad=True)
     t = torch.randint(0, 5, (6,))
+    t_ignored = t.clone()
+    t_ignored[1] = -100
     p = torch.softmax(torch.randn(6, 5), 1).requires_grad_()
     cw = torch.rand(5)
     x, w, b = (torch.randn(6, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True),
@@ -482,6 +484,12 @@ def test_opcheck():
         (torch.ops.crossent.cross_entropy_bwd.default,
          (torch.rand(6), *_ce_args(z.detach(), p.detach(), [True, True, False, False],
                                    False, "none", cw))),
+        # the CPU scaling of the stored gradient, and its recompute for an infinite
+        # grad_output (on an ignored row: opcheck's comparison takes no NaN)
+        *((torch.ops.crossent.cross_entropy_scale_cpu.default,
+           (torch.rand(6, 5), go, *_ce_args(z.detach(), t_ignored, [True, False, False, False],
+                                             True, "none" if go.dim() else "mean")))
+          for go in (torch.tensor([1.0, -float("inf"), 2, 3, 4, 5]), torch.tensor(2.0))),
         (torch.ops.crossent.linear_cross_entropy_bwd.default,
          (torch.rand(6), *_linear_args(x.detach(), w.detach(), b.detach(), t,
                                        [True] * 3 + [False] * 3, False, "none"))),

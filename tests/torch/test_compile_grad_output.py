@@ -137,6 +137,41 @@ def test_cross_entropy_every_row_ignored():
            "mean", (3,))
 
 
+@pytest.mark.parametrize(("dtype", "far", "reduction"), [
+    (torch.bfloat16, -95.0, "sum"),  # p_j = e^-95 under bfloat16's smallest subnormal
+    (torch.bfloat16, -95.0, "none"),
+    (torch.float32, -97.0, "mean"),  # p_j / N under float32's, p_j itself above it
+])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_cross_entropy_infinite_grad_output_on_stored_entries_that_rounded_to_zero(
+        dtype, far, reduction, backend):
+    """The stored gradient (``grad_output = 1``) holds 0 where ``p_j`` (or ``p_j / N``)
+    rounded to 0; torch multiplies first and gets ``+-inf`` there: the compiled CPU
+    backward recomputes for an infinite ``grad_output`` (``crossent::cross_entropy_scale_cpu``,
+    review H83; the scaled stored entry was 0 x inf = NaN)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(64, 100, generator=g).to(dtype)
+    z[0, 5] = far
+    target = torch.randint(0, 100, (64,), generator=g)
+    target[0], target[3] = 7, IGNORE
+    for value in (math.inf, -math.inf):
+        go = torch.full((64,) if reduction == "none" else (), value)
+        if reduction == "none":
+            go[1] = 2.0  # finite rows scale the stored gradient as before
+        want = _grads(F.cross_entropy, [z], [target], go, reduction=reduction)[0]
+        assert want[0, 5].isinf()  # torch's entry, where the stored one is 0
+        torch._dynamo.reset()
+        compiled = torch.compile(xt.cross_entropy, backend=backend, fullgraph=True)
+        got = _grads(compiled, [z], [target], go, reduction=reduction)[0]
+        # values: torch's in float32 (its bfloat16 kernel rounds log-probabilities first)
+        exact = _grads(lambda a, t, **k: F.cross_entropy(a.float(), t, **k), [z], [target],
+                       go, reduction=reduction)[0]
+        assert torch.equal(got.isnan(), want.isnan()), value
+        assert torch.equal(got.isinf(), want.isinf()), value
+        assert torch.equal(got[got.isinf()], want[want.isinf()]), value
+        assert torch.equal(got[got.isfinite()], exact[got.isfinite()].to(dtype)), value
+
+
 # ---- linear_cross_entropy
 
 

@@ -143,3 +143,32 @@ def test_set_compiled_kernel_checks_its_argument():
     with pytest.raises(InputError, match="enabled"):
         xt.set_compiled_kernel("yes")  # type: ignore[arg-type]
     assert xt.set_compiled_kernel(False) is False
+
+
+@pytest.mark.native_dispatch
+@pytest.mark.parametrize(("dtype", "shape", "route"), [
+    (torch.float32, (1024, 512), "rowblock"),  # 2**19 logits, 512 classes: was "small"
+    (torch.bfloat16, (2048, 256), "rowblock"),  # under 2**23: was "small"
+    (torch.float32, (1024, 511), None),  # under 2**19: the small kernel, called directly
+    (torch.float32, (32768, 21), "small"),  # few classes: the small kernel's rows
+    (torch.float64, (1024, 512), "small"),  # not a dtype it takes
+])
+def test_auto_reaches_the_compiled_kernel_from_2_19_logits(dtype, shape, route,
+                                                           compiled_calls, routes):
+    """With the compiled kernel on, ``backend="auto"`` sends the calls the row-block
+    kernel's rows suit (``2**19`` logits on, 64 classes or more) to it, where the
+    small-batch kernel took float32 at any size and bfloat16 under ``2**23`` logits
+    (review H83: the opt-in was never reached there). References: float64 torch."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(shape, generator=g).to(dtype)
+    y = torch.randint(0, shape[1], shape[:1], generator=g)
+    x, ref = z.clone().requires_grad_(), z.double().requires_grad_()
+    loss = xt.cross_entropy(x, y)
+    ref_loss = F.cross_entropy(ref, y)
+    loss.backward()
+    ref_loss.backward()
+    assert routes == ([] if route is None else [route])
+    assert compiled_calls == ([shape] if route == "rowblock" else [])
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=tol, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=tol, atol=1e-7)

@@ -523,10 +523,9 @@ def test_head_saved_tensor_hooks_and_checkpoint_are_not_refused_as_torch(how):
     assert same_inplace_outcome(build) == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG H73 (left, documented): under torch.compile the in-place check of crossent's "
-    "autograd Functions does not run (the traced graph keeps no version of the class "
-    "weight): the forward-time gradient, where torch's compiled graph raises"))
+# H73, fixed on CPU at stop 34: the compiled backward's CPU operator
+# (crossent::cross_entropy_scale_cpu) reads the class weight, so AOTAutograd saves it and
+# checks its version (CUDA keeps the forward-time gradient: docs/guarantees.md)
 def test_compiled_class_weight_changed_raises_as_torch():
     def build(lib):
         torch._dynamo.reset()

@@ -10,8 +10,11 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     on CUDA/ROCm
     tensors the Triton kernels when triton imports and the call needs nothing they refuse;
     on CPU, for rows of few classes with torch's options (:func:`_few_classes_route`,
-    not with ``inplace_backward``), the small-batch kernel below :data:`FEW_CLASSES`
-    classes or under :data:`SMALL_MAX_LOGITS` logits, else torch's kernel below
+    not with ``inplace_backward`` on logits it may overwrite), the small-batch kernel
+    below :data:`FEW_CLASSES` classes or under :data:`SMALL_MAX_LOGITS` logits (float32:
+    :data:`SMALL_MAX_LOGITS_FLOAT32`, no limit; with ``set_compiled_kernel(True)`` on, rows
+    of :data:`FEW_CLASSES` or more keep the row-block route and its compiled kernel),
+    else torch's kernel below
     :data:`FEW_CLASSES_NATIVE` classes (:data:`SPATIAL_FEW_CLASSES` for
     ``(N, C, d1, ...)`` logits; probability targets below
     :data:`FEW_CLASSES_PROBABILITIES`, and small
@@ -33,10 +36,12 @@ Public choices (the ``backend=`` keyword of :func:`crossent.torch.cross_entropy`
     naming it, never a different computation.
 
 Routes (what :func:`choose_backend` returns): the three kernels, ``"composite"``, and
-``"small"``: where ``"auto"`` would take torch's kernel for a cross-entropy whose float32
-or float64 CPU logits need a gradient, from :data:`SMALL_MIN_LOGITS` logits on and with
-neither class weights nor label smoothing, a fused kernel of a dozen tensor operations
-(:mod:`._small`): torch's numbers, one ``N x C`` tensor written instead of three.
+``"small"``: where ``"auto"`` would take torch's kernel for a cross-entropy whose float32,
+float64 or bfloat16 CPU logits need a gradient, from :data:`SMALL_MIN_LOGITS` logits on and
+with neither class weights nor label smoothing, a fused kernel of a dozen tensor operations
+(:mod:`._small`): torch's numbers, one ``N x C`` tensor written instead of three (bfloat16:
+a float32 work buffer too); past ``2**19`` logits also the few-classes route's, and
+float32's at any size (:func:`_few_classes_route`).
 """
 
 from __future__ import annotations
@@ -133,6 +138,9 @@ class Call:
     # probability targets: no logit is -inf (read by the entry where wants_neg_inf_check):
     # there torch's kernel gives crossent's numbers
     no_neg_inf: bool = False
+    # crossent.torch.set_compiled_kernel(True) is on and its kernel takes these CPU logits
+    # and options (index targets, no smoothing or statistics): the row-block route runs it
+    compiled_kernel: bool = False
 
 
 def own_dispatch(*tensors) -> str | None:
@@ -306,6 +314,8 @@ def _few_classes_route(call: Call) -> str | None:
     if (call.device.type != "cpu" or call.function != "cross_entropy" or call.inplace
             or not _native_is_faster(call, math.inf)):
         return None  # inplace_backward asks for the row-block kernel's memory
+    if call.compiled_kernel and call.num_classes >= FEW_CLASSES:
+        return None  # opted in: the row-block route runs the compiled kernel (its rows)
     if (call.index_target and not call.spatial and call.plain and not call.weighted
             and call.num_classes >= SMALL_MIN_CLASSES
             and small_kernel_fits(call.device, call.dtype, call.num_logits, call.needs_grad,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 from ..errors import InputError, UnsupportedError
-from . import _backends, _buffers, _composite, _small, _statistics
+from . import _backends, _buffers, _composite, _inductor, _small, _statistics
 from ._custom_ops import compilable
 from ._rowblock import cross_entropy_rows
 from ._rules import (
@@ -629,7 +629,9 @@ def cross_entropy(
         spatial=source.dim() > 2,
         # decided once, here, on the caller's tensor (never a leaf's memory, nor a
         # leaf's flattened copy: its double backward recomputes from the copy)
-        inplace=inplace_backward and may_overwrite(input))
+        inplace=inplace_backward and may_overwrite(input),
+        compiled_kernel=(not prob and opts.label_smoothing == 0 and names is None
+                         and _inductor.takes(source.dtype, source.device)))
     if _backends.wants_neg_inf_check(backend, call, _backends.NATIVE_MAX_LOGITS):
         call = dataclasses.replace(call, no_neg_inf=not _backends.has_neg_inf(source))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)

@@ -49,7 +49,14 @@ Rules under ``torch.compile``:
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
   or NaN where their softmax is NaN, never ``0 * inf``); an infinite one makes the
   counted rows' target entries NaN (torch's ``inf - inf``; an O(N) gather and scatter),
-  whole counted rows with probability targets or label smoothing. The linear head
+  whole counted rows with probability targets or label smoothing. On CPU the scaling is
+  one more operator, ``crossent::cross_entropy_scale_cpu``, which for an infinite
+  ``grad_output`` runs eager crossent's backward instead (a host read, free on CPU, that
+  only an operator's body may do under tracing): stored entries that rounded to 0 (a
+  bfloat16 logit ~92 nats below its row's top; ``p_j / N`` under float32's subnormals)
+  would give ``0 x inf = NaN`` where torch's give ``+-inf``. It reads the target and class
+  weight, so AOTAutograd saves them and an in-place change before backward raises as
+  torch's; on CUDA the stored gradient is scaled, as eager's fused kernels there do. The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
   backward operator): ``dx`` as torch's (NaN on counted rows, 0 on ignored ones);
   ``dW``/``db`` 0 where no row counts, all NaN under an infinite one with probability
@@ -85,6 +92,7 @@ from ._rules import (
     choose_loss_dtype,
     compute_dtype,
     infinite_as_nan,
+    infinite_on_cpu,
     legacy_flag,
     promote_with_target,
 )
@@ -482,6 +490,35 @@ def _(grad_output, input, target, weight, num_items, requires, *rest):
             _or_empty(_fake_grad(weight, requires[2]), input))
 
 
+@torch.library.custom_op("crossent::cross_entropy_scale_cpu", mutates_args=(), tags=_TAGS,
+                         schema="(Tensor grad, Tensor grad_output, " + _CE_SCHEMA[1:]
+                         + " -> Tensor")
+def _cross_entropy_scale_cpu(grad, grad_output, input, target, weight, num_items, requires,
+                             want_grads, size_average, ignore_index, reduce, reduction,
+                             label_smoothing, z_loss, softcap, loss_dtype, num_items_value,
+                             backend, autocast, statistics):
+    """The logits' gradient on CPU: the stored one (``grad_output = 1``) scaled by
+    ``grad_output`` (:func:`_scale_logits_grad`), or, for an infinite ``grad_output``, eager
+    crossent's backward run again: the stored entries that rounded to 0 would give
+    ``0 x inf = NaN`` where torch's give ``+-inf`` (:func:`._rules.infinite_on_cpu`, a host
+    read, which only an operator's body may do under tracing; free on CPU)."""
+    if not infinite_on_cpu(grad_output.to(compute_dtype(grad.dtype)), "cpu"):
+        return _scale_logits_grad(grad, target, grad_output, ignore_index,
+                                  label_smoothing != 0)
+    _, grads, _ = _run_eager(
+        "cross_entropy", _ce_tensors(input, target, weight, num_items),
+        [True, False, False, False],
+        _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                    softcap, loss_dtype, num_items_value, backend),
+        autocast, grad_output, True)
+    return grads[0]
+
+
+@_cross_entropy_scale_cpu.register_fake
+def _(grad, *rest):
+    return torch.empty_like(grad)
+
+
 def _ce_setup(ctx, inputs, output) -> None:
     input, target, weight, num_items = inputs[:4]
     # ctx.options: requires, want_grads, and the options
@@ -492,7 +529,11 @@ def _ce_setup(ctx, inputs, output) -> None:
         # target (probabilities too) and the class weight saved as torch's kernel saves
         # them, so that an in-place change of either before backward raises as there
         # (the saved tensors' versions are checked when backward unpacks them)
-        ctx.save_for_backward(output[1], target, weight)
+        # on CPU the logits and num_items too: an infinite grad_output recomputes there
+        # (crossent::cross_entropy_scale_cpu)
+        ctx.cpu = input.device.type == "cpu"
+        ctx.save_for_backward(output[1], target, weight,
+                              *((input, num_items) if ctx.cpu else ()))
     else:  # recomputed in backward from the inputs
         ctx.save_for_backward(input, target, weight, num_items)
 
@@ -501,7 +542,13 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
     _refuse_double_backward("cross_entropy")
     rest = (None,) * len(ctx.options)
     if ctx.want_grads:
-        grad, target, _ = ctx.saved_tensors  # (the weight: unpacked for its version)
+        # (the weight: unpacked for its version, and for a recompute on CPU)
+        grad, target, weight, *cpu = ctx.saved_tensors
+        if ctx.cpu:
+            input, num_items = cpu
+            return (torch.ops.crossent.cross_entropy_scale_cpu(
+                grad, grad_loss, input, target, weight, num_items, *ctx.options),
+                None, None, None, *rest)
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         return (_scale_logits_grad(grad, target, grad_loss, named["ignore_index"],
                                    named["label_smoothing"] != 0),

@@ -68,7 +68,7 @@ from ..errors import InputError, UnsupportedError
 from . import _blockpool
 from ._rules import LOW_PRECISION
 
-__all__ = ["available", "serves", "set_compiled_kernel", "softmax_grad_rows"]
+__all__ = ["available", "serves", "set_compiled_kernel", "softmax_grad_rows", "takes"]
 
 # the opt-in: set_compiled_kernel's, else (None) the environment's, read at first use
 _enabled: bool | None = None
@@ -100,9 +100,11 @@ def set_compiled_kernel(enabled: bool) -> bool:
 
     With it on, ``crossent.torch.cross_entropy`` and the linear head run those CPU logits
     with index targets and neither label smoothing, ``z_loss``, ``softcap`` nor
-    ``statistics=`` through :func:`softmax_grad_rows` when the row-block kernel would
-    (``backend="auto"`` still sends small float32 batches to torch's own kernel; float64
-    and everything else keep the row-block kernel). Needs a C++ compiler
+    ``statistics=`` through :func:`softmax_grad_rows` where the row-block kernel runs:
+    under ``backend="auto"`` from ``2**19`` logits in rows of 64 classes or more (smaller
+    inputs and fewer classes keep torch's kernel or the small-batch one), and under
+    ``backend="rowblock"`` at every size; float64 and everything else keep the row-block
+    kernel. Needs a C++ compiler
     (:func:`available`), else :class:`crossent.UnsupportedError`. Without a call, the
     environment variable ``CROSSENT_COMPILED_KERNEL=1`` opts in (read at first use).
 
@@ -119,6 +121,12 @@ def set_compiled_kernel(enabled: bool) -> bool:
     previous = _enabled if _enabled is not None else os.environ.get(ENVIRONMENT) == "1"
     _enabled = enabled
     return previous
+
+
+def takes(dtype: torch.dtype, device: torch.device) -> bool:
+    """The compiled kernel is on and takes logits of this dtype on this device (the
+    entry's routing question; :func:`serves` checks the buffers when the kernel runs)."""
+    return device.type == "cpu" and dtype in SERVED and _opted_in()
 
 
 def serves(z: torch.Tensor, grad: torch.Tensor | None) -> bool:
