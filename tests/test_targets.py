@@ -120,3 +120,11 @@ def test_mixed_targets_stay_probability_distributions(backend, seed, alpha, n):
     t = backend.to_numpy(t_mix)
     assert ((t >= 0) & (t <= 1)).all()
     np.testing.assert_allclose(t.sum(axis=-1), 1.0, rtol=1e-12)
+
+
+def test_mixup_params_batch_size_past_memory_is_an_input_error_naming_it():
+    """Found by test_core_bad_input's hypothesis run at stop 34: 27_762_002_576 asked numpy
+    for a 207 GiB permutation and raised its MemoryError; 2**62 (numpy's ValueError, past
+    its largest array) checks the same path without asking the machine for memory."""
+    with pytest.raises(xe.InputError, match="batch_size"):
+        xe.mixup_params(2**62, alpha=0.2, seed=0)

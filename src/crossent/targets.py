@@ -127,7 +127,12 @@ def mixup_params(batch_size: int, *, alpha: float, seed: int) -> tuple[float, np
     seed = _checks.check_integer(seed, "seed", minimum=0)
     rng = np.random.default_rng(seed)
     lam = float(rng.beta(alpha, alpha))
-    return lam, rng.permutation(batch_size)
+    try:
+        return lam, rng.permutation(batch_size)
+    except (MemoryError, ValueError):  # one int64 array of batch_size entries (numpy's
+        # ValueError: past its largest array; MemoryError: past this machine's memory)
+        raise InputError(f"batch_size={batch_size}: a permutation of that many indices "
+                         f"does not fit in memory") from None
 
 
 def mixup(

@@ -484,12 +484,14 @@ def test_opcheck():
         (torch.ops.crossent.cross_entropy_bwd.default,
          (torch.rand(6), *_ce_args(z.detach(), p.detach(), [True, True, False, False],
                                    False, "none", cw))),
-        # the CPU scaling of the stored gradient, and its recompute for an infinite
-        # grad_output (on an ignored row: opcheck's comparison takes no NaN)
-        *((torch.ops.crossent.cross_entropy_scale_cpu.default,
-           (torch.rand(6, 5), go, *_ce_args(z.detach(), t_ignored, [True, False, False, False],
-                                             True, "none" if go.dim() else "mean")))
-          for go in (torch.tensor([1.0, -float("inf"), 2, 3, 4, 5]), torch.tensor(2.0))),
+        # the CPU scaling of the stored gradient (an infinite grad_output on an ignored
+        # row: opcheck's comparison takes no NaN)
+        *((torch.ops.crossent.scale_stored_grad_cpu.default,
+           (torch.rand(6, 5), go, t_ignored, weight, -100, smoothing, whole))
+          for go, weight, smoothing, whole in (
+              (torch.tensor([1.0, -float("inf"), 2, 3, 4, 5]), None, False, None),
+              (torch.tensor(2.0), cw, True, None),
+              (torch.tensor(3.0), None, False, torch.rand(6) < 0.5))),
         (torch.ops.crossent.linear_cross_entropy_bwd.default,
          (torch.rand(6), *_linear_args(x.detach(), w.detach(), b.detach(), t,
                                        [True] * 3 + [False] * 3, False, "none"))),

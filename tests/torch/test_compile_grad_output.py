@@ -137,39 +137,69 @@ def test_cross_entropy_every_row_ignored():
            "mean", (3,))
 
 
-@pytest.mark.parametrize(("dtype", "far", "reduction"), [
+_UNDERFLOW_CASES = pytest.mark.parametrize(("dtype", "far", "reduction"), [
     (torch.bfloat16, -95.0, "sum"),  # p_j = e^-95 under bfloat16's smallest subnormal
     (torch.bfloat16, -95.0, "none"),
     (torch.float32, -97.0, "mean"),  # p_j / N under float32's, p_j itself above it
 ])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "documented difference (README 'Documented differences', _custom_ops docstring): "
+    "under torch.compile an infinite grad_output times a stored entry that rounded to 0 "
+    "is NaN where eager torch's is +-inf; a recompute needs the logits in backward, and "
+    "saving them made backward raise after an in-place change of them (review H84). "
+    "torch 2.13's inductor graph gives NaN on the whole counted rows"))
+@_UNDERFLOW_CASES
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_cross_entropy_infinite_grad_output_on_stored_entries_that_rounded_to_zero(
         dtype, far, reduction, backend):
     """The stored gradient (``grad_output = 1``) holds 0 where ``p_j`` (or ``p_j / N``)
-    rounded to 0; torch multiplies first and gets ``+-inf`` there: the compiled CPU
-    backward recomputes for an infinite ``grad_output`` (``crossent::cross_entropy_scale_cpu``,
-    review H83; the scaled stored entry was 0 x inf = NaN)."""
+    rounded to 0; torch multiplies first and gets ``+-inf`` there (eager crossent
+    recomputes on CPU; the compiled backward scales the stored gradient)."""
+    got, want, _exact = _underflow_case(dtype, far, reduction, backend)
+    for value in (0, 1):
+        assert torch.equal(got[value].isnan(), want[value].isnan()), value
+
+
+@_UNDERFLOW_CASES
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_cross_entropy_infinite_grad_output_documented_nan_where_stored_rounded_to_zero(
+        dtype, far, reduction, backend):
+    """The documented difference, and nothing more: NaN at the entry whose stored
+    gradient rounded to 0, torch's pattern and torch's float32 values elsewhere."""
+    got, want, exact = _underflow_case(dtype, far, reduction, backend)
+    for g, w, e in zip(got, want, exact, strict=True):
+        assert g[0, 5].isnan() and w[0, 5].isinf()
+        g, w, e = (t.clone().index_put_((torch.tensor(0), torch.tensor(5)),
+                                        torch.tensor(0.0, dtype=t.dtype)) for t in (g, w, e))
+        assert torch.equal(g.isnan(), w.isnan())
+        assert torch.equal(g.isinf(), w.isinf())
+        assert torch.equal(g[g.isinf()], w[w.isinf()])
+        assert torch.equal(g[g.isfinite()], e[g.isfinite()].to(dtype))
+
+
+def _underflow_case(dtype, far, reduction, backend):
+    """(compiled crossent's, torch's, torch's float32) logits' gradients for +inf and
+    -inf grad_outputs, on logits with one entry ``far`` below its row."""
     g = torch.Generator().manual_seed(3)
     z = torch.randn(64, 100, generator=g).to(dtype)
     z[0, 5] = far
     target = torch.randint(0, 100, (64,), generator=g)
     target[0], target[3] = 7, IGNORE
+    got, want, exact = [], [], []
     for value in (math.inf, -math.inf):
         go = torch.full((64,) if reduction == "none" else (), value)
         if reduction == "none":
             go[1] = 2.0  # finite rows scale the stored gradient as before
-        want = _grads(F.cross_entropy, [z], [target], go, reduction=reduction)[0]
-        assert want[0, 5].isinf()  # torch's entry, where the stored one is 0
+        want.append(_grads(F.cross_entropy, [z], [target], go, reduction=reduction)[0])
         torch._dynamo.reset()
         compiled = torch.compile(xt.cross_entropy, backend=backend, fullgraph=True)
-        got = _grads(compiled, [z], [target], go, reduction=reduction)[0]
+        got.append(_grads(compiled, [z], [target], go, reduction=reduction)[0])
         # values: torch's in float32 (its bfloat16 kernel rounds log-probabilities first)
-        exact = _grads(lambda a, t, **k: F.cross_entropy(a.float(), t, **k), [z], [target],
-                       go, reduction=reduction)[0]
-        assert torch.equal(got.isnan(), want.isnan()), value
-        assert torch.equal(got.isinf(), want.isinf()), value
-        assert torch.equal(got[got.isinf()], want[want.isinf()]), value
-        assert torch.equal(got[got.isfinite()], exact[got.isfinite()].to(dtype)), value
+        exact.append(_grads(lambda a, t, **k: F.cross_entropy(a.float(), t, **k), [z],
+                            [target], go, reduction=reduction)[0])
+    return got, want, exact
 
 
 # ---- linear_cross_entropy

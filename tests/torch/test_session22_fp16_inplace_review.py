@@ -524,7 +524,7 @@ def test_head_saved_tensor_hooks_and_checkpoint_are_not_refused_as_torch(how):
 
 
 # H73, fixed on CPU at stop 34: the compiled backward's CPU operator
-# (crossent::cross_entropy_scale_cpu) reads the class weight, so AOTAutograd saves it and
+# (crossent::scale_stored_grad_cpu) reads the class weight, so AOTAutograd saves it and
 # checks its version (CUDA keeps the forward-time gradient: docs/guarantees.md)
 def test_compiled_class_weight_changed_raises_as_torch():
     def build(lib):

@@ -294,9 +294,8 @@ def test_index_target_changed_in_place_raises_as_torch_on_every_route(transform,
 # the logits' gradient is stored in forward (_custom_ops._ce_setup), so no version of them
 # was checked; now both are saved as torch's kernel saves them. H73 (AOTAutograd: "aot_eager",
 # inductor), fixed on CPU at stop 34: the partitioner keeps only what the backward graph
-# reads, and the CPU backward operator (crossent::cross_entropy_scale_cpu, which recomputes
-# for an infinite grad_output) reads both. CUDA keeps the forward-time gradient there
-# (documented in docs/guarantees.md).
+# reads, and the CPU backward operator (crossent::scale_stored_grad_cpu) reads both. CUDA
+# keeps the forward-time gradient there (documented in docs/guarantees.md).
 
 
 @pytest.mark.parametrize("transform", ["eager", "aot_eager", "export"])

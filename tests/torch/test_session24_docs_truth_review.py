@@ -16,8 +16,7 @@ The tests that check text pass once either the code or the text is made true (th
 "the behaviour holds, or the text no longer says it"). Every other test is a regression
 guard of a claim found true.
 
-Fixed at stop 34 (the strict xfails removed): the compiled CPU backward recomputes for an
-infinite ``grad_output`` (``crossent::cross_entropy_scale_cpu``); ``set_compiled_kernel(True)``
+Fixed at stop 34 (the strict xfails removed): ``set_compiled_kernel(True)``
 is reached under ``backend="auto"`` again (rows of 64 classes or more from ``2**19`` logits);
 the route, bfloat16-accuracy and ``inplace_backward`` sentences and the docstrings say what
 the code does.
@@ -286,7 +285,8 @@ def test_infinite_on_cpu_docstring_nats(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# infinite grad_output: eager CPU recomputes (guard); the compiled operator does not
+# infinite grad_output: eager CPU recomputes (guard); the compiled operator does not (the
+# recompute H83 added was withdrawn after H84/H85: a documented difference)
 # ---------------------------------------------------------------------------------------
 
 
@@ -319,6 +319,10 @@ def test_eager_infinite_grad_output_is_torchs_on_the_bfloat16_small_kernel(route
     assert torch.equal(ours[finite], torchs[finite])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "documented difference (stop 34, reviews H84/H85 withdrew the compiled recompute): "
+    "under torch.compile an infinite grad_output times a stored entry that rounded to 0 is "
+    "NaN where eager torch's is +-inf (README 'A NaN or infinite grad_output')"))
 def test_compiled_infinite_grad_output_is_torchs_on_cpu():
     z, t = _far_logit_batch()
     torchs = _inf_grad(F.cross_entropy, z, t)

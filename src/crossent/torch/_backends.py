@@ -314,8 +314,9 @@ def _few_classes_route(call: Call) -> str | None:
     if (call.device.type != "cpu" or call.function != "cross_entropy" or call.inplace
             or not _native_is_faster(call, math.inf)):
         return None  # inplace_backward asks for the row-block kernel's memory
-    if call.compiled_kernel and call.num_classes >= FEW_CLASSES:
-        return None  # opted in: the row-block route runs the compiled kernel (its rows)
+    if call.compiled_kernel and not call.spatial and call.num_classes >= FEW_CLASSES:
+        return None  # opted in: the row-block route runs the compiled kernel (its rows;
+        # spatial logits keep torch's kernel: the row-block route would transpose them)
     if (call.index_target and not call.spatial and call.plain and not call.weighted
             and call.num_classes >= SMALL_MIN_CLASSES
             and small_kernel_fits(call.device, call.dtype, call.num_logits, call.needs_grad,

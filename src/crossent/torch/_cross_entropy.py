@@ -630,8 +630,9 @@ def cross_entropy(
         # decided once, here, on the caller's tensor (never a leaf's memory, nor a
         # leaf's flattened copy: its double backward recomputes from the copy)
         inplace=inplace_backward and may_overwrite(input),
-        compiled_kernel=(not prob and opts.label_smoothing == 0 and names is None
-                         and _inductor.takes(source.dtype, source.device)))
+        # (the opt-in, and $CROSSENT_COMPILED_KERNEL, read only where auto could use it)
+        compiled_kernel=(backend == "auto" and not prob and opts.label_smoothing == 0
+                         and names is None and _inductor.takes(source.dtype, source.device)))
     if _backends.wants_neg_inf_check(backend, call, _backends.NATIVE_MAX_LOGITS):
         call = dataclasses.replace(call, no_neg_inf=not _backends.has_neg_inf(source))
     route = _backends.choose_backend(backend, call, _backends.NATIVE_MAX_LOGITS)

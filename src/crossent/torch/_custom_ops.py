@@ -49,14 +49,20 @@ Rules under ``torch.compile``:
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
   or NaN where their softmax is NaN, never ``0 * inf``); an infinite one makes the
   counted rows' target entries NaN (torch's ``inf - inf``; an O(N) gather and scatter),
-  whole counted rows with probability targets or label smoothing. On CPU the scaling is
-  one more operator, ``crossent::cross_entropy_scale_cpu``, which for an infinite
-  ``grad_output`` runs eager crossent's backward instead (a host read, free on CPU, that
-  only an operator's body may do under tracing): stored entries that rounded to 0 (a
+  whole counted rows with probability targets or label smoothing, and with a z-loss the
+  counted rows whose ``z_loss * lse <= 0`` (torch's formula adds infinities of opposite
+  signs there; on CPU forward also returns the rows' lse for this, review H86-3; on CUDA
+  those rows are ``+-inf``, not checked without a GPU). One difference, on
+  every device: an infinite ``grad_output`` times a stored entry that rounded to 0 (a
   bfloat16 logit ~92 nats below its row's top; ``p_j / N`` under float32's subnormals)
-  would give ``0 x inf = NaN`` where torch's give ``+-inf``. It reads the target and class
-  weight, so AOTAutograd saves them and an in-place change before backward raises as
-  torch's; on CUDA the stored gradient is scaled, as eager's fused kernels there do. The linear head
+  is NaN where eager torch's is ``+-inf`` (eager crossent recomputes there, on CPU);
+  torch 2.13's own inductor graph gives NaN on every entry of the counted rows for any
+  infinite ``grad_output``. A recompute would need the logits in backward, and saving
+  them made every backward raise after an in-place change of them, which torch's loss
+  allows (review H84). On CPU the scaling is an operator,
+  ``crossent::scale_stored_grad_cpu``, that reads the target and class weight, so
+  AOTAutograd saves them and an in-place change of either before backward raises as
+  torch's; on CUDA the scaling is traced torch operations. The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
   backward operator): ``dx`` as torch's (NaN on counted rows, 0 on ignored ones);
   ``dW``/``db`` 0 where no row counts, all NaN under an infinite one with probability
@@ -92,7 +98,6 @@ from ._rules import (
     choose_loss_dtype,
     compute_dtype,
     infinite_as_nan,
-    infinite_on_cpu,
     legacy_flag,
     promote_with_target,
 )
@@ -490,33 +495,27 @@ def _(grad_output, input, target, weight, num_items, requires, *rest):
             _or_empty(_fake_grad(weight, requires[2]), input))
 
 
-@torch.library.custom_op("crossent::cross_entropy_scale_cpu", mutates_args=(), tags=_TAGS,
-                         schema="(Tensor grad, Tensor grad_output, " + _CE_SCHEMA[1:]
-                         + " -> Tensor")
-def _cross_entropy_scale_cpu(grad, grad_output, input, target, weight, num_items, requires,
-                             want_grads, size_average, ignore_index, reduce, reduction,
-                             label_smoothing, z_loss, softcap, loss_dtype, num_items_value,
-                             backend, autocast, statistics):
-    """The logits' gradient on CPU: the stored one (``grad_output = 1``) scaled by
-    ``grad_output`` (:func:`_scale_logits_grad`), or, for an infinite ``grad_output``, eager
-    crossent's backward run again: the stored entries that rounded to 0 would give
-    ``0 x inf = NaN`` where torch's give ``+-inf`` (:func:`._rules.infinite_on_cpu`, a host
-    read, which only an operator's body may do under tracing; free on CPU)."""
-    if not infinite_on_cpu(grad_output.to(compute_dtype(grad.dtype)), "cpu"):
-        return _scale_logits_grad(grad, target, grad_output, ignore_index,
-                                  label_smoothing != 0)
-    _, grads, _ = _run_eager(
-        "cross_entropy", _ce_tensors(input, target, weight, num_items),
-        [True, False, False, False],
-        _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
-                    softcap, loss_dtype, num_items_value, backend),
-        autocast, grad_output, True)
-    return grads[0]
+@torch.library.custom_op("crossent::scale_stored_grad_cpu", mutates_args=(), tags=_TAGS,
+                         schema="(Tensor grad, Tensor grad_output, Tensor target, "
+                                "Tensor? weight, Scalar? ignore_index, bool smoothing, "
+                                "Tensor? whole_rows) -> Tensor")
+def _scale_stored_grad_cpu(grad, grad_output, target, weight, ignore_index, smoothing,
+                           whole_rows):
+    """The logits' gradient stored in forward (``grad_output = 1``) times ``grad_output``,
+    on CPU (:func:`_scale_logits_grad`, contiguous as the fake). An operator so that the
+    backward graph reads the target and the class weight: AOTAutograd then saves them and
+    an in-place change before backward raises as torch's (whose loss saves both); the
+    weight is read for that only. The logits are not read: torch's loss does not save
+    them, and an in-place change of them must not fail backward (review H84).
+    ``whole_rows``: :func:`_z_loss_whole_rows`, or None."""
+    del weight
+    return _scale_logits_grad(grad, target, grad_output, ignore_index, smoothing,
+                              whole_rows).contiguous()
 
 
-@_cross_entropy_scale_cpu.register_fake
+@_scale_stored_grad_cpu.register_fake
 def _(grad, *rest):
-    return torch.empty_like(grad)
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def _ce_setup(ctx, inputs, output) -> None:
@@ -529,11 +528,12 @@ def _ce_setup(ctx, inputs, output) -> None:
         # target (probabilities too) and the class weight saved as torch's kernel saves
         # them, so that an in-place change of either before backward raises as there
         # (the saved tensors' versions are checked when backward unpacks them)
-        # on CPU the logits and num_items too: an infinite grad_output recomputes there
-        # (crossent::cross_entropy_scale_cpu)
+        # (on CPU read by crossent::scale_stored_grad_cpu, so that AOTAutograd saves them)
+        # with z_loss on CPU the rows' lse too (compiled_cross_entropy asks for it)
         ctx.cpu = input.device.type == "cpu"
-        ctx.save_for_backward(output[1], target, weight,
-                              *((input, num_items) if ctx.cpu else ()))
+        named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
+        lse = (output[2 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
+        ctx.save_for_backward(output[1], target, weight, *lse)
     else:  # recomputed in backward from the inputs
         ctx.save_for_backward(input, target, weight, num_items)
 
@@ -542,16 +542,17 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
     _refuse_double_backward("cross_entropy")
     rest = (None,) * len(ctx.options)
     if ctx.want_grads:
-        # (the weight: unpacked for its version, and for a recompute on CPU)
-        grad, target, weight, *cpu = ctx.saved_tensors
-        if ctx.cpu:
-            input, num_items = cpu
-            return (torch.ops.crossent.cross_entropy_scale_cpu(
-                grad, grad_loss, input, target, weight, num_items, *ctx.options),
-                None, None, None, *rest)
+        # (the weight: unpacked for its version)
+        grad, target, weight, *lse = ctx.saved_tensors
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
+        smoothing = named["label_smoothing"] != 0
+        if ctx.cpu:
+            whole = _z_loss_whole_rows(lse[0], named["z_loss"]) if lse else None
+            return (torch.ops.crossent.scale_stored_grad_cpu(
+                grad, grad_loss, target, weight, named["ignore_index"], smoothing, whole),
+                None, None, None, *rest)
         return (_scale_logits_grad(grad, target, grad_loss, named["ignore_index"],
-                                   named["label_smoothing"] != 0),
+                                   smoothing),
                 None, None, None, *rest)
     input, target, weight, num_items = ctx.saved_tensors
     d_input, d_target, d_weight = torch.ops.crossent.cross_entropy_bwd(
@@ -594,30 +595,51 @@ def _target_fits(logits: torch.Tensor, target: torch.Tensor) -> bool:
                                    if logits.dim() > 1 else ())
 
 
+_LSE = TokenStatistics._fields.index("lse")  # its output after (loss, grad)
+
+
+def _wants_lse(z_loss) -> bool:
+    """A z-loss: the compiled CPU backward needs the rows' lse (:func:`_z_loss_whole_rows`)."""
+    return isinstance(z_loss, (int, float)) and z_loss != 0
+
+
+def _z_loss_whole_rows(lse: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """The rows whose whole gradient an infinite ``grad_output`` makes NaN under a z-loss:
+    torch's ``cross_entropy + z_loss * lse**2`` adds ``g * p_j`` and ``g * 2 z_loss lse
+    p_j``, infinities of opposite signs (or ``inf * 0``) where ``z_loss * lse <= 0``
+    (review H86-3). ``lse``: the loss's ``"none"`` shape."""
+    return z_loss * lse <= 0
+
+
 def _scale_logits_grad(grad: torch.Tensor, target: torch.Tensor, grad_output: torch.Tensor,
-                       ignore_index, smoothing: bool) -> torch.Tensor:
+                       ignore_index, smoothing: bool,
+                       whole_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The logits' gradient stored for ``grad_output = 1`` times ``grad_output`` (0-d, or
     the loss's shape for ``"none"``), as torch forms it for every ``grad_output``, with no
     host read: the rows torch leaves alone (ignored) times 0, not ``grad_output``
     (``NaN * 0`` would not stay 0); torch's ``inf - inf = NaN`` where an infinite
     ``grad_output`` meets an infinite ``dlogp``: the target entry of a counted row (index
     targets), every entry of the row (probability targets, label smoothing). One pass
-    over ``N x C`` (the product, as before) and O(N) gathers and scatters."""
+    over ``N x C`` (the product, as before) and O(N) gathers and scatters. ``whole_rows``
+    (the loss's ``"none"`` shape): rows treated as with smoothing (a z-loss's)."""
     # rounded to the loss's compute dtype first, as eager's backward and torch's
     # ToCopyBackward do (a float64 1e300 is inf for float32 logits)
     grad_output = grad_output.to(compute_dtype(grad.dtype))
     per_row = grad_output.unsqueeze(1) if grad_output.dim() > 0 else grad_output
     if not _target_fits(grad, target):  # forward raises when it runs: never reached
         return (grad * per_row).to(grad.dtype)
-    whole_rows = target.is_floating_point() or smoothing
-    factor = infinite_as_nan(grad_output) if whole_rows else grad_output
+    every_row = target.is_floating_point() or smoothing
+    factor = infinite_as_nan(grad_output) if every_row else grad_output
+    rows_shape = () if grad.dim() == 1 else (grad.shape[0], *grad.shape[2:])
+    if whole_rows is not None and not every_row and tuple(whole_rows.shape) == rows_shape:
+        factor = torch.where(whole_rows, infinite_as_nan(grad_output), grad_output)
     counted = index = None
     if not target.is_floating_point():
         counted, index = _index_rows(target, ignore_index)
         factor = torch.where(counted, factor, 0.0)
     class_dim = 0 if grad.dim() == 1 else 1
     out = (grad * (factor.unsqueeze(1) if factor.dim() > 0 else factor)).to(grad.dtype)
-    if whole_rows or grad.shape[class_dim] == 0:
+    if every_row or grad.shape[class_dim] == 0:
         return out
     assert counted is not None and index is not None
     hit = (counted & grad_output.isinf()).unsqueeze(class_dim)
@@ -688,10 +710,13 @@ def compiled_cross_entropy(
     requires = _requires(input, target, weight, tensor_count)
     # the input's gradient is stored in forward unless target or weight need theirs
     want_grads = requires[0] and not (requires[1] or requires[2])
+    # a z-loss on CPU: the rows' lse too, for backward (_z_loss_whole_rows)
+    op_names = (",".join(dict.fromkeys((*_names(names or ""), "lse")))
+                if want_grads and device_type == "cpu" and _wants_lse(z_loss) else names)
     loss, _, *stats = torch.ops.crossent.cross_entropy_fwd(
         input, target, weight, tensor_count, requires, want_grads, size_average,
         ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, out_dtype, number,
-        backend, autocast, names)
+        backend, autocast, op_names)
     return _with_statistics(loss, names, stats)
 
 

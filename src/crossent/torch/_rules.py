@@ -766,8 +766,8 @@ def _modified(name: str) -> RuntimeError:
     return RuntimeError(
         f"crossent.torch.{name}: an input was modified in place after the forward "
         f"pass; this backward (create_graph=True, a second backward through a "
-        f"retained graph, batched grad_outputs, or a target or weight gradient) "
-        f"recomputes the gradient from it"
+        f"retained graph, batched grad_outputs, a target or weight gradient, or an "
+        f"infinite grad_output) recomputes the gradient from it"
     )
 
 
