@@ -21,6 +21,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import crossent.torch as xt
 from crossent.errors import InputError, UnsupportedError
 from crossent.torch import _custom_ops  # registers the crossent:: operators
+from crossent.torch._custom_ops import FORMULA
 
 D, C = 6, 11  # features, classes
 
@@ -454,12 +455,13 @@ def test_compiled_entry_has_the_public_signature(name):
 
 def _ce_args(z, t, requires, want_grads, reduction="mean", weight=None, statistics=None):
     return (z, t, weight, None, requires, want_grads, None, -100, None, reduction, 0.1, 1e-3,
-            None, z.dtype, None, "auto", None, statistics)
+            None, z.dtype, None, "auto", None, statistics, FORMULA)
 
 
 def _linear_args(x, w, b, t, requires, want_grads, reduction, statistics=None):
     return (x, w, b, t, None, None, requires, want_grads, reduction, None, 0.0, 1e-3, 4.0, 3,
-            None, None, None, None, None, False, x.dtype, None, "auto", False, None, statistics)
+            None, None, None, None, None, False, x.dtype, None, "auto", False, None, statistics,
+            FORMULA)
 
 
 def test_opcheck():
@@ -511,3 +513,27 @@ def test_inductor():
     target = torch.randint(0, C, (2, 5))
     assert_same(run(fn, model, x, target), run(model, model, x, target), exact=False,
                 rtol=1e-5, atol=1e-6)
+
+
+def test_the_formula_digest_is_in_the_graph_dynamo_hands_on():
+    """torch's AOTAutograd cache keys on dynamo's graph and trusts an operator's name: the
+    digest of crossent's traced code is an argument there, so a crossent whose autograd
+    formulas changed compiles afresh instead of reusing a stale backward graph."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    z = torch.randn(4, 5, requires_grad=True)
+    torch.compile(xt.cross_entropy, backend=backend, fullgraph=True)(z, torch.tensor([0, 1, 2,
+                                                                                      3]))
+    w = torch.randn(5, 3, requires_grad=True)
+    torch.compile(xt.linear_cross_entropy, backend=backend, fullgraph=True)(
+        torch.randn(4, 3), w, torch.tensor([0, 1, 2, 3]))
+    torch._dynamo.reset()
+    assert len(graphs) == 2
+    for gm in graphs:
+        assert FORMULA in str([n.args for n in gm.graph.nodes])
+    assert FORMULA.startswith("crossent ") and len(FORMULA.split()[-1]) == 16

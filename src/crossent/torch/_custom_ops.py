@@ -39,6 +39,9 @@ Rules under ``torch.compile``:
 * ``inplace_backward=True`` is ignored: an operator may not mutate its inputs, so the
   logits are left intact (as on the native route of small inputs); the gradient is an
   extra ``N x C`` buffer.
+* Every forward operator takes :data:`FORMULA`, a digest of the code traced around it:
+  torch's compile caches key on the traced graph and trust an operator's name, so a
+  crossent whose autograd formulas changed compiles afresh (no stale backward graph).
 * Double backward (``create_graph=True``) raises :class:`crossent.UnsupportedError`
   (torch's AOT backends refuse it too); run the loss eagerly for Hessians. Backward twice
   (``retain_graph=True``) works: the stored gradients are not consumed.
@@ -82,7 +85,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
+import pathlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -91,7 +96,7 @@ import torch
 import torch.fx
 from torch.nn import _reduction
 
-from .. import _checks
+from .. import __version__, _checks
 from ..errors import InputError, UnsupportedError
 from ._rules import (
     LOW_PRECISION,
@@ -194,6 +199,26 @@ def _python_number(value: Any) -> Any:
 # the implementations synchronise with the host (the class-index bounds check, as torch's
 # own): CUDA graphs (mode="reduce-overhead") must not capture them
 _TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+def _formula() -> str:
+    """A digest of the code torch traces into compiled graphs around the operators (their
+    autograd formulas here, the rules they call): an argument of every forward operator,
+    so that it is in the graph dynamo hands on. torch's AOTAutograd cache keys on that
+    graph and takes an operator's name for its behaviour, so without it a crossent whose
+    formulas changed could reuse a backward graph compiled for the old ones (seen at stop
+    34: "missing value for argument" until ``/tmp/torchinductor_*`` was cleared)."""
+    here = pathlib.Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("_custom_ops.py", "_rules.py", "_statistics.py"):
+        try:
+            digest.update((here / name).read_bytes())
+        except OSError:  # pragma: no cover - installed without sources: the version only
+            digest.update(name.encode())
+    return f"crossent {__version__} {digest.hexdigest()[:16]}"
+
+
+FORMULA = _formula()
 
 _AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")
 
@@ -419,7 +444,8 @@ _CE_SCHEMA = (
     "(Tensor input, Tensor target, Tensor? weight, Tensor? num_items, bool[] requires, "
     "bool want_grads, bool? size_average, Scalar? ignore_index, bool? reduce, str reduction, "
     "Scalar label_smoothing, Scalar z_loss, Scalar? softcap, ScalarType loss_dtype, "
-    "Scalar? num_items_value, str backend, ScalarType? autocast, str? statistics)")
+    "Scalar? num_items_value, str backend, ScalarType? autocast, str? statistics, "
+    "str formula)")
 _STATS_RETURNS = "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor"
 
 
@@ -441,9 +467,10 @@ def _ce_tensors(input, target, weight, num_items) -> dict[str, torch.Tensor | No
                          schema=_CE_SCHEMA + f" -> (Tensor, Tensor, {_STATS_RETURNS})")
 def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, size_average,
                        ignore_index, reduce, reduction, label_smoothing, z_loss, softcap,
-                       loss_dtype, num_items_value, backend, autocast, statistics):
+                       loss_dtype, num_items_value, backend, autocast, statistics, formula):
     """The loss, with ``want_grads`` ``dloss/dinput`` for ``grad_output = 1``, and the
-    statistics asked for."""
+    statistics asked for (``formula``: :data:`FORMULA`, for the compile caches only)."""
+    del formula
     loss, grads, stats = _run_eager(
         "cross_entropy", _ce_tensors(input, target, weight, num_items),
         _forward_requires(requires, want_grads, 1),
@@ -462,7 +489,7 @@ def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
 @_cross_entropy_fwd.register_fake
 def _(input, target, weight, num_items, requires, want_grads, size_average, ignore_index,
       reduce, reduction, label_smoothing, z_loss, softcap, loss_dtype, num_items_value,
-      backend, autocast, statistics):
+      backend, autocast, statistics, formula):
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
@@ -476,7 +503,8 @@ def _(input, target, weight, num_items, requires, want_grads, size_average, igno
                          + " -> (Tensor, Tensor, Tensor)")
 def _cross_entropy_bwd(grad_output, input, target, weight, num_items, requires, want_grads,
                        size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
-                       softcap, loss_dtype, num_items_value, backend, autocast, statistics):
+                       softcap, loss_dtype, num_items_value, backend, autocast, statistics,
+                       formula):
     """The gradients of input, target and weight for ``grad_output``: the eager forward
     and backward, run again (for gradients forward does not store; no statistics)."""
     _, grads, _ = _run_eager(
@@ -567,7 +595,7 @@ _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 # the arguments after want_grads, by name
 _CE_OPTIONS = ("size_average", "ignore_index", "reduce", "reduction", "label_smoothing",
                "z_loss", "softcap", "loss_dtype", "num_items_value", "backend", "autocast",
-               "statistics")
+               "statistics", "formula")
 
 
 # ---- a grad_output other than 1, without host reads (the rules of _rules.scale_stored,
@@ -716,7 +744,7 @@ def compiled_cross_entropy(
     loss, _, *stats = torch.ops.crossent.cross_entropy_fwd(
         input, target, weight, tensor_count, requires, want_grads, size_average,
         ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, out_dtype, number,
-        backend, autocast, op_names)
+        backend, autocast, op_names, FORMULA)
     return _with_statistics(loss, names, stats)
 
 
@@ -730,12 +758,12 @@ _LINEAR_SCHEMA = (
     "str? options_type, Scalar? batch_chunk_size, str? chunking_method, str? acc_policy, "
     "ScalarType? acc_dtype, bool allow_retain_graph, ScalarType loss_dtype, "
     "Scalar? num_items_value, str backend, Scalar shift, ScalarType? autocast, "
-    "str? statistics)")
+    "str? statistics, str formula)")
 # the arguments after want_grads, by name
 _LINEAR_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap",
                    "chunk_size", "options_type", "batch_chunk_size", "chunking_method",
                    "acc_policy", "acc_dtype", "allow_retain_graph", "loss_dtype",
-                   "num_items_value", "backend", "shift", "autocast", "statistics")
+                   "num_items_value", "backend", "shift", "autocast", "statistics", "formula")
 
 
 class _Options:
@@ -749,9 +777,9 @@ class _Options:
 def _linear_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                     options_type, batch_chunk_size, chunking_method, acc_policy, acc_dtype,
                     allow_retain_graph, loss_dtype, num_items_value, backend, shift,
-                    autocast, statistics) -> dict[str, Any]:
+                    autocast, statistics, formula) -> dict[str, Any]:
     """The eager function's keyword arguments (``autocast``, ``statistics``: passed
-    separately)."""
+    separately; ``formula``: for the compile caches only)."""
     options: Any = None
     if options_type == "":  # not options: the eager check names its type
         options = type("options", (), {})()
@@ -1015,7 +1043,7 @@ def compiled_linear_cross_entropy(
         want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
         *_options_fields(options), _linear_loss_dtype(input, target, weight, loss_dtype),
         number, backend,
-        shift, autocast, names)
+        shift, autocast, names, FORMULA)
     return _with_statistics(loss, names, stats)
 
 
