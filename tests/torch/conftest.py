@@ -76,3 +76,22 @@ def routes(monkeypatch):
 
     monkeypatch.setattr(_backends, "choose_backend", spy)
     return seen
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """``crossent.torch.set_compiled_kernel(True)`` for one test; the shapes of the logits
+    the compiled kernel (``_inductor.softmax_grad_rows``) was called on, in order."""
+    from crossent.torch import _inductor
+
+    calls = []
+    real = _inductor.softmax_grad_rows
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_inductor, "softmax_grad_rows", spy)
+    previous = xt.set_compiled_kernel(True)
+    yield calls
+    xt.set_compiled_kernel(previous)

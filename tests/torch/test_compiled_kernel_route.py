@@ -20,20 +20,7 @@ pytestmark = [pytest.mark.skipif(not _inductor.available(), reason="no C++ compi
               pytest.mark.timeout(300)]
 
 
-@pytest.fixture
-def compiled_calls(monkeypatch):
-    """The compiled kernel on for one test; counts its calls."""
-    calls = []
-    real = _inductor.softmax_grad_rows
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_inductor, "softmax_grad_rows", spy)
-    previous = xt.set_compiled_kernel(True)
-    yield calls
-    xt.set_compiled_kernel(previous)
+# compiled_calls (tests/torch/conftest.py): the kernel on, its calls recorded
 
 
 def _logits(n=40, c=300, seed=0):

@@ -658,8 +658,7 @@ def _scale_logits_grad(grad: torch.Tensor, target: torch.Tensor, grad_output: to
         return (grad * per_row).to(grad.dtype)
     every_row = target.is_floating_point() or smoothing
     factor = infinite_as_nan(grad_output) if every_row else grad_output
-    rows_shape = () if grad.dim() == 1 else (grad.shape[0], *grad.shape[2:])
-    if whole_rows is not None and not every_row and tuple(whole_rows.shape) == rows_shape:
+    if whole_rows is not None and not every_row:
         factor = torch.where(whole_rows, infinite_as_nan(grad_output), grad_output)
     counted = index = None
     if not target.is_floating_point():
