@@ -489,11 +489,15 @@ def test_opcheck():
         # the CPU scaling of the stored gradient (an infinite grad_output on an ignored
         # row: opcheck's comparison takes no NaN)
         *((torch.ops.crossent.scale_stored_grad_cpu.default,
-           (torch.rand(6, 5), go, t_ignored, weight, -100, smoothing, whole))
-          for go, weight, smoothing, whole in (
-              (torch.tensor([1.0, -float("inf"), 2, 3, 4, 5]), None, False, None),
-              (torch.tensor(2.0), cw, True, None),
-              (torch.tensor(3.0), None, False, torch.rand(6) < 0.5))),
+           (torch.rand(6, 5), go, t_ignored, -100, smoothing, whole))
+          for go, smoothing, whole in (
+              (torch.tensor([1.0, -float("inf"), 2, 3, 4, 5]), False, None),
+              (torch.tensor(2.0), True, None),
+              (torch.tensor(3.0), False, torch.rand(6) < 0.5))),
+        # what a backward that scales stored gradients reads for its versions
+        *((torch.ops.crossent.read_saved.default, (go, saved))
+          for go, saved in ((torch.rand(6)[::2], [cw, None]),
+                            (torch.tensor(2.0), [torch.tensor(3), None, cw]))),
         (torch.ops.crossent.linear_cross_entropy_bwd.default,
          (torch.rand(6), *_linear_args(x.detach(), w.detach(), b.detach(), t,
                                        [True] * 3 + [False] * 3, False, "none"))),

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grad_probes import (
+    inplace_outcome,
     relative_error,
     same_inplace_outcome,
     same_nonfinite_pattern,
@@ -328,7 +329,7 @@ def test_logits_changed_after_forward_are_not_refused_as_torch(dtype, ls, inplac
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
-def test_save_on_cpu_and_checkpoint_are_not_refused_as_torch(dtype):
+def test_save_on_cpu_and_checkpoint_weight_change_torchs_or_loud(dtype):
     def save_on_cpu(lib):
         z = torch.randn(_NB, _CB, dtype=dtype, requires_grad=True)
         w = (torch.rand(_CB) + 0.5).to(dtype)
@@ -344,9 +345,22 @@ def test_save_on_cpu_and_checkpoint_are_not_refused_as_torch(dtype):
         w.mul_(2)
         loss.backward()
 
-    assert same_inplace_outcome(save_on_cpu) == "ok"
+    # under save_on_cpu (the CPU tensor itself kept) and non-reentrant checkpointing
+    # torch's backward reads the changed weight; the gradient crossent stored in forward
+    # does not have it, so crossent refuses loudly (review H88, stop 35: before, "ok" with
+    # the forward-time gradient); reentrant checkpointing re-runs crossent's forward too
+    assert _loud_where_torch_reads_the_change(save_on_cpu)
     assert same_inplace_outcome(lambda lib: ckpt(lib, True)) == "ok"
-    assert same_inplace_outcome(lambda lib: ckpt(lib, False)) == "ok"
+    assert _loud_where_torch_reads_the_change(lambda lib: ckpt(lib, False))
+
+
+def _loud_where_torch_reads_the_change(build) -> bool:
+    """torch gives a gradient (read from the changed input), crossent raises its
+    in-place error: the contract's "the reference's result or an exception"."""
+    assert inplace_outcome(lambda: build("torch")) == "ok"
+    with pytest.raises(RuntimeError, match=r"crossent\.torch\..*modified in place"):
+        build("xt")
+    return True
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
@@ -507,7 +521,7 @@ def test_head_optimizer_between_forward_and_backward_as_torch(dtype, step):
 
 
 @pytest.mark.parametrize("how", ["save_on_cpu", "reentrant", "non-reentrant"])
-def test_head_saved_tensor_hooks_and_checkpoint_are_not_refused_as_torch(how):
+def test_head_saved_tensor_hooks_and_checkpoint_torchs_or_loud(how):
     def build(lib):
         x = torch.randn(_NB, _DB, requires_grad=True)
         w = torch.randn(_CB, _DB, requires_grad=True)
@@ -520,7 +534,10 @@ def test_head_saved_tensor_hooks_and_checkpoint_are_not_refused_as_torch(how):
         with torch.no_grad():
             w.add_(1)
         loss.backward()
-    assert same_inplace_outcome(build) == "ok"
+    if how == "reentrant":  # crossent's forward re-runs with the changed W, as torch's
+        assert same_inplace_outcome(build) == "ok"
+    else:  # torch reads the changed W; crossent's stored gradient has the old: loud (H88)
+        assert _loud_where_torch_reads_the_change(build)
 
 
 # H73, fixed on CPU at stop 34: the compiled backward's CPU operator

@@ -30,6 +30,7 @@ from ._rules import (
     Options,
     check_index_target,
     compute_dtype,
+    count_tensor,
     fake_values,
     reduce_rows,
     rounds_logits,
@@ -133,7 +134,9 @@ def cross_entropy(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     """The reduced loss (or per-row losses for ``"none"``) in the compute dtype."""
     losses, denominator = row_losses(z, target, weight, opts)
     if opts.num_items is not None and opts.reduction != "none":  # the caller's count
-        out = losses.sum() / opts.num_items
+        # as a tensor of the loss's dtype: a Python float would give torch.func.jvp a
+        # float64 tangent for a float32 loss (review H87-4)
+        out = losses.sum() / count_tensor(opts.num_items, losses.device, losses.dtype)
     else:
         out = reduce_rows(losses, denominator, opts.reduction,
                           nan_at_zero=opts.label_smoothing > 0)

@@ -50,12 +50,14 @@ from ._rules import (
     recompute_in_backward,
     records_graph,
     reduce_losses,
+    releases_inputs,
     remember_target,
     rows_deferring_mean,
     save_inputs,
     saved_inputs,
     scale_stored,
     take_stored,
+    watch_count,
     watch_inputs,
     within_fake_mode,
 )
@@ -85,6 +87,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
+    @releases_inputs
     def backward(ctx, grad_output):
         check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output) or (  # create_graph, is_grads_batched, or an
@@ -260,10 +263,25 @@ def _watch_copies(out: torch.Tensor, name: str, input: torch.Tensor, target: tor
     weight (a uint8/int32 target as int64, a bfloat16 target or weight in float32), whose
     in-place change before backward its own version checks would not see. Not where no
     value can be read or a transform is active (plain torch operations only there)."""
-    if (not copied or fake_values(input, target)
-            or _composite.composable_required(input, target)):
+    if not copied or not _watchable(input, target):
         return out
     return watch_inputs(out, name, target, opts.saved_weight)
+
+
+def _watchable(input: torch.Tensor, target: torch.Tensor) -> bool:
+    """A watching identity node may join the graph: values can be read and no transform
+    is active (plain torch operations only there, whose own checks apply)."""
+    return not (fake_values(input, target) or _composite.composable_required(input, target))
+
+
+def watch_num_items(out: torch.Tensor, name: str, input: torch.Tensor, target: torch.Tensor,
+                    num_items: object) -> torch.Tensor:
+    """``out``, whose backward reads a ``num_items`` tensor back as torch's ``sum / n``
+    does (:func:`._rules.watch_count`: every route reads the count once, in forward). For
+    the entry points, on the loss whatever the route."""
+    if not isinstance(num_items, torch.Tensor) or not _watchable(input, target):
+        return out
+    return watch_count(out, num_items, name)
 
 
 def _check_probability_ignore_index(prob: bool, opts: Options) -> None:
@@ -455,7 +473,8 @@ def cross_entropy(
             (one host synchronisation to check it; a constant: one that requires grad
             raises :class:`crossent.UnsupportedError`); 0, negative, NaN or inf raise
             :class:`crossent.InputError`. Every rows' gradient is scaled by
-            ``1 / num_items``, on every backend and autograd path.
+            ``1 / num_items``, on every backend and autograd path. A tensor changed in
+            place before backward raises, as torch's ``sum / n`` (which saves ``n``).
         backend: which kernel computes the loss (:mod:`crossent.torch._backends`):
             ``"auto"`` (default: torch's own kernel or the small-batch fused kernel
             for small inputs with torch's options, and on CPU for rows of few classes
@@ -663,6 +682,7 @@ def cross_entropy(
                     else:
                         out, stats = _fused_cross_entropy(logits, flat_target, weight, opts,
                                                           inplace, out_dtype, names)
+    out = watch_num_items(out, "cross_entropy", input, target, num_items)
     out = out.reshape(row_shape) if reduction == "none" else out
     if names is None:
         return out

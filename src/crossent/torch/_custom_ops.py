@@ -63,9 +63,14 @@ Rules under ``torch.compile``:
   infinite ``grad_output``. A recompute would need the logits in backward, and saving
   them made every backward raise after an in-place change of them, which torch's loss
   allows (review H84). On CPU the scaling is an operator,
-  ``crossent::scale_stored_grad_cpu``, that reads the target and class weight, so
-  AOTAutograd saves them and an in-place change of either before backward raises as
-  torch's; on CUDA the scaling is traced torch operations. The linear head
+  ``crossent::scale_stored_grad_cpu``, that reads the target, so AOTAutograd saves it
+  and an in-place change before backward raises as torch's; on CUDA the scaling is
+  traced torch operations (which read the target too). The class weight and a
+  ``num_items`` tensor, which torch's own backward reads too, the backward passes to
+  ``crossent::read_saved``, for the same reason, on every device. Not the linear head's
+  ``input`` and ``linear_weight`` (which ``F.linear`` saves): the compiled head keeps
+  neither alive for backward, so an in-place change of them before backward is not
+  noticed there (eager crossent watches them without keeping them alive). The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
   backward operator): ``dx`` as torch's (NaN on counted rows, 0 on ignored ones);
   ``dW``/``db`` 0 where no row counts, all NaN under an infinite one with probability
@@ -525,18 +530,13 @@ def _(grad_output, input, target, weight, num_items, requires, *rest):
 
 @torch.library.custom_op("crossent::scale_stored_grad_cpu", mutates_args=(), tags=_TAGS,
                          schema="(Tensor grad, Tensor grad_output, Tensor target, "
-                                "Tensor? weight, Scalar? ignore_index, bool smoothing, "
+                                "Scalar? ignore_index, bool smoothing, "
                                 "Tensor? whole_rows) -> Tensor")
-def _scale_stored_grad_cpu(grad, grad_output, target, weight, ignore_index, smoothing,
-                           whole_rows):
+def _scale_stored_grad_cpu(grad, grad_output, target, ignore_index, smoothing, whole_rows):
     """The logits' gradient stored in forward (``grad_output = 1``) times ``grad_output``,
-    on CPU (:func:`_scale_logits_grad`, contiguous as the fake). An operator so that the
-    backward graph reads the target and the class weight: AOTAutograd then saves them and
-    an in-place change before backward raises as torch's (whose loss saves both); the
-    weight is read for that only. The logits are not read: torch's loss does not save
-    them, and an in-place change of them must not fail backward (review H84).
-    ``whole_rows``: :func:`_z_loss_whole_rows`, or None."""
-    del weight
+    on CPU (:func:`_scale_logits_grad`, contiguous as the fake). The logits are not read:
+    torch's loss does not save them, and an in-place change of them must not fail
+    backward (review H84). ``whole_rows``: :func:`_z_loss_whole_rows`, or None."""
     return _scale_logits_grad(grad, target, grad_output, ignore_index, smoothing,
                               whole_rows).contiguous()
 
@@ -546,6 +546,35 @@ def _(grad, *rest):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("crossent::read_saved", mutates_args=(),
+                         schema="(Tensor grad_output, Tensor?[] saved) -> Tensor")
+def _read_saved(grad_output, saved):
+    """``grad_output``, copied (an operator returns no alias of an input), in a backward
+    graph that thereby reads ``saved``: inputs torch's own backward reads (the class
+    weight, which ``nll_loss`` saves; a ``num_items`` tensor, which ``sum / n`` saves) but
+    a backward that scales gradients stored in forward does not. AOTAutograd's
+    partitioner saves only what the backward graph reads, so without this an in-place
+    change of them before backward went unnoticed there (the forward-time gradient came
+    back) where torch raises; read here, they are saved and their versions checked.
+    Costs a copy of ``grad_output`` (one value, or one per row). No ``cudagraph_unsafe``
+    tag: a copy on the grad's device."""
+    del saved
+    return grad_output.clone()
+
+
+@_read_saved.register_fake
+def _(grad_output, saved):
+    return torch.empty_like(grad_output)
+
+
+def _read_torch_saves(grad_output: torch.Tensor,
+                      saved: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """:func:`_read_saved` where any of ``saved`` is a tensor, else ``grad_output``."""
+    if all(t is None for t in saved):
+        return grad_output
+    return torch.ops.crossent.read_saved(grad_output, list(saved))
+
+
 def _ce_setup(ctx, inputs, output) -> None:
     input, target, weight, num_items = inputs[:4]
     # ctx.options: requires, want_grads, and the options
@@ -553,15 +582,15 @@ def _ce_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])
     if ctx.want_grads:  # the gradient of the input, stored in forward; class indices for
         # the rows and entries a non-finite grad_output reaches (_scale_logits_grad); the
-        # target (probabilities too) and the class weight saved as torch's kernel saves
-        # them, so that an in-place change of either before backward raises as there
-        # (the saved tensors' versions are checked when backward unpacks them)
-        # (on CPU read by crossent::scale_stored_grad_cpu, so that AOTAutograd saves them)
-        # with z_loss on CPU the rows' lse too (compiled_cross_entropy asks for it)
+        # target (probabilities too), the class weight and a num_items tensor saved as
+        # torch's kernel and its sum / n save them, so that an in-place change of any
+        # before backward raises as there (their versions are checked when backward
+        # unpacks them; read in backward, so that AOTAutograd saves them too:
+        # crossent::read_saved); with z_loss on CPU the rows' lse (forward returns it)
         ctx.cpu = input.device.type == "cpu"
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         lse = (output[2 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
-        ctx.save_for_backward(output[1], target, weight, *lse)
+        ctx.save_for_backward(output[1], target, weight, num_items, *lse)
     else:  # recomputed in backward from the inputs
         ctx.save_for_backward(input, target, weight, num_items)
 
@@ -570,14 +599,15 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
     _refuse_double_backward("cross_entropy")
     rest = (None,) * len(ctx.options)
     if ctx.want_grads:
-        # (the weight: unpacked for its version)
-        grad, target, weight, *lse = ctx.saved_tensors
+        grad, target, weight, num_items, *lse = ctx.saved_tensors
+        # weight and num_items: read (their versions checked), as torch's backward reads them
+        grad_loss = _read_torch_saves(grad_loss, (weight, num_items))
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         smoothing = named["label_smoothing"] != 0
         if ctx.cpu:
             whole = _z_loss_whole_rows(lse[0], named["z_loss"]) if lse else None
             return (torch.ops.crossent.scale_stored_grad_cpu(
-                grad, grad_loss, target, weight, named["ignore_index"], smoothing, whole),
+                grad, grad_loss, target, named["ignore_index"], smoothing, whole),
                 None, None, None, *rest)
         return (_scale_logits_grad(grad, target, grad_loss, named["ignore_index"],
                                    smoothing),
@@ -870,7 +900,10 @@ def _linear_setup(ctx, inputs, output) -> None:
     if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
         # target: the rows a non-finite grad_output reaches (neither x nor W is kept)
         ctx.x_shape, ctx.w_shape = inputs[0].shape, inputs[1].shape
-        ctx.save_for_backward(*output[1:4], inputs[3])
+        # and the class weight and a num_items tensor, for their versions (_read_saved);
+        # not x and W, which torch's F.linear saves: an intermediate W (W0 * 2, a
+        # dequantized head) would be kept alive for backward (review B6 of ac32687)
+        ctx.save_for_backward(*output[1:4], inputs[3], *inputs[4:6])
     else:  # recomputed in backward from the inputs, with the real grad_output
         ctx.save_for_backward(*inputs[:6])
 
@@ -880,7 +913,8 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
     rest = (None,) * len(ctx.inputs_rest)
     requires = ctx.requires
     if ctx.want_grads:
-        dx, dw, db, target = ctx.saved_tensors
+        dx, dw, db, target, *read = ctx.saved_tensors
+        grad_loss = _read_torch_saves(grad_loss, read)
         named = dict(zip(_LINEAR_OPTIONS, ctx.inputs_rest[2:], strict=True))
         grads = _scale_head_grads((dx, dw, db), requires[:3], ctx.x_shape, ctx.w_shape,
                                   target, grad_loss, named)

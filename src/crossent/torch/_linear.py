@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError, UnsupportedError
 from . import _backends, _composite, _statistics
 from ._chunked_head import RowSplit, head_pass, rows_per_chunk, split_rows, weight_grad_dtype
-from ._cross_entropy import cross_entropy, native_cross_entropy
+from ._cross_entropy import cross_entropy, native_cross_entropy, watch_num_items
 from ._custom_ops import compilable
 from ._rowblock import cross_entropy_rows
 from ._rules import (
@@ -50,6 +50,7 @@ from ._rules import (
     recompute_in_backward,
     records_graph,
     reduce_losses,
+    releases_inputs,
     remember_target,
     rows_deferring_mean,
     save_inputs,
@@ -160,6 +161,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return reduce_losses(losses, rows, opts.reduction).to(out_dtype)
 
     @staticmethod
+    @releases_inputs
     def backward(ctx, grad_output):
         nothing = (None,) * 9
         check_target_intact(ctx, "linear_cross_entropy")
@@ -481,8 +483,12 @@ def linear_cross_entropy(
                     z_loss, softcap, autocast_dtype(x, x.device.type), num_items,
                     isinstance(target, torch.Tensor) and target.is_floating_point())
     if w.dim() > 2:
-        return _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype,
-                                     chunk_size is not None, backend, names)
+        found = _linear_k_dimensional(x, w, b, target, weight, opts, loss_dtype,
+                                      chunk_size is not None, backend, names)
+        if names is None:
+            return watch_num_items(found, "linear_cross_entropy", x, target, num_items)
+        return (watch_num_items(found[0], "linear_cross_entropy", x, target, num_items),
+                found[1])
     single = x.dim() == 1
     x = x.unsqueeze(0) if single else x
     t = target.unsqueeze(0) if single else target
@@ -530,6 +536,7 @@ def linear_cross_entropy(
         else:
             out, stats = _fused_linear(x, w, b, t, opts, chunk_size, keep, out_dtype, names,
                                        weight_grad_dtype(acc_policy, x, w))
+    out = watch_num_items(out, "linear_cross_entropy", x, t, num_items)
     if row_shape is not None and reduction == "none":  # drop the last positions
         out = out.reshape(row_shape)
         out = out[..., :-1] if drop_last else out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -750,7 +751,7 @@ def saved_inputs(ctx, name: str) -> tuple:
     its forward address with a newer version raises too (a hook that copied returns the
     forward values elsewhere, and is trusted)."""
     try:
-        inputs = ctx.saved_tensors
+        inputs = unpacked_inputs(ctx)
     except RuntimeError as exc:
         if "modified by an inplace operation" not in str(exc):
             raise  # e.g. torch's "backward through the graph a second time"
@@ -762,12 +763,34 @@ def saved_inputs(ctx, name: str) -> tuple:
     return inputs
 
 
+def unpacked_inputs(ctx) -> tuple:
+    """``ctx.saved_tensors``, or the tuple :func:`check_target_intact` unpacked earlier in
+    this backward (under saved-tensor hooks): non-reentrant checkpointing refuses a
+    second unpack of a saved tensor in one backward."""
+    held = getattr(ctx, "held_inputs", None)
+    return held if held is not None else ctx.saved_tensors
+
+
+def releases_inputs(backward: Callable) -> Callable:
+    """A Function's ``backward`` that drops what :func:`check_target_intact` unpacked when
+    it returns: kept on ``ctx``, the saved logits (recomputed, under checkpointing) would
+    live as long as the graph (as review H85-1 found of a kept reference)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        try:
+            return backward(ctx, *grads)
+        finally:
+            ctx.held_inputs = None
+    return run
+
+
 def _modified(name: str) -> RuntimeError:
     return RuntimeError(
         f"crossent.torch.{name}: an input was modified in place after the forward "
         f"pass; this backward (create_graph=True, a second backward through a "
-        f"retained graph, batched grad_outputs, a target or weight gradient, or an "
-        f"infinite grad_output) recomputes the gradient from it"
+        f"retained graph, batched grad_outputs, a target or weight gradient, an "
+        f"infinite grad_output, the vocab-parallel functions) recomputes the gradient "
+        f"from it, or reads it under saved-tensor hooks as torch's would"
     )
 
 
@@ -776,7 +799,7 @@ def check_not_freed(ctx) -> None:
     freed (a second backward without ``retain_graph=True``), for a Function that keeps
     its stored gradient (float64, ``allow_retain_graph``) and so could go on silently."""
     try:
-        _ = ctx.saved_tensors  # unpacking raises torch's error once they were freed
+        _ = unpacked_inputs(ctx)  # unpacking raises torch's error once they were freed
     except RuntimeError as exc:
         if "modified by an inplace operation" not in str(exc):
             raise
@@ -794,30 +817,88 @@ def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> 
     ``linear_weight``, which ``F.linear`` saves): weakly, with their versions, so that
     an in-place change (an optimizer step between forward and backward, a class weight
     buffer refilled) raises as torch's does instead of giving the forward-time gradient.
-    Not under saved-tensor hooks, where torch checks no version either."""
+    Under saved-tensor hooks torch checks no version: its backward reads what the unpack
+    hook gives back. Where :func:`save_inputs` saved these inputs first (the fused
+    kernels), backward unpacks them through the hooks and raises if one comes back as the
+    caller's tensor (its forward address) changed since forward: torch's backward would
+    read the changed values, which the gradient stored in forward does not have (review
+    H88; a hook that copied gives torch the forward's values, as the stored gradient). A
+    watched input not saved itself (a converted copy was) raises on any change there.
+    Elsewhere (:func:`watch_inputs`) nothing is checked under hooks, as torch."""
     hooked = _saved_tensor_hooks_active()
+    checked = not hooked or hasattr(ctx, "saved_versions")
     ctx.target_ref = (
-        (lambda: None) if hooked  # torch checks no version under saved-tensor hooks
-        else weakref.ref(target) if target.is_floating_point() else (lambda t=target: t))
+        (lambda: None) if not checked
+        # probabilities weakly (not kept alive), except under hooks: checkpointing stores
+        # no saved tensor, so the flattened view handed here would die with forward
+        else weakref.ref(target) if target.is_floating_point() and not hooked
+        else (lambda t=target: t))
     ctx.target_version = target._version
-    ctx.watched = () if hooked else tuple(
+    ctx.watched = () if not checked else tuple(
         (arg, weakref.ref(t), t._version) for arg, t in saved.items()
         if isinstance(t, torch.Tensor) and _forward_state(t) is not None)
+    # under hooks: the position of each watched input among the saved ones (or None)
+    ctx.hook_slots = None if not hooked or not checked else {
+        arg: _saved_slot(ctx, t) for arg, t in (("target", target), *saved.items())
+        if isinstance(t, torch.Tensor)}
+
+
+def _saved_slot(ctx, t: torch.Tensor) -> int | None:
+    """Where ``t`` itself is among the inputs :func:`save_inputs` saved, or None."""
+    state = _forward_state(t)
+    if state is None or t.numel() == 0:
+        return None
+    for i, seen in enumerate(ctx.saved_versions):
+        if seen is not None and seen[0] == state[0]:
+            return i
+    return None
 
 
 def check_target_intact(ctx, name: str) -> None:
     """Raise torch's ``RuntimeError`` where the target, or an input given to
-    :func:`remember_target`, was modified in place since the forward pass."""
+    :func:`remember_target`, was modified in place since the forward pass (under
+    saved-tensor hooks: where torch's backward would read the change)."""
+    unpacked = None
+    if getattr(ctx, "hook_slots", None) is not None:
+        # as torch's backward, which unpacks its saved tensors: a copying hook's copy, the
+        # tensor itself, or (non-reentrant checkpointing) the region recomputed
+        unpacked = ctx.held_inputs = ctx.saved_tensors  # once: checkpointing refuses two
     target = ctx.target_ref()
-    if target is not None and target._version != ctx.target_version:
-        raise RuntimeError(f"crossent.torch.{name}: the target was modified in place "
-                           f"after the forward pass (torch raises here too)")
+    if (target is not None and target._version != ctx.target_version
+            and not _hook_copied(ctx, unpacked, "target", target)):
+        raise _changed(name, "the target", unpacked is not None)
     for arg, ref, version in getattr(ctx, "watched", ()):
         t = ref()
-        if t is not None and t._version != version:
-            raise RuntimeError(f"crossent.torch.{name}: {arg} was modified by an inplace "
-                               f"operation after the forward pass; torch raises here too "
-                               f"(its backward needs the forward's {arg})")
+        if (t is not None and t._version != version
+                and not _hook_copied(ctx, unpacked, arg, t)):
+            raise _changed(name, arg, unpacked is not None)
+
+
+def _changed(name: str, what: str, hooked: bool) -> RuntimeError:
+    if hooked:
+        return RuntimeError(
+            f"crossent.torch.{name}: {what} was modified in place after the forward pass, "
+            f"under saved-tensor hooks that hand back the tensor itself: torch's backward "
+            f"would read the changed values, which the gradient stored in forward does not "
+            f"have")
+    if what == "the target":
+        return RuntimeError(f"crossent.torch.{name}: the target was modified in place "
+                            f"after the forward pass (torch raises here too)")
+    return RuntimeError(f"crossent.torch.{name}: {what} was modified by an inplace "
+                        f"operation after the forward pass; torch raises here too "
+                        f"(its backward needs the forward's {what})")
+
+
+def _hook_copied(ctx, unpacked, arg: str, t: torch.Tensor) -> bool:
+    """Under saved-tensor hooks, the saved ``arg`` came back as a copy (not ``t``'s
+    memory): torch's backward reads the forward's values, as the stored gradient has."""
+    if unpacked is None:
+        return False
+    slot = ctx.hook_slots.get(arg)
+    if slot is None or unpacked[slot] is None:
+        return False  # not saved itself: whether torch would see the change is unknown
+    now = _forward_state(unpacked[slot])
+    return now is not None and now[0] != t.data_ptr()
 
 
 class _WatchInputs(torch.autograd.Function):
@@ -830,7 +911,9 @@ class _WatchInputs(torch.autograd.Function):
         target, weight = watched  # in a tuple: not inputs of this node
         remember_target(ctx, target, weight=weight)
         ctx.loss_name = name  # not ctx.name: the node's name() method
-        return out.view_as(out)
+        # a copy (one value, or one per row), not a view: the caller may change the loss
+        # in place (loss /= accumulation_steps), which a Function's view output refuses
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -847,6 +930,51 @@ def watch_inputs(out: torch.Tensor, name: str, target: torch.Tensor,
     if not out.requires_grad:
         return out
     return _WatchInputs.apply(out, name, (target, weight))
+
+
+class _WatchCount(torch.autograd.Function):
+    """The identity on a loss divided by ``count`` in forward, whose backward reads
+    ``count`` back as torch's ``sum / n`` does (:func:`watch_count`)."""
+
+    @staticmethod
+    def forward(ctx, out, count, name):  # type: ignore[override]
+        ctx.save_for_backward(count)  # torch's version check; saved-tensor hooks apply
+        # under hooks (no version check) the forward's value, to rescale by in backward
+        ctx.kept = count.detach().clone() if _saved_tensor_hooks_active() else None
+        ctx.loss_name = name
+        return out.clone()  # not a view: the loss may be changed in place (_WatchInputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        try:
+            (count,) = ctx.saved_tensors
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc):
+                raise  # e.g. torch's "backward through the graph a second time"
+            raise RuntimeError(
+                f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
+                f"operation after the forward pass; torch raises here too (its "
+                f"sum / num_items saves num_items)") from exc
+        if ctx.kept is not None:  # the count the hook gave back, as torch's divides by
+            # (exactly 1 where it is the forward's: no host read to find out)
+            ratio = ctx.kept.to(torch.float64) / count.detach().to(torch.float64)
+            grad = grad * ratio.reshape(()).to(grad.device, grad.dtype)
+        return grad, None, None
+
+
+def watch_count(out: torch.Tensor, num_items: object, name: str) -> torch.Tensor:
+    """``out``, a loss divided by the ``num_items`` tensor's value in forward, whose
+    backward follows the documented reference ``F.cross_entropy(..., "sum") / n``, which
+    saves ``n`` (review H86-2): an in-place change of the tensor before backward raises
+    torch's error, and under saved-tensor hooks (which check no version) the gradient is
+    divided by the count the hook gives back (the changed tensor where the hook kept it
+    itself, as torch's). A number (or None) leaves ``out`` as it is, and so does an
+    inference tensor (made under ``torch.inference_mode``), which autograd cannot save and
+    nothing outside that mode can change in place (torch's ``sum / n`` refuses it)."""
+    if (not isinstance(num_items, torch.Tensor) or not out.requires_grad
+            or num_items.is_inference()):
+        return out
+    return _WatchCount.apply(out, num_items, name)
 
 
 def weight_torch_saves(weight: torch.Tensor | None, device_type: str) -> torch.Tensor | None:

@@ -46,6 +46,7 @@ from ._rules import (
     nan_at_targets,
     no_autocast,
     recompute_in_backward,
+    releases_inputs,
     remember_target,
     save_inputs,
     scale_stored,
@@ -113,6 +114,7 @@ class _SmallCrossEntropy(torch.autograd.Function):
         return total.neg() if reduction == "sum" else total.div(-counted)  # 0 counted: NaN
 
     @staticmethod
+    @releases_inputs
     def backward(ctx, grad_output):
         none = (None,) * 6
         check_target_intact(ctx, "cross_entropy")

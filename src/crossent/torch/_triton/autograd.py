@@ -27,6 +27,7 @@ from .._rules import (  # the CPU head's rules
     positive_int,
     recompute_in_backward,
     records_graph,
+    releases_inputs,
     remember_target,
     save_inputs,
     saved_inputs,
@@ -231,6 +232,7 @@ class _CrossEntropy(torch.autograd.Function):
         return out.reshape(row_shape) if opts["reduction"] == "none" else out
 
     @staticmethod
+    @releases_inputs
     def backward(ctx, grad_output):
         check_target_intact(ctx, "cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True
@@ -365,6 +367,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss.to(loss_dtype)
 
     @staticmethod
+    @releases_inputs
     def backward(ctx, grad_output):
         check_target_intact(ctx, "linear_cross_entropy")
         if recompute_in_backward(grad_output):  # create_graph=True, is_grads_batched=True

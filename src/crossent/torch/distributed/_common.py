@@ -300,6 +300,11 @@ class Spec:
     softcap: float | None = None
     weight_total: float = 0.0  # sum_c w_c over all V classes, set by agree()
     num_classes: int = 0  # V, set by agree()
+    # the caller's class weight and num_items tensors (``weight``/``num_items`` above are
+    # copies), whose in-place change before backward raises as torch's (its backward
+    # reads them: nll_loss saves the weight, sum / n saves n)
+    given_weight: torch.Tensor | None = None
+    given_num_items: torch.Tensor | None = None
 
 
 @dataclass
@@ -380,6 +385,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
     index = problems.check(_ignore_index, ignore_index)
     cdtype = compute_dtype(like.dtype) if like is not None else torch.float32
     device = like.device if like is not None else None
+    given_weight = None
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             problems.note(f"weight must be a floating tensor, this rank's slice of the "
@@ -408,11 +414,16 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
                           "it, or use crossent.torch.cross_entropy", UnsupportedError)
             weight = None
         else:
-            weight = weight.detach().to(device=device, dtype=cdtype)
+            given_weight = weight
+            # a copy: backward must not read a weight changed since forward (review H88-5)
+            weight = weight.detach().to(device=device, dtype=cdtype, copy=True)
     items = _num_items(num_items, reduction, problems)
+    given_items = items if isinstance(items, torch.Tensor) else None
     if isinstance(items, torch.Tensor):
         items = items.detach().reshape(()).to(device=device, dtype=cdtype)
-    return Spec(-100 if index is None else index, eps, zeta, weight, reduction, items, cap)
+    return Spec(-100 if index is None else index, eps, zeta, weight, reduction, items, cap,
+                given_weight=given_weight if weight is not None else None,
+                given_num_items=given_items)
 
 
 # Not crossent.torch._rules.check_num_items, on purpose: a rank must not raise before the

@@ -16,7 +16,14 @@ from torch.autograd.function import once_differentiable
 
 from ...errors import UnsupportedError
 from .. import _buffers
-from .._rules import autocast_dtype, no_autocast, records_graph
+from .._rules import (
+    autocast_dtype,
+    no_autocast,
+    records_graph,
+    save_inputs,
+    saved_inputs,
+    watch_count,
+)
 from ._common import (
     Layout,
     Problems,
@@ -54,7 +61,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, lay, spec, route, out_dtype):
         stats, valid = _forward(logits, target, lay, spec, route)
         out, scale = reduce_loss(stats.loss, stats.wy, valid, spec)
-        ctx.save_for_backward(logits, target, valid, stats.lse, stats.coef, stats.wy)
+        # with the caller's class weight: backward raises where one of them changed in
+        # place since forward (also under saved-tensor hooks that keep the tensor itself,
+        # where torch's backward would read the change: reviews H88-5, H88-6)
+        save_inputs(ctx, logits, target, valid, stats.lse, stats.coef, stats.wy,
+                    spec.given_weight)
         ctx.lay, ctx.spec, ctx.scale, ctx.route = lay, spec, scale, route
         return out.to(out_dtype)
 
@@ -62,7 +73,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @refuse_double_backward("vocab_parallel_cross_entropy")
     @once_differentiable
     def backward(ctx, grad_output):
-        logits, target, valid, lse, coef, wy = ctx.saved_tensors
+        logits, target, valid, lse, coef, wy, _ = saved_inputs(
+            ctx, "distributed.vocab_parallel_cross_entropy")
         cdtype = lse.dtype
         go = grad_output.to(cdtype)
         scale = go.reshape(-1) if ctx.spec.reduction == "none" else go * ctx.scale
@@ -230,6 +242,9 @@ def vocab_parallel_cross_entropy(
     with no_autocast(logits.device.type):
         if records_graph() and logits.requires_grad:
             out = _VocabParallelCrossEntropy.apply(logits, flat, lay, spec, route, out_dtype)
+            # a num_items tensor read back in backward, as torch's sum / n (review H86-2)
+            out = watch_count(out, spec.given_num_items,
+                              "distributed.vocab_parallel_cross_entropy")
         else:
             with torch.no_grad():
                 stats, valid = _forward(logits, flat, lay, spec, route)

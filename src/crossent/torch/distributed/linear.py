@@ -28,7 +28,10 @@ from .._rules import (
     chunk_rows,
     no_autocast,
     records_graph,
+    save_inputs,
+    saved_inputs,
     take_stored,
+    watch_count,
 )
 from ._common import (
     _DTYPES,
@@ -137,6 +140,9 @@ def _run(x, w, b, target, valid, lay, spec, chunk, need, route, scale=None, save
     return (run.losses, kernel.lse, kernel.coef, kernel.wy), run.grads
 
 
+_NAME = "distributed.vocab_parallel_linear_cross_entropy"
+
+
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad, route,
@@ -152,7 +158,10 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         # "none": the gradient depends on grad_output row by row, recomputed in backward;
         # "mean"/"sum" keep the same (references and (N,) statistics) for an infinite
         # grad_output, which the stored gradients cannot take (torch gives NaN there)
-        ctx.save_for_backward(x, w, b, target, valid, lse, coef, wy)
+        # with the caller's class weight: backward raises where an input changed in place
+        # since forward (also under saved-tensor hooks that keep the tensor itself, where
+        # torch's backward would read the change: reviews H88-4, H88-5)
+        save_inputs(ctx, x, w, b, target, valid, lse, coef, wy, spec.given_weight)
         if not none:
             # backward scales the stored gradients in place, so none is kept for a second
             # backward (float64 included, unlike the single-process head: no gradcheck here)
@@ -173,7 +182,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         # stored gradients times +-inf give +-inf where torch gives NaN (documented).
         if spec.reduction == "none" or (ctx.route != "triton"
                                         and bool((grad_output * ctx.scale).isinf())):
-            x, w, b, target, valid, lse, coef, wy = ctx.saved_tensors
+            x, w, b, target, valid, lse, coef, wy, _ = saved_inputs(ctx, _NAME)
             if spec.reduction == "none":
                 go = grad_output.reshape(-1).to(lse.dtype)
             else:
@@ -187,7 +196,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             grads = take_stored(ctx, "grads", "vocab_parallel_linear_cross_entropy")
             factor = grad_output.to(grads[0].dtype if grads[0] is not None else
                                     next(g for g in grads if g is not None).dtype) * ctx.scale
-            wy = ctx.saved_tensors[-1]
+            wy = saved_inputs(ctx, _NAME)[-2]
             grads = _scale_stored(grads, factor, ctx.valid,
                                   nan_target_rows(wy, factor.to(wy.dtype), ctx.valid, spec))
         gx = grads[0]
@@ -332,6 +341,8 @@ def vocab_parallel_linear_cross_entropy(
         if grad:
             out = _VocabParallelLinearCE.apply(x, w, b, flat, valid, lay, spec, chunk,
                                                reduce_input_grad, route, out_dtype)
+            out = watch_count(out, spec.given_num_items,  # as torch's sum / n (review H86-2)
+                              "distributed.vocab_parallel_linear_cross_entropy")
         else:
             with torch.no_grad():
                 (loss, _, _, wy), _ = _run(x, w, b, flat, valid, lay, spec, chunk,
