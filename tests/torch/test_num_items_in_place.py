@@ -15,28 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import assert_same_grads_or_raise, grads_or_raise
 
 import crossent.torch as xt
 
 N, C, D = 12, 9, 5
-
-
-def _outcome(run):
-    """``"raise"`` for torch's in-place error at backward, else the gradients."""
-    try:
-        return run()
-    except RuntimeError as exc:
-        if "modified by an inplace operation" in str(exc):
-            return "raise"
-        raise
-
-
-def _same_outcome(got, want, rtol=1e-5):
-    if isinstance(want, str) or isinstance(got, str):
-        assert got == want
-        return
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=1e-6)
 
 
 def _wrap(fn, compile_backend):
@@ -66,7 +49,7 @@ def _ce_run(loss_fn, compile_backend, change, count, dtype=torch.float32, rows=N
                 n.add_(1)  # a count buffer refilled before backward
         loss.backward(torch.tensor(3.0, dtype=loss.dtype))
         return (z.grad,)
-    return _outcome(run)
+    return grads_or_raise(run)
 
 
 def _torch_ce(z, t, n):
@@ -83,7 +66,8 @@ COUNTS = [torch.tensor(7.0), torch.tensor(7, dtype=torch.int64),
 def test_cross_entropy_eager_num_items_changed_in_place(backend, change, count):
     def ours(z, t, n):
         return xt.cross_entropy(z, t, reduction="sum", num_items=n, backend=backend)
-    _same_outcome(_ce_run(ours, None, change, count), _ce_run(_torch_ce, None, change, count))
+    assert_same_grads_or_raise(_ce_run(ours, None, change, count),
+                               _ce_run(_torch_ce, None, change, count))
 
 
 @pytest.mark.parametrize(("rows", "classes", "dtype"), [
@@ -100,7 +84,7 @@ def test_cross_entropy_num_items_changed_in_place_every_auto_route(rows, classes
     def reference(z, t, n):  # bfloat16: torch's float32 gradient, rounded once
         return _torch_ce(z.float() if z.dtype == torch.bfloat16 else z, t, n)
     for change in (True, False):
-        _same_outcome(
+        assert_same_grads_or_raise(
             _ce_run(ours, None, change, torch.tensor(5.0), dtype, rows, classes),
             _ce_run(reference, None, change, torch.tensor(5.0), dtype, rows, classes),
             rtol=2.0**-7 if dtype == torch.bfloat16 else 1e-5)
@@ -111,8 +95,8 @@ def test_cross_entropy_num_items_changed_in_place_every_auto_route(rows, classes
 def test_cross_entropy_compiled_num_items_changed_in_place(compile_backend, change):
     def ours(z, t, n):
         return xt.cross_entropy(z, t, reduction="sum", num_items=n)
-    _same_outcome(_ce_run(ours, compile_backend, change, torch.tensor(7.0)),
-                  _ce_run(_torch_ce, compile_backend, change, torch.tensor(7.0)))
+    assert_same_grads_or_raise(_ce_run(ours, compile_backend, change, torch.tensor(7.0)),
+                               _ce_run(_torch_ce, compile_backend, change, torch.tensor(7.0)))
 
 
 def test_num_items_number_and_mean_keep_working():
@@ -145,12 +129,12 @@ def test_num_items_under_saved_tensor_hooks_follows_torch(hooks):
                 n.add_(1)
             loss.backward()
             return (z.grad,)
-        return _outcome(go)
+        return grads_or_raise(go)
 
     want = run(_torch_ce)
     assert not isinstance(want, str)  # torch's own: the gradient, no error
-    _same_outcome(run(lambda z, t, n: xt.cross_entropy(z, t, reduction="sum", num_items=n)),
-                  want)
+    assert_same_grads_or_raise(run(lambda z, t, n: xt.cross_entropy(z, t, reduction="sum",
+                                                              num_items=n)), want)
 
 
 def test_num_items_changed_after_backward_is_fine():
@@ -190,7 +174,7 @@ def _head_run(loss_fn, compile_backend, change, shift=False, k_dim=False):
                 n.add_(1)
         loss.backward(torch.tensor(2.0))
         return (x.grad, w.grad)
-    return _outcome(run)
+    return grads_or_raise(run)
 
 
 def _torch_head(x, w, t, n, shift):
@@ -210,21 +194,21 @@ def _our_head(x, w, t, n, shift):
 @pytest.mark.parametrize("change", ["num_items", None])
 @pytest.mark.parametrize("shift", [False, True])
 def test_linear_head_eager_num_items_changed_in_place(change, shift):
-    _same_outcome(_head_run(_our_head, None, change, shift),
-                  _head_run(_torch_head, None, change, shift))
+    assert_same_grads_or_raise(_head_run(_our_head, None, change, shift),
+                               _head_run(_torch_head, None, change, shift))
 
 
 def test_linear_head_k_dimensional_num_items_changed_in_place():
     for change in ("num_items", None):
-        _same_outcome(_head_run(_our_head, None, change, k_dim=True),
-                      _head_run(_torch_head, None, change, k_dim=True))
+        assert_same_grads_or_raise(_head_run(_our_head, None, change, k_dim=True),
+                                   _head_run(_torch_head, None, change, k_dim=True))
 
 
 @pytest.mark.parametrize("change", ["num_items", None])
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 def test_linear_head_compiled_num_items_changed_in_place(compile_backend, change):
-    _same_outcome(_head_run(_our_head, compile_backend, change),
-                  _head_run(_torch_head, compile_backend, change))
+    assert_same_grads_or_raise(_head_run(_our_head, compile_backend, change),
+                               _head_run(_torch_head, compile_backend, change))
 
 
 # ---- AOTAutograd: the inputs a stored-gradient backward used not to read
@@ -244,7 +228,7 @@ def _head_input_changed(loss_fn, compile_backend, which, need):
             {"x": x, "w": w, "weight": cw}[which].mul_(2)
         loss.backward()
         return tuple(t.grad for t in (x, w) if t.requires_grad)
-    return _outcome(run)
+    return grads_or_raise(run)
 
 
 def _torch_weighted_head(x, w, t, cw):
@@ -278,7 +262,7 @@ def test_compiled_linear_head_inputs_changed_in_place_follow_torch(which, need):
     ``F.linear`` + ``F.cross_entropy`` does for a changed class weight."""
     want = _head_input_changed(_torch_weighted_head, "aot_eager", which, need)
     got = _head_input_changed(_our_weighted_head, "aot_eager", which, need)
-    _same_outcome(got, want)
+    assert_same_grads_or_raise(got, want)
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -295,7 +279,7 @@ def test_compiled_cross_entropy_class_weight_changed_in_place_raises(compile_bac
                 cw.mul_(2)
             loss.backward()
             return (z.grad,)
-        return _outcome(go)
+        return grads_or_raise(go)
     want = run(lambda z, t, cw: F.cross_entropy(z, t, cw))
     assert want == "raise"
     assert run(lambda z, t, cw: xt.cross_entropy(z, t, cw)) == "raise"

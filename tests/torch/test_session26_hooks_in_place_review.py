@@ -37,12 +37,6 @@ from crossent.torch.distributed import (
 pytestmark = pytest.mark.native_dispatch
 
 
-def _fixed(reason: str) -> tuple:
-    """The marks of a case review H88 found failing and stop 35 fixed: none (the reason
-    stays as the record of what the case caught)."""
-    del reason
-    return ()
-
 # route -> (rows, classes, backend). "auto": few classes (or < 240000 logits) go to torch's
 # kernel; float32 class indices from 240000 logits to the small kernel at any size
 # (SMALL_MAX_LOGITS_FLOAT32), so "auto-large" is the small kernel for index targets and
@@ -147,65 +141,35 @@ def test_copying_hook_target_change_gives_forward_time_gradient(route, change):
     _ce_case(route, change, "copying")
 
 
-VP_WEIGHT_BUG = _fixed(
-    "BUG H88-5: distributed/cross_entropy.py vocab_parallel_cross_entropy: a class weight "
-    "changed in place after forward is read again in backward for the target entry only "
-    "(the rest of the row keeps the forward's weight): no hook -> silent gradient where "
-    "torch raises; copying hook -> not torch's forward-time gradient; save_on_cpu -> not "
-    "torch's (whole row scaled by the new w_y)")
+# H88-5 (fixed at stop 35): vocab_parallel_cross_entropy read a class weight changed in
+# place after forward again in backward, for the target entry only (the rest of the row
+# kept the forward's weight): a silent gradient where torch raises (no hook), not torch's
+# forward-time gradient (copying hook), not torch's whole-row rescale (save_on_cpu)
 
 
-def _weight_routes():
-    return [pytest.param(r, marks=VP_WEIGHT_BUG) if r == "vocab-parallel" else r
-            for r in ROUTES]
-
-
-@pytest.mark.parametrize("route", _weight_routes())
+@pytest.mark.parametrize("route", list(ROUTES))
 def test_copying_hook_class_weight_change_gives_forward_time_gradient(route):
     _ce_case(route, "class weight", "copying")
 
 
-@pytest.mark.parametrize("route", _weight_routes())
+@pytest.mark.parametrize("route", list(ROUTES))
 def test_class_weight_change_without_hooks_raises_as_torch(route):
     _ce_case(route, "class weight", "none")
 
 
 # --------------------------------------------------- cross_entropy: save_on_cpu (no copy)
 
-SAVE_ON_CPU_BUGS = {
-    "index target": "BUG H88-1: _cross_entropy._CrossEntropyFunction / _small."
-                    "_SmallCrossEntropy: under save_on_cpu (a hook that returns the CPU "
-                    "tensor itself) a class-index target changed in place before backward "
-                    "gives the forward-time gradient silently (remember_target skips its "
-                    "watch under hooks); torch's nll_loss backward puts the -1 at the new "
-                    "class",
-    "probability target": "BUG H88-2: _cross_entropy._CrossEntropyFunction: under "
-                          "save_on_cpu a probability target changed in place gives the "
-                          "stored forward-time gradient; torch's backward reads the new "
-                          "target (p - t_new)",
-    "class weight": "BUG H88-3: _cross_entropy._CrossEntropyFunction: under save_on_cpu a "
-                    "class weight changed in place gives the stored forward-time gradient; "
-                    "torch's nll_loss backward reads the new weight",
-}
-# the routes whose backward hands over a gradient stored in forward
-STORED = {"index target": ("auto-small", "auto-large", "rowblock"),
-          "probability target": ("auto-large", "rowblock"),
-          "class weight": ("auto-large", "rowblock")}
+# H88-1..3 (fixed at stop 35): under save_on_cpu (a hook that returns the CPU tensor
+# itself) a class-index target, probability target or class weight changed in place
+# before backward gave the gradient the fused kernels stored in forward, silently
+# (remember_target skipped its watch under hooks); torch's backward reads the new values
 
 
 def _save_on_cpu_params():
-    params = []
-    for change in ("index target", "probability target", "class weight"):
-        for route in ROUTES:
-            if route == "vocab-parallel" and change == "probability target":
-                continue
-            marks = ()
-            if route in STORED[change]:
-                marks = _fixed(SAVE_ON_CPU_BUGS[change])
-            elif route == "vocab-parallel" and change == "class weight":
-                marks = VP_WEIGHT_BUG
-            params.append(pytest.param(route, change, marks=marks, id=f"{route}-{change}"))
-    return params
+    return [pytest.param(route, change, id=f"{route}-{change}")
+            for change in ("index target", "probability target", "class weight")
+            for route in ROUTES
+            if not (route == "vocab-parallel" and change == "probability target")]
 
 
 @pytest.mark.parametrize(("route", "change"), _save_on_cpu_params())
@@ -231,17 +195,11 @@ def _logit_grads(backend, route, kind):
     return (leaf.grad,)
 
 
-VP_LOGITS_BUG = _fixed(
-    "BUG H88-6: distributed/cross_entropy.py vocab_parallel_cross_entropy: under "
-    "save_on_cpu, logits changed in place after forward are read in backward (gradient of "
-    "the new logits); torch's log_softmax saved its output, so torch gives the "
-    "forward-time gradient (without hooks vp raises: loud, allowed)")
-
-
+# H88-6 (fixed at stop 35): vocab_parallel_cross_entropy under save_on_cpu recomputed
+# from logits changed in place after forward; torch's log_softmax saved its output, so
+# torch gives the forward-time gradient (crossent now raises: loud, allowed)
 @pytest.mark.parametrize(("route", "kind"), [
-    pytest.param(route, kind, id=f"{route}-{kind}",
-                 marks=VP_LOGITS_BUG if (route, kind) == ("vocab-parallel", "save_on_cpu")
-                 else ())
+    pytest.param(route, kind, id=f"{route}-{kind}")
     for route in ROUTES for kind in ("none", "save_on_cpu", "copying")])
 def test_logits_changed_in_place_give_torchs_forward_time_gradient(route, kind):
     """torch's cross_entropy saves log_softmax's output, not the logits: a later change of
@@ -284,21 +242,12 @@ def _head_grads(backend, change, kind, reentrant=None):
     return x_leaf.grad, w_leaf.grad
 
 
-HEAD_BUG = _fixed(
-    "BUG H88-4: _linear._LinearCrossEntropy (backend='rowblock') and distributed/linear.py "
-    "vocab_parallel_linear_cross_entropy: under save_on_cpu, input / linear_weight / "
-    "target changed in place after forward give the forward-time gradients silently; "
-    "torch's F.linear backward reads the new x (dW = G^T x_new) and W (dx = G W_new), "
-    "nll_loss the new target")
-
-
+# H88-4 (fixed at stop 35): the row-block head and vocab_parallel_linear_cross_entropy
+# under save_on_cpu gave the forward-time gradients for an input / linear_weight / target
+# changed in place after forward; torch's F.linear backward reads the new x and W
 @pytest.mark.parametrize("change", ["input", "linear_weight", "target"])
-@pytest.mark.parametrize(("backend", "kind"), [
-    ("auto", "save_on_cpu"), ("auto", "copying"), ("auto", "none"),
-    ("rowblock", "copying"), ("rowblock", "none"), ("vp", "copying"), ("vp", "none"),
-    pytest.param("rowblock", "save_on_cpu", marks=HEAD_BUG),
-    pytest.param("vp", "save_on_cpu", marks=HEAD_BUG),
-])
+@pytest.mark.parametrize("backend", ["auto", "rowblock", "vp"])
+@pytest.mark.parametrize("kind", ["save_on_cpu", "copying", "none"])
 def test_linear_head_input_change_under_hooks_follows_torch(backend, kind, change):
     want = _outcome(lambda: _head_grads("torch", change, kind))
     got = _outcome(lambda: _head_grads(backend, change, kind))
@@ -324,38 +273,21 @@ def _checkpoint_grads(backend, route, change, reentrant):
     return (leaf.grad,)
 
 
-CHECKPOINT_BUG = (
-    "BUG H88-7: _cross_entropy._CrossEntropyFunction / _small._SmallCrossEntropy under "
-    "torch.utils.checkpoint(use_reentrant=False): a target or class weight the region "
-    "closes over, changed in place before backward, gives the gradient stored by the "
-    "first forward; torch's backward re-runs the region with the new target/weight (its "
-    "unpack is the recompute) and gives that gradient")
-CHECKPOINT_INPUT_BUG = (
-    "BUG H88-8: _cross_entropy._CrossEntropyFunction / _small._SmallCrossEntropy / "
-    "_linear (rowblock) under torch.utils.checkpoint(use_reentrant=False): a region "
-    "input (the logits; the head's x or W) changed in place before backward: torch's "
-    "checkpoint saved it and raises on the recompute; crossent's backward unpacks "
-    "nothing, so no recompute runs and it silently returns the first forward's gradient")
+# H88-7 (fixed at stop 35): under non-reentrant checkpointing a target or class weight
+# the region closes over, changed in place before backward, gave the gradient stored by
+# the first forward; torch's backward re-runs the region with the new values.
+# H88-8: a region input (the logits; the head's x or W) changed in place: torch's
+# checkpoint raises on the recompute; crossent's backward unpacked nothing, so no
+# recompute ran and it returned the first forward's gradient silently
 
 
 def _checkpoint_params():
-    params = []
-    for reentrant in (False, True):
-        for change in ("index target", "probability target", "class weight", "logits"):
-            for route in ROUTES:
-                if route == "vocab-parallel" and change == "probability target":
-                    continue
-                marks = ()
-                if not reentrant:
-                    if change == "logits" and route in ("auto-small", "auto-large",
-                                                        "rowblock"):
-                        marks = _fixed(CHECKPOINT_INPUT_BUG)
-                    elif change != "logits" and route in STORED[change]:
-                        marks = _fixed(CHECKPOINT_BUG)
-                params.append(pytest.param(
-                    route, change, reentrant, marks=marks,
-                    id=f"{route}-{change}-{'reentrant' if reentrant else 'nonreentrant'}"))
-    return params
+    return [pytest.param(route, change, reentrant,
+                         id=f"{route}-{change}-{'reentrant' if reentrant else 'nonreentrant'}")
+            for reentrant in (False, True)
+            for change in ("index target", "probability target", "class weight", "logits")
+            for route in ROUTES
+            if not (route == "vocab-parallel" and change == "probability target")]
 
 
 @pytest.mark.parametrize(("route", "change", "reentrant"), _checkpoint_params())
@@ -366,19 +298,10 @@ def test_checkpointed_loss_input_change_follows_torch(route, change, reentrant):
 
 
 def _checkpointed_head_params():
-    params = []
-    for backend in ("auto", "rowblock", "vp"):
-        for reentrant in (False, True):
-            for change in ("input", "linear_weight", "target"):
-                marks = ()
-                if not reentrant and backend == "rowblock" and change != "target":
-                    marks = _fixed(CHECKPOINT_INPUT_BUG)
-                elif not reentrant and backend in ("rowblock", "vp") and change == "target":
-                    marks = _fixed(CHECKPOINT_BUG)
-                params.append(pytest.param(
-                    backend, reentrant, change, marks=marks,
-                    id=f"{backend}-{'reentrant' if reentrant else 'nonreentrant'}-{change}"))
-    return params
+    return [pytest.param(backend, reentrant, change,
+                         id=f"{backend}-{'reentrant' if reentrant else 'nonreentrant'}-{change}")
+            for backend in ("auto", "rowblock", "vp") for reentrant in (False, True)
+            for change in ("input", "linear_weight", "target")]
 
 
 @pytest.mark.parametrize(("backend", "reentrant", "change"), _checkpointed_head_params())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_probes import assert_same_grads_or_raise, grads_or_raise
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
@@ -34,23 +35,6 @@ def _our_ce(z, t, n):
     return xt.cross_entropy(z, t, reduction="sum", num_items=n)
 
 
-def _outcome(run):
-    try:
-        return run()
-    except RuntimeError as exc:
-        if "modified by an inplace operation" in str(exc):
-            return "raise"
-        raise
-
-
-def _same(got, want, rtol=1e-5):
-    if isinstance(want, str) or isinstance(got, str):
-        assert got == want
-        return
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=1e-6)
-
-
 # ---- BUG H87-1: in-place arithmetic on the loss (gradient accumulation's `loss /= k`)
 
 
@@ -73,7 +57,7 @@ def _our_head_as_ce(z, t, n):  # the linear head: z as x, an identity-like weigh
 @pytest.mark.parametrize("op", ["div_", "mul_"])
 @pytest.mark.parametrize("fn", [_our_ce, _our_head_as_ce], ids=["cross_entropy", "linear"])
 def test_in_place_op_on_a_loss_with_a_tensor_count(fn, op):
-    _same(_in_place_on_loss(fn, op), _in_place_on_loss(_torch_ce, op))
+    assert_same_grads_or_raise(_in_place_on_loss(fn, op), _in_place_on_loss(_torch_ce, op))
 
 
 def test_module_in_place_division_of_the_loss():
@@ -113,7 +97,7 @@ def _autocast_head(fn, which, compile_backend):
             {"x": x, "w": w, "weight": cw}[which].mul_(2)
         loss.backward()
         return (x.grad, w.grad)
-    return _outcome(run)
+    return grads_or_raise(run)
 
 
 def _torch_autocast_head(x, w, t, cw):
@@ -128,8 +112,9 @@ def _our_autocast_head(x, w, t, cw):
     ("x", None), ("w", None), ("weight", None), ("x", "aot_eager"), ("w", "aot_eager"),
     ("weight", "aot_eager")])
 def test_autocast_head_input_changed_in_place_guard(which, compile_backend):
-    _same(_autocast_head(_our_autocast_head, which, compile_backend),
-          _autocast_head(_torch_autocast_head, which, compile_backend), rtol=2e-2)
+    assert_same_grads_or_raise(_autocast_head(_our_autocast_head, which, compile_backend),
+                               _autocast_head(_torch_autocast_head, which, compile_backend),
+                               rtol=2e-2)
 
 
 # ---- H87-3 (a documented difference): compiled loss under non-copying saved-tensor hooks
@@ -155,7 +140,8 @@ def _hooked_compiled(fn, compile_backend):
     "where torch's compiled sum / n divides by the changed count as the eager watch "
     "(_WatchCount's rescale) does; read_saved only makes it saved, never read"))
 def test_compiled_num_items_under_non_copying_hooks_follows_torch():
-    _same(_hooked_compiled(_our_ce, "aot_eager"), _hooked_compiled(_torch_ce, "aot_eager"))
+    assert_same_grads_or_raise(_hooked_compiled(_our_ce, "aot_eager"),
+                               _hooked_compiled(_torch_ce, "aot_eager"))
 
 
 # ---- BUG H87-4 (before stop 35): forward-mode tangent's dtype
@@ -188,8 +174,8 @@ def test_checkpoint_with_a_count_follows_torch(reentrant, change):
                     n.add_(1)
             loss.backward()
             return (z.grad,)
-        return _outcome(go)
-    _same(run(_our_ce), run(_torch_ce))
+        return grads_or_raise(go)
+    assert_same_grads_or_raise(run(_our_ce), run(_torch_ce))
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "rowblock"])
@@ -203,8 +189,8 @@ def test_hook_that_returns_another_count_follows_torch(backend):
             loss = fn(z, _target(), torch.tensor(7.0))
         loss.backward()
         return (z.grad,)
-    _same(run(lambda z, t, n: xt.cross_entropy(z, t, reduction="sum", num_items=n,
-                                                backend=backend)), run(_torch_ce))
+    assert_same_grads_or_raise(run(lambda z, t, n: xt.cross_entropy(
+        z, t, reduction="sum", num_items=n, backend=backend)), run(_torch_ce))
 
 
 def test_inference_mode_count_is_taken_as_before():
@@ -273,7 +259,7 @@ def test_a_count_shared_by_two_losses_changed_once():
                 n.add_(1)
             (a + b).backward()
             return (z.grad,)
-        return _outcome(go)
+        return grads_or_raise(go)
     assert run(_our_ce) == run(_torch_ce) == "raise"
 
 
@@ -287,7 +273,7 @@ def test_a_count_viewed_from_a_bigger_tensor():
                 counts[1].add_(1)  # another element: the shared version counter moves
             loss.backward()
             return (z.grad,)
-        return _outcome(go)
+        return grads_or_raise(go)
     assert run(_our_ce) == run(_torch_ce) == "raise"
 
 
@@ -339,7 +325,7 @@ def test_inductor_dynamic_head_with_a_count(change):
                 loss.backward()
                 grads = (x.grad, w.grad)
             return grads
-        return _outcome(go)
-    _same(run(lambda x, w, t, n: xt.linear_cross_entropy(x, w, t, reduction="sum",
-                                                         num_items=n)),
-          run(lambda x, w, t, n: F.cross_entropy(F.linear(x, w), t, reduction="sum") / n))
+        return grads_or_raise(go)
+    assert_same_grads_or_raise(run(lambda x, w, t, n: xt.linear_cross_entropy(
+        x, w, t, reduction="sum", num_items=n)),
+        run(lambda x, w, t, n: F.cross_entropy(F.linear(x, w), t, reduction="sum") / n))

@@ -750,12 +750,7 @@ def saved_inputs(ctx, name: str) -> tuple:
     (``torch.autograd.graph.saved_tensors_hooks``): there a tensor that comes back at
     its forward address with a newer version raises too (a hook that copied returns the
     forward values elsewhere, and is trusted)."""
-    try:
-        inputs = unpacked_inputs(ctx)
-    except RuntimeError as exc:
-        if "modified by an inplace operation" not in str(exc):
-            raise  # e.g. torch's "backward through the graph a second time"
-        raise _modified(name) from exc
+    inputs = unpacked_or_refused(ctx, lambda: _modified(name))
     for t, seen in zip(inputs, ctx.saved_versions, strict=True):
         now = _forward_state(t)
         if seen is not None and now is not None and now[0] == seen[0] and now != seen:
@@ -769,6 +764,18 @@ def unpacked_inputs(ctx) -> tuple:
     second unpack of a saved tensor in one backward."""
     held = getattr(ctx, "held_inputs", None)
     return held if held is not None else ctx.saved_tensors
+
+
+def unpacked_or_refused(ctx, refusal: Callable[[], RuntimeError]) -> tuple:
+    """:func:`unpacked_inputs`, with torch's "modified by an inplace operation" error
+    replaced by ``refusal()`` (naming crossent's function and what it reads); torch's
+    other errors (a backward through freed buffers) as they are."""
+    try:
+        return unpacked_inputs(ctx)
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise  # e.g. torch's "backward through the graph a second time"
+        raise refusal() from exc
 
 
 def releases_inputs(backward: Callable) -> Callable:
@@ -826,20 +833,20 @@ def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> 
     watched input not saved itself (a converted copy was) raises on any change there.
     Elsewhere (:func:`watch_inputs`) nothing is checked under hooks, as torch."""
     hooked = _saved_tensor_hooks_active()
-    checked = not hooked or hasattr(ctx, "saved_versions")
-    ctx.target_ref = (
-        (lambda: None) if not checked
-        # probabilities weakly (not kept alive), except under hooks: checkpointing stores
-        # no saved tensor, so the flattened view handed here would die with forward
-        else weakref.ref(target) if target.is_floating_point() and not hooked
-        else (lambda t=target: t))
-    ctx.target_version = target._version
-    ctx.watched = () if not checked else tuple(
+    if hooked and not hasattr(ctx, "saved_versions"):
+        ctx.watched, ctx.hook_slots = (), None
+        return
+    # the target strongly (class indices: O(N)); probabilities weakly (not kept alive),
+    # except under hooks: checkpointing stores no saved tensor, so the flattened view
+    # handed here would die with forward
+    target_ref = (weakref.ref(target) if target.is_floating_point() and not hooked
+                  else (lambda t=target: t))
+    ctx.watched = (("the target", target_ref, target._version), *(
         (arg, weakref.ref(t), t._version) for arg, t in saved.items()
-        if isinstance(t, torch.Tensor) and _forward_state(t) is not None)
+        if isinstance(t, torch.Tensor) and _forward_state(t) is not None))
     # under hooks: the position of each watched input among the saved ones (or None)
-    ctx.hook_slots = None if not hooked or not checked else {
-        arg: _saved_slot(ctx, t) for arg, t in (("target", target), *saved.items())
+    ctx.hook_slots = None if not hooked else {
+        arg: _saved_slot(ctx, t) for arg, t in (("the target", target), *saved.items())
         if isinstance(t, torch.Tensor)}
 
 
@@ -863,10 +870,6 @@ def check_target_intact(ctx, name: str) -> None:
         # as torch's backward, which unpacks its saved tensors: a copying hook's copy, the
         # tensor itself, or (non-reentrant checkpointing) the region recomputed
         unpacked = ctx.held_inputs = ctx.saved_tensors  # once: checkpointing refuses two
-    target = ctx.target_ref()
-    if (target is not None and target._version != ctx.target_version
-            and not _hook_copied(ctx, unpacked, "target", target)):
-        raise _changed(name, "the target", unpacked is not None)
     for arg, ref, version in getattr(ctx, "watched", ()):
         t = ref()
         if (t is not None and t._version != version
@@ -946,15 +949,10 @@ class _WatchCount(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        try:
-            (count,) = ctx.saved_tensors
-        except RuntimeError as exc:
-            if "modified by an inplace operation" not in str(exc):
-                raise  # e.g. torch's "backward through the graph a second time"
-            raise RuntimeError(
-                f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
-                f"operation after the forward pass; torch raises here too (its "
-                f"sum / num_items saves num_items)") from exc
+        (count,) = unpacked_or_refused(ctx, lambda: RuntimeError(
+            f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
+            f"operation after the forward pass; torch raises here too (its "
+            f"sum / num_items saves num_items)"))
         if ctx.kept is not None:  # the count the hook gave back, as torch's divides by
             # (exactly 1 where it is the forward's: no host read to find out)
             ratio = ctx.kept.to(torch.float64) / count.detach().to(torch.float64)

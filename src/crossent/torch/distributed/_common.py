@@ -422,7 +422,7 @@ def make_spec(ignore_index, label_smoothing, z_loss, weight, reduction, num_item
     if isinstance(items, torch.Tensor):
         items = items.detach().reshape(()).to(device=device, dtype=cdtype)
     return Spec(-100 if index is None else index, eps, zeta, weight, reduction, items, cap,
-                given_weight=given_weight if weight is not None else None,
+                given_weight=given_weight,
                 given_num_items=given_items)
 
 
