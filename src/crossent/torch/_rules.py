@@ -940,27 +940,33 @@ class _WatchCount(torch.autograd.Function):
     ``count`` back as torch's ``sum / n`` does (:func:`watch_count`)."""
 
     @staticmethod
-    def forward(ctx, out, count, name):  # type: ignore[override]
+    def forward(ctx, out, count, name, on_refusal):  # type: ignore[override]
         ctx.save_for_backward(count)  # torch's version check; saved-tensor hooks apply
         # under hooks (no version check) the forward's value, to rescale by in backward
         ctx.kept = count.detach().clone() if _saved_tensor_hooks_active() else None
-        ctx.loss_name = name
+        ctx.loss_name, ctx.on_refusal = name, on_refusal
         return out.clone()  # not a view: the loss may be changed in place (_WatchInputs)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (count,) = unpacked_or_refused(ctx, lambda: RuntimeError(
-            f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
-            f"operation after the forward pass; torch raises here too (its "
-            f"sum / num_items saves num_items)"))
+        try:
+            (count,) = unpacked_or_refused(ctx, lambda: RuntimeError(
+                f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
+                f"operation after the forward pass; torch raises here too (its "
+                f"sum / num_items saves num_items)"))
+        except RuntimeError:
+            if ctx.on_refusal is not None:
+                ctx.on_refusal()
+            raise
         if ctx.kept is not None:  # the count the hook gave back, as torch's divides by
             # (exactly 1 where it is the forward's: no host read to find out)
             ratio = ctx.kept.to(torch.float64) / count.detach().to(torch.float64)
             grad = grad * ratio.reshape(()).to(grad.device, grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def watch_count(out: torch.Tensor, num_items: object, name: str) -> torch.Tensor:
+def watch_count(out: torch.Tensor, num_items: object, name: str,
+                on_refusal: Callable[[], None] | None = None) -> torch.Tensor:
     """``out``, a loss divided by the ``num_items`` tensor's value in forward, whose
     backward follows the documented reference ``F.cross_entropy(..., "sum") / n``, which
     saves ``n`` (review H86-2): an in-place change of the tensor before backward raises
@@ -968,11 +974,13 @@ def watch_count(out: torch.Tensor, num_items: object, name: str) -> torch.Tensor
     divided by the count the hook gives back (the changed tensor where the hook kept it
     itself, as torch's). A number (or None) leaves ``out`` as it is, and so does an
     inference tensor (made under ``torch.inference_mode``), which autograd cannot save and
-    nothing outside that mode can change in place (torch's ``sum / n`` refuses it)."""
+    nothing outside that mode can change in place (torch's ``sum / n`` refuses it).
+    ``on_refusal``: called before the in-place error is raised (the vocab-parallel head's
+    peers wait in a collective of the backward this error stops)."""
     if (not isinstance(num_items, torch.Tensor) or not out.requires_grad
             or num_items.is_inference()):
         return out
-    return _WatchCount.apply(out, num_items, name)
+    return _WatchCount.apply(out, num_items, name, on_refusal)
 
 
 def weight_torch_saves(weight: torch.Tensor | None, device_type: str) -> torch.Tensor | None:

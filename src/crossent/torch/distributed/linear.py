@@ -11,7 +11,9 @@ with :class:`_VocabChunks` as its per-chunk kernel."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -143,6 +145,55 @@ def _run(x, w, b, target, valid, lay, spec, chunk, need, route, scale=None, save
 _NAME = "distributed.vocab_parallel_linear_cross_entropy"
 
 
+def _reduces_input_grad(ctx) -> bool:
+    return bool(ctx.need[0] and ctx.reduce_input_grad and ctx.lay.communicate)
+
+
+def _consumed(ctx) -> bool:
+    """An earlier backward took the stored gradients (a backward now raises, joining no
+    collective: it is not a step the peers make)."""
+    return ctx.spec.reduction != "none" and not ctx.keep and ctx.grads is None
+
+
+def _join_input_grad_reduce(ctx) -> None:
+    """This rank's backward fails before its all-reduce of the input gradient, which its
+    peers' backwards make: join it with a NaN gradient (their input gradient becomes
+    NaN, not one silently lacking this rank's part) so that no peer waits there until the
+    collective timeout; the caller raises. torch's own composition, which all-reduces the
+    input gradient after the matmul's backward, leaves them waiting."""
+    if _reduces_input_grad(ctx):
+        ctx.joined = True
+        shape, dtype, device = ctx.input_grad_like
+        nan = torch.full(shape, math.nan, dtype=dtype, device=device)
+        dist.all_reduce(nan, op=dist.ReduceOp.SUM, group=ctx.lay.group)
+
+
+def _joins_input_grad_reduce(backward):
+    """Decorates the head's backward: one that fails on this rank before the all-reduce of
+    the input gradient (an input changed in place on this rank only, a batched
+    ``grad_output`` here only) still makes it (:func:`_join_input_grad_reduce`), unless it
+    runs through gradients an earlier backward consumed."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        consumed, ctx.joined = _consumed(ctx), False
+        try:
+            return backward(ctx, *grads)
+        except Exception:
+            if not consumed and not ctx.joined:  # (joined: the failure came after it)
+                _join_input_grad_reduce(ctx)
+            raise
+
+    return run
+
+
+def _join_on_count_refusal(node) -> Callable[[], None]:
+    """For :func:`~crossent.torch._rules.watch_count`, whose node runs before the head's
+    backward (``node``, the head's autograd node) and stops it where ``num_items`` changed
+    in place on this rank."""
+    return lambda: None if _consumed(node) else _join_input_grad_reduce(node)
+
+
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, target, valid, lay, spec, chunk, reduce_input_grad, route,
@@ -151,6 +202,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.lay, ctx.spec, ctx.chunk, ctx.need, ctx.route = lay, spec, chunk, need, route
         ctx.reduce_input_grad = reduce_input_grad
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
+        ctx.input_grad_like = (x.shape, compute_dtype(x.dtype), x.device)
+        ctx.keep, ctx.grads, ctx.joined = False, None, False
         none = spec.reduction == "none"
         (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
                                             (False,) * 3 if none else need, route)
@@ -170,6 +223,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return out.to(out_dtype)
 
     @staticmethod
+    @_joins_input_grad_reduce
     @refuse_double_backward("vocab_parallel_linear_cross_entropy", collective=True)
     @once_differentiable
     def backward(ctx, grad_output):
@@ -200,7 +254,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             grads = _scale_stored(grads, factor, ctx.valid,
                                   nan_target_rows(wy, factor.to(wy.dtype), ctx.valid, spec))
         gx = grads[0]
-        if gx is not None and ctx.reduce_input_grad and ctx.lay.communicate:
+        if _reduces_input_grad(ctx):
+            ctx.joined = True  # a failure from here on is not before the collective
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None
@@ -269,7 +324,9 @@ def vocab_parallel_linear_cross_entropy(
     gradient and ``reduce_input_grad`` (the column-parallel layer's backward all-reduce:
     ``dX = sum_r G_r W_r``), otherwise none. With ``reduce_input_grad=False`` each rank
     returns its partial ``G_r W_r`` (for a graph that reduces it elsewhere, e.g. behind
-    Megatron's ``copy_to_tensor_model_parallel_region``).
+    Megatron's ``copy_to_tensor_model_parallel_region``). A backward that fails on one
+    rank before that all-reduce (an input changed in place there only) still makes it,
+    with a NaN gradient, then raises: the peers get a NaN input gradient, not a wait.
 
     For ``"mean"``/``"sum"`` the gradients are computed in the forward pass (backward scales
     them by ``grad_output``); for ``"none"`` backward recomputes the chunk logits from the
@@ -342,7 +399,8 @@ def vocab_parallel_linear_cross_entropy(
             out = _VocabParallelLinearCE.apply(x, w, b, flat, valid, lay, spec, chunk,
                                                reduce_input_grad, route, out_dtype)
             out = watch_count(out, spec.given_num_items,  # as torch's sum / n (review H86-2)
-                              "distributed.vocab_parallel_linear_cross_entropy")
+                              "distributed.vocab_parallel_linear_cross_entropy",
+                              _join_on_count_refusal(out.grad_fn))
         else:
             with torch.no_grad():
                 (loss, _, _, wy), _ = _run(x, w, b, flat, valid, lay, spec, chunk,

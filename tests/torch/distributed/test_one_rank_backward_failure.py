@@ -1,0 +1,165 @@
+"""A backward of ``vocab_parallel_linear_cross_entropy`` that fails on ONE rank (an input
+changed in place there only, a batched ``grad_output`` there only) while its peers make the
+backward's all-reduce of the input gradient. The failing rank raised before that
+collective and its peers waited in it until the collective timeout (the brief: nothing
+hangs; torch's own composition, whose input-gradient all-reduce runs after the matmul's
+backward, would wait so too). Now the failing rank joins the all-reduce with a NaN input
+gradient and then raises: its peers return at once, their input gradient NaN (not one
+silently lacking the failing rank's part), their weight gradient torch's. A backward
+through gradients an earlier backward consumed joins nothing (no peer makes it).
+
+One launch of 2 and one of 3 gloo ranks; each probe runs on a fresh subgroup whose
+collectives time out after ``_HANG_S`` seconds and is timed, so a wait shows as a gloo
+timeout or as a slow probe. References: torch's ``F.linear`` + ``F.cross_entropy`` in float64
+on the whole vocabulary."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_harness import run_group
+
+from crossent.errors import UnsupportedError
+from crossent.torch.distributed import vocab_parallel_linear_cross_entropy
+
+pytestmark = pytest.mark.timeout(150)
+
+N, VR, D = 5, 3, 4  # rows, classes per rank, features
+_HANG_S = 4
+
+
+def _data(world):
+    g = torch.Generator().manual_seed(36)  # the same on every rank
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(VR * world, D, generator=g, dtype=torch.float64)
+    cw = torch.rand(VR * world, generator=g, dtype=torch.float64) + 0.5
+    t = torch.randint(0, VR * world, (N,), generator=g)
+    t[3] = -100
+    return x, w, cw, t
+
+
+def _reference(x, w, cw, t, reduction):
+    """torch in float64: (dX, dW) of the summed (or reduced) loss on the whole vocabulary."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = F.cross_entropy(F.linear(x, w), t, weight=cw, reduction=reduction)
+    loss.sum().backward()
+    return x.grad, w.grad
+
+
+def _change(what, x, w, cw, t, n):
+    with torch.no_grad():
+        {"input": lambda: x.mul_(2), "linear_weight": lambda: w.add_(1),
+         "target": lambda: t.fill_(0), "weight": lambda: cw.mul_(3),
+         "num_items": lambda: n.add_(1)}[what]()
+
+
+def _probe(rank, world, group, case):
+    """Every rank: forward, then (rank 0 only) the case's change, then backward. Returns
+    (outcome, seconds, what the input and weight gradients were)."""
+    kind, reduction = case.split("/")
+    x0, w0, cw0, t0 = _data(world)
+    lo = VR * rank
+    x = x0.clone().requires_grad_()
+    w = w0[lo:lo + VR].clone().requires_grad_()
+    cw, t = cw0[lo:lo + VR].clone(), t0.clone()
+    n = torch.tensor(4.0, dtype=torch.float64)
+    count = {"num_items": n} if kind == "num_items" else {}
+    loss = vocab_parallel_linear_cross_entropy(x, w, t, weight=cw, group=group,
+                                               reduction=reduction, **count)
+    outer = loss.sum()
+    if rank == 0 and kind not in ("none", "batched", "twice"):
+        _change(kind, x, w, cw, t, n)
+    start = time.monotonic()
+    try:
+        if kind == "batched" and rank == 0:
+            go = torch.ones(2, dtype=outer.dtype)
+            torch.autograd.grad(outer, (x, w), go, is_grads_batched=True)
+        elif kind == "twice":
+            outer.backward(retain_graph=True)
+            if rank == 0:  # a second backward on rank 0 alone
+                outer.backward()
+        else:
+            outer.backward()
+        result = "returned"
+    except (RuntimeError, UnsupportedError) as error:
+        result = f"{type(error).__name__}: {error}"
+    seconds = time.monotonic() - start
+    grads = None
+    if result == "returned" and x.grad is not None:
+        want_x, want_w = _reference(x0, w0, cw0, t0, reduction)
+        if kind == "num_items":  # sum / n
+            want_x, want_w = want_x / 4, want_w / 4
+        grads = {"x_all_nan": bool(x.grad.isnan().all()),
+                 "x_is_torchs": bool(torch.allclose(x.grad, want_x, rtol=1e-10, atol=1e-12)),
+                 "w_is_torchs": bool(torch.allclose(w.grad, want_w[lo:lo + VR], rtol=1e-10,
+                                                    atol=1e-12))}
+    return result, seconds, grads
+
+
+_CASES = ["none/mean", "input/mean", "linear_weight/mean", "target/mean", "weight/mean",
+          "num_items/sum", "input/none", "linear_weight/sum", "batched/mean", "twice/mean"]
+
+
+def _run_probes(rank, world, path):
+    results = {}
+    for case in _CASES:
+        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=_HANG_S))
+        seen = [None] * world
+        dist.all_gather_object(seen, _probe(rank, world, group, case))
+        results[case] = seen
+        dist.barrier()
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def outcomes(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("one_rank") / "outcomes.json"
+    run_group(_run_probes, request.param, str(path), timeout=120)
+    return json.loads(path.read_text())
+
+
+def test_no_change_is_torchs_on_every_rank(outcomes):
+    for result, _, grads in outcomes["none/mean"]:
+        assert result == "returned" and grads["x_is_torchs"] and grads["w_is_torchs"], grads
+
+
+@pytest.mark.parametrize("case", ["input/mean", "linear_weight/mean", "target/mean",
+                                  "weight/mean", "num_items/sum", "input/none",
+                                  "linear_weight/sum"])
+def test_an_input_changed_on_one_rank_raises_there_and_no_peer_waits(outcomes, case):
+    seen = outcomes[case]
+    result, seconds, _ = seen[0]
+    assert result.startswith("RuntimeError: crossent"), result
+    assert "modified in place" in result or "modified by an inplace" in result, result
+    assert seconds < _HANG_S / 2, seen
+    for result, seconds, grads in seen[1:]:
+        assert result == "returned", seen
+        assert seconds < _HANG_S / 2, seen
+        assert grads["x_all_nan"] and grads["w_is_torchs"], seen
+
+
+def test_a_batched_grad_output_on_one_rank_raises_there_and_no_peer_waits(outcomes):
+    seen = outcomes["batched/mean"]
+    assert seen[0][0].startswith("UnsupportedError") and "is_grads_batched" in seen[0][0], seen
+    assert all(seconds < _HANG_S / 2 for _, seconds, _ in seen), seen
+    for result, _, grads in seen[1:]:
+        assert result == "returned" and grads["x_all_nan"] and grads["w_is_torchs"], seen
+
+
+def test_a_second_backward_on_one_rank_raises_at_once_and_joins_nothing(outcomes):
+    """Rank 0 alone back-propagates again through consumed gradients: it raises at once
+    (had it joined the all-reduce, no peer would have come: a wait until the timeout);
+    every rank's first backward gave torch's gradients."""
+    seen = outcomes["twice/mean"]
+    assert seen[0][0].startswith("RuntimeError") and "backward ran twice" in seen[0][0], seen
+    assert seen[0][1] < _HANG_S / 2, seen
+    assert all(result == "returned" for result, _, _ in seen[1:]), seen
+    assert all(grads["x_is_torchs"] and grads["w_is_torchs"] for _, _, grads in seen[1:])
