@@ -82,6 +82,9 @@ Rules under ``torch.compile``:
   the eager row-block head recomputes that step with torch ops, which a compiled
   backward cannot do without a host read). A strict xfail in
   ``tests/torch/test_compile_grad_output.py`` records it.
+* A ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``) of a compiled
+  function: the call leaves the graph and runs the eager entry point, which takes the
+  transforms (:func:`_under_func_transform`; a graph break).
 * ``num_items`` as a Python number is a constant of the compiled graph (a new value
   recompiles); give a 0-d tensor (the Trainer's ``num_items_in_batch``) to avoid that.
 """
@@ -136,6 +139,19 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+@torch._dynamo.assume_constant_result
+def _under_func_transform() -> bool:
+    """A ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``) of a compiled
+    function is running (review H86-1). torch's custom operators have no rule for them
+    (their autograd is an ``autograd.Function`` without ``setup_context``: dynamo failed
+    with "must override the setup_context staticmethod"), so the call leaves the graph
+    and runs the eager entry point, which takes the transforms (the composable path):
+    a graph break, an error under ``fullgraph=True``. Read while tracing, as a constant:
+    dynamo guards compiled code on the transforms around it and traces afresh under
+    others."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator of a public entry point: eager calls run it as it is; under
     ``torch.compile`` the call becomes the custom operators (``compiled_<name>``, same
@@ -145,9 +161,15 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         _EAGER[name] = fn  # type: ignore[assignment]
         compiled: Callable[..., Any] = _COMPILED[name]
 
+        untraced = torch.compiler.disable(fn, recursive=True, reason=(
+            f"crossent.torch.{name} under a torch.func transform of a compiled function "
+            f"runs eagerly (torch's custom operators take no transform): a graph break"))
+
         @functools.wraps(fn, updated=())  # not __dict__: no compiler.disable marks
         def entry(*args: P.args, **kwargs: P.kwargs) -> R:
             if compiling():
+                if _under_func_transform():  # torch's custom operators take none
+                    return untraced(*args, **kwargs)
                 return compiled(*args, **kwargs)
             if fx_tracing(*args, *kwargs.values()):
                 return record_fx_call(entry, args, kwargs, f"crossent.torch.{name}")

@@ -791,8 +791,22 @@ def releases_inputs(backward: Callable) -> Callable:
     return run
 
 
+def in_place_refusal(message: str) -> RuntimeError:
+    """crossent's refusal of a backward whose input (one torch's backward reads) was
+    changed in place since forward: torch's exception type, ``RuntimeError``, marked so
+    that :func:`is_in_place_refusal` tells it apart from torch's other errors (the
+    vocab-parallel head joins its peers' collective on it)."""
+    error = RuntimeError(message)
+    error.crossent_in_place = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_in_place_refusal(error: BaseException) -> bool:
+    return getattr(error, "crossent_in_place", False) is True
+
+
 def _modified(name: str) -> RuntimeError:
-    return RuntimeError(
+    return in_place_refusal(
         f"crossent.torch.{name}: an input was modified in place after the forward "
         f"pass; this backward (create_graph=True, a second backward through a "
         f"retained graph, batched grad_outputs, a target or weight gradient, an "
@@ -832,7 +846,7 @@ def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> 
     H88; a hook that copied gives torch the forward's values, as the stored gradient). A
     watched input not saved itself (a converted copy was) raises on any change there.
     Elsewhere (:func:`watch_inputs`) nothing is checked under hooks, as torch."""
-    hooked = _saved_tensor_hooks_active()
+    hooked = saved_tensor_hooks_active()
     if hooked and not hasattr(ctx, "saved_versions"):
         ctx.watched, ctx.hook_slots = (), None
         return
@@ -879,15 +893,15 @@ def check_target_intact(ctx, name: str) -> None:
 
 def _changed(name: str, what: str, hooked: bool) -> RuntimeError:
     if hooked:
-        return RuntimeError(
+        return in_place_refusal(
             f"crossent.torch.{name}: {what} was modified in place after the forward pass, "
             f"under saved-tensor hooks that hand back the tensor itself: torch's backward "
             f"would read the changed values, which the gradient stored in forward does not "
             f"have")
     if what == "the target":
-        return RuntimeError(f"crossent.torch.{name}: the target was modified in place "
+        return in_place_refusal(f"crossent.torch.{name}: the target was modified in place "
                             f"after the forward pass (torch raises here too)")
-    return RuntimeError(f"crossent.torch.{name}: {what} was modified by an inplace "
+    return in_place_refusal(f"crossent.torch.{name}: {what} was modified by an inplace "
                         f"operation after the forward pass; torch raises here too "
                         f"(its backward needs the forward's {what})")
 
@@ -943,19 +957,19 @@ class _WatchCount(torch.autograd.Function):
     def forward(ctx, out, count, name, on_refusal):  # type: ignore[override]
         ctx.save_for_backward(count)  # torch's version check; saved-tensor hooks apply
         # under hooks (no version check) the forward's value, to rescale by in backward
-        ctx.kept = count.detach().clone() if _saved_tensor_hooks_active() else None
+        ctx.kept = count.detach().clone() if saved_tensor_hooks_active() else None
         ctx.loss_name, ctx.on_refusal = name, on_refusal
         return out.clone()  # not a view: the loss may be changed in place (_WatchInputs)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         try:
-            (count,) = unpacked_or_refused(ctx, lambda: RuntimeError(
+            (count,) = unpacked_or_refused(ctx, lambda: in_place_refusal(
                 f"crossent.torch.{ctx.loss_name}: num_items was modified by an inplace "
                 f"operation after the forward pass; torch raises here too (its "
                 f"sum / num_items saves num_items)"))
-        except RuntimeError:
-            if ctx.on_refusal is not None:
+        except RuntimeError as error:
+            if ctx.on_refusal is not None and is_in_place_refusal(error):
                 ctx.on_refusal()
             raise
         if ctx.kept is not None:  # the count the hook gave back, as torch's divides by
@@ -975,7 +989,7 @@ def watch_count(out: torch.Tensor, num_items: object, name: str,
     itself, as torch's). A number (or None) leaves ``out`` as it is, and so does an
     inference tensor (made under ``torch.inference_mode``), which autograd cannot save and
     nothing outside that mode can change in place (torch's ``sum / n`` refuses it).
-    ``on_refusal``: called before the in-place error is raised (the vocab-parallel head's
+    ``on_refusal``: called before that in-place error is raised (the vocab-parallel head's
     peers wait in a collective of the backward this error stops)."""
     if (not isinstance(num_items, torch.Tensor) or not out.requires_grad
             or num_items.is_inference()):
@@ -1023,7 +1037,7 @@ def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> 
     >>> may_overwrite(leaf), may_overwrite(leaf[1:]), may_overwrite(leaf * 2)
     (False, False, True)
     """
-    if _saved_tensor_hooks_active():
+    if saved_tensor_hooks_active():
         return False  # hooks (save_on_cpu, checkpoint) skip torch's version checks
     if written is not None and \
             written.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
@@ -1032,7 +1046,7 @@ def may_overwrite(logits: torch.Tensor, written: torch.Tensor | None = None) -> 
     return not owner.is_leaf
 
 
-def _saved_tensor_hooks_active() -> bool:
+def saved_tensor_hooks_active() -> bool:
     """Default saved-tensor hooks are in force (a private query of torch's; where a torch
     lacks it, assume they are: the safe answer for :func:`may_overwrite`)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)

@@ -28,10 +28,12 @@ from .._rules import (
     check_flag,
     check_same_device,
     chunk_rows,
+    is_in_place_refusal,
     no_autocast,
     records_graph,
     save_inputs,
     saved_inputs,
+    saved_tensor_hooks_active,
     take_stored,
     watch_count,
 )
@@ -156,12 +158,16 @@ def _consumed(ctx) -> bool:
 
 
 def _join_input_grad_reduce(ctx) -> None:
-    """This rank's backward fails before its all-reduce of the input gradient, which its
-    peers' backwards make: join it with a NaN gradient (their input gradient becomes
+    """This rank's backward is refused before its all-reduce of the input gradient, which
+    its peers' backwards make: join it with a NaN gradient (their input gradient becomes
     NaN, not one silently lacking this rank's part) so that no peer waits there until the
     collective timeout; the caller raises. torch's own composition, which all-reduces the
-    input gradient after the matmul's backward, leaves them waiting."""
-    if _reduces_input_grad(ctx):
+    input gradient after the matmul's backward, leaves them waiting.
+
+    Not where forward ran under saved-tensor hooks: with non-reentrant checkpointing the
+    peers are recomputing the forward, whose collectives are others (joining them with
+    this one crashed gloo: review H89-2); this rank raises alone, as before."""
+    if _reduces_input_grad(ctx) and not ctx.joined and not ctx.hooked:
         ctx.joined = True
         shape, dtype, device = ctx.input_grad_like
         nan = torch.full(shape, math.nan, dtype=dtype, device=device)
@@ -169,18 +175,21 @@ def _join_input_grad_reduce(ctx) -> None:
 
 
 def _joins_input_grad_reduce(backward):
-    """Decorates the head's backward: one that fails on this rank before the all-reduce of
-    the input gradient (an input changed in place on this rank only, a batched
-    ``grad_output`` here only) still makes it (:func:`_join_input_grad_reduce`), unless it
-    runs through gradients an earlier backward consumed."""
+    """Decorates the head's backward: one that crossent refuses on this rank before the
+    all-reduce of the input gradient (an input changed in place on this rank only, a
+    batched ``grad_output`` here only) still makes it (:func:`_join_input_grad_reduce`).
+    torch's own errors (a second backward through a freed graph: review H89-1) and a
+    backward through gradients an earlier backward consumed join nothing: no peer makes
+    that backward."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
         consumed, ctx.joined = _consumed(ctx), False
         try:
             return backward(ctx, *grads)
-        except Exception:
-            if not consumed and not ctx.joined:  # (joined: the failure came after it)
+        except Exception as error:
+            if not consumed and (is_in_place_refusal(error)
+                                 or isinstance(error, UnsupportedError)):
                 _join_input_grad_reduce(ctx)
             raise
 
@@ -191,7 +200,13 @@ def _join_on_count_refusal(node) -> Callable[[], None]:
     """For :func:`~crossent.torch._rules.watch_count`, whose node runs before the head's
     backward (``node``, the head's autograd node) and stops it where ``num_items`` changed
     in place on this rank."""
-    return lambda: None if _consumed(node) else _join_input_grad_reduce(node)
+
+    def join() -> None:
+        if not _consumed(node):
+            node.joined = False
+            _join_input_grad_reduce(node)
+
+    return join
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -204,6 +219,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         ctx.input_grad_like = (x.shape, compute_dtype(x.dtype), x.device)
         ctx.keep, ctx.grads, ctx.joined = False, None, False
+        ctx.hooked = saved_tensor_hooks_active()  # (a recompute may be the peers' step)
         none = spec.reduction == "none"
         (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
                                             (False,) * 3 if none else need, route)
@@ -324,9 +340,11 @@ def vocab_parallel_linear_cross_entropy(
     gradient and ``reduce_input_grad`` (the column-parallel layer's backward all-reduce:
     ``dX = sum_r G_r W_r``), otherwise none. With ``reduce_input_grad=False`` each rank
     returns its partial ``G_r W_r`` (for a graph that reduces it elsewhere, e.g. behind
-    Megatron's ``copy_to_tensor_model_parallel_region``). A backward that fails on one
-    rank before that all-reduce (an input changed in place there only) still makes it,
-    with a NaN gradient, then raises: the peers get a NaN input gradient, not a wait.
+    Megatron's ``copy_to_tensor_model_parallel_region``). A backward crossent refuses on
+    one rank before that all-reduce (an input changed in place there only) still makes it,
+    with a NaN gradient, then raises: the peers get a NaN input gradient, not a wait
+    (except where that rank's forward ran under saved-tensor hooks: see
+    ``docs/guarantees.md``).
 
     For ``"mean"``/``"sum"`` the gradients are computed in the forward pass (backward scales
     them by ``grad_output``); for ``"none"`` backward recomputes the chunk logits from the
