@@ -102,7 +102,12 @@ def _check_dtype(x: Array, name: str) -> None:
         not isinstance(x.dtype, np.dtype) and xp.isdtype(x.dtype, "complex floating")
     )
     what = "complex" if is_complex else f"dtype {x.dtype}"
-    raise InputError(f"{name} holds {what} values; expected real numbers")
+    hint = ""
+    if getattr(x.dtype, "kind", "") == "O" and any(
+            type(v) is int for v in np.asarray(x).reshape(-1)[:1000]):
+        # NumPy keeps Python ints past 64 bits as objects (review H91)
+        hint = " (a Python int past the 64-bit integer range?)"
+    raise InputError(f"{name} holds {what} values; expected real numbers{hint}")
 
 
 def arrays(

@@ -7,6 +7,7 @@ what label smoothing (Szegedy et al. 2016, arXiv:1512.00567) and Mixup (Zhang et
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,12 @@ def one_hot(labels: Any, num_classes: int, *, dtype: Any = None, validate: bool 
     return _one_hot(xp, labels, num_classes, dtype, validate, "labels")
 
 
+def _too_many_classes(labels: Array, num_classes: int) -> InputError:
+    # bad input (review H91: numpy's bare MemoryError "8.00 TiB" for num_classes=2**40)
+    return InputError(f"num_classes={num_classes}: a one-hot array of {numel(labels)} x "
+                      f"{num_classes} entries does not fit in memory")
+
+
 def _one_hot(xp: Any, labels: Array, num_classes: int, dtype: Any, validate: bool,
              name: str) -> Array:
     if not is_integer(xp, labels):
@@ -69,11 +76,18 @@ def _one_hot(xp: Any, labels: Array, num_classes: int, dtype: Any, validate: boo
             f"{name} must lie in [0, {num_classes}); found {int(xp.min(labels))}..."
             f"{int(xp.max(labels))}"
         )
-    classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
-    hot = xp.expand_dims(labels, axis=-1) == classes
     dtype = dtype if dtype is not None else default_float(xp, labels)
     try:
+        classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
+        hot = xp.expand_dims(labels, axis=-1) == classes
+    except (MemoryError, RuntimeError) as error:  # torch's CPU allocator: RuntimeError
+        if not isinstance(error, MemoryError) and "memory" not in str(error):
+            raise
+        raise _too_many_classes(labels, num_classes) from None
+    try:
         return xp.astype(hot, dtype)
+    except MemoryError:
+        raise _too_many_classes(labels, num_classes) from None
     except (TypeError, ValueError, AttributeError, RuntimeError):
         raise InputError(f"dtype={dtype!r} is not a dtype of {xp.__name__}") from None
 
@@ -126,7 +140,12 @@ def mixup_params(batch_size: int, *, alpha: float, seed: int) -> tuple[float, np
     alpha = _checks.check_positive(alpha, "alpha")
     seed = _checks.check_integer(seed, "seed", minimum=0)
     rng = np.random.default_rng(seed)
-    lam = float(rng.beta(alpha, alpha))
+    if math.isfinite(2.0 * alpha):
+        lam = float(rng.beta(alpha, alpha))
+    else:  # numpy's beta gives 0.0 once a + b overflows (review H91-1): X / (X + Y) with
+        # X, Y ~ Gamma(alpha), as 1 / (1 + Y / X) so that nothing overflows
+        x, y = rng.standard_gamma(alpha, size=2)
+        lam = float(1.0 / (1.0 + y / x))
     try:
         return lam, rng.permutation(batch_size)
     except (MemoryError, ValueError):  # one int64 array of batch_size entries (numpy's

@@ -46,8 +46,8 @@ head whose rows do not match ``config.vocab_size``).
 The loss is float32 for every model dtype, as transformers' (it upcasts the logits with
 ``.float()``); for a bfloat16 model it equals the unpatched loss, both computed in float32 from
 the same bfloat16 logits (with the default ``chunk_size``: a set one sums the loss chunk by
-chunk, within a float32 ulp of it). Differences that remain: Gemma 2/3's softcap is applied in float32
-to the bfloat16 logits, where transformers rounds ``z / c``, ``tanh`` and ``c tanh`` to
+chunk, within a float32 ulp of it). Differences that remain: Gemma 2/3's softcap is applied
+in float32 to the bfloat16 logits, where transformers rounds ``z / c``, ``tanh`` and ``c tanh`` to
 bfloat16 (about ``2**-8`` relative per logit; crossent's is the more accurate); a float64
 model's loss is computed in float64 before the rounding to float32.
 
