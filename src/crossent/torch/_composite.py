@@ -71,6 +71,16 @@ def zero_unused(big_t: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return logp.masked_fill((big_t == 0) & torch.isneginf(logp), 0.0)
 
 
+def _share(eps: float, num_classes, dtype: torch.dtype, floor: int = 0):
+    """``eps / num_classes`` (at least ``floor`` classes) as torch forms it: a Python
+    float, divided in float64. Under ``torch.jit.trace`` ``z.shape[1]`` is a 0-d int64
+    tensor, and ``eps / C`` became a float32 reciprocal (1e-8 off for float64 logits:
+    review H92-1); it is divided in float64 there too, then rounded to ``dtype`` once."""
+    if isinstance(num_classes, int):
+        return eps / max(num_classes, floor)
+    return (eps / num_classes.clamp(min=floor).to(torch.float64)).to(dtype)
+
+
 def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                opts: Options) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses of ``(M, C)`` logits and the ``"mean"`` denominator, both in the
@@ -87,7 +97,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
     if target.is_floating_point():
         t = target.to(cdtype)
         # (C = 0: no classes to smooth over; torch's sums over no classes give 0 too)
-        big_t = (1.0 - eps) * t + eps / max(num_classes, 1) if eps else t
+        big_t = (1.0 - eps) * t + _share(eps, num_classes, cdtype, floor=1) if eps else t
         if w is not None:
             big_t = big_t * w
         losses = -(big_t * zero_unused(big_t, logp)).sum(1)
@@ -118,7 +128,7 @@ def row_losses(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | Non
         # tangent, 0 x (-inf) = NaN at a -inf logit (torch's jvp is finite there)
         smooth = -(logp.sum(1) if w is None else (logp * w).sum(1))
         if num_classes:
-            losses = losses + (eps / num_classes) * smooth
+            losses = losses + _share(eps, num_classes, cdtype) * smooth
     if zl:
         losses = losses + zl * torch.logsumexp(z, 1).square()
     # masked_fill, not where(valid, x, 0.0): where's derivative makes its scalar a tensor,
