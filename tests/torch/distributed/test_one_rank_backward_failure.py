@@ -1,12 +1,13 @@
 """A backward of ``vocab_parallel_linear_cross_entropy`` that fails on ONE rank (an input
-changed in place there only, a batched ``grad_output`` there only) while its peers make the
+changed in place there only) while its peers make the
 backward's all-reduce of the input gradient. The failing rank raised before that
 collective and its peers waited in it until the collective timeout (the brief: nothing
 hangs; torch's own composition, whose input-gradient all-reduce runs after the matmul's
 backward, would wait so too). Now the failing rank joins the all-reduce with a NaN input
 gradient and then raises: its peers return at once, their input gradient NaN (not one
 silently lacking the failing rank's part), their weight gradient torch's. A backward
-through gradients an earlier backward consumed joins nothing (no peer makes it).
+through gradients an earlier backward consumed joins nothing (no peer makes it), nor does
+the refusal of a batched ``grad_output`` (local: ``test_distributed_batched_refusal.py``).
 
 One launch of 2 and one of 3 gloo ranks; each probe runs on a fresh subgroup whose
 collectives time out after ``_HANG_S`` seconds and is timed, so a wait shows as a gloo
@@ -73,14 +74,11 @@ def _probe(rank, world, group, case):
     loss = vocab_parallel_linear_cross_entropy(x, w, t, weight=cw, group=group,
                                                reduction=reduction, **count)
     outer = loss.sum()
-    if rank == 0 and kind not in ("none", "batched", "twice"):
+    if rank == 0 and kind not in ("none", "twice"):
         _change(kind, x, w, cw, t, n)
     start = time.monotonic()
     try:
-        if kind == "batched" and rank == 0:
-            go = torch.ones(2, dtype=outer.dtype)
-            torch.autograd.grad(outer, (x, w), go, is_grads_batched=True)
-        elif kind == "twice":
+        if kind == "twice":
             outer.backward(retain_graph=True)
             if rank == 0:  # a second backward on rank 0 alone
                 outer.backward()
@@ -103,7 +101,7 @@ def _probe(rank, world, group, case):
 
 
 _CASES = ["none/mean", "input/mean", "linear_weight/mean", "target/mean", "weight/mean",
-          "num_items/sum", "input/none", "linear_weight/sum", "batched/mean", "twice/mean"]
+          "num_items/sum", "input/none", "linear_weight/sum", "twice/mean"]
 
 
 def _run_probes(rank, world, path):
@@ -144,14 +142,6 @@ def test_an_input_changed_on_one_rank_raises_there_and_no_peer_waits(outcomes, c
         assert result == "returned", seen
         assert seconds < _HANG_S / 2, seen
         assert grads["x_all_nan"] and grads["w_is_torchs"], seen
-
-
-def test_a_batched_grad_output_on_one_rank_raises_there_and_no_peer_waits(outcomes):
-    seen = outcomes["batched/mean"]
-    assert seen[0][0].startswith("UnsupportedError") and "is_grads_batched" in seen[0][0], seen
-    assert all(seconds < _HANG_S / 2 for _, seconds, _ in seen), seen
-    for result, _, grads in seen[1:]:
-        assert result == "returned" and grads["x_all_nan"] and grads["w_is_torchs"], seen
 
 
 def test_a_second_backward_on_one_rank_raises_at_once_and_joins_nothing(outcomes):

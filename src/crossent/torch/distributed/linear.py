@@ -176,20 +176,19 @@ def _join_input_grad_reduce(ctx) -> None:
 
 def _joins_input_grad_reduce(backward):
     """Decorates the head's backward: one that crossent refuses on this rank before the
-    all-reduce of the input gradient (an input changed in place on this rank only, a
-    batched ``grad_output`` here only) still makes it (:func:`_join_input_grad_reduce`).
-    torch's own errors (a second backward through a freed graph: review H89-1) and a
-    backward through gradients an earlier backward consumed join nothing: no peer makes
-    that backward."""
+    all-reduce of the input gradient because an input was changed in place on this rank
+    still makes it (:func:`_join_input_grad_reduce`). torch's own errors (a second
+    backward through a freed graph: review H89-1), a backward through gradients an
+    earlier backward consumed, and the refusal of a batched ``grad_output`` (local: a
+    plain backward retried on that rank pairs with its peers') join nothing."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
         consumed, ctx.joined = _consumed(ctx), False
         try:
             return backward(ctx, *grads)
-        except Exception as error:
-            if not consumed and (is_in_place_refusal(error)
-                                 or isinstance(error, UnsupportedError)):
+        except RuntimeError as error:
+            if not consumed and is_in_place_refusal(error):
                 _join_input_grad_reduce(ctx)
             raise
 
