@@ -75,7 +75,7 @@ def test_k_dimensional_loss_gradient_and_statistics(backend, dtype, layout, shap
     elif layout == "permuted":
         z = z.movedim(1, -1).contiguous().movedim(-1, 1)
     n, c = shape[:2]
-    y = torch.randint(0, c, (n,) + shape[2:], generator=g)
+    y = torch.randint(0, c, (n, *shape[2:]), generator=g)
     y.view(-1)[::3] = 1  # ignore_index 1 at some positions
     w = torch.rand(c, generator=g).to(dtype)
     for kw in ({"reduction": "none"}, {"label_smoothing": 0.1, "weight": w},
@@ -100,7 +100,7 @@ def test_k_dimensional_loss_gradient_and_statistics(backend, dtype, layout, shap
         torch.testing.assert_close(got.double(), want, rtol=tol_of(dtype), atol=tol_of(dtype))
         stol = 1e-3 if dtype == torch.float16 else 1e-5
         want_stats, counted = ref_stats(z, y, ignore_index=1)
-        assert stats.counted.shape == (n,) + shape[2:]
+        assert stats.counted.shape == (n, *shape[2:])
         check(stats, want_stats, counted, dtype, tol=stol)
 
 
@@ -128,7 +128,7 @@ def test_k_dimensional_probability_targets_channels_last(backend, dtype):
         go = torch.randn(loss.shape, generator=g)
         got = torch.autograd.grad((loss * go.to(loss.dtype)).sum(), (zz, tt))
         want = torch.autograd.grad((ref * go.double()).sum(), (z64, t64))
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a.double(), b, rtol=tol_of(dtype), atol=tol_of(dtype))
         assert stats.accuracy is None and stats.target_logprob is None
         assert stats.counted.shape == (2, 3, 4) and bool(stats.counted.all())
@@ -188,7 +188,7 @@ def test_shift_matches_hugging_face_for_causal_lm_loss(backend, dtype, dims, kw)
         go = torch.randn(loss.shape, generator=g)
         got = torch.autograd.grad((loss * go.to(loss.dtype)).sum(), (h, w, b))
         want = torch.autograd.grad((ref * go.double()).sum(), params)
-        for a, bb in zip(got, want):
+        for a, bb in zip(got, want, strict=True):
             torch.testing.assert_close(a.double(), bb, rtol=tol, atol=5 * tol)
     # statistics: (B, T - 1), from the bf16-rounded logits where the head rounds them
     logits = F.linear(h.detach(), w.detach(), b.detach())[:, :-1]
@@ -278,7 +278,7 @@ def test_compiled_k_dimensional_channels_last_and_shift(compiler, backend):
     y[0, 0, 0] = -100
     za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
     eager, compiled = f(za, y), torch.compile(f, backend=compiler, fullgraph=True)(zb, y)
-    for a, b in zip(eager, compiled):
+    for a, b in zip(eager, compiled, strict=True):
         assert a.shape == b.shape == (2, 3, 4)
         torch.testing.assert_close(a, b, equal_nan=True)
     for t in compiled[1:]:
@@ -297,6 +297,7 @@ def test_compiled_k_dimensional_channels_last_and_shift(compiler, backend):
     x, w = torch.randn(2, 5, 4, generator=g), torch.randn(7, 4, generator=g)
     t = torch.randint(0, 7, (2, 5), generator=g)
     t[0, 3] = -100
-    for a, b in zip(h(x, w, t), torch.compile(h, backend=compiler, fullgraph=True)(x, w, t)):
+    compiled = torch.compile(h, backend=compiler, fullgraph=True)(x, w, t)
+    for a, b in zip(h(x, w, t), compiled, strict=True):
         assert a.shape == b.shape == (2, 4)
         torch.testing.assert_close(a, b, equal_nan=True)

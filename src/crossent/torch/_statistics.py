@@ -18,7 +18,9 @@ Definitions (per row ``n``; ``z`` the logits after ``softcap``, ``p = softmax(z)
 * ``target_logprob = log p_y = z_y - lse`` (``-`` the cross-entropy without smoothing,
   class weights or z-loss); index targets only;
 * ``accuracy = argmax_c z_c == y`` (``torch.argmax``: the first of tied maxima);
-  index targets only;
+  index targets only. ``z`` as computed: a softcap in float32 for float32 and narrower
+  logits (where ``c tanh(z / c)`` of two large logits can round to one value, a tie), a
+  linear head's logits as its matmul rounds them (as ``F.linear`` then ``argmax``);
 * ``entropy = -sum_c p_c log p_c`` (``p_c = 0`` counts 0).
 
 Ignored rows (``target == ignore_index``): NaN in every float statistic, False in
