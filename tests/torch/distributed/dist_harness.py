@@ -66,6 +66,32 @@ def run_group(fn, world: int, *args, timeout: float = 120.0) -> None:
             p.join(5)
 
 
+def gather_probes(rank: int, world: int, path: str, probes: dict, hang_s: float) -> None:
+    """Run each of ``probes`` (name: ``probe(rank, world, group)``, returning something
+    JSON can hold) on a fresh subgroup whose collectives time out after ``hang_s``
+    seconds, timed; every rank's ``(outcome, value, seconds)`` (outcome ``"returned"`` or
+    ``"<Exception>: <message>"``) is gathered, and rank 0 writes ``{name: [per rank]}`` to
+    ``path`` as JSON. A probe that leaves a rank waiting shows as a gloo timeout there and
+    as a slow probe."""
+    import json
+
+    results = {}
+    for name, probe in probes.items():
+        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=hang_s))
+        start = time.monotonic()
+        try:
+            result = ("returned", probe(rank, world, group))
+        except Exception as error:
+            result = (f"{type(error).__name__}: {error}", None)
+        seen: list = [None] * world
+        dist.all_gather_object(seen, (*result, time.monotonic() - start))
+        results[name] = seen
+        dist.barrier()
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
 class CollectiveCounter:
     """Wraps ``torch.distributed.all_reduce`` (inside a child) and records every call as
     ``(op name, numel, bytes)``."""

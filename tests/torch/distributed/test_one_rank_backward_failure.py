@@ -16,17 +16,13 @@ on the whole vocabulary."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import gather_probes, run_group
 
-from crossent.errors import UnsupportedError
 from crossent.torch.distributed import vocab_parallel_linear_cross_entropy
 
 pytestmark = pytest.mark.timeout(150)
@@ -60,44 +56,35 @@ def _change(what, x, w, cw, t, n):
          "num_items": lambda: n.add_(1)}[what]()
 
 
-def _probe(rank, world, group, case):
-    """Every rank: forward, then (rank 0 only) the case's change, then backward. Returns
-    (outcome, seconds, what the input and weight gradients were)."""
+def _probe(case):
+    """Every rank: forward, then (rank 0 only) the case's change, then backward; returns
+    whether the input gradient is all NaN and which gradients are torch's."""
     kind, reduction = case.split("/")
-    x0, w0, cw0, t0 = _data(world)
-    lo = VR * rank
-    x = x0.clone().requires_grad_()
-    w = w0[lo:lo + VR].clone().requires_grad_()
-    cw, t = cw0[lo:lo + VR].clone(), t0.clone()
-    n = torch.tensor(4.0, dtype=torch.float64)
-    count = {"num_items": n} if kind == "num_items" else {}
-    loss = vocab_parallel_linear_cross_entropy(x, w, t, weight=cw, group=group,
-                                               reduction=reduction, **count)
-    outer = loss.sum()
-    if rank == 0 and kind not in ("none", "twice"):
-        _change(kind, x, w, cw, t, n)
-    start = time.monotonic()
-    try:
-        if kind == "twice":
-            outer.backward(retain_graph=True)
-            if rank == 0:  # a second backward on rank 0 alone
-                outer.backward()
-        else:
+
+    def probe(rank, world, group):
+        x0, w0, cw0, t0 = _data(world)
+        lo = VR * rank
+        x = x0.clone().requires_grad_()
+        w = w0[lo:lo + VR].clone().requires_grad_()
+        cw, t = cw0[lo:lo + VR].clone(), t0.clone()
+        n = torch.tensor(4.0, dtype=torch.float64)
+        count = {"num_items": n} if kind == "num_items" else {}
+        outer = vocab_parallel_linear_cross_entropy(x, w, t, weight=cw, group=group,
+                                                    reduction=reduction, **count).sum()
+        if rank == 0 and kind not in ("none", "twice"):
+            _change(kind, x, w, cw, t, n)
+        outer.backward(retain_graph=kind == "twice")
+        if kind == "twice" and rank == 0:  # a second backward on rank 0 alone
             outer.backward()
-        result = "returned"
-    except (RuntimeError, UnsupportedError) as error:
-        result = f"{type(error).__name__}: {error}"
-    seconds = time.monotonic() - start
-    grads = None
-    if result == "returned" and x.grad is not None:
         want_x, want_w = _reference(x0, w0, cw0, t0, reduction)
         if kind == "num_items":  # sum / n
             want_x, want_w = want_x / 4, want_w / 4
-        grads = {"x_all_nan": bool(x.grad.isnan().all()),
-                 "x_is_torchs": bool(torch.allclose(x.grad, want_x, rtol=1e-10, atol=1e-12)),
-                 "w_is_torchs": bool(torch.allclose(w.grad, want_w[lo:lo + VR], rtol=1e-10,
-                                                    atol=1e-12))}
-    return result, seconds, grads
+        return {"x_all_nan": bool(x.grad.isnan().all()),
+                "x_is_torchs": bool(torch.allclose(x.grad, want_x, rtol=1e-10, atol=1e-12)),
+                "w_is_torchs": bool(torch.allclose(w.grad, want_w[lo:lo + VR], rtol=1e-10,
+                                                   atol=1e-12))}
+
+    return probe
 
 
 _CASES = ["none/mean", "input/mean", "linear_weight/mean", "target/mean", "weight/mean",
@@ -105,16 +92,7 @@ _CASES = ["none/mean", "input/mean", "linear_weight/mean", "target/mean", "weigh
 
 
 def _run_probes(rank, world, path):
-    results = {}
-    for case in _CASES:
-        group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=_HANG_S))
-        seen = [None] * world
-        dist.all_gather_object(seen, _probe(rank, world, group, case))
-        results[case] = seen
-        dist.barrier()
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+    gather_probes(rank, world, path, {case: _probe(case) for case in _CASES}, _HANG_S)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -125,7 +103,7 @@ def outcomes(request, tmp_path_factory):
 
 
 def test_no_change_is_torchs_on_every_rank(outcomes):
-    for result, _, grads in outcomes["none/mean"]:
+    for result, grads, _ in outcomes["none/mean"]:
         assert result == "returned" and grads["x_is_torchs"] and grads["w_is_torchs"], grads
 
 
@@ -134,11 +112,11 @@ def test_no_change_is_torchs_on_every_rank(outcomes):
                                   "linear_weight/sum"])
 def test_an_input_changed_on_one_rank_raises_there_and_no_peer_waits(outcomes, case):
     seen = outcomes[case]
-    result, seconds, _ = seen[0]
+    result, _, seconds = seen[0]
     assert result.startswith("RuntimeError: crossent"), result
     assert "modified in place" in result or "modified by an inplace" in result, result
     assert seconds < _HANG_S / 2, seen
-    for result, seconds, grads in seen[1:]:
+    for result, grads, seconds in seen[1:]:
         assert result == "returned", seen
         assert seconds < _HANG_S / 2, seen
         assert grads["x_all_nan"] and grads["w_is_torchs"], seen
@@ -150,6 +128,6 @@ def test_a_second_backward_on_one_rank_raises_at_once_and_joins_nothing(outcomes
     every rank's first backward gave torch's gradients."""
     seen = outcomes["twice/mean"]
     assert seen[0][0].startswith("RuntimeError") and "backward ran twice" in seen[0][0], seen
-    assert seen[0][1] < _HANG_S / 2, seen
+    assert seen[0][2] < _HANG_S / 2, seen
     assert all(result == "returned" for result, _, _ in seen[1:]), seen
-    assert all(grads["x_is_torchs"] and grads["w_is_torchs"] for _, _, grads in seen[1:])
+    assert all(grads["x_is_torchs"] and grads["w_is_torchs"] for _, grads, _ in seen[1:])

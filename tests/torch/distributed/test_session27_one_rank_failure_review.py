@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from dist_harness import CollectiveCounter, run_group
+from dist_harness import CollectiveCounter, gather_probes, run_group
 
 from crossent.errors import UnsupportedError
 from crossent.torch.distributed import vocab_parallel_linear_cross_entropy as vp
@@ -230,22 +229,7 @@ _PROBES = {
 
 
 def _run_probes(rank, world, path):
-    results = {}
-    for name, probe in _PROBES.items():
-        group = dist.new_group(list(range(world)),
-                               timeout=datetime.timedelta(seconds=_HANG_S))
-        start = time.monotonic()
-        try:
-            result = ("returned", probe(rank, world, group))
-        except Exception as error:
-            result = (f"{type(error).__name__}: {error}", None)
-        seen = [None] * world
-        dist.all_gather_object(seen, (*result, time.monotonic() - start))
-        results[name] = seen
-        dist.barrier()
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+    gather_probes(rank, world, path, _PROBES, _HANG_S)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
