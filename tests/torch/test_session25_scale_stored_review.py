@@ -290,6 +290,27 @@ def test_func_transform_inside_a_compiled_function_is_torchs(transform):
     torch.testing.assert_close(fn(z), want, rtol=1e-12, atol=1e-12)
 
 
+def test_the_constant_mark_is_torchs_and_dynamo_is_not_imported_with_crossent():
+    """_under_func_transform carries the mark torch.compiler.assume_constant_result sets
+    (set by hand: the decorator imports dynamo, which cost importing crossent.torch ~1.7 s
+    and looked for sklearn); a torch whose decorator does more fails here."""
+    import subprocess
+    import sys
+
+    from crossent.torch import _custom_ops
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and set(vars(probe)) == {"_dynamo_marked_constant"}
+    assert _custom_ops._under_func_transform._dynamo_marked_constant is True
+    code = "import sys, crossent.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False"], out
+
+
 def test_func_grad_of_a_compiled_loss_under_fullgraph_is_refused_naming_the_transform():
     """A transform needs the eager entry point, a graph break: fullgraph=True refuses it
     with dynamo's error, whose reason names crossent and the transform."""

@@ -231,7 +231,8 @@ def _options(
     quiz and figures, every number computed by crossent."""
 
 
-BaseOpt = Annotated[Base, typer.Option("--base", help="log base: 2 (bits), e (nats), 10")]
+BaseOpt = Annotated[Base, typer.Option(
+    "--base", help="log base: 2 (bits), e (nats), 10 (hartleys)")]
 
 
 @app.command(short_help="The article step by step, every worked example computed.")

@@ -105,11 +105,19 @@ def parse_target(text: str) -> int | list[float]:
 
 def fmt(x: float) -> str:
     """A number as the CLI prints it: 6 decimals (the article's precision); from 1e15 on in
-    scientific notation (a logit of 1e308 is not 309 digits wide). ``-0.0`` prints as 0.
-    (:func:`crossent.teaching.formula.fmt` prints the tour's own numbers, none of them huge.)"""
+    scientific notation (a logit of 1e308 is not 309 digits wide), and so below 1e-3, with
+    6 significant digits (a probability of 1e-7 is not 0.000000 beside its finite
+    ``ln(1/q)``: review H96-2). ``-0.0`` prints as 0. (:func:`crossent.teaching.formula.fmt`
+    prints the tour's own numbers, none of them huge or tiny.)
+
+    >>> fmt(0.5), fmt(1e-7), fmt(-0.0), fmt(2e300)
+    ('0.500000', '1.00000e-07', '0.000000', '2.000000e+300')
+    """
     value = float(x) + 0.0  # -0.0 + 0.0 is 0.0
     if math.isfinite(value) and abs(value) >= 1e15:
         return f"{value:.6e}"
+    if value != 0.0 and abs(value) < 1e-3:
+        return f"{value:.5e}"
     return f"{value:.6f}"
 
 

@@ -8,6 +8,7 @@ End of input (Ctrl-D) or Ctrl-C ends the quiz with the score so far.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,7 +97,8 @@ def questions(seed: int) -> list[Question]:
     probs = [float(c) / 100 for c in rng.multinomial(100 - k, [1 / k] * k) + 1]
     target = int(rng.integers(k))
     out.append(_multiclass(probs, target, f"A classifier predicts {vector(probs)} for an "
-                           f"example of class {target}. What is its cross-entropy loss?"))
+                           f"example of class {target} (classes counted from 0). What is "
+                           f"its cross-entropy loss?"))
     q0, p0 = float(rng.integers(5, 96)) / 100, float(rng.integers(0, 2))
     is_cat = "is a cat (p0 = 1)" if p0 else "is not a cat (p0 = 0)"
     out.append(_binary(q0, p0, f"A cat detector gives q0 = {short(q0)} for an image that "
@@ -104,17 +106,31 @@ def questions(seed: int) -> list[Question]:
     return out
 
 
-def _parse(answer: str) -> float | None:
+_ANSWER = re.compile(r"^(\S+?)\s*(nats?|bits?)?$", re.IGNORECASE)
+
+
+def _parse(answer: str) -> tuple[float | None, str | None]:
+    """``(number, unit)`` of an answer as the tour page reads it: an optional ``nats`` /
+    ``bits`` after the number (then only that unit is checked) and a decimal comma
+    (``0,357``); ``(None, None)`` for anything else (review H96-1: "0.357 nats" was "not
+    a number" here while the page took it)."""
+    match = _ANSWER.match(answer.strip())
+    if match is None or "_" in match[1]:  # float() takes 0.3_5; the page does not
+        return None, None
+    number = re.sub(r"^([-+]?\d*),(\d+)$", r"\1.\2", match[1])
+    unit = match[2].lower().rstrip("s") + "s" if match[2] else None
     try:
-        return float(answer.strip())
+        return float(number), unit
     except ValueError:
-        return None
+        return None, None
 
 
 def _numeric(q: Question, answer: str, con: Console) -> bool:
-    given = _parse(answer)
+    given, unit = _parse(answer)
+    values = {"nats": q.nats, "bits": q.bits}
     ok = given is not None and any(
-        abs(given - v) <= TOLERANCE for v in (q.nats, q.bits) if v is not None
+        abs(given - v) <= TOLERANCE for u, v in values.items()
+        if v is not None and unit in (None, u)
     )
     if given is None:
         con.print(f"[red]{escape(repr(answer.strip()))} is not a number.[/]")

@@ -111,4 +111,7 @@ def format_table() -> str:
         f"binary cross-entropy of a cat predicted at q0 = 0.7: {binary_example():.6f} nats"
     )
     lines.append("cross-entropy >= entropy: the soft-truth row (1.618 bits) exceeds H([.2,.3,.5]).")
+    soft = next(ex for ex in EXAMPLES if ex.key == "soft_cross_entropy").values()
+    lines.append(f"(the article prints 0.487140 hartleys for the soft-truth row; "
+                 f"{soft['nats']:.6f} nats / ln 10 = {soft['hartleys']:.6f}: a typo there)")
     return "\n".join(lines)

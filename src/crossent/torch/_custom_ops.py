@@ -139,17 +139,33 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-@torch._dynamo.assume_constant_result
-def _under_func_transform() -> bool:
+# the eager entry points wrapped in torch.compiler.disable, by name: made while dynamo
+# traces (by _under_func_transform), so that importing crossent.torch imports no dynamo
+_UNTRACED: dict[str, Callable[..., Any]] = {}
+
+
+def _under_func_transform(name: str) -> bool:
     """A ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``) of a compiled
     function is running (review H86-1). torch's custom operators have no rule for them
     (their autograd is an ``autograd.Function`` without ``setup_context``: dynamo failed
     with "must override the setup_context staticmethod"), so the call leaves the graph
     and runs the eager entry point, which takes the transforms (the composable path):
-    a graph break, an error under ``fullgraph=True``. Read while tracing, as a constant:
-    dynamo guards compiled code on the transforms around it and traces afresh under
-    others."""
-    return torch._C._functorch.maybe_current_level() is not None
+    ``_UNTRACED[name]``, made here, a graph break (an error under ``fullgraph=True``).
+    Run, not traced, by dynamo, which takes the result as a constant of the graph
+    (:func:`torch.compiler.assume_constant_result`) and guards compiled code on the
+    transforms around it, so that it traces afresh under others."""
+    active = torch._C._functorch.maybe_current_level() is not None
+    if active and name not in _UNTRACED:
+        _UNTRACED[name] = torch.compiler.disable(_EAGER[name], recursive=True, reason=(
+            f"crossent.torch.{name} under a torch.func transform of a compiled function "
+            f"runs eagerly (torch's custom operators take no transform): a graph break"))
+    return active
+
+
+# torch.compiler.assume_constant_result sets this mark and nothing else (torch 2.4-2.13;
+# tests/torch/test_session25_scale_stored_review.py checks it), but imports dynamo, a
+# second on crossent.torch's import: the mark is set here instead
+_under_func_transform._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -161,15 +177,11 @@ def compilable(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         _EAGER[name] = fn  # type: ignore[assignment]
         compiled: Callable[..., Any] = _COMPILED[name]
 
-        untraced = torch.compiler.disable(fn, recursive=True, reason=(
-            f"crossent.torch.{name} under a torch.func transform of a compiled function "
-            f"runs eagerly (torch's custom operators take no transform): a graph break"))
-
         @functools.wraps(fn, updated=())  # not __dict__: no compiler.disable marks
         def entry(*args: P.args, **kwargs: P.kwargs) -> R:
             if compiling():
-                if _under_func_transform():  # torch's custom operators take none
-                    return untraced(*args, **kwargs)
+                if _under_func_transform(name):  # torch's custom operators take none
+                    return _UNTRACED[name](*args, **kwargs)
                 return compiled(*args, **kwargs)
             if fx_tracing(*args, *kwargs.values()):
                 return record_fx_call(entry, args, kwargs, f"crossent.torch.{name}")
