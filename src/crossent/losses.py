@@ -9,6 +9,8 @@ logits with a float32 target: float32); a list, a number or another library's ar
 the input's dtype (:func:`crossent._array.promoted_dtype`).
 ``validate=False`` skips the value checks (class ranges, probability ranges and sums),
 which cost a device synchronisation on accelerators and cannot run under ``jax.jit``.
+The losses are in nats (natural log), as every framework's; they take no ``base`` (the
+measures in :mod:`crossent.measures` do: divide a loss by ``ln 2`` for bits).
 """
 
 from __future__ import annotations
