@@ -76,7 +76,7 @@ def _share(eps: float, num_classes, dtype: torch.dtype, floor: int = 0):
     float, divided in float64. Under ``torch.jit.trace`` ``z.shape[1]`` is a 0-d int64
     tensor, and ``eps / C`` became a float32 reciprocal (1e-8 off for float64 logits:
     review H92-1); it is divided in float64 there too, then rounded to ``dtype`` once."""
-    if isinstance(num_classes, int):
+    if not isinstance(num_classes, torch.Tensor):  # an int, or make_fx's SymInt
         return eps / max(num_classes, floor)
     return (eps / num_classes.clamp(min=floor).to(torch.float64)).to(dtype)
 

@@ -28,7 +28,7 @@ from crossent.torch.distributed import vocab_parallel_linear_cross_entropy
 pytestmark = pytest.mark.timeout(150)
 
 N, VR, D = 5, 3, 4  # rows, classes per rank, features
-_HANG_S = 4
+_HANG_S = 5
 
 
 def _data(world):
@@ -115,10 +115,10 @@ def test_an_input_changed_on_one_rank_raises_there_and_no_peer_waits(outcomes, c
     result, _, seconds = seen[0]
     assert result.startswith("RuntimeError: crossent"), result
     assert "modified in place" in result or "modified by an inplace" in result, result
-    assert seconds < _HANG_S / 2, seen
+    assert seconds < _HANG_S * 0.6, seen
     for result, grads, seconds in seen[1:]:
         assert result == "returned", seen
-        assert seconds < _HANG_S / 2, seen
+        assert seconds < _HANG_S * 0.6, seen
         assert grads["x_all_nan"] and grads["w_is_torchs"], seen
 
 
@@ -128,6 +128,6 @@ def test_a_second_backward_on_one_rank_raises_at_once_and_joins_nothing(outcomes
     every rank's first backward gave torch's gradients."""
     seen = outcomes["twice/mean"]
     assert seen[0][0].startswith("RuntimeError") and "backward ran twice" in seen[0][0], seen
-    assert seen[0][2] < _HANG_S / 2, seen
+    assert seen[0][2] < _HANG_S * 0.6, seen
     assert all(result == "returned" for result, _, _ in seen[1:]), seen
     assert all(grads["x_is_torchs"] and grads["w_is_torchs"] for _, grads, _ in seen[1:])
