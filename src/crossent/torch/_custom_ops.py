@@ -84,7 +84,8 @@ Rules under ``torch.compile``:
   ``tests/torch/test_compile_grad_output.py`` records it.
 * A ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``) of a compiled
   function: the call leaves the graph and runs the eager entry point, which takes the
-  transforms (:func:`_under_func_transform`; a graph break).
+  transforms (:func:`_under_func_transform`; a graph break). Two limits of dynamo's
+  ``"eager"`` backend, both errors, are in ``docs/guarantees.md`` (review H95).
 * ``num_items`` as a Python number is a constant of the compiled graph (a new value
   recompiles); give a 0-d tensor (the Trainer's ``num_items_in_batch``) to avoid that.
 """
@@ -162,7 +163,7 @@ def _under_func_transform(name: str) -> bool:
     return active
 
 
-# torch.compiler.assume_constant_result sets this mark and nothing else (torch 2.4-2.13;
+# torch.compiler.assume_constant_result sets this mark and nothing else (torch 2.13:
 # tests/torch/test_session25_scale_stored_review.py checks it), but imports dynamo, a
 # second on crossent.torch's import: the mark is set here instead
 _under_func_transform._dynamo_marked_constant = True  # type: ignore[attr-defined]
