@@ -14,6 +14,19 @@ import torch.nn.functional as F
 
 REDUCTIONS = ("none", "sum", "mean")
 
+# ARTICLE.md's worked-example table as printed: bits, nats, hartleys, to 6 decimals
+# (test_article.py, test_session27_article_review.py). Its soft-truth hartleys, 0.487140,
+# is a typo: 1.121686 nats / ln 10 = 0.4871420.
+ARTICLE_TABLE = {
+    "panda": (9.965784, 6.907755, 3.000000),
+    "entropy": (1.485475, 1.029653, 0.447173),
+    "cross_entropy": (0.514573, 0.356675, 0.154902),
+    "soft_cross_entropy": (1.618251, 1.121686, 0.487140),
+    "coin_entropy": (0.080793, 0.056002, 0.024321),
+    "coin_cross_entropy": (6.577563, 4.559219, 1.980044),
+    "quiz4": (0.514573, 0.356675, 0.154902),
+}
+
 
 def t64(a: Any) -> torch.Tensor | None:
     """A NumPy array as a CPU torch tensor (float64 stays float64), None stays None."""

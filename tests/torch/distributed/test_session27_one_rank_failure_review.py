@@ -11,6 +11,7 @@ torch's ``F.linear`` + ``F.cross_entropy`` in float64 on the whole vocabulary.""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 
@@ -95,31 +96,22 @@ def _mean_twice_on_every_rank(rank, world, group):
     loss.backward()
 
 
-def _save_on_cpu_one_rank(rank, world, group):
-    x, w, t = _leaves(rank, world)
-    if rank == 0:
-        with torch.autograd.graph.save_on_cpu():
-            loss = vp(x, w, t, group=group)
-        _bump(x)
-    else:
-        loss = vp(x, w, t, group=group)
-    loss.backward()
-    return _grads(rank, world, x, w)
+def _save_on_cpu(on_the_changing_rank: bool):
+    """Rank 0 changes its input after forward; save_on_cpu on rank 0 only, or on the
+    ranks that change nothing (then the changing rank's forward ran without hooks, so it
+    joins the peers' dX all-reduce: they are in it, save_on_cpu recomputes nothing)."""
 
-
-def _save_on_cpu_on_the_peers(rank, world, group):
-    """save_on_cpu on the ranks that change nothing: the changing rank's forward ran
-    without hooks, so it joins the peers' dX all-reduce (they are in it: save_on_cpu
-    recomputes nothing)."""
-    x, w, t = _leaves(rank, world)
-    if rank != 0:
-        with torch.autograd.graph.save_on_cpu():
+    def probe(rank, world, group):
+        x, w, t = _leaves(rank, world)
+        hooked = (rank == 0) == on_the_changing_rank
+        with torch.autograd.graph.save_on_cpu() if hooked else contextlib.nullcontext():
             loss = vp(x, w, t, group=group)
-    else:
-        loss = vp(x, w, t, group=group)
-        _bump(x)
-    loss.backward()
-    return _grads(rank, world, x, w)
+        if rank == 0:
+            _bump(x)
+        loss.backward()
+        return _grads(rank, world, x, w)
+
+    return probe
 
 
 def _checkpoint_one_rank(rank, world, group):
@@ -214,9 +206,9 @@ def _low_precision(dtype, reduction):
 _PROBES = {
     "none_twice": _none_twice_without_retain,
     "mean_twice_all": _mean_twice_on_every_rank,
-    "save_on_cpu": _save_on_cpu_one_rank,
+    "save_on_cpu": _save_on_cpu(on_the_changing_rank=True),
     "checkpoint_one": _checkpoint_one_rank,
-    "save_on_cpu_peers": _save_on_cpu_on_the_peers,
+    "save_on_cpu_peers": _save_on_cpu(on_the_changing_rank=False),
     "create_graph": _create_graph_and_change_one_rank,
     "two_reasons": _two_ranks_two_reasons,
     "no_input_grad": _input_needs_no_grad,

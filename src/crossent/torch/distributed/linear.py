@@ -166,9 +166,9 @@ def _join_input_grad_reduce(ctx) -> None:
 
     Not where forward ran under saved-tensor hooks: with non-reentrant checkpointing the
     peers are recomputing the forward, whose collectives are others (joining them with
-    this one crashed gloo: review H89-2); this rank raises alone, as before."""
-    if _reduces_input_grad(ctx) and not ctx.joined and not ctx.hooked:
-        ctx.joined = True
+    this one crashed gloo: review H89-2); this rank raises alone, as before. (Nothing
+    after the all-reduce raises an in-place refusal: a join never follows it.)"""
+    if _reduces_input_grad(ctx) and not ctx.hooked:
         shape, dtype, device = ctx.input_grad_like
         nan = torch.full(shape, math.nan, dtype=dtype, device=device)
         dist.all_reduce(nan, op=dist.ReduceOp.SUM, group=ctx.lay.group)
@@ -184,7 +184,7 @@ def _joins_input_grad_reduce(backward):
 
     @functools.wraps(backward)
     def run(ctx, *grads):
-        consumed, ctx.joined = _consumed(ctx), False
+        consumed = _consumed(ctx)
         try:
             return backward(ctx, *grads)
         except RuntimeError as error:
@@ -199,13 +199,7 @@ def _join_on_count_refusal(node) -> Callable[[], None]:
     """For :func:`~crossent.torch._rules.watch_count`, whose node runs before the head's
     backward (``node``, the head's autograd node) and stops it where ``num_items`` changed
     in place on this rank."""
-
-    def join() -> None:
-        if not _consumed(node):
-            node.joined = False
-            _join_input_grad_reduce(node)
-
-    return join
+    return lambda: None if _consumed(node) else _join_input_grad_reduce(node)
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -217,7 +211,6 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         ctx.reduce_input_grad = reduce_input_grad
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, w, b)]
         ctx.input_grad_like = (x.shape, compute_dtype(x.dtype), x.device)
-        ctx.keep, ctx.grads, ctx.joined = False, None, False
         ctx.hooked = saved_tensor_hooks_active()  # (a recompute may be the peers' step)
         none = spec.reduction == "none"
         (loss, lse, coef, wy), grads = _run(x, w, b, target, valid, lay, spec, chunk,
@@ -270,7 +263,6 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                                   nan_target_rows(wy, factor.to(wy.dtype), ctx.valid, spec))
         gx = grads[0]
         if _reduces_input_grad(ctx):
-            ctx.joined = True  # a failure from here on is not before the collective
             dist.all_reduce(gx, op=dist.ReduceOp.SUM, group=ctx.lay.group)
         out = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)]
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None
