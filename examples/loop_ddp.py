@@ -41,7 +41,7 @@ for i, (x, y) in enumerate(mine):
 
 reference(tokens[:, :-1], labels).backward()            # one process, the whole batch
 if rank == 0:
-    print("max |DDP accumulated - full batch| grad:", max(
-        (p.grad - q.grad).abs().max().item()
-        for p, q in zip(model.parameters(), reference.parameters(), strict=True)))
+    worst = max((p.grad - q.grad).abs().max().item()
+                for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    print(f"max |DDP accumulated - full batch| grad: {worst:.1e}")
 dist.destroy_process_group()

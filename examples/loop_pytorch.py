@@ -13,7 +13,8 @@ opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.1)
 
 tokens = torch.randint(0, vocab, (8, 65))
 inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
-labels[:, :20] = -100                                    # e.g. prompt tokens: no loss
+prompt = torch.randint(5, 40, (8, 1))                    # e.g. prompt tokens: no loss,
+labels[torch.arange(64) < prompt] = -100                # so micro-batches count unevenly
 
 # one step on the whole batch
 hidden = body(inputs)                                    # (B, T, D)
@@ -28,5 +29,5 @@ num_items = global_num_items([y for _, y in micro])      # non-ignored labels of
 for x, y in micro:
     h = body(x).flatten(0, 1)
     (xt.linear_cross_entropy(h, head.weight, y.flatten(), reduction="sum") / num_items).backward()
-print("max |accumulated - full| grad:", (head.weight.grad - full_grad).abs().max().item())
+print(f"max |accumulated - full| grad: {(head.weight.grad - full_grad).abs().max().item():.1e}")
 opt.step()

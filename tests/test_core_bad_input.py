@@ -320,3 +320,13 @@ class _NumPy:
 
 
 NUMPY = _NumPy()
+
+
+def test_integer_logits_from_a_list_are_refused_with_the_fix_a_learner_can_type():
+    """Review H98-6: integer logits are refused (as torch's ``cross_entropy`` refuses a
+    LongTensor), and for a Python list the fix is a decimal point, which the message says."""
+    with pytest.raises(xe.InputError, match=r"logits must be a floating-point array, got dtype "
+                                         r"int64.*write 1\.0 rather than 1"):
+        xe.softmax_cross_entropy([[1, 2]], [0])
+    assert float(xe.softmax_cross_entropy([[1.0, 2.0]], [0])) == pytest.approx(
+        math.log(1 + math.e))  # -log(e^1 / (e^1 + e^2))

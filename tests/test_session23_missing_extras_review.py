@@ -593,11 +593,19 @@ def test_patch_without_transformers_names_the_hf_extra(runs):
 
 
 @pytest.mark.parametrize("key", ["typer-help", "typer-explain", "typer-bench",
-                                 "rich-version", "rich-tour-help", "rich-python-m-cli"])
+                                 "rich-tour-help", "rich-python-m-cli"])
 def test_cli_without_typer_or_rich_says_which_extra(runs, key):
     module = key.partition("-")[0]
     one_line_failure(result(runs, key), f"crossent: the command line needs the cli extra "
                                         f"({module} is missing): pip install 'crossent[cli]'")
+
+
+def test_cli_version_without_rich_needs_no_extra(runs):
+    """``crossent --version`` prints the package's version without the cli extra (H98-4)."""
+    from crossent import __version__
+
+    done = result(runs, "rich-version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"crossent {__version__}\n", "")
 
 
 def test_cli_train_with_nothing_optional(runs):

@@ -181,7 +181,7 @@ def check_floating(xp: Any, x: Array, name: str) -> None:
     if not is_floating(xp, x):
         raise InputError(
             f"{name} must be a floating-point array, got dtype {x.dtype}; "
-            f"cast it (e.g. to float32) first"
+            f"cast it (e.g. to float32) first (in a Python list, write 1.0 rather than 1)"
         )
 
 

@@ -391,6 +391,19 @@ def test_missing_cli_extra_names_it():
                            " pip install 'crossent[cli]'\n")
 
 
+def test_version_needs_no_cli_extra():
+    """Review H98-4: ``crossent --version`` on a core-only install printed the missing-extra
+    line; the version is the package's and needs no extra. Other arguments still name it."""
+    from crossent import __version__
+
+    code = ("import sys; sys.modules['typer'] = None; sys.argv = ['crossent'{}]; "
+            "from crossent.cli import main; main()")
+    done = run([sys.executable, "-c", code.format(", '--version'")])
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"crossent {__version__}\n", "")
+    done = run([sys.executable, "-c", code.format(", '--version', 'tour'")])
+    assert done.returncode == 1 and "needs the cli extra" in done.stderr
+
+
 def shell(line: str) -> subprocess.CompletedProcess:
     """``line`` run by sh, with ``$CLI`` the command: for redirections such as ``>&-``."""
     env = {**os.environ, "CLI": " ".join(CLI)}

@@ -102,6 +102,16 @@ def test_breakdown_errors_name_the_problem(kwargs, message):
         curves.multiclass_breakdown(**kwargs)
 
 
+@pytest.mark.parametrize(("n", "message"), [
+    (1, r"target has 1 entry but probs has 2: one target in \[0, 1\] per class"),
+    (3, r"target has 3 entries but probs has 2"),
+])
+def test_multilabel_target_count_is_named_in_good_english(n, message):
+    """Review H98-5: "target has 1 entries" read as a typo to a learner."""
+    with pytest.raises(InputError, match=message):
+        curves.label_breakdown(probs=[0.7, 0.2], target=[1.0] * n, multilabel=True)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.floats(-8, 8), min_size=2, max_size=6), st.data())
 def test_breakdown_terms_sum_to_loss(logits, data):

@@ -135,15 +135,15 @@ def test_load_runs_busy_processes_records_load_and_kills_them(tmp_path, capsys, 
 
     monkeypatch.setattr(bench, "time_config", spy)
     results = bench.main(["ce-small", "--quick", "--repeats", "2", "--warmup", "0",
-                          "--no-memory", "--load", "2", "--out", str(tmp_path)])
-    assert seen == [[None, None]]
+                          "--no-memory", "--load", "1", "--out", str(tmp_path)])
+    assert seen == [[None]]  # one: more slow the other test worker
     assert bench.CompetingLoad.active == []
-    assert results is not None and results["load"] == 2
+    assert results is not None and results["load"] == 1
     entry = results["configs"]["ce-small"]["contenders"]["crossent"]
     assert entry["loadavg_before"] >= 0 and entry["loadavg_after"] >= 0
     assert entry["paired_vs_eager"] > 0
     out = capsys.readouterr().out
-    assert "2 competing process(es)" in out and "->" in out
+    assert "1 competing process(es)" in out and "->" in out
 
 
 def test_competing_load_kills_its_children_after_an_error():

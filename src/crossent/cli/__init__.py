@@ -6,7 +6,8 @@ terms; ``crossent quiz`` asks the article's questions; ``crossent plot`` draws a
 ``crossent.torch`` against torch.
 
 The ``crossent`` console script is installed with the package even without the extra: then
-:func:`main` says which extra to install (one line on stderr, exit code 1).
+:func:`main` says which extra to install (one line on stderr, exit code 1), but for
+``crossent --version``, which needs none.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ except ModuleNotFoundError as err:  # the cli extra is not installed
 def main() -> None:
     """Entry point of the ``crossent`` console script."""
     if _missing is not None:
+        if sys.argv[1:] == ["--version"]:  # a version needs no extra (review H98-4)
+            from .. import __version__
+
+            print(f"crossent {__version__}")
+            return
         sys.stderr.write(f"crossent: the command line needs the cli extra ({_missing} is "
                          "missing): pip install 'crossent[cli]'\n")
         sys.exit(1)

@@ -50,6 +50,11 @@ class Curves:
     series: dict[str, np.ndarray]
 
 
+
+def _entries(n: int) -> str:
+    return "entry" if n == 1 else "entries"
+
+
 def grid(lo: float, hi: float, n: int, include: Sequence[float] = ()) -> np.ndarray:
     """``n`` evenly spaced points in [lo, hi] plus the points of ``include`` that lie in
     [lo, hi] (a curve's x never leaves the range it was asked for), sorted, unique.
@@ -415,7 +420,8 @@ def label_breakdown(
         )
     t = _vector(target, "target")
     if t.size != values.size:
-        raise InputError(f"target has {t.size} entries but {name} has {values.size}")
+        raise InputError(f"target has {t.size} {_entries(t.size)} but {name} has "
+                         f"{values.size}: one target in [0, 1] per class")
     _checks.check_in_unit_interval(np, t, "target")
     pair = np.asarray(smooth_labels(np.stack([t, 1.0 - t], axis=-1), label_smoothing))
     used = pair[:, 0]

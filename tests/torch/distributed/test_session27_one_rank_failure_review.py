@@ -279,7 +279,9 @@ def test_a_failing_rank_under_saved_tensor_hooks_raises_at_once_and_joins_nothin
     in the dX all-reduce until the collective timeout (a documented limitation; torch's
     own composition waits there too)."""
     seen = outcomes[case]
-    assert seen[0][0].startswith("RuntimeError: " + _MODIFIED) and seen[0][2] < _QUICK, seen
+    # its own recompute (checkpoint_one) can take seconds on a loaded machine (4.0 s once with
+    # other jobs running): that it did not wait for the timeout is what tells it joined nothing
+    assert seen[0][0].startswith("RuntimeError: " + _MODIFIED) and seen[0][2] < _HANG_S * 0.9, seen
     for result, _, seconds in seen[1:]:
         assert "Timed out" in result and seconds >= _HANG_S * 0.9, seen
 
