@@ -440,7 +440,10 @@ def cross_entropy(
             raises ``TypeError``), never truncated.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, shape of ``target``).
         label_smoothing: eps in [0, 1].
-        z_loss: coefficient of ``lse^2`` added per counted row; not class-weighted.
+        z_loss: coefficient of ``lse^2`` added per counted row; not class-weighted, but
+            under ``"mean"`` divided by the same denominator as the rest (``sum w[y]``
+            with class weights: ``"mean"`` is the sum of the ``"none"`` rows over it,
+            torch's rule; Liger Kernel divides its z-loss by the counted rows).
         softcap: c > 0 to cap the logits at ``c * tanh(z / c)``; ``None`` for no cap.
         inplace_backward: write the gradient into the logits' own storage: no extra
             ``N x C`` memory, but **the logits tensor is destroyed** (it holds the gradient
