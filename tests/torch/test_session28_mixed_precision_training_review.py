@@ -117,7 +117,8 @@ def test_float16_autocast_exact_gradient_at_the_boundary_is_finite():
 
 @pytest.mark.xfail(strict=True, reason="H99-1: float16 'mean' gradient rounded twice (stored "
                    "p - onehot, then x scale/N): a GradScaler-scaled entry torch rounds to "
-                   "-65504 becomes -inf, so crossent skips a step torch takes")
+                   "-65504 becomes -inf, so crossent skips a step torch takes (documented "
+                   "difference, docs/guarantees.md)")
 def test_float16_autocast_double_rounding_does_not_flip_a_grad_scaler_step():
     """Default backend, 48 x 16384 float16 logits (the row-block kernel), GradScaler 2**22:
     torch's step is taken at scale 2**22, crossent's gradient holds -inf, the step is skipped
@@ -172,7 +173,8 @@ LINEAR_AMP_CASES = [
 
 @pytest.mark.xfail(strict=True, reason="H99-2: float16 linear head under a GradScaler: torch's "
                    "float16 logits gradient overflows (inf/NaN dx, dW, step skipped, scale "
-                   "halved), crossent's fused dx/dW stay finite: the step is taken")
+                   "halved), crossent's fused dx/dW stay finite: the step is taken (documented "
+                   "difference, docs/guarantees.md)")
 @pytest.mark.parametrize("case", LINEAR_AMP_CASES, ids=["rowblock_small", "auto_64x8192"])
 def test_float16_linear_head_grad_scaler_trajectory_is_torchs(case):
     backend, *rest = case
