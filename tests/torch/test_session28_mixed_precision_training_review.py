@@ -115,14 +115,13 @@ def test_float16_autocast_exact_gradient_at_the_boundary_is_finite():
     assert torch.equal(grad, exact.grad.half())
 
 
-@pytest.mark.xfail(strict=True, reason="H99-1: float16 'mean' gradient rounded twice (stored "
-                   "p - onehot, then x scale/N): a GradScaler-scaled entry torch rounds to "
-                   "-65504 becomes -inf, so crossent skips a step torch takes (documented "
-                   "difference, docs/guarantees.md)")
+@pytest.mark.fixed_bug("H99-1: float16 'mean' stored p - onehot rounded before x scale/N: a "
+                       "GradScaler-scaled entry torch rounds to -65504 became -inf, so crossent "
+                       "skipped a step torch takes; now only the power of two is deferred")
 def test_float16_autocast_double_rounding_does_not_flip_a_grad_scaler_step():
     """Default backend, 48 x 16384 float16 logits (the row-block kernel), GradScaler 2**22:
-    torch's step is taken at scale 2**22, crossent's gradient holds -inf, the step is skipped
-    and the scale halves: the runs diverge silently from here on."""
+    torch's step is taken at scale 2**22, and crossent's (its gradient held -inf, the step was
+    skipped and the scale halved: the runs diverged silently from there on)."""
     z, y = _near_boundary_logits(48, 16384)
     ref = _amp_step_on_logits(F.cross_entropy, z, y, 2.0**22)
     got = _amp_step_on_logits(xt.cross_entropy, z, y, 2.0**22)

@@ -573,10 +573,13 @@ def cross_entropy(
     ``grad_output`` times ``1/N`` or 1). Low-precision gradients: formed in float32 and
     stored in the logits' dtype in forward; a ``grad_output`` other than 1 multiplies the
     stored gradient (a second rounding, as torch's own bf16 backward rounds more than
-    once). float16 with ``"mean"`` (or ``num_items``) on the row-block and Triton kernels
-    is rounded twice also at ``grad_output = 1``: ``p - onehot`` is stored in float16 and
-    backward multiplies it by ``grad_output / denominator`` in float32
-    (:func:`crossent.torch._rules.defers_mean_scale`), so a loss scale's small gradients
+    once; none for a power of two, a ``GradScaler``'s scale). float16 with ``"mean"`` (or
+    ``num_items``) on the row-block and Triton kernels: ``p - onehot`` times the
+    significand of ``1 / denominator`` is stored in float16 and backward multiplies it by
+    ``grad_output`` times that power of two in float32
+    (:func:`crossent.torch._rules.defers_mean_scale`, :func:`~crossent.torch._rules.split_scale`),
+    rounded once at a power-of-two ``grad_output`` but for entries in float16's subnormal
+    range (one subnormal step, 6e-8, at most), so a loss scale's small gradients
     survive, where ``(p - onehot) / N`` fell under float16's subnormals before a
     ``GradScaler`` could lift them (2048 x 8192, a ``GradScaler``'s 65536: error 1.08e-4
     against float64, torch's own float16 error 1.08e-4).
