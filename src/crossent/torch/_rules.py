@@ -698,32 +698,40 @@ def defers_mean_scale(dtype: torch.dtype, reduction: str) -> bool:
         compute_dtype(dtype)).tiny
 
 
-def split_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scale`` (the gradient's ``1 / denominator``, per row or 0-d) as ``(stored,
     deferred)`` for :func:`defers_mean_scale`, ``stored x deferred == scale`` exactly:
-    where it is finite and not 0, its significand in [1, 2) and its power of two ``2**e``;
-    ``(scale, 1)`` elsewhere (an ignored row's 0; a zero denominator's inf or NaN, whose
-    patterns the kernel forms as it does without deferring). No host read.
+    ``deferred`` is the power of two ``2**e`` of ``scale x max|weight|`` (``weight``: the
+    class weights the kernel multiplies in, or None) where that is finite, not 0 and under 1,
+    so the largest stored row factor, ``scale x w_y / 2**e``, is its significand, in
+    [0.5, 1); ``(scale, 1)`` elsewhere (an ignored row's 0; a zero denominator's inf or NaN,
+    whose patterns the kernel forms as it does without deferring; a scale of 1 or more, which
+    puts nothing under float16's normals). No host read.
 
     Why a power of two: backward multiplies the stored float16 gradient by ``grad_output x
     2**e``. Where ``grad_output`` is a power of two too (1, a ``GradScaler``'s scale) that
-    product is exact, so the one rounding is the kernel's, of ``(p - onehot) x scale /
-    2**e``, and float16's result is torch's (rounded once from the exact gradient; review
-    H99-1: deferring all of ``1/N`` rounded ``p - onehot`` first, and an entry torch rounds to
-    -65504 overflowed to -inf, skipping a GradScaler step torch takes). In [1, 2), not
-    frexp's [0.5, 1): the stored entries are never smaller than ``p - onehot`` itself, whose
-    float16 subnormals were the deferral's reason (with [0.5, 1) a 2048 x 8192 gradient at a
-    GradScaler's 65536 lost a bit on its small entries: 48% of entries off torch's, 27%)."""
-    movable = scale.isfinite() & (scale != 0)
-    significand = 2.0 * torch.frexp(scale)[0]
-    # scale / significand is exactly 2**e (as 2.0**e would not be where e is past float32's)
-    power = scale / torch.where(movable, significand, 1.0)
-    one = torch.ones((), dtype=scale.dtype, device=scale.device)
-    return torch.where(movable, significand, scale), torch.where(movable, power, one)
+    product is exact, so the one rounding is the kernel's, and float16's result is torch's
+    (rounded once from the exact gradient; review H99-1: deferring all of ``1/N`` rounded
+    ``p - onehot`` first, and an entry torch rounds to -65504 overflowed to -inf, skipping a
+    GradScaler step torch takes). Why the largest weight: a stored entry is then never
+    larger than ``p - onehot`` (a significand in [1, 2) overflowed where torch's is finite,
+    with a class weight from 32768: review H102-1), and small weights (normalized ones) or
+    a ``num_items`` under 1 no longer push stored entries under float16's normals, which the
+    deferred factor then lifted (H102-2: 70% of torch's normal-range entries off)."""
+    peak = scale if weight is None or weight.numel() == 0 else (
+        scale * weight.detach().abs().amax().to(scale.dtype))
+    movable = scale.isfinite() & (scale != 0) & peak.isfinite() & (peak != 0) & (
+        peak.abs() < 1)
+    significand = torch.frexp(peak)[0]
+    # peak / significand is exactly 2**e (as 2.0**e would not be where e is past float32's)
+    power = torch.where(movable, peak / torch.where(movable, significand, 1.0), 1.0)
+    return torch.where(movable, scale / power, scale), power
 
 
-def rows_deferring_mean(rows: Rows, dtype: torch.dtype,
-                        reduction: str) -> tuple[Rows, torch.Tensor | None]:
+def rows_deferring_mean(rows: Rows, dtype: torch.dtype, reduction: str,
+                        weight: torch.Tensor | None = None
+                        ) -> tuple[Rows, torch.Tensor | None]:
     """The row-block kernels' side of :func:`defers_mean_scale`: ``rows`` for the kernel,
     with the finite ``1 / denominator`` left out of their scale, and that 0-d factor for
     backward to multiply with ``grad_output`` (None, ``rows`` unchanged, where ``dtype``
@@ -731,7 +739,7 @@ def rows_deferring_mean(rows: Rows, dtype: torch.dtype,
     is exact."""
     if not defers_mean_scale(dtype, reduction):
         return rows, None
-    _, deferred = split_scale(1.0 / rows.denominator)
+    _, deferred = split_scale(1.0 / rows.denominator, weight)
     return dataclasses.replace(rows, scale=rows.scale / deferred), deferred
 
 
