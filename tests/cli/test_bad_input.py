@@ -382,6 +382,17 @@ def test_ctrl_c_in_train_exits_130_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["explain", "tour"])
+def test_bad_choice_is_worded_for_a_learner(command):
+    """Review H98-5: typer 0.29 words a bad choice "Value error, '3' is not one of ...";
+    the line names the option and the choices, without the prefix."""
+    args = ["--probs", "0.7,0.3", "--target", "0"] if command == "explain" else ["--no-plots"]
+    done = run([*CLI, command, *args, "--base", "3"])
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"crossent {command}: error: Invalid value for '--base': '3' is not "
+                           "one of '2', 'e', '10'.\n")
+
+
 def test_missing_cli_extra_names_it():
     code = ("import sys; sys.modules['typer'] = None; "
             "from crossent.cli import main; main()")

@@ -162,7 +162,10 @@ class OneLineErrors(TyperGroup):
             code = _report(f)
         except clickx.UsageError as e:
             where = e.ctx.command_path if e.ctx else "crossent"
-            code = _report(_Failure(f"{where}: error: {e.format_message()}", 2))
+            # typer's choice check words a bad value as pydantic does ("Value error, '3' is
+            # not one of ..."): the prefix says nothing a learner can use (review H98-5)
+            message = e.format_message().replace(": Value error, ", ": ")
+            code = _report(_Failure(f"{where}: error: {message}", 2))
         except clickx.ClickException as e:
             code = _report(_Failure(f"crossent: error: {e.format_message()}", e.exit_code))
         except typer.Abort:
