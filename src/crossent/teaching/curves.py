@@ -50,7 +50,6 @@ class Curves:
     series: dict[str, np.ndarray]
 
 
-
 def _entries(n: int) -> str:
     return "entry" if n == 1 else "entries"
 

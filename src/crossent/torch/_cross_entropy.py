@@ -576,7 +576,8 @@ def cross_entropy(
     stored gradient (a second rounding, as torch's own bf16 backward rounds more than
     once; none for a power of two, a ``GradScaler``'s scale). float16 with ``"mean"`` (or
     ``num_items``) on the row-block and Triton kernels: ``p - onehot`` times the
-    significand of ``1 / denominator`` is stored in float16 and backward multiplies it by
+    significand of ``1 / denominator`` (of ``max|w| / denominator`` with class weights;
+    where that is under 1) is stored in float16 and backward multiplies it by
     ``grad_output`` times that power of two in float32
     (:func:`crossent.torch._rules.defers_mean_scale`, :func:`~crossent.torch._rules.split_scale`),
     rounded once at a power-of-two ``grad_output`` but for entries in float16's subnormal
