@@ -79,6 +79,12 @@ def test_example_matches_the_full_batch(outputs, command):
 
 @pytest.mark.parametrize("command", list(EXAMPLES))
 def test_readme_quotes_the_examples_output(outputs, command):
-    quoted = _readme_output(command)
+    """The quoted line is the script's line; its numbers are this machine's (another CPU's
+    kernels may round the last digit differently), so they are compared as the script's are
+    checked: a float32-rounding difference, and the losses to 6 decimals."""
+    quoted = re.fullmatch(EXAMPLES[command], _readme_output(command))
     printed = re.search(EXAMPLES[command], outputs[command])
-    assert printed and quoted == printed.group(0), (quoted, printed and printed.group(0))
+    assert quoted and printed, (_readme_output(command), outputs[command])
+    ours, theirs = map(float, quoted.groups()), map(float, printed.groups())
+    for q, p in zip(ours, theirs, strict=True):
+        assert (q < 1e-7 and p < 1e-7) or abs(q - p) <= 2e-6, (quoted.group(0), printed.group(0))

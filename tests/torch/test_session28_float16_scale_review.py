@@ -26,7 +26,7 @@ TINY = torch.finfo(torch.float16).tiny  # 6.1e-5: float16's smallest normal
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _old_split(scale, weight=None):
+def _old_split(scale, weight=None, z_loss=0.0):
     """split_scale before fa99c6c: (1, scale) where finite and not 0."""
     movable = scale.isfinite() & (scale != 0)
     one = torch.ones((), dtype=scale.dtype, device=scale.device)

@@ -23,7 +23,7 @@ if torch.cuda.is_available():  # the interpreter's tests
 TINY = torch.finfo(torch.float16).tiny
 
 
-def _old_split(scale, weight=None):
+def _old_split(scale, weight=None, z_loss=0.0):
     movable = scale.isfinite() & (scale != 0)
     one = torch.ones((), dtype=scale.dtype, device=scale.device)
     return torch.where(movable, one, scale), torch.where(movable, scale, one)

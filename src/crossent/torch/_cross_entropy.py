@@ -77,7 +77,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                                                                   logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
         kernel_rows, ctx.deferred = (rows_deferring_mean(rows, logits.dtype, opts.reduction,
-                                                         opts.weight)
+                                                         opts.weight, opts.z_loss)
                                      if grad is not None else (rows, None))
         losses = cross_entropy_rows(logits, target, kernel_rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows

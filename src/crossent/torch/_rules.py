@@ -698,12 +698,13 @@ def defers_mean_scale(dtype: torch.dtype, reduction: str) -> bool:
         compute_dtype(dtype)).tiny
 
 
-def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None,
+                z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``scale`` (the gradient's ``1 / denominator``, per row or 0-d) as ``(stored,
     deferred)`` for :func:`defers_mean_scale`, ``stored x deferred == scale`` exactly:
     ``deferred`` is the power of two ``2**e`` of ``scale x max|weight|`` (``weight``: the
-    class weights the kernel multiplies in, or None) where that is finite, not 0 and under 1,
+    class weights the kernel multiplies in, or None; not under 1 with a ``z_loss``, whose
+    term no class weight scales) where that is finite, not 0 and under 1,
     so the largest stored row factor, ``scale x w_y / 2**e``, is its significand, in
     [0.5, 1); ``(scale, 1)`` elsewhere (an ignored row's 0; a zero denominator's inf or NaN,
     whose patterns the kernel forms as it does without deferring; a scale of 1 or more, which
@@ -718,9 +719,13 @@ def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None
     larger than ``p - onehot`` (a significand in [1, 2) overflowed where torch's is finite,
     with a class weight from 32768: review H102-1), and small weights (normalized ones) or
     a ``num_items`` under 1 no longer push stored entries under float16's normals, which the
-    deferred factor then lifted (H102-2: 70% of torch's normal-range entries off)."""
+    deferred factor then lifted (H102-2: 70% of torch's normal-range entries off). With a
+    z-loss, weights under 1 do not count: its term ``2 z_loss lse p`` was stored times
+    ``1 / max|w|`` and overflowed (review H103-1: weights of 1e-3, z_loss 1)."""
     peak = scale if weight is None or weight.numel() == 0 else (
         scale * weight.detach().abs().amax().to(scale.dtype))
+    if z_loss and weight is not None and weight.numel():
+        peak = torch.where(peak.abs() < scale.abs(), scale, peak)
     movable = scale.isfinite() & (scale != 0) & peak.isfinite() & (peak != 0) & (
         peak.abs() < 1)
     significand = torch.frexp(peak)[0]
@@ -730,7 +735,7 @@ def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None
 
 
 def rows_deferring_mean(rows: Rows, dtype: torch.dtype, reduction: str,
-                        weight: torch.Tensor | None = None
+                        weight: torch.Tensor | None = None, z_loss: float = 0.0
                         ) -> tuple[Rows, torch.Tensor | None]:
     """The row-block kernels' side of :func:`defers_mean_scale`: ``rows`` for the kernel,
     with the finite ``1 / denominator`` left out of their scale, and that 0-d factor for
@@ -739,7 +744,7 @@ def rows_deferring_mean(rows: Rows, dtype: torch.dtype, reduction: str,
     is exact."""
     if not defers_mean_scale(dtype, reduction):
         return rows, None
-    _, deferred = split_scale(1.0 / rows.denominator, weight)
+    _, deferred = split_scale(1.0 / rows.denominator, weight, z_loss)
     return dataclasses.replace(rows, scale=rows.scale / deferred), deferred
 
 
@@ -894,6 +899,11 @@ def remember_target(ctx, target: torch.Tensor, **saved: torch.Tensor | None) -> 
     if hooked and not hasattr(ctx, "saved_versions"):
         ctx.watched, ctx.hook_slots = (), None
         return
+    if target.is_inference():  # its _version read says only "do not track version counter"
+        raise RuntimeError(
+            "crossent: Inference tensors cannot be saved for backward, and the target was "
+            "made under torch.inference_mode() (torch's losses save the target): clone it "
+            "outside inference mode, or compute the loss without gradients (review H104-1)")
     # the target strongly (class indices: O(N)); probabilities weakly (not kept alive),
     # except under hooks: checkpointing stores no saved tensor, so the flattened view
     # handed here would die with forward

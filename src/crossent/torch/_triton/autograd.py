@@ -206,7 +206,8 @@ class _CrossEntropy(torch.autograd.Function):
         res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, defer_mean=defer,
                                         **opts)
         # the mean's 1/denominator, applied with grad_output in backward (float16)
-        ctx.deferred = split_scale(1.0 / res.denominator, opts["weight"])[1] if defer else None
+        ctx.deferred = (split_scale(1.0 / res.denominator, opts["weight"], opts["z_loss"])[1]
+                        if defer else None)
         # overwritten: the caller's memory, not a flattened copy of it (then the caller's
         # input is intact, saved, and a double backward recomputes from it)
         overwritten = inplace and logits.untyped_storage().data_ptr() == \
@@ -418,7 +419,7 @@ def _head(x, w, b, target, split, opts, chunk, need, ctx=None, dw_dtype=None):
                                                                        device=x.device)
     deferred = None  # float16 chunks: the mean's 1/denominator applied in backward
     if any(need) and defers_mean_scale(matmul_dtype(x, w), opts["reduction"]):
-        scale, deferred = split_scale(scale, opts["weight"])
+        scale, deferred = split_scale(scale, opts["weight"], opts["z_loss"])
     kernel = _TritonChunks(target, _kernel_options(opts), scale)
     run = head_pass(x, w, b, kernel, chunk, need, split=split, dw_dtype=dw_dtype)
     if ctx is not None:

@@ -271,7 +271,7 @@ def cross_entropy_forward(
     if scale is None:
         scale = (1.0 / denom) if reduction == "mean" else torch.ones((), dtype=acc, device=dev)
         if defer_mean and reduction == "mean":
-            scale = split_scale(scale, w)[0]
+            scale = split_scale(scale, w, z_loss)[0]
     scale = scale.to(device=dev, dtype=acc).reshape(1)
     eps_v = float(label_smoothing) / v if v else 0.0
     # the smoothing's target mass (eps / V) sum_c w_c, each term scaled first and summed in
