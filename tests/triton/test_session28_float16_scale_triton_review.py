@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
+from test_float16_loss_scale import _float16_chunks  # noqa: E402
 
 import crossent.torch as xt  # noqa: E402
 
@@ -36,19 +37,6 @@ def _patch_old_split(m):
 
     for module in (_rules, ta, ops):
         m.setattr(module, "split_scale", _old_split)
-
-
-def _float16_chunks(monkeypatch):
-    from crossent.torch import _chunked_head, _linear
-    from crossent.torch._triton import autograd as ta
-
-    real = _chunked_head.matmul_dtype
-
-    def accelerator_like(x, w):
-        return torch.float16 if x.dtype == w.dtype == torch.float16 else real(x, w)
-
-    for module in (_chunked_head, _linear, ta):
-        monkeypatch.setattr(module, "matmul_dtype", accelerator_like)
 
 
 def _torch_grad(z, y, go=1.0, weight=None, **kw):
