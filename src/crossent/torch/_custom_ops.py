@@ -47,12 +47,14 @@ Rules under ``torch.compile``:
   (``retain_graph=True``) works: the stored gradients are not consumed.
 * A ``grad_output`` other than 1 multiplies the gradients returned by the operator, in
   the loss's compute dtype (float32 for bfloat16/float16), each product rounded once.
-  Those gradients are eager's at ``grad_output = 1``, already rounded: float16 ``"mean"``
-  does not defer its ``1/denominator`` here (eager's :func:`._rules.split_scale`), so at a
-  ``GradScaler``'s scale its entries under 6.1e-5 at unit scale were rounded to float16
-  subnormals first (review H105-1: 2**16 over 1024 x 8192, error 1.7e-3 against
-  torch's float64, eager's 2.9e-6; strict xfails in
-  ``tests/torch/test_session28_compiled_float16_review.py``).
+  Those gradients are eager's at ``grad_output = 1``, already rounded to the input's
+  dtype, where eager's backward scales before rounding (torch's own kernel) or defers
+  ``1/denominator``'s power of two (the fused kernels' float16 ``"mean"``,
+  :func:`._rules.split_scale`): so at a ``GradScaler``'s scale float16 entries under
+  6.1e-5 at unit scale come back rounded twice, on every route (review H105-1: 2**16 over
+  1024 x 8192, error 1.7e-3 against torch's float64, eager's 2.9e-6; strict xfails in
+  ``tests/torch/test_session28_compiled_float16_review.py``). Returning the deferred factor
+  would fix the fused kernels' route only: torch's kernel stores nothing to defer.
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
   values and NaN/inf pattern for ``cross_entropy``, without a host read: the product
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
