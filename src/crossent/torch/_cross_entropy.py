@@ -76,8 +76,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad = logits.detach() if inplace else _buffers.empty(logits.shape, logits.dtype,
                                                                   logits)
         extra = {} if stats is None else stats.kernel_args(0, logits.shape[0])
-        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, logits.dtype, opts.reduction,
-                                                         opts.weight, opts.z_loss)
+        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, logits.dtype, opts)
                                      if grad is not None else (rows, None))
         losses = cross_entropy_rows(logits, target, kernel_rows, opts, grad, **extra)
         ctx.grad, ctx.reduction, ctx.rows = grad, opts.reduction, rows

@@ -148,8 +148,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         names = None if holder is None else holder.names
         # float16 chunks (accelerators): the gradients without the mean's 1/denominator,
         # applied in backward with grad_output (_rules.defers_mean_scale)
-        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, ctx.mdtype, opts.reduction,
-                                                         opts.weight, opts.z_loss)
+        kernel_rows, ctx.deferred = (rows_deferring_mean(rows, ctx.mdtype, opts)
                                      if any(need) else (rows, None))
         if opts.reduction == "none":  # the gradient depends on grad_output row by row
             losses, _, stats = _linear_pass(x, w, b, target, rows, opts, chunk, (False,) * 3,

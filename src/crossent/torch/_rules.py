@@ -722,10 +722,10 @@ def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None,
     deferred factor then lifted (H102-2: 70% of torch's normal-range entries off). With a
     z-loss, weights under 1 do not count: its term ``2 z_loss lse p`` was stored times
     ``1 / max|w|`` and overflowed (review H103-1: weights of 1e-3, z_loss 1)."""
-    peak = scale if weight is None or weight.numel() == 0 else (
-        scale * weight.detach().abs().amax().to(scale.dtype))
-    if z_loss and weight is not None and weight.numel():
-        peak = torch.where(peak.abs() < scale.abs(), scale, peak)
+    peak = scale
+    if weight is not None and weight.numel():
+        largest = weight.detach().abs().amax().to(scale.dtype)  # NaN stays NaN: not movable
+        peak = scale * (largest.clamp(min=1.0) if z_loss else largest)
     movable = scale.isfinite() & (scale != 0) & peak.isfinite() & (peak != 0) & (
         peak.abs() < 1)
     significand = torch.frexp(peak)[0]
@@ -734,17 +734,16 @@ def split_scale(scale: torch.Tensor, weight: torch.Tensor | None = None,
     return torch.where(movable, scale / power, scale), power
 
 
-def rows_deferring_mean(rows: Rows, dtype: torch.dtype, reduction: str,
-                        weight: torch.Tensor | None = None, z_loss: float = 0.0
-                        ) -> tuple[Rows, torch.Tensor | None]:
+def rows_deferring_mean(rows: Rows, dtype: torch.dtype,
+                        opts: Options) -> tuple[Rows, torch.Tensor | None]:
     """The row-block kernels' side of :func:`defers_mean_scale`: ``rows`` for the kernel,
-    with the finite ``1 / denominator`` left out of their scale, and that 0-d factor for
-    backward to multiply with ``grad_output`` (None, ``rows`` unchanged, where ``dtype``
-    keeps the scale in the stored gradient). The factor is a power of two: dividing by it
-    is exact."""
-    if not defers_mean_scale(dtype, reduction):
+    with :func:`split_scale`'s power of two (for ``opts``' class weight and z-loss) left
+    out of their scale, and that 0-d factor for backward to multiply with ``grad_output``
+    (None, ``rows`` unchanged, where ``dtype`` keeps the scale in the stored gradient).
+    Dividing by a power of two is exact."""
+    if not defers_mean_scale(dtype, opts.reduction):
         return rows, None
-    _, deferred = split_scale(1.0 / rows.denominator, weight, z_loss)
+    _, deferred = split_scale(1.0 / rows.denominator, opts.weight, opts.z_loss)
     return dataclasses.replace(rows, scale=rows.scale / deferred), deferred
 
 

@@ -205,9 +205,8 @@ class _CrossEntropy(torch.autograd.Function):
         defer = defers_mean_scale(logits.dtype, opts["reduction"])
         res = ops.cross_entropy_forward(logits, flat_target, grad_out=grad, defer_mean=defer,
                                         **opts)
-        # the mean's 1/denominator, applied with grad_output in backward (float16)
-        ctx.deferred = (split_scale(1.0 / res.denominator, opts["weight"], opts["z_loss"])[1]
-                        if defer else None)
+        # the mean's 1/denominator's power of two, applied with grad_output in backward
+        ctx.deferred = res.deferred
         # overwritten: the caller's memory, not a flattened copy of it (then the caller's
         # input is intact, saved, and a double backward recomputes from it)
         overwritten = inplace and logits.untyped_storage().data_ptr() == \

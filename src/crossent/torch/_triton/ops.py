@@ -193,6 +193,9 @@ class CrossEntropyRows(NamedTuple):
     lse: torch.Tensor  # (N,) log-sum-exp of the (softcapped) logits; 0 if ignored
     grad: torch.Tensor | None  # (N, V) d(loss)/d(logits), or None
     denominator: torch.Tensor  # 0-d: what reduction="mean" divides the summed loss by
+    # with defer_mean: the power of two of 1/denominator left out of grad (split_scale),
+    # for the caller to apply with grad_output; None where nothing is deferred
+    deferred: torch.Tensor | None = None
 
 
 def denominator(target: torch.Tensor, num_classes: int, weight: torch.Tensor | None,
@@ -244,8 +247,9 @@ def cross_entropy_forward(
     ``d(reduced loss)/d(logits)`` for ``reduction`` (``"mean"``: rows scaled by
     ``1/denominator``; ``"sum"``/``"none"``: unscaled), times ``row_multiplier[n]`` if
     given (the ``grad_output`` of ``"none"``), times ``scale`` (a 0-d device tensor) if
-    given in place of the reduction's own. ``defer_mean``: ``"mean"``'s finite
-    ``1/denominator`` is left out of the gradient, for the caller to apply
+    given in place of the reduction's own. ``defer_mean``: the power of two of ``"mean"``'s
+    ``1/denominator`` is left out of the gradient and returned (``deferred``), for the
+    caller to apply
     (:func:`crossent.torch._rules.defers_mean_scale`, :func:`~crossent.torch._rules.split_scale`
     of ``1 / denominator``). It is written into ``grad_out`` ((N, V), any
     float dtype, class axis contiguous) or, with ``grad_out=None``, into ``logits``
@@ -268,10 +272,11 @@ def cross_entropy_forward(
         target = target.reshape(n, v).contiguous()
     w = None if weight is None else weight.to(device=dev, dtype=acc).contiguous()
     denom = denominator(target, v, w, ignore_index, acc)
+    deferred = None
     if scale is None:
         scale = (1.0 / denom) if reduction == "mean" else torch.ones((), dtype=acc, device=dev)
         if defer_mean and reduction == "mean":
-            scale = split_scale(scale, w, z_loss)[0]
+            scale, deferred = split_scale(scale, w, z_loss)
     scale = scale.to(device=dev, dtype=acc).reshape(1)
     eps_v = float(label_smoothing) / v if v else 0.0
     # the smoothing's target mass (eps / V) sum_c w_c, each term scaled first and summed in
@@ -296,7 +301,7 @@ def cross_entropy_forward(
     loss = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty(n, dtype=acc, device=dev)
     if n == 0:
-        return CrossEntropyRows(loss, lse, grad, denom)
+        return CrossEntropyRows(loss, lse, grad, denom, deferred)
     if row_multiplier is not None:
         row_multiplier = row_multiplier.reshape(n).to(device=dev, dtype=acc).contiguous()
     y = target if not prob else loss  # placeholder pointers keep the signature fixed
@@ -317,7 +322,7 @@ def cross_entropy_forward(
             BLOCK=launch.block, REVERSE=launch.reverse, PERSISTENT=launch.programs > 0,
             num_warps=launch.warps,
         )
-    return CrossEntropyRows(loss, lse, grad, denom)
+    return CrossEntropyRows(loss, lse, grad, denom, deferred)
 
 
 def rows_of_unit_class_stride(t: torch.Tensor) -> bool:
