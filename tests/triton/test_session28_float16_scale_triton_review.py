@@ -6,7 +6,10 @@ rounded once to float16, or float64. "before": the split of stops 31-37 (stored 
 
 from __future__ import annotations
 
+import functools
 import math
+import pathlib
+import sys
 
 import pytest
 
@@ -16,18 +19,19 @@ pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 from test_float16_loss_scale import _float16_chunks  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "torch"))
+from test_session28_float16_scale_review import (  # noqa: E402
+    TINY,
+    _big_weight_case,
+    _crossent_grad,
+    _old_split,
+    _torch_grad,
+)
+
 import crossent.torch as xt  # noqa: E402
 
 if torch.cuda.is_available():  # the interpreter's tests
     pytest.skip("CPU interpreter tests", allow_module_level=True)
-
-TINY = torch.finfo(torch.float16).tiny
-
-
-def _old_split(scale, weight=None, z_loss=0.0):
-    movable = scale.isfinite() & (scale != 0)
-    one = torch.ones((), dtype=scale.dtype, device=scale.device)
-    return torch.where(movable, one, scale), torch.where(movable, scale, one)
 
 
 def _patch_old_split(m):
@@ -39,27 +43,7 @@ def _patch_old_split(m):
         m.setattr(module, "split_scale", _old_split)
 
 
-def _torch_grad(z, y, go=1.0, weight=None, **kw):
-    zz = z.float().requires_grad_()
-    (F.cross_entropy(zz, y, weight=None if weight is None else weight.float(), **kw)
-     * go).backward()
-    return zz.grad.half()
-
-
-def _triton_grad(z, y, go=1.0, **kw):
-    zz = z.clone().requires_grad_()
-    (xt.cross_entropy(zz, y, backend="triton", loss_dtype=torch.float32, **kw)
-     * go).backward()
-    return zz.grad
-
-
-def _big_weight_case():
-    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).half()
-    z[0, 1] = -8.0  # p ~ 3e-4 at the target: torch's gradient there -w (1 - p) / w = -1
-    y = torch.tensor([1, 2, 3, 4])
-    w = torch.ones(8, dtype=torch.float16)
-    w[1] = 40000.0
-    return z, y, w
+_triton_grad = functools.partial(_crossent_grad, backend="triton")
 
 
 @pytest.mark.fixed_bug("H102-1: Triton float16 mean, class weight 40000: stored (p-1) w "

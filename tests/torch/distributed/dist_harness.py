@@ -92,6 +92,37 @@ def gather_probes(rank: int, world: int, path: str, probes: dict, hang_s: float)
             json.dump(results, f)
 
 
+def gather_results(rank: int, world: int, path: str, cases: dict) -> None:
+    """Run each of ``cases`` (name: a callable of no arguments returning something JSON can
+    hold) on every rank; its value, or ``"<Exception>: <message>"``, is gathered, and rank 0
+    writes ``{name: [per rank]}`` to ``path`` as JSON (for :func:`run_and_load`)."""
+    import json
+
+    results = {}
+    for name, case in cases.items():
+        try:
+            got = case()
+        except Exception as error:  # recorded, gathered, asserted in the parent
+            got = f"{type(error).__name__}: {str(error)[:300]}"
+        seen: list = [None] * world
+        dist.all_gather_object(seen, got)
+        results[name] = seen
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+def run_and_load(fn, world: int, directory, timeout: float = 60.0) -> dict:
+    """``run_group(fn, world, path)`` for a ``fn`` that writes its results to ``path`` (a
+    file in ``directory``) as JSON (:func:`gather_results`); the results."""
+    import json
+
+    path = str(directory / "out.json")
+    run_group(fn, world, path, timeout=timeout)
+    with open(path) as f:
+        return json.load(f)
+
+
 class CollectiveCounter:
     """Wraps ``torch.distributed.all_reduce`` (inside a child) and records every call as
     ``(op name, numel, bytes)``."""

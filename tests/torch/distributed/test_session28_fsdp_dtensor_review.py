@@ -19,12 +19,12 @@ own computations under the same wrapping, never crossent's output.
 
 from __future__ import annotations
 
-import json
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import gather_results, run_and_load
 from torch import nn
 
 import crossent.torch as xt
@@ -215,38 +215,19 @@ def _inplace_case(rank, mesh, reshard) -> str:
 
 
 def _fsdp_worker(rank, world, path):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for case in FSDP_CASES:
-        try:
-            got = _run_case(rank, mesh, *case)
-        except Exception as error:  # recorded, gathered, asserted in the parent
-            got = f"{type(error).__name__}: {str(error)[:300]}"
-        seen: list = [None] * world
-        dist.all_gather_object(seen, got)
-        results["/".join(map(str, case))] = seen
+    cases = {"/".join(map(str, case)): functools.partial(_run_case, rank, mesh, *case)
+             for case in FSDP_CASES}
     for reshard in (False, True):
-        try:
-            got = _inplace_case(rank, mesh, reshard)
-        except Exception as error:
-            got = f"{type(error).__name__}: {str(error)[:300]}"
-        seen = [None] * world
-        dist.all_gather_object(seen, got)
-        results[f"inplace/{reshard}"] = seen
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+        cases[f"inplace/{reshard}"] = functools.partial(_inplace_case, rank, mesh, reshard)
+    gather_results(rank, world, path, cases)
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("fsdp") / "out.json")
-    run_group(_fsdp_worker, 2, path, timeout=60)
-    with open(path) as f:
-        return json.load(f)
+    return run_and_load(_fsdp_worker, 2, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_fsdp2_in_place_change_without_reshard_raises_as_torch(fsdp_results):
@@ -384,39 +365,30 @@ def _probes():
     return EQUAL + REFUSED + AS_TORCH
 
 
+def _dt_outcome(name, mesh, rank) -> str:
+    """``"equal"`` where both ran and crossent's loss and gradient are torch's, else what
+    differs or how each ended."""
+    (sx, lx, gx), (st, lt, gt) = _dt_probe(name, mesh, rank)
+    if sx != "ok" or st != "ok":
+        return f"crossent: {sx} | torch: {st}"
+    tol = dict(rtol=1e-9, atol=1e-12, equal_nan=True)
+    same = (lx.shape == lt.shape and torch.allclose(lx, lt, **tol)
+            and torch.allclose(gx, gt, **tol))
+    return "equal" if same else (f"DIFFERENT loss {lx.flatten()[:3].tolist()} vs "
+                                 f"torch {lt.flatten()[:3].tolist()}")
+
+
 def _dtensor_worker(rank, world, path):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for name in _probes():
-        try:
-            (sx, lx, gx), (st, lt, gt) = _dt_probe(name, mesh, rank)
-            if sx == "ok" and st == "ok":
-                tol = dict(rtol=1e-9, atol=1e-12, equal_nan=True)
-                same = (lx.shape == lt.shape and torch.allclose(lx, lt, **tol)
-                        and torch.allclose(gx, gt, **tol))
-                got = "equal" if same else (f"DIFFERENT loss {lx.flatten()[:3].tolist()} vs "
-                                            f"torch {lt.flatten()[:3].tolist()}")
-            else:
-                got = f"crossent: {sx} | torch: {st}"
-        except Exception as error:
-            got = f"probe failed {type(error).__name__}: {str(error)[:200]}"
-        seen: list = [None] * world
-        dist.all_gather_object(seen, got)
-        results[name] = seen
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+    gather_results(rank, world, path, {
+        name: functools.partial(_dt_outcome, name, mesh, rank) for name in _probes()})
 
 
 @pytest.fixture(scope="module")
 def dtensor_results(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dt") / "out.json")
-    run_group(_dtensor_worker, 2, path, timeout=60)
-    with open(path) as f:
-        return json.load(f)
+    return run_and_load(_dtensor_worker, 2, tmp_path_factory.mktemp("dt"))
 
 
 EQUAL = ["ce_shard_lp", "ce_shard_lp_sum", "ce_shard_lp_none", "ce_shard_lp_num_items",

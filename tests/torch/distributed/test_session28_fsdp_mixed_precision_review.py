@@ -13,12 +13,12 @@ and no hang. References are torch's computations under the same wrapping, never 
 
 from __future__ import annotations
 
-import json
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_harness import run_group
+from dist_harness import gather_results, run_and_load
 from torch import nn
 
 import crossent.torch as xt
@@ -129,30 +129,16 @@ CASES = [
 
 
 def _worker(rank, world, path):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for case in CASES:
-        try:
-            got = _run_case(rank, mesh, *case)
-        except Exception as error:  # gathered and asserted in the parent
-            got = f"{type(error).__name__}: {str(error)[:300]}"
-        seen: list = [None] * world
-        dist.all_gather_object(seen, got)
-        results["/".join(case)] = seen
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+    gather_results(rank, world, path, {
+        "/".join(case): functools.partial(_run_case, rank, mesh, *case) for case in CASES})
 
 
 @pytest.fixture(scope="module")
 def fsdp_mp_results(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("fsdp_mp") / "out.json")
-    run_group(_worker, 2, path, timeout=60)
-    with open(path) as f:
-        return json.load(f)
+    return run_and_load(_worker, 2, tmp_path_factory.mktemp("fsdp_mp"))
 
 
 @pytest.mark.parametrize("case", ["/".join(c) for c in CASES])
