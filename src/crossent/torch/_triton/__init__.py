@@ -10,14 +10,16 @@ API (what a kernel seam calls)
 ------------------------------
 ``cross_entropy_forward(logits2d, target, *, weight=None, ignore_index=-100,
 label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean", compute_grad=True,
-grad_out=None, row_multiplier=None, scale=None, block=None) -> CrossEntropyRows``
+grad_out=None, row_multiplier=None, scale=None, block=None, defer_mean=False)
+-> CrossEntropyRows``
     One launch (one program per row, or a persistent grid: ``ops.ce_launch_config``):
-    ``(loss, lse, grad, denominator)``; ``loss``/``lse``
+    ``(loss, lse, grad, denominator, deferred)``; ``loss``/``lse``
     are ``(N,)`` float32 (float64 for float64 logits), ``grad`` is ``grad_out`` or, with
     ``grad_out=None``, the logits themselves (overwritten), holding
     ``d(reduced loss)/d(logits)`` (``"mean"``: divided by ``denominator``; times
     ``row_multiplier[n]``; ``scale`` (0-d device tensor) replaces the reduction's own
-    factor). No host synchronisation; no option checks (the caller's rules do them).
+    factor; ``defer_mean``: but for its power of two, returned as ``deferred``, else
+    None). No host synchronisation; no option checks (the caller's rules do them).
 ``denominator(target, V, weight, ignore_index, dtype)``, ``reduce_rows(loss, denom,
 reduction)``
     torch's "mean" denominator as a device tensor, and the reduction.
