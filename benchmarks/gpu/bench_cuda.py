@@ -386,6 +386,32 @@ def _vocab_parallel_checks(args, device, gen, tol) -> list[str]:
     return lines
 
 
+def _compiled_float16_checks(args, device, gen) -> list[str]:
+    """Under ``torch.compile`` (inductor on the GPU) float16 logits at a ``GradScaler``'s
+    2**16 take eager crossent's gradient bit for bit (the backward recomputes with the
+    real grad_output, review H105), on the Triton route."""
+    import crossent.torch as xt
+
+    n, v = (16, 300) if args.tiny else (2048, 32000)
+    z = (torch.randn(n, v, device=device, generator=gen) * 3).half()
+    y = torch.randint(0, v, (n,), device=device, generator=gen)
+    y[::7] = -100
+
+    def loss(z, y):
+        return xt.cross_entropy(z, y, loss_dtype=torch.float32, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="inductor" if device.type == "cuda" else "aot_eager")
+    grads = []
+    for fn in (loss, compiled):
+        leaf = z.clone().requires_grad_()
+        (fn(leaf, y) * 2.0**16).backward()
+        grads.append(leaf.grad)
+    same = bool(((grads[0] == grads[1]) | (grads[0].isnan() & grads[1].isnan())).all())
+    return [f"{'ok' if same else 'FAIL'} compiled ce {n}x{v} float16 grad at 2**16 is "
+            f"eager's bit for bit"]
+
+
 def run_checks(args, device) -> list[str]:
     """crossent vs torch in float64 on large shapes, every option on; returns lines."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -437,6 +463,7 @@ def run_checks(args, device) -> list[str]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     lines += _vocab_parallel_checks(args, device, gen, tol)
+    lines += _compiled_float16_checks(args, device, gen)
     # linear head against the unfused float64 head (every gradient)
     n, d, v = (24, 32, 300) if args.tiny else (1024, 1024, 32000)
     for dtype in (torch.bfloat16, torch.float32):

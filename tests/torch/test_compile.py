@@ -453,9 +453,10 @@ def test_compiled_entry_has_the_public_signature(name):
     assert params(getattr(_custom_ops, f"compiled_{name}")) == params(getattr(xt, name))
 
 
-def _ce_args(z, t, requires, want_grads, reduction="mean", weight=None, statistics=None):
-    return (z, t, weight, None, requires, want_grads, None, -100, None, reduction, 0.1, 1e-3,
-            None, z.dtype, None, "auto", None, statistics, FORMULA)
+def _ce_args(z, t, requires, want_grads, reduction="mean", weight=None, statistics=None,
+             copy_input=False):
+    return (z, t, weight, None, requires, want_grads, copy_input, None, -100, None, reduction,
+            0.1, 1e-3, None, z.dtype, None, "auto", None, statistics, FORMULA)
 
 
 def _linear_args(x, w, b, t, requires, want_grads, reduction, statistics=None):
@@ -478,6 +479,10 @@ def test_opcheck():
                                         statistics="lse,accuracy")),
         (OPS["cross_entropy"], _ce_args(z, p, [True, True, False, False], False, "none",
                                         cw)),
+        # float16: a copy of the logits for backward's recompute (_recomputes_float16)
+        (OPS["cross_entropy"], _ce_args(z.detach().half().requires_grad_(), t,
+                                        [True, False, False, False], False, "sum",
+                                        copy_input=True)),
         (OPS["linear_cross_entropy"], _linear_args(x, w, b, t, [True] * 3 + [False] * 3,
                                                    True, "sum")),
         (OPS["linear_cross_entropy"], _linear_args(x, w, None, t, [True, True] + [False] * 4,

@@ -179,7 +179,7 @@ def test_linear_head_common_path(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_head_and_autocast_match_torch(dtype):
     """bfloat16/float16 heads and autocast: close to torch at 1 and 2.5 (one rounding more
-    is documented), torch's NaN/inf pattern under non-finite grad_outputs."""
+    is documented for bfloat16), torch's NaN/inf pattern under non-finite grad_outputs."""
     torch.manual_seed(3)
     x, w, b = torch.randn(7, 5), torch.randn(6, 5), torch.randn(6)
     t = torch.tensor([1, IGNORE, 0, 4, 5, 5, 2])
@@ -203,7 +203,10 @@ def test_low_precision_head_and_autocast_match_torch(dtype):
         at_one = _grads(compiled, inputs, [t], 1.0)
         for value in (1.0, 2.5, *NONFINITE):
             got = _grads(compiled, inputs, [t], value)
-            want = _documented(_grads(ref, inputs, [t], value), at_one, value, True)
+            # float16 heads recompute with the real grad_output (review H105), so their
+            # dW/db are torch's under an infinite one, not the documented stored rule
+            want = _documented(_grads(ref, inputs, [t], value), at_one, value,
+                               dtype != torch.float16)
             for a, c in zip(got, want, strict=True):
                 assert_same(a.float(), c.float(), f"{dtype}, {value}", atol=3e-2, rtol=3e-2)
 

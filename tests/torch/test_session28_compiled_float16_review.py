@@ -4,11 +4,13 @@ on the ``torch.compile`` routes (the ``crossent::`` custom operators) and under
 
 References: eager crossent bitwise (the compiled routes run its entry point), and torch's
 own gradient of the float32 logits rounded once to float16 (what autocast gives), in
-float16's normal range. H105-1/H105-2: the compiled routes take eager's gradient for
-``grad_output = 1`` (already rounded to float16, the split's power of two applied) and
-multiply a ``GradScaler``'s 2**16 in afterwards, so entries under float16's normals at
-unit scale are rounded twice: not eager's, not torch's (and at larger vocabularies
-entries eager and torch keep are 0: the loss H72 fixed for eager comes back)."""
+float16's normal range. H105-1/H105-2 (fixed at stop 38): the compiled routes took eager's
+gradient for ``grad_output = 1`` (already rounded to float16, the split's power of two
+applied) and multiplied a ``GradScaler``'s 2**16 in afterwards, so entries under
+float16's normals at unit scale were rounded twice: not eager's, not torch's (and at
+larger vocabularies entries eager and torch keep were 0: the loss H72 fixed for eager came
+back). Now float16 backward recomputes with the real ``grad_output``:
+``tests/torch/test_compiled_float16_recompute.py`` tests the rest of that change."""
 
 from __future__ import annotations
 
@@ -212,29 +214,26 @@ def test_compiled_kernel_float16_mean_is_torchs(compiled_calls):
             _assert_torchs(got, _torch_grad(z, y, go, **kw), go)
 
 
-# ---- findings
+# ---- findings H105-1/H105-2, fixed: the compiled float16 backward recomputes with the
+# real grad_output (_custom_ops._recomputes_float16), so it is eager's bitwise
 
 
-@pytest.mark.xfail(strict=True, reason="H105-1: torch.compile float16 'mean' gradient at a "
-                   "GradScaler's 2**16 is rounded twice (unit scale first): not eager's/torch's "
-                   "(documented limit, docs/guarantees.md)")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("case", ["plain", "weight_40000", "num_items_tensor"])
-def test_compiled_float16_mean_at_gradscaler_scale_is_eagers(case):
-    """Eager crossent at 2**16 is torch's (test above); the compiled routes' stored
-    gradient is eager's at grad_output 1, where entries under 6.1e-5 are float16
-    subnormals (0 under 6e-8), and 2**16 multiplies that rounded value."""
+def test_compiled_float16_mean_at_gradscaler_scale_is_eagers(backend, case):
+    """Eager crossent at 2**16 is torch's (test above); the compiled routes stored eager's
+    gradient at grad_output 1, where entries under 6.1e-5 are float16 subnormals (0 under
+    6e-8), and 2**16 multiplied that rounded value (H105-1)."""
     z, y = _data(n=64, c=256)
     kw = _options(case, 256)
     _, eager = _grad(_loss, z, y, SCALE, **kw)
-    _, got = _grad(_compiled("aot_eager"), z, y, SCALE, **kw)
-    _assert_torchs(got, _torch_grad(z, y, SCALE, **kw))
+    _, got = _grad(_compiled(backend), z, y, SCALE, **kw)
+    _assert_torchs(got, _torch_grad(z, y, SCALE, **kw), SCALE)
     _bitwise(got, eager)
 
 
-@pytest.mark.xfail(strict=True, reason="H105-2: compiled linear_cross_entropy float16 dx/dW "
-                   "at grad_output 2**16 differ from eager's (rounded at unit scale first; "
-                   "documented limit, docs/guarantees.md)")
 def test_compiled_linear_head_float16_at_gradscaler_scale_is_eagers():
+    """H105-2: the compiled head's float16 dx/dW stored at grad_output 1 and scaled."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g).to(H)
     w = (0.3 * torch.randn(48, 32, generator=g)).to(H)

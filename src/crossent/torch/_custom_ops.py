@@ -48,13 +48,18 @@ Rules under ``torch.compile``:
 * A ``grad_output`` other than 1 multiplies the gradients returned by the operator, in
   the loss's compute dtype (float32 for bfloat16/float16), each product rounded once.
   Those gradients are eager's at ``grad_output = 1``, already rounded to the input's
-  dtype, where eager's backward scales before rounding (torch's own kernel) or defers
-  ``1/denominator``'s power of two (the fused kernels' float16 ``"mean"``,
-  :func:`._rules.split_scale`): so at a ``GradScaler``'s scale float16 entries under
-  6.1e-5 at unit scale come back rounded twice, on every route (review H105-1: 2**16 over
-  1024 x 8192, error 1.7e-3 against torch's float64, eager's 2.9e-6; strict xfails in
-  ``tests/torch/test_session28_compiled_float16_review.py``). Returning the deferred factor
-  would fix the fused kernels' route only: torch's kernel stores nothing to defer.
+  dtype (for float32 and bfloat16 a power of two, a ``GradScaler``'s scale, multiplies
+  them exactly in the normal range). Not float16's (:func:`_recomputes_float16`): there
+  the backward operator runs the eager entry point again with the real ``grad_output``,
+  from a copy of the logits made in forward (an in-place change of them after forward,
+  which torch allows, changes nothing) or, for the linear head, from the saved ``input``,
+  ``linear_weight`` and ``linear_bias`` (a change of them raises, as torch's ``F.linear``,
+  which saves them, raises), so the gradients are eager's bitwise at every scale. Stored
+  at unit scale they had been rounded twice, every float16 entry under 6.1e-5 a subnormal
+  or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, error 8.6e-4 against
+  float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
+  forward computes the loss alone and backward the forward again (1024 x 8192 on CPU:
+  30 ms for both, was 56; a 2048 x 512 x 8192 head 1.4x its stored-gradient time).
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
   values and NaN/inf pattern for ``cross_entropy``, without a host read: the product
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
@@ -70,20 +75,22 @@ Rules under ``torch.compile``:
   torch 2.13's own inductor graph gives NaN on every entry of the counted rows for any
   infinite ``grad_output``. A recompute would need the logits in backward, and saving
   them made every backward raise after an in-place change of them, which torch's loss
-  allows (review H84). On CPU the scaling is an operator,
-  ``crossent::scale_stored_grad_cpu``, that reads the target, so AOTAutograd saves it
-  and an in-place change before backward raises as torch's; on CUDA the scaling is
-  traced torch operations (which read the target too). The class weight and a
+  allows (review H84); float16 logits, recomputed from a copy, are eager's there. On CPU
+  the scaling is an operator, ``crossent::scale_stored_grad_cpu``, that reads the target,
+  so AOTAutograd saves it and an in-place change before backward raises as torch's; on
+  CUDA the scaling is traced torch operations (which read the target too). The class weight and a
   ``num_items`` tensor, which torch's own backward reads too, the backward passes to
   ``crossent::read_saved``, for the same reason, on every device. Not the linear head's
   ``input`` and ``linear_weight`` (which ``F.linear`` saves): the compiled head keeps
-  neither alive for backward, so an in-place change of them before backward is not
-  noticed there (eager crossent watches them without keeping them alive). The linear head
+  neither alive for backward (float16 heads do, for the recompute, and raise as torch's),
+  so an in-place change of them before backward is not noticed there (eager crossent
+  watches them without keeping them alive). The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
   backward operator): ``dx`` as torch's (NaN on counted rows, 0 on ignored ones);
   ``dW``/``db`` 0 where no row counts, all NaN under an infinite one with probability
   targets or label smoothing (as torch's), else the stored ones times ``grad_output``.
-  That last part differs from torch under an infinite ``grad_output`` with index targets:
+  That last part (not float16 heads: recomputed) differs from torch under an infinite
+  ``grad_output`` with index targets:
   torch's ``dW``/``db`` are sums of infinities, NaN on the classes a counted row targets
   and where the counted rows' features differ in sign, where here they are ``+-inf``
   (as on the Triton heads;
@@ -490,7 +497,8 @@ def _(like, message):
 _CE_TENSORS = ("input", "target", "weight", "num_items")
 _CE_SCHEMA = (
     "(Tensor input, Tensor target, Tensor? weight, Tensor? num_items, bool[] requires, "
-    "bool want_grads, bool? size_average, Scalar? ignore_index, bool? reduce, str reduction, "
+    "bool want_grads, bool copy_input, bool? size_average, Scalar? ignore_index, "
+    "bool? reduce, str reduction, "
     "Scalar label_smoothing, Scalar z_loss, Scalar? softcap, ScalarType loss_dtype, "
     "Scalar? num_items_value, str backend, ScalarType? autocast, str? statistics, "
     "str formula)")
@@ -513,11 +521,14 @@ def _ce_tensors(input, target, weight, num_items) -> dict[str, torch.Tensor | No
 
 @torch.library.custom_op("crossent::cross_entropy_fwd", mutates_args=(), tags=_TAGS,
                          schema=_CE_SCHEMA + f" -> (Tensor, Tensor, {_STATS_RETURNS})")
-def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, size_average,
-                       ignore_index, reduce, reduction, label_smoothing, z_loss, softcap,
-                       loss_dtype, num_items_value, backend, autocast, statistics, formula):
-    """The loss, with ``want_grads`` ``dloss/dinput`` for ``grad_output = 1``, and the
-    statistics asked for (``formula``: :data:`FORMULA`, for the compile caches only)."""
+def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, copy_input,
+                       size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                       softcap, loss_dtype, num_items_value, backend, autocast, statistics,
+                       formula):
+    """The loss; with ``want_grads`` ``dloss/dinput`` for ``grad_output = 1``, with
+    ``copy_input`` a contiguous copy of ``input`` (backward recomputes from it:
+    :func:`_recomputes_float16`) in its place; and the statistics asked for (``formula``:
+    :data:`FORMULA`, for the compile caches only)."""
     del formula
     loss, grads, stats = _run_eager(
         "cross_entropy", _ce_tensors(input, target, weight, num_items),
@@ -525,7 +536,8 @@ def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, s
         _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
                     softcap, loss_dtype, num_items_value, backend),
         autocast, None, want_grads, statistics)
-    return (loss, _or_empty(grads[0], input), *_stats_outputs(stats, input))
+    second = _contiguous_copy(input) if copy_input else grads[0]
+    return (loss, _or_empty(second, input), *_stats_outputs(stats, input))
 
 
 def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
@@ -535,13 +547,14 @@ def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
 
 
 @_cross_entropy_fwd.register_fake
-def _(input, target, weight, num_items, requires, want_grads, size_average, ignore_index,
-      reduce, reduction, label_smoothing, z_loss, softcap, loss_dtype, num_items_value,
-      backend, autocast, statistics, formula):
+def _(input, target, weight, num_items, requires, want_grads, copy_input, size_average,
+      ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, loss_dtype,
+      num_items_value, backend, autocast, statistics, formula):
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
-    return (loss, _or_empty(_fake_grad(input, want_grads and requires[0]), input),
+    second = _fake_grad(input, copy_input or (want_grads and requires[0]))
+    return (loss, _or_empty(second, input),
             *_fake_stats(statistics, _ce_loss_shape(input, "none"),
                          compute_dtype(input.dtype), input))
 
@@ -550,9 +563,9 @@ def _(input, target, weight, num_items, requires, want_grads, size_average, igno
                          schema="(Tensor grad_output, " + _CE_SCHEMA[1:]
                          + " -> (Tensor, Tensor, Tensor)")
 def _cross_entropy_bwd(grad_output, input, target, weight, num_items, requires, want_grads,
-                       size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
-                       softcap, loss_dtype, num_items_value, backend, autocast, statistics,
-                       formula):
+                       copy_input, size_average, ignore_index, reduce, reduction,
+                       label_smoothing, z_loss, softcap, loss_dtype, num_items_value, backend,
+                       autocast, statistics, formula):
     """The gradients of input, target and weight for ``grad_output``: the eager forward
     and backward, run again (for gradients forward does not store; no statistics)."""
     _, grads, _ = _run_eager(
@@ -634,6 +647,9 @@ def _ce_setup(ctx, inputs, output) -> None:
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         lse = (output[2 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
         ctx.save_for_backward(output[1], target, weight, num_items, *lse)
+    elif inputs[6]:  # copy_input (float16): recomputed in backward from forward's copy
+        # of the logits, which nothing else holds (_recomputes_float16)
+        ctx.save_for_backward(output[1], target, weight, num_items)
     else:  # recomputed in backward from the inputs
         ctx.save_for_backward(input, target, weight, num_items)
 
@@ -666,9 +682,9 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 # the arguments after want_grads, by name
-_CE_OPTIONS = ("size_average", "ignore_index", "reduce", "reduction", "label_smoothing",
-               "z_loss", "softcap", "loss_dtype", "num_items_value", "backend", "autocast",
-               "statistics", "formula")
+_CE_OPTIONS = ("copy_input", "size_average", "ignore_index", "reduce", "reduction",
+               "label_smoothing", "z_loss", "softcap", "loss_dtype", "num_items_value",
+               "backend", "autocast", "statistics", "formula")
 
 
 # ---- a grad_output other than 1, without host reads (the rules of _rules.scale_stored,
@@ -749,6 +765,27 @@ def _scale_logits_grad(grad: torch.Tensor, target: torch.Tensor, grad_output: to
                                                       out.gather(class_dim, index)))
 
 
+def _recomputes_float16(dtype: torch.dtype | None) -> bool:
+    """Whether the compiled backward recomputes the gradients of ``dtype`` logits (or a
+    head whose matmul runs in ``dtype``) with the real ``grad_output``, instead of scaling
+    ones stored in forward for ``grad_output = 1``: float16's. Stored, they are rounded
+    to float16 at unit scale, where every entry under 6.1e-5 (a softmax probability
+    over ``N``: nearly all of an LLM batch's) is a subnormal or 0, and a ``GradScaler``'s
+    scale multiplied afterwards cannot bring the lost digits back; eager crossent (which
+    defers ``1/denominator``'s power of two) and torch (which scales first) keep them
+    (review H105: 1.7e-3 against float64 where eager's error is 2.9e-6). Recomputed, the
+    gradients are eager's bitwise, for every route and reduction, at the cost of the
+    forward run again in backward (forward then computes the loss alone)."""
+    return dtype == torch.float16
+
+
+def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` nothing else holds: an in-place change of the caller's logits after
+    forward, which torch's loss allows (it saves its softmax, review H84), neither raises
+    in backward nor changes its gradient."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
 def _requires(*tensors: torch.Tensor | None) -> list[bool]:
     on = torch.is_grad_enabled()
     return [on and t is not None and t.requires_grad for t in tensors]
@@ -808,13 +845,16 @@ def compiled_cross_entropy(
                 if torch.is_autocast_enabled(device_type) else None)
     tensor_count, number = _num_items_args(num_items)
     requires = _requires(input, target, weight, tensor_count)
-    # the input's gradient is stored in forward unless target or weight need theirs
-    want_grads = requires[0] and not (requires[1] or requires[2])
+    # the input's gradient is stored in forward unless target or weight need theirs, or
+    # it is float16's (recomputed in backward from a copy of the logits)
+    stores = requires[0] and not (requires[1] or requires[2])
+    copy_input = stores and _recomputes_float16(input.dtype)
+    want_grads = stores and not copy_input
     # a z-loss on CPU: the rows' lse too, for backward (_z_loss_whole_rows)
     op_names = (",".join(dict.fromkeys((*_names(names or ""), "lse")))
                 if want_grads and device_type == "cpu" and _wants_lse(z_loss) else names)
     loss, _, *stats = torch.ops.crossent.cross_entropy_fwd(
-        input, target, weight, tensor_count, requires, want_grads, size_average,
+        input, target, weight, tensor_count, requires, want_grads, copy_input, size_average,
         ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, out_dtype, number,
         backend, autocast, op_names, FORMULA)
     return _with_statistics(loss, names, stats)
@@ -941,7 +981,8 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.requires, ctx.want_grads, ctx.inputs_rest = _run_time_requires(ctx, inputs, 6)
     ctx.mark_non_differentiable(*output[1:])
     if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
-        # target: the rows a non-finite grad_output reaches (neither x nor W is kept)
+        # target: the rows a non-finite grad_output reaches (neither x nor W is kept;
+        # float16 heads are recomputed: _recomputes_float16)
         ctx.x_shape, ctx.w_shape = inputs[0].shape, inputs[1].shape
         # and the class weight and a num_items tensor, for their versions (_read_saved);
         # not x and W, which torch's F.linear saves: an intermediate W (W0 * 2, a
@@ -1112,8 +1153,10 @@ def compiled_linear_cross_entropy(
     requires = _requires(input, linear_weight, linear_bias, target, weight, tensor_count)
     # dx, dW, db are stored in forward for "mean"/"sum"; "none" (each row's grad_output
     # enters dW) and target/weight gradients are computed in backward
-    want_grads = any(requires[:3]) and reduction != "none" and not (requires[3] or
-                                                                    requires[4])
+    # float16 (inputs or autocast's matmul): recomputed in backward too
+    want_grads = any(requires[:3]) and reduction != "none" and not (
+        requires[3] or requires[4]) and not any(
+        _recomputes_float16(d) for d in (input.dtype, linear_weight.dtype, autocast))
     loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
         want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
