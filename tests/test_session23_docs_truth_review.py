@@ -135,21 +135,23 @@ def test_float16_mean_gradient_rounding(kw, go):
     assert _float16_gradient_mismatch("mean", "rowblock") < 0.05  # 15% before H99-1
 
 
-_ROUNDED_ONCE = {  # the old (false) claim, and a fragment of the corrected one (H75, H99-1)
+_ROUNDED_ONCE = {  # the old (false) claim, and a fragment of the corrected one (H75, H99-1,
+    # H108-1: the stored subnormals' error is lifted with the scale)
     "README-guarantees": (README, "is rounded twice also at `grad_output = 1`",
                           "at a power-of-two `grad_output` it is rounded once, as torch's, but "
-                          "for entries in float16's subnormal range"),
+                          "for entries whose stored value fell in float16's subnormal range"),
     "README-performance": (README, "(float16 with `\"mean\"` or `num_items`: by `grad_output / "
                            "denominator`", "(float16 with `\"mean\"` or `num_items`: by "
                            "`grad_output` times the denominator's power of two"),
     "README-triton": (README, "(float16 with `\"mean\"`: twice, `p - onehot` stored",
-                      "once at a power-of-two `grad_output`, but in float16's subnormal range"),
-    "guarantees.md": (GUARANTEES, "is rounded twice also at `grad_output = 1`",
-                      "power-of-two `grad_output` rounded once, as torch's, but for entries in "
+                      "once at a power-of-two `grad_output`, but for entries stored in "
                       "float16's subnormal range"),
+    "guarantees.md": (GUARANTEES, "is rounded twice also at `grad_output = 1`",
+                      "power-of-two `grad_output` rounded once, as torch's, but for entries "
+                      "whose stored value fell in float16's subnormal range"),
     "cross_entropy-docstring": (CE_SOURCE, "rounded twice also at ``grad_output = 1``",
                                 "rounded once at a power-of-two ``grad_output`` but for entries "
-                                "in float16's subnormal range"),
+                                "stored in float16's subnormal range"),
 }
 
 

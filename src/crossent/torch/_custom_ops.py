@@ -56,8 +56,8 @@ Rules under ``torch.compile``:
   ``linear_weight`` and ``linear_bias`` (a change of them raises, as torch's ``F.linear``,
   which saves them, raises), so the gradients are eager's bitwise at every scale. Stored
   at unit scale they had been rounded twice, every float16 entry under 6.1e-5 a subnormal
-  or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, error 8.6e-4 against
-  float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
+  or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, relative error 8.6e-4
+  against float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
   forward computes the loss alone and backward the forward again (1024 x 8192 on CPU:
   30 ms for both, was 56; a 2048 x 512 x 8192 head 1.4x its stored-gradient time).
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
