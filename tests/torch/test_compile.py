@@ -459,10 +459,11 @@ def _ce_args(z, t, requires, want_grads, reduction="mean", weight=None, statisti
             0.1, 1e-3, None, z.dtype, None, "auto", None, statistics, FORMULA)
 
 
-def _linear_args(x, w, b, t, requires, want_grads, reduction, statistics=None):
-    return (x, w, b, t, None, None, requires, want_grads, reduction, None, 0.0, 1e-3, 4.0, 3,
-            None, None, None, None, None, False, x.dtype, None, "auto", False, None, statistics,
-            FORMULA)
+def _linear_args(x, w, b, t, requires, want_grads, reduction, statistics=None,
+                 copy_inputs=False, autocast=None):
+    return (x, w, b, t, None, None, requires, want_grads, copy_inputs, reduction, None, 0.0,
+            1e-3, 4.0, 3, None, None, None, None, None, False, torch.float32, None, "auto",
+            False, autocast, statistics, FORMULA)
 
 
 def test_opcheck():
@@ -487,6 +488,12 @@ def test_opcheck():
                                                    True, "sum")),
         (OPS["linear_cross_entropy"], _linear_args(x, w, None, t, [True, True] + [False] * 4,
                                                    False, "none", "entropy,target_logprob")),
+        # a float16 head: copies of x and b (under autocast x, W and b cast) for the
+        # backward's recompute (_head_copy_dtypes)
+        *((OPS["linear_cross_entropy"], _linear_args(
+            *(t.detach().to(dtype).requires_grad_() for t in (x, w, b)), t,
+            [True] * 3 + [False] * 3, False, "sum", copy_inputs=True, autocast=cast))
+          for dtype, cast in ((torch.float16, None), (torch.float32, torch.float16))),
         # the backward operators (no autograd of their own)
         (torch.ops.crossent.cross_entropy_bwd.default,
          (torch.rand(6), *_ce_args(z.detach(), p.detach(), [True, True, False, False],

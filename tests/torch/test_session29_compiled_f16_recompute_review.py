@@ -4,7 +4,9 @@ float16 heads save x, W, b and take the backward operator).
 
 References: eager crossent for "compiled == eager" (bitwise), torch for what raises and
 for NaN patterns. Complements ``test_compiled_float16_recompute.py`` (not repeated here).
-Findings are strict xfails (H106-k)."""
+Findings are strict xfails (H106-k); H106-1 and H106-3 were fixed at stop 38 (the head
+keeps copies of x and b, under autocast its casts; target and weight gradients recompute
+from a copy of the logits too) and are plain tests now."""
 
 from __future__ import annotations
 
@@ -243,11 +245,10 @@ def _plain_head(x, w, b, y):
     return xt.linear_cross_entropy(x, w, y, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H106-1: a compiled float16-autocast head saves the float32 x/W (torch's F.linear saves "
-    "its float16 casts), so an in-place change of the master weight after forward raises "
-    "where torch and eager crossent do not (H87-2 again)"))
 def test_float16_autocast_head_master_weight_changed_after_forward():
+    """H106-1 (fixed): the compiled float16-autocast head saved the float32 x/W (torch's
+    F.linear saves its float16 casts), so an in-place change of the master weight after
+    forward raised where torch and eager crossent do not (H87-2 again)."""
     assert _changed_after_forward(_torch_head, 1, autocast=H) == "ok"
     assert _changed_after_forward(_plain_head, 1, autocast=H) == "ok"  # eager crossent
     assert _changed_after_forward(_compiled(_plain_head), 1, autocast=H) == "ok"
@@ -258,16 +259,35 @@ def test_bfloat16_autocast_head_master_weight_changed_after_forward_is_torchs():
     assert _changed_after_forward(_compiled(_plain_head), 1, autocast=torch.bfloat16) == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H106-1: a compiled float16 head saves b (and x, W) unconditionally: changing the bias, "
-    "or x with W frozen, after forward raises where torch's F.linear (which saves neither "
-    "there) and eager crossent do not"))
 @pytest.mark.parametrize(("which", "requires"), [(2, (0, 1, 2)), (2, (0,)), (0, (0,))],
                          ids=["bias", "bias_frozen", "x_with_frozen_W"])
 def test_float16_head_input_torch_does_not_save_changed_after_forward(which, requires):
+    """H106-1 (fixed): the compiled float16 head saved b (and x, W) unconditionally:
+    changing the bias, or x with W frozen, after forward raised where torch's F.linear
+    (which saves neither there) and eager crossent do not."""
     assert _changed_after_forward(_torch_head, which, requires=requires) == "ok"
     assert _changed_after_forward(_head, which, requires=requires) == "ok"  # eager crossent
     assert _changed_after_forward(_compiled(_head), which, requires=requires) == "ok"
+    x, w, b, y = _head_data()  # and the gradients are forward's, as torch's
+    out = []
+    for fn in (_head, _compiled(_head)):
+        t = [q.clone().requires_grad_(i in requires) for i, q in enumerate((x, w, b))]
+        loss = fn(*t, y)
+        with torch.no_grad():
+            t[which].mul_(0.5)
+        (loss * SCALE).backward()
+        out.append([q.grad for q in t if q.requires_grad])
+    for a, e in zip(out[1], out[0], strict=True):
+        _bitwise(a, e)
+
+
+def test_float16_head_weight_changed_with_input_frozen_raises():
+    """What is left of H106-1, a loud refusal (docs/guarantees.md): without autocast the
+    compiled float16 head recomputes from W itself (a V x D copy would double the head's
+    memory), so a change of W after forward raises also where torch, whose F.linear saves
+    no W when x needs no gradient, would not."""
+    assert _changed_after_forward(_torch_head, 1, requires=(1,)) == "ok"
+    assert _changed_after_forward(_compiled(_head), 1, requires=(1,)) == "raises"
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -287,24 +307,41 @@ def test_float16_head_untracked_weight_change_dw_is_torchs():
     torch.testing.assert_close(out[2], out[0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H106-3: float16 logits with a probability target that requires grad take the "
-    "recompute from the saved logits, not forward's copy: an in-place change of the logits "
-    "after forward raises under compile where torch and eager crossent do not"))
-def test_float16_logits_changed_with_target_grad():
+def _target_grad_refusal(fn):
+    """The message of the refusal when float16 logits with a probability target that
+    requires grad were changed in place after forward (None: no refusal)."""
     z, _ = _logits()
     t = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(2)), 1)
-    t = t.to(H)
-    outcomes = []
-    for fn in (lambda q, tt: F.cross_entropy(q.float(), tt.float()), _loss, _compiled(_loss)):
-        a = z.clone().requires_grad_()
+    a = z.clone().requires_grad_()
+    zz = a * 1.0
+    loss = fn(zz, t.to(H).requires_grad_())
+    with torch.no_grad():
+        zz.add_(3.0)
+    try:
+        (loss * SCALE).backward()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_compiled_target_grad_in_place_change_is_torchs():
+    """H106-3 (fixed): with a target gradient the compiled backward recomputed from the
+    saved logits and refused an in-place change of them with torch's bare autograd message
+    (eager's refusal names crossent). It recomputes from a copy now, so it takes torch's
+    gradients, which come from the saved log-softmax (torch does not refuse)."""
+    eager = _target_grad_refusal(_loss)  # the fused route (tests/torch/conftest.py)
+    assert eager is not None and "crossent.torch.cross_entropy" in eager
+    assert _target_grad_refusal(_compiled(_loss)) is None
+    z, _ = _logits()
+    t = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(2)), 1)
+    got = []
+    for fn in (lambda z, t: F.cross_entropy(z.float(), t.float()), _compiled(_loss)):
+        a, tt = z.clone().requires_grad_(), t.to(H).requires_grad_()
         zz = a * 1.0
-        loss = fn(zz, t.clone().requires_grad_())
+        loss = fn(zz, tt)
         with torch.no_grad():
             zz.add_(3.0)
-        try:
-            (loss * SCALE).backward()
-            outcomes.append("ok")
-        except RuntimeError:
-            outcomes.append("raises")
-    assert outcomes == ["ok", "ok", "ok"]  # torch, eager crossent, compiled
+        (loss * 4.0).backward()
+        got.append((a.grad.float(), tt.grad.float()))
+    for a, e in zip(got[1], got[0], strict=True):
+        torch.testing.assert_close(a, e, rtol=2e-3, atol=1e-4)

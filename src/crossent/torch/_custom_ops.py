@@ -52,9 +52,10 @@ Rules under ``torch.compile``:
   them exactly in the normal range). Not float16's (:func:`_recomputes_float16`): there
   the backward operator runs the eager entry point again with the real ``grad_output``,
   from a copy of the logits made in forward (an in-place change of them after forward,
-  which torch allows, changes nothing) or, for the linear head, from the saved ``input``,
-  ``linear_weight`` and ``linear_bias`` (a change of them raises, as torch's ``F.linear``,
-  which saves them, raises), so the gradients are eager's bitwise at every scale. Stored
+  which torch allows, changes nothing) or, for the linear head, from copies of ``input``
+  and ``linear_bias`` and from ``linear_weight`` (copies of all three as autocast casts
+  them, under autocast: :func:`_head_copy_dtypes`), so the gradients are eager's bitwise
+  at every scale. Stored
   at unit scale they had been rounded twice, every float16 entry under 6.1e-5 a subnormal
   or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, relative error 8.6e-4
   against float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
@@ -82,7 +83,8 @@ Rules under ``torch.compile``:
   ``num_items`` tensor, which torch's own backward reads too, the backward passes to
   ``crossent::read_saved``, for the same reason, on every device. Not the linear head's
   ``input`` and ``linear_weight`` (which ``F.linear`` saves): the compiled head keeps
-  neither alive for backward (float16 heads do, for the recompute, and raise as torch's),
+  neither alive for backward (float16 heads keep W, for the recompute, and raise as
+  torch's),
   so an in-place change of them before backward is not noticed there (eager crossent
   watches them without keeping them alive). The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
@@ -647,10 +649,12 @@ def _ce_setup(ctx, inputs, output) -> None:
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
         lse = (output[2 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
         ctx.save_for_backward(output[1], target, weight, num_items, *lse)
-    elif inputs[6]:  # copy_input (float16): recomputed in backward from forward's copy
-        # of the logits, which nothing else holds (_recomputes_float16)
+    elif inputs[6]:  # copy_input: recomputed in backward from forward's copy of the
+        # logits, which nothing else holds (float16: _recomputes_float16; target or weight
+        # gradients)
         ctx.save_for_backward(output[1], target, weight, num_items)
-    else:  # recomputed in backward from the inputs
+    else:  # recomputed in backward from the inputs (torch.export: a gradient the trace
+        # did not ask for, _run_time_requires)
         ctx.save_for_backward(input, target, weight, num_items)
 
 
@@ -846,10 +850,11 @@ def compiled_cross_entropy(
     tensor_count, number = _num_items_args(num_items)
     requires = _requires(input, target, weight, tensor_count)
     # the input's gradient is stored in forward unless target or weight need theirs, or
-    # it is float16's (recomputed in backward from a copy of the logits)
-    stores = requires[0] and not (requires[1] or requires[2])
-    copy_input = stores and _recomputes_float16(input.dtype)
-    want_grads = stores and not copy_input
+    # it is float16's; else backward recomputes, from a copy of the logits (torch's loss
+    # saves its log-softmax: an in-place change of the logits after forward changes nothing)
+    want_grads = (requires[0] and not (requires[1] or requires[2])
+                  and not _recomputes_float16(input.dtype))
+    copy_input = any(requires[:3]) and not want_grads
     # a z-loss on CPU: the rows' lse too, for backward (_z_loss_whole_rows)
     op_names = (",".join(dict.fromkeys((*_names(names or ""), "lse")))
                 if want_grads and device_type == "cpu" and _wants_lse(z_loss) else names)
@@ -865,17 +870,19 @@ def compiled_cross_entropy(
 _LINEAR_TENSORS = ("input", "linear_weight", "linear_bias", "target", "weight", "num_items")
 _LINEAR_SCHEMA = (
     "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-    "Tensor? num_items, bool[] requires, bool want_grads, str reduction, Scalar? ignore_index, "
+    "Tensor? num_items, bool[] requires, bool want_grads, bool copy_inputs, str reduction, "
+    "Scalar? ignore_index, "
     "Scalar label_smoothing, Scalar z_loss, Scalar? softcap, Scalar? chunk_size, "
     "str? options_type, Scalar? batch_chunk_size, str? chunking_method, str? acc_policy, "
     "ScalarType? acc_dtype, bool allow_retain_graph, ScalarType loss_dtype, "
     "Scalar? num_items_value, str backend, Scalar shift, ScalarType? autocast, "
     "str? statistics, str formula)")
 # the arguments after want_grads, by name
-_LINEAR_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap",
-                   "chunk_size", "options_type", "batch_chunk_size", "chunking_method",
-                   "acc_policy", "acc_dtype", "allow_retain_graph", "loss_dtype",
-                   "num_items_value", "backend", "shift", "autocast", "statistics", "formula")
+_LINEAR_OPTIONS = ("copy_inputs", "reduction", "ignore_index", "label_smoothing", "z_loss",
+                   "softcap", "chunk_size", "options_type", "batch_chunk_size",
+                   "chunking_method", "acc_policy", "acc_dtype", "allow_retain_graph",
+                   "loss_dtype", "num_items_value", "backend", "shift", "autocast",
+                   "statistics", "formula")
 
 
 class _Options:
@@ -886,12 +893,12 @@ class _Options:
         self.__dict__.update(fields)
 
 
-def _linear_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                    options_type, batch_chunk_size, chunking_method, acc_policy, acc_dtype,
-                    allow_retain_graph, loss_dtype, num_items_value, backend, shift,
+def _linear_options(copy_inputs, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                    chunk_size, options_type, batch_chunk_size, chunking_method, acc_policy,
+                    acc_dtype, allow_retain_graph, loss_dtype, num_items_value, backend, shift,
                     autocast, statistics, formula) -> dict[str, Any]:
-    """The eager function's keyword arguments (``autocast``, ``statistics``: passed
-    separately; ``formula``: for the compile caches only)."""
+    """The eager function's keyword arguments (``copy_inputs``: the operators'; ``autocast``,
+    ``statistics``: passed separately; ``formula``: for the compile caches only)."""
     options: Any = None
     if options_type == "":  # not options: the eager check names its type
         options = type("options", (), {})()
@@ -917,8 +924,9 @@ def _linear_tensors(*tensors) -> dict[str, torch.Tensor | None]:
                          + f" -> (Tensor, Tensor, Tensor, Tensor, {_STATS_RETURNS})")
 def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, requires,
                 want_grads, *options):
-    """The loss, with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1``, and
-    the statistics asked for."""
+    """The loss; with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1``, with
+    ``copy_inputs`` the copies of x, W, b backward recomputes from in their place
+    (:func:`_head_copies`); and the statistics asked for."""
     named = dict(zip(_LINEAR_OPTIONS, options, strict=True))
     loss, grads, stats = _run_eager(
         "linear_cross_entropy",
@@ -926,7 +934,39 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
         _forward_requires(requires, want_grads, 3), _linear_options(*options),
         named["autocast"], None, want_grads,
         named["statistics"])
-    return (loss, *(_or_empty(g, input) for g in grads[:3]), *_stats_outputs(stats, input))
+    second = (_head_copies(input, linear_weight, linear_bias, named["autocast"])
+              if named["copy_inputs"] else grads[:3])
+    return (loss, *(_or_empty(g, input) for g in second), *_stats_outputs(stats, input))
+
+
+def _head_copy_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                      autocast: torch.dtype | None) -> list[torch.dtype | None]:
+    """The dtypes of the copies of ``x``, ``W``, ``b`` a float16 head's recompute keeps
+    (:func:`_recomputes_float16`), or None where it keeps the input itself. Kept as torch's
+    unfused head keeps them, so that an in-place change after forward raises where torch's
+    raises and nowhere else: ``x`` copied (torch saves the ``N x V`` softmax, which a change
+    of ``x`` cannot reach; the copy is ``N x D``), the bias copied (``F.linear`` saves none),
+    and under autocast ``x``, ``W`` and ``b`` as autocast casts them (``F.linear`` saves its
+    casts, so a change of the float32 master weights is not seen: review H106-1, H87-2).
+    Without autocast ``W`` itself, a parameter that torch saves too (not copied: ``V x D``)."""
+    def cast(t: torch.Tensor) -> torch.dtype:
+        return (autocast if autocast is not None and t.is_floating_point()
+                and t.dtype != torch.float64 else t.dtype)
+
+    return [cast(x), cast(w) if cast(w) != w.dtype else None,
+            None if b is None else cast(b)]
+
+
+def _head_copies(x, w, b, autocast, fake: bool = False) -> list[torch.Tensor | None]:
+    """The copies :func:`_head_copy_dtypes` names (None where the input is kept)."""
+    out: list[torch.Tensor | None] = []
+    for t, dtype in zip((x, w, b), _head_copy_dtypes(x, w, b, autocast), strict=True):
+        if dtype is None:
+            out.append(None)
+            continue
+        copy = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+        out.append(copy if fake else copy.copy_(t))
+    return out
 
 
 def _linear_loss_shape(input, linear_weight, target, reduction, shift) -> tuple:
@@ -947,8 +987,11 @@ def _(input, linear_weight, linear_bias, target, weight, num_items, requires, wa
     loss = input.new_empty(
         _linear_loss_shape(input, linear_weight, target, named["reduction"], shift),
         dtype=named["loss_dtype"])
-    grads = [_or_empty(_fake_grad(t, want_grads and r), input)
-             for t, r in zip((input, linear_weight, linear_bias), requires, strict=False)]
+    grads = ([_or_empty(c, input) for c in _head_copies(
+        input, linear_weight, linear_bias, named["autocast"], fake=True)]
+        if named["copy_inputs"] else
+        [_or_empty(_fake_grad(t, want_grads and r), input)
+         for t, r in zip((input, linear_weight, linear_bias), requires, strict=False)])
     stats = _fake_stats(named["statistics"],
                         _linear_loss_shape(input, linear_weight, target, "none", shift),
                         compute_dtype(input.dtype), input)
@@ -988,8 +1031,20 @@ def _linear_setup(ctx, inputs, output) -> None:
         # not x and W, which torch's F.linear saves: an intermediate W (W0 * 2, a
         # dequantized head) would be kept alive for backward (review B6 of ac32687)
         ctx.save_for_backward(*output[1:4], inputs[3], *inputs[4:6])
-    else:  # recomputed in backward from the inputs, with the real grad_output
-        ctx.save_for_backward(*inputs[:6])
+    else:  # recomputed in backward from the inputs, with the real grad_output (a float16
+        # head's from the copies forward made: _head_copy_dtypes)
+        saved = list(inputs[:6])
+        ctx.cast_back = None
+        if inputs[8]:  # copy_inputs
+            named = dict(zip(_LINEAR_OPTIONS, inputs[8:], strict=True))
+            kept = _head_copy_dtypes(inputs[0], inputs[1], inputs[2], named["autocast"])
+            for i, dtype in enumerate(kept):
+                if dtype is not None:
+                    saved[i] = output[1 + i]
+            # the gradients of cast copies go back to the inputs' dtypes, as autocast's
+            # casts take them back
+            ctx.cast_back = [None if t is None else t.dtype for t in inputs[:3]]
+        ctx.save_for_backward(*saved)
 
 
 def _linear_backward(ctx, grad_loss, *_grad_grads):
@@ -1003,8 +1058,11 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
         grads = _scale_head_grads((dx, dw, db), requires[:3], ctx.x_shape, ctx.w_shape,
                                   target, grad_loss, named)
         return (*grads, None, None, None, *rest)
-    found = torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
-                                                        *ctx.inputs_rest)
+    found = list(torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
+                                                             *ctx.inputs_rest))
+    for i, dtype in enumerate(ctx.cast_back or ()):
+        if dtype is not None and requires[i] and found[i].dtype != dtype:
+            found[i] = found[i].to(dtype)
     return (*(g if r else None for g, r in zip(found, requires, strict=False)), None,
             *rest)
 
@@ -1153,16 +1211,17 @@ def compiled_linear_cross_entropy(
     requires = _requires(input, linear_weight, linear_bias, target, weight, tensor_count)
     # dx, dW, db are stored in forward for "mean"/"sum"; "none" (each row's grad_output
     # enters dW) and target/weight gradients are computed in backward
-    # float16 (inputs or autocast's matmul): recomputed in backward too
-    want_grads = any(requires[:3]) and reduction != "none" and not (
-        requires[3] or requires[4]) and not any(
+    # (float16 heads, inputs or autocast's matmul: recomputed from copies, not stored)
+    direct = any(requires[:3]) and not (requires[3] or requires[4])
+    copy_inputs = direct and any(
         _recomputes_float16(d) for d in (input.dtype, linear_weight.dtype, autocast))
+    want_grads = direct and reduction != "none" and not copy_inputs
     loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
-        want_grads, reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-        *_options_fields(options), _linear_loss_dtype(input, target, weight, loss_dtype),
-        number, backend,
-        shift, autocast, names, FORMULA)
+        want_grads, copy_inputs, reduction, ignore_index, label_smoothing, z_loss, softcap,
+        chunk_size, *_options_fields(options),
+        _linear_loss_dtype(input, target, weight, loss_dtype), number, backend, shift,
+        autocast, names, FORMULA)
     return _with_statistics(loss, names, stats)
 
 
