@@ -60,7 +60,7 @@ Rules under ``torch.compile``:
   or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, relative error 8.6e-4
   against float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
   forward computes the loss alone and backward the forward again (1024 x 8192 on CPU:
-  30 ms for both, was 56; a 2048 x 512 x 8192 head 1.4x its stored-gradient time).
+  30 ms for both, was 56; a 2048 x 512 x 8192 head 1.4-1.5x its stored-gradient time).
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
   values and NaN/inf pattern for ``cross_entropy``, without a host read: the product
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
