@@ -52,10 +52,9 @@ Rules under ``torch.compile``:
   them exactly in the normal range). Not float16's (:func:`_recomputes_float16`): there
   the backward operator runs the eager entry point again with the real ``grad_output``,
   from a copy of the logits made in forward (an in-place change of them after forward,
-  which torch allows, changes nothing) or, for the linear head, from copies of ``input``
-  and ``linear_bias`` and from ``linear_weight`` (copies of all three as autocast casts
-  them, under autocast: :func:`_head_copy_dtypes`), so the gradients are eager's bitwise
-  at every scale. Stored
+  which torch allows, changes nothing) or, for the linear head, from what torch's
+  ``F.linear`` saves and copies of the rest (:func:`_head_copy_dtypes`), so the gradients
+  are eager's bitwise at every scale. Stored
   at unit scale they had been rounded twice, every float16 entry under 6.1e-5 a subnormal
   or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, relative error 8.6e-4
   against float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
@@ -934,33 +933,37 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
         _forward_requires(requires, want_grads, 3), _linear_options(*options),
         named["autocast"], None, want_grads,
         named["statistics"])
-    second = (_head_copies(input, linear_weight, linear_bias, named["autocast"])
+    second = (_head_copies(input, linear_weight, linear_bias, named["autocast"], requires[1])
               if named["copy_inputs"] else grads[:3])
     return (loss, *(_or_empty(g, input) for g in second), *_stats_outputs(stats, input))
 
 
 def _head_copy_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                      autocast: torch.dtype | None) -> list[torch.dtype | None]:
+                      autocast: torch.dtype | None,
+                      weight_grad: bool) -> list[torch.dtype | None]:
     """The dtypes of the copies of ``x``, ``W``, ``b`` a float16 head's recompute keeps
     (:func:`_recomputes_float16`), or None where it keeps the input itself. Kept as torch's
     unfused head keeps them, so that an in-place change after forward raises where torch's
-    raises and nowhere else: ``x`` copied (torch saves the ``N x V`` softmax, which a change
-    of ``x`` cannot reach; the copy is ``N x D``), the bias copied (``F.linear`` saves none),
-    and under autocast ``x``, ``W`` and ``b`` as autocast casts them (``F.linear`` saves its
-    casts, so a change of the float32 master weights is not seen: review H106-1, H87-2).
-    Without autocast ``W`` itself, a parameter that torch saves too (not copied: ``V x D``)."""
+    raises: ``F.linear`` saves ``x`` where ``W`` needs a gradient (kept itself; copied
+    otherwise, ``N x D``, review H109-1) and ``W`` (kept itself: a parameter, ``V x D``; a
+    change of it raises also where ``x`` needs no gradient and torch saves no ``W``, a loud
+    refusal), never the bias (copied); under autocast it saves its casts, so a change of
+    the float32 master weights is not seen (review H106-1, H87-2): the casts are kept."""
     def cast(t: torch.Tensor) -> torch.dtype:
         return (autocast if autocast is not None and t.is_floating_point()
                 and t.dtype != torch.float64 else t.dtype)
 
-    return [cast(x), cast(w) if cast(w) != w.dtype else None,
+    return [None if cast(x) == x.dtype and weight_grad else cast(x),
+            None if cast(w) == w.dtype else cast(w),
             None if b is None else cast(b)]
 
 
-def _head_copies(x, w, b, autocast, fake: bool = False) -> list[torch.Tensor | None]:
+def _head_copies(x, w, b, autocast, weight_grad: bool,
+                 fake: bool = False) -> list[torch.Tensor | None]:
     """The copies :func:`_head_copy_dtypes` names (None where the input is kept)."""
     out: list[torch.Tensor | None] = []
-    for t, dtype in zip((x, w, b), _head_copy_dtypes(x, w, b, autocast), strict=True):
+    for t, dtype in zip((x, w, b), _head_copy_dtypes(x, w, b, autocast, weight_grad),
+                        strict=True):
         if dtype is None:
             out.append(None)
             continue
@@ -988,7 +991,7 @@ def _(input, linear_weight, linear_bias, target, weight, num_items, requires, wa
         _linear_loss_shape(input, linear_weight, target, named["reduction"], shift),
         dtype=named["loss_dtype"])
     grads = ([_or_empty(c, input) for c in _head_copies(
-        input, linear_weight, linear_bias, named["autocast"], fake=True)]
+        input, linear_weight, linear_bias, named["autocast"], requires[1], fake=True)]
         if named["copy_inputs"] else
         [_or_empty(_fake_grad(t, want_grads and r), input)
          for t, r in zip((input, linear_weight, linear_bias), requires, strict=False)])
@@ -1037,7 +1040,8 @@ def _linear_setup(ctx, inputs, output) -> None:
         ctx.cast_back = None
         if inputs[8]:  # copy_inputs
             named = dict(zip(_LINEAR_OPTIONS, inputs[8:], strict=True))
-            kept = _head_copy_dtypes(inputs[0], inputs[1], inputs[2], named["autocast"])
+            kept = _head_copy_dtypes(inputs[0], inputs[1], inputs[2], named["autocast"],
+                                     inputs[6][1])
             for i, dtype in enumerate(kept):
                 if dtype is not None:
                     saved[i] = output[1 + i]
