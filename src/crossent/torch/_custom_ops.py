@@ -44,7 +44,9 @@ Rules under ``torch.compile``:
   crossent whose autograd formulas changed compiles afresh (no stale backward graph).
 * Double backward (``create_graph=True``) raises :class:`crossent.UnsupportedError`
   (torch's AOT backends refuse it too); run the loss eagerly for Hessians. Backward twice
-  (``retain_graph=True``) works: the stored gradients are not consumed.
+  (``retain_graph=True``) works: the stored gradients are not consumed (not under
+  ``dynamic=True``, where AOTAutograd's donated buffers refuse it, also for torch's own
+  compiled loss: "compiled with non-empty donated buffers", review H109).
 * A ``grad_output`` other than 1 multiplies the gradients returned by the operator, in
   the loss's compute dtype (float32 for bfloat16/float16), each product rounded once.
   Those gradients are eager's at ``grad_output = 1``, already rounded to the input's
