@@ -387,9 +387,10 @@ def _vocab_parallel_checks(args, device, gen, tol) -> list[str]:
 
 
 def _compiled_float16_checks(args, device, gen) -> list[str]:
-    """Under ``torch.compile`` (inductor on the GPU) float16 logits at a ``GradScaler``'s
-    2**16 take eager crossent's gradient bit for bit (the backward recomputes with the
-    real grad_output, review H105), on the Triton route."""
+    """Under ``torch.compile`` (inductor on the GPU) float16 logits and a float16-autocast
+    linear head at a ``GradScaler``'s 2**16 take eager crossent's gradients bit for bit
+    (the backward recomputes with the real grad_output, review H105), on the Triton
+    route."""
     import crossent.torch as xt
 
     n, v = (16, 300) if args.tiny else (2048, 32000)
@@ -407,9 +408,34 @@ def _compiled_float16_checks(args, device, gen) -> list[str]:
         leaf = z.clone().requires_grad_()
         (fn(leaf, y) * 2.0**16).backward()
         grads.append(leaf.grad)
-    same = bool(((grads[0] == grads[1]) | (grads[0].isnan() & grads[1].isnan())).all())
-    return [f"{'ok' if same else 'FAIL'} compiled ce {n}x{v} float16 grad at 2**16 is "
-            f"eager's bit for bit"]
+    lines = [_bitwise_line(f"compiled ce {n}x{v} float16 grad at 2**16", grads)]
+    # the linear head under float16 autocast (float32 masters), Triton route
+    n, d, v = (16, 32, 300) if args.tiny else (2048, 1024, 32000)
+    x = torch.randn(n, d, device=device, generator=gen)
+    w = torch.randn(v, d, device=device, generator=gen) / math.sqrt(d)
+
+    def head(x, w, y):
+        with torch.autocast(device.type, dtype=torch.float16):
+            return xt.linear_cross_entropy(x, w, y, backend="triton")
+
+    y = torch.randint(0, v, (n,), device=device, generator=gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(head, backend="inductor" if device.type == "cuda" else "aot_eager")
+    runs = []
+    for fn in (head, compiled):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (fn(xx, ww, y) * 2.0**16).backward()
+        runs.append((xx.grad, ww.grad))
+    for i, name in enumerate(("dx", "dW")):
+        lines.append(_bitwise_line(f"compiled float16-autocast head {n}x{d}->{v} {name} at "
+                                   f"2**16", [r[i] for r in runs]))
+    return lines
+
+
+def _bitwise_line(what: str, pair) -> str:
+    a, b = pair
+    same = bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return f"{'ok' if same else 'FAIL'} {what} is eager's bit for bit"
 
 
 def run_checks(args, device) -> list[str]:
