@@ -176,9 +176,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             return (*grads[:3], *nothing)
         # the 0-d grad_output of "mean"/"sum" read to the host once (one sync on an
         # accelerator; on the CPU the tensor itself): the infinite check and
-        # scale_stored's test for 1 both read this copy
+        # scale_stored's test for 1 both read this copy. Rounded to the compute dtype
+        # first, as torch's ToCopyBackward rounds a float64 loss's (1e300 is inf for a
+        # float32 head: review H110-1)
+        cdtype = compute_dtype(ctx.mdtype)
         scale = (None if ctx.reduction == "none"
-                 else (grad_output if ctx.deferred is None
+                 else (grad_output.to(cdtype) if ctx.deferred is None
                        else grad_output.to(ctx.deferred.dtype) * ctx.deferred).to("cpu"))
         if scale is not None and bool(scale.isinf()):
             # torch's dlogits is NaN where inf - inf meets (the targets), +-inf elsewhere,
