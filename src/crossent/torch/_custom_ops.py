@@ -8,10 +8,12 @@ operator per loss instead, registered with :func:`torch.library.custom_op`:
 
 ``crossent::cross_entropy_fwd`` / ``crossent::cross_entropy_bwd``
     the loss and the gradient of the logits; the backward operator recomputes the
-    gradients a forward pass cannot store (a probability target's, a class weight's).
+    gradients a forward pass cannot store (a probability target's, a class weight's) or
+    should not (float16 logits': :func:`_recomputes_float16`).
 ``crossent::linear_cross_entropy_fwd`` / ``crossent::linear_cross_entropy_bwd``
-    the chunked linear head: loss and ``dx``, ``dW``, ``db`` (``reduction="none"`` and
-    target/weight gradients in the backward operator, from the real ``grad_output``).
+    the chunked linear head: loss and ``dx``, ``dW``, ``db`` (``reduction="none"``,
+    target/weight gradients and float16 heads in the backward operator, from the real
+    ``grad_output``).
 
 The forward operators also return the six ``statistics=`` tensors (0-element where not
 asked; the entry point rebuilds :class:`crossent.torch.TokenStatistics`).
@@ -21,7 +23,8 @@ Each operator's implementation runs the eager entry point itself (registered her
 :func:`crossent.torch.linear_cross_entropy`), so every check, backend choice and number is
 eager crossent's: the forward operator asks the eager function's own autograd for the
 gradient with ``grad_output = 1`` (the fused kernels computed it in forward: no second
-pass), the registered backward multiplies it by the real ``grad_output`` (per row for
+pass; but see the operators above for what is recomputed), the registered backward
+multiplies it by the real ``grad_output`` (per row for
 ``reduction="none"``), as the eager backward does, with torch ops only (no host read, no
 branch on values: :func:`_scale_logits_grad`, :func:`_scale_head_grads`). The fake (meta)
 implementations give the shapes and dtypes, so dynamic shapes
@@ -84,8 +87,9 @@ Rules under ``torch.compile``:
   ``num_items`` tensor, which torch's own backward reads too, the backward passes to
   ``crossent::read_saved``, for the same reason, on every device. Not the linear head's
   ``input`` and ``linear_weight`` (which ``F.linear`` saves): the compiled head keeps
-  neither alive for backward (float16 heads keep W, for the recompute, and raise as
-  torch's),
+  neither alive for backward (a float16 head keeps W, and x where W needs a gradient, for
+  the recompute, so a change of them raises as torch's; under autocast it keeps their
+  casts, as torch's ``F.linear`` does),
   so an in-place change of them before backward is not noticed there (eager crossent
   watches them without keeping them alive). The linear head
   (``"mean"``/``"sum"``; ``"none"`` recomputes with the real ``grad_output`` in the
@@ -131,6 +135,7 @@ from ._rules import (
     compute_dtype,
     infinite_as_nan,
     legacy_flag,
+    linear_cast_dtype,
     promote_with_target,
 )
 from ._statistics import STATISTICS, TokenStatistics
@@ -539,8 +544,8 @@ def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, c
         _ce_options(size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
                     softcap, loss_dtype, num_items_value, backend),
         autocast, None, want_grads, statistics)
-    second = _contiguous_copy(input) if copy_input else grads[0]
-    return (loss, _or_empty(second, input), *_stats_outputs(stats, input))
+    grad_or_copy = _contiguous_copy(input) if copy_input else grads[0]
+    return (loss, _or_empty(grad_or_copy, input), *_stats_outputs(stats, input))
 
 
 def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
@@ -556,8 +561,8 @@ def _(input, target, weight, num_items, requires, want_grads, copy_input, size_a
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
-    second = _fake_grad(input, copy_input or (want_grads and requires[0]))
-    return (loss, _or_empty(second, input),
+    grad_or_copy = _fake_grad(input, copy_input or (want_grads and requires[0]))
+    return (loss, _or_empty(grad_or_copy, input),
             *_fake_stats(statistics, _ce_loss_shape(input, "none"),
                          compute_dtype(input.dtype), input))
 
@@ -778,17 +783,17 @@ def _recomputes_float16(dtype: torch.dtype | None) -> bool:
     over ``N``: nearly all of an LLM batch's) is a subnormal or 0, and a ``GradScaler``'s
     scale multiplied afterwards cannot bring the lost digits back; eager crossent (which
     defers ``1/denominator``'s power of two) and torch (which scales first) keep them
-    (review H105: 1.7e-3 against float64 where eager's error is 2.9e-6). Recomputed, the
+    (review H105; figures in the module docstring). Recomputed, the
     gradients are eager's bitwise, for every route and reduction, at the cost of the
     forward run again in backward (forward then computes the loss alone)."""
     return dtype == torch.float16
 
 
-def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` nothing else holds: an in-place change of the caller's logits after
-    forward, which torch's loss allows (it saves its softmax, review H84), neither raises
-    in backward nor changes its gradient."""
-    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of ``t`` (in ``dtype``) nothing else holds: an in-place change of the
+    caller's logits after forward, which torch's loss allows (it saves its softmax, review
+    H84), neither raises in backward nor changes its gradient."""
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format).copy_(t)
 
 
 def _requires(*tensors: torch.Tensor | None) -> list[bool]:
@@ -935,9 +940,11 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
         _forward_requires(requires, want_grads, 3), _linear_options(*options),
         named["autocast"], None, want_grads,
         named["statistics"])
-    second = (_head_copies(input, linear_weight, linear_bias, named["autocast"], requires[1])
-              if named["copy_inputs"] else grads[:3])
-    return (loss, *(_or_empty(g, input) for g in second), *_stats_outputs(stats, input))
+    grads_or_copies = (
+        _head_copies(input, linear_weight, linear_bias, named["autocast"], requires[1])
+        if named["copy_inputs"] else grads[:3])
+    return (loss, *(_or_empty(g, input) for g in grads_or_copies),
+            *_stats_outputs(stats, input))
 
 
 def _head_copy_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -951,13 +958,10 @@ def _head_copy_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     change of it raises also where ``x`` needs no gradient and torch saves no ``W``, a loud
     refusal), never the bias (copied); under autocast it saves its casts, so a change of
     the float32 master weights is not seen (review H106-1, H87-2): the casts are kept."""
-    def cast(t: torch.Tensor) -> torch.dtype:
-        return (autocast if autocast is not None and t.is_floating_point()
-                and t.dtype != torch.float64 else t.dtype)
-
-    return [None if cast(x) == x.dtype and weight_grad else cast(x),
-            None if cast(w) == w.dtype else cast(w),
-            None if b is None else cast(b)]
+    x_dtype, w_dtype = linear_cast_dtype(x, autocast), linear_cast_dtype(w, autocast)
+    return [None if x_dtype == x.dtype and weight_grad else x_dtype,
+            None if w_dtype == w.dtype else w_dtype,
+            None if b is None else linear_cast_dtype(b, autocast)]
 
 
 def _head_copies(x, w, b, autocast, weight_grad: bool,
@@ -966,11 +970,9 @@ def _head_copies(x, w, b, autocast, weight_grad: bool,
     out: list[torch.Tensor | None] = []
     for t, dtype in zip((x, w, b), _head_copy_dtypes(x, w, b, autocast, weight_grad),
                         strict=True):
-        if dtype is None:
-            out.append(None)
-            continue
-        copy = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
-        out.append(copy if fake else copy.copy_(t))
+        out.append(None if dtype is None else torch.empty_like(
+            t, dtype=dtype, memory_format=torch.contiguous_format) if fake
+            else _contiguous_copy(t, dtype))
     return out
 
 
@@ -1216,11 +1218,12 @@ def compiled_linear_cross_entropy(
     tensor_count, number = _num_items_args(num_items)
     requires = _requires(input, linear_weight, linear_bias, target, weight, tensor_count)
     # dx, dW, db are stored in forward for "mean"/"sum"; "none" (each row's grad_output
-    # enters dW) and target/weight gradients are computed in backward
-    # (float16 heads, inputs or autocast's matmul: recomputed from copies, not stored)
+    # enters dW), target/weight gradients and float16 heads (float16 where the gradients
+    # are stored, the inputs' dtypes, or computed, autocast's casts; not float64, which
+    # autocast leaves) are computed in backward, the last from copies (_head_copy_dtypes)
     direct = any(requires[:3]) and not (requires[3] or requires[4])
-    copy_inputs = direct and any(
-        _recomputes_float16(d) for d in (input.dtype, linear_weight.dtype, autocast))
+    copy_inputs = direct and any(_recomputes_float16(d) for t in (input, linear_weight)
+                                 for d in (t.dtype, linear_cast_dtype(t, autocast)))
     want_grads = direct and reduction != "none" and not copy_inputs
     loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,

@@ -123,11 +123,18 @@ def autocast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
         return x, w, b
     dtype = torch.get_autocast_dtype(device_type)
 
-    def cast(t):  # floating tensors only, as autocast
-        return (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
-                else t.to(dtype))
+    def cast(t):
+        return None if t is None else t.to(linear_cast_dtype(t, dtype))
 
     return cast(x), cast(w), cast(b)
+
+
+def linear_cast_dtype(t: torch.Tensor, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype ``torch.autocast`` (of dtype ``autocast``; None: off) gives ``t`` as an
+    input of ``linear``: floating tensors other than float64 take the autocast dtype."""
+    if autocast is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return autocast
 
 
 def choose_loss_dtype(loss_dtype, logits: torch.Tensor, target: torch.Tensor | None = None,
