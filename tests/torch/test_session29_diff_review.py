@@ -76,14 +76,11 @@ def test_compiled_float16_autocast_head_grads_take_the_inputs_dtype_as_torchs():
         torch.testing.assert_close(a.grad, e.grad, rtol=2e-2, atol=2e-2, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "H111-1: compiled cross_entropy under float16 autocast saves the float16 class weight "
-    "itself: an in-place change after forward raises where torch (float32 copy) does not"))
 def test_compiled_autocast_float16_class_weight_changed_after_forward_is_torchs():
-    """docs/guarantees.md: "nor a float16/bfloat16 class weight under autocast (torch
-    saves a float32 copy)": torch's eager and compiled loss and eager crossent raise
-    nothing; the compiled crossent operator (float16 logits: recomputed from a copy of the
-    logits, the weight itself saved) raises the bare in-place error."""
+    """H111-1 (fixed at stop 38). docs/guarantees.md: "nor a float16/bfloat16 class weight
+    under autocast (torch saves a float32 copy)": torch's eager and compiled loss and eager
+    crossent raise nothing; the compiled crossent operator (float16 logits: recomputed from
+    a copy of the logits, the weight itself saved) raised the bare in-place error."""
     g = torch.Generator().manual_seed(7)
     z = torch.randn(8, 12, generator=g).to(H)
     y = torch.randint(0, 12, (8,), generator=g)
@@ -121,3 +118,44 @@ def test_recomputes_float16_docstring_quotes_the_documented_figure():
     assert "1.7e-3" not in doc and "figures in the module docstring" in doc
     module = " ".join((_custom_ops.__doc__ or "").split())
     assert "relative error 8.6e-4 against float64 where eager's is 6.4e-5" in module
+
+
+@pytest.mark.parametrize(("logits_dtype", "weight_dtype", "probabilities"), [
+    (torch.float32, torch.bfloat16, False),  # the stored path: the weight is not saved
+    (H, torch.bfloat16, False),  # float16 logits: recomputed with autocast's float32 copy
+    (H, H, True),  # a weight gradient (probability targets): from the float32 copy
+])
+def test_compiled_autocast_low_precision_weight_is_copied_as_torchs(logits_dtype,
+                                                                    weight_dtype,
+                                                                    probabilities):
+    """H111-1's fix on each path: a change of the caller's float16/bfloat16 class weight
+    after forward raises nothing and changes nothing (as torch's autocast, which hands the
+    loss a float32 copy); the gradients, the weight's too (in its own dtype), are eager
+    crossent's bit for bit and torch's to float16's rounding."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(10, 12, generator=g).to(logits_dtype)
+    y = (torch.softmax(torch.randn(10, 12, generator=g), 1) if probabilities
+         else torch.randint(0, 12, (10,), generator=g))
+    weight = (torch.rand(12, generator=g) + 0.5).to(weight_dtype)
+
+    def grads(fn, change):
+        zz, w = z.clone().requires_grad_(), weight.clone().requires_grad_(probabilities)
+        with torch.autocast("cpu", dtype=H):
+            loss = fn(zz * 1.0, y, w)
+        if change:
+            with torch.no_grad():
+                w.mul_(2.0)
+        (loss * 1024.0).backward()
+        return [zz.grad] + ([w.grad] if probabilities else [])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z, y, w: xt.cross_entropy(z, y, weight=w),
+                             backend="aot_eager")
+    got = grads(compiled, True)
+    for a, e in zip(got, grads(lambda z, y, w: xt.cross_entropy(z, y, weight=w), False),
+                    strict=True):
+        assert a.dtype == e.dtype and torch.equal(a, e)
+    for a, e in zip(got, grads(lambda z, y, w: F.cross_entropy(z, y, weight=w), True),
+                    strict=True):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)

@@ -528,15 +528,17 @@ def _ce_tensors(input, target, weight, num_items) -> dict[str, torch.Tensor | No
 
 
 @torch.library.custom_op("crossent::cross_entropy_fwd", mutates_args=(), tags=_TAGS,
-                         schema=_CE_SCHEMA + f" -> (Tensor, Tensor, {_STATS_RETURNS})")
+                         schema=_CE_SCHEMA + f" -> (Tensor, Tensor, Tensor, {_STATS_RETURNS})")
 def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, copy_input,
                        size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
                        softcap, loss_dtype, num_items_value, backend, autocast, statistics,
                        formula):
     """The loss; with ``want_grads`` ``dloss/dinput`` for ``grad_output = 1``, with
     ``copy_input`` a contiguous copy of ``input`` (backward recomputes from it:
-    :func:`_recomputes_float16`) in its place; and the statistics asked for (``formula``:
-    :data:`FORMULA`, for the compile caches only)."""
+    :func:`_recomputes_float16`) in its place; the float32 copy of the class weight
+    autocast makes, where backward recomputes from it (:func:`_autocast_copies_weight`);
+    and the statistics asked for (``formula``: :data:`FORMULA`, for the compile caches
+    only)."""
     del formula
     loss, grads, stats = _run_eager(
         "cross_entropy", _ce_tensors(input, target, weight, num_items),
@@ -545,7 +547,19 @@ def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, c
                     softcap, loss_dtype, num_items_value, backend),
         autocast, None, want_grads, statistics)
     grad_or_copy = _contiguous_copy(input) if copy_input else grads[0]
-    return (loss, _or_empty(grad_or_copy, input), *_stats_outputs(stats, input))
+    weight_copy = (_contiguous_copy(weight, torch.float32)
+                   if copy_input and _autocast_copies_weight(weight, autocast) else None)
+    return (loss, _or_empty(grad_or_copy, input), _or_empty(weight_copy, input),
+            *_stats_outputs(stats, input))
+
+
+def _autocast_copies_weight(weight: torch.Tensor | None, autocast: torch.dtype | None) -> bool:
+    """Whether torch's autocast hands ``cross_entropy`` a float32 copy of ``weight`` (a
+    float16/bfloat16 class weight; autocast runs the loss in float32), which its backward
+    then saves: an in-place change of the caller's weight after forward is not seen there.
+    So the compiled operators neither save it for its version (the stored path) nor
+    recompute from it (a float32 copy instead; review H111-1)."""
+    return autocast is not None and weight is not None and weight.dtype in LOW_PRECISION
 
 
 def _ce_loss_shape(input: torch.Tensor, reduction: str) -> tuple:
@@ -562,7 +576,9 @@ def _(input, target, weight, num_items, requires, want_grads, copy_input, size_a
         reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
     grad_or_copy = _fake_grad(input, copy_input or (want_grads and requires[0]))
-    return (loss, _or_empty(grad_or_copy, input),
+    weight_copy = (torch.empty_like(weight, dtype=torch.float32)
+                   if copy_input and _autocast_copies_weight(weight, autocast) else None)
+    return (loss, _or_empty(grad_or_copy, input), _or_empty(weight_copy, input),
             *_fake_stats(statistics, _ce_loss_shape(input, "none"),
                          compute_dtype(input.dtype), input))
 
@@ -644,6 +660,8 @@ def _ce_setup(ctx, inputs, output) -> None:
     # ctx.options: requires, want_grads, and the options
     ctx.requires, ctx.want_grads, ctx.options = _run_time_requires(ctx, inputs, 4)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    copied_weight = _autocast_copies_weight(weight, inputs[_CE_AUTOCAST])
     if ctx.want_grads:  # the gradient of the input, stored in forward; class indices for
         # the rows and entries a non-finite grad_output reaches (_scale_logits_grad); the
         # target (probabilities too), the class weight and a num_items tensor saved as
@@ -653,12 +671,14 @@ def _ce_setup(ctx, inputs, output) -> None:
         # crossent::read_saved); with z_loss on CPU the rows' lse (forward returns it)
         ctx.cpu = input.device.type == "cpu"
         named = dict(zip(_CE_OPTIONS, ctx.options[2:], strict=True))
-        lse = (output[2 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
-        ctx.save_for_backward(output[1], target, weight, num_items, *lse)
+        lse = (output[3 + _LSE],) if ctx.cpu and _wants_lse(named["z_loss"]) else ()
+        ctx.save_for_backward(output[1], target, None if copied_weight else weight,
+                              num_items, *lse)
     elif inputs[6]:  # copy_input: recomputed in backward from forward's copy of the
         # logits, which nothing else holds (float16: _recomputes_float16; target or weight
-        # gradients)
-        ctx.save_for_backward(output[1], target, weight, num_items)
+        # gradients), and of the weight where autocast copies it
+        ctx.save_for_backward(output[1], target, output[2] if copied_weight else weight,
+                              num_items)
     else:  # recomputed in backward from the inputs (torch.export: a gradient the trace
         # did not ask for, _run_time_requires)
         ctx.save_for_backward(input, target, weight, num_items)
@@ -684,6 +704,8 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
     input, target, weight, num_items = ctx.saved_tensors
     d_input, d_target, d_weight = torch.ops.crossent.cross_entropy_bwd(
         grad_loss, input, target, weight, num_items, *ctx.options)
+    if ctx.requires[2] and d_weight.dtype != ctx.weight_dtype:  # a float32 copy's
+        d_weight = d_weight.to(ctx.weight_dtype)
     requires = ctx.requires
     return (d_input if requires[0] else None, d_target if requires[1] else None,
             d_weight if requires[2] else None, None, *rest)
@@ -691,10 +713,11 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
 
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 
-# the arguments after want_grads, by name
+# the arguments after want_grads, by name; autocast's position among the inputs
 _CE_OPTIONS = ("copy_input", "size_average", "ignore_index", "reduce", "reduction",
                "label_smoothing", "z_loss", "softcap", "loss_dtype", "num_items_value",
                "backend", "autocast", "statistics", "formula")
+_CE_AUTOCAST = 6 + _CE_OPTIONS.index("autocast")
 
 
 # ---- a grad_output other than 1, without host reads (the rules of _rules.scale_stored,
@@ -722,7 +745,7 @@ def _target_fits(logits: torch.Tensor, target: torch.Tensor) -> bool:
                                    if logits.dim() > 1 else ())
 
 
-_LSE = TokenStatistics._fields.index("lse")  # its output after (loss, grad)
+_LSE = TokenStatistics._fields.index("lse")  # its output after (loss, grad, weight copy)
 
 
 def _wants_lse(z_loss) -> bool:
@@ -864,7 +887,7 @@ def compiled_cross_entropy(
     # a z-loss on CPU: the rows' lse too, for backward (_z_loss_whole_rows)
     op_names = (",".join(dict.fromkeys((*_names(names or ""), "lse")))
                 if want_grads and device_type == "cpu" and _wants_lse(z_loss) else names)
-    loss, _, *stats = torch.ops.crossent.cross_entropy_fwd(
+    loss, _, _, *stats = torch.ops.crossent.cross_entropy_fwd(
         input, target, weight, tensor_count, requires, want_grads, copy_input, size_average,
         ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, out_dtype, number,
         backend, autocast, op_names, FORMULA)
