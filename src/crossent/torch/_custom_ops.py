@@ -679,9 +679,11 @@ def _ce_setup(ctx, inputs, output) -> None:
         # gradients), and of the weight where autocast copies it
         ctx.save_for_backward(output[1], target, output[2] if copied_weight else weight,
                               num_items)
-    else:  # recomputed in backward from the inputs (torch.export: a gradient the trace
-        # did not ask for, _run_time_requires)
-        ctx.save_for_backward(input, target, weight, num_items)
+    else:  # recomputed in backward (torch.export: a gradient the trace did not ask for,
+        # _run_time_requires), from copies made here as forward's (review H109-2)
+        ctx.save_for_backward(_contiguous_copy(input), target,
+                              _contiguous_copy(weight, torch.float32) if copied_weight
+                              else weight, num_items)
 
 
 def _ce_backward(ctx, grad_loss, *_not_differentiable):
