@@ -280,6 +280,18 @@ def test_compiled_float16_head_weight_changed_in_place_raises_as_torchs():
             loss.backward()
 
 
+def grads_after_logits_change(loss_fn, z, t):
+    """``(dz, dt)`` of ``loss_fn(z * 1, t) * 3`` with the logits ``z * 1`` changed in place
+    between forward and backward (``t`` a probability target that needs a gradient)."""
+    a, tt = z.clone().requires_grad_(), t.clone().requires_grad_()
+    logits = a * 1.0
+    loss = loss_fn(logits, tt)
+    with torch.no_grad():
+        logits.mul_(-2.0)
+    (loss * 3.0).backward()  # torch's loss refuses nothing: it saved its log-softmax
+    return a.grad, tt.grad
+
+
 def test_compiled_target_gradient_recomputes_from_a_copy_of_the_logits():
     """Any dtype: with a probability target that needs a gradient the compiled backward
     recomputes from a copy of the logits made in forward (it saved the logits themselves,
@@ -289,14 +301,7 @@ def test_compiled_target_gradient_recomputes_from_a_copy_of_the_logits():
     z = torch.randn(24, 40, generator=g, dtype=torch.float64)
     t = torch.softmax(torch.randn(24, 40, generator=g, dtype=torch.float64), 1)
     fn = _compiled(lambda z, t: xt.cross_entropy(z, t, label_smoothing=0.1))
-    grads = []
-    for loss_fn in (lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1), fn):
-        a, tt = z.clone().requires_grad_(), t.clone().requires_grad_()
-        logits = a * 1.0
-        loss = loss_fn(logits, tt)
-        with torch.no_grad():
-            logits.mul_(-2.0)
-        (loss * 3.0).backward()
-        grads.append((a.grad, tt.grad))
+    grads = [grads_after_logits_change(loss_fn, z, t) for loss_fn in (
+        lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1), fn)]
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

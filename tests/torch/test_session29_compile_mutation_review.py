@@ -16,31 +16,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compile_grad_output import (  # the same fixture and comparison
+    IGNORE,
+    _compiled,
+    _fresh_dynamo,  # noqa: F401  (autouse: dynamo reset around each test)
+    assert_same,
+)
 
 import crossent.torch as xt
 
-IGNORE = -100
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _compiled(fn):
-    return torch.compile(fn, backend="aot_eager", fullgraph=True)
-
 
 def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Same NaN positions, same infinities (with sign), finite values close."""
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern\n{got}\n{want}"
-    assert torch.equal(got.isinf(), want.isinf()), f"{what}: inf pattern\n{got}\n{want}"
-    assert torch.equal(got[got.isinf()], want[want.isinf()]), f"{what}: signs of inf"
-    finite = got.isfinite()
-    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-4, msg=what)
+    """:func:`assert_same` (NaN and inf patterns, finite values close) and the dtype."""
+    assert got.dtype == want.dtype, what
+    assert_same(got, want, what)
 
 
 def _grads(fn, inputs, target, grad_output, **kwargs):
