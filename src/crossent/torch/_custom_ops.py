@@ -952,12 +952,14 @@ def _linear_tensors(*tensors) -> dict[str, torch.Tensor | None]:
 
 @torch.library.custom_op("crossent::linear_cross_entropy_fwd", mutates_args=(), tags=_TAGS,
                          schema=_LINEAR_SCHEMA
-                         + f" -> (Tensor, Tensor, Tensor, Tensor, {_STATS_RETURNS})")
+                         + f" -> (Tensor, Tensor, Tensor, Tensor, Tensor, {_STATS_RETURNS})")
 def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, requires,
                 want_grads, *options):
     """The loss; with ``want_grads`` ``dx``, ``dW``, ``db`` for ``grad_output = 1``, with
     ``copy_inputs`` the copies of x, W, b backward recomputes from in their place
-    (:func:`_head_copies`); and the statistics asked for."""
+    (:func:`_head_copies`); the float32 copy of the class weight autocast makes, where
+    backward recomputes from it (:func:`_autocast_copies_weight`); and the statistics
+    asked for."""
     named = dict(zip(_LINEAR_OPTIONS, options, strict=True))
     loss, grads, stats = _run_eager(
         "linear_cross_entropy",
@@ -968,8 +970,10 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
     grads_or_copies = (
         _head_copies(input, linear_weight, linear_bias, named["autocast"], requires[1])
         if named["copy_inputs"] else grads[:3])
+    weight_copy = (_contiguous_copy(weight, torch.float32) if not want_grads
+                   and _autocast_copies_weight(weight, named["autocast"]) else None)
     return (loss, *(_or_empty(g, input) for g in grads_or_copies),
-            *_stats_outputs(stats, input))
+            _or_empty(weight_copy, input), *_stats_outputs(stats, input))
 
 
 def _head_copy_dtypes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -1027,7 +1031,9 @@ def _(input, linear_weight, linear_bias, target, weight, num_items, requires, wa
     stats = _fake_stats(named["statistics"],
                         _linear_loss_shape(input, linear_weight, target, "none", shift),
                         compute_dtype(input.dtype), input)
-    return (loss, *grads, *stats)
+    weight_copy = (torch.empty_like(weight, dtype=torch.float32) if not want_grads
+                   and _autocast_copies_weight(weight, named["autocast"]) else None)
+    return (loss, *grads, _or_empty(weight_copy, input), *stats)
 
 
 @torch.library.custom_op("crossent::linear_cross_entropy_bwd", mutates_args=(), tags=_TAGS,
@@ -1055,28 +1061,33 @@ def _(grad_output, input, linear_weight, linear_bias, target, weight, num_items,
 def _linear_setup(ctx, inputs, output) -> None:
     ctx.requires, ctx.want_grads, ctx.inputs_rest = _run_time_requires(ctx, inputs, 6)
     ctx.mark_non_differentiable(*output[1:])
+    autocast = dict(zip(_LINEAR_OPTIONS, inputs[8:], strict=True))["autocast"]
+    copied_weight = _autocast_copies_weight(inputs[4], autocast)
+    # the gradients of copies (cast ones) go back in the inputs' dtypes, as autocast's
+    # casts take them back
+    ctx.grad_dtypes = [None if t is None else t.dtype for t in inputs[:5]]
     if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
         # target: the rows a non-finite grad_output reaches (neither x nor W is kept;
         # float16 heads are recomputed: _recomputes_float16)
         ctx.x_shape, ctx.w_shape = inputs[0].shape, inputs[1].shape
-        # and the class weight and a num_items tensor, for their versions (_read_saved);
-        # not x and W, which torch's F.linear saves: an intermediate W (W0 * 2, a
-        # dequantized head) would be kept alive for backward (review B6 of ac32687)
-        ctx.save_for_backward(*output[1:4], inputs[3], *inputs[4:6])
+        # and the class weight and a num_items tensor, for their versions (_read_saved;
+        # not a weight autocast copies, whose copy torch saves); not x and W, which
+        # torch's F.linear saves: an intermediate W (W0 * 2, a dequantized head) would
+        # be kept alive for backward (review B6 of ac32687)
+        ctx.save_for_backward(*output[1:4], inputs[3], None if copied_weight else inputs[4],
+                              inputs[5])
     else:  # recomputed in backward from the inputs, with the real grad_output (a float16
         # head's from the copies forward made: _head_copy_dtypes)
         saved = list(inputs[:6])
-        ctx.cast_back = None
         if inputs[8]:  # copy_inputs
-            named = dict(zip(_LINEAR_OPTIONS, inputs[8:], strict=True))
-            kept = _head_copy_dtypes(inputs[0], inputs[1], inputs[2], named["autocast"],
-                                     inputs[6][1])
+            kept = _head_copy_dtypes(inputs[0], inputs[1], inputs[2], autocast, inputs[6][1])
             for i, dtype in enumerate(kept):
                 if dtype is not None:
                     saved[i] = output[1 + i]
-            # the gradients of cast copies go back to the inputs' dtypes, as autocast's
-            # casts take them back
-            ctx.cast_back = [None if t is None else t.dtype for t in inputs[:3]]
+        if copied_weight:  # autocast's float32 copy: forward's, or (torch.export run with
+            # a gradient the trace did not ask for) made here
+            saved[4] = (output[4] if not inputs[7]
+                        else _contiguous_copy(inputs[4], torch.float32))
         ctx.save_for_backward(*saved)
 
 
@@ -1093,7 +1104,7 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
         return (*grads, None, None, None, *rest)
     found = list(torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
                                                              *ctx.inputs_rest))
-    for i, dtype in enumerate(ctx.cast_back or ()):
+    for i, dtype in enumerate(ctx.grad_dtypes):
         if dtype is not None and requires[i] and found[i].dtype != dtype:
             found[i] = found[i].to(dtype)
     return (*(g if r else None for g, r in zip(found, requires, strict=False)), None,
@@ -1250,7 +1261,7 @@ def compiled_linear_cross_entropy(
     copy_inputs = direct and any(_recomputes_float16(d) for t in (input, linear_weight)
                                  for d in (t.dtype, linear_cast_dtype(t, autocast)))
     want_grads = direct and reduction != "none" and not copy_inputs
-    loss, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
+    loss, _, _, _, _, *stats = torch.ops.crossent.linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, target, weight, tensor_count, requires,
         want_grads, copy_inputs, reduction, ignore_index, label_smoothing, z_loss, softcap,
         chunk_size, *_options_fields(options),
