@@ -108,6 +108,10 @@ Rules under ``torch.compile``:
   function: the call leaves the graph and runs the eager entry point, which takes the
   transforms (:func:`_under_func_transform`; a graph break). Two limits of dynamo's
   ``"eager"`` backend, both errors, are in ``docs/guarantees.md`` (review H95).
+* Under autocast a float16/bfloat16 class weight is not saved for its version (torch's
+  autocast hands the loss a float32 copy, which is what torch saves), and where backward
+  recomputes it reads that float32 copy, an output of the forward operator
+  (:func:`_autocast_copies_weight`, reviews H111-1, H112-1).
 * ``num_items`` as a Python number is a constant of the compiled graph (a new value
   recompiles); give a 0-d tensor (the Trainer's ``num_items_in_batch``) to avoid that.
 """
