@@ -245,6 +245,7 @@ def _plain_head(x, w, b, y):
     return xt.linear_cross_entropy(x, w, y, b)
 
 
+@pytest.mark.fixed_bug("H106-1: compiled float16-autocast head saved the float32 master x/W")
 def test_float16_autocast_head_master_weight_changed_after_forward():
     """H106-1 (fixed): the compiled float16-autocast head saved the float32 x/W (torch's
     F.linear saves its float16 casts), so an in-place change of the master weight after
@@ -259,6 +260,7 @@ def test_bfloat16_autocast_head_master_weight_changed_after_forward_is_torchs():
     assert _changed_after_forward(_compiled(_plain_head), 1, autocast=torch.bfloat16) == "ok"
 
 
+@pytest.mark.fixed_bug("H106-1: compiled float16 head saved b (and x with W frozen)")
 @pytest.mark.parametrize(("which", "requires"), [(2, (0, 1, 2)), (2, (0,)), (0, (0,))],
                          ids=["bias", "bias_frozen", "x_with_frozen_W"])
 def test_float16_head_input_torch_does_not_save_changed_after_forward(which, requires):
@@ -324,6 +326,7 @@ def _target_grad_refusal(fn):
     return None
 
 
+@pytest.mark.fixed_bug("H106-3: compiled target gradient recomputed from the logits themselves")
 def test_compiled_target_grad_in_place_change_is_torchs():
     """H106-3 (fixed): with a target gradient the compiled backward recomputed from the
     saved logits and refused an in-place change of them with torch's bare autograd message

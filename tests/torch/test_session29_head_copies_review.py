@@ -258,6 +258,7 @@ def _changed(fn, which, requires):
     return "ok"
 
 
+@pytest.mark.fixed_bug("H109-1: the compiled float16 head copied x where torch saves it")
 @pytest.mark.parametrize("requires", [(0, 1, 2), (1,)], ids=["all", "x_frozen"])
 def test_float16_head_input_changed_after_forward_raises_as_torchs(requires):
     """H109-1 (fixed): the compiled float16 head kept a copy of x, so x changed in place
@@ -273,6 +274,8 @@ class _Loss(torch.nn.Module):
         return xt.cross_entropy(z, t, label_smoothing=0.1)
 
 
+@pytest.mark.fixed_bug("H109-2: an export run with a gradient the trace lacked saved the "
+                       "logits themselves")
 def test_export_target_grad_at_run_time_logits_changed():
     """H109-2 (fixed at stop 38): H106-3 on the torch.export path: a program traced without
     a target gradient, run with one (_run_time_requires), recomputed from the logits
