@@ -59,12 +59,12 @@ Rules under ``torch.compile``:
   from a copy of the logits made in forward (an in-place change of them after forward,
   which torch allows, changes nothing) or, for the linear head, from what torch's
   ``F.linear`` saves and copies of the rest (:func:`_head_copy_dtypes`), so the gradients
-  are eager's bitwise at every scale. Stored
-  at unit scale they had been rounded twice, every float16 entry under 6.1e-5 a subnormal
-  or 0 before a ``GradScaler``'s 2**16 (review H105: 1024 x 8192, relative error 8.6e-4
-  against float64 where eager's is 6.4e-5; the head's dx and dW most entries off eager's). Costs:
-  forward computes the loss alone and backward the forward again (1024 x 8192 on CPU:
-  30 ms for both, was 56; a 2048 x 512 x 8192 head 1.4-1.5x its stored-gradient time).
+  are eager's bitwise at every scale. Stored at unit scale they had been rounded twice,
+  every float16 entry under 6.1e-5 a subnormal or 0 before a ``GradScaler``'s 2**16
+  (review H105: 1024 x 8192, relative error 8.6e-4 against float64 where eager's is
+  6.4e-5; the head's dx and dW most entries off eager's). Costs: forward computes the
+  loss alone and backward the forward again (1024 x 8192 on CPU: 30 ms for both, was 56;
+  a 2048 x 512 x 8192 head 1.4-1.5x its stored-gradient time).
 * A NaN or infinite ``grad_output`` (0-d or per row) gives torch's (and eager crossent's)
   values and NaN/inf pattern for ``cross_entropy``, without a host read: the product
   takes a per-row factor that is 0 on the rows torch leaves alone (ignored rows stay 0,
@@ -83,8 +83,8 @@ Rules under ``torch.compile``:
   allows (review H84); float16 logits, recomputed from a copy, are eager's there. On CPU
   the scaling is an operator, ``crossent::scale_stored_grad_cpu``, that reads the target,
   so AOTAutograd saves it and an in-place change before backward raises as torch's; on
-  CUDA the scaling is traced torch operations (which read the target too). The class weight and a
-  ``num_items`` tensor, which torch's own backward reads too, the backward passes to
+  CUDA the scaling is traced torch operations (which read the target too). The class
+  weight and a ``num_items`` tensor, which torch's own backward reads too, the backward passes to
   ``crossent::read_saved``, for the same reason, on every device. Not the linear head's
   ``input`` and ``linear_weight`` (which ``F.linear`` saves): the compiled head keeps
   neither alive for backward (a float16 head keeps W, and x where W needs a gradient, for
@@ -551,8 +551,7 @@ def _cross_entropy_fwd(input, target, weight, num_items, requires, want_grads, c
                     softcap, loss_dtype, num_items_value, backend),
         autocast, None, want_grads, statistics)
     grad_or_copy = _contiguous_copy(input) if copy_input else grads[0]
-    weight_copy = (_contiguous_copy(weight, torch.float32)
-                   if copy_input and _autocast_copies_weight(weight, autocast) else None)
+    weight_copy = _weight_copy(weight, autocast, copy_input)
     return (loss, _or_empty(grad_or_copy, input), _or_empty(weight_copy, input),
             *_stats_outputs(stats, input))
 
@@ -580,8 +579,7 @@ def _(input, target, weight, num_items, requires, want_grads, copy_input, size_a
         reduction = _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     loss = input.new_empty(_ce_loss_shape(input, reduction), dtype=loss_dtype)
     grad_or_copy = _fake_grad(input, copy_input or (want_grads and requires[0]))
-    weight_copy = (torch.empty_like(weight, dtype=torch.float32)
-                   if copy_input and _autocast_copies_weight(weight, autocast) else None)
+    weight_copy = _weight_copy(weight, autocast, copy_input, fake=True)
     return (loss, _or_empty(grad_or_copy, input), _or_empty(weight_copy, input),
             *_fake_stats(statistics, _ce_loss_shape(input, "none"),
                          compute_dtype(input.dtype), input))
@@ -664,8 +662,9 @@ def _ce_setup(ctx, inputs, output) -> None:
     # ctx.options: requires, want_grads, and the options
     ctx.requires, ctx.want_grads, ctx.options = _run_time_requires(ctx, inputs, 4)
     ctx.mark_non_differentiable(*output[1:])
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    copied_weight = _autocast_copies_weight(weight, inputs[_CE_AUTOCAST])
+    ctx.grad_dtypes = [None if t is None else t.dtype for t in inputs[:3]]
+    autocast = inputs[_CE_AUTOCAST]
+    copied_weight = _autocast_copies_weight(weight, autocast)
     if ctx.want_grads:  # the gradient of the input, stored in forward; class indices for
         # the rows and entries a non-finite grad_output reaches (_scale_logits_grad); the
         # target (probabilities too), the class weight and a num_items tensor saved as
@@ -686,7 +685,7 @@ def _ce_setup(ctx, inputs, output) -> None:
     else:  # recomputed in backward (torch.export: a gradient the trace did not ask for,
         # _run_time_requires), from copies made here as forward's (review H109-2)
         ctx.save_for_backward(_contiguous_copy(input), target,
-                              _contiguous_copy(weight, torch.float32) if copied_weight
+                              _weight_copy(weight, autocast, True) if copied_weight
                               else weight, num_items)
 
 
@@ -708,11 +707,9 @@ def _ce_backward(ctx, grad_loss, *_not_differentiable):
                                    smoothing),
                 None, None, None, *rest)
     input, target, weight, num_items = ctx.saved_tensors
-    d_input, d_target, d_weight = torch.ops.crossent.cross_entropy_bwd(
-        grad_loss, input, target, weight, num_items, *ctx.options)
-    if ctx.requires[2] and d_weight.dtype != ctx.weight_dtype:  # a float32 copy's
-        d_weight = d_weight.to(ctx.weight_dtype)
     requires = ctx.requires
+    d_input, d_target, d_weight = _in_input_dtypes(torch.ops.crossent.cross_entropy_bwd(
+        grad_loss, input, target, weight, num_items, *ctx.options), ctx.grad_dtypes, requires)
     return (d_input if requires[0] else None, d_target if requires[1] else None,
             d_weight if requires[2] else None, None, *rest)
 
@@ -818,11 +815,33 @@ def _recomputes_float16(dtype: torch.dtype | None) -> bool:
     return dtype == torch.float16
 
 
-def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _contiguous_copy(t: torch.Tensor, dtype: torch.dtype | None = None,
+                     fake: bool = False) -> torch.Tensor:
     """A copy of ``t`` (in ``dtype``) nothing else holds: an in-place change of the
     caller's logits after forward, which torch's loss allows (it saves its softmax, review
-    H84), neither raises in backward nor changes its gradient."""
-    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format).copy_(t)
+    H84), neither raises in backward nor changes its gradient. ``fake``: its shape and
+    dtype only (the fake implementations)."""
+    copy = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    return copy if fake else copy.copy_(t)
+
+
+def _weight_copy(weight: torch.Tensor | None, autocast: torch.dtype | None, wanted: bool,
+                 fake: bool = False) -> torch.Tensor | None:
+    """Autocast's float32 copy of the class weight where ``wanted`` (backward recomputes)
+    and autocast makes one (:func:`_autocast_copies_weight`), else None."""
+    if not (wanted and _autocast_copies_weight(weight, autocast)):
+        return None
+    assert weight is not None
+    return _contiguous_copy(weight, torch.float32, fake)
+
+
+def _in_input_dtypes(grads: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype | None],
+                     requires: Sequence[bool]) -> list[torch.Tensor]:
+    """The backward operator's gradients, those of copies (cast ones: autocast's, a
+    class weight's float32 copy) back in their inputs' dtypes, as autocast's casts take
+    them back."""
+    return [g.to(d) if d is not None and r and g.dtype != d else g
+            for g, d, r in zip(grads, dtypes, requires, strict=False)]
 
 
 def _requires(*tensors: torch.Tensor | None) -> list[bool]:
@@ -918,6 +937,7 @@ _LINEAR_OPTIONS = ("copy_inputs", "reduction", "ignore_index", "label_smoothing"
                    "chunking_method", "acc_policy", "acc_dtype", "allow_retain_graph",
                    "loss_dtype", "num_items_value", "backend", "shift", "autocast",
                    "statistics", "formula")
+_LINEAR_AUTOCAST = 8 + _LINEAR_OPTIONS.index("autocast")  # its position among the inputs
 
 
 class _Options:
@@ -974,8 +994,7 @@ def _linear_fwd(input, linear_weight, linear_bias, target, weight, num_items, re
     grads_or_copies = (
         _head_copies(input, linear_weight, linear_bias, named["autocast"], requires[1])
         if named["copy_inputs"] else grads[:3])
-    weight_copy = (_contiguous_copy(weight, torch.float32) if not want_grads
-                   and _autocast_copies_weight(weight, named["autocast"]) else None)
+    weight_copy = _weight_copy(weight, named["autocast"], not want_grads)
     return (loss, *(_or_empty(g, input) for g in grads_or_copies),
             _or_empty(weight_copy, input), *_stats_outputs(stats, input))
 
@@ -1003,9 +1022,7 @@ def _head_copies(x, w, b, autocast, weight_grad: bool,
     out: list[torch.Tensor | None] = []
     for t, dtype in zip((x, w, b), _head_copy_dtypes(x, w, b, autocast, weight_grad),
                         strict=True):
-        out.append(None if dtype is None else torch.empty_like(
-            t, dtype=dtype, memory_format=torch.contiguous_format) if fake
-            else _contiguous_copy(t, dtype))
+        out.append(None if dtype is None else _contiguous_copy(t, dtype, fake))
     return out
 
 
@@ -1035,8 +1052,7 @@ def _(input, linear_weight, linear_bias, target, weight, num_items, requires, wa
     stats = _fake_stats(named["statistics"],
                         _linear_loss_shape(input, linear_weight, target, "none", shift),
                         compute_dtype(input.dtype), input)
-    weight_copy = (torch.empty_like(weight, dtype=torch.float32) if not want_grads
-                   and _autocast_copies_weight(weight, named["autocast"]) else None)
+    weight_copy = _weight_copy(weight, named["autocast"], not want_grads, fake=True)
     return (loss, *grads, _or_empty(weight_copy, input), *stats)
 
 
@@ -1065,10 +1081,8 @@ def _(grad_output, input, linear_weight, linear_bias, target, weight, num_items,
 def _linear_setup(ctx, inputs, output) -> None:
     ctx.requires, ctx.want_grads, ctx.inputs_rest = _run_time_requires(ctx, inputs, 6)
     ctx.mark_non_differentiable(*output[1:])
-    autocast = dict(zip(_LINEAR_OPTIONS, inputs[8:], strict=True))["autocast"]
+    autocast = inputs[_LINEAR_AUTOCAST]
     copied_weight = _autocast_copies_weight(inputs[4], autocast)
-    # the gradients of copies (cast ones) go back in the inputs' dtypes, as autocast's
-    # casts take them back
     ctx.grad_dtypes = [None if t is None else t.dtype for t in inputs[:5]]
     if ctx.want_grads:  # mean/sum: dx, dW, db stored in forward; the shapes and the
         # target: the rows a non-finite grad_output reaches (neither x nor W is kept;
@@ -1090,8 +1104,7 @@ def _linear_setup(ctx, inputs, output) -> None:
                     saved[i] = output[1 + i]
         if copied_weight:  # autocast's float32 copy: forward's, or (torch.export run with
             # a gradient the trace did not ask for) made here
-            saved[4] = (output[4] if not inputs[7]
-                        else _contiguous_copy(inputs[4], torch.float32))
+            saved[4] = output[4] if not inputs[7] else _weight_copy(inputs[4], autocast, True)
         ctx.save_for_backward(*saved)
 
 
@@ -1106,11 +1119,8 @@ def _linear_backward(ctx, grad_loss, *_grad_grads):
         grads = _scale_head_grads((dx, dw, db), requires[:3], ctx.x_shape, ctx.w_shape,
                                   target, grad_loss, named)
         return (*grads, None, None, None, *rest)
-    found = list(torch.ops.crossent.linear_cross_entropy_bwd(grad_loss, *ctx.saved_tensors,
-                                                             *ctx.inputs_rest))
-    for i, dtype in enumerate(ctx.grad_dtypes):
-        if dtype is not None and requires[i] and found[i].dtype != dtype:
-            found[i] = found[i].to(dtype)
+    found = _in_input_dtypes(torch.ops.crossent.linear_cross_entropy_bwd(
+        grad_loss, *ctx.saved_tensors, *ctx.inputs_rest), ctx.grad_dtypes, requires)
     return (*(g if r else None for g, r in zip(found, requires, strict=False)), None,
             *rest)
 
