@@ -195,14 +195,19 @@ def test_split_scale_is_frexp_exactly():
             assert (a, b) == (s, 1.0)
 
 
-@pytest.mark.parametrize("go", [1.0, 2.0 ** 16, 2.0 ** 24])
-def test_power_of_two_grad_output_is_torchs_once_rounded(go):
+def _float16_batch(n, c):
+    """float16 logits (N(0, 16)), class indices with every fifth row ignored, and float16
+    class weights in [1, 3)."""
     gen = torch.Generator().manual_seed(4)
-    n, c = 37, 64
     z = (torch.randn(n, c, generator=gen) * 4).half()
     y = torch.randint(0, c, (n,), generator=gen)
     y[::5] = -100
-    w = (torch.rand(c, generator=gen) * 2 + 1).half()
+    return z, y, (torch.rand(c, generator=gen) * 2 + 1).half()
+
+
+@pytest.mark.parametrize("go", [1.0, 2.0 ** 16, 2.0 ** 24])
+def test_power_of_two_grad_output_is_torchs_once_rounded(go):
+    z, y, w = _float16_batch(37, 64)
     for kw in ({}, {"weight": w}, {"weight": w, "label_smoothing": 0.1},
                {"num_items": 1000}, {"num_items": torch.tensor(10 ** 9)},
                {"num_items": 2 ** 40}):
