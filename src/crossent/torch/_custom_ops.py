@@ -456,8 +456,7 @@ def _or_empty(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
-    return None if t is None or not wanted else torch.empty_like(
-        t, memory_format=torch.contiguous_format)
+    return None if t is None or not wanted else _contiguous_copy(t, fake=True)
 
 
 def _refuse_double_backward(name: str) -> None:
